@@ -1,0 +1,69 @@
+"""One exception hierarchy for the daemon; the API maps each to an HTTP status."""
+
+from __future__ import annotations
+
+
+class BranchdError(Exception):
+    """Base of every error branchd raises on purpose.
+
+    ``code`` is the stable machine-readable name that clients see in
+    ``{"error": {"code": ..., "message": ...}}``; ``status`` the HTTP status.
+    """
+
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(BranchdError):
+    code = "bad_request"
+    status = 400
+
+
+class Unauthorized(BranchdError):
+    code = "unauthorized"
+    status = 401
+
+
+class NotFound(BranchdError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(BranchdError):
+    code = "conflict"
+    status = 409
+
+
+class PayloadTooLarge(BranchdError):
+    code = "payload_too_large"
+    status = 413
+
+
+class Invalid(BranchdError):
+    """Well-formed input that breaks a rule (schema, name pattern, min > max)."""
+
+    code = "invalid"
+    status = 422
+
+
+class ConfigError(BranchdError):
+    """Bad configuration: the daemon refuses to start."""
+
+    code = "config"
+    status = 500
+
+
+class SpawnError(BranchdError):
+    """A process could not be started (missing executable, bad cwd, bad user)."""
+
+    code = "spawn_failed"
+    status = 500
+
+
+class StoreError(BranchdError):
+    code = "store"
+    status = 500

@@ -1,0 +1,249 @@
+"""The supervision state machine of one instance: pure, no I/O, no clock.
+
+``step(proc, event, policy, now)`` returns the next ``Proc`` and the commands
+the manager must carry out. Timers are data: ``Proc.deadline`` says when the
+manager must feed a ``Timeout``; a stale ``Timeout`` (before the deadline) is
+ignored, so the manager never has to cancel one precisely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from branchd.model import Autorestart, Policy, State, StopStep
+
+
+@dataclass(frozen=True)
+class Proc:
+    state: State = State.STOPPED
+    pid: int | None = None
+    retries: int = 0  # failed starts in a row; reset once running
+    restarts: int = 0  # every spawn after the first one
+    exit_code: int | None = None
+    started: float | None = None  # monotonic time of the last spawn
+    deadline: float | None = None  # when the manager must feed Timeout
+    then_start: bool = False  # a restart: start again once the stop is done
+    stop_step: StopStep | None = None
+    reason: str | None = None
+    spawned_once: bool = False
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential delay between failed starts: base, 2*base, 4*base... up to cap."""
+
+    base: float = 1.0
+    cap: float = 60.0
+
+    def delay(self, retries: int) -> float:
+        return float(min(self.cap, self.base * (2 ** max(0, retries - 1))))
+
+
+# Events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """A user (or autostart) wants it running."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A user wants it stopped."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Stop if running, then start."""
+
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    code: int | None  # None: unknown (an adopted process is not our child)
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """The deadline in ``Proc.deadline`` has come."""
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """A live process from before a daemon restart is ours again."""
+
+    pid: int
+
+
+Event = Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt
+
+# Commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start the process; the manager answers with Spawned or SpawnFailed."""
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str  # "TERM", "INT"... without SIG
+    group: bool = True  # to the whole process group, or the main process only
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL to the whole process group."""
+
+
+@dataclass(frozen=True)
+class Reap:
+    """The main process is gone: SIGKILL whatever is left of its group."""
+
+
+Command = Spawn | Signal | Kill | Reap
+
+_LIVE = (State.STARTING, State.RUNNING, State.STOPPING)
+
+
+def step(
+    proc: Proc,
+    event: Event,
+    policy: Policy,
+    now: float,
+    backoff: Backoff = Backoff(),
+) -> tuple[Proc, list[Command]]:
+    """Apply one event; return the new state and the commands to run."""
+    s = proc.state
+    match event:
+        case Start() | Restart() if s in (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF):
+            return _spawn(replace(proc, retries=0, reason=None), now, restart=proc.spawned_once)
+        case Start():
+            if s == State.STOPPING:
+                return replace(proc, then_start=True), []
+            return proc, []  # already starting or running
+        case Restart():
+            if s == State.STOPPING:
+                return replace(proc, then_start=True), []
+            return _begin_stop(replace(proc, then_start=True), policy, now)
+        case Stop():
+            if s in (State.STARTING, State.RUNNING):
+                return _begin_stop(replace(proc, then_start=False), policy, now)
+            if s == State.STOPPING:
+                return replace(proc, then_start=False), []
+            return replace(proc, state=State.STOPPED, deadline=None, pid=None), []
+        case Spawned(pid=pid) if s == State.STARTING:
+            proc = replace(proc, pid=pid, started=now, stop_step=None)
+            if policy.startsecs <= 0:
+                return replace(proc, state=State.RUNNING, retries=0, deadline=None), []
+            return replace(proc, deadline=now + policy.startsecs), []
+        case SpawnFailed(reason=reason) if s == State.STARTING:
+            return _failed_start(replace(proc, pid=None), policy, now, backoff, reason)
+        case Exited(code=code) if s in _LIVE and proc.pid is not None:
+            return _exited(proc, code, policy, now, backoff)
+        case Timeout() if proc.deadline is not None and now >= proc.deadline:
+            return _timeout(proc, now, backoff)
+        case Adopt(pid=pid) if s not in _LIVE:
+            return (
+                replace(
+                    proc,
+                    state=State.RUNNING,
+                    pid=pid,
+                    started=now,
+                    deadline=None,
+                    spawned_once=True,
+                    reason=None,
+                ),
+                [],
+            )
+    return proc, []
+
+
+def _spawn(proc: Proc, now: float, *, restart: bool) -> tuple[Proc, list[Command]]:
+    return (
+        replace(
+            proc,
+            state=State.STARTING,
+            pid=None,
+            started=now,
+            deadline=None,
+            then_start=False,
+            restarts=proc.restarts + (1 if restart else 0),
+            spawned_once=True,
+        ),
+        [Spawn()],
+    )
+
+
+def _begin_stop(proc: Proc, policy: Policy, now: float) -> tuple[Proc, list[Command]]:
+    if proc.pid is None:  # nothing to signal
+        return replace(proc, state=State.STOPPED, deadline=None), []
+    nxt = replace(proc, state=State.STOPPING, deadline=now + policy.stopwaitsecs, stop_step=None)
+    return nxt, [Signal(policy.stopsignal)]
+
+
+def _failed_start(
+    proc: Proc, policy: Policy, now: float, backoff: Backoff, reason: str
+) -> tuple[Proc, list[Command]]:
+    retries = proc.retries + 1
+    if retries >= policy.startretries:
+        msg = f"{reason}; gave up after {retries} failed start(s)"
+        return (
+            replace(proc, state=State.FATAL, pid=None, retries=retries, deadline=None, reason=msg),
+            [],
+        )
+    return (
+        replace(
+            proc,
+            state=State.BACKOFF,
+            pid=None,
+            retries=retries,
+            deadline=now + backoff.delay(retries),
+            reason=reason,
+        ),
+        [],
+    )
+
+
+def _exited(
+    proc: Proc, code: int | None, policy: Policy, now: float, backoff: Backoff
+) -> tuple[Proc, list[Command]]:
+    gone = replace(proc, pid=None, exit_code=code, deadline=None)
+    if proc.state == State.STOPPING:
+        step_ = proc.stop_step or StopStep.SIGNAL
+        gone = replace(gone, stop_step=step_)
+        if proc.then_start:
+            nxt, cmds = _spawn(replace(gone, retries=0, reason=None), now, restart=True)
+            return nxt, [Reap(), *cmds]
+        return replace(gone, state=State.STOPPED), [Reap()]
+    if proc.state == State.STARTING:
+        nxt, cmds = _failed_start(gone, policy, now, backoff, f"exited too quickly (code {code})")
+        return nxt, [Reap(), *cmds]
+    # RUNNING
+    expected = code is not None and code in policy.exitcodes
+    again = policy.autorestart == Autorestart.ALWAYS or (
+        policy.autorestart == Autorestart.ON_FAILURE and not expected
+    )
+    if again:
+        nxt, cmds = _spawn(replace(gone, retries=0), now, restart=True)
+        return nxt, [Reap(), *cmds]
+    return replace(gone, state=State.EXITED), [Reap()]
+
+
+def _timeout(proc: Proc, now: float, backoff: Backoff) -> tuple[Proc, list[Command]]:
+    if proc.state == State.STARTING and proc.pid is not None:
+        return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
+    if proc.state == State.BACKOFF:
+        return _spawn(proc, now, restart=True)
+    if proc.state == State.STOPPING:
+        return replace(proc, deadline=None, stop_step=StopStep.KILL), [Kill()]
+    return replace(proc, deadline=None), []

@@ -1,0 +1,1 @@
+"""branchctl: the Python client and CLI of branchd (never imports branchd)."""

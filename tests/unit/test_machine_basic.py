@@ -1,0 +1,69 @@
+"""Scenario tests of the supervision state machine, on a simulated clock."""
+
+from branchd.model import Autorestart, Policy, State, StopStep
+from branchd.process.machine import (
+    Backoff,
+    Exited,
+    Kill,
+    Proc,
+    Reap,
+    Signal,
+    Spawn,
+    Spawned,
+    Start,
+    Stop,
+    Timeout,
+    step,
+)
+
+POLICY = Policy(startsecs=1.0, startretries=3, stopwaitsecs=5.0)
+
+
+def test_start_runs_after_startsecs() -> None:
+    p, cmds = step(Proc(), Start(), POLICY, 0.0)
+    assert p.state == State.STARTING and cmds == [Spawn()]
+    p, _ = step(p, Spawned(42), POLICY, 0.0)
+    assert p.deadline == 1.0
+    p, _ = step(p, Timeout(), POLICY, 0.5)  # stale: too early
+    assert p.state == State.STARTING
+    p, _ = step(p, Timeout(), POLICY, 1.0)
+    assert p.state == State.RUNNING and p.pid == 42
+
+
+def test_crash_loop_ends_fatal_with_growing_backoff() -> None:
+    backoff = Backoff(base=1.0, cap=60.0)
+    p, _ = step(Proc(), Start(), POLICY, 0.0)
+    now = 0.0
+    delays = []
+    for attempt in range(3):
+        p, _ = step(p, Spawned(100 + attempt), POLICY, now, backoff)
+        p, cmds = step(p, Exited(1), POLICY, now + 0.1, backoff)
+        assert cmds[0] == Reap()
+        if p.state == State.FATAL:
+            break
+        assert p.state == State.BACKOFF and p.deadline is not None
+        delays.append(p.deadline - (now + 0.1))
+        now = p.deadline
+        p, cmds = step(p, Timeout(), POLICY, now, backoff)
+        assert cmds == [Spawn()]
+    assert p.state == State.FATAL
+    assert delays == [1.0, 2.0]
+
+
+def test_stop_timeout_kills_the_group() -> None:
+    p = Proc(state=State.RUNNING, pid=7)
+    p, cmds = step(p, Stop(), POLICY, 10.0)
+    assert p.state == State.STOPPING and cmds == [Signal("TERM")]
+    p, cmds = step(p, Timeout(), POLICY, 15.0)
+    assert cmds == [Kill()]
+    p, cmds = step(p, Exited(-9), POLICY, 15.1)
+    assert p.state == State.STOPPED and p.stop_step == StopStep.KILL and cmds == [Reap()]
+
+
+def test_autorestart_on_failure_keeps_clean_exit() -> None:
+    policy = Policy(autorestart=Autorestart.ON_FAILURE)
+    p = Proc(state=State.RUNNING, pid=7)
+    p0, _ = step(p, Exited(0), policy, 1.0)
+    assert p0.state == State.EXITED and p0.exit_code == 0
+    p1, cmds = step(p, Exited(3), policy, 1.0)
+    assert p1.state == State.STARTING and cmds == [Reap(), Spawn()] and p1.restarts == 1
