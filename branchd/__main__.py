@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from branchd.daemon import cli
+
 
 def main() -> None:
-    from branchd.daemon import cli
-
     cli()
 
 

@@ -1,0 +1,87 @@
+"""The aiohttp application: middlewares (errors, auth) and the routes of v1."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from branchd.api import openapi
+from branchd.api.backend import Backend
+from branchd.api.routes import ADDRESS, BACKEND, OPENAPI, ROUTES, STARTED_AT, Handler, not_found
+from branchd.errors import BranchdError
+
+log = logging.getLogger(__name__)
+
+TOKEN = web.AppKey("token", str)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers or None
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON error; never a traceback on the wire."""
+    try:
+        return await handler(request)
+    except BranchdError as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return _error(exc.status, code, exc.reason, **headers)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, "internal", "internal error; see the branchd log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app.get(TOKEN)
+    if token and request.path != "/v1/ping":
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            return _error(
+                401,
+                "unauthorized",
+                "a valid bearer token is required",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+def make_app(
+    backend: Backend, *, token: str | None, max_body: int, started_at: float, address: str
+) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=max_body
+    )
+    app[BACKEND] = backend
+    app[STARTED_AT] = started_at
+    app[ADDRESS] = address
+    if token:
+        app[TOKEN] = token
+    doc: dict[str, Any] = openapi.build(ROUTES)
+    app[OPENAPI] = doc
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app

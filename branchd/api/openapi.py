@@ -1,0 +1,76 @@
+"""The OpenAPI 3.1 document, built from the route table and the JSON Schemas."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from branchd import __version__
+from branchd.api import schemas
+from branchd.api.routes import Route
+
+#: Every operation may answer these (auth, bad input, missing things, conflicts).
+_ERRORS = {
+    "400": "Bad request (not JSON, bad query parameter)",
+    "401": "Missing or wrong token",
+    "404": "No such app or instance",
+    "405": "Method not allowed",
+    "409": "Conflict (name taken)",
+    "413": "Body too large",
+    "422": "Invalid input (schema, name, rule)",
+}
+
+
+def _operation_id(route: Route) -> str:
+    words = re.sub(r"[{}]", "", route.path.removeprefix("/v1/")).replace(".", "_")
+    return route.method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", words).strip("_")
+
+
+def build(routes: tuple[Route, ...]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for route in routes:
+        params: list[dict[str, Any]] = [
+            {"name": p, "in": "path", "required": True, "schema": schemas.NAME}
+            for p in re.findall(r"{(\w+)}", route.path)
+        ]
+        params += [
+            {"name": q, "in": "query", "required": False, "schema": s} for q, s in route.query
+        ]
+        ok: dict[str, Any] = {"description": "OK"}
+        if route.text:
+            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        elif route.response is not None:
+            ok["content"] = {"application/json": {"schema": route.response}}
+        responses: dict[str, Any] = {str(route.ok): ok}
+        if route.path.endswith("{app}") and route.method == "PUT":
+            responses["200"] = {"description": "Replaced", "content": ok["content"]}
+        for code, text in _ERRORS.items():
+            responses[code] = {"description": text, "content": error_ref}
+        op: dict[str, Any] = {
+            "operationId": _operation_id(route),
+            "summary": route.summary,
+            "parameters": params,
+            "responses": responses,
+        }
+        if route.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": route.body}},
+            }
+        if route.path != "/v1/ping":
+            op["security"] = [{"bearer": []}, {}]
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "branchd",
+            "version": __version__,
+            "description": "Supervisor of Celery workers and processes; API v1.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": schemas.ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,333 @@
+"""HTTP handlers of API v1 and the route table the OpenAPI document is built from."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import psutil
+from aiohttp import web
+
+from branchd import __version__
+from branchd.api import schemas
+from branchd.api.backend import Backend
+from branchd.errors import BadRequest, Invalid, NotFound
+from branchd.model import valid_name
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+BACKEND = web.AppKey("backend", Backend)
+STARTED_AT = web.AppKey("started_at", float)
+ADDRESS = web.AppKey("address", str)
+OPENAPI = web.AppKey("openapi", dict)
+
+MAX_TAIL = 10_000
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    ok: int = 200
+    response: schemas.Schema | None = None  # None: no body (204) or not JSON
+    body: schemas.Schema | None = None
+    text: bool = False  # text/plain answer
+    query: tuple[tuple[str, schemas.Schema], ...] = field(default_factory=tuple)
+
+
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
+
+
+def _name(request: web.Request, key: str) -> str:
+    value = request.match_info[key]
+    if not valid_name(value):
+        raise Invalid(f"bad {key} name {value!r}")
+    return value
+
+
+async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "body"
+        raise Invalid(f"{where}: {error.message}")
+    return data
+
+
+_VALIDATORS: dict[int, jsonschema.protocols.Validator] = {}
+
+
+def _validator(schema: schemas.Schema) -> jsonschema.protocols.Validator:
+    key = id(schema)
+    if key not in _VALIDATORS:
+        _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
+    return _VALIDATORS[key]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)
+
+
+# branch -------------------------------------------------------------------
+
+
+async def ping(request: web.Request) -> web.Response:
+    return _json({"ok": True})
+
+
+def branch_info(request: web.Request) -> dict[str, Any]:
+    mem = psutil.virtual_memory()
+    return {
+        "id": _backend(request).branch_id,
+        "hostname": socket.gethostname(),
+        "version": __version__,
+        "started_at": request.app[STARTED_AT],
+        "address": request.app[ADDRESS],
+        "capacity": {
+            "cpus": psutil.cpu_count() or 1,
+            "load": [round(x, 2) for x in os.getloadavg()],
+            "memory_total": mem.total,
+            "memory_free": mem.available,
+            "instances": _backend(request).counts(),
+        },
+    }
+
+
+async def get_branch(request: web.Request) -> web.Response:
+    return _json(branch_info(request))
+
+
+async def list_branches(request: web.Request) -> web.Response:
+    return _json({"items": [branch_info(request)]})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])
+
+
+# apps -----------------------------------------------------------------------
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    apps = await _backend(request).list_apps()
+    return _json({"items": [a.to_json() for a in apps]})
+
+
+async def put_app(request: web.Request) -> web.Response:
+    name = _name(request, "app")
+    body = await _body(request, schemas.APP_IN)
+    app, created = await _backend(request).put_app(
+        name, body.get("env", {}), body.get("defaults", {})
+    )
+    return _json(app.to_json(), status=201 if created else 200)
+
+
+async def get_app(request: web.Request) -> web.Response:
+    app = await _backend(request).get_app(_name(request, "app"))
+    return _json(app.to_json())
+
+
+async def delete_app(request: web.Request) -> web.Response:
+    await _backend(request).delete_app(_name(request, "app"))
+    return web.Response(status=204)
+
+
+# instances --------------------------------------------------------------------
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    views = await _backend(request).list_instances(_name(request, "app"))
+    return _json({"items": [v.to_json() for v in views]})
+
+
+async def create_instance(request: web.Request) -> web.Response:
+    app = _name(request, "app")
+    body = await _body(request, schemas.INSTANCE_IN)
+    view = await _backend(request).create_instance(app, body)
+    location = f"/v1/apps/{app}/instances/{view.spec.name}"
+    return _json(view.to_json(), status=201, headers={"Location": location})
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    view = await _backend(request).get_instance(_name(request, "app"), _name(request, "name"))
+    return _json(view.to_json())
+
+
+async def patch_instance(request: web.Request) -> web.Response:
+    app, name = _name(request, "app"), _name(request, "name")
+    body = await _body(request, schemas.INSTANCE_PATCH)
+    view = await _backend(request).update_instance(app, name, body)
+    return _json(view.to_json())
+
+
+async def delete_instance(request: web.Request) -> web.Response:
+    await _backend(request).delete_instance(_name(request, "app"), _name(request, "name"))
+    return web.Response(status=204)
+
+
+def _action(method: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        app, name = _name(request, "app"), _name(request, "name")
+        view = await getattr(_backend(request), method)(app, name)
+        return _json(view.to_json())
+
+    return handler
+
+
+async def stats(request: web.Request) -> web.Response:
+    result = await _backend(request).instance_stats(_name(request, "app"), _name(request, "name"))
+    return _json(result.to_json())
+
+
+def _flag(value: str, key: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no", ""):
+        return False
+    raise BadRequest(f"{key} must be 0 or 1")
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    app, name = _name(request, "app"), _name(request, "name")
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise BadRequest("stream must be stdout or stderr")
+    try:
+        tail = int(request.query.get("tail", "100"))
+    except ValueError:
+        raise BadRequest("tail must be an integer") from None
+    if not 0 <= tail <= MAX_TAIL:
+        raise BadRequest(f"tail must be between 0 and {MAX_TAIL}")
+    follow = _flag(request.query.get("follow", "0"), "follow")
+    backend = _backend(request)
+    lines = await backend.read_logs(app, name, stream, tail)
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+    if not follow:
+        return web.Response(text=text, content_type="text/plain")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    await response.write(text.encode())
+    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+        async for line in backend.follow_logs(app, name, stream):
+            await response.write(line.encode())
+    return response
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no route {request.path}")
+
+
+_TAIL_Q = (
+    ("stream", {"type": "string", "enum": ["stdout", "stderr"]}),
+    ("tail", {"type": "integer", "minimum": 0, "maximum": MAX_TAIL}),
+    ("follow", {"type": "string", "enum": ["0", "1"]}),
+)
+
+INST = "/v1/apps/{app}/instances/{name}"
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/ping", ping, "Liveness check (no token needed)", response=schemas.PING),
+    Route("GET", "/v1/branch", get_branch, "This branch", response=schemas.BRANCH),
+    Route(
+        "GET",
+        "/v1/branches",
+        list_branches,
+        "Known branches",
+        response=schemas.items(schemas.BRANCH),
+    ),
+    Route("GET", "/v1/openapi.json", openapi, "This document", response={"type": "object"}),
+    Route("GET", "/v1/apps", list_apps, "List apps", response=schemas.items(schemas.APP)),
+    Route(
+        "PUT",
+        "/v1/apps/{app}",
+        put_app,
+        "Create (201) or replace (200) an app",
+        response=schemas.APP,
+        body=schemas.APP_IN,
+    ),
+    Route("GET", "/v1/apps/{app}", get_app, "One app", response=schemas.APP),
+    Route(
+        "DELETE",
+        "/v1/apps/{app}",
+        delete_app,
+        "Stop and remove an app's instances, then it",
+        ok=204,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/instances",
+        list_instances,
+        "Instances of an app",
+        response=schemas.items(schemas.INSTANCE),
+    ),
+    Route(
+        "POST",
+        "/v1/apps/{app}/instances",
+        create_instance,
+        "Create an instance",
+        ok=201,
+        response=schemas.INSTANCE,
+        body=schemas.INSTANCE_IN,
+    ),
+    Route("GET", INST, get_instance, "One instance", response=schemas.INSTANCE),
+    Route(
+        "PATCH",
+        INST,
+        patch_instance,
+        "Change an instance (effective at its next start)",
+        response=schemas.INSTANCE,
+        body=schemas.INSTANCE_PATCH,
+    ),
+    Route("DELETE", INST, delete_instance, "Stop and remove an instance", ok=204),
+    Route(
+        "POST",
+        INST + "/start",
+        _action("start_instance"),
+        "Start an instance",
+        response=schemas.INSTANCE,
+    ),
+    Route(
+        "POST",
+        INST + "/stop",
+        _action("stop_instance"),
+        "Stop an instance (waits for it)",
+        response=schemas.INSTANCE,
+    ),
+    Route(
+        "POST",
+        INST + "/restart",
+        _action("restart_instance"),
+        "Restart an instance",
+        response=schemas.INSTANCE,
+    ),
+    Route(
+        "GET",
+        INST + "/logs",
+        logs,
+        "Tail (and follow) an instance's output",
+        text=True,
+        query=_TAIL_Q,
+    ),
+    Route(
+        "GET", INST + "/stats", stats, "Process-tree figures of an instance", response=schemas.STATS
+    ),
+)

@@ -1,0 +1,188 @@
+"""JSON Schemas of the API: used to validate requests and served verbatim in
+the OpenAPI document, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from branchd.model import NAME_PATTERN, STOP_SIGNALS, Autorestart, Desired, Kind, State, StopStep
+
+Schema = dict[str, Any]
+
+_STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+_NULLABLE_STR: Schema = {"type": ["string", "null"]}
+
+#: The fields of an instance a user may set; also an app's instance defaults.
+_SETTABLE: dict[str, Schema] = {
+    "command": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "minItems": 1,
+        "maxItems": 1000,
+        "description": "argv list; never run through a shell",
+    },
+    "env": _STR_MAP,
+    "cwd": {"type": ["string", "null"], "minLength": 1},
+    "user": {"type": ["string", "null"], "minLength": 1},
+    "autorestart": {"type": "string", "enum": [a.value for a in Autorestart]},
+    "exitcodes": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+        "maxItems": 256,
+    },
+    "startsecs": {"type": "number", "minimum": 0, "maximum": 3600},
+    "startretries": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "stopsignal": {"type": "string", "enum": list(STOP_SIGNALS)},
+    "stopwaitsecs": {"type": "number", "minimum": 0, "maximum": 86400},
+    "autostart": {"type": "boolean"},
+    "log_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 2**40},
+    "log_backups": {"type": "integer", "minimum": 0, "maximum": 100},
+}
+
+NAME: Schema = {"type": "string", "pattern": NAME_PATTERN}
+
+INSTANCE_DEFAULTS: Schema = {
+    "type": "object",
+    "properties": _SETTABLE,
+    "additionalProperties": False,
+}
+
+APP_IN: Schema = {
+    "type": "object",
+    "properties": {"env": _STR_MAP, "defaults": INSTANCE_DEFAULTS},
+    "additionalProperties": False,
+}
+
+INSTANCE_IN: Schema = {
+    "type": "object",
+    "properties": {
+        "name": NAME,
+        "kind": {"type": "string", "enum": [Kind.PROCESS.value]},
+        **_SETTABLE,
+    },
+    "additionalProperties": False,
+}
+
+INSTANCE_PATCH: Schema = {
+    "type": "object",
+    "properties": _SETTABLE,
+    "additionalProperties": False,
+}
+
+APP: Schema = {
+    "type": "object",
+    "required": ["name", "env", "defaults", "created_at"],
+    "properties": {
+        "name": NAME,
+        "env": _STR_MAP,
+        "defaults": INSTANCE_DEFAULTS,
+        "created_at": {"type": "number"},
+    },
+}
+
+_NULLABLE_NUM: Schema = {"type": ["number", "null"]}
+_NULLABLE_INT: Schema = {"type": ["integer", "null"]}
+
+INSTANCE: Schema = {
+    "type": "object",
+    "required": [
+        "name",
+        "app",
+        "kind",
+        "state",
+        "desired",
+        "pid",
+        "command",
+        "restarts",
+        "exit_code",
+        "started_at",
+        "uptime",
+        "branch",
+        "stop_step",
+        "reason",
+    ],
+    "properties": {
+        "name": NAME,
+        "app": NAME,
+        "kind": {"type": "string", "enum": [k.value for k in Kind]},
+        "state": {"type": "string", "enum": [s.value for s in State]},
+        "desired": {"type": "string", "enum": [d.value for d in Desired]},
+        "pid": _NULLABLE_INT,
+        **_SETTABLE,
+        "restarts": {"type": "integer", "minimum": 0},
+        "exit_code": _NULLABLE_INT,
+        "started_at": _NULLABLE_NUM,
+        "uptime": _NULLABLE_NUM,
+        "stop_step": {"type": ["string", "null"], "enum": [*(s.value for s in StopStep), None]},
+        "reason": _NULLABLE_STR,
+        "branch": {"type": "string"},
+        "created_at": {"type": "number"},
+    },
+}
+
+STATS: Schema = {
+    "type": "object",
+    "required": ["app", "name", "state", "pid", "cpu_percent", "memory_rss", "processes"],
+    "properties": {
+        "app": NAME,
+        "name": NAME,
+        "state": {"type": "string", "enum": [s.value for s in State]},
+        "pid": _NULLABLE_INT,
+        "uptime": _NULLABLE_NUM,
+        "restarts": {"type": "integer"},
+        "exit_code": _NULLABLE_INT,
+        "cpu_percent": {"type": "number", "minimum": 0},
+        "memory_rss": {"type": "integer", "minimum": 0},
+        "processes": {"type": "integer", "minimum": 0},
+    },
+}
+
+BRANCH: Schema = {
+    "type": "object",
+    "required": ["id", "hostname", "version", "started_at", "capacity"],
+    "properties": {
+        "id": {"type": "string"},
+        "hostname": {"type": "string"},
+        "version": {"type": "string"},
+        "started_at": {"type": "number"},
+        "address": {"type": "string"},
+        "capacity": {
+            "type": "object",
+            "required": ["cpus", "load", "memory_total", "memory_free", "instances"],
+            "properties": {
+                "cpus": {"type": "integer"},
+                "load": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "minItems": 3,
+                    "maxItems": 3,
+                },
+                "memory_total": {"type": "integer"},
+                "memory_free": {"type": "integer"},
+                "instances": {"type": "integer"},
+            },
+        },
+    },
+}
+
+PING: Schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+
+ERROR: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+
+
+def items(schema: Schema) -> Schema:
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": schema}},
+    }

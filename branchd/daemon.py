@@ -1,0 +1,175 @@
+"""Composition root: builds the store, launcher, manager and API; owns signals."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+
+import click
+from aiohttp import web
+
+from branchd import __version__
+from branchd.api.app import make_app
+from branchd.clock import SystemClock
+from branchd.config import Config, load
+from branchd.errors import BranchdError, ConfigError
+from branchd.process.launcher import ProcessLauncher
+from branchd.process.manager import Manager
+from branchd.store import Store
+
+log = logging.getLogger("branchd")
+
+#: Named exit codes of the entry point.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_LOCKED = 3
+
+
+class Exit(StrEnum):
+    """How the daemon was asked to end."""
+
+    STOP = "stop"  # stop every instance, then exit (SIGTERM, SIGINT)
+    KEEP = "keep"  # leave instances running for an upgrade (SIGUSR2)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.url: str | None = None
+        self._signals: list[Exit] = []
+        self._wake = asyncio.Event()
+
+    def request_exit(self, how: Exit) -> None:
+        # Only record it (uvicorn's way); run() decides what to do.
+        self._signals.append(how)
+        self._wake.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        store = Store(cfg.db_path)
+        try:
+            manager = Manager(store, ProcessLauncher(loop), SystemClock(), cfg, store.branch_id())
+            await manager.start()
+            runner = web.AppRunner(
+                make_app(
+                    manager,
+                    token=cfg.token,
+                    max_body=cfg.max_body,
+                    started_at=SystemClock().wall(),
+                    address=f"{cfg.host}:{cfg.port}",
+                ),
+                access_log=None,
+                shutdown_timeout=2.0,
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, cfg.host, cfg.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                await manager.shutdown(keep=True)
+                raise ConfigError(
+                    f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}"
+                ) from None
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+            (cfg.state_dir / "branchd.url").write_text(self.url + "\n")
+            for sig, how in (
+                (signal.SIGTERM, Exit.STOP),
+                (signal.SIGINT, Exit.STOP),
+                (signal.SIGUSR2, Exit.KEEP),
+            ):
+                loop.add_signal_handler(sig, self.request_exit, how)
+            log.info(
+                "branchd %s (branch %s) listening on %s, state in %s",
+                __version__,
+                manager.branch_id,
+                self.url,
+                cfg.state_dir,
+            )
+            await self._wake.wait()
+            how = self._signals[0]
+            log.info(
+                "exiting (%s): %s",
+                how.value,
+                "stopping instances" if how == Exit.STOP else "instances keep running",
+            )
+            await runner.cleanup()
+            await manager.shutdown(keep=how == Exit.KEEP)
+        finally:
+            store.close()
+
+
+def _lock(state_dir: Path) -> IO[str]:
+    """One daemon per state dir: a second would start every instance twice."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(state_dir / "branchd.lock", "a+")  # noqa: SIM115 - held for the process' life
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(f"another branchd already runs on {state_dir}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state-dir", help="State directory [env BRANCHD_STATE_DIR; default ~/.local/state/branchd]"
+)
+@click.option(
+    "--bind", help="HOST:PORT to serve the API on [env BRANCHD_BIND; default 127.0.0.1:8400]"
+)
+@click.option("--token", help="Bearer token required by the API [env BRANCHD_TOKEN]")
+@click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
+@click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
+@click.version_option(__version__, prog_name="branchd")
+def cli(
+    state_dir: str | None,
+    bind: str | None,
+    token: str | None,
+    config_file: str | None,
+    log_level: str | None,
+) -> None:
+    """Run a branch: supervise this machine's instances and serve the API.
+
+    SIGTERM or SIGINT stop every instance and exit; SIGUSR2 exits and leaves
+    them running (a new branchd on the same state dir adopts them).
+    """
+    flags = {
+        "state_dir": state_dir,
+        "bind": bind,
+        "token": token,
+        "config": config_file,
+        "log_level": log_level,
+    }
+    try:
+        cfg = load(flags, os.environ)
+        lock = _lock(cfg.state_dir)
+    except BranchdError as exc:
+        click.echo(f"branchd: {exc.message}", err=True)
+        sys.exit(EXIT_LOCKED if "already runs" in exc.message else EXIT_CONFIG)
+    logging.basicConfig(
+        level=cfg.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except BranchdError as exc:
+        click.echo(f"branchd: {exc.message}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        lock.close()
+    sys.exit(EXIT_OK)

@@ -1,0 +1,310 @@
+"""Starting, watching and signalling real processes: the edge under the manager.
+
+The manager's state machine says *what* to do (Spawn, Signal, Kill, Reap);
+a ``Launcher`` does it. ``ProcessLauncher`` is the real one; the in-memory
+twin is ``branchd.process.fake.FakeLauncher``.
+
+Each child runs in its own session (so its pid is also its process group id,
+and a group signal reaches its grandchildren) and writes straight into its
+log files: no pipe to the daemon, so output keeps landing there while the
+daemon is down. Death is noticed through a pidfd in the event loop, not by
+polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import subprocess
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from branchd.errors import SpawnError
+
+log = logging.getLogger(__name__)
+
+ExitCallback = Callable[[int | None], None]
+
+#: Two create_time readings of the same process agree within this (seconds).
+CREATE_TIME_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: tuple[str, ...]  # never a shell string
+    env: Mapping[str, str]  # the full environment of the child
+    cwd: str | None
+    user: str | None  # only honoured when we are root; else it must be us
+    stdout_path: Path
+    stderr_path: Path
+
+
+@dataclass(frozen=True)
+class Launched:
+    pid: int
+    create_time: float  # psutil create_time, to recognise the pid later
+
+
+@dataclass(frozen=True)
+class TreeStats:
+    """Resource use of a process and all its descendants."""
+
+    cpu_percent: float = 0.0  # sum over the tree; 100.0 is one core
+    memory_rss: int = 0  # bytes, sum over the tree
+    processes: int = 0  # live (non-zombie) processes in the tree
+
+
+class Launcher(Protocol):
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        """Start a process; raise SpawnError with a clear message if it cannot."""
+        ...
+
+    def watch(self, pid: int, on_exit: ExitCallback) -> None:
+        """Call ``on_exit(code)`` once, from the loop, when pid dies.
+
+        ``code`` is the exit status (negative signal number if killed by a
+        signal) for our own children, None for any other process.
+        """
+        ...
+
+    def alive(self, pid: int, create_time: float) -> bool:
+        """That very process (pid and create_time) still lives and is no zombie."""
+        ...
+
+    def signal(self, pid: int, sig: int, group: bool) -> None:
+        """Send sig to pid, or to its process group; a missing process is fine."""
+        ...
+
+    def tree_stats(self, pid: int) -> TreeStats:
+        """CPU, memory and process count of pid and its descendants."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching everything (pending callbacks are never called)."""
+        ...
+
+
+@dataclass
+class _Watch:
+    fd: int
+    callbacks: list[ExitCallback] = field(default_factory=list)
+
+
+class ProcessLauncher:
+    """The real launcher: ``subprocess.Popen`` children watched through pidfds.
+
+    All methods must be called from the thread running ``loop``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._watches: dict[int, _Watch] = {}
+        #: root pid -> {pid: psutil.Process} of its tree at the last sample,
+        #: so that cpu_percent compares against the previous call.
+        self._stats: dict[int, dict[int, psutil.Process]] = {}
+        self._closed = False
+
+    # spawn ---------------------------------------------------------------
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        if not spec.argv:
+            raise SpawnError("empty command")
+        if self._closed:
+            raise SpawnError("launcher is closed")
+        if spec.cwd is not None and not os.path.isdir(spec.cwd):
+            raise SpawnError(f"working directory {spec.cwd!r} does not exist")
+        uid, gid, groups = _user_ids(spec.user)
+        out = _open_log(spec.stdout_path)
+        try:
+            err = _open_log(spec.stderr_path)
+        except BaseException:
+            os.close(out)
+            raise
+        try:
+            popen = subprocess.Popen(
+                list(spec.argv),
+                env=dict(spec.env),
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                close_fds=True,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        except FileNotFoundError as e:
+            raise SpawnError(f"executable {spec.argv[0]!r} not found") from e
+        except PermissionError as e:
+            raise SpawnError(f"cannot execute {spec.argv[0]!r}: permission denied") from e
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            raise SpawnError(f"cannot start {spec.argv[0]!r}: {e}") from e
+        finally:
+            os.close(out)
+            os.close(err)
+        self._children[popen.pid] = popen
+        try:
+            create_time = psutil.Process(popen.pid).create_time()
+        except psutil.Error:  # not reaped yet, so this should not happen
+            create_time = 0.0
+        log.debug("spawned %s as pid %d", spec.argv[0], popen.pid)
+        return Launched(pid=popen.pid, create_time=create_time)
+
+    # watch ---------------------------------------------------------------
+
+    def watch(self, pid: int, on_exit: ExitCallback) -> None:
+        if self._closed:
+            raise RuntimeError("launcher is closed")
+        existing = self._watches.get(pid)
+        if existing is not None:
+            existing.callbacks.append(on_exit)
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone (and, if ours, already reaped)
+            self._loop.call_soon(on_exit, self._reap(pid))
+            return
+        self._watches[pid] = _Watch(fd, [on_exit])
+        self._loop.add_reader(fd, self._on_readable, pid)
+
+    def _on_readable(self, pid: int) -> None:
+        popen = self._children.get(pid)
+        code: int | None = None
+        if popen is not None:
+            code = popen.poll()
+            if code is None:  # readable before waitable: should not happen; retry
+                self._loop.remove_reader(self._watches[pid].fd)
+                self._loop.call_later(0.01, self._retry_reap, pid)
+                return
+        self._finish(pid, code)
+
+    def _retry_reap(self, pid: int) -> None:
+        if pid not in self._watches:  # closed meanwhile
+            return
+        popen = self._children.get(pid)
+        code = popen.poll() if popen is not None else None
+        if popen is not None and code is None:
+            self._loop.call_later(0.01, self._retry_reap, pid)
+            return
+        self._finish(pid, code)
+
+    def _finish(self, pid: int, code: int | None) -> None:
+        watch = self._watches.pop(pid)
+        self._loop.remove_reader(watch.fd)
+        os.close(watch.fd)
+        self._children.pop(pid, None)
+        self._stats.pop(pid, None)
+        for callback in watch.callbacks:
+            try:
+                callback(code)
+            except Exception:
+                log.exception("exit callback for pid %d failed", pid)
+
+    def _reap(self, pid: int) -> int | None:
+        popen = self._children.pop(pid, None)
+        return popen.poll() if popen is not None else None
+
+    # queries and signals -------------------------------------------------
+
+    def alive(self, pid: int, create_time: float) -> bool:
+        if pid <= 0:
+            return False
+        try:
+            proc = psutil.Process(pid)
+            return (
+                abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE
+                and proc.status() != psutil.STATUS_ZOMBIE
+            )
+        except psutil.Error:
+            return False
+
+    def signal(self, pid: int, sig: int, group: bool) -> None:
+        _signal(pid, sig, group)
+
+    def tree_stats(self, pid: int) -> TreeStats:
+        previous = self._stats.get(pid, {})
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            self._stats.pop(pid, None)
+            return TreeStats()
+        current: dict[int, psutil.Process] = {}
+        cpu, rss, count = 0.0, 0, 0
+        for fresh in tree:
+            proc = fresh
+            known = previous.get(fresh.pid)
+            if known is not None and known == fresh:  # same pid and create_time
+                proc = known  # keeps the last cpu sample
+            try:
+                with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    cpu += proc.cpu_percent(interval=None)
+                    rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+            current[proc.pid] = proc
+            count += 1
+        self._stats[pid] = current
+        return TreeStats(cpu_percent=cpu, memory_rss=rss, processes=count)
+
+    def close(self) -> None:
+        self._closed = True
+        for watch in self._watches.values():
+            self._loop.remove_reader(watch.fd)
+            os.close(watch.fd)
+        self._watches.clear()
+        self._stats.clear()
+        # Children still running outlive us (they are adopted after a restart).
+        # Dropping their Popen hands them to subprocess's own reaping of
+        # abandoned children; silence its "still running" warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            self._children.clear()
+
+
+def _signal(pid: int, sig: int, group: bool) -> None:
+    """``killpg(pid)`` or ``kill(pid)``; a missing process is not an error."""
+    if pid <= 1:  # 0 and -1 would reach our own group or everything; 1 is init
+        raise ValueError(f"refusing to signal pid {pid}")
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _open_log(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SpawnError(f"cannot open log file {str(path)!r}: {e.strerror}") from e
+
+
+def _user_ids(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """Popen's (user, group, extra_groups) to run as ``user`` (a name or a uid)."""
+    if user is None:
+        return None, None, None
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise SpawnError(f"unknown user {user!r}") from None
+    euid = os.geteuid()
+    if euid != 0:
+        if pw.pw_uid != euid:
+            raise SpawnError(f"cannot run as user {user!r}: branchd is not running as root")
+        return None, None, None
+    return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)

@@ -1,0 +1,181 @@
+"""Instance log files: where they live, copy-truncate rotation, tail and follow.
+
+A child holds its log files open with O_APPEND and writes into them directly,
+even while the daemon is down. So rotation cannot rename the file under it:
+it copies the newest bytes to ``<file>.1`` and truncates the file in place;
+the child's next write lands at offset 0. Bytes written between the copy and
+the truncation are lost; the window is one ``read()`` long.
+
+These functions do blocking file I/O; callers on the event loop should run
+``rotate_if_needed`` and ``tail`` of big files in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+from branchd.errors import Invalid
+from branchd.model import valid_name
+
+_BLOCK = 64 * 1024
+#: follow() yields a line without newline once it grows this long.
+MAX_LINE = 1024 * 1024
+
+
+def log_paths(log_dir: Path, app: str, name: str) -> tuple[Path, Path]:
+    """The (stdout, stderr) log files of one instance."""
+    for part in (app, name):
+        if not valid_name(part):
+            raise Invalid(f"invalid name {part!r} for a log path")
+    base = log_dir / app
+    return base / f"{name}.stdout.log", base / f"{name}.stderr.log"
+
+
+def backup_path(path: Path, n: int) -> Path:
+    return path.with_name(f"{path.name}.{n}")
+
+
+def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
+    """Rotate ``path`` if it holds ``max_bytes`` or more; say whether it did.
+
+    Keeps ``path.1`` (newest) .. ``path.<backups>``, each at most about
+    ``max_bytes``; with ``backups == 0`` the file is just emptied.
+    ``max_bytes <= 0`` disables rotation.
+    """
+    if max_bytes <= 0:
+        return False
+    try:
+        if path.stat().st_size < max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if backups <= 0:
+        os.truncate(path, 0)
+        return True
+    for n in range(backups - 1, 0, -1):
+        older = backup_path(path, n)
+        if older.exists():
+            os.replace(older, backup_path(path, n + 1))
+    tmp = path.with_name(f"{path.name}.rotating")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        end = src.seek(0, os.SEEK_END)
+        start = max(0, end - max_bytes)
+        if start > 0:
+            start = _next_line_start(src.fileno(), start, end)
+        src.seek(start)
+        # Copy to the end as it is now, including what the child appends
+        # meanwhile (up to another max_bytes), then truncate at once.
+        budget = end - start + max_bytes
+        while budget > 0:
+            chunk = src.read(min(_BLOCK, budget))
+            if not chunk:
+                break
+            dst.write(chunk)
+            budget -= len(chunk)
+        os.truncate(path, 0)
+    os.replace(tmp, backup_path(path, 1))
+    return True
+
+
+def _next_line_start(fd: int, start: int, end: int) -> int:
+    """The first line start at or after ``start`` (``start`` if none is near)."""
+    buf = os.pread(fd, min(_BLOCK, end - start + 1), start - 1)
+    i = buf.find(b"\n")
+    if i == -1 or start + i >= end:
+        return start  # no line start in reach: keep the cut line
+    return start + i
+
+
+def tail(path: Path, n: int, *, include_backup: bool = True) -> list[str]:
+    """The last ``n`` lines of ``path`` (without newlines), read from the end.
+
+    If the file has fewer than ``n`` lines (it was just rotated), the rest
+    comes from the end of the newest backup when ``include_backup``.
+    """
+    if n <= 0:
+        return []
+    try:
+        lines = _tail_bytes(path, n)
+    except FileNotFoundError:
+        lines = []
+    if include_backup and len(lines) < n:
+        older = backup_path(path, 1)
+        with contextlib.suppress(FileNotFoundError):
+            lines = _tail_bytes(older, n - len(lines)) + lines
+    return [line.decode("utf-8", errors="replace") for line in lines]
+
+
+def _tail_bytes(path: Path, n: int) -> list[bytes]:
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        chunks: list[bytes] = []
+        newlines = 0
+        # n + 1 newlines guarantee n whole lines after the first (cut) one.
+        while pos > 0 and newlines <= n:
+            size = min(_BLOCK, pos)
+            pos -= size
+            f.seek(pos)
+            chunk = f.read(size)
+            chunks.append(chunk)
+            newlines += chunk.count(b"\n")
+    data = b"".join(reversed(chunks))
+    if not data:
+        return []
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    return lines[-n:]
+
+
+def follow(path: Path, poll_interval: float = 0.2) -> AsyncGenerator[str, None]:
+    """Yield each complete line appended to ``path`` after this call.
+
+    The starting offset is taken now, not at the first ``anext()``; use as
+    ``async for line in follow(path)``, and ``aclose()`` it when done.
+
+    Survives copy-truncate rotation (the size drops below our offset: start
+    again at 0) and the file being replaced (new inode). A file that does not
+    exist yet is waited for. A truncation followed by growth past our old
+    offset within one poll goes unnoticed; keep the poll short.
+    """
+    offset, inode = _size_and_inode(path)
+    return _follow(path, offset, inode, poll_interval)
+
+
+async def _follow(
+    path: Path, offset: int, inode: int | None, poll_interval: float
+) -> AsyncGenerator[str, None]:
+    pending = b""
+    while True:
+        size, now_inode = _size_and_inode(path)
+        if now_inode != inode or size < offset:
+            offset, inode, pending = 0, now_inode, b""
+        if size <= offset:
+            await asyncio.sleep(poll_interval)
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(min(size - offset, _BLOCK * 16))
+        except FileNotFoundError:
+            continue
+        offset += len(data)
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        if len(pending) >= MAX_LINE:
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+
+
+def _size_and_inode(path: Path) -> tuple[int, int | None]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0, None
+    return st.st_size, st.st_ino

@@ -1,0 +1,193 @@
+"""Shared fixtures: real branchd daemons on port 0, each with its own state dir."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll until predicate() is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str]
+    text: str
+
+
+@dataclass
+class Branchd:
+    """A real branchd process and a tiny HTTP client for it."""
+
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    url: str
+    token: str | None = None
+    log_path: Path = field(default_factory=Path)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> Reply:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        tok = token if token is not None else self.token
+        if tok:
+            req.add_header("Authorization", f"Bearer {tok}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return _reply(resp.status, resp.read(), dict(resp.headers))
+        except urllib.error.HTTPError as err:
+            return _reply(err.code, err.read(), dict(err.headers))
+
+    def ok(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        reply = self.call(method, path, body)
+        assert reply.status == status, (reply.status, reply.text)
+        return reply.body
+
+    def instance(self, app: str, name: str) -> dict[str, Any]:
+        return self.ok("GET", f"/v1/apps/{app}/instances/{name}")  # type: ignore[no-any-return]
+
+    def wait_state(self, app: str, name: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            inst = self.instance(app, name)
+            return inst if inst["state"] == state else None
+
+        return wait_for(check, timeout)  # type: ignore[no-any-return]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _reply(status: int, raw: bytes, headers: dict[str, str]) -> Reply:
+    text = raw.decode(errors="replace")
+    try:
+        body = json.loads(text) if text else None
+    except ValueError:
+        body = None
+    return Reply(status, body, headers, text)
+
+
+def start_branchd(
+    state_dir: Path, *args: str, env: dict[str, str] | None = None, token: str | None = None
+) -> Branchd:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    url_file = state_dir / "branchd.url"
+    url_file.unlink(missing_ok=True)
+    log_path = state_dir / f"daemon-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchd",
+        "--state-dir",
+        str(state_dir),
+        "--bind",
+        "127.0.0.1:0",
+        "--log-level",
+        "DEBUG",
+        *args,
+    ]
+    if token:
+        cmd += ["--token", token]
+    with open(log_path, "wb") as log_fh:
+        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=full_env)
+
+    def ready() -> str | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"branchd exited {proc.returncode}: {log_path.read_text()}")
+        return url_file.read_text().strip() if url_file.exists() else None
+
+    url = wait_for(ready, 20.0)
+    return Branchd(state_dir, proc, url, token, log_path)
+
+
+def _kill_leftovers(state_dir: Path) -> None:
+    """End instance processes a test left behind (only ours: pid + create time)."""
+    db = state_dir / "branchd.db"
+    if not db.exists():
+        return
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            rows = conn.execute("SELECT pid, create_time FROM instances WHERE pid IS NOT NULL")
+            found = list(rows)
+        except sqlite3.Error:
+            return
+    for pid, create_time in found:
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if abs(psutil.Process(pid).create_time() - create_time) < 0.05:
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def branchd_factory(tmp_path: Path) -> Iterator[Callable[..., Branchd]]:
+    started: list[Branchd] = []
+
+    def create(*args: str, state_dir: Path | None = None, **kw: Any) -> Branchd:
+        b = start_branchd(state_dir or tmp_path / "state", *args, **kw)
+        started.append(b)
+        return b
+
+    yield create
+    for b in started:
+        if b.proc.poll() is None:
+            b.proc.send_signal(signal.SIGTERM)
+            try:
+                b.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                b.proc.kill()
+                b.proc.wait()
+    for b in started:
+        _kill_leftovers(b.state_dir)
+
+
+@pytest.fixture
+def branchd(branchd_factory: Callable[..., Branchd]) -> Branchd:
+    return branchd_factory()
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]
