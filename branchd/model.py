@@ -75,19 +75,80 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Autoscale:
+    """A Celery worker's concurrency range (``--autoscale=max,min``)."""
+
+    min: int
+    max: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"min": self.min, "max": self.max}
+
+
+#: Celery pools a worker may run (``--pool``).
+POOLS: tuple[str, ...] = ("prefork", "solo", "threads", "gevent", "eventlet")
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    """The Celery side of an app: how its worker instances are started."""
+
+    broker: str | None = None  # None: the embedded filesystem broker
+    celery_app: str | None = None  # the module given to ``-A``
+    python: str | None = None  # interpreter (or virtualenv) of the workers
+    pool: str = "prefork"
+    args: tuple[str, ...] = ()
+    autoscale: Autoscale | None = None
+    #: Celery's mingle and gossip cost a second at each start; off unless asked.
+    mingle_gossip: bool = False
+
+
+@dataclass(frozen=True)
 class App:
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
     #: Defaults for the instances of this app (any instance field but name/kind).
     defaults: Mapping[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    celery: CelerySettings = CelerySettings()
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, effective_broker: str | None = None) -> dict[str, Any]:
+        c = self.celery
         return {
             "name": self.name,
             "env": dict(self.env),
             "defaults": dict(self.defaults),
             "created_at": self.created_at,
+            "broker": effective_broker or c.broker,
+            "embedded_broker": c.broker is None,
+            "celery_app": c.celery_app,
+            "python": c.python,
+            "pool": c.pool,
+            "args": list(c.args),
+            "autoscale": c.autoscale.to_json() if c.autoscale else None,
+            "mingle_gossip": c.mingle_gossip,
+        }
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue declaration of an app (Celery's ``task_queues`` entry)."""
+
+    app: str
+    name: str
+    exchange: str | None = None  # None: an exchange named like the queue
+    exchange_type: str = "direct"
+    routing_key: str | None = None  # None: the queue's name
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "name": self.name,
+            "exchange": self.exchange or self.name,
+            "exchange_type": self.exchange_type,
+            "routing_key": self.routing_key or self.name,
+            "options": dict(self.options),
         }
 
 
@@ -109,6 +170,17 @@ class InstanceSpec:
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
     created_at: float = 0.0
+    # Celery kind only -------------------------------------------------------
+    queues: tuple[str, ...] = ()
+    autoscale: Autoscale | None = None  # None: the app's, else --concurrency
+    concurrency: int | None = None
+    pool: str | None = None  # None: the app's pool
+    args: tuple[str, ...] = ()  # after the app's args
+    loglevel: str = "INFO"
+    #: A running worker silent to pings this long is hung: restarted.
+    hung_after: float = 60.0
+    #: Restart when the whole process tree's RSS passes this (bytes).
+    memory_limit: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -134,6 +134,8 @@ def step(
         case Restart():
             if s == State.STOPPING:
                 return replace(proc, then_start=True), []
+            if proc.pid is None:  # a spawn is in flight: what comes up is fresh already
+                return proc, []
             return _begin_stop(replace(proc, then_start=True), policy, now)
         case Stop():
             if s in (State.STARTING, State.RUNNING):
@@ -141,12 +143,13 @@ def step(
             if s == State.STOPPING:
                 return replace(proc, then_start=False), []
             return replace(proc, state=State.STOPPED, deadline=None, pid=None), []
-        case Spawned(pid=pid) if s == State.STARTING:
+        # Only the answer to our own Spawn: a stray one never replaces a live pid.
+        case Spawned(pid=pid) if s == State.STARTING and proc.pid is None:
             proc = replace(proc, pid=pid, started=now, stop_step=None)
             if policy.startsecs <= 0:
                 return replace(proc, state=State.RUNNING, retries=0, deadline=None), []
             return replace(proc, deadline=now + policy.startsecs), []
-        case SpawnFailed(reason=reason) if s == State.STARTING:
+        case SpawnFailed(reason=reason) if s == State.STARTING and proc.pid is None:
             return _failed_start(replace(proc, pid=None), policy, now, backoff, reason)
         case Exited(code=code) if s in _LIVE and proc.pid is not None:
             return _exited(proc, code, policy, now, backoff)
@@ -158,6 +161,7 @@ def step(
                     proc,
                     state=State.RUNNING,
                     pid=pid,
+                    retries=0,
                     started=now,
                     deadline=None,
                     spawned_once=True,

@@ -70,7 +70,6 @@ POLICY_FIELDS = (
 SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
 SETTABLE = POLICY_FIELDS + SPEC_FIELDS
 
-_SETTLED = (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF)
 #: After SIGKILL the kernel needs a moment; a stop never waits forever.
 _KILL_GRACE = 5.0
 
@@ -198,6 +197,7 @@ class Manager:
         self._runtime: dict[str, Runtime] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._deleting: set[str] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
 
@@ -241,7 +241,7 @@ class Manager:
             names = [n for n, p in self._procs.items() if p.state != State.STOPPED]
             for name in names:
                 self._feed(name, Stop())
-            await asyncio.gather(*(self._wait_settled(n) for n in names))
+            await asyncio.gather(*(self._wait_stopped(n) for n in names))
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -322,28 +322,38 @@ class Manager:
         return self._view(name)
 
     async def delete_instance(self, app: str, name: str) -> None:
-        self._lookup(app, name)
-        self._feed(name, Stop())
-        await self._wait_settled(name)
-        self._store.delete_instance(name)
-        handle = self._timers.pop(name, None)
-        if handle:
-            handle.cancel()
-        del self._specs[name], self._procs[name], self._runtime[name], self._changed[name]
+        spec = self._lookup(app, name)
+        # While it stops, nobody may start it again: the process would outlive
+        # its declaration (an orphan).
+        self._deleting.add(name)
+        try:
+            self._set_desired(spec, Desired.STOPPED)
+            self._feed(name, Stop())
+            await self._wait_stopped(name)
+            pid = self._procs[name].pid
+            if pid:  # did not stop in time: no orphans, ever
+                self._launcher.signal(pid, _signal.SIGKILL, True)
+            self._store.delete_instance(name)
+            handle = self._timers.pop(name, None)
+            if handle:
+                handle.cancel()
+            del self._specs[name], self._procs[name], self._runtime[name], self._changed[name]
+        finally:
+            self._deleting.discard(name)
 
     async def start_instance(self, app: str, name: str) -> InstanceView:
-        self._set_desired(self._lookup(app, name), Desired.RUNNING)
+        self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Start())
         return self._view(name)
 
     async def stop_instance(self, app: str, name: str) -> InstanceView:
         self._set_desired(self._lookup(app, name), Desired.STOPPED)
         self._feed(name, Stop())
-        await self._wait_settled(name)
+        await self._wait_stopped(name)
         return self._view(name)
 
     async def restart_instance(self, app: str, name: str) -> InstanceView:
-        self._set_desired(self._lookup(app, name), Desired.RUNNING)
+        self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Restart())
         return self._view(name)
 
@@ -370,12 +380,14 @@ class Manager:
 
     # internals --------------------------------------------------------------
 
-    def _lookup(self, app: str, name: str) -> InstanceSpec:
+    def _lookup(self, app: str, name: str, *, starting: bool = False) -> InstanceSpec:
         spec = self._specs.get(name)
         if spec is None or spec.app != app:
             if self._store.get_app(app) is None:
                 raise NotFound(f"no app {app!r}")
             raise NotFound(f"no instance {name!r} in app {app!r}")
+        if starting and name in self._deleting:
+            raise Conflict(f"instance {name!r} is being deleted")
         return spec
 
     def _new_name(self, app: str) -> str:
@@ -485,14 +497,15 @@ class Manager:
             self._runtime[name] = rt
             self._store.save_runtime(name, rt)
 
-    async def _wait_settled(self, name: str) -> None:
+    async def _wait_stopped(self, name: str) -> None:
+        """Wait until a stop that was fed has ended (or a concurrent start took over)."""
         spec = self._specs.get(name)
         if spec is None:
             return
         limit = spec.policy.stopwaitsecs + _KILL_GRACE
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
-        while name in self._procs and self._procs[name].state not in _SETTLED:
+        while name in self._procs and self._procs[name].state == State.STOPPING:
             remaining = end - loop.time()
             if remaining <= 0:
                 log.warning("%s did not stop within %.1fs", name, limit)
@@ -504,12 +517,16 @@ class Manager:
         interval = self._config.log_check_interval
         while True:
             await asyncio.sleep(interval)
-            for spec in list(self._specs.values()):
-                for path in logs.log_paths(self._config.log_dir, spec.app, spec.name):
-                    try:
-                        logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
-                    except OSError:
-                        log.warning("cannot rotate %s", path, exc_info=True)
+            # Rotation copies up to max_bytes: keep that off the event loop.
+            await asyncio.to_thread(self._rotate_all, list(self._specs.values()))
+
+    def _rotate_all(self, specs: list[InstanceSpec]) -> None:
+        for spec in specs:
+            for path in logs.log_paths(self._config.log_dir, spec.app, spec.name):
+                try:
+                    logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
+                except OSError:
+                    log.warning("cannot rotate %s", path, exc_info=True)
 
 
 def _check_name(name: str, what: str) -> None:

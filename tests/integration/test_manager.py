@@ -1,0 +1,495 @@
+"""Scenarios of the ``Manager``, run against both launchers.
+
+Each scenario is written once and runs twice: against the in-memory
+``FakeLauncher`` (deaths scripted with ``fake.exit``) and against the real
+``ProcessLauncher`` (real ``python -c`` children, deaths with ``os.kill``). A
+small ``Side`` object per launcher hides the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from branchd.clock import SystemClock
+from branchd.config import Config
+from branchd.errors import Conflict, NotFound, SpawnError
+from branchd.model import Autorestart, Desired, State, StopStep
+from branchd.process.fake import FakeLauncher
+from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
+from branchd.process.manager import InstanceView, Manager
+from branchd.store import Store
+
+PY = sys.executable
+DEADLINE = 15.0
+APP = "web"
+
+#: Stays up until signalled.
+UP = (PY, "-c", "import time; time.sleep(1e9)")
+#: Dies at once with code 3.
+CRASH = (PY, "-c", "raise SystemExit(3)")
+#: Ignores SIGTERM (only SIGKILL ends it); says "ready" once it does.
+STUBBORN = (
+    PY,
+    "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+    " print('ready', flush=True); time.sleep(1e9)",
+)
+#: Cannot be spawned at all.
+MISSING = ("/nonexistent/prog",)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def wait_view(
+    manager: Manager,
+    name: str,
+    predicate: Callable[[InstanceView], bool],
+    timeout: float = DEADLINE,
+) -> InstanceView:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await manager.get_instance(APP, name)
+        if predicate(view):
+            return view
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never got there; last seen: {view.runtime}")
+        await asyncio.sleep(0.01)
+
+
+async def wait_state(manager: Manager, name: str, state: State) -> InstanceView:
+    return await wait_view(manager, name, lambda v: v.runtime.state == state)
+
+
+def pid_of(view: InstanceView) -> int:
+    assert view.runtime.pid is not None, view.runtime
+    return view.runtime.pid
+
+
+# The two sides ------------------------------------------------------------
+
+
+class Side:
+    """What differs between the launchers; the scenarios only use this."""
+
+    name: str
+
+    @property
+    def spawned(self) -> list[int]:
+        """pids of every process spawned, across daemon restarts."""
+        raise NotImplementedError
+
+    def launcher(self) -> Launcher:
+        """The launcher of a new Manager; after the first, as after a daemon restart."""
+        raise NotImplementedError
+
+    def kill(self, pid: int) -> None:
+        """The process dies of SIGKILL."""
+        raise NotImplementedError
+
+    def alive(self, pid: int) -> bool:
+        raise NotImplementedError
+
+    async def ready(self, manager: Manager, name: str) -> None:
+        """The STUBBORN instance ``name`` has set up its signal handling."""
+
+    def cleanup(self) -> None:
+        """End every process this side started."""
+
+
+class ScriptedFake(FakeLauncher):
+    """The fake, plus the behaviour of the test commands (CRASH, STUBBORN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pids: list[int] = []
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        if spec.argv == MISSING:  # as the real launcher says it
+            raise SpawnError(f"executable {spec.argv[0]!r} not found")
+        launched = super().spawn(spec)
+        self.pids.append(launched.pid)
+        if spec.argv == CRASH:
+            asyncio.get_running_loop().call_soon(self.exit, launched.pid, 3)
+        elif spec.argv == STUBBORN:
+            self.stubborn.add(launched.pid)
+        return launched
+
+
+class FakeSide(Side):
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.fake = ScriptedFake()
+        self._handed_out = False
+
+    @property
+    def spawned(self) -> list[int]:
+        return self.fake.pids
+
+    def launcher(self) -> Launcher:
+        if self._handed_out:  # a daemon restart: the processes are no longer our children
+            self.fake.forget_children()
+            # The old Manager's shutdown() closed the fake and it has no way to
+            # reopen; the new daemon must be able to watch() again.
+            self.fake.closed = False
+        self._handed_out = True
+        return self.fake
+
+    def kill(self, pid: int) -> None:
+        self.fake.exit(pid, -signal.SIGKILL)
+
+    def alive(self, pid: int) -> bool:
+        return pid in self.fake.running()
+
+
+class RecordingLauncher(ProcessLauncher):
+    def __init__(self, loop: asyncio.AbstractEventLoop, record: list[Launched]) -> None:
+        super().__init__(loop)
+        self._record = record
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        launched = super().spawn(spec)
+        self._record.append(launched)
+        return launched
+
+
+class RealSide(Side):
+    name = "real"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.launched: list[Launched] = []
+        self.launchers: list[ProcessLauncher] = []
+
+    @property
+    def spawned(self) -> list[int]:
+        return [launched.pid for launched in self.launched]
+
+    def launcher(self) -> Launcher:
+        launcher = RecordingLauncher(self._loop, self.launched)
+        self.launchers.append(launcher)
+        return launcher
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    def alive(self, pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    async def ready(self, manager: Manager, name: str) -> None:
+        async def said_ready() -> bool:
+            return "ready" in await manager.read_logs(APP, name, "stdout", 10)
+
+        deadline = time.monotonic() + DEADLINE
+        while not await said_ready():
+            assert time.monotonic() < deadline, f"{name} never said ready"
+            await asyncio.sleep(0.01)
+
+    def cleanup(self) -> None:
+        for launcher in self.launchers:
+            launcher.close()
+        ours: list[psutil.Process] = []
+        for launched in self.launched:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(launched.pid)
+                if abs(proc.create_time() - launched.create_time) < 0.01:
+                    ours.append(proc)
+        for proc in ours:  # whole group: grandchildren too (by pid, never by name)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        psutil.wait_procs(ours, timeout=5)  # and reap those that are our children
+
+
+# The fixture ----------------------------------------------------------------
+
+
+class Supervision:
+    """A store on disk, a side, and the Managers started over them."""
+
+    def __init__(self, side: Side, tmp_path: Path) -> None:
+        self.side = side
+        self.config = Config.for_tests(tmp_path)
+        self.store = Store(self.config.db_path)
+        self.branch_id = self.store.branch_id()
+        self.managers: list[Manager] = []
+
+    async def manager(self) -> Manager:
+        """A new Manager (a daemon (re)start) on the same store."""
+        m = Manager(self.store, self.side.launcher(), SystemClock(), self.config, self.branch_id)
+        self.managers.append(m)
+        await m.start()
+        return m
+
+    async def add(
+        self, m: Manager, name: str, command: tuple[str, ...], **fields: Any
+    ) -> InstanceView:
+        await m.put_app(APP, {}, {})
+        return await m.create_instance(APP, {"name": name, "command": list(command), **fields})
+
+    async def running(self, m: Manager, name: str, command: tuple[str, ...] = UP) -> int:
+        """Add an instance of ``command`` and wait until it runs; its pid."""
+        await self.add(m, name, command, startsecs=0.2)
+        return pid_of(await wait_state(m, name, State.RUNNING))
+
+    async def close(self) -> None:
+        for m in self.managers:
+            await m.shutdown(keep=True)  # stops timers and watches; idempotent
+        await asyncio.sleep(0)  # let the cancelled log rotators finish
+        self.side.cleanup()
+        self.store.close()
+
+
+@pytest.fixture(params=["fake", "real"])
+async def sup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Supervision]:
+    side: Side = FakeSide() if request.param == "fake" else RealSide(asyncio.get_running_loop())
+    s = Supervision(side, tmp_path)
+    yield s
+    await s.close()
+
+
+# Scenarios ----------------------------------------------------------------
+
+
+async def test_created_instance_runs(sup: Supervision) -> None:
+    m = await sup.manager()
+    view = await sup.add(m, "a", UP, startsecs=0.2)
+    assert view.runtime.state == State.STARTING
+    pid = pid_of(view)
+    assert sup.side.spawned == [pid]
+    view = await wait_state(m, "a", State.RUNNING)
+    assert view.runtime.pid == pid and view.runtime.restarts == 0
+    assert view.uptime is not None
+    stored = sup.store.load_runtime("a")
+    assert (stored.state, stored.pid) == (State.RUNNING, pid)
+    assert stored.create_time is not None
+    assert sup.side.alive(pid)
+
+
+async def test_crash_is_restarted(sup: Supervision) -> None:
+    m = await sup.manager()
+    first = await sup.running(m, "a")
+    sup.side.kill(first)
+    view = await wait_view(m, "a", lambda v: v.runtime.pid not in (None, first))
+    assert view.runtime.restarts == 1
+    assert view.runtime.exit_code == -signal.SIGKILL
+    view = await wait_state(m, "a", State.RUNNING)
+    assert sup.side.alive(pid_of(view))
+    assert sup.store.load_runtime("a").restarts == 1
+
+
+async def test_crash_loop_ends_fatal_with_reason(sup: Supervision) -> None:
+    m = await sup.manager()
+    await sup.add(m, "bad", CRASH, startsecs=2.0, startretries=3)
+    view = await wait_state(m, "bad", State.FATAL)
+    rt = view.runtime
+    assert rt.pid is None and rt.exit_code == 3
+    assert rt.reason == "exited too quickly (code 3); gave up after 3 failed start(s)"
+    assert len(sup.side.spawned) == 3 and rt.restarts == 2
+    stored = sup.store.load_runtime("bad")
+    assert (stored.state, stored.reason) == (State.FATAL, rt.reason)
+
+
+async def test_missing_executable_goes_fatal(sup: Supervision) -> None:
+    m = await sup.manager()
+    await sup.add(m, "nope", MISSING, startretries=2)
+    view = await wait_state(m, "nope", State.FATAL)
+    assert view.runtime.reason == (
+        "executable '/nonexistent/prog' not found; gave up after 2 failed start(s)"
+    )
+    assert view.runtime.pid is None and sup.side.spawned == []
+
+
+async def test_death_within_startsecs_backs_off_then_runs(sup: Supervision) -> None:
+    m = await sup.manager()
+    view = await sup.add(m, "a", UP, startsecs=1.0)
+    first = pid_of(view)
+    sup.side.kill(first)  # still STARTING: a failed start
+    view = await wait_view(m, "a", lambda v: v.runtime.exit_code is not None)
+    assert view.runtime.reason == f"exited too quickly (code {-signal.SIGKILL})"
+    view = await wait_state(m, "a", State.RUNNING)
+    assert pid_of(view) != first and view.runtime.restarts == 1
+    assert view.runtime.reason is None
+
+
+async def test_stop_ends_the_process(sup: Supervision) -> None:
+    m = await sup.manager()
+    pid = await sup.running(m, "a")
+    view = await m.stop_instance(APP, "a")  # returns once it is stopped
+    rt = view.runtime
+    assert rt.state == State.STOPPED and rt.pid is None
+    assert rt.stop_step == StopStep.SIGNAL and rt.exit_code == -signal.SIGTERM
+    assert view.spec.desired == Desired.STOPPED
+    await wait_for(lambda: not sup.side.alive(pid))
+    stored = sup.store.get_instance("a")
+    assert stored is not None and stored.desired == Desired.STOPPED
+    assert sup.store.load_runtime("a").stop_step == StopStep.SIGNAL
+
+
+async def test_stop_kills_what_ignores_the_stop_signal(sup: Supervision) -> None:
+    m = await sup.manager()
+    await sup.add(m, "s", STUBBORN, startsecs=0.2, stopwaitsecs=0.3)
+    pid = pid_of(await wait_state(m, "s", State.RUNNING))
+    await sup.side.ready(m, "s")
+    view = await m.stop_instance(APP, "s")
+    assert view.runtime.state == State.STOPPED
+    assert view.runtime.stop_step == StopStep.KILL
+    assert view.runtime.exit_code == -signal.SIGKILL
+    assert not sup.side.alive(pid)
+
+
+async def test_restart_gives_a_new_pid(sup: Supervision) -> None:
+    m = await sup.manager()
+    first = await sup.running(m, "a")
+    await m.restart_instance(APP, "a")
+    view = await wait_view(
+        m, "a", lambda v: v.runtime.state == State.RUNNING and v.runtime.pid != first
+    )
+    assert view.runtime.restarts == 1
+    assert view.runtime.stop_step is None  # the new process was never stopped
+    assert not sup.side.alive(first)
+    assert sup.side.spawned == [first, pid_of(view)]
+
+
+async def test_delete_removes_it(sup: Supervision) -> None:
+    m = await sup.manager()
+    pid = await sup.running(m, "a")
+    await m.delete_instance(APP, "a")
+    assert sup.store.get_instance("a") is None
+    assert "a" not in sup.store.runtimes()
+    with pytest.raises(NotFound):
+        await m.get_instance(APP, "a")
+    assert await m.list_instances() == []
+    await wait_for(lambda: not sup.side.alive(pid))
+
+
+async def test_autostart_false_stays_stopped(sup: Supervision) -> None:
+    m = await sup.manager()
+    view = await sup.add(m, "idle", UP, autostart=False, startsecs=0.2)
+    assert view.runtime.state == State.STOPPED and view.runtime.pid is None
+    assert view.spec.desired == Desired.STOPPED
+    assert sup.side.spawned == []  # a spawn would have happened inside create
+    stored = sup.store.get_instance("idle")
+    assert stored is not None and stored.desired == Desired.STOPPED
+    await m.start_instance(APP, "idle")
+    view = await wait_state(m, "idle", State.RUNNING)
+    assert view.runtime.restarts == 0
+
+
+async def test_manager_restart_adopts_live_processes_and_starts_the_rest(
+    sup: Supervision,
+) -> None:
+    m1 = await sup.manager()
+    kept = await sup.running(m1, "kept")
+    lost = await sup.running(m1, "lost")
+    await sup.add(m1, "idle", UP, autostart=False)
+    await m1.shutdown(keep=True)
+    assert sup.side.alive(kept) and sup.side.alive(lost)
+    sup.side.kill(lost)  # dies while no daemon is watching
+    await wait_for(lambda: not sup.side.alive(lost))
+    spawned = list(sup.side.spawned)
+
+    m2 = await sup.manager()
+    view = await m2.get_instance(APP, "kept")
+    assert view.runtime.state == State.RUNNING and view.runtime.pid == kept  # adopted
+    assert view.uptime is not None
+    new = await wait_view(
+        m2, "lost", lambda v: v.runtime.state == State.RUNNING and v.runtime.pid != lost
+    )
+    assert sup.side.spawned == [*spawned, pid_of(new)]  # only "lost" was spawned again
+    idle = await m2.get_instance(APP, "idle")
+    assert idle.runtime.state == State.STOPPED and idle.runtime.pid is None
+    assert (await m2.get_instance(APP, "kept")).runtime.pid == kept
+
+    # The adopted process is supervised: its death is noticed (code unknown).
+    sup.side.kill(kept)
+    view = await wait_view(m2, "kept", lambda v: v.runtime.pid not in (None, kept))
+    assert view.runtime.restarts == 1 and view.runtime.exit_code is None
+
+
+async def test_adopted_process_exit_with_autorestart_never(sup: Supervision) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "once", UP, startsecs=0.2, autorestart=Autorestart.NEVER.value)
+    pid = pid_of(await wait_state(m1, "once", State.RUNNING))
+    await m1.shutdown(keep=True)
+    m2 = await sup.manager()
+    assert (await m2.get_instance(APP, "once")).runtime.pid == pid
+    sup.side.kill(pid)
+    view = await wait_state(m2, "once", State.EXITED)
+    assert view.runtime.pid is None and view.runtime.exit_code is None
+    assert sup.side.spawned == [pid]
+
+
+async def test_adopted_process_whose_desired_is_stopped_is_stopped(sup: Supervision) -> None:
+    m1 = await sup.manager()
+    pid = await sup.running(m1, "a")
+    await m1.shutdown(keep=True)
+    sup.store.set_desired("a", Desired.STOPPED)  # as if stopped when the daemon went down
+
+    m2 = await sup.manager()
+    await wait_state(m2, "a", State.STOPPED)
+    await wait_for(lambda: not sup.side.alive(pid))
+    assert sup.side.spawned == [pid]
+
+
+async def test_shutdown_without_keep_stops_everything(sup: Supervision) -> None:
+    m = await sup.manager()
+    pids = [await sup.running(m, name) for name in ("a", "b")]
+    await sup.add(m, "bad", CRASH, startsecs=2.0, startretries=100)
+    await wait_state(m, "bad", State.BACKOFF)
+    await m.shutdown(keep=False)
+    for pid in pids:
+        assert not sup.side.alive(pid)
+    runtimes = sup.store.runtimes()
+    assert {name: rt.state for name, rt in runtimes.items()} == {
+        "a": State.STOPPED,
+        "b": State.STOPPED,
+        "bad": State.STOPPED,
+    }
+    assert all(rt.pid is None for rt in runtimes.values())
+    spawned = len(sup.side.spawned)
+    await asyncio.sleep(sup.config.backoff_max)  # the backoff timer must not fire any more
+    assert len(sup.side.spawned) == spawned
+
+
+async def test_shutdown_with_keep_leaves_them_running(sup: Supervision) -> None:
+    m = await sup.manager()
+    pids = {name: await sup.running(m, name) for name in ("a", "b")}
+    await m.shutdown(keep=True)
+    for name, pid in pids.items():
+        assert sup.side.alive(pid)
+        rt = sup.store.load_runtime(name)
+        assert (rt.state, rt.pid) == (State.RUNNING, pid)
+
+
+async def test_start_during_delete_leaves_no_orphan(sup: Supervision) -> None:
+    m = await sup.manager()
+    await sup.add(m, "s", STUBBORN, startsecs=0.2, stopwaitsecs=0.3)
+    await wait_state(m, "s", State.RUNNING)
+    await sup.side.ready(m, "s")
+    deleting = asyncio.create_task(m.delete_instance(APP, "s"))
+    await wait_state(m, "s", State.STOPPING)
+    with pytest.raises(Conflict):  # e.g. a second API client
+        await m.start_instance(APP, "s")
+    await deleting
+    assert sup.store.get_instance("s") is None
+    assert [pid for pid in sup.side.spawned if sup.side.alive(pid)] == []
