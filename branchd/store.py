@@ -21,10 +21,13 @@ from branchd.errors import Conflict, NotFound, StoreError
 from branchd.model import (
     App,
     Autorestart,
+    Autoscale,
+    CelerySettings,
     Desired,
     InstanceSpec,
     Kind,
     Policy,
+    Queue,
     Runtime,
     State,
     StopStep,
@@ -62,8 +65,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX instances_by_app ON instances(app, name);
     """,
+    # 2: Celery apps and their queue declarations.
+    """
+    ALTER TABLE apps ADD COLUMN celery TEXT NOT NULL DEFAULT '{}';  -- JSON of CelerySettings
+    CREATE TABLE queues (
+        app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        exchange TEXT,
+        exchange_type TEXT NOT NULL,
+        routing_key TEXT,
+        options TEXT NOT NULL,        -- JSON object
+        PRIMARY KEY (app, name)
+    );
+    """,
 ]
 
+_QUEUE_COLUMNS = "app, name, exchange, exchange_type, routing_key, options"
 _RUNTIME_COLUMNS = "state, pid, create_time, started_at, restarts, exit_code, stop_step, reason"
 
 
@@ -92,7 +109,36 @@ def spec_to_dict(spec: InstanceSpec) -> dict[str, Any]:
         "log_max_bytes": spec.log_max_bytes,
         "log_backups": spec.log_backups,
         "created_at": spec.created_at,
+        "queues": list(spec.queues),
+        "autoscale": spec.autoscale.to_json() if spec.autoscale else None,
+        "concurrency": spec.concurrency,
+        "pool": spec.pool,
+        "args": list(spec.args),
+        "loglevel": spec.loglevel,
+        "hung_after": spec.hung_after,
+        "memory_limit": spec.memory_limit,
     }
+
+
+def celery_to_dict(c: CelerySettings) -> dict[str, Any]:
+    return {
+        "broker": c.broker,
+        "celery_app": c.celery_app,
+        "python": c.python,
+        "pool": c.pool,
+        "args": list(c.args),
+        "autoscale": c.autoscale.to_json() if c.autoscale else None,
+        "mingle_gossip": c.mingle_gossip,
+    }
+
+
+def celery_from_dict(d: dict[str, Any]) -> CelerySettings:
+    kw = dict(d)
+    if "args" in kw:
+        kw["args"] = tuple(kw["args"])
+    if kw.get("autoscale"):
+        kw["autoscale"] = Autoscale(**kw["autoscale"])
+    return CelerySettings(**kw)
 
 
 def spec_from_dict(d: dict[str, Any]) -> InstanceSpec:
@@ -108,6 +154,11 @@ def spec_from_dict(d: dict[str, Any]) -> InstanceSpec:
         kw["desired"] = Desired(kw["desired"])
     if "env" in kw:
         kw["env"] = dict(kw["env"])
+    for key in ("queues", "args"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    if kw.get("autoscale"):
+        kw["autoscale"] = Autoscale(**kw["autoscale"])
     if "policy" in kw:
         pol = dict(kw["policy"])
         if "autorestart" in pol:
@@ -204,30 +255,37 @@ class Store:
             exists = db.execute("SELECT 1 FROM apps WHERE name = ?", (app.name,)).fetchone()
             if exists:
                 db.execute(
-                    "UPDATE apps SET env = ?, defaults = ? WHERE name = ?",
-                    (json.dumps(dict(app.env)), json.dumps(dict(app.defaults)), app.name),
+                    "UPDATE apps SET env = ?, defaults = ?, celery = ? WHERE name = ?",
+                    (
+                        json.dumps(dict(app.env)),
+                        json.dumps(dict(app.defaults)),
+                        json.dumps(celery_to_dict(app.celery)),
+                        app.name,
+                    ),
                 )
             else:
                 db.execute(
-                    "INSERT INTO apps (name, env, defaults, created_at) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO apps (name, env, defaults, created_at, celery)"
+                    " VALUES (?, ?, ?, ?, ?)",
                     (
                         app.name,
                         json.dumps(dict(app.env)),
                         json.dumps(dict(app.defaults)),
                         app.created_at or time.time(),
+                        json.dumps(celery_to_dict(app.celery)),
                     ),
                 )
         return not exists
 
     def get_app(self, name: str) -> App | None:
         row = self._db.execute(
-            "SELECT name, env, defaults, created_at FROM apps WHERE name = ?", (name,)
+            "SELECT name, env, defaults, created_at, celery FROM apps WHERE name = ?", (name,)
         ).fetchone()
         return _app(row) if row else None
 
     def list_apps(self) -> list[App]:
         rows = self._db.execute(
-            "SELECT name, env, defaults, created_at FROM apps ORDER BY name"
+            "SELECT name, env, defaults, created_at, celery FROM apps ORDER BY name"
         ).fetchall()
         return [_app(row) for row in rows]
 
@@ -296,6 +354,48 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"no instance named {name!r}")
 
+    # -- queues ------------------------------------------------------------
+
+    def put_queue(self, queue: Queue) -> bool:
+        """Create or replace a queue declaration; True if created."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM apps WHERE name = ?", (queue.app,)).fetchone():
+                raise NotFound(f"no app named {queue.app!r}")
+            exists = db.execute(
+                "SELECT 1 FROM queues WHERE app = ? AND name = ?", (queue.app, queue.name)
+            ).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO queues"
+                " (app, name, exchange, exchange_type, routing_key, options)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    queue.app,
+                    queue.name,
+                    queue.exchange,
+                    queue.exchange_type,
+                    queue.routing_key,
+                    json.dumps(dict(queue.options)),
+                ),
+            )
+        return not exists
+
+    def get_queue(self, app: str, name: str) -> Queue | None:
+        row = self._db.execute(
+            f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE app = ? AND name = ?", (app, name)
+        ).fetchone()
+        return _queue(row) if row else None
+
+    def list_queues(self, app: str) -> list[Queue]:
+        rows = self._db.execute(
+            f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE app = ? ORDER BY name", (app,)
+        )
+        return [_queue(row) for row in rows.fetchall()]
+
+    def delete_queue(self, app: str, name: str) -> bool:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM queues WHERE app = ? AND name = ?", (app, name))
+        return cur.rowcount > 0
+
     # -- runtime -----------------------------------------------------------
 
     def save_runtime(self, name: str, rt: Runtime) -> None:
@@ -331,8 +431,19 @@ class Store:
 
 
 def _app(row: tuple[Any, ...]) -> App:
-    name, env, defaults, created_at = row
-    return App(name=name, env=json.loads(env), defaults=json.loads(defaults), created_at=created_at)
+    name, env, defaults, created_at, celery = row
+    return App(
+        name=name,
+        env=json.loads(env),
+        defaults=json.loads(defaults),
+        created_at=created_at,
+        celery=celery_from_dict(json.loads(celery)),
+    )
+
+
+def _queue(row: tuple[Any, ...]) -> Queue:
+    app, name, exchange, exchange_type, routing_key, options = row
+    return Queue(app, name, exchange, exchange_type, routing_key, json.loads(options))
 
 
 def _spec(row: tuple[Any, ...]) -> InstanceSpec:

@@ -318,3 +318,37 @@ def test_acknowledged_writes_survive_kill_9(db_path: Path, k: int) -> None:
     assert len(names) < n
     with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_celery_settings_and_queues_round_trip(open_store: OpenStore) -> None:
+    from branchd.model import Autoscale, CelerySettings, Queue
+
+    s = open_store()
+    celery = CelerySettings(
+        broker="amqp://guest:guest@127.0.0.1:5672//",
+        celery_app="shop.tasks",
+        pool="solo",
+        args=("--max-tasks-per-child", "10"),
+        autoscale=Autoscale(1, 4),
+    )
+    s.put_app(App(name="shop", celery=celery))
+    assert s.put_queue(Queue("shop", "images", "media", "topic", "image.#", {"durable": True}))
+    assert not s.put_queue(Queue("shop", "images", "media", "topic", "image.*"))
+    s.put_queue(Queue("shop", "default"))
+    s.add_instance(spec("w1", app="shop", queues=("default", "images"), autoscale=Autoscale(2, 8)))
+    s.close()
+
+    s = open_store()
+    app = s.get_app("shop")
+    assert app is not None and app.celery == celery
+    assert [q.name for q in s.list_queues("shop")] == ["default", "images"]
+    images = s.get_queue("shop", "images")
+    assert images is not None and images.routing_key == "image.*" and images.options == {}
+    w1 = s.get_instance("w1")
+    assert w1 is not None and w1.queues == ("default", "images")
+    assert w1.autoscale == Autoscale(2, 8)
+    assert s.delete_queue("shop", "default") and not s.delete_queue("shop", "default")
+    s.delete_app("shop")
+    assert s.list_queues("shop") == []
+    with pytest.raises(NotFound):
+        s.put_queue(Queue("nope", "q"))
