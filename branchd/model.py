@@ -72,6 +72,12 @@ class Policy:
     startretries: int = 3
     stopsignal: str = "TERM"
     stopwaitsecs: float = 10.0
+    #: Celery kind: running once it answers a ping (startsecs is then the
+    #: time allowed for the first answer), not once it stayed up startsecs.
+    ready_by_ping: bool = False
+    #: The stop signal goes to the whole group; Celery kind: the main process
+    #: only, since TERM to pool children kills running tasks (celery#2700).
+    stop_group: bool = True
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class Proc:
     stop_step: StopStep | None = None
     reason: str | None = None
     spawned_once: bool = False
+    killed_for: str | None = None  # why the supervisor itself killed the process
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,27 @@ class Timeout:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """A Celery worker answered its first ping."""
+
+
+@dataclass(frozen=True)
+class Hung:
+    """A running worker went silent (or passed its memory limit): kill it."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Adopt:
     """A live process from before a daemon restart is ours again."""
 
     pid: int
 
 
-Event = Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt
+Event = (
+    Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt | Ready | Hung
+)
 
 # Commands ---------------------------------------------------------------
 
@@ -146,6 +161,9 @@ def step(
         # Only the answer to our own Spawn: a stray one never replaces a live pid.
         case Spawned(pid=pid) if s == State.STARTING and proc.pid is None:
             proc = replace(proc, pid=pid, started=now, stop_step=None)
+            if policy.ready_by_ping:
+                deadline = now + policy.startsecs if policy.startsecs > 0 else None
+                return replace(proc, deadline=deadline), []
             if policy.startsecs <= 0:
                 return replace(proc, state=State.RUNNING, retries=0, deadline=None), []
             return replace(proc, deadline=now + policy.startsecs), []
@@ -154,7 +172,11 @@ def step(
         case Exited(code=code) if s in _LIVE and proc.pid is not None:
             return _exited(proc, code, policy, now, backoff)
         case Timeout() if proc.deadline is not None and now >= proc.deadline:
-            return _timeout(proc, now, backoff)
+            return _timeout(proc, policy, now, backoff)
+        case Ready() if s == State.STARTING and proc.pid is not None:
+            return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
+        case Hung(reason=reason) if s == State.RUNNING and proc.pid is not None:
+            return replace(proc, killed_for=reason), [Kill()]
         case Adopt(pid=pid) if s not in _LIVE:
             return (
                 replace(
@@ -192,7 +214,7 @@ def _begin_stop(proc: Proc, policy: Policy, now: float) -> tuple[Proc, list[Comm
     if proc.pid is None:  # nothing to signal
         return replace(proc, state=State.STOPPED, deadline=None), []
     nxt = replace(proc, state=State.STOPPING, deadline=now + policy.stopwaitsecs, stop_step=None)
-    return nxt, [Signal(policy.stopsignal)]
+    return nxt, [Signal(policy.stopsignal, group=policy.stop_group)]
 
 
 def _failed_start(
@@ -221,7 +243,9 @@ def _failed_start(
 def _exited(
     proc: Proc, code: int | None, policy: Policy, now: float, backoff: Backoff
 ) -> tuple[Proc, list[Command]]:
-    gone = replace(proc, pid=None, exit_code=code, deadline=None)
+    gone = replace(proc, pid=None, exit_code=code, deadline=None, killed_for=None)
+    if proc.killed_for:
+        gone = replace(gone, reason=proc.killed_for)
     if proc.state == State.STOPPING:
         step_ = proc.stop_step or StopStep.SIGNAL
         gone = replace(gone, stop_step=step_)
@@ -230,7 +254,8 @@ def _exited(
             return nxt, [Reap(), *cmds]
         return replace(gone, state=State.STOPPED), [Reap()]
     if proc.state == State.STARTING:
-        nxt, cmds = _failed_start(gone, policy, now, backoff, f"exited too quickly (code {code})")
+        why = proc.killed_for or f"exited too quickly (code {code})"
+        nxt, cmds = _failed_start(gone, policy, now, backoff, why)
         return nxt, [Reap(), *cmds]
     # RUNNING
     expected = code is not None and code in policy.exitcodes
@@ -243,7 +268,13 @@ def _exited(
     return replace(gone, state=State.EXITED), [Reap()]
 
 
-def _timeout(proc: Proc, now: float, backoff: Backoff) -> tuple[Proc, list[Command]]:
+def _timeout(
+    proc: Proc, policy: Policy, now: float, backoff: Backoff
+) -> tuple[Proc, list[Command]]:
+    if proc.state == State.STARTING and proc.pid is not None and policy.ready_by_ping:
+        # No answer in time: kill it; its exit counts as a failed start.
+        reason = f"no answer to ping within {policy.startsecs:g}s"
+        return replace(proc, deadline=None, killed_for=reason), [Kill()]
     if proc.state == State.STARTING and proc.pid is not None:
         return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
     if proc.state == State.BACKOFF:

@@ -67,3 +67,47 @@ def test_autorestart_on_failure_keeps_clean_exit() -> None:
     assert p0.state == State.EXITED and p0.exit_code == 0
     p1, cmds = step(p, Exited(3), policy, 1.0)
     assert p1.state == State.STARTING and cmds == [Reap(), Spawn()] and p1.restarts == 1
+
+
+CELERY = Policy(
+    startsecs=30.0, startretries=3, stopwaitsecs=600.0, ready_by_ping=True, stop_group=False
+)
+
+
+def test_celery_runs_once_it_answers_a_ping_not_after_startsecs() -> None:
+    from branchd.process.machine import Ready
+
+    p, _ = step(Proc(), Start(), CELERY, 0.0)
+    p, _ = step(p, Spawned(9), CELERY, 0.0)
+    assert p.state == State.STARTING and p.deadline == 30.0
+    p, _ = step(p, Ready(), CELERY, 0.4)
+    assert p.state == State.RUNNING and p.deadline is None
+
+
+def test_celery_start_timeout_kills_and_counts_as_failed_start() -> None:
+    p, _ = step(Proc(), Start(), CELERY, 0.0)
+    p, _ = step(p, Spawned(9), CELERY, 0.0)
+    p, cmds = step(p, Timeout(), CELERY, 30.0)
+    assert cmds == [Kill()] and p.state == State.STARTING
+    p, cmds = step(p, Exited(-9), CELERY, 30.1)
+    assert p.state == State.BACKOFF
+    assert p.reason == "no answer to ping within 30s"
+
+
+def test_celery_stop_signals_the_main_process_only() -> None:
+    p = Proc(state=State.RUNNING, pid=9)
+    p, cmds = step(p, Stop(), CELERY, 0.0)
+    assert cmds == [Signal("TERM", group=False)]
+    p, cmds = step(p, Timeout(), CELERY, 600.0)
+    assert cmds == [Kill()]  # the group, at the end
+
+
+def test_hung_worker_is_killed_and_restarted_with_the_reason() -> None:
+    from branchd.process.machine import Hung
+
+    p = Proc(state=State.RUNNING, pid=9, spawned_once=True)
+    p, cmds = step(p, Hung("no ping answer for 60s"), CELERY, 100.0)
+    assert cmds == [Kill()] and p.state == State.RUNNING
+    p, cmds = step(p, Exited(-9), CELERY, 100.1)
+    assert p.state == State.STARTING and cmds == [Reap(), Spawn()]
+    assert p.reason == "no ping answer for 60s" and p.restarts == 1
