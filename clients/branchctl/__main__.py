@@ -1,0 +1,5 @@
+"""python -m branchctl"""
+
+from branchctl.cli import main
+
+main()

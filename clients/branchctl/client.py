@@ -1,0 +1,400 @@
+"""Clients of the branchd HTTP API v1 (docs/api.md): AsyncClient and its sync twin Client."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+
+from branchctl.errors import ApiError, ConnectionFailed
+from branchctl.models import App, Branch, Instance, Stats
+
+__all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8400"
+
+_T = TypeVar("_T")
+
+
+def _seg(name: str) -> str:
+    """One path segment, percent-encoded."""
+    return quote(name, safe="")
+
+
+def _instance_path(app: str, name: str) -> str:
+    return f"/v1/apps/{_seg(app)}/instances/{_seg(name)}"
+
+
+def _normalize_url(url: str) -> str:
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+class AsyncClient:
+    """An aiohttp client of one branchd daemon.
+
+    Use it as an async context manager (or call ``close()``); the HTTP session
+    is created on the first request. Every method raises ``ApiError`` when
+    the daemon answers an error and ``ConnectionFailed`` when it cannot be
+    reached or does not answer within ``timeout`` seconds.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30
+    ) -> None:
+        self.url = _normalize_url(url)
+        self.token = token or None
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    # -- transport ---------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"Accept": "application/json"}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            )
+        return self._session
+
+    def _failed(self, exc: BaseException) -> ConnectionFailed:
+        if isinstance(exc, TimeoutError):
+            return ConnectionFailed(self.url, f"no answer within {self.timeout:g}s", "timeout")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            err = exc.os_error
+            if isinstance(err.errno, int) and err.errno > 0:  # "Connection refused"
+                return ConnectionFailed(self.url, os.strerror(err.errno))
+            if err.strerror:  # "Name or service not known"
+                return ConnectionFailed(self.url, err.strerror)
+        if isinstance(exc, aiohttp.InvalidURL):
+            return ConnectionFailed(self.url, "invalid URL", "invalid_url")
+        return ConnectionFailed(self.url, str(exc) or type(exc).__name__)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """Send one request; answer (status, body) of a 2xx, raise otherwise."""
+        log.debug("%s %s", method, path)
+        try:
+            async with self._get_session().request(
+                method, self.url + path, json=body, params=params
+            ) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failed(exc) from exc
+        if status >= 400:
+            raise ApiError.from_body(status, data)
+        return status, data
+
+    async def _json(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        status, data = await self._call(method, path, body, params)
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            raise ApiError(
+                status, "bad_response", f"{method} {path} answered something other than JSON"
+            ) from None
+
+    @staticmethod
+    def _parse(parse: Callable[[Any], _T], data: Any, status: int = 200) -> _T:
+        try:
+            return parse(data)
+        except ValueError as exc:
+            raise ApiError(status, "bad_response", f"unexpected answer: {exc}") from None
+
+    def _items(self, parse: Callable[[Any], _T], data: Any) -> list[_T]:
+        if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+            raise ApiError(200, "bad_response", 'unexpected answer: expected {"items": [...]}')
+        return [self._parse(parse, item) for item in data["items"]]
+
+    # -- branch --------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """True when the daemon answers ``{"ok": true}`` (no token needed)."""
+        _, data = await self._json("GET", "/v1/ping")
+        return isinstance(data, dict) and data.get("ok") is True
+
+    async def branch(self) -> Branch:
+        _, data = await self._json("GET", "/v1/branch")
+        return self._parse(Branch.from_json, data)
+
+    async def branches(self) -> list[Branch]:
+        _, data = await self._json("GET", "/v1/branches")
+        return self._items(Branch.from_json, data)
+
+    # -- apps ----------------------------------------------------------------
+
+    async def apps(self) -> list[App]:
+        _, data = await self._json("GET", "/v1/apps")
+        return self._items(App.from_json, data)
+
+    async def get_app(self, name: str) -> App:
+        _, data = await self._json("GET", f"/v1/apps/{_seg(name)}")
+        return self._parse(App.from_json, data)
+
+    async def put_app(
+        self,
+        name: str,
+        env: dict[str, str] | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> tuple[App, bool]:
+        """Create or replace an app; answer (app, created)."""
+        body: dict[str, Any] = {}
+        if env is not None:
+            body["env"] = env
+        if defaults is not None:
+            body["defaults"] = defaults
+        status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
+        return self._parse(App.from_json, data, status), status == 201
+
+    async def delete_app(self, name: str) -> None:
+        """Remove an app; the daemon stops and removes its instances first."""
+        await self._call("DELETE", f"/v1/apps/{_seg(name)}")
+
+    # -- instances -----------------------------------------------------------
+
+    async def instances(self, app: str | None = None) -> list[Instance]:
+        """The instances of ``app``, or of every app when ``app`` is None."""
+        if app is not None:
+            _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/instances")
+            return self._items(Instance.from_json, data)
+        apps = await self.apps()
+        lists = await asyncio.gather(*(self._instances_if_any(a.name) for a in apps))
+        return [instance for items in lists for instance in items]
+
+    async def _instances_if_any(self, app: str) -> list[Instance]:
+        try:
+            return await self.instances(app)
+        except ApiError as exc:
+            if exc.code == "not_found":  # removed since we listed the apps
+                return []
+            raise
+
+    async def get_instance(self, app: str, name: str) -> Instance:
+        _, data = await self._json("GET", _instance_path(app, name))
+        return self._parse(Instance.from_json, data)
+
+    async def add_instance(self, app: str, **fields: Any) -> Instance:
+        """Create an instance from InstanceIn ``fields`` (``command=[...]``, ...)."""
+        status, data = await self._json("POST", f"/v1/apps/{_seg(app)}/instances", fields)
+        return self._parse(Instance.from_json, data, status)
+
+    async def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
+        """Patch an instance (InstancePatch fields); it takes effect at the next start."""
+        _, data = await self._json("PATCH", _instance_path(app, name), fields)
+        return self._parse(Instance.from_json, data)
+
+    async def delete_instance(self, app: str, name: str) -> None:
+        await self._call("DELETE", _instance_path(app, name))
+
+    async def _action(self, app: str, name: str, action: str) -> Instance:
+        _, data = await self._json("POST", f"{_instance_path(app, name)}/{action}")
+        return self._parse(Instance.from_json, data)
+
+    async def start(self, app: str, name: str) -> Instance:
+        return await self._action(app, name, "start")
+
+    async def stop(self, app: str, name: str) -> Instance:
+        """Stop an instance; answers once it has stopped."""
+        return await self._action(app, name, "stop")
+
+    async def restart(self, app: str, name: str) -> Instance:
+        return await self._action(app, name, "restart")
+
+    async def stats(self, app: str, name: str) -> Stats:
+        _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
+        return self._parse(Stats.from_json, data)
+
+    # -- logs ----------------------------------------------------------------
+
+    async def logs(self, app: str, name: str, stream: str = "stdout", tail: int = 100) -> str:
+        """The last ``tail`` lines of an instance's stdout or stderr."""
+        params = {"stream": stream, "tail": str(tail)}
+        _, data = await self._call("GET", f"{_instance_path(app, name)}/logs", params=params)
+        return data.decode("utf-8", errors="replace")
+
+    async def follow_logs(
+        self, app: str, name: str, stream: str = "stdout", tail: int = 100
+    ) -> AsyncGenerator[str, None]:
+        """The last ``tail`` lines, then new output as it comes, until closed.
+
+        Yields text chunks as they arrive (not necessarily whole lines). No
+        read timeout applies; only connecting is bounded by ``timeout``.
+        """
+        path = f"{_instance_path(app, name)}/logs"
+        params = {"stream": stream, "tail": str(tail), "follow": "1"}
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=None
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            async with self._get_session().get(
+                self.url + path, params=params, timeout=timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise ApiError.from_body(resp.status, await resp.read())
+                async for chunk in resp.content.iter_any():
+                    text = decoder.decode(chunk)
+                    if text:
+                        yield text
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failed(exc) from exc
+        tail_text = decoder.decode(b"", final=True)
+        if tail_text:
+            yield tail_text
+
+
+class Client:
+    """The synchronous twin of AsyncClient: same methods, blocking.
+
+    Runs an AsyncClient on a private event loop (so it cannot be used from
+    inside a running event loop). Use it as a context manager or call
+    ``close()``.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30
+    ) -> None:
+        self._async = AsyncClient(url, token, timeout)
+        self._runner: asyncio.Runner | None = asyncio.Runner()
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            try:
+                runner.run(self._async.close())
+            finally:
+                runner.close()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._runner is None:
+            coro.close()
+            raise RuntimeError("the client is closed")
+        return self._runner.run(coro)
+
+    def ping(self) -> bool:
+        return self._run(self._async.ping())
+
+    def branch(self) -> Branch:
+        return self._run(self._async.branch())
+
+    def branches(self) -> list[Branch]:
+        return self._run(self._async.branches())
+
+    def apps(self) -> list[App]:
+        return self._run(self._async.apps())
+
+    def get_app(self, name: str) -> App:
+        return self._run(self._async.get_app(name))
+
+    def put_app(
+        self,
+        name: str,
+        env: dict[str, str] | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> tuple[App, bool]:
+        return self._run(self._async.put_app(name, env, defaults))
+
+    def delete_app(self, name: str) -> None:
+        self._run(self._async.delete_app(name))
+
+    def instances(self, app: str | None = None) -> list[Instance]:
+        return self._run(self._async.instances(app))
+
+    def get_instance(self, app: str, name: str) -> Instance:
+        return self._run(self._async.get_instance(app, name))
+
+    def add_instance(self, app: str, **fields: Any) -> Instance:
+        return self._run(self._async.add_instance(app, **fields))
+
+    def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
+        return self._run(self._async.update_instance(app, name, **fields))
+
+    def delete_instance(self, app: str, name: str) -> None:
+        self._run(self._async.delete_instance(app, name))
+
+    def start(self, app: str, name: str) -> Instance:
+        return self._run(self._async.start(app, name))
+
+    def stop(self, app: str, name: str) -> Instance:
+        return self._run(self._async.stop(app, name))
+
+    def restart(self, app: str, name: str) -> Instance:
+        return self._run(self._async.restart(app, name))
+
+    def stats(self, app: str, name: str) -> Stats:
+        return self._run(self._async.stats(app, name))
+
+    def logs(self, app: str, name: str, stream: str = "stdout", tail: int = 100) -> str:
+        return self._run(self._async.logs(app, name, stream, tail))
+
+    def follow_logs(
+        self, app: str, name: str, stream: str = "stdout", tail: int = 100
+    ) -> Generator[str, None, None]:
+        """Blocking generator of AsyncClient.follow_logs; Ctrl-C ends it with KeyboardInterrupt."""
+        agen = self._async.follow_logs(app, name, stream, tail)
+
+        async def next_chunk() -> str | None:
+            try:
+                return await anext(agen)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (chunk := self._run(next_chunk())) is not None:
+                yield chunk
+        finally:
+            if self._runner is not None:
+                self._runner.run(agen.aclose())

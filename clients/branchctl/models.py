@@ -1,0 +1,139 @@
+"""Frozen snapshots of the API's JSON shapes (see docs/api.md).
+
+``from_json`` ignores fields it does not know, so a newer daemon does not
+break an older client, and keeps the whole answer in ``raw``. A malformed
+answer (not an object, a required field missing) raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+_Convert = Mapping[str, Callable[[Any], Any]]
+
+
+def _build(cls: type[_T], data: Any, convert: _Convert | None = None) -> _T:
+    """Instantiate dataclass ``cls`` from the known keys of the object ``data``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    convert = convert or {}
+    kwargs: dict[str, Any] = {"raw": data}
+    try:
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name == "raw" or f.name not in data:
+                continue
+            value, conv = data[f.name], convert.get(f.name)
+            if conv is not None:
+                if value is None:  # null where a container is expected: the default
+                    continue
+                value = conv(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a required field missing, a bad container
+        raise ValueError(f"{cls.__name__}: {exc}") from None
+
+
+def _strings(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in dict(value).items()}
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    created_at: float | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> App:
+        return _build(cls, data, {"env": _strings, "defaults": dict})
+
+
+@dataclass(frozen=True)
+class Instance:
+    app: str
+    name: str
+    state: str
+    desired: str | None = None
+    kind: str = "process"
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    autorestart: str = "on-failure"
+    exitcodes: tuple[int, ...] = (0,)
+    startsecs: float = 1.0
+    startretries: int = 3
+    stopsignal: str = "TERM"
+    stopwaitsecs: float = 10.0
+    autostart: bool = True
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    started_at: float | None = None
+    uptime: float | None = None
+    stop_step: str | None = None
+    reason: str | None = None
+    branch: str | None = None
+    created_at: float | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Instance:
+        return _build(cls, data, {"command": tuple, "exitcodes": tuple, "env": _strings})
+
+
+@dataclass(frozen=True)
+class Stats:
+    app: str
+    name: str
+    state: str
+    pid: int | None = None
+    uptime: float | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    cpu_percent: float | None = None
+    memory_rss: int | None = None
+    processes: int = 0
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Stats:
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: int | None = None
+    load: tuple[float, ...] = ()
+    memory_total: int | None = None
+    memory_free: int | None = None
+    instances: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Capacity:
+        return _build(cls, data, {"load": tuple})
+
+
+@dataclass(frozen=True)
+class Branch:
+    id: str
+    hostname: str | None = None
+    version: str | None = None
+    started_at: float | None = None
+    address: str | None = None
+    capacity: Capacity = field(default_factory=Capacity)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Branch:
+        return _build(cls, data, {"capacity": Capacity.from_json})

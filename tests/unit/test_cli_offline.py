@@ -1,0 +1,449 @@
+"""branchctl (client and CLI) against a small fake daemon speaking docs/api.md.
+
+The fake runs aiohttp.web on 127.0.0.1 in a thread with its own event loop;
+the real end-to-end tests against a live branchd live elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from branchctl.cli import main
+from branchctl.client import AsyncClient, Client
+from branchctl.errors import ApiError, ConnectionFailed
+from branchctl.models import Instance
+from branchctl.render import duration, table
+from click.testing import CliRunner, Result
+
+
+def instance_json(app: str, name: str, **over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "app": app,
+        "name": name,
+        "kind": "process",
+        "command": ["celery", "-A", "proj", "worker"],
+        "env": {},
+        "cwd": None,
+        "user": None,
+        "autorestart": "on-failure",
+        "exitcodes": [0],
+        "startsecs": 1,
+        "startretries": 3,
+        "stopsignal": "TERM",
+        "stopwaitsecs": 10,
+        "autostart": True,
+        "log_max_bytes": 10485760,
+        "log_backups": 5,
+        "state": "stopped",
+        "desired": "stopped",
+        "pid": None,
+        "restarts": 0,
+        "exit_code": None,
+        "started_at": None,
+        "uptime": None,
+        "stop_step": None,
+        "reason": None,
+        "branch": "b1",
+        "created_at": 1700000000.0,
+        "added_in_api_v1_1": {"ignored": "by old clients"},
+    }
+    data.update(over)
+    return data
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeDaemon:
+    """A few routes of docs/api.md over canned data; records what it was asked."""
+
+    token: str | None = None
+    seen: list[Seen] = field(default_factory=list)
+    apps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    instances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self.apps = {
+            "web": {"name": "web", "env": {"A": "1"}, "defaults": {}, "created_at": 1.0},
+            "idle": {"name": "idle", "env": {}, "defaults": {}, "created_at": 2.0},
+        }
+        self.instances = {
+            "web": [
+                instance_json("web", "w1", state="running", pid=4242, uptime=3725.4, restarts=2),
+                instance_json("web", "w2"),
+            ],
+            "idle": [],
+        }
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._ready = threading.Event()
+
+    # -- lifecycle
+
+    def __enter__(self) -> FakeDaemon:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        runner = web.AppRunner(self._app(), handle_signals=False)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(runner.cleanup())
+            self._loop.close()
+
+    # -- routes
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/v1/ping", self._ping)
+        app.router.add_get("/v1/apps", self._apps)
+        app.router.add_put("/v1/apps/{app}", self._put_app)
+        app.router.add_get("/v1/apps/{app}/instances", self._list)
+        app.router.add_post("/v1/apps/{app}/instances", self._add)
+        app.router.add_get("/v1/apps/{app}/instances/{name}", self._get)
+        app.router.add_post("/v1/apps/{app}/instances/{name}/stop", self._stop)
+        app.router.add_get("/v1/apps/{app}/instances/{name}/logs", self._logs)
+        app.router.add_get("/v1/proxy-error", self._proxy_error)
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        raw = await request.read()
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                dict(request.headers),
+                json.loads(raw) if raw else None,
+            )
+        )
+        bearer = request.headers.get("Authorization")
+        if self.token and request.path != "/v1/ping" and bearer != f"Bearer {self.token}":
+            return _error(401, "unauthorized", "missing or bad token")
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPNotFound:
+            return _error(404, "not_found", f"no route {request.path}")
+        return response
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _apps(self, request: web.Request) -> web.Response:
+        return web.json_response({"items": list(self.apps.values())})
+
+    async def _put_app(self, request: web.Request) -> web.Response:
+        name = request.match_info["app"]
+        body = await request.json()
+        created = name not in self.apps
+        self.apps[name] = {"name": name, "env": {}, "defaults": {}, "created_at": 3.0, **body}
+        return web.json_response(self.apps[name], status=201 if created else 200)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        app = request.match_info["app"]
+        if app not in self.instances:
+            return _error(404, "not_found", f"no app {app!r}")
+        return web.json_response({"items": self.instances[app]})
+
+    def _find(self, request: web.Request) -> dict[str, Any] | None:
+        app, name = request.match_info["app"], request.match_info["name"]
+        return next((i for i in self.instances.get(app, []) if i["name"] == name), None)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        found = self._find(request)
+        if found is None:
+            return _error(404, "not_found", f"no instance {request.match_info['name']!r}")
+        return web.json_response(found)
+
+    async def _add(self, request: web.Request) -> web.Response:
+        app = request.match_info["app"]
+        body = await request.json()
+        created = {**instance_json(app, "gen-1"), **body}
+        self.instances.setdefault(app, []).append(created)
+        return web.json_response(created, status=201)
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        found = self._find(request)
+        assert found is not None
+        found.update(state="stopped", pid=None, uptime=None, stop_step="signal")
+        return web.json_response(found)
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        stream = request.query.get("stream", "stdout")
+        if request.query.get("follow") != "1":
+            return web.Response(text=f"{stream} 1\n{stream} 2\n", content_type="text/plain")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        for chunk in (b"old line\n", b"new \xc3", b"\xa9line\n"):  # a UTF-8 char split in two
+            await response.write(chunk)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async def _proxy_error(self, request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@pytest.fixture
+def daemon() -> Iterator[FakeDaemon]:
+    with FakeDaemon() as fake:
+        yield fake
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def run(daemon: FakeDaemon | str, *args: str, **env: str | None) -> Result:
+    url = daemon if isinstance(daemon, str) else daemon.url
+    environ: dict[str, str | None] = {"BRANCHD_URL": None, "BRANCHD_TOKEN": None, **env}
+    result = CliRunner().invoke(main, ["--url", url, *args], env=environ)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+# -- the CLI ------------------------------------------------------------------
+
+
+def test_instances_table_over_all_apps(daemon: FakeDaemon) -> None:
+    result = run(daemon, "instances")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "APP  NAME  KIND     STATE    PID   UPTIME  RESTARTS",
+        "web  w1    process  running  4242  1h02m   2",
+        "web  w2    process  stopped  -     -       0",
+    ]
+    assert [s.path for s in daemon.seen] == [
+        "/v1/apps",
+        "/v1/apps/web/instances",
+        "/v1/apps/idle/instances",
+    ]
+
+
+def test_instances_of_one_app_as_json(daemon: FakeDaemon) -> None:
+    result = run(daemon, "--json", "instances", "web")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"items": daemon.instances["web"]}
+    assert [s.path for s in daemon.seen] == ["/v1/apps/web/instances"]
+    # --json also works after the command
+    assert json.loads(run(daemon, "instances", "web", "--json").stdout) == json.loads(result.stdout)
+
+
+def test_not_found_is_exit_1_and_one_stderr_line(daemon: FakeDaemon) -> None:
+    result = run(daemon, "instances", "show", "web", "x")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "branchctl: not_found: no instance 'x'\n"
+
+
+def test_connection_refused_is_exit_1_and_a_clear_line(closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    result = run(url, "ping")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"branchctl: connection_failed: cannot reach branchd at {url}: Connection refused\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus", "ping"],
+        ["instances", "show", "web"],
+        ["logs", "web", "w1", "--lines", "many"],
+        ["instances", "add", "web", "--autorestart", "sometimes"],
+        ["apps", "add", "web", "--env", "NOEQUALS"],
+    ],
+)
+def test_usage_errors_are_exit_2(daemon: FakeDaemon, args: list[str]) -> None:
+    result = run(daemon, *args)
+    assert result.exit_code == 2
+    assert daemon.seen == []
+
+
+def test_add_instance_sends_the_argv_after_double_dash(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "instances",
+        "add",
+        "web",
+        "--name",
+        "s",
+        "--env",
+        "X=a=b",
+        "--startsecs",
+        "0",
+        "--stopsignal",
+        "sigint",
+        "--no-autostart",
+        "--",
+        "python",
+        "-c",
+        "print(1)",
+    )
+    assert result.exit_code == 0, result.output
+    (seen,) = daemon.seen
+    assert (seen.method, seen.path) == ("POST", "/v1/apps/web/instances")
+    assert seen.body == {
+        "name": "s",
+        "command": ["python", "-c", "print(1)"],
+        "env": {"X": "a=b"},
+        "startsecs": 0.0,
+        "stopsignal": "INT",
+        "autostart": False,
+    }  # and nothing else: the app's defaults apply to what is not given
+    assert "command" in result.stdout and '["python","-c","print(1)"]' in result.stdout
+
+
+def test_token_is_sent_as_bearer_header() -> None:
+    with FakeDaemon(token="s3cret") as daemon:
+        assert run(daemon, "apps").exit_code == 1
+        assert run(daemon, "--token", "s3cret", "apps").exit_code == 0
+        assert run(daemon, "apps", BRANCHD_TOKEN="s3cret").exit_code == 0
+        headers = [s.headers.get("Authorization") for s in daemon.seen]
+    assert headers == [None, "Bearer s3cret", "Bearer s3cret"]
+
+
+def test_apps_add_parses_defaults_as_json_when_it_can(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "apps",
+        "add",
+        "api",
+        "--env",
+        "BROKER=redis://",
+        "--default",
+        "startsecs=0",
+        "--default",
+        'command=["celery", "worker"]',
+        "--default",
+        "cwd=/srv",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("created app 'api'\n")
+    assert daemon.seen[0].body == {
+        "env": {"BROKER": "redis://"},
+        "defaults": {"startsecs": 0, "command": ["celery", "worker"], "cwd": "/srv"},
+    }
+    assert run(daemon, "apps", "add", "api").stdout.startswith("replaced app 'api'\n")
+
+
+def test_apps_table(daemon: FakeDaemon) -> None:
+    lines = run(daemon, "apps").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ENV", "DEFAULTS", "CREATED"]
+    assert [line.split()[:3] for line in lines[1:]] == [["web", "A", "-"], ["idle", "-", "-"]]
+
+
+def test_stop_prints_the_state(daemon: FakeDaemon) -> None:
+    result = run(daemon, "instances", "stop", "web", "w1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "web/w1: stopped\n"
+    assert (daemon.seen[0].method, daemon.seen[0].path) == (
+        "POST",
+        "/v1/apps/web/instances/w1/stop",
+    )
+
+
+def test_logs(daemon: FakeDaemon) -> None:
+    result = run(daemon, "logs", "web", "w1", "-n", "7", "--stderr")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "stderr 1\nstderr 2\n"
+    assert daemon.seen[0].query == {"stream": "stderr", "tail": "7"}
+
+
+def test_logs_follow_prints_as_it_streams(daemon: FakeDaemon) -> None:
+    result = run(daemon, "logs", "web", "w1", "-f")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "old line\nnew \u00e9line\n"
+    assert daemon.seen[0].query == {"stream": "stdout", "tail": "50", "follow": "1"}
+
+
+# -- the clients ----------------------------------------------------------------
+
+
+def test_sync_client(daemon: FakeDaemon) -> None:
+    with Client(daemon.url) as client:
+        assert client.ping() is True
+        instance = client.get_instance("web", "w1")
+        assert isinstance(instance, Instance)
+        assert (instance.state, instance.pid, instance.command[0]) == ("running", 4242, "celery")
+        assert "added_in_api_v1_1" in instance.raw  # unknown fields are kept, not refused
+        app, created = client.put_app("new", env={"K": "V"})
+        assert created and app.env == {"K": "V"}
+        with pytest.raises(ApiError) as info:
+            client.get_instance("web", "nope")
+        assert (info.value.status, info.value.code) == (404, "not_found")
+        chunks = list(client.follow_logs("web", "w1", tail=3))
+        assert "".join(chunks) == "old line\nnew \u00e9line\n"
+
+
+def test_sync_client_can_leave_a_stream_early(daemon: FakeDaemon) -> None:
+    with Client(daemon.url) as client:
+        chunks = client.follow_logs("web", "w1")
+        assert next(chunks) == "old line\n"
+        chunks.close()
+        assert client.ping()
+
+
+async def test_async_client(daemon: FakeDaemon, closed_port: int) -> None:
+    async with AsyncClient(daemon.url + "/") as client:
+        assert [i.name for i in await client.instances()] == ["w1", "w2"]
+        with pytest.raises(ApiError) as info:
+            await client._json("GET", "/v1/proxy-error")
+        assert (info.value.status, info.value.code) == (502, "http_502")
+        assert "Bad Gateway" in info.value.message
+    async with AsyncClient(f"127.0.0.1:{closed_port}") as client:
+        with pytest.raises(ConnectionFailed) as failed:
+            await client.ping()
+        assert failed.value.url == f"http://127.0.0.1:{closed_port}"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (0, "0s"), (12.9, "12s"), (185, "3m05s"), (3725, "1h02m"), (90000, "1d01h")],
+)
+def test_duration(seconds: float | None, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_table_pads_columns_and_strips_trailing_blanks() -> None:
+    assert table(("A", "LONG"), [("xyz", None), ("", "1")]) == "A    LONG\nxyz  -\n     1"
