@@ -55,6 +55,10 @@ class Config:
     backoff_max: float = 60.0
     #: How often instance log files are checked for rotation.
     log_check_interval: float = 2.0
+    #: How often running Celery workers are pinged (hung-worker detection).
+    health_interval: float = 5.0
+    #: How often every worker is compared with its declaration (slow sweep).
+    reconcile_interval: float = 60.0
     #: Largest accepted request body.
     max_body: int = 1024 * 1024
 
@@ -79,7 +83,13 @@ class Config:
     def for_tests(cls, state_dir: Path) -> Config:
         """Fast timers for tests: short backoff, frequent log checks, port 0."""
         return cls(
-            state_dir=state_dir, port=0, backoff_base=0.1, backoff_max=0.5, log_check_interval=0.2
+            state_dir=state_dir,
+            port=0,
+            backoff_base=0.1,
+            backoff_max=0.5,
+            log_check_interval=0.2,
+            health_interval=0.5,
+            reconcile_interval=5.0,
         )
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
+from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config, load
 from branchd.errors import BranchdError, ConfigError
@@ -57,7 +58,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         store = Store(cfg.db_path)
         try:
-            manager = Manager(store, ProcessLauncher(loop), SystemClock(), cfg, store.branch_id())
+            manager = Manager(
+                store,
+                ProcessLauncher(loop),
+                SystemClock(),
+                cfg,
+                store.branch_id(),
+                remote=KombuRemoteControl(),
+            )
             await manager.start()
             runner = web.AppRunner(
                 make_app(

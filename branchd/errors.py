@@ -67,3 +67,17 @@ class SpawnError(BranchdError):
 class StoreError(BranchdError):
     code = "store"
     status = 500
+
+
+class ControlFailed(BranchdError):
+    """A worker refused a remote-control command or did not confirm it in time."""
+
+    code = "control_failed"
+    status = 502
+
+
+class WorkerNotRunning(BranchdError):
+    """A runtime change needs a running worker (the declaration is kept)."""
+
+    code = "not_running"
+    status = 409

@@ -97,9 +97,7 @@ class Adopt:
     pid: int
 
 
-Event = (
-    Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt | Ready | Hung
-)
+Event = Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt | Ready | Hung
 
 # Commands ---------------------------------------------------------------
 
@@ -175,7 +173,7 @@ def step(
             return _timeout(proc, policy, now, backoff)
         case Ready() if s == State.STARTING and proc.pid is not None:
             return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
-        case Hung(reason=reason) if s == State.RUNNING and proc.pid is not None:
+        case Hung(reason=reason) if s in (State.STARTING, State.RUNNING) and proc.pid is not None:
             return replace(proc, killed_for=reason), [Kill()]
         case Adopt(pid=pid) if s not in _LIVE:
             return (

@@ -14,26 +14,37 @@ import logging
 import os
 import secrets
 import signal as _signal
+import socket
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from branchd.celery.remote import RemoteControl
+from branchd.celery.stub import StubRemoteControl
 from branchd.clock import Clock
 from branchd.config import Config
-from branchd.errors import Conflict, Invalid, NotFound, SpawnError
+from branchd.errors import (
+    BranchdError,
+    Conflict,
+    Invalid,
+    NotFound,
+    SpawnError,
+)
 from branchd.model import (
     App,
-    Autorestart,
     Desired,
     InstanceSpec,
     Kind,
+    Policy,
+    Queue,
     Runtime,
     State,
     signal_number,
     valid_name,
 )
 from branchd.process import logs
+from branchd.process.celery_ops import CeleryOps, autoscaler_range
 from branchd.process.launcher import Launcher, LaunchSpec, TreeStats
 from branchd.process.machine import (
     Adopt,
@@ -54,125 +65,21 @@ from branchd.process.machine import (
     Timeout,
     step,
 )
+from branchd.process.specs import (
+    InstanceView,
+    Stats,
+    apply_fields,
+    autoscale_from,
+    build_spec,
+    celery_settings,
+)
+from branchd.process.workers import Workers
 from branchd.store import Store
 
 log = logging.getLogger(__name__)
 
-#: Instance fields a user may set (in a create, a patch or an app's defaults).
-POLICY_FIELDS = (
-    "autorestart",
-    "exitcodes",
-    "startsecs",
-    "startretries",
-    "stopsignal",
-    "stopwaitsecs",
-)
-SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
-SETTABLE = POLICY_FIELDS + SPEC_FIELDS
-
 #: After SIGKILL the kernel needs a moment; a stop never waits forever.
 _KILL_GRACE = 5.0
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    """A snapshot of one instance for the API: declaration plus live state."""
-
-    spec: InstanceSpec
-    runtime: Runtime
-    uptime: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        s, rt, p = self.spec, self.runtime, self.spec.policy
-        return {
-            "name": s.name,
-            "app": s.app,
-            "kind": s.kind.value,
-            "state": rt.state.value,
-            "desired": s.desired.value,
-            "pid": rt.pid,
-            "command": list(s.command),
-            "env": dict(s.env),
-            "cwd": s.cwd,
-            "user": s.user,
-            "autorestart": p.autorestart.value,
-            "exitcodes": list(p.exitcodes),
-            "startsecs": p.startsecs,
-            "startretries": p.startretries,
-            "stopsignal": p.stopsignal,
-            "stopwaitsecs": p.stopwaitsecs,
-            "autostart": s.autostart,
-            "log_max_bytes": s.log_max_bytes,
-            "log_backups": s.log_backups,
-            "restarts": rt.restarts,
-            "exit_code": rt.exit_code,
-            "started_at": rt.started_at,
-            "uptime": self.uptime,
-            "stop_step": rt.stop_step.value if rt.stop_step else None,
-            "reason": rt.reason,
-            "branch": s.branch,
-            "created_at": s.created_at,
-        }
-
-
-@dataclass(frozen=True)
-class Stats:
-    view: InstanceView
-    tree: TreeStats
-
-    def to_json(self) -> dict[str, Any]:
-        v = self.view.to_json()
-        return {
-            "app": v["app"],
-            "name": v["name"],
-            "state": v["state"],
-            "pid": v["pid"],
-            "uptime": v["uptime"],
-            "restarts": v["restarts"],
-            "exit_code": v["exit_code"],
-            "cpu_percent": self.tree.cpu_percent,
-            "memory_rss": self.tree.memory_rss,
-            "processes": self.tree.processes,
-        }
-
-
-def build_spec(
-    app: App, name: str, fields: Mapping[str, Any], branch: str, now: float
-) -> InstanceSpec:
-    """Instance fields over the app's defaults; raises Invalid on a bad mix."""
-    merged = {**app.defaults, **fields}
-    return apply_fields(
-        InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
-    )
-
-
-def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
-    unknown = set(fields) - set(SETTABLE) - {"kind"}
-    if unknown:
-        raise Invalid(f"unknown field(s): {', '.join(sorted(unknown))}")
-    kind = Kind(fields.get("kind", spec.kind))
-    if kind != Kind.PROCESS:
-        raise Invalid(f"kind {kind.value!r} is not supported yet")
-    pol: dict[str, Any] = {k: fields[k] for k in POLICY_FIELDS if k in fields}
-    if "autorestart" in pol:
-        pol["autorestart"] = Autorestart(pol["autorestart"])
-    if "exitcodes" in pol:
-        pol["exitcodes"] = tuple(int(c) for c in pol["exitcodes"])
-    for key in ("startsecs", "stopwaitsecs"):
-        if key in pol:
-            pol[key] = float(pol[key])
-    policy = replace(spec.policy, **pol)
-    plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS if k in fields}
-    if "command" in plain:
-        plain["command"] = tuple(plain["command"])
-    if "env" in plain:
-        plain["env"] = dict(plain["env"])
-    out = replace(spec, kind=kind, policy=policy, **plain)
-    if not out.command:
-        raise Invalid("command must be a non-empty argv list")
-    if policy.startretries < 1:
-        raise Invalid("startretries must be at least 1")
-    return out
 
 
 class Manager:
@@ -185,6 +92,8 @@ class Manager:
         clock: Clock,
         config: Config,
         branch_id: str,
+        remote: RemoteControl | None = None,
+        hostname: str | None = None,
     ) -> None:
         self._store = store
         self._launcher = launcher
@@ -200,6 +109,15 @@ class Manager:
         self._deleting: set[str] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
+        self._workers = Workers(
+            self,
+            CeleryOps(remote or StubRemoteControl()),
+            launcher,
+            config.state_dir,
+            hostname or socket.gethostname(),
+            health_interval=config.health_interval,
+            reconcile_interval=config.reconcile_interval,
+        )
 
     # lifecycle ------------------------------------------------------------
 
@@ -227,11 +145,14 @@ class Manager:
                 self._watch(name, rt.pid)
                 if spec.desired == Desired.STOPPED:
                     self._feed(name, Stop())
+                elif spec.kind == Kind.CELERY:
+                    self._workers.adopted(name)
             elif spec.desired == Desired.RUNNING:
                 self._feed(name, Start())
             else:
                 self._persist(name)
         self._rotator = asyncio.create_task(self._rotate_logs())
+        self._workers.start()
 
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
@@ -245,6 +166,7 @@ class Manager:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        await self._workers.close()
         self._launcher.close()
 
     # apps -------------------------------------------------------------------
@@ -259,22 +181,36 @@ class Manager:
         return app
 
     async def put_app(
-        self, name: str, env: Mapping[str, str], defaults: Mapping[str, Any]
+        self,
+        name: str,
+        env: Mapping[str, str],
+        defaults: Mapping[str, Any],
+        celery: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         _check_name(name, "app")
-        probe = App(name=name, env=dict(env), defaults=dict(defaults))
-        if defaults:
-            # The defaults must make a valid instance once a command is given.
-            apply_fields(
-                InstanceSpec(app=name, name="probe", command=("x",), branch=""),
-                {"command": ["x"], **defaults},
-            )
         existing = self._store.get_app(name)
-        app = replace(probe, created_at=existing.created_at if existing else self._clock.wall())
+        app = App(
+            name=name,
+            env=dict(env),
+            defaults=dict(defaults),
+            created_at=existing.created_at if existing else self._clock.wall(),
+            celery=celery_settings(celery or {}),
+        )
+        if defaults:
+            # The defaults must make a valid instance of some kind.
+            kind = defaults.get("kind", Kind.PROCESS)
+            probe = {"command": ["x"]} if kind == Kind.PROCESS else {}
+            build_spec(app, "probe", {**probe, **defaults}, "", 0.0)
         created = self._store.put_app(app)
         return app, created
 
+    def effective_broker(self, app: App) -> str:
+        broker = self._workers.broker(app)
+        folder = broker.transport_options.get("data_folder_in")
+        return f"{broker.url}{folder}" if folder and broker.is_filesystem else broker.url
+
     async def delete_app(self, name: str) -> None:
+        """Stop and remove the app's instances, then it and its queues."""
         await self.get_app(name)
         for spec in [s for s in self._specs.values() if s.app == name]:
             await self.delete_instance(name, spec.name)
@@ -355,13 +291,28 @@ class Manager:
     async def restart_instance(self, app: str, name: str) -> InstanceView:
         self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Restart())
+        await self._wait_stopped(name)
         return self._view(name)
 
     async def instance_stats(self, app: str, name: str) -> Stats:
-        view = self._view(self._lookup(app, name).name)
+        spec = self._lookup(app, name)
+        view = self._view(name)
         pid = view.runtime.pid
         tree = self._launcher.tree_stats(pid) if pid else TreeStats(0.0, 0, 0)
-        return Stats(view, tree)
+        celery: dict[str, Any] | None = None
+        if spec.kind == Kind.CELERY and view.runtime.state == State.RUNNING:
+            w = self._workers.worker(spec)
+            stats, active = await asyncio.gather(
+                self._workers.ops.stats(w),
+                self._workers.ops.call(w, "active"),
+                return_exceptions=True,
+            )
+            celery = {
+                "node": w.node,
+                "stats": stats if isinstance(stats, dict) else None,
+                "active": _unwrap(active) if isinstance(active, dict) else None,
+            }
+        return Stats(view, tree, celery)
 
     def log_path(self, app: str, name: str, stream: str) -> Path:
         spec = self._lookup(app, name)
@@ -378,6 +329,119 @@ class Manager:
     def counts(self) -> int:
         return len(self._specs)
 
+    # queues (declarations of an app) --------------------------------------------
+
+    async def list_queues(self, app: str) -> list[Queue]:
+        await self.get_app(app)
+        return self._store.list_queues(app)
+
+    async def get_queue(self, app: str, name: str) -> Queue:
+        await self.get_app(app)
+        queue = self._store.get_queue(app, name)
+        if queue is None:
+            raise NotFound(f"no queue {name!r} in app {app!r}")
+        return queue
+
+    async def put_queue(self, app: str, name: str, fields: Mapping[str, Any]) -> tuple[Queue, bool]:
+        await self.get_app(app)
+        _check_name(name, "queue")
+        queue = Queue(
+            app=app,
+            name=name,
+            exchange=fields.get("exchange") or None,
+            exchange_type=fields.get("exchange_type", "direct"),
+            routing_key=fields.get("routing_key") or None,
+            options=dict(fields.get("options", {})),
+        )
+        created = self._store.put_queue(queue)
+        return queue, created
+
+    async def delete_queue(self, app: str, name: str) -> None:
+        """Cancel the queue on every instance of the app, then forget it."""
+        await self.get_queue(app, name)
+        for spec in [s for s in self._specs.values() if s.app == app and name in s.queues]:
+            await self.remove_consumer(app, spec.name, name)
+        self._store.delete_queue(app, name)
+
+    # consumers and autoscale (runtime changes of a celery instance) ---------------
+
+    async def consumers(self, app: str, name: str) -> list[dict[str, Any]]:
+        spec = self._celery_lookup(app, name)
+        live: list[str] | None = None
+        if self._procs[name].state == State.RUNNING:
+            live = await self._workers.ops.active_queues(self._workers.worker(spec))
+        decls = self._store.list_queues(app)
+        declared = {q.name for q in decls}
+        names = list(spec.queues) + [q for q in (live or []) if q not in spec.queues]
+        return [
+            {
+                "name": q,
+                "wanted": q in spec.queues,
+                "declared": q in declared,
+                "live": None if live is None else q in live,
+            }
+            for q in names
+        ]
+
+    async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        spec = self._celery_lookup(app, name)
+        _check_name(queue, "queue")
+        if queue not in spec.queues:
+            spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
+        if self._procs[name].state == State.RUNNING:
+            decl = self._store.get_queue(app, queue)
+            await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
+        return await self.consumers(app, name)
+
+    async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        spec = self._celery_lookup(app, name)
+        if queue in spec.queues:
+            spec = self._update_spec(
+                replace(spec, queues=tuple(q for q in spec.queues if q != queue))
+            )
+        if self._procs[name].state == State.RUNNING:
+            await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
+        return await self.consumers(app, name)
+
+    async def get_autoscale(self, app: str, name: str) -> dict[str, Any]:
+        spec = self._celery_lookup(app, name)
+        app_obj = await self.get_app(app)
+        want = spec.autoscale or app_obj.celery.autoscale
+        live = None
+        if self._procs[name].state == State.RUNNING:
+            got = autoscaler_range(await self._workers.ops.stats(self._workers.worker(spec)))
+            live = got.to_json() if got else None
+        return {**(want.to_json() if want else {"min": None, "max": None}), "live": live}
+
+    async def set_autoscale(self, app: str, name: str, low: int, high: int) -> dict[str, Any]:
+        spec = self._celery_lookup(app, name)
+        want = autoscale_from({"min": low, "max": high})
+        assert want is not None
+        spec = self._update_spec(replace(spec, autoscale=want, concurrency=None))
+        if self._procs[name].state == State.RUNNING:
+            await self._workers.ops.autoscale(self._workers.worker(spec), want)
+        return await self.get_autoscale(app, name)
+
+    # what the workers service needs (workers.Host) ----------------------------------
+
+    def feed(self, name: str, event: Event) -> None:
+        self._feed(name, event)
+
+    def proc(self, name: str) -> Proc | None:
+        return self._procs.get(name)
+
+    def spec(self, name: str) -> InstanceSpec | None:
+        return self._specs.get(name)
+
+    def app(self, name: str) -> App | None:
+        return self._store.get_app(name)
+
+    def queue_decls(self, app: str) -> dict[str, Queue]:
+        return {q.name: q for q in self._store.list_queues(app)}
+
+    def celery_instances(self) -> list[InstanceSpec]:
+        return [s for s in self._specs.values() if s.kind == Kind.CELERY]
+
     # internals --------------------------------------------------------------
 
     def _lookup(self, app: str, name: str, *, starting: bool = False) -> InstanceSpec:
@@ -389,6 +453,22 @@ class Manager:
         if starting and name in self._deleting:
             raise Conflict(f"instance {name!r} is being deleted")
         return spec
+
+    def _celery_lookup(self, app: str, name: str) -> InstanceSpec:
+        spec = self._lookup(app, name)
+        if spec.kind != Kind.CELERY:
+            raise Invalid(f"instance {name!r} is not a celery instance")
+        return spec
+
+    def _update_spec(self, spec: InstanceSpec) -> InstanceSpec:
+        """Persist first: a runtime change that fails later keeps the declaration."""
+        self._store.update_instance(spec)
+        self._specs[spec.name] = spec
+        return spec
+
+    def _policy(self, spec: InstanceSpec) -> Policy:
+        celery = spec.kind == Kind.CELERY
+        return replace(spec.policy, ready_by_ping=celery, stop_group=not celery)
 
     def _new_name(self, app: str) -> str:
         while True:
@@ -406,7 +486,12 @@ class Manager:
         uptime = None
         if rt.pid and rt.started_at and rt.state in (State.RUNNING, State.STARTING, State.STOPPING):
             uptime = max(0.0, round(self._clock.wall() - rt.started_at, 3))
-        return InstanceView(self._specs[name], rt, uptime)
+        spec = self._specs[name]
+        if spec.kind == Kind.CELERY:
+            return InstanceView(
+                spec, rt, uptime, self._workers.command(spec), self._workers.node(spec)
+            )
+        return InstanceView(spec, rt, uptime)
 
     def _feed(self, name: str, event: Event) -> None:
         """Run one event through the machine and carry out its commands."""
@@ -414,7 +499,9 @@ class Manager:
         if spec is None:
             return
         old = self._procs[name]
-        proc, commands = step(old, event, spec.policy, self._clock.monotonic(), self._backoff)
+        proc, commands = step(
+            old, event, self._policy(spec), self._clock.monotonic(), self._backoff
+        )
         self._procs[name] = proc
         for command in commands:
             self._run(name, spec, old, command)
@@ -429,6 +516,8 @@ class Manager:
         match command:
             case Spawn():
                 self._spawn(name, spec)
+            case Signal(name=sig) if pid and spec.kind == Kind.CELERY:
+                self._workers.stop(spec, pid, signal_number(sig))
             case Signal(name=sig, group=group) if pid:
                 self._launcher.signal(pid, signal_number(sig), group)
             case Kill() if pid:
@@ -440,26 +529,33 @@ class Manager:
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
         app = self._store.get_app(spec.app)
         env = {**self._env, **(app.env if app else {}), **spec.env}
+        argv = spec.command
         out, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
-        launch = LaunchSpec(
-            argv=spec.command,
-            env=env,
-            cwd=spec.cwd,
-            user=spec.user,
-            stdout_path=out,
-            stderr_path=err,
-        )
         try:
-            launched = self._launcher.spawn(launch)
-        except SpawnError as exc:
-            log.warning("cannot start %s: %s", name, exc.message)
-            self._feed(name, SpawnFailed(exc.message))
+            if spec.kind == Kind.CELERY:
+                argv, env = self._workers.prepare_spawn(spec, env)
+            launched = self._launcher.spawn(
+                LaunchSpec(
+                    argv=argv,
+                    env=env,
+                    cwd=spec.cwd,
+                    user=spec.user,
+                    stdout_path=out,
+                    stderr_path=err,
+                )
+            )
+        except (SpawnError, BranchdError, OSError) as exc:
+            message = exc.message if isinstance(exc, BranchdError) else str(exc)
+            log.warning("cannot start %s: %s", name, message)
+            self._feed(name, SpawnFailed(message))
             return
         self._runtime[name] = replace(
             self._runtime[name], create_time=launched.create_time, started_at=self._clock.wall()
         )
         self._feed(name, Spawned(launched.pid))
         self._watch(name, launched.pid)
+        if spec.kind == Kind.CELERY:
+            self._workers.spawned(name, launched.pid)
 
     def _watch(self, name: str, pid: int) -> None:
         def on_exit(code: int | None) -> None:
@@ -527,6 +623,11 @@ class Manager:
                     logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
                 except OSError:
                     log.warning("cannot rotate %s", path, exc_info=True)
+
+
+def _unwrap(reply: dict[str, Any]) -> Any:
+    """Inspect replies that are not objects arrive wrapped as {"ok": ...}."""
+    return reply.get("ok", reply) if set(reply) == {"ok"} else reply
 
 
 def _check_name(name: str, what: str) -> None:

@@ -1,0 +1,58 @@
+"""The argv of a Celery worker: pure, no shell, ever.
+
+Celery 5 parses ``-A``/``-b`` as options of the ``celery`` group, so they must
+come before the ``worker`` subcommand (``celery worker -A app`` is an error
+since 5.0); the rest are options of ``worker``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from branchd.errors import Invalid
+
+
+def worker_argv(
+    python: str,
+    celery_app: str,
+    node: str,
+    broker_url: str,
+    queues: Sequence[str],
+    autoscale: tuple[int, int] | None,
+    concurrency: int | None,
+    pool: str,
+    loglevel: str,
+    extra: Sequence[str],
+    without_mingle_gossip: bool = True,
+) -> list[str]:
+    """``[python, -m, celery, -A, app, -b, url, worker, -n, node, ...]``.
+
+    ``autoscale`` is ``(max, min)`` in Celery's order; it wins over
+    ``concurrency`` (runtime concurrency changes need ``--autoscale`` from the
+    start). Mingle and gossip are off by default: branchd does not use them
+    and mingle alone adds a fixed second to every start.
+    """
+    if not celery_app:
+        raise Invalid("celery app module is empty")
+    if "@" not in node or node.startswith("@") or node.endswith("@"):
+        raise Invalid(f"node name {node!r} is not name@host")
+    bad = [q for q in queues if not q or "," in q or q != q.strip()]
+    if bad:
+        raise Invalid(f"bad queue names: {bad!r}")
+    argv = [python, "-m", "celery", "-A", celery_app, "-b", broker_url, "worker", "-n", node]
+    if queues:
+        argv += ["-Q", ",".join(queues)]
+    if autoscale is not None:
+        high, low = autoscale
+        if low < 0 or high < 1 or low > high:
+            raise Invalid(f"autoscale max,min must satisfy max >= min >= 0: {autoscale!r}")
+        argv.append(f"--autoscale={high},{low}")
+    elif concurrency is not None:
+        if concurrency < 1:
+            raise Invalid(f"concurrency must be at least 1: {concurrency!r}")
+        argv.append(f"--concurrency={concurrency}")
+    argv += [f"--pool={pool}", f"--loglevel={loglevel}"]
+    if without_mingle_gossip:
+        argv += ["--without-mingle", "--without-gossip"]
+    argv += list(extra)
+    return argv

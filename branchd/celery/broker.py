@@ -1,0 +1,228 @@
+"""Broker specs, and the embedded broker: kombu's ``filesystem://`` transport.
+
+The embedded broker lives under ``<state_dir>/broker``::
+
+    data/      every message, one file each, named ``<ms>_<uuid>.<queue>.msg``
+    control/   one ``<exchange>.exchange`` JSON table per exchange (its bindings)
+    hook/      ``branchd_worker_loader.py``, the loader that hands the folders to workers
+
+kombu reads the folders only from transport options, and those cannot ride
+on the broker URL (``filesystem://?data_folder_in=...`` makes
+``kombu.Connection`` raise ``TypeError``: query keys become constructor
+arguments). Celery has no environment variable for transport options either,
+but it honours ``CELERY_LOADER`` ahead of the app's own loader, so
+:func:`worker_env` points it at a small loader that merges the options into the
+app's ``broker_transport_options`` when the worker starts (see
+``worker_loader.py``). The user's app and configuration stay untouched.
+
+The transport has two traps that :func:`clear_node_leftovers` and
+:func:`prune_dead_fanout` handle: a node's control queue keeps the messages
+broadcast while the node was down (a restarted node would replay a stale
+``shutdown``), and a killed worker never unbinds its control queue from the
+``celery.pidbox`` fanout table, so every later broadcast is copied into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+CONTROL_EXCHANGE = "celery.pidbox"
+REPLY_EXCHANGE = "reply.celery.pidbox"
+LOADER_MODULE = "branchd_worker_loader"
+LOADER_ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
+POLLING_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """Where a broker is and how to reach it; one remote-control connection per spec.
+
+    ``worker_hook_dir`` is set for specs whose transport options workers must
+    receive through :func:`worker_env` (the embedded broker).
+    """
+
+    url: str
+    transport_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    worker_hook_dir: str | None = field(default=None, compare=False)
+
+    @property
+    def is_filesystem(self) -> bool:
+        return self.url.startswith("filesystem:")
+
+    def redacted(self) -> str:
+        """The URL without its password, for logs and errors."""
+        scheme, sep, rest = self.url.partition("://")
+        creds, at, host = rest.rpartition("@")
+        if not at or ":" not in creds:
+            return self.url
+        return f"{scheme}{sep}{creds.split(':', 1)[0]}:**@{host}"
+
+
+def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
+    """The embedded filesystem broker under ``state_dir/broker``; creates its folders."""
+    root = Path(state_dir).resolve() / "broker"
+    data, control, hook = root / "data", root / "control", root / "hook"
+    for folder in (data, control, hook):
+        folder.mkdir(parents=True, exist_ok=True)
+    install_worker_loader(hook)
+    options = {
+        # one folder both ways: every process reads what every other writes
+        "data_folder_in": str(data),
+        "data_folder_out": str(data),
+        "control_folder": str(control),
+        "polling_interval": POLLING_INTERVAL,
+        "store_processed": False,
+    }
+    return BrokerSpec("filesystem://", options, str(hook))
+
+
+def install_worker_loader(hook_dir: Path) -> Path:
+    """Copy the worker-side loader into ``hook_dir`` (only if it changed)."""
+    source = Path(__file__).with_name("worker_loader.py")
+    target = hook_dir / f"{LOADER_MODULE}.py"
+    text = source.read_text()
+    if not target.exists() or target.read_text() != text:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+    return target
+
+
+def worker_env(spec: BrokerSpec, pythonpath: str | None = None) -> dict[str, str]:
+    """Environment variables that make a ``celery worker`` use ``spec``'s transport options.
+
+    ``pythonpath`` is the worker's own ``PYTHONPATH`` if any; the hook folder is
+    appended so it never shadows the user's modules. Empty for specs that need
+    nothing (a plain ``amqp://`` or ``redis://`` URL).
+    """
+    if not spec.transport_options or spec.worker_hook_dir is None:
+        return {}
+    path = os.pathsep.join(p for p in (pythonpath, spec.worker_hook_dir) if p)
+    return {
+        "CELERY_LOADER": f"{LOADER_MODULE}:Loader",
+        LOADER_ENV: json.dumps(dict(spec.transport_options), sort_keys=True),
+        "PYTHONPATH": path,
+    }
+
+
+def control_queue(node: str) -> str:
+    """The name of a node's remote-control queue (kombu's ``Mailbox.get_queue``)."""
+    return f"{node}.{CONTROL_EXCHANGE}"
+
+
+def clear_node_leftovers(spec: BrokerSpec, node: str) -> int:
+    """Drop what a previous run of ``node`` left on the embedded broker; call before it starts.
+
+    Removes the messages waiting in its control queue and its binding in the
+    fanout table (the worker binds again when it starts). Returns the number
+    of messages removed. Does nothing for other transports, where the broker
+    drops an exclusive queue with its consumer.
+    """
+    if not spec.is_filesystem:
+        return 0
+    queue = control_queue(node)
+    _unbind(spec, CONTROL_EXCHANGE, {queue})
+    return _drop_messages(spec, {queue})
+
+
+def prune_dead_fanout(spec: BrokerSpec, live_nodes: Collection[str]) -> list[str]:
+    """Unbind the control queues of nodes not in ``live_nodes`` from the fanout table.
+
+    kombu's filesystem transport unbinds only on a clean consumer cancel, so a
+    killed worker's queue keeps collecting a copy of every broadcast. Returns
+    the queues removed (their waiting messages are dropped too).
+    """
+    if not spec.is_filesystem:
+        return []
+    live = {control_queue(n) for n in live_nodes}
+    suffix = f".{CONTROL_EXCHANGE}"
+    dead = {
+        row[2]
+        for row in _read_table(spec, CONTROL_EXCHANGE)
+        if isinstance(row[2], str) and row[2].endswith(suffix) and row[2] not in live
+    }
+    if dead:
+        _unbind(spec, CONTROL_EXCHANGE, dead)
+        _drop_messages(spec, dead)
+        log.info("pruned dead control queues %s", sorted(dead))
+    return sorted(dead)
+
+
+def _folder(spec: BrokerSpec, key: str) -> Path:
+    value = spec.transport_options.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"broker spec has no {key!r} transport option")
+    return Path(value)
+
+
+def _exchange_file(spec: BrokerSpec, exchange: str) -> Path:
+    return _folder(spec, "control_folder") / f"{exchange}.exchange"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[IO[bytes]]:
+    # the same flock kombu's filesystem transport takes on this file
+    with path.open("rb+", buffering=0) as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_table(spec: BrokerSpec, exchange: str) -> list[list[Any]]:
+    path = _exchange_file(spec, exchange)
+    try:
+        with _locked(path) as fh:
+            rows = json.loads(fh.read() or b"[]")
+    except FileNotFoundError:
+        return []
+    return [list(r) for r in rows]
+
+
+def _unbind(spec: BrokerSpec, exchange: str, queues: Collection[str]) -> None:
+    path = _exchange_file(spec, exchange)
+    try:
+        with _locked(path) as fh:
+            rows = json.loads(fh.read() or b"[]")
+            kept = [r for r in rows if r[2] not in queues]
+            if len(kept) != len(rows):
+                fh.seek(0)
+                fh.write(json.dumps(kept).encode())
+                fh.truncate()
+    except FileNotFoundError:
+        return
+
+
+def _drop_messages(spec: BrokerSpec, queues: Collection[str]) -> int:
+    wanted = {f"{q}.msg" for q in queues}
+    folders = {_folder(spec, "data_folder_in"), _folder(spec, "data_folder_out")}
+    removed = 0
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            # kombu's own test: everything after the first dot is "<queue>.msg"
+            if name.partition(".")[2] in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+                    removed += 1
+    return removed
+
+
+def remove_embedded(state_dir: str | os.PathLike[str]) -> None:
+    """Delete the embedded broker's folders (tests and ``branchd reset``)."""
+    shutil.rmtree(Path(state_dir) / "broker", ignore_errors=True)

@@ -1,0 +1,419 @@
+"""Celery's remote-control protocol spoken with kombu alone.
+
+Wire format (kombu's ``Mailbox`` as Celery configures it, celery/kombu 5.7):
+a request is published to the fanout exchange ``celery.pidbox`` as JSON::
+
+    {"method": "ping", "arguments": {}, "destination": ["w1@host"],
+     "pattern": None, "matcher": None,
+     "ticket": "<uuid>", "reply_to": {"exchange": "reply.celery.pidbox",
+                                      "routing_key": "<our oid>"}}
+
+and the node answers on the direct exchange ``reply.celery.pidbox`` with
+``{"w1@host": <reply>}`` and the ticket in the message *headers*. A cast (no
+reply wanted) leaves out ``ticket`` and ``reply_to``.
+
+Why not ``kombu.pidbox.Mailbox``: it mixes late replies into later calls
+(its ``unclaimed`` buffer) and blocks on close with Redis. Here each broker
+gets one long-lived reply queue, consumed by one thread; every call has its
+own ticket and a future, replies are matched by ticket, and a reply whose
+call has ended is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from kombu import connection as _connection
+from kombu import entity as _entity
+from kombu import messaging as _messaging
+from kombu.exceptions import OperationalError
+
+from branchd.celery import fs_transport
+from branchd.celery.broker import CONTROL_EXCHANGE, REPLY_EXCHANGE, BrokerSpec
+from branchd.celery.errors import BrokerUnavailable
+from branchd.celery.stub import StubRemoteControl
+
+__all__ = [
+    "BrokerUnavailable",
+    "KombuRemoteControl",
+    "RemoteControl",
+    "StubRemoteControl",
+    "request_body",
+]
+
+log = logging.getLogger(__name__)
+
+# kombu is only partly annotated (untyped calls under --strict): use it through Any.
+Connection: Any = _connection.Connection
+Consumer: Any = _messaging.Consumer
+Producer: Any = _messaging.Producer
+Exchange: Any = _entity.Exchange
+Queue: Any = _entity.Queue
+
+Reply = dict[str, Any]
+
+
+class RemoteControl(Protocol):
+    async def call(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = 1.0,
+    ) -> Reply | None:
+        """The node's reply body (``{"ok": "pong"}``), None if none came within ``timeout``.
+
+        Raises BrokerUnavailable if the request could not be published in time.
+        """
+        ...
+
+    async def cast(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send one-way (``shutdown`` never replies)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def request_body(
+    command: str,
+    arguments: Mapping[str, Any] | None,
+    node: str,
+    ticket: str | None = None,
+    reply_key: str | None = None,
+) -> dict[str, Any]:
+    """The message Celery's ``Mailbox._publish`` sends; ``destination`` is always a list.
+
+    (A bare string destination is tested with ``hostname in destination``, a
+    substring match: ``"w1@h"`` would also reach ``"w1@h2"``'s neighbour ``"w1@h"``.)
+    """
+    body: dict[str, Any] = {
+        "method": command,
+        "arguments": dict(arguments or {}),
+        "destination": [node],
+        "pattern": None,
+        "matcher": None,
+    }
+    if ticket is not None and reply_key is not None:
+        body["ticket"] = ticket
+        body["reply_to"] = {"exchange": REPLY_EXCHANGE, "routing_key": reply_key}
+    return body
+
+
+CONTROL = Exchange(CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient")
+REPLIES = Exchange(REPLY_EXCHANGE, type="direct", durable=False, delivery_mode="transient")
+
+
+class KombuRemoteControl:
+    """RemoteControl over real brokers, one :class:`_BrokerLink` per broker spec."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        backoff_max: float = 2.0,
+        close_timeout: float = 3.0,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._backoff_max = backoff_max
+        self._close_timeout = close_timeout
+        self._links: dict[BrokerSpec, _BrokerLink] = {}
+        self._closed = False
+
+    def _link(self, broker: BrokerSpec) -> _BrokerLink:
+        if self._closed:
+            raise BrokerUnavailable("remote control is closed")
+        link = self._links.get(broker)
+        if link is None:
+            link = _BrokerLink(
+                broker, asyncio.get_running_loop(), self._connect_timeout, self._backoff_max
+            )
+            self._links[broker] = link
+            link.start()
+        return link
+
+    async def call(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = 1.0,
+    ) -> Reply | None:
+        return await self._link(broker).call(node, command, arguments, timeout)
+
+    async def cast(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        await self._link(broker).cast(node, command, arguments, self._connect_timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(link.close(self._close_timeout) for link in links))
+
+
+class _BrokerLink:
+    """One broker: a consumer thread owning the reply queue, a publisher thread.
+
+    kombu connections are blocking and not thread-safe, so each thread owns its
+    own connection. Two connections rather than one so that a publish never
+    waits behind a ``drain_events`` timeout. Results cross to the event loop
+    with ``call_soon_threadsafe``; ``_pending`` is touched on the loop only.
+    """
+
+    def __init__(
+        self,
+        spec: BrokerSpec,
+        loop: asyncio.AbstractEventLoop,
+        connect_timeout: float,
+        backoff_max: float,
+    ) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.oid = uuid.uuid4().hex
+        self.queue = Queue(
+            f"{self.oid}.{REPLY_EXCHANGE}",
+            exchange=REPLIES,
+            routing_key=self.oid,
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            expires=10.0,  # RabbitMQ drops it 10 s after we vanish, like Celery's own
+        )
+        self._connect_timeout = connect_timeout
+        self._backoff_max = backoff_max
+        self._pending: dict[str, tuple[str, asyncio.Future[Reply | None]]] = {}
+        self._ready = asyncio.Event()
+        self._stop = threading.Event()
+        self._consumer = threading.Thread(
+            target=self._consume_forever, name=f"branchd-pidbox-rx {spec.redacted()}", daemon=True
+        )
+        self._publisher = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"branchd-pidbox-tx {spec.redacted()}"
+        )
+        self._tx_conn: Any = None
+
+    def start(self) -> None:
+        self._consumer.start()
+
+    # -- event-loop side -------------------------------------------------
+
+    async def call(
+        self, node: str, command: str, arguments: Mapping[str, Any] | None, timeout: float
+    ) -> Reply | None:
+        deadline = time.monotonic() + timeout
+        ticket = uuid.uuid4().hex
+        future: asyncio.Future[Reply | None] = self.loop.create_future()
+        self._pending[ticket] = (node, future)
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"no reply queue on {self.spec.redacted()} within {timeout}s"
+                ) from None
+            body = request_body(command, arguments, node, ticket, self.oid)
+            await self._publish(body, deadline)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    return await future
+            except TimeoutError:
+                return None
+        finally:
+            self._pending.pop(ticket, None)
+
+    async def cast(
+        self, node: str, command: str, arguments: Mapping[str, Any] | None, timeout: float
+    ) -> None:
+        await self._publish(request_body(command, arguments, node), time.monotonic() + timeout)
+
+    async def _publish(self, body: dict[str, Any], deadline: float) -> None:
+        job = self.loop.run_in_executor(self._publisher, self._publish_blocking, body, deadline)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await job
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"could not publish to {self.spec.redacted()} in time"
+            ) from None
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:  # kombu/driver errors vary by transport
+            raise BrokerUnavailable(f"publish to {self.spec.redacted()} failed: {exc!r}") from exc
+
+    def _on_reply(self, ticket: str | None, body: Any) -> None:
+        entry = self._pending.get(ticket) if ticket else None
+        if entry is None:
+            log.debug("dropping reply for ended or unknown ticket %s", ticket)
+            return
+        node, future = entry
+        if not isinstance(body, dict) or node not in body:
+            log.debug("dropping reply for ticket %s from an unexpected node: %r", ticket, body)
+            return
+        if not future.done():
+            reply = body[node]
+            future.set_result(reply if isinstance(reply, dict) else {"ok": reply})
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    async def close(self, timeout: float) -> None:
+        self._stop.set()
+        for _node, future in self._pending.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("remote control closed"))
+        await asyncio.to_thread(self._consumer.join, timeout)
+        if self._consumer.is_alive():
+            log.warning("pidbox consumer for %s did not stop in %ss", self.spec.redacted(), timeout)
+        done = self.loop.run_in_executor(self._publisher, self._close_tx)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await done
+        self._publisher.shutdown(wait=False, cancel_futures=True)
+
+    # -- publisher thread ------------------------------------------------
+
+    def _connection(self) -> Any:
+        return Connection(
+            self.spec.url,
+            transport=fs_transport.Transport if self.spec.is_filesystem else None,
+            transport_options=dict(self.spec.transport_options),
+            connect_timeout=self._connect_timeout,
+        )
+
+    def _connect(self, conn: Any) -> None:
+        # one attempt and one immediate retry; the callers pace further attempts.
+        # (kombu's defaults, used by a bare ``default_channel``, retry forever
+        # with sleeps up to 30 s, which would wedge a thread while the broker is down.)
+        conn.ensure_connection(
+            max_retries=1,
+            interval_start=0,
+            interval_step=0,
+            interval_max=0,
+            timeout=self._connect_timeout,
+        )
+
+    def _publish_blocking(self, body: dict[str, Any], deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise BrokerUnavailable("publish deadline passed while queued")
+        for attempt in (1, 2):
+            if self._tx_conn is None:
+                self._tx_conn = self._connection()
+            conn = self._tx_conn
+            try:
+                self._connect(conn)
+                producer = Producer(conn.default_channel, auto_declare=False)
+                producer.publish(
+                    body,
+                    exchange=CONTROL,
+                    declare=[CONTROL],
+                    serializer="json",
+                    headers={
+                        "clock": 0,
+                        "expires": time.time() + max(0.0, deadline - time.monotonic()),
+                    },
+                )
+                return
+            except (
+                *conn.connection_errors,
+                *conn.channel_errors,
+                OSError,
+                OperationalError,
+            ) as exc:
+                # a stale connection (broker restarted): drop it, try once on a new one
+                self._drop_tx()
+                if attempt == 2 or time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+                log.info("pidbox publisher reconnecting to %s: %r", self.spec.redacted(), exc)
+
+    def _drop_tx(self) -> None:
+        conn, self._tx_conn = self._tx_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.collect()  # frees resources without talking to a dead broker
+
+    def _close_tx(self) -> None:
+        conn, self._tx_conn = self._tx_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.release()
+
+    # -- consumer thread -------------------------------------------------
+
+    def _notify(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self._notify(self._on_reply, message.headers.get("ticket"), body)
+
+    def _consume_forever(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            conn = self._connection()
+            try:
+                self._connect(conn)
+                self._consume(conn)
+                backoff = 0.1
+            except Exception as exc:
+                self._notify(self._set_ready, False)
+                if self._stop.is_set():
+                    break
+                log.warning(
+                    "pidbox reply queue on %s lost (%r); reconnecting in %.1fs",
+                    self.spec.redacted(),
+                    exc,
+                    backoff,
+                )
+                with contextlib.suppress(Exception):
+                    conn.collect()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            with contextlib.suppress(Exception):
+                conn.release()
+        self._notify(self._set_ready, False)
+
+    def _consume(self, conn: Any) -> None:
+        channel = conn.channel()
+        consumer = Consumer(
+            channel, [self.queue], no_ack=True, accept=["json"], callbacks=[self._on_message]
+        )
+        consumer.consume()  # declares and binds the queue first
+        self._notify(self._set_ready, True)
+        log.debug("pidbox reply queue %s ready on %s", self.queue.name, self.spec.redacted())
+        heartbeat = getattr(conn, "heartbeat", 0) or 0
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):  # socket.timeout is TimeoutError
+                conn.drain_events(timeout=0.25)
+            if heartbeat:
+                conn.heartbeat_check()
+        with contextlib.suppress(Exception):
+            consumer.cancel()
+        with contextlib.suppress(Exception):
+            # explicit: only RabbitMQ drops an auto-delete queue with its consumer;
+            # kombu's Redis and filesystem channels would keep its binding forever
+            channel.queue_delete(self.queue.name)

@@ -1,0 +1,35 @@
+"""Celery loader that runs inside a worker process, never inside branchd.
+
+branchd starts workers as ``celery -A <user's module> worker -b <url> ...`` and
+must not replace the user's configuration, yet kombu's filesystem transport
+takes its folders only from ``broker_transport_options`` (a query string on
+the broker URL makes kombu raise ``TypeError``; Celery reads no environment
+variable for transport options). Celery does honour ``CELERY_LOADER`` ahead of
+the app's own loader class, so :func:`branchd.celery.broker.worker_env` points
+it at a copy of this file and puts the options in
+``BRANCHD_BROKER_TRANSPORT_OPTIONS`` (JSON). When the worker starts, the
+options are merged over the app's own ``broker_transport_options``, before the
+worker opens any broker connection.
+
+This module is copied, not imported, by branchd: the daemon never imports
+Celery, and the worker's interpreter need not have branchd installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from celery.loaders.app import AppLoader
+
+ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
+
+
+class Loader(AppLoader):  # type: ignore[misc]
+    def on_worker_init(self) -> None:
+        raw = os.environ.get(ENV)
+        if raw:
+            ours = json.loads(raw)
+            conf = self.app.conf
+            conf.broker_transport_options = {**(conf.broker_transport_options or {}), **ours}
+        super().on_worker_init()

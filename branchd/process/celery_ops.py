@@ -1,0 +1,253 @@
+"""The Celery kind: worker argv, readiness by ping, reconcile, consumers, autoscale.
+
+Everything here speaks to workers through a ``RemoteControl`` (kombu alone;
+the daemon never imports celery). Facts it relies on are in design.md:
+``add_consumer``/``cancel_consumer`` answer before acting (confirm with
+``active_queues``), errors come back as ``{"error": ...}`` replies, a ping
+sent before the worker's control queue exists is lost (keep re-sending).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from branchd.celery.argv import worker_argv
+from branchd.celery.broker import BrokerSpec, embedded, worker_env
+from branchd.celery.errors import BrokerUnavailable
+from branchd.celery.remote import RemoteControl
+from branchd.errors import ControlFailed, Invalid
+from branchd.model import App, Autoscale, InstanceSpec, Queue
+
+log = logging.getLogger(__name__)
+
+Reply = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """How to reach one running worker."""
+
+    node: str
+    broker: BrokerSpec
+
+
+def node_name(instance: str, hostname: str) -> str:
+    return f"{instance}@{hostname}"
+
+
+def broker_for(app: App, state_dir: Path) -> BrokerSpec:
+    if app.celery.broker:
+        return BrokerSpec(app.celery.broker)
+    return embedded(state_dir)
+
+
+def python_for(app: App) -> str:
+    """The app's interpreter; a virtualenv directory means its bin/python."""
+    python = app.celery.python
+    if not python:
+        return sys.executable
+    if os.path.isdir(python):
+        return os.path.join(python, "bin", "python")
+    return python
+
+
+def effective_autoscale(app: App, spec: InstanceSpec) -> Autoscale | None:
+    if spec.concurrency is not None and spec.autoscale is None:
+        return None  # a fixed --concurrency asked for explicitly
+    return spec.autoscale or app.celery.autoscale
+
+
+def command_for(app: App, spec: InstanceSpec, node: str, broker: BrokerSpec) -> list[str]:
+    if not app.celery.celery_app:
+        raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
+    auto = effective_autoscale(app, spec)
+    return worker_argv(
+        python=python_for(app),
+        celery_app=app.celery.celery_app,
+        node=node,
+        broker_url=broker.url,
+        queues=spec.queues,
+        autoscale=(auto.max, auto.min) if auto else None,
+        concurrency=spec.concurrency,
+        pool=spec.pool or app.celery.pool,
+        loglevel=spec.loglevel,
+        extra=[*app.celery.args, *spec.args],
+        without_mingle_gossip=not app.celery.mingle_gossip,
+    )
+
+
+def env_for(broker: BrokerSpec, env: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: ``env`` plus what the broker needs to reach it."""
+    return {**env, **worker_env(broker, env.get("PYTHONPATH"))}
+
+
+def consumer_arguments(name: str, decl: Queue | None) -> dict[str, Any]:
+    """Arguments of ``add_consumer``; an undeclared queue gets Celery's defaults (as -Q)."""
+    if decl is None:
+        return {"queue": name}
+    return {
+        "queue": name,
+        "exchange": decl.exchange or name,
+        "exchange_type": decl.exchange_type,
+        "routing_key": decl.routing_key or name,
+        **dict(decl.options),
+    }
+
+
+def custom_binding(decl: Queue | None) -> bool:
+    """Does the declaration differ from what ``-Q name`` sets up by itself?"""
+    if decl is None:
+        return False
+    return (
+        (decl.exchange or decl.name) != decl.name
+        or decl.exchange_type != "direct"
+        or (decl.routing_key or decl.name) != decl.name
+        or bool(decl.options)
+    )
+
+
+def queue_names(reply: Reply | None) -> list[str] | None:
+    """Queue names out of an ``active_queues`` reply; None if there was none."""
+    if reply is None:
+        return None
+    items = reply.get("ok", reply)
+    if not isinstance(items, list):
+        return None
+    return [q["name"] for q in items if isinstance(q, dict) and "name" in q]
+
+
+def autoscaler_range(stats: Reply | None) -> Autoscale | None:
+    if not stats or not isinstance(stats.get("autoscaler"), dict):
+        return None
+    a = stats["autoscaler"]
+    try:
+        return Autoscale(min=int(a["min"]), max=int(a["max"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _error(reply: Reply | None) -> str | None:
+    if reply is None:
+        return "no reply"
+    if "error" in reply:
+        return str(reply["error"])
+    return None
+
+
+class CeleryOps:
+    """Remote-control operations on workers, each bounded by a deadline."""
+
+    def __init__(
+        self, remote: RemoteControl, *, call_timeout: float = 1.0, confirm_timeout: float = 10.0
+    ) -> None:
+        self.remote = remote
+        self.call_timeout = call_timeout
+        self.confirm_timeout = confirm_timeout
+
+    async def ping(self, w: Worker, timeout: float | None = None) -> bool:
+        reply = await self.remote.call(w.broker, w.node, "ping", None, timeout or self.call_timeout)
+        return reply is not None and "error" not in reply
+
+    async def call(self, w: Worker, command: str, **arguments: Any) -> Reply | None:
+        return await self.remote.call(w.broker, w.node, command, arguments, self.call_timeout)
+
+    async def active_queues(self, w: Worker) -> list[str] | None:
+        return queue_names(await self.call(w, "active_queues"))
+
+    async def stats(self, w: Worker) -> Reply | None:
+        return await self.call(w, "stats")
+
+    async def add_consumer(
+        self, w: Worker, name: str, decl: Queue | None, *, rebind: bool = False
+    ) -> None:
+        if rebind:  # drop the -Q default binding so the declared one replaces it
+            await self.call(w, "cancel_consumer", queue=name)
+            await self._confirm(w, lambda qs: name not in qs, f"cancel of {name}")
+        err = _error(await self.call(w, "add_consumer", **consumer_arguments(name, decl)))
+        if err:
+            raise ControlFailed(f"{w.node} refused add_consumer {name}: {err}")
+        await self._confirm(w, lambda qs: name in qs, f"consumer {name}")
+
+    async def cancel_consumer(self, w: Worker, name: str) -> None:
+        err = _error(await self.call(w, "cancel_consumer", queue=name))
+        if err:
+            raise ControlFailed(f"{w.node} refused cancel_consumer {name}: {err}")
+        await self._confirm(w, lambda qs: name not in qs, f"cancel of {name}")
+
+    async def autoscale(self, w: Worker, want: Autoscale) -> None:
+        err = _error(await self.call(w, "autoscale", max=want.max, min=want.min))
+        if err:
+            raise ControlFailed(f"{w.node} refused autoscale: {err}")
+        deadline = asyncio.get_running_loop().time() + self.confirm_timeout
+        while autoscaler_range(await self.stats(w)) != want:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ControlFailed(f"{w.node} did not confirm autoscale {want.min},{want.max}")
+            await asyncio.sleep(0.05)
+
+    async def _confirm(self, w: Worker, ok: Any, what: str) -> None:
+        # The worker answers "ok" before it acts: poll active_queues.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.confirm_timeout
+        while True:
+            names = await self.active_queues(w)
+            if names is not None and ok(names):
+                return
+            if loop.time() > deadline:
+                raise ControlFailed(f"{w.node} did not confirm {what} in time")
+            await asyncio.sleep(0.05)
+
+    async def reconcile(
+        self,
+        w: Worker,
+        queues: Sequence[str],
+        decls: Mapping[str, Queue],
+        autoscale: Autoscale | None,
+        *,
+        fresh: bool,
+    ) -> list[str]:
+        """Make the live worker equal to its declaration; returns what it changed.
+
+        ``fresh``: the worker has just started with ``-Q``, which binds every
+        queue the default way; declared custom bindings are applied once.
+        """
+        changes: list[str] = []
+        live = await self.active_queues(w)
+        if live is None:
+            return changes
+        for name in queues:
+            decl = decls.get(name)
+            if name not in live:
+                await self.add_consumer(w, name, decl)
+                changes.append(f"+{name}")
+            elif fresh and custom_binding(decl):
+                await self.add_consumer(w, name, decl, rebind=True)
+                changes.append(f"~{name}")
+        for name in live:
+            if name not in queues:
+                await self.cancel_consumer(w, name)
+                changes.append(f"-{name}")
+        if autoscale is not None:
+            current = autoscaler_range(await self.stats(w))
+            if current is not None and current != autoscale:
+                await self.autoscale(w, autoscale)
+                changes.append(f"autoscale {autoscale.min},{autoscale.max}")
+        return changes
+
+
+__all__ = [
+    "BrokerUnavailable",
+    "CeleryOps",
+    "ControlFailed",
+    "Worker",
+    "broker_for",
+    "command_for",
+    "env_for",
+    "node_name",
+]

@@ -1,0 +1,208 @@
+"""Pure: user fields → declarations (with kind defaults), declarations → JSON views."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from branchd.errors import Invalid
+from branchd.model import (
+    POOLS,
+    App,
+    Autorestart,
+    Autoscale,
+    CelerySettings,
+    InstanceSpec,
+    Kind,
+    Runtime,
+)
+from branchd.process.launcher import TreeStats
+
+#: Instance fields a user may set (in a create, a patch or an app's defaults).
+POLICY_FIELDS = (
+    "autorestart",
+    "exitcodes",
+    "startsecs",
+    "startretries",
+    "stopsignal",
+    "stopwaitsecs",
+)
+SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
+CELERY_FIELDS = (
+    "queues",
+    "autoscale",
+    "concurrency",
+    "pool",
+    "args",
+    "loglevel",
+    "hung_after",
+    "memory_limit",
+)
+SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS
+
+#: Celery workers take time to start and must be given time to finish their
+#: tasks on a stop (supervisord's 10 s kills long tasks; Celery's own sample
+#: uses 600 s). startsecs is the time allowed to answer a first ping.
+CELERY_DEFAULTS: Mapping[str, Any] = {"startsecs": 30.0, "stopwaitsecs": 600.0}
+
+
+def autoscale_from(value: Any) -> Autoscale | None:
+    if value is None:
+        return None
+    auto = Autoscale(min=int(value["min"]), max=int(value["max"]))
+    if auto.min > auto.max:
+        raise Invalid(f"autoscale min ({auto.min}) is greater than max ({auto.max})")
+    if auto.max < 1:
+        raise Invalid("autoscale max must be at least 1")
+    return auto
+
+
+def build_spec(
+    app: App, name: str, fields: Mapping[str, Any], branch: str, now: float
+) -> InstanceSpec:
+    """Instance fields over the app's defaults over the kind's defaults."""
+    kind = Kind(fields.get("kind", Kind.PROCESS))
+    base = dict(CELERY_DEFAULTS) if kind == Kind.CELERY else {}
+    merged = {**base, **app.defaults, **fields}
+    return apply_fields(
+        InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
+    )
+
+
+def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
+    """``spec`` with ``fields`` applied; raises Invalid on a bad mix."""
+    unknown = set(fields) - set(SETTABLE) - {"kind"}
+    if unknown:
+        raise Invalid(f"unknown field(s): {', '.join(sorted(unknown))}")
+    kind = Kind(fields.get("kind", spec.kind))
+    pol: dict[str, Any] = {k: fields[k] for k in POLICY_FIELDS if k in fields}
+    if "autorestart" in pol:
+        pol["autorestart"] = Autorestart(pol["autorestart"])
+    if "exitcodes" in pol:
+        pol["exitcodes"] = tuple(int(c) for c in pol["exitcodes"])
+    for key in ("startsecs", "stopwaitsecs"):
+        if key in pol:
+            pol[key] = float(pol[key])
+    policy = replace(spec.policy, **pol)
+    plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields}
+    for key in ("command", "queues", "args"):
+        if key in plain:
+            plain[key] = tuple(plain[key])
+    if "env" in plain:
+        plain["env"] = dict(plain["env"])
+    if "autoscale" in plain:
+        plain["autoscale"] = autoscale_from(plain["autoscale"])
+    if "hung_after" in plain:
+        plain["hung_after"] = float(plain["hung_after"])
+    out = replace(spec, kind=kind, policy=policy, **plain)
+    if kind == Kind.PROCESS and not out.command:
+        raise Invalid("command must be a non-empty argv list")
+    if kind == Kind.CELERY:
+        if out.command:
+            raise Invalid("a celery instance has no command: its argv is built from the app")
+        if out.pool is not None and out.pool not in POOLS:
+            raise Invalid(f"pool must be one of {', '.join(POOLS)}")
+        if len(set(out.queues)) != len(out.queues):
+            raise Invalid("queues must not repeat")
+    if policy.startretries < 1:
+        raise Invalid("startretries must be at least 1")
+    return out
+
+
+def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
+    """The Celery fields of an app body (a PUT replaces them all)."""
+    pool = body.get("pool", "prefork")
+    if pool not in POOLS:
+        raise Invalid(f"pool must be one of {', '.join(POOLS)}")
+    return CelerySettings(
+        broker=body.get("broker") or None,
+        celery_app=body.get("celery_app") or None,
+        python=body.get("python") or None,
+        pool=pool,
+        args=tuple(body.get("args", ())),
+        autoscale=autoscale_from(body.get("autoscale")),
+        mingle_gossip=bool(body.get("mingle_gossip", False)),
+    )
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """A snapshot of one instance for the API: declaration plus live state."""
+
+    spec: InstanceSpec
+    runtime: Runtime
+    uptime: float | None
+    #: The argv it runs (for the Celery kind: built from the app).
+    command: tuple[str, ...] = ()
+    node: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        s, rt, p = self.spec, self.runtime, self.spec.policy
+        out: dict[str, Any] = {
+            "name": s.name,
+            "app": s.app,
+            "kind": s.kind.value,
+            "state": rt.state.value,
+            "desired": s.desired.value,
+            "pid": rt.pid,
+            "command": list(self.command or s.command),
+            "env": dict(s.env),
+            "cwd": s.cwd,
+            "user": s.user,
+            "autorestart": p.autorestart.value,
+            "exitcodes": list(p.exitcodes),
+            "startsecs": p.startsecs,
+            "startretries": p.startretries,
+            "stopsignal": p.stopsignal,
+            "stopwaitsecs": p.stopwaitsecs,
+            "autostart": s.autostart,
+            "log_max_bytes": s.log_max_bytes,
+            "log_backups": s.log_backups,
+            "restarts": rt.restarts,
+            "exit_code": rt.exit_code,
+            "started_at": rt.started_at,
+            "uptime": self.uptime,
+            "stop_step": rt.stop_step.value if rt.stop_step else None,
+            "reason": rt.reason,
+            "branch": s.branch,
+            "created_at": s.created_at,
+        }
+        if s.kind == Kind.CELERY:
+            out.update(
+                node=self.node,
+                queues=list(s.queues),
+                autoscale=s.autoscale.to_json() if s.autoscale else None,
+                concurrency=s.concurrency,
+                pool=s.pool,
+                args=list(s.args),
+                loglevel=s.loglevel,
+                hung_after=s.hung_after,
+                memory_limit=s.memory_limit,
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Stats:
+    view: InstanceView
+    tree: TreeStats
+    celery: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.view.to_json()
+        out = {
+            "app": v["app"],
+            "name": v["name"],
+            "state": v["state"],
+            "pid": v["pid"],
+            "uptime": v["uptime"],
+            "restarts": v["restarts"],
+            "exit_code": v["exit_code"],
+            "cpu_percent": self.tree.cpu_percent,
+            "memory_rss": self.tree.memory_rss,
+            "processes": self.tree.processes,
+        }
+        if self.view.spec.kind == Kind.CELERY:
+            out["celery"] = dict(self.celery) if self.celery is not None else None
+        return out

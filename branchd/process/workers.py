@@ -1,0 +1,289 @@
+"""Celery workers under supervision: readiness, warm stop, health, reconcile.
+
+The manager owns the state machines; this service owns the conversations
+with the workers (over ``CeleryOps``) and reports back to the manager as
+machine events (``Ready``, ``Hung``). Every loop here logs and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Protocol
+
+from branchd.celery.broker import BrokerSpec, clear_node_leftovers, prune_dead_fanout
+from branchd.celery.errors import BrokerUnavailable
+from branchd.errors import BranchdError, NotFound
+from branchd.model import App, InstanceSpec, Queue, State
+from branchd.process.celery_ops import (
+    CeleryOps,
+    Worker,
+    broker_for,
+    command_for,
+    effective_autoscale,
+    env_for,
+    node_name,
+)
+from branchd.process.launcher import Launcher
+from branchd.process.machine import Event, Hung, Proc, Ready
+
+log = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What the workers service needs from the manager."""
+
+    def feed(self, name: str, event: Event) -> None: ...
+    def proc(self, name: str) -> Proc | None: ...
+    def spec(self, name: str) -> InstanceSpec | None: ...
+    def app(self, name: str) -> App | None: ...
+    def queue_decls(self, app: str) -> dict[str, Queue]: ...
+    def celery_instances(self) -> list[InstanceSpec]: ...
+
+
+class Workers:
+    def __init__(
+        self,
+        host: Host,
+        ops: CeleryOps,
+        launcher: Launcher,
+        state_dir: Path,
+        hostname: str,
+        *,
+        health_interval: float,
+        reconcile_interval: float,
+    ) -> None:
+        self._host = host
+        self.ops = ops
+        self._launcher = launcher
+        self._state_dir = state_dir
+        self._hostname = hostname
+        self._health_interval = health_interval
+        self._reconcile_interval = reconcile_interval
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_pong: dict[str, float] = {}
+        self._silent: set[str] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # worker identity ----------------------------------------------------------
+
+    def worker(self, spec: InstanceSpec) -> Worker:
+        app = self._host.app(spec.app)
+        if app is None:
+            raise NotFound(f"no app {spec.app!r}")
+        return Worker(node_name(spec.name, self._hostname), self.broker(app))
+
+    def broker(self, app: App) -> BrokerSpec:
+        return broker_for(app, self._state_dir)
+
+    def command(self, spec: InstanceSpec) -> tuple[str, ...]:
+        """The argv the worker runs (or would run); () if the app cannot build one."""
+        app = self._host.app(spec.app)
+        if app is None:
+            return ()
+        try:
+            w = self.worker(spec)
+            return tuple(command_for(app, spec, w.node, w.broker))
+        except BranchdError:
+            return ()
+
+    def node(self, spec: InstanceSpec) -> str:
+        return node_name(spec.name, self._hostname)
+
+    def prepare_spawn(
+        self, spec: InstanceSpec, env: dict[str, str]
+    ) -> tuple[tuple[str, ...], dict[str, str]]:
+        """argv and environment of a worker about to start; raises Invalid."""
+        app = self._host.app(spec.app)
+        if app is None:
+            raise NotFound(f"no app {spec.app!r}")
+        w = self.worker(spec)
+        argv = command_for(app, spec, w.node, w.broker)
+        # The filesystem transport replays a node's old control messages (an
+        # old shutdown!) to its next run unless they are cleared first.
+        clear_node_leftovers(w.broker, w.node)
+        return tuple(argv), env_for(w.broker, env)
+
+    # lifecycle hooks ------------------------------------------------------------
+
+    def spawned(self, name: str, pid: int) -> None:
+        self._spawn_task(self._await_ready(name, pid))
+
+    def adopted(self, name: str) -> None:
+        self._spawn_task(self._reconcile(name, fresh=False))
+
+    def stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
+        """Warm stop: no new tasks, TERM to the main process, a ping to wake it."""
+        self._spawn_task(self._warm_stop(spec, pid, signum))
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._loop_task:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await self.ops.remote.close()
+
+    # internals --------------------------------------------------------------------
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task failed", exc_info=task.exception())
+
+    def _current(self, name: str, pid: int, state: State) -> bool:
+        proc = self._host.proc(name)
+        return proc is not None and proc.pid == pid and proc.state == state
+
+    async def _await_ready(self, name: str, pid: int) -> None:
+        """Re-send pings until the new worker answers (a ping sent before its
+        control queue exists is lost), then bring it in line with its declaration."""
+        spec = self._host.spec(name)
+        if spec is None:
+            return
+        w = self.worker(spec)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        # A broker we cannot even publish to: say so rather than wait the full startsecs.
+        unreachable_after = min(spec.policy.startsecs or 10.0, 10.0)
+        while self._current(name, pid, State.STARTING):
+            try:
+                if await self.ops.ping(w, timeout=0.5):
+                    self._last_pong[name] = loop.time()
+                    self._host.feed(name, Ready())
+                    await self._reconcile(name, fresh=True)
+                    return
+            except BrokerUnavailable as exc:
+                if loop.time() - began > unreachable_after:
+                    self._host.feed(
+                        name, Hung(f"cannot reach broker {w.broker.redacted()}: {exc.message}")
+                    )
+                    return
+                await asyncio.sleep(0.25)
+
+    async def _warm_stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
+        w = self.worker(spec)
+        for queue in spec.queues:
+            with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.ops.remote.cast(
+                        w.broker, w.node, "cancel_consumer", {"queue": queue}
+                    )
+        self._launcher.signal(pid, signum, False)
+        # An idle worker notices TERM only when its loop wakes (1-10 s): a ping wakes it.
+        with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.ops.remote.cast(w.broker, w.node, "ping")
+
+    async def _reconcile(self, name: str, *, fresh: bool) -> None:
+        spec = self._host.spec(name)
+        app = self._host.app(spec.app) if spec else None
+        if spec is None or app is None:
+            return
+        proc = self._host.proc(name)
+        if proc is None or proc.state != State.RUNNING:
+            return
+        try:
+            changes = await self.ops.reconcile(
+                self.worker(spec),
+                spec.queues,
+                self._host.queue_decls(spec.app),
+                effective_autoscale(app, spec),
+                fresh=fresh,
+            )
+        except (BranchdError, BrokerUnavailable) as exc:
+            log.warning("reconcile of %s failed: %s", name, exc)
+            return
+        if changes:
+            log.info("reconciled %s: %s", name, " ".join(changes))
+
+    async def _health_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self._reconcile_interval
+        while True:
+            await asyncio.sleep(self._health_interval)
+            try:
+                sweep = loop.time() >= next_sweep
+                if sweep:
+                    next_sweep = loop.time() + self._reconcile_interval
+                await self.check_all(sweep=sweep)
+            except Exception:
+                log.exception("health check failed")
+
+    async def check_all(self, *, sweep: bool = False) -> None:
+        """One round of pings (and memory checks) over every running worker."""
+        running = [
+            s
+            for s in self._host.celery_instances()
+            if (p := self._host.proc(s.name)) is not None and p.state == State.RUNNING
+        ]
+        await asyncio.gather(*(self._check(s, sweep) for s in running))
+        if sweep:
+            self._prune_fanout()
+
+    async def _check(self, spec: InstanceSpec, sweep: bool) -> None:
+        name = spec.name
+        proc = self._host.proc(name)
+        if proc is None or proc.pid is None:
+            return
+        pid = proc.pid
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if spec.memory_limit:
+            rss = self._launcher.tree_stats(pid).memory_rss
+            if rss > spec.memory_limit:
+                self._host.feed(
+                    name, Hung(f"memory {rss} bytes over the limit of {spec.memory_limit}")
+                )
+                return
+        try:
+            answered = await self.ops.ping(self.worker(spec))
+        except BrokerUnavailable:
+            # A broker outage is not a hung worker: the clock starts again.
+            self._last_pong[name] = now
+            self._silent.add(name)
+            return
+        if not self._current(name, pid, State.RUNNING):
+            return
+        if answered:
+            self._last_pong[name] = now
+            if name in self._silent or sweep:
+                # Back after silence (e.g. the broker restarted): re-apply.
+                self._silent.discard(name)
+                await self._reconcile(name, fresh=False)
+            return
+        self._silent.add(name)
+        last = self._last_pong.setdefault(name, now)
+        if now - last >= spec.hung_after:
+            self._last_pong.pop(name, None)
+            self._host.feed(name, Hung(f"no answer to ping for {spec.hung_after:g}s"))
+
+    def _prune_fanout(self) -> None:
+        by_broker: dict[BrokerSpec, list[str]] = {}
+        for spec in self._host.celery_instances():
+            app = self._host.app(spec.app)
+            if app is None:
+                continue
+            proc = self._host.proc(spec.name)
+            nodes = by_broker.setdefault(self.broker(app), [])
+            if proc is not None and proc.pid is not None:
+                nodes.append(self.node(spec))
+        for broker, nodes in by_broker.items():
+            try:
+                prune_dead_fanout(broker, nodes)
+            except OSError:
+                log.warning("cannot prune the embedded broker", exc_info=True)

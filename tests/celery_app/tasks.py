@@ -1,0 +1,35 @@
+"""A tiny Celery app for the integration tests: ``-A tests.celery_app.tasks``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from celery import Celery
+
+app = Celery("testapp")
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_backend=None,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="testapp.add")  # type: ignore[untyped-decorator]
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(name="testapp.sleep")  # type: ignore[untyped-decorator]
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="testapp.touch")  # type: ignore[untyped-decorator]
+def touch(path: str) -> str:
+    """Create ``path``: proof for a test that the task ran, without a result backend."""
+    Path(path).write_text("done")
+    return path
