@@ -2,17 +2,20 @@
 
 from branchctl.client import DEFAULT_URL, AsyncClient, Client
 from branchctl.errors import ApiError, ConnectionFailed
-from branchctl.models import App, Branch, Capacity, Instance, Stats
+from branchctl.models import App, Autoscale, Branch, Capacity, Consumer, Instance, Queue, Stats
 
 __all__ = [
     "DEFAULT_URL",
     "ApiError",
     "App",
     "AsyncClient",
+    "Autoscale",
     "Branch",
     "Capacity",
     "Client",
     "ConnectionFailed",
+    "Consumer",
     "Instance",
+    "Queue",
     "Stats",
 ]

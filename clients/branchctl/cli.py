@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from branchctl import render
 from branchctl.client import DEFAULT_URL, Client
 from branchctl.errors import ApiError
-from branchctl.models import App, Branch, Instance
+from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 AUTORESTART = ("always", "on-failure", "never")
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")
 INSTANCE_COLUMNS = ("APP", "NAME", "KIND", "STATE", "PID", "UPTIME", "RESTARTS")
+POOLS = ("prefork", "solo", "threads", "gevent", "eventlet")
+EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
+KINDS = ("celery", "process")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -103,7 +107,7 @@ def _emit(opts: Options, data: Any, text: str) -> None:
         click.echo(text)
 
 
-def _items(objs: Iterable[App | Branch | Instance]) -> dict[str, Any]:
+def _items(objs: Iterable[App | Branch | Instance | Queue | Consumer]) -> dict[str, Any]:
     return {"items": [dict(o.raw) for o in objs]}
 
 
@@ -123,6 +127,67 @@ def _json_or_str(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+if TYPE_CHECKING:  # click >= 8.4 makes ParamType generic; older ones are not subscriptable
+    _ParamType = click.ParamType[Any]
+else:
+    _ParamType = click.ParamType
+
+
+class MinMax(_ParamType):
+    """'MIN,MAX' (non-negative ints, in that order) -> {"min": MIN, "max": MAX}."""
+
+    name = "MIN,MAX"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dict[str, int]:
+        if isinstance(value, dict):
+            return value
+        low, sep, high = str(value).partition(",")
+        try:
+            bounds = {"min": int(low), "max": int(high)}
+        except ValueError:
+            bounds = {}
+        if not sep or not bounds or min(bounds.values()) < 0:
+            self.fail(f"expected MIN,MAX (two non-negative integers), got {value!r}", param, ctx)
+        return bounds
+
+
+class NameList(_ParamType):
+    """'a,b' -> ["a", "b"] (blanks dropped)."""
+
+    name = "A,B"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> list[str]:
+        if isinstance(value, list):
+            return value
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class ByteSize(_ParamType):
+    """A byte count: 1048576, 512K, 512M, 2G, 1.5GiB (K/M/G/T are powers of 1024)."""
+
+    name = "BYTES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE.match(str(value))
+        if match is None:
+            self.fail(f"expected a size like 536870912, 512M or 2G, got {value!r}", param, ctx)
+        number, unit = match.groups()
+        n = int(float(number) * _UNITS[unit.upper()])
+        if n < 1:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return n
 
 
 # -- root -------------------------------------------------------------------
@@ -154,7 +219,11 @@ def _json_or_str(value: str) -> Any:
 )
 @click.pass_context
 def main(ctx: click.Context, url: str, token: str | None, timeout: float, as_json: bool) -> None:
-    """Control a branchd daemon: its apps, their instances, their logs."""
+    """Control a branchd daemon: its apps, their instances, their logs.
+
+    For Celery: apps carry the broker and worker settings, 'queues' declares
+    an app's queues, 'consumers' and 'autoscale' change a running worker.
+    """
     ctx.obj = Options(url=url, token=token or None, timeout=timeout, json=as_json)
 
 
@@ -226,15 +295,33 @@ def branches(opts: Options) -> None:
 # -- apps -------------------------------------------------------------------
 
 
+def _bounds_text(bounds: Mapping[str, Any] | None) -> str | None:
+    """{"min": 1, "max": 4} -> '1..4' (min..max)."""
+    if not bounds:
+        return None
+    return f"{render.cell(bounds.get('min'))}..{render.cell(bounds.get('max'))}"
+
+
 def _app_text(app: App) -> str:
-    return render.record(
-        {
-            "name": app.name,
-            "env": dict(app.env),
-            "defaults": dict(app.defaults),
-            "created": render.timestamp(app.created_at),
-        }
-    )
+    fields: dict[str, Any] = {
+        "name": app.name,
+        "env": dict(app.env),
+        "defaults": dict(app.defaults),
+        "created": render.timestamp(app.created_at),
+    }
+    # the Celery settings, when the daemon has them
+    if "broker" in app.raw or "embedded_broker" in app.raw:
+        fields["broker"] = f"{app.broker or '-'} (embedded)" if app.embedded_broker else app.broker
+    celery: dict[str, Any] = {
+        "celery_app": app.celery_app,
+        "python": app.python,
+        "pool": app.pool,
+        "args": list(app.args),
+        "autoscale": _bounds_text(app.autoscale),
+        "mingle_gossip": app.mingle_gossip,
+    }
+    fields.update({k: v for k, v in celery.items() if k in app.raw})
+    return render.record(fields)
 
 
 @main.group(cls=_ListingGroup, invoke_without_command=True, context_settings=CONTEXT)
@@ -276,14 +363,56 @@ def apps_list(opts: Options) -> None:
     help="Instance default (V is parsed as JSON when it can be: startsecs=0, "
     'command=\'["celery","worker"]\').',
 )
+@click.option("--broker", metavar="URL", help="Broker of its workers (default: the embedded one).")
+@click.option("--celery-app", metavar="MODULE", help="The module for 'celery -A'.")
+@click.option("--python", metavar="PATH", help="Interpreter or virtualenv of its workers.")
+@click.option("--pool", type=click.Choice(POOLS), help="Worker pool.")
+@click.option(
+    "--autoscale", type=MinMax(), help="Default autoscale bounds of its workers: min,max."
+)
+@click.option("--arg", "args", multiple=True, metavar="ARG", help="Worker argument (repeat it).")
+@click.option(
+    "--mingle-gossip/--no-mingle-gossip",
+    default=None,
+    help="Start workers with mingle and gossip (off by default).",
+)
 @json_option
 @pass_opts
-def apps_add(opts: Options, name: str, env: tuple[str, ...], defaults: tuple[str, ...]) -> None:
-    """Create app NAME, or replace it (PUT: what is not given is reset)."""
+def apps_add(
+    opts: Options,
+    name: str,
+    env: tuple[str, ...],
+    defaults: tuple[str, ...],
+    broker: str | None,
+    celery_app: str | None,
+    python: str | None,
+    pool: str | None,
+    autoscale: dict[str, int] | None,
+    args: tuple[str, ...],
+    mingle_gossip: bool | None,
+) -> None:
+    """Create app NAME, or replace it (PUT: what is not given is reset).
+
+    \b
+    Example:
+      branchctl apps add shop --broker amqp://guest:guest@127.0.0.1:5672// \\
+          --celery-app shop.tasks --autoscale 1,4
+    """
     env_map = _pairs(env, "--env")
     default_map = _pairs(defaults, "--default", _json_or_str)
     with opts.client() as c:
-        app, created = c.put_app(name, env=env_map, defaults=default_map)
+        app, created = c.put_app(
+            name,
+            env=env_map,
+            defaults=default_map,
+            broker=broker,
+            celery_app=celery_app,
+            python=python,
+            pool=pool,
+            args=list(args) if args else None,
+            autoscale=autoscale,
+            mingle_gossip=mingle_gossip,
+        )
     verb = "created" if created else "replaced"
     _emit(opts, app.raw, f"{verb} app {app.name!r}\n{_app_text(app)}")
 
@@ -325,6 +454,10 @@ def _instance_text(i: Instance) -> str:
             fields[key] = render.timestamp(fields[key])
     if "uptime" in fields:
         fields["uptime"] = render.duration(fields["uptime"])
+    if fields.get("autoscale"):
+        fields["autoscale"] = _bounds_text(i.autoscale)
+    if fields.get("memory_limit") is not None:
+        fields["memory_limit"] = render.size(i.memory_limit)
     return render.record(fields)
 
 
@@ -366,6 +499,28 @@ def instance_fields(f: _F) -> _F:
         click.option("--autostart/--no-autostart", default=None, help="Start it now and at boot."),
         click.option("--log-max-bytes", type=click.IntRange(min=1024)),
         click.option("--log-backups", type=click.IntRange(min=0)),
+        # kind "celery"
+        click.option("--queues", type=NameList(), help="Queues it consumes: a,b."),
+        click.option("--autoscale", type=MinMax(), help="Autoscale bounds: min,max."),
+        click.option(
+            "--concurrency", type=click.IntRange(min=1), help="Pool size (without autoscale)."
+        ),
+        click.option("--pool", type=click.Choice(POOLS), help="Worker pool."),
+        click.option(
+            "--arg", "args", multiple=True, metavar="ARG", help="Worker argument (repeat it)."
+        ),
+        click.option("--loglevel", metavar="LEVEL", help="Worker log level (INFO, DEBUG...)."),
+        click.option(
+            "--hung-after",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Restart a running worker silent to pings this long.",
+        ),
+        click.option(
+            "--memory-limit",
+            type=ByteSize(),
+            help="Restart the worker above this RSS (whole tree): bytes, 512M, 2G.",
+        ),
         click.argument("command", nargs=-1, type=click.UNPROCESSED),
     ]
     for decorator in reversed(decorators):
@@ -419,16 +574,32 @@ def instances_list(opts: Options, app: str | None = None) -> None:
 @instances.command("add", context_settings=CONTEXT)
 @click.argument("app")
 @click.option("--name", help="Instance name (generated when absent).")
+@click.option(
+    "--kind",
+    type=click.Choice(KINDS),
+    help="celery (a worker built from the app) or process (runs COMMAND); "
+    "default: process with a COMMAND, celery without.",
+)
 @instance_fields
 @json_option
 @pass_opts
-def instances_add(opts: Options, /, app: str, **options: Any) -> None:
-    """Add an instance to APP running COMMAND (put it after '--').
+def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) -> None:
+    """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
-    Example: branchctl instances add web --name w1 -- celery -A proj worker
+    \b
+    Examples:
+      branchctl instances add shop --name w1 --queues default,images --autoscale 1,4
+      branchctl instances add web --name p1 -- python -m http.server
     """
+    if kind is None and not options["command"]:
+        kind = "celery"
+    if kind == "celery" and options["command"]:
+        raise click.UsageError("a celery instance takes no COMMAND: its argv is built from the app")
+    body = _fields(options)
+    if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
+        body = {"kind": kind, **body}
     with opts.client() as c:
-        instance = c.add_instance(app, **_fields(options))
+        instance = c.add_instance(app, **body)
     _emit(opts, instance.raw, _instance_text(instance))
 
 
@@ -494,29 +665,307 @@ def instances_remove(opts: Options, app: str, name: str) -> None:
         click.echo(f"removed instance {app}/{name}")
 
 
+def _celery_summary(celery: Mapping[str, Any]) -> dict[str, Any]:
+    """A few lines of a worker's Celery 'stats' and 'active' replies."""
+    stats = celery.get("stats")
+    stats = stats if isinstance(stats, dict) else {}
+    out: dict[str, Any] = {"node": celery.get("node")}
+    pool = stats.get("pool")
+    if isinstance(pool, dict):
+        impl = str(pool.get("implementation") or "")
+        # "celery.concurrency.prefork:TaskPool" -> "prefork"
+        name = impl.partition(":")[0].rpartition(".")[2] if impl else None
+        limit = pool.get("max-concurrency")
+        out["pool"] = " ".join(
+            p for p in (name, None if limit is None else f"(max concurrency {limit})") if p
+        )
+        processes = pool.get("processes")
+        if isinstance(processes, list):
+            out["pool_processes"] = len(processes)
+        elif isinstance(pool.get("threads"), int):
+            out["pool_threads"] = pool["threads"]
+    scaler = stats.get("autoscaler")
+    if isinstance(scaler, dict) and scaler:
+        text = _bounds_text(scaler) or "-"
+        if scaler.get("current") is not None:
+            text += f" (current {scaler['current']})"
+        out["autoscaler"] = text
+    active = celery.get("active")
+    if isinstance(active, dict):  # {node: [task, ...]}
+        active = [t for tasks in active.values() if isinstance(tasks, list) for t in tasks]
+    if isinstance(active, list):
+        out["active_tasks"] = len(active)
+    total = stats.get("total")
+    if isinstance(total, dict):
+        counts = sorted(total.items(), key=lambda kv: (-_int(kv[1]), kv[0]))
+        by_name = ", ".join(f"{name} {n}" for name, n in counts)
+        out["tasks_done"] = f"{sum(_int(n) for _, n in counts)}" + (
+            f" ({by_name})" if by_name else ""
+        )
+    return out
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _stats_text(s: Stats) -> str:
+    fields: dict[str, Any] = {
+        "instance": f"{s.app}/{s.name}",
+        "state": s.state,
+        "pid": s.pid,
+        "uptime": render.duration(s.uptime),
+        "restarts": s.restarts,
+        "exit_code": s.exit_code,
+        "cpu": None if s.cpu_percent is None else f"{s.cpu_percent:.1f}%",
+        "memory": render.size(s.memory_rss),
+        "processes": s.processes,
+    }
+    if s.celery is not None:
+        fields.update(_celery_summary(s.celery))
+    elif "celery" in s.raw:
+        fields["celery"] = "not running"
+    return render.record(fields)
+
+
 @instances.command("stats", context_settings=CONTEXT)
 @click.argument("app")
 @click.argument("name")
 @json_option
 @pass_opts
 def instances_stats(opts: Options, app: str, name: str) -> None:
-    """Show the resource use of instance NAME of APP (its whole process tree)."""
+    """Show the resource use of instance NAME of APP (its whole process tree).
+
+    For a running celery instance also a summary of Celery's own stats (pool,
+    autoscaler, active tasks, tasks done by name); --json prints them all.
+    """
     with opts.client() as c:
         s = c.stats(app, name)
-    text = render.record(
+    _emit(opts, s.raw, _stats_text(s))
+
+
+main.add_command(instances_stats, "stats")
+
+
+# -- queues -----------------------------------------------------------------
+
+
+def _queue_row(q: Queue) -> tuple[Any, ...]:
+    return (q.name, q.exchange, q.exchange_type, q.routing_key)
+
+
+def _queue_text(q: Queue) -> str:
+    return render.record(
         {
-            "instance": f"{s.app}/{s.name}",
-            "state": s.state,
-            "pid": s.pid,
-            "uptime": render.duration(s.uptime),
-            "restarts": s.restarts,
-            "exit_code": s.exit_code,
-            "cpu": None if s.cpu_percent is None else f"{s.cpu_percent:.1f}%",
-            "memory": render.size(s.memory_rss),
-            "processes": s.processes,
+            "app": q.app,
+            "name": q.name,
+            "exchange": q.exchange,
+            "exchange_type": q.exchange_type,
+            "routing_key": q.routing_key,
+            "options": dict(q.options),
         }
     )
-    _emit(opts, s.raw, text)
+
+
+@main.group(
+    cls=_ListingGroup,
+    invoke_without_command=True,
+    subcommand_metavar="APP | COMMAND [ARGS]...",
+    context_settings=CONTEXT,
+)
+@json_option
+@click.pass_context
+def queues(ctx: click.Context) -> None:
+    """List the queues declared by an app ('queues APP'), or manage one.
+
+    The table has the columns NAME EXCHANGE TYPE ROUTING_KEY; use
+    'queues list APP' for an app named like a subcommand.
+    """
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("give an APP: branchctl queues APP", ctx)
+
+
+@queues.command("list", context_settings=CONTEXT)
+@click.argument("app")
+@json_option
+@pass_opts
+def queues_list(opts: Options, app: str) -> None:
+    """List the queues declared by APP."""
+    with opts.client() as c:
+        items = c.queues(app)
+    _emit(
+        opts,
+        _items(items),
+        render.table(("NAME", "EXCHANGE", "TYPE", "ROUTING_KEY"), map(_queue_row, items)),
+    )
+
+
+@queues.command("add", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@click.option("--exchange", help="Exchange (default: the queue's name).")
+@click.option(
+    "--type", "exchange_type", type=click.Choice(EXCHANGE_TYPES), help="Exchange type (direct)."
+)
+@click.option("--routing-key", help="Routing key (default: the queue's name).")
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="K=V",
+    help="Queue option (V parsed as JSON when it can be: durable=false, "
+    "queue_arguments='{\"x-max-priority\": 10}').",
+)
+@json_option
+@pass_opts
+def queues_add(
+    opts: Options,
+    app: str,
+    name: str,
+    exchange: str | None,
+    exchange_type: str | None,
+    routing_key: str | None,
+    options: tuple[str, ...],
+) -> None:
+    """Declare queue NAME of APP, or replace it (PUT: what is not given is reset).
+
+    Example: branchctl queues add shop images --exchange media --type topic --routing-key 'image.#'
+    """
+    option_map = _pairs(options, "--option", _json_or_str) if options else None
+    with opts.client() as c:
+        queue, created = c.put_queue(app, name, exchange, exchange_type, routing_key, option_map)
+    verb = "created" if created else "replaced"
+    _emit(opts, queue.raw, f"{verb} queue {queue.app}/{queue.name}\n{_queue_text(queue)}")
+
+
+@queues.command("show", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@json_option
+@pass_opts
+def queues_show(opts: Options, app: str, name: str) -> None:
+    """Show queue NAME of APP."""
+    with opts.client() as c:
+        queue = c.get_queue(app, name)
+    _emit(opts, queue.raw, _queue_text(queue))
+
+
+@queues.command("remove", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@json_option
+@pass_opts
+def queues_remove(opts: Options, app: str, name: str) -> None:
+    """Remove queue NAME of APP (first cancelled on every instance of the app)."""
+    with opts.client() as c:
+        c.delete_queue(app, name)
+    if not opts.json:
+        click.echo(f"removed queue {app}/{name}")
+
+
+# -- consumers --------------------------------------------------------------
+
+
+def _consumers_table(items: Iterable[Consumer]) -> str:
+    rows = [(x.name, x.wanted, x.declared, x.live) for x in items]
+    return render.table(("QUEUE", "WANTED", "DECLARED", "LIVE"), rows)
+
+
+@main.group(
+    cls=_ListingGroup,
+    invoke_without_command=True,
+    subcommand_metavar="APP NAME | COMMAND [ARGS]...",
+    context_settings=CONTEXT,
+)
+@json_option
+@click.pass_context
+def consumers(ctx: click.Context) -> None:
+    """List the queues a celery instance consumes ('consumers APP NAME'), or change them.
+
+    The table has the columns QUEUE WANTED (declared on the instance),
+    DECLARED (the app declares that queue), LIVE (the running worker consumes
+    it; '-' when it is not running). Changes apply without a restart.
+    """
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("give an APP and a NAME: branchctl consumers APP NAME", ctx)
+
+
+@consumers.command("list", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@json_option
+@pass_opts
+def consumers_list(opts: Options, app: str, name: str) -> None:
+    """List the queues of celery instance NAME of APP."""
+    with opts.client() as c:
+        items = c.consumers(app, name)
+    _emit(opts, _items(items), _consumers_table(items))
+
+
+@consumers.command("add", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@click.argument("queue")
+@json_option
+@pass_opts
+def consumers_add(opts: Options, app: str, name: str, queue: str) -> None:
+    """Make instance NAME of APP consume QUEUE (no restart); prints its queues."""
+    with opts.client() as c:
+        items = c.add_consumer(app, name, queue)
+    _emit(opts, _items(items), _consumers_table(items))
+
+
+@consumers.command("remove", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@click.argument("queue")
+@json_option
+@pass_opts
+def consumers_remove(opts: Options, app: str, name: str, queue: str) -> None:
+    """Make instance NAME of APP stop consuming QUEUE (no restart); prints its queues."""
+    with opts.client() as c:
+        items = c.remove_consumer(app, name, queue)
+    _emit(opts, _items(items), _consumers_table(items))
+
+
+# -- autoscale --------------------------------------------------------------
+
+
+def _autoscale_text(a: Autoscale) -> str:
+    live = (
+        "-" if not a.live else f"{render.cell(a.live.get('min'))} {render.cell(a.live.get('max'))}"
+    )
+    return f"{a.min} {a.max} (live: {live})"
+
+
+def _non_negative(value: str, what: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r} is not a non-negative integer", param_hint=what)
+    return n
+
+
+@main.command("autoscale", context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("app")
+@click.argument("name")
+@click.argument("bounds", metavar="[MIN MAX]", nargs=-1)
+@json_option
+@pass_opts
+def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -> None:
+    """Show the autoscale bounds of celery instance NAME of APP, or set them to MIN MAX.
+
+    Prints 'MIN MAX (live: MIN MAX)', live being what the running worker
+    reports ('-' when it is not running). Setting applies without a restart.
+    """
+    if len(bounds) not in (0, 2):
+        raise click.UsageError("give both MIN and MAX, or neither")
+    wanted = [_non_negative(v, what) for v, what in zip(bounds, ("MIN", "MAX"), strict=False)]
+    with opts.client() as c:
+        a = c.set_autoscale(app, name, *wanted) if wanted else c.autoscale(app, name)
+    _emit(opts, a.raw, _autoscale_text(a))
 
 
 # -- logs -------------------------------------------------------------------

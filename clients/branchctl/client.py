@@ -7,7 +7,7 @@ import codecs
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -15,7 +15,7 @@ from urllib.parse import quote
 import aiohttp
 
 from branchctl.errors import ApiError, ConnectionFailed
-from branchctl.models import App, Branch, Instance, Stats
+from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
@@ -33,6 +33,21 @@ def _seg(name: str) -> str:
 
 def _instance_path(app: str, name: str) -> str:
     return f"/v1/apps/{_seg(app)}/instances/{_seg(name)}"
+
+
+def _queue_path(app: str, queue: str) -> str:
+    return f"/v1/apps/{_seg(app)}/queues/{_seg(queue)}"
+
+
+AutoscaleIn = Mapping[str, int] | tuple[int, int]
+"""Autoscale bounds: ``{"min": n, "max": n}`` or a ``(min, max)`` pair."""
+
+
+def _bounds(value: AutoscaleIn) -> dict[str, int]:
+    if isinstance(value, tuple):
+        low, high = value
+        return {"min": low, "max": high}
+    return dict(value)
 
 
 def _normalize_url(url: str) -> str:
@@ -172,15 +187,40 @@ class AsyncClient:
     async def put_app(
         self,
         name: str,
-        env: dict[str, str] | None = None,
-        defaults: dict[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        broker: str | None = None,
+        celery_app: str | None = None,
+        python: str | None = None,
+        pool: str | None = None,
+        args: Sequence[str] | None = None,
+        autoscale: AutoscaleIn | None = None,
+        mingle_gossip: bool | None = None,
     ) -> tuple[App, bool]:
-        """Create or replace an app; answer (app, created)."""
+        """Create or replace an app; answer (app, created).
+
+        Only the arguments given (not None) are sent; PUT resets the others
+        to their defaults (no ``broker``: the embedded broker). ``autoscale``
+        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair.
+        """
         body: dict[str, Any] = {}
         if env is not None:
-            body["env"] = env
+            body["env"] = dict(env)
         if defaults is not None:
-            body["defaults"] = defaults
+            body["defaults"] = dict(defaults)
+        for key, value in (
+            ("broker", broker),
+            ("celery_app", celery_app),
+            ("python", python),
+            ("pool", pool),
+            ("mingle_gossip", mingle_gossip),
+        ):
+            if value is not None:
+                body[key] = value
+        if args is not None:
+            body["args"] = list(args)
+        if autoscale is not None:
+            body["autoscale"] = _bounds(autoscale)
         status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
         return self._parse(App.from_json, data, status), status == 201
 
@@ -241,6 +281,71 @@ class AsyncClient:
     async def stats(self, app: str, name: str) -> Stats:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
+
+    # -- queues (declarations of an app) -------------------------------------
+
+    async def queues(self, app: str) -> list[Queue]:
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/queues")
+        return self._items(Queue.from_json, data)
+
+    async def get_queue(self, app: str, queue: str) -> Queue:
+        _, data = await self._json("GET", _queue_path(app, queue))
+        return self._parse(Queue.from_json, data)
+
+    async def put_queue(
+        self,
+        app: str,
+        queue: str,
+        exchange: str | None = None,
+        exchange_type: str | None = None,
+        routing_key: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[Queue, bool]:
+        """Declare (or replace) a queue of ``app``; answer (queue, created)."""
+        body: dict[str, Any] = {}
+        for key, value in (
+            ("exchange", exchange),
+            ("exchange_type", exchange_type),
+            ("routing_key", routing_key),
+        ):
+            if value is not None:
+                body[key] = value
+        if options is not None:
+            body["options"] = dict(options)
+        status, data = await self._json("PUT", _queue_path(app, queue), body)
+        return self._parse(Queue.from_json, data, status), status == 201
+
+    async def delete_queue(self, app: str, queue: str) -> None:
+        """Remove a queue declaration (first cancelled on every instance of the app)."""
+        await self._call("DELETE", _queue_path(app, queue))
+
+    # -- consumers and autoscale of a celery instance -------------------------
+
+    async def consumers(self, app: str, name: str) -> list[Consumer]:
+        _, data = await self._json("GET", f"{_instance_path(app, name)}/queues")
+        return self._items(Consumer.from_json, data)
+
+    async def add_consumer(self, app: str, name: str, queue: str) -> list[Consumer]:
+        """Make the worker consume ``queue`` (no restart); answers once it confirmed."""
+        path = f"{_instance_path(app, name)}/queues/{_seg(queue)}"
+        _, data = await self._json("PUT", path)
+        return self._items(Consumer.from_json, data)
+
+    async def remove_consumer(self, app: str, name: str, queue: str) -> list[Consumer]:
+        """Make the worker stop consuming ``queue``; answers once it confirmed."""
+        path = f"{_instance_path(app, name)}/queues/{_seg(queue)}"
+        _, data = await self._json("DELETE", path)
+        return self._items(Consumer.from_json, data)
+
+    async def autoscale(self, app: str, name: str) -> Autoscale:
+        _, data = await self._json("GET", f"{_instance_path(app, name)}/autoscale")
+        return self._parse(Autoscale.from_json, data)
+
+    async def set_autoscale(self, app: str, name: str, min: int, max: int) -> Autoscale:
+        """Change the autoscale bounds of a worker (no restart); 422 when min > max."""
+        body = {"min": min, "max": max}
+        _, data = await self._json("PUT", f"{_instance_path(app, name)}/autoscale", body)
+        return self._parse(Autoscale.from_json, data)
 
     # -- logs ----------------------------------------------------------------
 
@@ -342,10 +447,30 @@ class Client:
     def put_app(
         self,
         name: str,
-        env: dict[str, str] | None = None,
-        defaults: dict[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        broker: str | None = None,
+        celery_app: str | None = None,
+        python: str | None = None,
+        pool: str | None = None,
+        args: Sequence[str] | None = None,
+        autoscale: AutoscaleIn | None = None,
+        mingle_gossip: bool | None = None,
     ) -> tuple[App, bool]:
-        return self._run(self._async.put_app(name, env, defaults))
+        return self._run(
+            self._async.put_app(
+                name,
+                env,
+                defaults,
+                broker=broker,
+                celery_app=celery_app,
+                python=python,
+                pool=pool,
+                args=args,
+                autoscale=autoscale,
+                mingle_gossip=mingle_gossip,
+            )
+        )
 
     def delete_app(self, name: str) -> None:
         self._run(self._async.delete_app(name))
@@ -376,6 +501,43 @@ class Client:
 
     def stats(self, app: str, name: str) -> Stats:
         return self._run(self._async.stats(app, name))
+
+    def queues(self, app: str) -> list[Queue]:
+        return self._run(self._async.queues(app))
+
+    def get_queue(self, app: str, queue: str) -> Queue:
+        return self._run(self._async.get_queue(app, queue))
+
+    def put_queue(
+        self,
+        app: str,
+        queue: str,
+        exchange: str | None = None,
+        exchange_type: str | None = None,
+        routing_key: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[Queue, bool]:
+        return self._run(
+            self._async.put_queue(app, queue, exchange, exchange_type, routing_key, options)
+        )
+
+    def delete_queue(self, app: str, queue: str) -> None:
+        self._run(self._async.delete_queue(app, queue))
+
+    def consumers(self, app: str, name: str) -> list[Consumer]:
+        return self._run(self._async.consumers(app, name))
+
+    def add_consumer(self, app: str, name: str, queue: str) -> list[Consumer]:
+        return self._run(self._async.add_consumer(app, name, queue))
+
+    def remove_consumer(self, app: str, name: str, queue: str) -> list[Consumer]:
+        return self._run(self._async.remove_consumer(app, name, queue))
+
+    def autoscale(self, app: str, name: str) -> Autoscale:
+        return self._run(self._async.autoscale(app, name))
+
+    def set_autoscale(self, app: str, name: str, min: int, max: int) -> Autoscale:
+        return self._run(self._async.set_autoscale(app, name, min, max))
 
     def logs(self, app: str, name: str, stream: str = "stdout", tail: int = 100) -> str:
         return self._run(self._async.logs(app, name, stream, tail))

@@ -42,17 +42,41 @@ def _strings(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in dict(value).items()}
 
 
+def _str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # not a list of characters
+        raise ValueError(f"expected a list, got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _bounds(value: Any) -> dict[str, Any]:
+    """An ``{"min": n, "max": n}`` object (kept as a plain dict)."""
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class App:
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     created_at: float | None = None
+    # Celery settings of the app's workers (absent from a daemon without them)
+    broker: str | None = None
+    embedded_broker: bool | None = None
+    celery_app: str | None = None
+    python: str | None = None
+    pool: str | None = None
+    args: tuple[str, ...] = ()
+    autoscale: Mapping[str, Any] | None = None
+    mingle_gossip: bool | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Any) -> App:
-        return _build(cls, data, {"env": _strings, "defaults": dict})
+        return _build(
+            cls,
+            data,
+            {"env": _strings, "defaults": dict, "args": _str_tuple, "autoscale": _bounds},
+        )
 
 
 @dataclass(frozen=True)
@@ -84,11 +108,32 @@ class Instance:
     reason: str | None = None
     branch: str | None = None
     created_at: float | None = None
+    # kind "celery" only
+    node: str | None = None
+    queues: tuple[str, ...] = ()
+    autoscale: Mapping[str, Any] | None = None
+    concurrency: int | None = None
+    pool: str | None = None
+    args: tuple[str, ...] = ()
+    loglevel: str | None = None
+    hung_after: float | None = None
+    memory_limit: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Any) -> Instance:
-        return _build(cls, data, {"command": tuple, "exitcodes": tuple, "env": _strings})
+        return _build(
+            cls,
+            data,
+            {
+                "command": tuple,
+                "exitcodes": tuple,
+                "env": _strings,
+                "queues": _str_tuple,
+                "args": _str_tuple,
+                "autoscale": _bounds,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -103,11 +148,59 @@ class Stats:
     cpu_percent: float | None = None
     memory_rss: int | None = None
     processes: int = 0
+    # kind "celery": {"node", "stats", "active"} (Celery's replies); None when not running
+    celery: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Any) -> Stats:
+        return _build(cls, data, {"celery": dict})
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue declaration of an app."""
+
+    app: str
+    name: str
+    exchange: str | None = None
+    exchange_type: str = "direct"
+    routing_key: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Queue:
+        return _build(cls, data, {"options": dict})
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A queue of a celery instance: wanted (persisted), declared, live (None: not running)."""
+
+    name: str
+    wanted: bool = False
+    declared: bool = False
+    live: bool | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Consumer:
         return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """The autoscale bounds of a celery instance; ``live`` what the running worker reports."""
+
+    min: int
+    max: int
+    live: Mapping[str, Any] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Autoscale:
+        return _build(cls, data, {"live": _bounds})
 
 
 @dataclass(frozen=True)
