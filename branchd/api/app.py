@@ -45,6 +45,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return _error(exc.status, code, exc.reason, **headers)
+    except ConnectionResetError:
+        # The client left (e.g. in the middle of sending its body): nobody to
+        # answer, and nothing wrong with the daemon.
+        log.debug("client left during %s %s", request.method, request.path)
+        return _error(400, "bad_request", "connection lost")
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _error(500, "internal", "internal error; see the branchd log")

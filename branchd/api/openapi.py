@@ -54,8 +54,10 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
             "responses": responses,
         }
         if route.body is not None:
+            # Optional: an empty body means {} (e.g. an instance made from its
+            # app's defaults, an app with no env or defaults).
             op["requestBody"] = {
-                "required": True,
+                "required": False,
                 "content": {"application/json": {"schema": route.body}},
             }
         if route.path != "/v1/ping":

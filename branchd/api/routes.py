@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Invalid, NotFound
-from branchd.model import valid_name
+from branchd.model import NAME_RE, valid_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,6 +29,8 @@ ADDRESS = web.AppKey("address", str)
 OPENAPI = web.AppKey("openapi", dict)
 
 MAX_TAIL = 10_000
+#: How often a follow=1 answer checks that its client is still there.
+_GONE_CHECK = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,16 @@ def _backend(request: web.Request) -> Backend:
     return request.app[BACKEND]
 
 
+def _strict_name(value: str) -> bool:
+    # NAME_RE ends in "$", which in Python also matches before a final "\n"
+    # ("a\n" passed, then broke the Location header and made odd log paths):
+    # the whole string must match.
+    return valid_name(value) and NAME_RE.fullmatch(value) is not None
+
+
 def _name(request: web.Request, key: str) -> str:
     value = request.match_info[key]
-    if not valid_name(value):
+    if not _strict_name(value):
         raise Invalid(f"bad {key} name {value!r}")
     return value
 
@@ -61,7 +70,7 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
         data: Any = {}
     else:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -70,7 +79,26 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
         raise Invalid(f"{where}: {error.message}")
+    return _as_ints(schema, data)  # type: ignore[no-any-return]
+
+
+def _as_ints(schema: schemas.Schema, data: Any) -> Any:
+    """Make the integers JSON Schema accepts as 2.0 real ints, as the model expects
+    (a float ``log_max_bytes`` broke log rotation)."""
+    if schema.get("type") == "integer" and isinstance(data, float):
+        return int(data)
+    if isinstance(data, dict):
+        props = schema.get("properties", {})
+        return {k: _as_ints(props[k], v) if k in props else v for k, v in data.items()}
+    if isinstance(data, list) and isinstance(schema.get("items"), dict):
+        return [_as_ints(schema["items"], v) for v in data]
     return data
+
+
+def _no_constant(word: str) -> Any:
+    # Python's json takes NaN and Infinity, which are not JSON: NaN passes every
+    # "minimum"/"maximum" and would be stored, then served as invalid JSON.
+    raise ValueError(f"{word} is not JSON")
 
 
 _VALIDATORS: dict[int, jsonschema.protocols.Validator] = {}
@@ -162,6 +190,8 @@ async def list_instances(request: web.Request) -> web.Response:
 async def create_instance(request: web.Request) -> web.Response:
     app = _name(request, "app")
     body = await _body(request, schemas.INSTANCE_IN)
+    if "name" in body and not _strict_name(body["name"]):
+        raise Invalid(f"name: bad instance name {body['name']!r}")
     view = await _backend(request).create_instance(app, body)
     location = f"/v1/apps/{app}/instances/{view.spec.name}"
     return _json(view.to_json(), status=201, headers={"Location": location})
@@ -226,13 +256,42 @@ async def logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
     await response.write(text.encode())
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        async for line in backend.follow_logs(app, name, stream):
-            await response.write(line.encode())
+    # aiohttp does not cancel a handler when its client leaves, and a quiet log
+    # gives no write to fail on: watch the connection, or the follower stays.
+    pump = asyncio.ensure_future(_pump(backend.follow_logs(app, name, stream), response))
+    try:
+        while not pump.done():
+            await asyncio.wait({pump}, timeout=_GONE_CHECK)
+            if request.transport is None or request.transport.is_closing():
+                break
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await pump
     return response
 
 
+async def _pump(lines: AsyncIterator[str], response: web.StreamResponse) -> None:
+    try:
+        async for line in lines:
+            # follow() yields lines without their newline.
+            await response.write(line.encode() + b"\n")
+    finally:
+        aclose = getattr(lines, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 async def not_found(request: web.Request) -> web.Response:
+    """The catch-all: 405 (with Allow) if the path exists for other methods, else 404."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise NotFound(f"no route {request.path}")
 
 
@@ -261,6 +320,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/apps/{app}",
         put_app,
         "Create (201) or replace (200) an app",
+        ok=201,
         response=schemas.APP,
         body=schemas.APP_IN,
     ),

@@ -1,0 +1,251 @@
+"""The OpenAPI document against the router, the OpenAPI 3.1 spec and live answers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import jsonschema
+import pytest
+import schemathesis
+
+from branchd.api.app import make_app
+from branchd.api.backend import Backend
+from tests.conftest import SLEEPER, Branchd, Reply, wait_for
+
+PY = sys.executable
+METHODS = {"get", "put", "post", "patch", "delete"}
+
+
+def _router_operations() -> set[tuple[str, str]]:
+    app = make_app(
+        cast(Backend, object()), token=None, max_body=1024, started_at=0.0, address="x:1"
+    )
+    ops = set()
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if route.method == "*":  # the catch-all: JSON 404/405 for everything else
+            assert path == "/{tail}"
+            continue
+        ops.add((route.method.lower(), path))
+    return ops
+
+
+def _doc_operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(m, p) for p, item in doc["paths"].items() for m in item if m in METHODS}
+
+
+def test_router_and_document_list_the_same_operations(branchd: Branchd) -> None:
+    doc = branchd.ok("GET", "/v1/openapi.json")
+    router = _router_operations()
+    assert router == _doc_operations(doc)
+    assert len(router) >= 17
+
+
+def test_document_is_valid_openapi_31(branchd: Branchd) -> None:
+    doc = branchd.ok("GET", "/v1/openapi.json")
+    assert doc["openapi"].startswith("3.1.")
+    # schemathesis checks the document against the OpenAPI 3.1 meta-schema
+    schemathesis.openapi.from_dict(doc).validate()
+    # ...and it does catch a broken one
+    with pytest.raises(Exception, match=r"info|required"):
+        schemathesis.openapi.from_dict({k: v for k, v in doc.items() if k != "info"}).validate()
+    ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    for schema in _all_schemas(doc):
+        jsonschema.Draft202012Validator.check_schema(schema)
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            names = {p["name"] for p in op["parameters"] if p["in"] == "path"}
+            assert names == set(re.findall(r"{(\w+)}", path)), path
+
+
+def _all_schemas(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    found = list(doc["components"]["schemas"].values())
+    for item in doc["paths"].values():
+        for op in item.values():
+            found += [p["schema"] for p in op["parameters"]]
+            bodies = [op.get("requestBody", {}), *op["responses"].values()]
+            for part in bodies:
+                found += [c["schema"] for c in part.get("content", {}).values() if "schema" in c]
+    return found
+
+
+class Validating:
+    """Calls the daemon and checks each answer against the document."""
+
+    def __init__(self, b: Branchd, doc: dict[str, Any]) -> None:
+        self.b = b
+        self.doc = doc
+        self.seen: set[tuple[str, str, int]] = set()
+
+    def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Reply:
+        reply = self.b.call(method, path, body, **kw)
+        template = self._template(path.split("?")[0])
+        item = self.doc["paths"][template]
+        if method.lower() not in item:  # an undocumented method: a JSON 405
+            assert reply.status == 405, (method, path, reply.status, reply.text)
+            jsonschema.validate(reply.body, self.doc["components"]["schemas"]["Error"])
+            return reply
+        responses = item[method.lower()]["responses"]
+        assert str(reply.status) in responses, (method, path, reply.status, reply.text)
+        documented = responses[str(reply.status)]
+        content = documented.get("content")
+        if content is None:
+            assert reply.text == "", (method, path, reply.text)
+        else:
+            ctype = reply.headers["Content-Type"].split(";")[0]
+            assert ctype in content, (method, path, ctype)
+            schema = content[ctype]["schema"]
+            instance = reply.body if ctype == "application/json" else reply.text
+            # the document's components go along so that "$ref"s resolve
+            validator = jsonschema.Draft202012Validator(
+                {**schema, "components": self.doc["components"]}
+            )
+            validator.validate(instance)
+        self.seen.add((method.lower(), template, reply.status))
+        return reply
+
+    def _template(self, path: str) -> str:
+        template: str
+        for template in self.doc["paths"]:
+            pattern = re.sub(r"{\w+}", "[^/]+", template)
+            if re.fullmatch(pattern, path):
+                return template
+        raise AssertionError(f"{path} is not in the document")
+
+
+def test_answers_match_the_document(branchd: Branchd) -> None:
+    v = Validating(branchd, branchd.ok("GET", "/v1/openapi.json"))
+    inst = "/v1/apps/web/instances/w1"
+    for method, path in [("GET", "/v1/ping"), ("GET", "/v1/branch"), ("GET", "/v1/branches")]:
+        assert v.call(method, path).status == 200
+    assert v.call("GET", "/v1/openapi.json").status == 200
+    assert v.call("GET", "/v1/apps").status == 200
+    assert v.call("GET", "/v1/apps/web").status == 404
+    assert v.call("PUT", "/v1/apps/web", {"env": {"A": "b"}}).status == 201
+    assert v.call("PUT", "/v1/apps/web", {"defaults": {"startsecs": 0.1}}).status == 200
+    assert v.call("PUT", "/v1/apps/web", raw=b"[]").status == 400
+    assert v.call("PUT", "/v1/apps/web", {"nope": 1}).status == 422
+    assert v.call("GET", "/v1/apps/web").status == 200
+    assert v.call("GET", "/v1/apps").status == 200
+    assert v.call("GET", "/v1/apps/web/instances").status == 200
+    assert (
+        v.call("POST", "/v1/apps/web/instances", {"name": "w1", "command": SLEEPER}).status == 201
+    )
+    assert (
+        v.call("POST", "/v1/apps/web/instances", {"name": "w1", "command": SLEEPER}).status == 409
+    )
+    assert (
+        v.call("POST", "/v1/apps/web/instances", {"command": [PY, "-c", "print(1)"]}).status == 201
+    )
+    assert v.call("POST", "/v1/apps/web/instances", {}).status == 422
+    assert v.call("POST", "/v1/apps/web/instances", raw=b"x" * (1024 * 1024 + 1)).status == 413
+    branchd.wait_state("web", "w1", "running")
+    assert v.call("GET", "/v1/apps/web/instances").status == 200
+    assert v.call("GET", inst).status == 200
+    assert v.call("PATCH", inst, {"stopwaitsecs": 3}).status == 200
+    assert v.call("GET", inst + "/stats").status == 200
+    assert v.call("GET", inst + "/logs?tail=5").status == 200
+    assert v.call("GET", inst + "/logs?tail=x").status == 400
+    assert v.call("POST", inst + "/restart").status == 200
+    assert v.call("POST", inst + "/stop").status == 200
+    assert v.call("GET", inst + "/stats").status == 200
+    assert v.call("POST", inst + "/start").status == 200
+    assert v.call("POST", inst).status == 405
+    assert v.call("DELETE", inst).status == 204
+    for method, path in [
+        ("GET", inst),
+        ("PATCH", inst),
+        ("DELETE", inst),
+        ("POST", inst + "/start"),
+        ("POST", inst + "/stop"),
+        ("POST", inst + "/restart"),
+        ("GET", inst + "/logs"),
+        ("GET", inst + "/stats"),
+    ]:
+        assert v.call(method, path, {} if method == "PATCH" else None).status == 404
+    assert v.call("GET", "/v1/apps/bad..%2F/instances").status == 422
+    assert v.call("DELETE", "/v1/apps/web").status == 204
+    assert v.call("DELETE", "/v1/apps/web").status == 404
+    # every operation of the document was seen answering its success status
+    for method, path in _doc_operations(v.doc):
+        ok = [int(s) for s in v.doc["paths"][path][method]["responses"] if s.startswith("2")]
+        assert any((method, path, s) in v.seen for s in ok), (method, path)
+
+
+def test_answers_match_the_document_with_a_token(branchd_factory: Callable[..., Branchd]) -> None:
+    b = branchd_factory(token="s3cret")
+    v = Validating(b, b.ok("GET", "/v1/openapi.json"))
+    assert v.call("GET", "/v1/apps", token="wrong").status == 401
+    assert v.call("PUT", "/v1/apps/web", {}, token="wrong").status == 401
+    assert v.call("GET", "/v1/ping", token="wrong").status == 200
+
+
+# Schemathesis' settings for the run below. Two deliberate exceptions:
+SCHEMATHESIS_TOML = """\
+# follow=1 streams until the client leaves, so any request with it only ends
+# at the request timeout; test_api.py covers it with a reader that hangs up.
+[parameters]
+"query.follow" = "0"
+
+# POST /v1/apps/{app}/instances: "command" is required unless the app's stored
+# defaults give one, which no request schema can say; so a schema-valid body
+# can fairly get 422 (false positive of positive_data_acceptance).
+[[operations]]
+include-path = "/v1/apps/{app}/instances"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+"""
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing(
+    branchd_factory: Callable[..., Branchd], tmp_path: Path
+) -> None:
+    # SAFETY: schemathesis POSTs random "command" argv lists and the daemon runs
+    # them. With PATH an empty directory no random program name resolves to a
+    # real program (absolute paths stay possible but are vanishingly unlikely
+    # from random text), so every such instance just fails to spawn.
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    b = branchd_factory(env={"PATH": str(empty)}, state_dir=tmp_path / "state")
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_TOML)
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "--config-file",
+        str(config),
+        "run",
+        f"{b.url}/v1/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        "25",
+        "--request-timeout",
+        "10",
+        "--generation-database",
+        "none",
+        "--no-color",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    elapsed = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    cases = re.search(r"(\d+) generated", out)
+    ops = re.search(r"Operations:\s+(\d+) selected / (\d+) total", out)
+    assert cases and ops, out
+    print(f"schemathesis: {ops[1]} operations, {cases[1]} test cases, {elapsed:.1f}s")
+    assert int(ops[1]) == int(ops[2]) >= 17
+    # the daemon is fine, and never hit an unexpected error
+    assert b.ok("GET", "/v1/ping") == {"ok": True}
+    log = b.log()
+    assert "unexpected error" not in log
+    assert "Unhandled exception" not in log
+    wait_for(lambda: b.proc.poll() is None)
