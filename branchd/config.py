@@ -54,7 +54,7 @@ class Config:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     #: How often instance log files are checked for rotation.
-    log_check_interval: float = 2.0
+    log_check_interval: float = 5.0
     #: How often running Celery workers are pinged (hung-worker detection).
     health_interval: float = 5.0
     #: How often every worker is compared with its declaration (slow sweep).

@@ -18,6 +18,8 @@ _ERRORS = {
     "409": "Conflict (name taken)",
     "413": "Body too large",
     "422": "Invalid input (schema, name, rule)",
+    "502": "A worker refused or did not confirm a runtime change",
+    "503": "The broker could not be reached",
 }
 
 
@@ -43,7 +45,7 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
         elif route.response is not None:
             ok["content"] = {"application/json": {"schema": route.response}}
         responses: dict[str, Any] = {str(route.ok): ok}
-        if route.path.endswith("{app}") and route.method == "PUT":
+        if route.method == "PUT" and route.ok == 201:  # create or replace
             responses["200"] = {"description": "Replaced", "content": ok["content"]}
         for code, text in _ERRORS.items():
             responses[code] = {"description": text, "content": error_ref}

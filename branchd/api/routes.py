@@ -19,7 +19,7 @@ from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Invalid, NotFound
-from branchd.model import NAME_RE, valid_name
+from branchd.model import NAME_RE, App, valid_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,23 +155,87 @@ async def openapi(request: web.Request) -> web.Response:
 # apps -----------------------------------------------------------------------
 
 
+def _app_json(request: web.Request, app: App) -> dict[str, Any]:
+    return app.to_json(_backend(request).effective_broker(app))
+
+
 async def list_apps(request: web.Request) -> web.Response:
     apps = await _backend(request).list_apps()
-    return _json({"items": [a.to_json() for a in apps]})
+    return _json({"items": [_app_json(request, a) for a in apps]})
 
 
 async def put_app(request: web.Request) -> web.Response:
     name = _name(request, "app")
     body = await _body(request, schemas.APP_IN)
+    celery = {k: v for k, v in body.items() if k not in ("env", "defaults")}
     app, created = await _backend(request).put_app(
-        name, body.get("env", {}), body.get("defaults", {})
+        name, body.get("env", {}), body.get("defaults", {}), celery
     )
-    return _json(app.to_json(), status=201 if created else 200)
+    return _json(_app_json(request, app), status=201 if created else 200)
 
 
 async def get_app(request: web.Request) -> web.Response:
     app = await _backend(request).get_app(_name(request, "app"))
-    return _json(app.to_json())
+    return _json(_app_json(request, app))
+
+
+# queues (declarations) ----------------------------------------------------------
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    queues = await _backend(request).list_queues(_name(request, "app"))
+    return _json({"items": [q.to_json() for q in queues]})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    queue = await _backend(request).get_queue(_name(request, "app"), _name(request, "queue"))
+    return _json(queue.to_json())
+
+
+async def put_queue(request: web.Request) -> web.Response:
+    app, name = _name(request, "app"), _name(request, "queue")
+    body = await _body(request, schemas.QUEUE_IN)
+    queue, created = await _backend(request).put_queue(app, name, body)
+    return _json(queue.to_json(), status=201 if created else 200)
+
+
+async def delete_queue(request: web.Request) -> web.Response:
+    await _backend(request).delete_queue(_name(request, "app"), _name(request, "queue"))
+    return web.Response(status=204)
+
+
+# consumers and autoscale of a running worker --------------------------------------
+
+
+async def list_consumers(request: web.Request) -> web.Response:
+    items = await _backend(request).consumers(_name(request, "app"), _name(request, "name"))
+    return _json({"items": items})
+
+
+async def add_consumer(request: web.Request) -> web.Response:
+    app, name, queue = _name(request, "app"), _name(request, "name"), _name(request, "queue")
+    await _body(request, schemas.EMPTY)
+    return _json({"items": await _backend(request).add_consumer(app, name, queue)})
+
+
+async def remove_consumer(request: web.Request) -> web.Response:
+    app, name, queue = _name(request, "app"), _name(request, "name"), _name(request, "queue")
+    return _json({"items": await _backend(request).remove_consumer(app, name, queue)})
+
+
+async def get_autoscale(request: web.Request) -> web.Response:
+    app, name = _name(request, "app"), _name(request, "name")
+    return _json(await _backend(request).get_autoscale(app, name))
+
+
+async def put_autoscale(request: web.Request) -> web.Response:
+    app, name = _name(request, "app"), _name(request, "name")
+    body = await _body(request, schemas.AUTOSCALE_IN)
+    if not body:
+        raise Invalid("body: 'min' and 'max' are required")
+    if body["min"] > body["max"]:
+        raise Invalid(f"autoscale min ({body['min']}) is greater than max ({body['max']})")
+    return _json(await _backend(request).set_autoscale(app, name, body["min"], body["max"]))
 
 
 async def delete_app(request: web.Request) -> web.Response:
@@ -302,6 +366,7 @@ _TAIL_Q = (
 )
 
 INST = "/v1/apps/{app}/instances/{name}"
+QUEUE = "/v1/apps/{app}/queues/{queue}"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/ping", ping, "Liveness check (no token needed)", response=schemas.PING),
@@ -388,6 +453,71 @@ ROUTES: tuple[Route, ...] = (
         query=_TAIL_Q,
     ),
     Route(
-        "GET", INST + "/stats", stats, "Process-tree figures of an instance", response=schemas.STATS
+        "GET",
+        INST + "/stats",
+        stats,
+        "Process-tree figures of an instance (plus Celery's stats and active tasks)",
+        response=schemas.STATS,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/queues",
+        list_queues,
+        "Queue declarations of an app",
+        response=schemas.items(schemas.QUEUE),
+    ),
+    Route("GET", QUEUE, get_queue, "One queue declaration", response=schemas.QUEUE),
+    Route(
+        "PUT",
+        QUEUE,
+        put_queue,
+        "Declare (201) or replace (200) a queue: exchange, type, routing key, options",
+        ok=201,
+        response=schemas.QUEUE,
+        body=schemas.QUEUE_IN,
+    ),
+    Route(
+        "DELETE",
+        QUEUE,
+        delete_queue,
+        "Cancel a queue on every instance of the app, then forget it",
+        ok=204,
+    ),
+    Route(
+        "GET",
+        INST + "/queues",
+        list_consumers,
+        "Queues a celery instance consumes (wanted and live)",
+        response=schemas.items(schemas.CONSUMER),
+    ),
+    Route(
+        "PUT",
+        INST + "/queues/{queue}",
+        add_consumer,
+        "Make a running worker consume a queue, no restart (persisted first)",
+        response=schemas.items(schemas.CONSUMER),
+        body=schemas.EMPTY,
+    ),
+    Route(
+        "DELETE",
+        INST + "/queues/{queue}",
+        remove_consumer,
+        "Make a running worker stop consuming a queue (persisted first)",
+        response=schemas.items(schemas.CONSUMER),
+    ),
+    Route(
+        "GET",
+        INST + "/autoscale",
+        get_autoscale,
+        "Declared and live concurrency range of a celery instance",
+        response=schemas.AUTOSCALE,
+    ),
+    Route(
+        "PUT",
+        INST + "/autoscale",
+        put_autoscale,
+        "Change a worker's concurrency range at runtime, no restart",
+        response=schemas.AUTOSCALE,
+        body=schemas.AUTOSCALE_IN,
     ),
 )

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from branchd.model import NAME_PATTERN, STOP_SIGNALS, Autorestart, Desired, Kind, State, StopStep
+from branchd.model import (
+    NAME_PATTERN,
+    POOLS,
+    STOP_SIGNALS,
+    Autorestart,
+    Desired,
+    Kind,
+    State,
+    StopStep,
+)
 
 Schema = dict[str, Any]
 
@@ -41,15 +50,56 @@ _SETTABLE: dict[str, Schema] = {
 
 NAME: Schema = {"type": "string", "pattern": NAME_PATTERN}
 
+_ARGV: Schema = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1},
+    "maxItems": 1000,
+}
+
+AUTOSCALE_IN: Schema = {
+    "type": "object",
+    "required": ["min", "max"],
+    "properties": {
+        "min": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "max": {"type": "integer", "minimum": 1, "maximum": 10000},
+    },
+    "additionalProperties": False,
+}
+
+_POOL: Schema = {"type": "string", "enum": list(POOLS)}
+
+#: The fields of a celery instance a user may set (also app defaults).
+_CELERY_SETTABLE: dict[str, Schema] = {
+    "queues": {"type": "array", "items": NAME, "maxItems": 100, "uniqueItems": True},
+    "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
+    "concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
+    "pool": {"oneOf": [_POOL, {"type": "null"}]},
+    "args": _ARGV,
+    "loglevel": {"type": "string", "enum": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]},
+    "hung_after": {"type": "number", "minimum": 1, "maximum": 86400},
+    "memory_limit": {"type": ["integer", "null"], "minimum": 1024 * 1024, "maximum": 2**50},
+}
+_SETTABLE.update(_CELERY_SETTABLE)
+
 INSTANCE_DEFAULTS: Schema = {
     "type": "object",
     "properties": _SETTABLE,
     "additionalProperties": False,
 }
 
+_APP_CELERY: dict[str, Schema] = {
+    "broker": {"type": ["string", "null"], "minLength": 1, "maxLength": 2000},
+    "celery_app": {"type": ["string", "null"], "pattern": r"^[A-Za-z_][A-Za-z0-9_.:]*$"},
+    "python": {"type": ["string", "null"], "minLength": 1},
+    "pool": _POOL,
+    "args": _ARGV,
+    "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
+    "mingle_gossip": {"type": "boolean"},
+}
+
 APP_IN: Schema = {
     "type": "object",
-    "properties": {"env": _STR_MAP, "defaults": INSTANCE_DEFAULTS},
+    "properties": {"env": _STR_MAP, "defaults": INSTANCE_DEFAULTS, **_APP_CELERY},
     "additionalProperties": False,
 }
 
@@ -57,7 +107,7 @@ INSTANCE_IN: Schema = {
     "type": "object",
     "properties": {
         "name": NAME,
-        "kind": {"type": "string", "enum": [Kind.PROCESS.value]},
+        "kind": {"type": "string", "enum": [k.value for k in Kind]},
         **_SETTABLE,
     },
     "additionalProperties": False,
@@ -71,12 +121,66 @@ INSTANCE_PATCH: Schema = {
 
 APP: Schema = {
     "type": "object",
-    "required": ["name", "env", "defaults", "created_at"],
+    "required": ["name", "env", "defaults", "created_at", "broker", "embedded_broker"],
     "properties": {
         "name": NAME,
         "env": _STR_MAP,
         "defaults": INSTANCE_DEFAULTS,
         "created_at": {"type": "number"},
+        **_APP_CELERY,
+        "broker": {"type": "string"},
+        "embedded_broker": {"type": "boolean"},
+    },
+}
+
+QUEUE_IN: Schema = {
+    "type": "object",
+    "properties": {
+        "exchange": {"type": ["string", "null"], "pattern": NAME_PATTERN},
+        "exchange_type": {"type": "string", "enum": ["direct", "topic", "fanout", "headers"]},
+        "routing_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
+        "options": {"type": "object"},
+    },
+    "additionalProperties": False,
+}
+
+QUEUE: Schema = {
+    "type": "object",
+    "required": ["app", "name", "exchange", "exchange_type", "routing_key", "options"],
+    "properties": {
+        "app": NAME,
+        "name": NAME,
+        "exchange": {"type": "string"},
+        "exchange_type": {"type": "string"},
+        "routing_key": {"type": "string"},
+        "options": {"type": "object"},
+    },
+}
+
+CONSUMER: Schema = {
+    "type": "object",
+    "required": ["name", "wanted", "declared", "live"],
+    "properties": {
+        "name": {"type": "string"},
+        "wanted": {"type": "boolean"},
+        "declared": {"type": "boolean"},
+        "live": {"type": ["boolean", "null"]},
+    },
+}
+
+_RANGE: Schema = {
+    "type": "object",
+    "required": ["min", "max"],
+    "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}},
+}
+
+AUTOSCALE: Schema = {
+    "type": "object",
+    "required": ["min", "max", "live"],
+    "properties": {
+        "min": {"type": ["integer", "null"]},
+        "max": {"type": ["integer", "null"]},
+        "live": {"oneOf": [_RANGE, {"type": "null"}]},
     },
 }
 
@@ -117,6 +221,7 @@ INSTANCE: Schema = {
         "reason": _NULLABLE_STR,
         "branch": {"type": "string"},
         "created_at": {"type": "number"},
+        "node": {"type": ["string", "null"]},
     },
 }
 
@@ -134,6 +239,7 @@ STATS: Schema = {
         "cpu_percent": {"type": "number", "minimum": 0},
         "memory_rss": {"type": "integer", "minimum": 0},
         "processes": {"type": "integer", "minimum": 0},
+        "celery": {"type": ["object", "null"]},
     },
 }
 
@@ -164,6 +270,8 @@ BRANCH: Schema = {
         },
     },
 }
+
+EMPTY: Schema = {"type": "object", "additionalProperties": False}
 
 PING: Schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
 

@@ -171,6 +171,34 @@ def test_answers_match_the_document(branchd: Branchd) -> None:
     ]:
         assert v.call(method, path, {} if method == "PATCH" else None).status == 404
     assert v.call("GET", "/v1/apps/bad..%2F/instances").status == 422
+    # Celery: queues, and a celery instance that is not running (no broker
+    # needed): runtime changes are declared and answered from the declaration.
+    shop = "/v1/apps/shop"
+    assert v.call("PUT", shop, {"celery_app": "shop.tasks", "pool": "solo"}).status == 201
+    assert v.call("GET", shop + "/queues").status == 200
+    q = shop + "/queues/images"
+    assert v.call("GET", q).status == 404
+    body = {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    assert v.call("PUT", q, body).status == 201
+    assert v.call("PUT", q, body).status == 200
+    assert v.call("PUT", q, {"exchange_type": "nope"}).status == 422
+    assert v.call("GET", q).status == 200
+    w = shop + "/instances/w1"
+    created = v.call(
+        "POST",
+        shop + "/instances",
+        {"name": "w1", "kind": "celery", "queues": ["images"], "autostart": False},
+    )
+    assert created.status == 201, created.text
+    assert v.call("GET", w + "/queues").status == 200
+    assert v.call("PUT", w + "/queues/thumbs").status == 200
+    assert v.call("DELETE", w + "/queues/thumbs").status == 200
+    assert v.call("GET", w + "/autoscale").status == 200
+    assert v.call("PUT", w + "/autoscale", {"min": 2, "max": 8}).status == 200
+    assert v.call("PUT", w + "/autoscale", {"min": 9, "max": 8}).status == 422
+    assert v.call("GET", w + "/stats").status == 200
+    assert v.call("DELETE", q).status == 204
+    assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 404
     # every operation of the document was seen answering its success status
@@ -200,6 +228,18 @@ SCHEMATHESIS_TOML = """\
 [[operations]]
 include-path = "/v1/apps/{app}/instances"
 include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+
+# An autoscale range must have min <= max (the issue asks for a 422), a rule
+# between two fields that JSON Schema cannot state: the same false positive.
+[[operations]]
+include-path-regex = "^/v1/apps/[{]app[}](/instances/[{]name[}]/autoscale)?$"
+include-method = "PUT"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+
+[[operations]]
+include-path = "/v1/apps/{app}/instances/{name}"
+include-method = "PATCH"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 """
 
