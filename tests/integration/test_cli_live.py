@@ -1,0 +1,154 @@
+"""branchctl against a live daemon: the README's user flow, command by command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import psutil
+from branchctl.cli import main
+from click.testing import CliRunner, Result
+
+from tests.conftest import Branchd
+
+SLEEP = [sys.executable, "-c", "import time; print('hello', flush=True); time.sleep(1e9)"]
+
+
+def run(b: Branchd, *args: str, token: str | None = None) -> Result:
+    extra = ["--token", token] if token else []
+    return CliRunner().invoke(main, ["--url", b.url, *extra, *args], catch_exceptions=False)
+
+
+def test_the_readme_flow(branchd: Branchd) -> None:
+    r = run(branchd, "apps", "add", "web", "--env", "FOO=bar")
+    assert r.exit_code == 0, r.output
+    r = run(
+        branchd, "instances", "add", "web", "--name", "sleeper", "--startsecs", "0.2", "--", *SLEEP
+    )
+    assert r.exit_code == 0, r.output
+    branchd.wait_state("web", "sleeper", "running")
+
+    r = run(branchd, "instances")
+    assert r.exit_code == 0
+    header, row = r.output.splitlines()[:2]
+    assert header.split() == ["APP", "NAME", "KIND", "STATE", "PID", "UPTIME", "RESTARTS"]
+    assert row.split()[:4] == ["web", "sleeper", "process", "running"]
+
+    r = run(branchd, "--json", "instances", "web")
+    items = json.loads(r.output)["items"]
+    assert [i["name"] for i in items] == ["sleeper"] and items[0]["env"] == {}
+    pid = items[0]["pid"]
+
+    r = run(branchd, "logs", "web", "sleeper", "-n", "50")
+    assert r.exit_code == 0 and "hello" in r.output
+
+    assert run(branchd, "instances", "stop", "web", "sleeper").exit_code == 0
+    assert branchd.instance("web", "sleeper")["state"] == "stopped"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert run(branchd, "instances", "start", "web", "sleeper").exit_code == 0
+    first = branchd.wait_state("web", "sleeper", "running")["pid"]
+    assert run(branchd, "instances", "restart", "web", "sleeper").exit_code == 0
+    second = branchd.wait_state("web", "sleeper", "running")["pid"]
+    assert second != first
+
+    r = run(branchd, "--json", "instances", "stats", "web", "sleeper")
+    assert json.loads(r.output)["processes"] == 1
+
+    assert run(branchd, "instances", "remove", "web", "sleeper").exit_code == 0
+    r = run(branchd, "instances", "show", "web", "sleeper")
+    assert r.exit_code == 1
+    assert r.stderr.strip().startswith("branchctl: not_found")
+
+
+def test_logs_follow_streams_new_lines(branchd: Branchd) -> None:
+    ticker = (
+        "import time, itertools\nfor i in itertools.count():\n"
+        "    print('tick', i, flush=True)\n    time.sleep(0.1)"
+    )
+    run(branchd, "apps", "add", "web")
+    run(
+        branchd,
+        "instances",
+        "add",
+        "web",
+        "--name",
+        "t",
+        "--startsecs",
+        "0",
+        "--",
+        sys.executable,
+        "-c",
+        ticker,
+    )
+    branchd.wait_state("web", "t", "running")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "branchctl",
+            "--url",
+            branchd.url,
+            "logs",
+            "web",
+            "t",
+            "-n",
+            "1",
+            "-f",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline() for _ in range(5)]
+        numbers = [int(line.split()[1]) for line in seen]
+        assert numbers == sorted(numbers) and len(set(numbers)) == 5
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_errors_are_one_line_and_exit_codes(branchd: Branchd) -> None:
+    r = run(branchd, "instances", "add", "nope", "--", "true")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "not_found" in r.stderr
+    r = run(branchd, "apps", "add", "bad/name")
+    assert r.exit_code == 1 and "Traceback" not in r.output + r.stderr
+    r = run(branchd, "instances", "add", "web", "--startsecs", "x", "--", "true")
+    assert r.exit_code == 2
+    r = run(branchd, "nonsense")
+    assert r.exit_code == 2
+
+
+def test_token(branchd_factory: Callable[..., Branchd]) -> None:
+    b = branchd_factory(token="s3cret")
+    r = run(b, "apps")
+    assert r.exit_code == 1 and "unauthorized" in r.stderr
+    r = run(b, "apps", token="s3cret")
+    assert r.exit_code == 0
+
+
+def test_daemon_down_is_a_clear_error() -> None:
+    r = CliRunner().invoke(main, ["--url", "http://127.0.0.1:9", "apps"])
+    assert r.exit_code == 1
+    assert "127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_everywhere() -> None:
+    for args in (
+        ["--help"],
+        ["instances", "--help"],
+        ["instances", "add", "--help"],
+        ["logs", "--help"],
+        ["apps", "add", "--help"],
+        ["queues", "--help"],
+        ["consumers", "--help"],
+        ["autoscale", "--help"],
+        ["stats", "--help"],
+    ):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0 and "Usage" in r.output, args
