@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,11 +171,24 @@ def _exchange_file(spec: BrokerSpec, exchange: str) -> Path:
     return _folder(spec, "control_folder") / f"{exchange}.exchange"
 
 
+#: How long to wait for kombu's lock on an exchange table. A worker that is
+#: SIGSTOPped (hung) while holding it would otherwise block us for good.
+LOCK_TIMEOUT = 0.5
+
+
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[IO[bytes]]:
+def _locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[IO[bytes]]:
     # the same flock kombu's filesystem transport takes on this file
     with path.open("rb+", buffering=0) as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} stays locked by another process") from None
+                time.sleep(0.01)
         try:
             yield fh
         finally:

@@ -211,6 +211,8 @@ class _BrokerLink:
             1, thread_name_prefix=f"branchd-pidbox-tx {spec.redacted()}"
         )
         self._tx_conn: Any = None
+        #: Why the reply queue's last connection attempt failed (for error messages).
+        self.last_error: str | None = None
 
     def start(self) -> None:
         self._consumer.start()
@@ -229,8 +231,9 @@ class _BrokerLink:
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
             except TimeoutError:
+                why = f": {self.last_error}" if self.last_error else ""
                 raise BrokerUnavailable(
-                    f"no reply queue on {self.spec.redacted()} within {timeout}s"
+                    f"no connection to {self.spec.redacted()} within {timeout}s{why}"
                 ) from None
             body = request_body(command, arguments, node, ticket, self.oid)
             await self._publish(body, deadline)
@@ -380,6 +383,7 @@ class _BrokerLink:
                 backoff = 0.1
             except Exception as exc:
                 self._notify(self._set_ready, False)
+                self.last_error = _describe(exc)
                 if self._stop.is_set():
                     break
                 log.warning(
@@ -404,6 +408,7 @@ class _BrokerLink:
         )
         consumer.consume()  # declares and binds the queue first
         self._notify(self._set_ready, True)
+        self.last_error = None
         log.debug("pidbox reply queue %s ready on %s", self.queue.name, self.spec.redacted())
         heartbeat = getattr(conn, "heartbeat", 0) or 0
         while not self._stop.is_set():
@@ -417,3 +422,9 @@ class _BrokerLink:
             # explicit: only RabbitMQ drops an auto-delete queue with its consumer;
             # kombu's Redis and filesystem channels would keep its binding forever
             channel.queue_delete(self.queue.name)
+
+
+def _describe(exc: BaseException) -> str:
+    """A connection error in a few words, without the broker's password."""
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

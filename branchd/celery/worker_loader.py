@@ -7,9 +7,11 @@ the broker URL makes kombu raise ``TypeError``; Celery reads no environment
 variable for transport options). Celery does honour ``CELERY_LOADER`` ahead of
 the app's own loader class, so :func:`branchd.celery.broker.worker_env` points
 it at a copy of this file and puts the options in
-``BRANCHD_BROKER_TRANSPORT_OPTIONS`` (JSON). When the worker starts, the
-options are merged over the app's own ``broker_transport_options``, before the
-worker opens any broker connection.
+``BRANCHD_BROKER_TRANSPORT_OPTIONS`` (JSON). The options are merged over the
+app's own ``broker_transport_options`` as soon as the app is configured, before
+any broker connection: so the same environment serves ``celery worker`` and
+every other ``celery`` command (``inspect``, ``call``, ``control``...), which
+never run ``on_worker_init``.
 
 This module is copied, not imported, by branchd: the daemon never imports
 Celery, and the worker's interpreter need not have branchd installed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from celery.loaders.app import AppLoader
 
@@ -26,10 +29,22 @@ ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
 
 
 class Loader(AppLoader):  # type: ignore[misc]
-    def on_worker_init(self) -> None:
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        # The app creates its loader while it configures itself (``configured``
+        # is already true then, ``conf`` not yet usable): merge once it is done.
+        app.on_after_configure.connect(self._on_configured, weak=False)
+
+    def _on_configured(self, *args: Any, **kwargs: Any) -> None:
+        self._merge()
+
+    def _merge(self) -> None:
         raw = os.environ.get(ENV)
         if raw:
             ours = json.loads(raw)
             conf = self.app.conf
             conf.broker_transport_options = {**(conf.broker_transport_options or {}), **ours}
+
+    def on_worker_init(self) -> None:
+        self._merge()  # idempotent: the options win even if changed since
         super().on_worker_init()

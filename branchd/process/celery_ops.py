@@ -64,16 +64,33 @@ def effective_autoscale(app: App, spec: InstanceSpec) -> Autoscale | None:
     return spec.autoscale or app.celery.autoscale
 
 
-def command_for(app: App, spec: InstanceSpec, node: str, broker: BrokerSpec) -> list[str]:
+def command_for(
+    app: App,
+    spec: InstanceSpec,
+    node: str,
+    broker: BrokerSpec,
+    decls: Mapping[str, Queue] | None = None,
+) -> list[str]:
+    """The worker's argv; ``decls`` are the app's queue declarations.
+
+    ``-Q`` gets only the queues bound the default way: a name given to ``-Q``
+    becomes a queue with Celery's default binding in the worker's queue table,
+    and a later ``add_consumer`` of that name reuses the table's entry and
+    ignores the exchange and routing key it is sent (Celery 5.7,
+    ``Consumer.add_task_queue``). The reconcile after the first ping adds the
+    queues with a declared binding. (If every queue has one, the worker starts
+    without ``-Q`` and consumes the app's default queue until that reconcile.)
+    """
     if not app.celery.celery_app:
         raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
     auto = effective_autoscale(app, spec)
+    decls = decls or {}
     return worker_argv(
         python=python_for(app),
         celery_app=app.celery.celery_app,
         node=node,
         broker_url=broker.url,
-        queues=spec.queues,
+        queues=[q for q in spec.queues if not custom_binding(decls.get(q))],
         autoscale=(auto.max, auto.min) if auto else None,
         concurrency=spec.concurrency,
         pool=spec.pool or app.celery.pool,
@@ -164,12 +181,7 @@ class CeleryOps:
     async def stats(self, w: Worker) -> Reply | None:
         return await self.call(w, "stats")
 
-    async def add_consumer(
-        self, w: Worker, name: str, decl: Queue | None, *, rebind: bool = False
-    ) -> None:
-        if rebind:  # drop the -Q default binding so the declared one replaces it
-            await self.call(w, "cancel_consumer", queue=name)
-            await self._confirm(w, lambda qs: name not in qs, f"cancel of {name}")
+    async def add_consumer(self, w: Worker, name: str, decl: Queue | None) -> None:
         err = _error(await self.call(w, "add_consumer", **consumer_arguments(name, decl)))
         if err:
             raise ControlFailed(f"{w.node} refused add_consumer {name}: {err}")
@@ -209,26 +221,22 @@ class CeleryOps:
         queues: Sequence[str],
         decls: Mapping[str, Queue],
         autoscale: Autoscale | None,
-        *,
-        fresh: bool,
     ) -> list[str]:
         """Make the live worker equal to its declaration; returns what it changed.
 
-        ``fresh``: the worker has just started with ``-Q``, which binds every
-        queue the default way; declared custom bindings are applied once.
+        A queue with a declared binding is added here after a start (it is
+        left out of ``-Q``, see :func:`command_for`). A binding cannot be
+        changed on a queue the worker already knows: a cancel and a new
+        ``add_consumer`` of the same name bring back the old binding.
         """
         changes: list[str] = []
         live = await self.active_queues(w)
         if live is None:
             return changes
         for name in queues:
-            decl = decls.get(name)
             if name not in live:
-                await self.add_consumer(w, name, decl)
+                await self.add_consumer(w, name, decls.get(name))
                 changes.append(f"+{name}")
-            elif fresh and custom_binding(decl):
-                await self.add_consumer(w, name, decl, rebind=True)
-                changes.append(f"~{name}")
         for name in live:
             if name not in queues:
                 await self.cancel_consumer(w, name)

@@ -86,7 +86,8 @@ class Workers:
             return ()
         try:
             w = self.worker(spec)
-            return tuple(command_for(app, spec, w.node, w.broker))
+            decls = self._host.queue_decls(spec.app)
+            return tuple(command_for(app, spec, w.node, w.broker, decls))
         except BranchdError:
             return ()
 
@@ -101,7 +102,7 @@ class Workers:
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
         w = self.worker(spec)
-        argv = command_for(app, spec, w.node, w.broker)
+        argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app))
         # The filesystem transport replays a node's old control messages (an
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
@@ -113,7 +114,7 @@ class Workers:
         self._spawn_task(self._await_ready(name, pid))
 
     def adopted(self, name: str) -> None:
-        self._spawn_task(self._reconcile(name, fresh=False))
+        self._spawn_task(self._reconcile(name))
 
     def stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
         """Warm stop: no new tasks, TERM to the main process, a ping to wake it."""
@@ -158,20 +159,20 @@ class Workers:
         w = self.worker(spec)
         loop = asyncio.get_running_loop()
         began = loop.time()
-        # A broker we cannot even publish to: say so rather than wait the full startsecs.
-        unreachable_after = min(spec.policy.startsecs or 10.0, 10.0)
+        # A broker we cannot even publish to: say so well before the startsecs
+        # deadline, whose own kill would only say "no answer to ping".
+        startsecs = spec.policy.startsecs
+        unreachable_after = min(startsecs / 2, 10.0) if startsecs > 0 else 10.0
         while self._current(name, pid, State.STARTING):
             try:
                 if await self.ops.ping(w, timeout=0.5):
                     self._last_pong[name] = loop.time()
                     self._host.feed(name, Ready())
-                    await self._reconcile(name, fresh=True)
+                    await self._reconcile(name)
                     return
             except BrokerUnavailable as exc:
                 if loop.time() - began > unreachable_after:
-                    self._host.feed(
-                        name, Hung(f"cannot reach broker {w.broker.redacted()}: {exc.message}")
-                    )
+                    self._host.feed(name, Hung(f"cannot reach the broker: {exc.message}"))
                     return
                 await asyncio.sleep(0.25)
 
@@ -189,7 +190,7 @@ class Workers:
             async with asyncio.timeout(1.0):
                 await self.ops.remote.cast(w.broker, w.node, "ping")
 
-    async def _reconcile(self, name: str, *, fresh: bool) -> None:
+    async def _reconcile(self, name: str) -> None:
         spec = self._host.spec(name)
         app = self._host.app(spec.app) if spec else None
         if spec is None or app is None:
@@ -203,7 +204,6 @@ class Workers:
                 spec.queues,
                 self._host.queue_decls(spec.app),
                 effective_autoscale(app, spec),
-                fresh=fresh,
             )
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)
@@ -233,7 +233,7 @@ class Workers:
         ]
         await asyncio.gather(*(self._check(s, sweep) for s in running))
         if sweep:
-            self._prune_fanout()
+            await self._prune_fanout()
 
     async def _check(self, spec: InstanceSpec, sweep: bool) -> None:
         name = spec.name
@@ -264,7 +264,7 @@ class Workers:
             if name in self._silent or sweep:
                 # Back after silence (e.g. the broker restarted): re-apply.
                 self._silent.discard(name)
-                await self._reconcile(name, fresh=False)
+                await self._reconcile(name)
             return
         self._silent.add(name)
         last = self._last_pong.setdefault(name, now)
@@ -272,7 +272,7 @@ class Workers:
             self._last_pong.pop(name, None)
             self._host.feed(name, Hung(f"no answer to ping for {spec.hung_after:g}s"))
 
-    def _prune_fanout(self) -> None:
+    async def _prune_fanout(self) -> None:
         by_broker: dict[BrokerSpec, list[str]] = {}
         for spec in self._host.celery_instances():
             app = self._host.app(spec.app)
@@ -284,6 +284,7 @@ class Workers:
                 nodes.append(self.node(spec))
         for broker, nodes in by_broker.items():
             try:
-                prune_dead_fanout(broker, nodes)
+                # File locks shared with the workers: off the event loop.
+                await asyncio.to_thread(prune_dead_fanout, broker, nodes)
             except OSError:
                 log.warning("cannot prune the embedded broker", exc_info=True)
