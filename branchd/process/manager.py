@@ -370,8 +370,32 @@ class Manager:
         live: list[str] | None = None
         if self._procs[name].state == State.RUNNING:
             live = await self._workers.ops.active_queues(self._workers.worker(spec))
-        decls = self._store.list_queues(app)
-        declared = {q.name for q in decls}
+        return self._consumer_items(spec, live)
+
+    async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        spec = self._celery_lookup(app, name)
+        _check_name(queue, "queue")
+        if queue not in spec.queues:
+            spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
+        live = None
+        if self._procs[name].state == State.RUNNING:
+            decl = self._store.get_queue(app, queue)
+            live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
+        return self._consumer_items(spec, live)
+
+    async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        spec = self._celery_lookup(app, name)
+        if queue in spec.queues:
+            spec = self._update_spec(
+                replace(spec, queues=tuple(q for q in spec.queues if q != queue))
+            )
+        live = None
+        if self._procs[name].state == State.RUNNING:
+            live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
+        return self._consumer_items(spec, live)
+
+    def _consumer_items(self, spec: InstanceSpec, live: list[str] | None) -> list[dict[str, Any]]:
+        declared = {q.name for q in self._store.list_queues(spec.app)}
         names = list(spec.queues) + [q for q in (live or []) if q not in spec.queues]
         return [
             {
@@ -382,26 +406,6 @@ class Manager:
             }
             for q in names
         ]
-
-    async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        spec = self._celery_lookup(app, name)
-        _check_name(queue, "queue")
-        if queue not in spec.queues:
-            spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
-        if self._procs[name].state == State.RUNNING:
-            decl = self._store.get_queue(app, queue)
-            await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
-        return await self.consumers(app, name)
-
-    async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        spec = self._celery_lookup(app, name)
-        if queue in spec.queues:
-            spec = self._update_spec(
-                replace(spec, queues=tuple(q for q in spec.queues if q != queue))
-            )
-        if self._procs[name].state == State.RUNNING:
-            await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
-        return await self.consumers(app, name)
 
     async def get_autoscale(self, app: str, name: str) -> dict[str, Any]:
         spec = self._celery_lookup(app, name)

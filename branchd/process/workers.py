@@ -32,6 +32,9 @@ from branchd.process.machine import Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
 
+#: While a worker starts, a ping goes out this often (seconds).
+READY_PING_EVERY = 0.05
+
 
 class Host(Protocol):
     """What the workers service needs from the manager."""
@@ -163,18 +166,38 @@ class Workers:
         # deadline, whose own kill would only say "no answer to ping".
         startsecs = spec.policy.startsecs
         unreachable_after = min(startsecs / 2, 10.0) if startsecs > 0 else 10.0
-        while self._current(name, pid, State.STARTING):
-            try:
-                if await self.ops.ping(w, timeout=0.5):
+        # Pings overlap: a new one every READY_PING_EVERY, each waiting up to
+        # a second for its answer, so that a worker is seen within a few ms of
+        # binding its control queue (a ping sent before that is dropped).
+        pending: set[asyncio.Task[bool]] = set()
+        try:
+            while self._current(name, pid, State.STARTING):
+                pending.add(asyncio.create_task(self.ops.ping(w, timeout=1.0)))
+                done, pending = await asyncio.wait(
+                    pending, timeout=READY_PING_EVERY, return_when=asyncio.FIRST_COMPLETED
+                )
+                failure: BrokerUnavailable | None = None
+                answered = False
+                for task in done:
+                    exc = task.exception()
+                    if isinstance(exc, BrokerUnavailable):
+                        failure = exc
+                    elif exc is None and task.result():
+                        answered = True
+                if answered and self._current(name, pid, State.STARTING):
                     self._last_pong[name] = loop.time()
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
                     return
-            except BrokerUnavailable as exc:
-                if loop.time() - began > unreachable_after:
-                    self._host.feed(name, Hung(f"cannot reach the broker: {exc.message}"))
-                    return
-                await asyncio.sleep(0.25)
+                if failure is not None:
+                    if loop.time() - began > unreachable_after:
+                        self._host.feed(name, Hung(f"cannot reach the broker: {failure.message}"))
+                        return
+                    await asyncio.sleep(0.25)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _warm_stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
         w = self.worker(spec)
