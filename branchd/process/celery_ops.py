@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 Reply = dict[str, Any]
 
 #: Confirmation polls start this tight and back off to the cap (seconds).
-CONFIRM_FIRST_PAUSE = 0.003
+CONFIRM_FIRST_PAUSE = 0.002
 CONFIRM_MAX_PAUSE = 0.1
 
 
@@ -209,7 +209,7 @@ class CeleryOps:
             if asyncio.get_running_loop().time() > deadline:
                 raise ControlFailed(f"{w.node} did not confirm autoscale {want.min},{want.max}")
             await asyncio.sleep(pause)
-            pause = min(pause * 2, CONFIRM_MAX_PAUSE)
+            pause = min(pause * 1.5, CONFIRM_MAX_PAUSE)
 
     async def _confirm(self, w: Worker, ok: Any, what: str) -> list[str]:
         # The worker answers "ok" before it acts (it defers the change to its
@@ -224,7 +224,7 @@ class CeleryOps:
             if loop.time() > deadline:
                 raise ControlFailed(f"{w.node} did not confirm {what} in time")
             await asyncio.sleep(pause)
-            pause = min(pause * 2, CONFIRM_MAX_PAUSE)
+            pause = min(pause * 1.5, CONFIRM_MAX_PAUSE)
 
     async def reconcile(
         self,
