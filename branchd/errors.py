@@ -81,3 +81,15 @@ class WorkerNotRunning(BranchdError):
 
     code = "not_running"
     status = 409
+
+
+class BrokerUnavailable(BranchdError):
+    """A remote-control request could not be sent: the broker is down or was not
+    reached in time.
+
+    Distinct from a missing reply (sent, but the node did not answer), so that
+    a broker outage is not taken for hung workers.
+    """
+
+    code = "broker_unavailable"
+    status = 503

@@ -38,8 +38,8 @@ from kombu.exceptions import OperationalError
 
 from branchd.celery import fs_transport
 from branchd.celery.broker import CONTROL_EXCHANGE, REPLY_EXCHANGE, BrokerSpec
-from branchd.celery.errors import BrokerUnavailable
 from branchd.celery.stub import StubRemoteControl
+from branchd.errors import BrokerUnavailable
 
 __all__ = [
     "BrokerUnavailable",

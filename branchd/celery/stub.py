@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from branchd.celery.broker import BrokerSpec
-from branchd.celery.errors import BrokerUnavailable
+from branchd.errors import BrokerUnavailable
 
 Reply = dict[str, Any]
 Script = Reply | None | Callable[[Mapping[str, Any]], Reply | None]

@@ -20,9 +20,8 @@ from typing import Any
 
 from branchd.celery.argv import worker_argv
 from branchd.celery.broker import BrokerSpec, embedded, worker_env
-from branchd.celery.errors import BrokerUnavailable
 from branchd.celery.remote import RemoteControl
-from branchd.errors import ControlFailed, Invalid
+from branchd.errors import BrokerUnavailable, ControlFailed, Invalid
 from branchd.model import App, Autoscale, InstanceSpec, Queue
 
 log = logging.getLogger(__name__)

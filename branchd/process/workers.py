@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from branchd.celery.broker import BrokerSpec, clear_node_leftovers, prune_dead_fanout
-from branchd.celery.errors import BrokerUnavailable
-from branchd.errors import BranchdError, NotFound
+from branchd.errors import BranchdError, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process.celery_ops import (
     CeleryOps,

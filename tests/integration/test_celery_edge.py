@@ -38,9 +38,9 @@ from branchd.celery.broker import (
     prune_dead_fanout,
     worker_env,
 )
-from branchd.celery.errors import BrokerUnavailable
 from branchd.celery.remote import KombuRemoteControl, RemoteControl
 from branchd.celery.stub import StubRemoteControl
+from branchd.errors import BrokerUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.celery_app.tasks"
