@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: While a worker starts, a ping goes out this often (seconds).
 READY_PING_EVERY = 0.05
+#: How long a warm stop waits for its consumer cancels before the TERM.
+WARM_STOP_CANCEL_WAIT = 0.5
 
 
 class Host(Protocol):
@@ -169,12 +171,22 @@ class Workers:
         # a second for its answer, so that a worker is seen within a few ms of
         # binding its control queue (a ping sent before that is dropped).
         pending: set[asyncio.Task[bool]] = set()
+        next_ping = loop.time()
         try:
             while self._current(name, pid, State.STARTING):
-                pending.add(asyncio.create_task(self.ops.ping(w, timeout=1.0)))
-                done, pending = await asyncio.wait(
-                    pending, timeout=READY_PING_EVERY, return_when=asyncio.FIRST_COMPLETED
-                )
+                if loop.time() >= next_ping:
+                    pending.add(asyncio.create_task(self.ops.ping(w, timeout=1.0)))
+                    next_ping = loop.time() + READY_PING_EVERY
+                # Wake on an answer or at the next ping, never sooner: a remote
+                # control that says "no reply" at once must not make a ping storm.
+                wait = max(0.0, next_ping - loop.time())
+                done: set[asyncio.Task[bool]] = set()
+                if pending:
+                    done, pending = await asyncio.wait(
+                        pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    await asyncio.sleep(wait)
                 failure: BrokerUnavailable | None = None
                 answered = False
                 for task in done:
@@ -200,12 +212,18 @@ class Workers:
 
     async def _warm_stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
         w = self.worker(spec)
-        for queue in spec.queues:
-            with contextlib.suppress(BrokerUnavailable, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self.ops.remote.cast(
-                        w.broker, w.node, "cancel_consumer", {"queue": queue}
-                    )
+        # No new tasks: cancel its consumers, all at once and briefly, since the
+        # stop's clock (stopwaitsecs) is already running. (A worker on Celery's
+        # default queues has none declared: TERM alone stops its consuming.)
+        casts = [
+            self.ops.remote.cast(w.broker, w.node, "cancel_consumer", {"queue": queue})
+            for queue in spec.queues
+        ]
+        with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            async with asyncio.timeout(WARM_STOP_CANCEL_WAIT):
+                await asyncio.gather(*casts)
+        if not self._current(spec.name, pid, State.STOPPING):
+            return  # it exited (or was killed) meanwhile: that pid is not ours now
         self._launcher.signal(pid, signum, False)
         # An idle worker notices TERM only when its loop wakes (1-10 s): a ping wakes it.
         with contextlib.suppress(BrokerUnavailable, TimeoutError):

@@ -6,10 +6,13 @@ line on stderr), 2 a usage error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
@@ -971,6 +974,12 @@ def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -
 # -- logs -------------------------------------------------------------------
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    os._exit(0)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("app")
 @click.argument("name")
@@ -988,12 +997,18 @@ def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: b
             if not follow:
                 click.echo(c.logs(app, name, stream, lines), nl=False)
                 return
+            # Ctrl-C ends a follow, whatever the event loop is doing at that
+            # moment: a KeyboardInterrupt raised inside asyncio's machinery can
+            # leave the loop unable to close (seen as a hang under load).
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, _exit_quietly) if main_thread else None
             try:
                 with closing(c.follow_logs(app, name, stream, lines)) as chunks:
                     for chunk in chunks:
                         click.echo(chunk, nl=False)
-            except KeyboardInterrupt:
-                return
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
     except BrokenPipeError:  # e.g. '| head': stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

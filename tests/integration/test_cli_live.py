@@ -108,9 +108,13 @@ def test_logs_follow_streams_new_lines(branchd: Branchd) -> None:
         assert numbers == sorted(numbers) and len(set(numbers)) == 5
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
-        assert proc.stdout is not None
-        proc.stdout.close()
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def test_errors_are_one_line_and_exit_codes(branchd: Branchd) -> None:

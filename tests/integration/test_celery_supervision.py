@@ -1,0 +1,428 @@
+"""Supervision of Celery workers, fast and without Celery: the Manager on a real
+Store, the in-memory ``FakeLauncher`` for processes and ``StubRemoteControl``
+for the workers' remote control.
+
+A stub node named ``<instance>@testhost`` plays the worker: it answers pings
+while ``alive``, keeps its queue list and autoscaler, and the stub logs every
+request in ``.sent``. Tests wait for states with deadlines, never with fixed
+sleeps; only "nothing happens for a while" checks sleep a bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from branchd.celery.broker import BrokerSpec
+from branchd.celery.stub import Sent, StubNode, StubRemoteControl
+from branchd.clock import SystemClock
+from branchd.config import Config
+from branchd.errors import Invalid
+from branchd.model import Autoscale, State
+from branchd.process.fake import FakeLauncher
+from branchd.process.launcher import TreeStats
+from branchd.process.manager import Manager
+from branchd.process.specs import InstanceView
+from branchd.store import Store
+
+APP = "shop"
+HOST = "testhost"
+CELERY_APP = "tests.celery_app.tasks"
+DEADLINE = 5.0
+HUNG_AFTER = 0.3
+
+
+# Doubles that also write one shared timeline (to check the order of a stop) ----------
+
+
+class TimelineFake(FakeLauncher):
+    def __init__(self, timeline: list[str]) -> None:
+        super().__init__()
+        self.timeline = timeline
+
+    def signal(self, pid: int, sig: int, group: bool) -> None:
+        self.timeline.append(f"signal {pid} {signal.Signals(sig).name} group={group}")
+        super().signal(pid, sig, group)
+
+
+class TimelineStub(StubRemoteControl):
+    """The stub, plus one-way sends that can be made slow (a sluggish broker)."""
+
+    def __init__(self, timeline: list[str]) -> None:
+        super().__init__()
+        self.timeline = timeline
+        #: command -> seconds a cast of it takes before it is delivered.
+        self.cast_delay: dict[str, float] = {}
+
+    async def cast(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.timeline.append(f"casting {command}")
+        await asyncio.sleep(self.cast_delay.get(command, 0.0))
+        await super().cast(broker, node, command, arguments)
+        self.timeline.append(f"cast {command}")
+
+
+# The rig ------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    m: Manager
+    fake: TimelineFake
+    stub: TimelineStub
+    store: Store
+    timeline: list[str]
+
+    async def add(self, name: str, **fields: Any) -> InstanceView:
+        body = {"name": name, "kind": "celery", "hung_after": HUNG_AFTER, **fields}
+        return await self.m.create_instance(APP, body)
+
+    def node(self, name: str, **kw: Any) -> StubNode:
+        """The worker of instance ``name`` starts answering."""
+        return self.stub.add_node(f"{name}@{HOST}", **kw)
+
+    def sent(self, command: str, since: int = 0, *, one_way: bool | None = None) -> list[Sent]:
+        return [
+            s
+            for s in self.stub.sent[since:]
+            if s.command == command and (one_way is None or s.one_way == one_way)
+        ]
+
+    async def view(self, name: str) -> InstanceView:
+        return await self.m.get_instance(APP, name)
+
+    async def wait_view(
+        self, name: str, predicate: Callable[[InstanceView], bool], timeout: float = DEADLINE
+    ) -> InstanceView:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.view(name)
+            if predicate(view):
+                return view
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} never got there; last seen: {view.runtime}")
+            await asyncio.sleep(0.01)
+
+    async def wait_state(self, name: str, state: State, timeout: float = DEADLINE) -> InstanceView:
+        return await self.wait_view(name, lambda v: v.runtime.state == state, timeout)
+
+    async def running(self, name: str, queues: list[str], **fields: Any) -> tuple[StubNode, int]:
+        """An instance whose worker answered and was brought in line; its node and pid."""
+        node = self.node(name, queues=list(queues), autoscale=(4, 1))
+        await self.add(name, queues=queues, autoscale={"min": 1, "max": 4}, **fields)
+        view = await self.wait_state(name, State.RUNNING)
+        await wait_for(lambda: bool(self.sent("active_queues")))
+        return node, pid_of(view)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def pid_of(view: InstanceView) -> int:
+    assert view.runtime.pid is not None, view.runtime
+    return view.runtime.pid
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+    """``await make_rig(**config_overrides)``: a started Manager and app ``shop``."""
+    opened: list[tuple[Manager, Store]] = []
+
+    async def create(**overrides: Any) -> Rig:
+        config = replace(
+            Config.for_tests(tmp_path),
+            **{"health_interval": 0.05, "reconcile_interval": 0.5, **overrides},
+        )
+        store = Store(config.db_path)
+        timeline: list[str] = []
+        fake, stub = TimelineFake(timeline), TimelineStub(timeline)
+        m = Manager(
+            store, fake, SystemClock(), config, store.branch_id(), remote=stub, hostname=HOST
+        )
+        opened.append((m, store))
+        await m.start()
+        await m.put_app(APP, {}, {}, {"celery_app": CELERY_APP})
+        return Rig(m, fake, stub, store, timeline)
+
+    yield create
+    for m, store in opened:
+        await m.shutdown(keep=True)
+        await asyncio.sleep(0)  # let the cancelled log rotator finish
+        store.close()
+
+
+@pytest.fixture
+async def rig(make_rig: MakeRig) -> Rig:
+    return await make_rig()
+
+
+# Readiness and reconcile ------------------------------------------------------------
+
+
+async def test_starting_until_the_node_answers_then_reconciled(rig: Rig) -> None:
+    view = await rig.add("w1", queues=["default", "high"], autoscale={"min": 1, "max": 4})
+    pid = pid_of(view)
+    assert view.runtime.state == State.STARTING
+    assert view.node == f"w1@{HOST}"
+
+    # Nobody answers: it keeps pinging its node and stays starting.
+    await wait_for(lambda: len(rig.sent("ping")) >= 3)
+    assert {s.node for s in rig.sent("ping")} == {f"w1@{HOST}"}
+    assert (await rig.view("w1")).runtime.state == State.STARTING
+
+    # The worker comes up consuming only part of its queues, and a foreign one.
+    node = rig.node("w1", queues=["default", "celery"], autoscale=(2, 1))
+    began = time.monotonic()
+    view = await rig.wait_state("w1", State.RUNNING)
+    assert time.monotonic() - began < 1.0
+    assert (view.runtime.pid, view.runtime.restarts, view.runtime.reason) == (pid, 0, None)
+
+    await wait_for(lambda: node.queues == ["default", "high"] and node.autoscale == (4, 1))
+    assert [s.arguments for s in rig.sent("add_consumer")] == [{"queue": "high"}]
+    assert [s.arguments for s in rig.sent("cancel_consumer")] == [{"queue": "celery"}]
+    assert [s.arguments for s in rig.sent("autoscale")] == [{"max": 4, "min": 1}]
+    assert rig.fake.signals == []
+
+
+async def test_custom_binding_is_left_out_of_argv_and_added_after_ready(rig: Rig) -> None:
+    await rig.m.put_queue(
+        APP, "images", {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    )
+    view = await rig.add("w1", queues=["default", "images"], autostart=False)
+    command = view.to_json()["command"]
+    assert command[command.index("-Q") + 1] == "default"
+    assert "images" not in " ".join(command)
+
+    node = rig.node("w1", queues=["default"])
+    await rig.m.start_instance(APP, "w1")
+    await rig.wait_state("w1", State.RUNNING)
+    assert list(rig.fake.spawned[0].argv) == (await rig.view("w1")).to_json()["command"]
+
+    await wait_for(lambda: "images" in node.queues)
+    assert [s.arguments for s in rig.sent("add_consumer")] == [
+        {"queue": "images", "exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    ]
+
+
+# Consumers and autoscale at runtime ---------------------------------------------------
+
+
+async def test_consumers_of_a_running_worker_are_persisted_sent_and_confirmed(rig: Rig) -> None:
+    node, _ = await rig.running("w1", ["default"])
+    since = len(rig.stub.sent)
+
+    items = await rig.m.add_consumer(APP, "w1", "extra")
+    assert items == [
+        {"name": "default", "wanted": True, "declared": False, "live": True},
+        {"name": "extra", "wanted": True, "declared": False, "live": True},
+    ]
+    stored = rig.store.get_instance("w1")
+    assert stored is not None and stored.queues == ("default", "extra")
+    assert {"queue": "extra"} in [s.arguments for s in rig.sent("add_consumer", since)]
+    assert node.queues == ["default", "extra"]
+
+    since = len(rig.stub.sent)
+    items = await rig.m.remove_consumer(APP, "w1", "default")
+    assert items == [{"name": "extra", "wanted": True, "declared": False, "live": True}]
+    stored = rig.store.get_instance("w1")
+    assert stored is not None and stored.queues == ("extra",)
+    assert {"queue": "default"} in [s.arguments for s in rig.sent("cancel_consumer", since)]
+    assert node.queues == ["extra"]
+
+
+async def test_consumers_of_a_stopped_worker_are_only_persisted(rig: Rig) -> None:
+    await rig.add("w1", queues=["default"], autostart=False)
+
+    items = await rig.m.add_consumer(APP, "w1", "extra")
+    assert [(i["name"], i["live"]) for i in items] == [("default", None), ("extra", None)]
+    items = await rig.m.remove_consumer(APP, "w1", "default")
+    assert [(i["name"], i["live"]) for i in items] == [("extra", None)]
+
+    stored = rig.store.get_instance("w1")
+    assert stored is not None and stored.queues == ("extra",)
+    assert rig.stub.sent == []
+    assert (await rig.view("w1")).runtime.state == State.STOPPED
+
+
+async def test_set_autoscale_checks_the_range_then_sends_and_confirms(rig: Rig) -> None:
+    node, _ = await rig.running("w1", ["default"])
+    since = len(rig.stub.sent)
+
+    with pytest.raises(Invalid):
+        await rig.m.set_autoscale(APP, "w1", 5, 2)
+    stored = rig.store.get_instance("w1")
+    assert stored is not None and stored.autoscale == Autoscale(min=1, max=4)
+    assert rig.sent("autoscale", since) == []
+
+    answer = await rig.m.set_autoscale(APP, "w1", 2, 6)
+    assert answer == {"min": 2, "max": 6, "live": {"min": 2, "max": 6}}
+    assert [s.arguments for s in rig.sent("autoscale", since)] == [{"max": 6, "min": 2}]
+    after = rig.stub.sent[since:]
+    asked = next(i for i, s in enumerate(after) if s.command == "autoscale")
+    assert any(s.command == "stats" for s in after[asked + 1 :])  # confirmed by stats
+    assert node.autoscale == (6, 2)
+    stored = rig.store.get_instance("w1")
+    assert stored is not None and stored.autoscale == Autoscale(min=2, max=6)
+
+
+# Health: hung workers, the memory limit, broker outages ---------------------------------
+
+
+async def test_silent_worker_is_killed_after_hung_after_and_restarted(rig: Rig) -> None:
+    node, first = await rig.running("w1", ["default"])
+
+    node.alive = False
+    began = time.monotonic()
+    view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, first))
+    # The clock starts at the last answer, at most one health interval before.
+    assert time.monotonic() - began >= HUNG_AFTER - 0.06
+    assert (first, signal.SIGKILL, True) in rig.fake.signals
+    rt = view.runtime
+    assert (rt.state, rt.restarts, rt.exit_code) == (State.STARTING, 1, -signal.SIGKILL)
+    assert rt.reason == f"no answer to ping for {HUNG_AFTER:g}s"
+
+    node.alive = True
+    view = await rig.wait_state("w1", State.RUNNING)
+    assert (view.runtime.restarts, view.runtime.reason) == (1, None)
+
+
+async def test_worker_over_its_memory_limit_is_killed_and_restarted(rig: Rig) -> None:
+    node, first = await rig.running("w1", ["default"], memory_limit=100_000_000)
+
+    # Silent as well, so that the new worker stays starting with its reason shown
+    # (the default hung_after is far away: only the memory check can kill it).
+    await rig.m.update_instance(APP, "w1", {"hung_after": 60})
+    node.alive = False
+    rig.fake.set_stats(first, TreeStats(memory_rss=200_000_000, processes=3))
+    view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, first))
+    assert (first, signal.SIGKILL, True) in rig.fake.signals
+    rt = view.runtime
+    assert (rt.state, rt.restarts, rt.exit_code) == (State.STARTING, 1, -signal.SIGKILL)
+    assert rt.reason == "memory 200000000 bytes over the limit of 100000000"
+
+    node.alive = True
+    view = await rig.wait_state("w1", State.RUNNING)
+    assert view.runtime.restarts == 1
+
+
+async def test_broker_outage_is_not_a_hung_worker(make_rig: MakeRig) -> None:
+    # No periodic sweep during the test: a reconcile can only come from the
+    # health check noticing the worker is back after silence.
+    rig = await make_rig(reconcile_interval=60.0)
+    node, pid = await rig.running("w1", ["default"])
+
+    rig.stub.broker_down = True
+    node.queues.clear()  # the broker restarted: the worker's queues are gone
+    await asyncio.sleep(4 * HUNG_AFTER)  # several hung_after periods of silence
+    view = await rig.view("w1")
+    assert (view.runtime.state, view.runtime.pid, view.runtime.restarts) == (
+        State.RUNNING,
+        pid,
+        0,
+    )
+    assert not any(sig == signal.SIGKILL for _, sig, _ in rig.fake.signals)
+
+    since = len(rig.stub.sent)
+    rig.stub.broker_down = False
+    await wait_for(lambda: bool(rig.sent("active_queues", since)), timeout=1.0)
+    await wait_for(lambda: node.queues == ["default"], timeout=1.0)
+    assert (await rig.view("w1")).runtime.pid == pid
+
+
+async def test_start_with_the_broker_down_backs_off_naming_the_broker(rig: Rig) -> None:
+    rig.stub.broker_down = True
+    view = await rig.add("w1", queues=["default"], startsecs=0.4)
+    first = pid_of(view)
+
+    view = await rig.wait_state("w1", State.BACKOFF)
+    assert view.runtime.reason == "cannot reach the broker: stub broker is down"
+    assert (first, signal.SIGKILL, True) in rig.fake.signals
+    assert view.runtime.exit_code == -signal.SIGKILL
+
+    rig.node("w1", queues=["default"])
+    rig.stub.broker_down = False
+    view = await rig.wait_state("w1", State.RUNNING)
+    assert view.runtime.reason is None and view.runtime.restarts >= 1
+
+
+# Warm stop ------------------------------------------------------------------------------
+
+
+async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) -> None:
+    node, pid = await rig.running("w1", ["default", "high"])
+    rig.fake.stubborn.add(pid)  # it finishes its tasks: exits when the test says so
+    mark = len(rig.timeline)
+
+    stopping = asyncio.create_task(rig.m.stop_instance(APP, "w1"))
+    await wait_for(lambda: "cast ping" in rig.timeline[mark:])
+    assert [e for e in rig.timeline[mark:] if not e.startswith("casting")] == [
+        "cast cancel_consumer",
+        "cast cancel_consumer",
+        f"signal {pid} SIGTERM group=False",
+        "cast ping",
+    ]
+    casts = [s for s in rig.stub.sent if s.one_way]
+    assert [(s.command, s.arguments) for s in casts] == [
+        ("cancel_consumer", {"queue": "default"}),
+        ("cancel_consumer", {"queue": "high"}),
+        ("ping", {}),
+    ]
+    assert node.queues == []
+    assert (await rig.view("w1")).runtime.state == State.STOPPING
+
+    rig.fake.exit(pid, 0)
+    view = await stopping
+    out = view.to_json()
+    assert (out["state"], out["stop_step"], out["pid"], out["exit_code"]) == (
+        "stopped",
+        "signal",
+        None,
+        0,
+    )
+    assert (pid, signal.SIGTERM, True) not in rig.fake.signals
+
+
+async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
+    _, pid = await rig.running("w1", ["default"])
+    rig.stub.broker_down = True
+
+    view = await rig.m.stop_instance(APP, "w1")
+    assert (view.runtime.state, view.runtime.exit_code) == (State.STOPPED, -signal.SIGTERM)
+    assert rig.fake.signals[0] == (pid, signal.SIGTERM, False)
+
+
+async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -> None:
+    _, pid = await rig.running("w1", ["default"])
+    rig.stub.cast_delay["cancel_consumer"] = 0.3  # a sluggish broker
+
+    stopping = asyncio.create_task(rig.m.stop_instance(APP, "w1"))
+    await wait_for(lambda: "casting cancel_consumer" in rig.timeline)
+    rig.fake.exit(pid, 0)  # it dies on its own while the cancel is in flight
+    view = await stopping
+    assert view.runtime.state == State.STOPPED
+
+    # the cancel has ended: the warm stop ran on past the point where it signals
+    await wait_for(lambda: "cast cancel_consumer" in rig.timeline)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [s for s in rig.fake.signals if s[1] == signal.SIGTERM] == []
