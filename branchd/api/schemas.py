@@ -213,6 +213,8 @@ INSTANCE: Schema = {
         "desired": {"type": "string", "enum": [d.value for d in Desired]},
         "pid": _NULLABLE_INT,
         **_SETTABLE,
+        # The argv it runs; empty for a celery instance whose app cannot build one.
+        "command": {"type": "array", "items": {"type": "string"}},
         "restarts": {"type": "integer", "minimum": 0},
         "exit_code": _NULLABLE_INT,
         "started_at": _NULLABLE_NUM,

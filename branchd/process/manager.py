@@ -235,6 +235,8 @@ class Manager:
         if name in self._specs:
             raise Conflict(f"instance name {name!r} is taken")
         spec = build_spec(app, name, fields, self.branch_id, self._clock.wall())
+        if spec.kind == Kind.CELERY and not app.celery.celery_app:
+            raise Invalid(f"app {app_name!r} has no celery_app (the module for celery -A)")
         if not spec.autostart:
             spec = replace(spec, desired=Desired.STOPPED)
         self._store.add_instance(spec)

@@ -41,30 +41,12 @@ from branchd.celery.broker import (
 from branchd.celery.remote import KombuRemoteControl, RemoteControl
 from branchd.celery.stub import StubRemoteControl
 from branchd.errors import BrokerUnavailable
+from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.celery_app.tasks"
-AMQP_URL = os.environ.get("BRANCHD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("BRANCHD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 START_DEADLINE = 30.0
 Connection: Any = kombu_connection.Connection  # kombu is only partly annotated
-
-
-def _unreachable(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is unreachable in CI")
-    pytest.skip(f"{what} is unreachable")
-
-
-def _reachable(url: str) -> bool:
-    conn: Any = Connection(url, connect_timeout=2)
-    try:
-        conn.ensure_connection(max_retries=1, timeout=2)
-        return True
-    except Exception:
-        return False
-    finally:
-        conn.release()
 
 
 @pytest.fixture(params=["amqp", "redis", "filesystem"])
@@ -73,8 +55,8 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> BrokerSpec:
     if kind == "filesystem":
         return embedded(tmp_path / "state")
     url = AMQP_URL if kind == "amqp" else REDIS_URL
-    if not _reachable(url):
-        _unreachable(url)
+    if not reachable(url):
+        unreachable(url)
     return BrokerSpec(url)
 
 
@@ -410,7 +392,7 @@ def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
 @pytest.mark.slow
 async def test_calls_work_again_after_a_redis_restart(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
-        _unreachable("redis-server (binary)")
+        unreachable("redis-server (binary)")
     port = _free_port()
     spec = BrokerSpec(f"redis://127.0.0.1:{port}/0")
     redis = _start_redis(port, tmp_path)

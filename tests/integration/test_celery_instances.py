@@ -36,34 +36,16 @@ from kombu import Exchange
 from kombu import connection as kombu_connection
 
 from branchd.celery.broker import BrokerSpec, embedded, worker_env
+from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
 from tests.conftest import Branchd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_MODULE = "tests.celery_app.tasks"
-AMQP_URL = os.environ.get("BRANCHD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("BRANCHD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 START = 30.0  # deadline for a worker to answer its first ping
 Connection: Any = kombu_connection.Connection  # kombu is only partly annotated
 
 #: Fast health checks and backoff; a sweep every 3 s re-applies declarations.
 CONFIG = "health_interval = 0.5\nreconcile_interval = 3.0\nbackoff_base = 0.2\nbackoff_max = 1.0\n"
-
-
-def _unreachable(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is unreachable in CI")
-    pytest.skip(f"{what} is unreachable")
-
-
-def _reachable(url: str) -> bool:
-    conn: Any = Connection(url, connect_timeout=2)
-    try:
-        conn.ensure_connection(max_retries=1, timeout=2)
-        return True
-    except Exception:
-        return False
-    finally:
-        conn.release()
 
 
 def _alive(pid: int) -> bool:
@@ -230,8 +212,8 @@ def celeryd(
     kind = request.param
     if kind != "filesystem":
         url = AMQP_URL if kind == "amqp" else REDIS_URL
-        if not _reachable(url):
-            _unreachable(url)
+        if not reachable(url):
+            unreachable(url)
     b = _daemon(branchd_factory, tmp_path)
     spec = embedded(b.state_dir) if kind == "filesystem" else BrokerSpec(url)
     c = Celeryd(b, kind, spec, tmp_path)
@@ -454,7 +436,7 @@ def test_worker_and_declarations_survive_a_broker_restart(
     branchd_factory: Callable[..., Branchd], tmp_path: Path
 ) -> None:
     if shutil.which("redis-server") is None:
-        _unreachable("redis-server (binary)")
+        unreachable("redis-server (binary)")
     port = _free_port()
     url = f"redis://127.0.0.1:{port}/0"
     servers = [_start_redis(port, tmp_path)]
