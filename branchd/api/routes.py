@@ -73,6 +73,8 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
             data = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("request body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))

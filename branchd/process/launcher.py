@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 ExitCallback = Callable[[int | None], None]
 
 #: Two create_time readings of the same process agree within this (seconds).
-CREATE_TIME_TOLERANCE = 0.01
+#: psutil derives it from the boot time in whole seconds, which moves when the
+#: clock is stepped (NTP): a tight bound would disown every instance then.
+CREATE_TIME_TOLERANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -220,11 +222,13 @@ class ProcessLauncher:
             return False
         try:
             proc = psutil.Process(pid)
+            # Our instances lead their own process group: a reused pid rarely does.
             return (
                 abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE
+                and os.getpgid(pid) == pid
                 and proc.status() != psutil.STATUS_ZOMBIE
             )
-        except psutil.Error:
+        except (psutil.Error, ProcessLookupError):
             return False
 
     def signal(self, pid: int, sig: int, group: bool) -> None:
@@ -299,8 +303,9 @@ def _user_ids(user: str | None) -> tuple[int | None, int | None, list[int] | Non
     if user is None:
         return None, None, None
     try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
+        numeric = user.isascii() and user.isdigit()  # "²".isdigit() is True too
+        pw = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):
         raise SpawnError(f"unknown user {user!r}") from None
     euid = os.geteuid()
     if euid != 0:

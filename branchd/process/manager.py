@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from branchd.celery.remote import RemoteControl
 from branchd.celery.stub import StubRemoteControl
 from branchd.clock import Clock
@@ -29,7 +31,6 @@ from branchd.errors import (
     Conflict,
     Invalid,
     NotFound,
-    SpawnError,
 )
 from branchd.model import (
     App,
@@ -107,6 +108,7 @@ class Manager:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._deleting: set[str] = set()
+        self._deleting_apps: set[str] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
         self._workers = Workers(
@@ -147,10 +149,17 @@ class Manager:
                     self._feed(name, Stop())
                 elif spec.kind == Kind.CELERY:
                     self._workers.adopted(name)
-            elif spec.desired == Desired.RUNNING:
-                self._feed(name, Start())
             else:
-                self._persist(name)
+                if rt.pid and not psutil.pid_exists(rt.pid):
+                    # Its main process died while we were away; what it left in
+                    # its group goes now (a gone pid cannot be reused while its
+                    # group still has members). No orphans, ever.
+                    with contextlib.suppress(OSError, ValueError):
+                        self._launcher.signal(rt.pid, _signal.SIGKILL, True)
+                if spec.desired == Desired.RUNNING:
+                    self._feed(name, Start())
+                else:
+                    self._persist(name)
         self._rotator = asyncio.create_task(self._rotate_logs())
         self._workers.start()
 
@@ -212,9 +221,16 @@ class Manager:
     async def delete_app(self, name: str) -> None:
         """Stop and remove the app's instances, then it and its queues."""
         await self.get_app(name)
-        for spec in [s for s in self._specs.values() if s.app == name]:
-            await self.delete_instance(name, spec.name)
-        self._store.delete_app(name)
+        if name in self._deleting_apps:
+            raise Conflict(f"app {name!r} is being deleted")
+        self._deleting_apps.add(name)
+        try:
+            for spec in [s for s in self._specs.values() if s.app == name]:
+                if spec.name in self._specs:
+                    await self.delete_instance(name, spec.name)
+            self._store.delete_app(name)
+        finally:
+            self._deleting_apps.discard(name)
 
     # instances ------------------------------------------------------------
 
@@ -229,6 +245,8 @@ class Manager:
 
     async def create_instance(self, app_name: str, fields: Mapping[str, Any]) -> InstanceView:
         app = await self.get_app(app_name)
+        if app_name in self._deleting_apps:
+            raise Conflict(f"app {app_name!r} is being deleted")
         fields = dict(fields)
         name = fields.pop("name", None) or self._new_name(app_name)
         _check_name(name, "instance")
@@ -261,6 +279,8 @@ class Manager:
 
     async def delete_instance(self, app: str, name: str) -> None:
         spec = self._lookup(app, name)
+        if name in self._deleting:
+            raise Conflict(f"instance {name!r} is being deleted")
         # While it stops, nobody may start it again: the process would outlive
         # its declaration (an orphan).
         self._deleting.add(name)
@@ -288,12 +308,18 @@ class Manager:
         self._set_desired(self._lookup(app, name), Desired.STOPPED)
         self._feed(name, Stop())
         await self._wait_stopped(name)
-        return self._view(name)
+        return self._settled_view(app, name)
 
     async def restart_instance(self, app: str, name: str) -> InstanceView:
         self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Restart())
         await self._wait_stopped(name)
+        return self._settled_view(app, name)
+
+    def _settled_view(self, app: str, name: str) -> InstanceView:
+        # A delete may have ended the instance while we waited.
+        if name not in self._specs:
+            raise NotFound(f"instance {name!r} of app {app!r} was deleted")
         return self._view(name)
 
     async def instance_stats(self, app: str, name: str) -> Stats:
@@ -550,8 +576,10 @@ class Manager:
                     stderr_path=err,
                 )
             )
-        except (SpawnError, BranchdError, OSError) as exc:
-            message = exc.message if isinstance(exc, BranchdError) else str(exc)
+        except Exception as exc:  # any failure to start is a failed start, never a crash
+            message = exc.message if isinstance(exc, BranchdError) else str(exc) or repr(exc)
+            if not isinstance(exc, BranchdError | OSError):
+                log.exception("unexpected failure starting %s", name)
             log.warning("cannot start %s: %s", name, message)
             self._feed(name, SpawnFailed(message))
             return

@@ -69,12 +69,18 @@ class Workers:
         self._reconcile_interval = reconcile_interval
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_pong: dict[str, float] = {}
+        self._started: dict[str, Worker] = {}
         self._silent: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
 
     # worker identity ----------------------------------------------------------
 
     def worker(self, spec: InstanceSpec) -> Worker:
+        """How to reach the instance's worker: the broker it was started with
+        (an app's broker may have changed since), else the app's current one."""
+        started = self._started.get(spec.name)
+        if started is not None:
+            return started
         app = self._host.app(spec.app)
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
@@ -95,6 +101,10 @@ class Workers:
         except BranchdError:
             return ()
 
+    def _pool(self, spec: InstanceSpec) -> str:
+        app = self._host.app(spec.app)
+        return spec.pool or (app.celery.pool if app else "prefork")
+
     def node(self, spec: InstanceSpec) -> str:
         return node_name(spec.name, self._hostname)
 
@@ -105,8 +115,9 @@ class Workers:
         app = self._host.app(spec.app)
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
-        w = self.worker(spec)
+        w = Worker(node_name(spec.name, self._hostname), self.broker(app))
         argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app))
+        self._started[spec.name] = w
         # The filesystem transport replays a node's old control messages (an
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
@@ -308,6 +319,9 @@ class Workers:
             return
         self._silent.add(name)
         last = self._last_pong.setdefault(name, now)
+        if self._pool(spec) == "solo":
+            # A solo worker answers only between tasks: silence is a long task.
+            return
         if now - last >= spec.hung_after:
             self._last_pong.pop(name, None)
             self._host.feed(name, Hung(f"no answer to ping for {spec.hung_after:g}s"))

@@ -128,7 +128,7 @@ async def test_spawn_signal_exit_scenario(
     launched = any_launcher.spawn(spec(PY, "-c", "import time; time.sleep(60)"))
     try:
         assert any_launcher.alive(launched.pid, launched.create_time)
-        assert not any_launcher.alive(launched.pid, launched.create_time + 1.0)
+        assert not any_launcher.alive(launched.pid, launched.create_time + 5.0)
         exits = Exits()
         any_launcher.watch(launched.pid, exits.callback(launched.pid))
         await wait_until(lambda: any_launcher.tree_stats(launched.pid).processes == 1)
@@ -291,6 +291,7 @@ async def test_watch_of_a_non_child_reports_none(real: Spawner) -> None:
         "import os, time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
+        "    os.setsid()\n"  # like an instance: it leads its own group
         "    null = os.open(os.devnull, os.O_WRONLY)\n"
         "    os.dup2(null, 1)\n"
         "    os.dup2(null, 2)\n"

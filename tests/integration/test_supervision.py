@@ -261,3 +261,49 @@ def test_non_loopback_bind_needs_a_token(tmp_path: Path, bind: str) -> None:
     )
     assert out.returncode == 2
     assert "without a token" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_odd_user_is_a_failed_start_not_a_crash(branchd_factory: Callable[..., Branchd]) -> None:
+    b = branchd_factory()
+    b.call("PUT", "/v1/apps/web", {})
+    reply = b.call(
+        "POST",
+        "/v1/apps/web/instances",
+        {"name": "u", "command": SLEEPER, "user": "\u00b2", "startretries": 1},
+    )
+    assert reply.status == 201, reply.text
+    inst = b.wait_state("web", "u", "fatal")
+    assert "unknown user" in inst["reason"]
+    # and a daemon restart on that state comes up fine
+    b.signal(signal.SIGTERM)
+    assert b.wait_exit() == 0
+    again = branchd_factory(state_dir=b.state_dir)
+    assert again.ok("GET", "/v1/ping") == {"ok": True}
+
+
+def test_deeply_nested_json_is_a_400(branchd: Branchd) -> None:
+    reply = branchd.call("PUT", "/v1/apps/web", raw=b"[" * 50000)
+    assert reply.status == 400 and reply.body["error"]["code"] == "bad_request"
+
+
+def test_concurrent_stop_and_delete_answer_cleanly(branchd: Branchd) -> None:
+    import concurrent.futures
+
+    stubborn = (
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\ntime.sleep(1e9)"
+    )
+    add(branchd, "s", [PY, "-c", stubborn], startsecs=0.2, stopwaitsecs=1)
+    branchd.wait_state("web", "s", "running")
+    wait_for(lambda: "ready" in branchd.call("GET", "/v1/apps/web/instances/s/logs").text)
+    path = "/v1/apps/web/instances/s"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        calls = [
+            pool.submit(branchd.call, "POST", path + "/stop"),
+            pool.submit(branchd.call, "DELETE", path),
+            pool.submit(branchd.call, "DELETE", path),
+        ]
+        statuses = sorted(f.result().status for f in calls)
+    assert all(s < 500 for s in statuses), statuses
+    assert 204 in statuses
+    assert branchd.call("GET", path).status == 404
