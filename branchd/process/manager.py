@@ -150,7 +150,7 @@ class Manager:
                 elif spec.kind == Kind.CELERY:
                     self._workers.adopted(name)
             else:
-                if rt.pid and not psutil.pid_exists(rt.pid):
+                if rt.pid and _gone_or_zombie(rt.pid):
                     # Its main process died while we were away; what it left in
                     # its group goes now (a gone pid cannot be reused while its
                     # group still has members). No orphans, ever.
@@ -657,6 +657,17 @@ class Manager:
                     logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
                 except OSError:
                     log.warning("cannot rotate %s", path, exc_info=True)
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    """The pid is free or a zombie: its old process group, if any, is still ours
+    (Linux does not reuse a pid while a group of that id has members)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:

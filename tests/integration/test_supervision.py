@@ -307,3 +307,26 @@ def test_concurrent_stop_and_delete_answer_cleanly(branchd: Branchd) -> None:
     assert all(s < 500 for s in statuses), statuses
     assert 204 in statuses
     assert branchd.call("GET", path).status == 404
+
+
+def test_group_left_by_a_main_that_died_while_no_daemon_ran_is_reaped(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    add(b, "tree", [PY, "-c", GRANDCHILDREN], startsecs=0.3)
+    pid = b.wait_state("web", "tree", "running")["pid"]
+    family = wait_for(
+        lambda: (
+            len(psutil.Process(pid).children(recursive=True)) >= 6
+            and [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        )
+    )
+    b.signal(signal.SIGUSR2)  # exit, leaving the instance running
+    assert b.wait_exit() == 0
+    os.kill(pid, signal.SIGKILL)  # its main dies while no daemon runs
+    wait_for(lambda: not alive(pid))
+    assert any(alive(p) for p in family)
+
+    again = branchd_factory(state_dir=b.state_dir)
+    wait_for(lambda: not any(alive(p) for p in family), 10)  # no orphans, ever
+    assert again.wait_state("web", "tree", "running")["pid"] != pid
