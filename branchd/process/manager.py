@@ -401,26 +401,30 @@ class Manager:
         return self._consumer_items(spec, live)
 
     async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        spec = self._celery_lookup(app, name)
+        self._celery_lookup(app, name)
         _check_name(queue, "queue")
-        if queue not in spec.queues:
-            spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
-        live = None
-        if self._procs[name].state == State.RUNNING:
-            decl = self._store.get_queue(app, queue)
-            live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
-        return self._consumer_items(spec, live)
+        async with self._workers.lock(name):
+            spec = self._celery_lookup(app, name)
+            if queue not in spec.queues:
+                spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
+            live = None
+            if self._procs[name].state == State.RUNNING:
+                decl = self._store.get_queue(app, queue)
+                live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
+            return self._consumer_items(spec, live)
 
     async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        spec = self._celery_lookup(app, name)
-        if queue in spec.queues:
-            spec = self._update_spec(
-                replace(spec, queues=tuple(q for q in spec.queues if q != queue))
-            )
-        live = None
-        if self._procs[name].state == State.RUNNING:
-            live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
-        return self._consumer_items(spec, live)
+        self._celery_lookup(app, name)
+        async with self._workers.lock(name):
+            spec = self._celery_lookup(app, name)
+            if queue in spec.queues:
+                spec = self._update_spec(
+                    replace(spec, queues=tuple(q for q in spec.queues if q != queue))
+                )
+            live = None
+            if self._procs[name].state == State.RUNNING:
+                live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
+            return self._consumer_items(spec, live)
 
     def _consumer_items(self, spec: InstanceSpec, live: list[str] | None) -> list[dict[str, Any]]:
         declared = {q.name for q in self._store.list_queues(spec.app)}
@@ -446,13 +450,15 @@ class Manager:
         return {**(want.to_json() if want else {"min": None, "max": None}), "live": live}
 
     async def set_autoscale(self, app: str, name: str, low: int, high: int) -> dict[str, Any]:
-        spec = self._celery_lookup(app, name)
+        self._celery_lookup(app, name)
         want = autoscale_from({"min": low, "max": high})
         assert want is not None
-        spec = self._update_spec(replace(spec, autoscale=want, concurrency=None))
-        if self._procs[name].state == State.RUNNING:
-            await self._workers.ops.autoscale(self._workers.worker(spec), want)
-        return await self.get_autoscale(app, name)
+        async with self._workers.lock(name):
+            spec = self._celery_lookup(app, name)
+            spec = self._update_spec(replace(spec, autoscale=want, concurrency=None))
+            if self._procs[name].state == State.RUNNING:
+                await self._workers.ops.autoscale(self._workers.worker(spec), want)
+            return await self.get_autoscale(app, name)
 
     # what the workers service needs (workers.Host) ----------------------------------
 

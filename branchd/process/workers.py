@@ -70,6 +70,7 @@ class Workers:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_pong: dict[str, float] = {}
         self._started: dict[str, Worker] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._silent: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -241,7 +242,16 @@ class Workers:
             async with asyncio.timeout(1.0):
                 await self.ops.remote.cast(w.broker, w.node, "ping")
 
+    def lock(self, name: str) -> asyncio.Lock:
+        """One runtime change of an instance at a time (API call or reconcile):
+        a reconcile that read the declaration before a change must not undo it."""
+        return self._locks.setdefault(name, asyncio.Lock())
+
     async def _reconcile(self, name: str) -> None:
+        async with self.lock(name):
+            await self._reconcile_locked(name)
+
+    async def _reconcile_locked(self, name: str) -> None:
         spec = self._host.spec(name)
         app = self._host.app(spec.app) if spec else None
         if spec is None or app is None:
