@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import http.client
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -54,12 +52,15 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import log, machine, med, ok, wait_for, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Celery instances (issue 3)"
@@ -82,23 +83,6 @@ TRACE_STEPS = (
 #: Targets of issue 3 (branchd's side).
 TARGET_OVERHEAD_PCT = 10.0
 TARGET_ADD_P50_MS = 20.0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def fresh(prefix: str) -> str:
@@ -644,24 +628,6 @@ def measure_memory(d: Daemon, opts: Options, r: Results) -> None:
 # Report -----------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict[str, str]:
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def source_state() -> str:
     try:
         head = subprocess.run(
@@ -721,10 +687,6 @@ def redacted(url: str) -> str:
     return url
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def cell(values: list[float], fmt: str) -> str:
     if not values:
         return "n/a"
@@ -732,10 +694,6 @@ def cell(values: list[float], fmt: str) -> str:
     if len(values) > 1:
         text += f" [{format(min(values), fmt)}, {format(max(values), fmt)}]"
     return text
-
-
-def ok(flag: bool) -> str:
-    return "yes" if flag else "**no**"
 
 
 def table(r: Results, opts: Options) -> str:
@@ -930,23 +888,6 @@ def section(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace our section of path (up to the next '## ' heading), or append it."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 # Main -------------------------------------------------------------------------
 
 
@@ -1065,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"machine": info, "versions": vers, **asdict(r)}, indent=1)
         )
     if opts.out is not None:
-        write_section(opts.out, text)
+        write_section(opts.out, HEADING, text)
         log(f"wrote {opts.out}")
     return 0
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import http.client
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -49,6 +47,9 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import log, machine, med, ok, wait_for, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SUP_VENV = ROOT / "bench" / ".venv-supervisor"
 HEADING = "## Local supervision vs supervisord (issue 2)"
@@ -61,23 +62,6 @@ TARGET_STATUS_RATIO = 3.0
 TARGET_RSS_MIB = 80.0
 TARGET_RSS_AT = 200
 TARGET_IDLE_PCT = 0.5
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -597,28 +581,6 @@ def branchd_version(python: str) -> str:
 # Report -----------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict[str, str]:
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def cell(values: list[float], fmt: str) -> str:
     """median, with the min-max of the runs when there is more than one."""
     if not values:
@@ -627,10 +589,6 @@ def cell(values: list[float], fmt: str) -> str:
     if len(values) > 1:
         text += f" [{format(min(values), fmt)}, {format(max(values), fmt)}]"
     return text
-
-
-def ok(flag: bool) -> str:
-    return "yes" if flag else "**no**"
 
 
 def table(samples: list[Sample], counts: list[int]) -> str:
@@ -769,23 +727,6 @@ def section(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace our section of path (up to the next '## ' heading), or append it."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 # Main -------------------------------------------------------------------------
 
 
@@ -882,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if opts.out != Path():
-        write_section(opts.out, text)
+        write_section(opts.out, HEADING, text)
         log(f"wrote {opts.out}")
     return 0
 
