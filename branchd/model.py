@@ -107,6 +107,9 @@ class CelerySettings:
     autoscale: Autoscale | None = None
     #: Celery's mingle and gossip cost a second at each start; off unless asked.
     mingle_gossip: bool = False
+    #: Where task results go (``--result-backend``). None: on the embedded
+    #: broker, a ``file://`` store in the state dir; elsewhere the app module's.
+    result_backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ class App:
     created_at: float = 0.0
     celery: CelerySettings = CelerySettings()
 
-    def to_json(self, effective_broker: str | None = None) -> dict[str, Any]:
+    def to_json(
+        self, effective_broker: str | None = None, effective_backend: str | None = None
+    ) -> dict[str, Any]:
         c = self.celery
         return {
             "name": self.name,
@@ -127,6 +132,7 @@ class App:
             "created_at": self.created_at,
             "broker": effective_broker or c.broker,
             "embedded_broker": c.broker is None,
+            "result_backend": effective_backend or c.result_backend,
             "celery_app": c.celery_app,
             "python": c.python,
             "pool": c.pool,

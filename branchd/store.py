@@ -129,6 +129,7 @@ def celery_to_dict(c: CelerySettings) -> dict[str, Any]:
         "args": list(c.args),
         "autoscale": c.autoscale.to_json() if c.autoscale else None,
         "mingle_gossip": c.mingle_gossip,
+        "result_backend": c.result_backend,
     }
 
 

@@ -87,8 +87,13 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
 def _as_ints(schema: schemas.Schema, data: Any) -> Any:
     """Make the integers JSON Schema accepts as 2.0 real ints, as the model expects
     (a float ``log_max_bytes`` broke log rotation)."""
-    if schema.get("type") == "integer" and isinstance(data, float):
+    kind = schema.get("type")
+    integer = kind == "integer" or (isinstance(kind, list) and "integer" in kind)
+    if integer and isinstance(data, float):
         return int(data)
+    for sub in schema.get("oneOf", ()) or schema.get("anyOf", ()):
+        if data is not None and sub.get("type") != "null":
+            return _as_ints(sub, data)
     if isinstance(data, dict):
         props = schema.get("properties", {})
         return {k: _as_ints(props[k], v) if k in props else v for k, v in data.items()}
@@ -158,7 +163,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def _app_json(request: web.Request, app: App) -> dict[str, Any]:
-    return app.to_json(_backend(request).effective_broker(app))
+    backend = _backend(request)
+    return app.to_json(backend.effective_broker(app), backend.effective_backend(app))
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -179,6 +185,16 @@ async def put_app(request: web.Request) -> web.Response:
 async def get_app(request: web.Request) -> web.Response:
     app = await _backend(request).get_app(_name(request, "app"))
     return _json(_app_json(request, app))
+
+
+async def patch_app(request: web.Request) -> web.Response:
+    body = await _body(request, schemas.APP_PATCH)
+    app = await _backend(request).patch_app(_name(request, "app"), body)
+    return _json(_app_json(request, app))
+
+
+async def celery_config(request: web.Request) -> web.Response:
+    return _json(await _backend(request).celery_config(_name(request, "app")))
 
 
 # queues (declarations) ----------------------------------------------------------
@@ -392,6 +408,22 @@ ROUTES: tuple[Route, ...] = (
         body=schemas.APP_IN,
     ),
     Route("GET", "/v1/apps/{app}", get_app, "One app", response=schemas.APP),
+    Route(
+        "PATCH",
+        "/v1/apps/{app}",
+        patch_app,
+        "Change the fields named (env and defaults merge; null removes a key "
+        "or resets a setting); keep the rest",
+        response=schemas.APP,
+        body=schemas.APP_PATCH,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/celery-config",
+        celery_config,
+        "The Celery settings a producer (or Celery's own CLI) needs for this app",
+        response=schemas.CELERY_CONFIG,
+    ),
     Route(
         "DELETE",
         "/v1/apps/{app}",

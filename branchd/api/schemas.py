@@ -95,11 +95,32 @@ _APP_CELERY: dict[str, Schema] = {
     "args": _ARGV,
     "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
     "mingle_gossip": {"type": "boolean"},
+    "result_backend": {"type": ["string", "null"], "minLength": 1, "maxLength": 2000},
 }
 
 APP_IN: Schema = {
     "type": "object",
     "properties": {"env": _STR_MAP, "defaults": INSTANCE_DEFAULTS, **_APP_CELERY},
+    "additionalProperties": False,
+}
+
+def _or_null(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+#: JSON merge patch (RFC 7386) of an app: env and defaults merge key by key,
+#: null removes a key; a null setting goes back to its default.
+APP_PATCH: Schema = {
+    "type": "object",
+    "properties": {
+        "env": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+        "defaults": {
+            "type": "object",
+            "properties": {k: _or_null(v) for k, v in _SETTABLE.items()},
+            "additionalProperties": False,
+        },
+        **{k: _or_null(v) for k, v in _APP_CELERY.items()},
+    },
     "additionalProperties": False,
 }
 
@@ -154,6 +175,34 @@ QUEUE: Schema = {
         "exchange_type": {"type": "string"},
         "routing_key": {"type": "string"},
         "options": {"type": "object"},
+    },
+}
+
+CELERY_CONFIG: Schema = {
+    "type": "object",
+    "required": ["app", "celery_app", "python", "config", "env"],
+    "properties": {
+        "app": NAME,
+        "celery_app": _NULLABLE_STR,
+        "python": {"type": "string", "description": "the interpreter of the app's workers"},
+        "cwd": {"type": ["string", "null"], "description": "the working directory of its workers"},
+        "config": {
+            "type": "object",
+            "description": "for app.conf.update(...): broker_url, broker_transport_options, "
+            "result_backend, task_queues (Celery's dict form)",
+            "required": ["broker_url"],
+            "properties": {
+                "broker_url": {"type": "string"},
+                "broker_transport_options": {"type": "object"},
+                "result_backend": {"type": "string"},
+                "task_queues": {"type": "object", "additionalProperties": {"type": "object"}},
+            },
+        },
+        "env": {
+            "description": "the same as environment variables (CELERY_BROKER_URL, "
+            "CELERY_RESULT_BACKEND, and branchd's loader for transport options)",
+            **_STR_MAP,
+        },
     },
 }
 

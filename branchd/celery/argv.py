@@ -24,8 +24,9 @@ def worker_argv(
     loglevel: str,
     extra: Sequence[str],
     without_mingle_gossip: bool = True,
+    result_backend: str | None = None,
 ) -> list[str]:
-    """``[python, -m, celery, -A, app, -b, url, worker, -n, node, ...]``.
+    """``[python, -m, celery, -A, app, -b, url, [--result-backend, url,] worker, -n, node, ...]``.
 
     ``autoscale`` is ``(max, min)`` in Celery's order; it wins over
     ``concurrency`` (runtime concurrency changes need ``--autoscale`` from the
@@ -39,7 +40,10 @@ def worker_argv(
     bad = [q for q in queues if not q or "," in q or q != q.strip()]
     if bad:
         raise Invalid(f"bad queue names: {bad!r}")
-    argv = [python, "-m", "celery", "-A", celery_app, "-b", broker_url, "worker", "-n", node]
+    argv = [python, "-m", "celery", "-A", celery_app, "-b", broker_url]
+    if result_backend:
+        argv += ["--result-backend", result_backend]
+    argv += ["worker", "-n", node]
     if queues:
         argv += ["-Q", ",".join(queues)]
     if autoscale is not None:

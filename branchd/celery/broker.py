@@ -88,6 +88,20 @@ def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
     return BrokerSpec("filesystem://", options, str(hook))
 
 
+def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:
+    """Where the default result backend of an app on the embedded broker keeps
+    its results: Celery's ``file://`` store (chords work on it through Celery's
+    ``chord_unlock`` polling, like on any backend without atomic counters).
+    Celery refuses a folder that does not exist: see :func:`ensure_results_dir`."""
+    return Path(state_dir).resolve() / "results" / app
+
+
+def ensure_results_dir(backend: str | None) -> None:
+    """Make the folder of a ``file://`` result backend if it is missing."""
+    if backend and backend.startswith("file://"):
+        Path(backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
 def install_worker_loader(hook_dir: Path) -> Path:
     """Copy the worker-side loader into ``hook_dir`` (only if it changed)."""
     source = Path(__file__).with_name("worker_loader.py")

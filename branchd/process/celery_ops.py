@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from branchd.celery.argv import worker_argv
-from branchd.celery.broker import BrokerSpec, embedded, worker_env
+from branchd.celery.broker import BrokerSpec, embedded, results_dir, worker_env
 from branchd.celery.remote import RemoteControl
 from branchd.errors import BrokerUnavailable, ControlFailed, Invalid
 from branchd.model import App, Autoscale, InstanceSpec, Queue
@@ -51,6 +51,16 @@ def broker_for(app: App, state_dir: Path) -> BrokerSpec:
     return embedded(state_dir)
 
 
+def backend_for(app: App, state_dir: Path) -> str | None:
+    """The app's result backend: its own, else a file store for the embedded
+    broker (a zero-service Celery has results too), else the app module's."""
+    if app.celery.result_backend:
+        return app.celery.result_backend
+    if not app.celery.broker:
+        return f"file://{results_dir(state_dir, app.name)}"
+    return None
+
+
 def python_for(app: App) -> str:
     """The app's interpreter; a virtualenv directory means its bin/python."""
     python = app.celery.python
@@ -73,6 +83,7 @@ def command_for(
     node: str,
     broker: BrokerSpec,
     decls: Mapping[str, Queue] | None = None,
+    result_backend: str | None = None,
 ) -> list[str]:
     """The worker's argv; ``decls`` are the app's queue declarations.
 
@@ -100,12 +111,47 @@ def command_for(
         loglevel=spec.loglevel,
         extra=[*app.celery.args, *spec.args],
         without_mingle_gossip=not app.celery.mingle_gossip,
+        result_backend=result_backend,
     )
 
 
 def env_for(broker: BrokerSpec, env: Mapping[str, str]) -> dict[str, str]:
     """The worker's environment: ``env`` plus what the broker needs to reach it."""
     return {**env, **worker_env(broker, env.get("PYTHONPATH"))}
+
+
+def producer_config(
+    broker: BrokerSpec, backend: str | None, decls: Mapping[str, Queue]
+) -> dict[str, Any]:
+    """The Celery settings a producer of the app needs, for ``app.conf.update(...)``.
+
+    ``task_queues`` is in Celery's dict form (``{name: {exchange, exchange_type,
+    routing_key, ...}}``, which ``Queues.add_compat`` takes): on Redis and the
+    embedded broker a producer that does not declare a topic exchange drops
+    its messages without a word.
+    """
+    out: dict[str, Any] = {"broker_url": broker.url}
+    if broker.transport_options:
+        out["broker_transport_options"] = dict(broker.transport_options)
+    if backend:
+        out["result_backend"] = backend
+    if decls:
+        out["task_queues"] = {
+            name: {k: v for k, v in consumer_arguments(name, d).items() if k != "queue"}
+            for name, d in sorted(decls.items())
+        }
+    return out
+
+
+def producer_env(broker: BrokerSpec, backend: str | None) -> dict[str, str]:
+    """The same settings as environment variables, for Celery's own CLI and
+    for producers that read their settings from the environment (Celery reads
+    ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``; transport options come
+    through branchd's loader, as for the workers)."""
+    env = {"CELERY_BROKER_URL": broker.url}
+    if backend:
+        env["CELERY_RESULT_BACKEND"] = backend
+    return {**env, **worker_env(broker)}
 
 
 def consumer_arguments(name: str, decl: Queue | None) -> dict[str, Any]:
@@ -269,4 +315,6 @@ __all__ = [
     "command_for",
     "env_for",
     "node_name",
+    "producer_config",
+    "producer_env",
 ]

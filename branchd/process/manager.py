@@ -75,7 +75,7 @@ from branchd.process.specs import (
     celery_settings,
 )
 from branchd.process.workers import Workers
-from branchd.store import Store
+from branchd.store import Store, celery_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,31 @@ class Manager:
         created = self._store.put_app(app)
         return app, created
 
+    async def patch_app(self, name: str, patch: Mapping[str, Any]) -> App:
+        """Change what ``patch`` names and keep the rest (JSON merge patch:
+        env and defaults merge key by key, null removes a key or resets a
+        setting to its default). Validated as a whole, like a PUT."""
+        app = await self.get_app(name)
+        env = _merged(app.env, patch.get("env"))
+        defaults = _merged(app.defaults, patch.get("defaults"))
+        celery = celery_to_dict(app.celery)
+        for key, value in patch.items():
+            if key not in ("env", "defaults"):
+                celery[key] = value
+        celery = {k: v for k, v in celery.items() if v is not None}
+        new, _created = await self.put_app(name, env, defaults, celery)
+        return new
+
     def effective_broker(self, app: App) -> str:
-        broker = self._workers.broker(app)
-        folder = broker.transport_options.get("data_folder_in")
-        return f"{broker.url}{folder}" if folder and broker.is_filesystem else broker.url
+        """The URL a producer uses (the embedded broker's is ``filesystem://``:
+        its folders ride in the transport options of ``celery_config``)."""
+        return self._workers.broker(app).url
+
+    def effective_backend(self, app: App) -> str | None:
+        return self._workers.result_backend(app)
+
+    async def celery_config(self, name: str) -> dict[str, Any]:
+        return self._workers.producer_setup(await self.get_app(name))
 
     async def delete_app(self, name: str) -> None:
         """Stop and remove the app's instances, then it and its queues."""
@@ -674,6 +695,17 @@ def _gone_or_zombie(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def _merged(base: Mapping[str, Any], patch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One level of a JSON merge patch: null removes the key."""
+    out = dict(base)
+    for key, value in (patch or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:

@@ -123,6 +123,7 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
         args=tuple(body.get("args", ())),
         autoscale=autoscale_from(body.get("autoscale")),
         mingle_gossip=bool(body.get("mingle_gossip", False)),
+        result_backend=body.get("result_backend") or None,
     )
 
 

@@ -14,17 +14,26 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
-from branchd.celery.broker import BrokerSpec, clear_node_leftovers, prune_dead_fanout
+from branchd.celery.broker import (
+    BrokerSpec,
+    clear_node_leftovers,
+    ensure_results_dir,
+    prune_dead_fanout,
+)
 from branchd.errors import BranchdError, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process.celery_ops import (
     CeleryOps,
     Worker,
+    backend_for,
     broker_for,
     command_for,
     effective_autoscale,
     env_for,
     node_name,
+    producer_config,
+    producer_env,
+    python_for,
 )
 from branchd.process.launcher import Launcher
 from branchd.process.machine import Event, Hung, Proc, Ready
@@ -90,6 +99,22 @@ class Workers:
     def broker(self, app: App) -> BrokerSpec:
         return broker_for(app, self._state_dir)
 
+    def result_backend(self, app: App) -> str | None:
+        return backend_for(app, self._state_dir)
+
+    def producer_setup(self, app: App) -> dict[str, Any]:
+        """What a producer or Celery's CLI needs to talk to the app's workers."""
+        broker, backend = self.broker(app), self.result_backend(app)
+        ensure_results_dir(backend)
+        return {
+            "app": app.name,
+            "celery_app": app.celery.celery_app,
+            "python": python_for(app),
+            "cwd": app.defaults.get("cwd"),
+            "config": producer_config(broker, backend, self._host.queue_decls(app.name)),
+            "env": producer_env(broker, backend),
+        }
+
     def command(self, spec: InstanceSpec) -> tuple[str, ...]:
         """The argv the worker runs (or would run); () if the app cannot build one."""
         app = self._host.app(spec.app)
@@ -98,7 +123,8 @@ class Workers:
         try:
             w = self.worker(spec)
             decls = self._host.queue_decls(spec.app)
-            return tuple(command_for(app, spec, w.node, w.broker, decls))
+            backend = self.result_backend(app)
+            return tuple(command_for(app, spec, w.node, w.broker, decls, backend))
         except BranchdError:
             return ()
 
@@ -117,7 +143,9 @@ class Workers:
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
         w = Worker(node_name(spec.name, self._hostname), self.broker(app))
-        argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app))
+        backend = self.result_backend(app)
+        argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app), backend)
+        ensure_results_dir(backend)
         self._started[spec.name] = w
         # The filesystem transport replays a node's old control messages (an
         # old shutdown!) to its next run unless they are cleared first.

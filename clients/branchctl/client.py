@@ -196,6 +196,7 @@ class AsyncClient:
         args: Sequence[str] | None = None,
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
+        result_backend: str | None = None,
     ) -> tuple[App, bool]:
         """Create or replace an app; answer (app, created).
 
@@ -214,6 +215,7 @@ class AsyncClient:
             ("python", python),
             ("pool", pool),
             ("mingle_gossip", mingle_gossip),
+            ("result_backend", result_backend),
         ):
             if value is not None:
                 body[key] = value
@@ -223,6 +225,29 @@ class AsyncClient:
             body["autoscale"] = _bounds(autoscale)
         status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
         return self._parse(App.from_json, data, status), status == 201
+
+    async def patch_app(self, name: str, changes: Mapping[str, Any]) -> App:
+        """Change only what ``changes`` names and keep the rest (a JSON merge
+        patch): ``{"env": {"K": "v", "OLD": None}, "pool": "solo", "broker": None}``
+        sets K, removes OLD, changes the pool and goes back to the embedded broker.
+        """
+        _, data = await self._json("PATCH", f"/v1/apps/{_seg(name)}", dict(changes))
+        return self._parse(App.from_json, data)
+
+    async def celery_setup(self, name: str) -> dict[str, Any]:
+        """Everything a producer or Celery's own CLI needs for app ``name``:
+        ``config`` (Celery settings), ``env`` (the same as environment
+        variables), ``celery_app``, ``python`` and ``cwd`` of its workers."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(name)}/celery-config")
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ApiError(200, "bad_response", "unexpected answer: expected a celery config")
+        return data
+
+    async def celery_config(self, name: str) -> dict[str, Any]:
+        """The Celery settings of app ``name``'s producers, for ``app.conf.update(...)``:
+        ``broker_url``, ``broker_transport_options``, ``result_backend``,
+        ``task_queues`` (where the app has them)."""
+        return dict((await self.celery_setup(name))["config"])
 
     async def delete_app(self, name: str) -> None:
         """Remove an app; the daemon stops and removes its instances first."""
@@ -456,6 +481,7 @@ class Client:
         args: Sequence[str] | None = None,
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
+        result_backend: str | None = None,
     ) -> tuple[App, bool]:
         return self._run(
             self._async.put_app(
@@ -469,8 +495,18 @@ class Client:
                 args=args,
                 autoscale=autoscale,
                 mingle_gossip=mingle_gossip,
+                result_backend=result_backend,
             )
         )
+
+    def patch_app(self, name: str, changes: Mapping[str, Any]) -> App:
+        return self._run(self._async.patch_app(name, changes))
+
+    def celery_setup(self, name: str) -> dict[str, Any]:
+        return self._run(self._async.celery_setup(name))
+
+    def celery_config(self, name: str) -> dict[str, Any]:
+        return self._run(self._async.celery_config(name))
 
     def delete_app(self, name: str) -> None:
         self._run(self._async.delete_app(name))

@@ -68,6 +68,7 @@ class App:
     args: tuple[str, ...] = ()
     autoscale: Mapping[str, Any] | None = None
     mingle_gossip: bool | None = None
+    result_backend: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

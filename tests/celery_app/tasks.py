@@ -33,3 +33,9 @@ def touch(path: str) -> str:
     """Create ``path``: proof for a test that the task ran, without a result backend."""
     Path(path).write_text("done")
     return path
+
+
+@app.task(name="testapp.tsum")  # type: ignore[untyped-decorator]
+def tsum(numbers: list[int]) -> int:
+    """The body of a chord: adds up what its header returned."""
+    return sum(numbers)

@@ -744,3 +744,39 @@ def test_daemon_survives_garbage(api: Api) -> None:
     time.sleep(0.1)
     assert api.ok("GET", "/v1/ping") == {"ok": True}
     assert api.call("GET", "/v1/apps/web").status == 404
+
+
+def test_patch_app_changes_what_is_named_and_keeps_the_rest(branchd: Branchd) -> None:
+    body = {
+        "env": {"A": "1", "B": "2"},
+        "defaults": {"startsecs": 2, "cwd": "/srv"},
+        "broker": "amqp://guest:guest@127.0.0.1:5672//",
+        "celery_app": "shop.tasks",
+        "autoscale": {"min": 1, "max": 4},
+    }
+    branchd.ok("PUT", "/v1/apps/shop", body, status=201)
+    app = branchd.ok("PATCH", "/v1/apps/shop", {"env": {"A": None, "C": "3"}, "pool": "solo"})
+    assert app["env"] == {"B": "2", "C": "3"}
+    assert app["pool"] == "solo"
+    assert app["celery_app"] == "shop.tasks"  # a PUT would have dropped these two
+    assert app["broker"] == body["broker"]
+    assert app["defaults"] == body["defaults"]
+    app = branchd.ok("PATCH", "/v1/apps/shop", {"defaults": {"cwd": None, "startretries": 5.0}})
+    assert app["defaults"] == {"startsecs": 2, "startretries": 5}
+    assert isinstance(app["defaults"]["startretries"], int)
+    # null resets a setting: no broker is the embedded one
+    app = branchd.ok("PATCH", "/v1/apps/shop", {"broker": None, "autoscale": None})
+    assert app["embedded_broker"] is True and app["autoscale"] is None
+    assert branchd.ok("GET", "/v1/apps/shop") == app  # and it was stored
+    # bad input names the rule and changes nothing
+    for bad, where in [
+        ({"pool": "nope"}, "pool"),
+        ({"nope": 1}, "nope"),
+        ({"defaults": {"startretries": 0}}, "startretries"),
+        ({"autoscale": {"min": 5, "max": 2}}, "autoscale"),
+    ]:
+        reply = branchd.call("PATCH", "/v1/apps/shop", bad)
+        assert reply.status == 422, (bad, reply.text)
+        assert where in reply.body["error"]["message"], reply.text
+    assert branchd.ok("GET", "/v1/apps/shop") == app
+    assert branchd.call("PATCH", "/v1/apps/nope", {}).status == 404

@@ -184,6 +184,12 @@ def test_answers_match_the_document(branchd: Branchd) -> None:
     assert v.call("PUT", q, body).status == 200
     assert v.call("PUT", q, {"exchange_type": "nope"}).status == 422
     assert v.call("GET", q).status == 200
+    patch = {"env": {"K": "v"}, "autoscale": {"min": 1, "max": 3}}
+    assert v.call("PATCH", shop, patch).status == 200
+    assert v.call("PATCH", shop, {"pool": "nope"}).status == 422
+    assert v.call("PATCH", "/v1/apps/nope", {}).status == 404
+    assert v.call("GET", shop + "/celery-config").status == 200
+    assert v.call("GET", "/v1/apps/nope/celery-config").status == 404
     w = shop + "/instances/w1"
     created = v.call(
         "POST",

@@ -127,6 +127,11 @@ class CeleryDaemon:
     def requests(self) -> list[tuple[str, str, Any]]:
         return [(s.method, s.path, s.body) for s in self.seen]
 
+    @property
+    def writes(self) -> list[Seen]:
+        """The requests that change something (a GET before them is a look, no change)."""
+        return [s for s in self.seen if s.method != "GET"]
+
     # -- routes
 
     def _app(self) -> web.Application:
@@ -414,6 +419,7 @@ def flow(daemon: CeleryDaemon) -> list[Result]:
 def test_the_flow_sends_the_right_requests(daemon: CeleryDaemon) -> None:
     flow(daemon)
     assert daemon.requests() == [
+        ("GET", "/v1/apps/shop", None),  # to say what a replace would reset
         (
             "PUT",
             "/v1/apps/shop",
@@ -514,7 +520,7 @@ def test_apps_add_celery_options_and_show(daemon: CeleryDaemon) -> None:
         "branchctl apps add shop --python /srv/venv --pool threads --autoscale 0,3"
         " --arg=--max-tasks-per-child=10 --arg -Ofair --mingle-gossip",
     )
-    assert daemon.seen[0].body == {
+    assert daemon.writes[0].body == {
         "env": {},
         "defaults": {},
         "python": "/srv/venv",
@@ -523,11 +529,13 @@ def test_apps_add_celery_options_and_show(daemon: CeleryDaemon) -> None:
         "autoscale": {"min": 0, "max": 3},
         "mingle_gossip": True,
     }
-    ok(daemon, "apps", "add", "shop", "--no-mingle-gossip")
-    assert daemon.seen[1].body == {"env": {}, "defaults": {}, "mingle_gossip": False}
+    replaced = ok(daemon, "apps", "add", "shop", "--no-mingle-gossip")
+    assert daemon.writes[-1].body == {"env": {}, "defaults": {}, "mingle_gossip": False}
+    assert "existed and was replaced; reset: python" in replaced.stderr
     shown = ok(daemon, "apps", "show", "shop").stdout.splitlines()
     assert shown[4:] == [
-        "broker         filesystem:// (embedded)",
+        "broker         filesystem:// (embedded; a producer's settings: branchctl apps "
+        "celery-config shop)",
         "celery_app     -",
         "python         /usr/bin/python3",
         "pool           prefork",
@@ -548,8 +556,8 @@ def test_queues_list_show_remove(daemon: CeleryDaemon) -> None:
         " --option durable=false --option 'queue_arguments={\"x-max-priority\": 10}'"
         " --option 'note=plain text'",
     )
-    assert daemon.seen[1].body == {}
-    assert daemon.seen[2].body == {
+    assert daemon.writes[1].body == {}
+    assert daemon.writes[2].body == {
         "exchange": "media",
         "exchange_type": "topic",
         "routing_key": "image.*",

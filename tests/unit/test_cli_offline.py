@@ -360,7 +360,7 @@ def test_apps_add_parses_defaults_as_json_when_it_can(daemon: FakeDaemon) -> Non
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("created app 'api'\n")
-    assert daemon.seen[0].body == {
+    assert next(s.body for s in daemon.seen if s.method == "PUT") == {
         "env": {"BROKER": "redis://"},
         "defaults": {"startsecs": 0, "command": ["celery", "worker"], "cwd": "/srv"},
     }

@@ -1,0 +1,139 @@
+"""A zero-service Celery: producers take their settings from branchd.
+
+The embedded broker plus the default file result backend must carry a whole
+canvas (a chain into a chord) with results, with nothing but the settings
+``GET /v1/apps/{app}/celery-config`` answers; ``branchctl celery`` runs
+Celery's own CLI with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from branchctl import Client
+
+from tests.brokers import AMQP_URL
+from tests.conftest import Branchd
+
+ROOT = Path(__file__).resolve().parents[2]
+BRANCHCTL = Path(sys.executable).with_name("branchctl")
+
+#: A producer of the user's own: it knows its tasks, and takes the rest from branchd.
+PRODUCER = """
+import sys
+from celery import chain, chord
+from branchctl import Client
+from tests.celery_app.tasks import add, app, tsum
+
+with Client(sys.argv[1]) as c:
+    app.conf.update(c.celery_config(sys.argv[2]))
+print(add.delay(2, 3).get(timeout=30))
+canvas = chain(add.s(1, 1), chord([add.s(i) for i in range(4)], tsum.s()))
+print(canvas.apply_async().get(timeout=60))
+"""
+
+
+def _embedded_shop(branchd: Branchd, name: str) -> None:
+    body = {"celery_app": "tests.celery_app.tasks", "defaults": {"cwd": str(ROOT)}}
+    branchd.ok("PUT", f"/v1/apps/{name}", body, status=201)
+    inst = {"name": "w1", "kind": "celery", "concurrency": 2}
+    branchd.ok("POST", f"/v1/apps/{name}/instances", inst, status=201)
+    branchd.wait_state(name, "w1", "running", timeout=30)
+
+
+def test_celery_config_of_the_embedded_broker(branchd: Branchd) -> None:
+    branchd.ok("PUT", "/v1/apps/shop", {"celery_app": "tests.celery_app.tasks"}, status=201)
+    body = {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    branchd.ok("PUT", "/v1/apps/shop/queues/images", body, status=201)
+    setup = branchd.ok("GET", "/v1/apps/shop/celery-config")
+    config = setup["config"]
+    assert config["broker_url"] == "filesystem://"
+    data = branchd.state_dir.resolve() / "broker" / "data"
+    assert config["broker_transport_options"]["data_folder_in"] == str(data)
+    results = branchd.state_dir.resolve() / "results" / "shop"
+    assert config["result_backend"] == f"file://{results}"
+    assert results.is_dir()  # Celery refuses a file store whose folder is missing
+    assert config["task_queues"] == {"images": body}
+    assert setup["env"]["CELERY_BROKER_URL"] == "filesystem://"
+    assert setup["env"]["CELERY_RESULT_BACKEND"] == config["result_backend"]
+    assert json.loads(setup["env"]["BRANCHD_BROKER_TRANSPORT_OPTIONS"])["data_folder_in"]
+    # the app's own answer names a URL a producer can use, and the store
+    app = branchd.ok("GET", "/v1/apps/shop")
+    assert app["broker"] == "filesystem://"
+    assert app["result_backend"] == config["result_backend"]
+
+
+def test_celery_config_of_a_real_broker_app(branchd: Branchd) -> None:
+    body = {"celery_app": "shop.tasks", "broker": AMQP_URL}
+    branchd.ok("PUT", "/v1/apps/shop", body, status=201)
+    config = branchd.ok("GET", "/v1/apps/shop/celery-config")["config"]
+    # no transport options to hand over, and the app module's own result backend
+    assert config == {"broker_url": AMQP_URL}
+    branchd.ok("PATCH", "/v1/apps/shop", {"result_backend": "redis://127.0.0.1:6379/13"})
+    config = branchd.ok("GET", "/v1/apps/shop/celery-config")["config"]
+    assert config == {"broker_url": AMQP_URL, "result_backend": "redis://127.0.0.1:6379/13"}
+
+
+def test_a_canvas_runs_on_the_embedded_broker_with_results(branchd: Branchd) -> None:
+    app = f"shop-{uuid.uuid4().hex[:6]}"
+    _embedded_shop(branchd, app)
+    inst = branchd.instance(app, "w1")
+    assert "--result-backend" in inst["command"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCER, branchd.url, app],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    # add(2, 3); then add(1, 1) = 2 into the chord header add(2, i), summed
+    assert done.stdout.split() == ["5", str(sum(2 + i for i in range(4)))]
+
+
+def test_branchctl_celery_runs_celerys_own_cli(branchd: Branchd, tmp_path: Path) -> None:
+    app = f"shop-{uuid.uuid4().hex[:6]}"
+    _embedded_shop(branchd, app)
+    env = {k: v for k, v in os.environ.items() if k not in ("BRANCHD_TOKEN", "PYTHONPATH")}
+    env["BRANCHD_URL"] = branchd.url
+    done = subprocess.run(
+        [str(BRANCHCTL), "celery", app, "--", "inspect", "ping", "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # the app's cwd, not ours, is where its module is found
+        timeout=60,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    node = branchd.instance(app, "w1")["node"]
+    assert f"{node}: OK" in done.stdout and "pong" in done.stdout
+    # an app without a module says so, in one line
+    branchd.ok("PUT", "/v1/apps/plain", {}, status=201)
+    bad = subprocess.run(
+        [str(BRANCHCTL), "celery", "plain", "--", "inspect", "ping"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "branchctl: app 'plain' has no celery_app (set it: branchctl apps set plain "
+        "--celery-app MODULE)"
+    ]
+
+
+def test_python_client_celery_config(branchd: Branchd) -> None:
+    branchd.ok("PUT", "/v1/apps/shop", {}, status=201)
+    with Client(branchd.url) as c:
+        config = c.celery_config("shop")
+        setup = c.celery_setup("shop")
+    assert config == setup["config"]
+    assert config["broker_url"] == "filesystem://"
