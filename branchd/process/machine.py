@@ -92,9 +92,16 @@ class Hung:
 
 @dataclass(frozen=True)
 class Adopt:
-    """A live process from before a daemon restart is ours again."""
+    """A live process from before a daemon restart is ours again.
+
+    ``was`` is the state it had then and ``up_for`` how long it has lived:
+    one adopted while still starting must earn ``running`` again (by its
+    first ping, or by staying up ``startsecs``), never be given it.
+    """
 
     pid: int
+    was: State = State.RUNNING
+    up_for: float = float("inf")
 
 
 Event = Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt | Ready | Hung
@@ -175,21 +182,22 @@ def step(
             return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
         case Hung(reason=reason) if s in (State.STARTING, State.RUNNING) and proc.pid is not None:
             return replace(proc, killed_for=reason), [Kill()]
-        case Adopt(pid=pid) if s not in _LIVE:
-            return (
-                replace(
-                    proc,
-                    state=State.RUNNING,
-                    pid=pid,
-                    retries=0,
-                    started=now,
-                    deadline=None,
-                    spawned_once=True,
-                    reason=None,
-                ),
-                [],
-            )
+        case Adopt(pid=pid, was=was, up_for=up_for) if s not in _LIVE:
+            return _adopt(proc, pid, was, up_for, policy, now), []
     return proc, []
+
+
+def _adopt(proc: Proc, pid: int, was: State, up_for: float, policy: Policy, now: float) -> Proc:
+    live = replace(proc, pid=pid, started=now, spawned_once=True, reason=None)
+    if was == State.STARTING:
+        if policy.ready_by_ping:
+            # running only once it answers a ping: a full window for that from now
+            deadline = now + policy.startsecs if policy.startsecs > 0 else None
+            return replace(live, state=State.STARTING, deadline=deadline)
+        left = policy.startsecs - max(0.0, up_for)
+        if left > 0:
+            return replace(live, state=State.STARTING, deadline=now + left)
+    return replace(live, state=State.RUNNING, retries=0, deadline=None)
 
 
 def _spawn(proc: Proc, now: float, *, restart: bool) -> tuple[Proc, list[Command]]:

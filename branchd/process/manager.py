@@ -139,14 +139,17 @@ class Manager:
             self._runtime[name] = replace(rt, state=State.STOPPED, pid=None)
             self._changed[name] = asyncio.Event()
             if rt.pid and rt.create_time and self._launcher.alive(rt.pid, rt.create_time):
-                log.info("adopting %s (pid %d)", name, rt.pid)
+                log.info("adopting %s (pid %d, %s)", name, rt.pid, rt.state)
                 self._runtime[name] = replace(
                     self._runtime[name], create_time=rt.create_time, started_at=rt.started_at
                 )
-                self._feed(name, Adopt(rt.pid))
+                up_for = self._clock.wall() - (rt.started_at or rt.create_time)
+                self._feed(name, Adopt(rt.pid, rt.state, up_for))
                 self._watch(name, rt.pid)
                 if spec.desired == Desired.STOPPED:
                     self._feed(name, Stop())
+                elif spec.kind == Kind.CELERY and self._procs[name].state == State.STARTING:
+                    self._workers.spawned(name, rt.pid)  # running once it answers a ping
                 elif spec.kind == Kind.CELERY:
                     self._workers.adopted(name)
             else:

@@ -426,3 +426,55 @@ async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -
     for _ in range(20):
         await asyncio.sleep(0)
     assert [s for s in rig.fake.signals if s[1] == signal.SIGTERM] == []
+
+
+async def test_adopted_while_starting_is_running_only_once_it_answers(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    rig = await make_rig()
+    view = await rig.add("w1", startsecs=1.0)
+    pid = pid_of(view)
+    assert view.runtime.state == State.STARTING
+    await rig.m.shutdown(keep=True)  # the daemon goes before the worker ever answered
+    # a new daemon on the same store and processes
+    rig.fake.forget_children()
+    rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
+    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
+    m2 = Manager(
+        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
+    )
+    await m2.start()
+    try:
+        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
+        view = await again.view("w1")
+        assert (view.runtime.state, view.runtime.pid) == (State.STARTING, pid)
+        since = len(rig.stub.sent)
+        await wait_for(lambda: len(again.sent("ping", since)) >= 2)  # asks it again
+        assert (await again.view("w1")).runtime.state == State.STARTING
+        rig.node("w1")
+        view = await again.wait_state("w1", State.RUNNING)
+        assert view.runtime.pid == pid and rig.fake.signals == []
+    finally:
+        await m2.shutdown(keep=True)
+
+
+async def test_adopted_while_starting_that_never_answers_is_killed(
+    make_rig: MakeRig, tmp_path: Path
+) -> None:
+    rig = await make_rig()
+    pid = pid_of(await rig.add("w1", startsecs=0.5, startretries=1))
+    await rig.m.shutdown(keep=True)
+    rig.fake.forget_children()
+    rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
+    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
+    m2 = Manager(
+        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
+    )
+    await m2.start()
+    try:
+        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
+        view = await again.wait_state("w1", State.FATAL)
+        assert "no answer to ping" in (view.runtime.reason or "")
+        assert pid not in rig.fake.running()
+    finally:
+        await m2.shutdown(keep=True)

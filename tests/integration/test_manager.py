@@ -426,6 +426,31 @@ async def test_manager_restart_adopts_live_processes_and_starts_the_rest(
     assert view.runtime.restarts == 1 and view.runtime.exit_code is None
 
 
+async def test_adopted_while_starting_stays_starting_until_startsecs(sup: Supervision) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "slow", UP, startsecs=1.5)
+    pid = pid_of(await wait_state(m1, "slow", State.STARTING))
+    await m1.shutdown(keep=True)  # the daemon goes while it is still starting
+    m2 = await sup.manager()
+    view = await m2.get_instance(APP, "slow")
+    # adopted, not given "running": it has not stayed up startsecs yet
+    assert (view.runtime.state, view.runtime.pid) == (State.STARTING, pid)
+    view = await wait_state(m2, "slow", State.RUNNING)  # once the rest of startsecs passed
+    assert view.runtime.pid == pid and sup.side.spawned == [pid]
+
+
+async def test_adopted_while_starting_after_startsecs_is_running(sup: Supervision) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "slow", UP, startsecs=0.3)
+    pid = pid_of(await wait_state(m1, "slow", State.STARTING))
+    started = time.time()
+    await m1.shutdown(keep=True)
+    await wait_for(lambda: time.time() > started + 0.5)  # it stays up with no daemon
+    m2 = await sup.manager()
+    view = await m2.get_instance(APP, "slow")
+    assert (view.runtime.state, view.runtime.pid) == (State.RUNNING, pid)
+
+
 async def test_adopted_process_exit_with_autorestart_never(sup: Supervision) -> None:
     m1 = await sup.manager()
     await sup.add(m1, "once", UP, startsecs=0.2, autorestart=Autorestart.NEVER.value)

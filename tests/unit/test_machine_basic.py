@@ -1,7 +1,10 @@
 """Scenario tests of the supervision state machine, on a simulated clock."""
 
+import pytest
+
 from branchd.model import Autorestart, Policy, State, StopStep
 from branchd.process.machine import (
+    Adopt,
     Backoff,
     Exited,
     Kill,
@@ -111,3 +114,29 @@ def test_hung_worker_is_killed_and_restarted_with_the_reason() -> None:
     p, cmds = step(p, Exited(-9), CELERY, 100.1)
     assert p.state == State.STARTING and cmds == [Reap(), Spawn()]
     assert p.reason == "no ping answer for 60s" and p.restarts == 1
+
+
+PING = Policy(startsecs=30.0, ready_by_ping=True, stop_group=False)
+
+
+@pytest.mark.parametrize(
+    ("policy", "was", "up_for", "state", "deadline"),
+    [
+        (POLICY, State.RUNNING, 0.1, State.RUNNING, None),
+        (POLICY, State.STOPPING, 0.1, State.RUNNING, None),  # the user's Stop follows
+        (POLICY, State.STARTING, 0.25, State.STARTING, 100.75),  # the rest of startsecs
+        (POLICY, State.STARTING, 1.0, State.RUNNING, None),  # stayed up while we were away
+        (POLICY, State.STARTING, -5.0, State.STARTING, 101.0),  # a clock step back
+        (PING, State.RUNNING, 0.1, State.RUNNING, None),
+        (PING, State.STARTING, 99.0, State.STARTING, 130.0),  # running only once it answers
+    ],
+)
+def test_adoption_re_enters_the_state_it_was_in(
+    policy: Policy, was: State, up_for: float, state: State, deadline: float | None
+) -> None:
+    p, cmds = step(Proc(), Adopt(7, was, up_for), policy, 100.0)
+    assert cmds == []
+    assert (p.state, p.pid, p.deadline) == (state, 7, deadline)
+    if state == State.STARTING:  # and from there on it is an ordinary start
+        p, _ = step(p, Timeout(), policy, deadline or 0.0)
+        assert p.state == (State.STARTING if policy.ready_by_ping else State.RUNNING)
