@@ -199,6 +199,29 @@ def autoscaler_range(stats: Reply | None) -> Autoscale | None:
         return None
 
 
+def pool_size(stats: Reply | None) -> int | None:
+    """How many processes (or threads) the worker's pool has now.
+
+    Under ``--autoscale``, ``pool.max-concurrency`` is the size at start and
+    goes stale; the pool's process list (prefork) or the autoscaler's
+    ``current`` is the live figure.
+    """
+    if not stats:
+        return None
+    pool = stats.get("pool")
+    if isinstance(pool, dict):
+        if isinstance(pool.get("processes"), list):
+            return len(pool["processes"])
+        if isinstance(pool.get("threads"), int):
+            return int(pool["threads"])
+    scaler = stats.get("autoscaler")
+    if isinstance(scaler, dict) and isinstance(scaler.get("current"), int):
+        return int(scaler["current"])
+    if isinstance(pool, dict) and isinstance(pool.get("max-concurrency"), int):
+        return int(pool["max-concurrency"])
+    return None
+
+
 def _error(reply: Reply | None) -> str | None:
     if reply is None:
         return "no reply"

@@ -45,7 +45,7 @@ from branchd.model import (
     valid_name,
 )
 from branchd.process import logs
-from branchd.process.celery_ops import CeleryOps, autoscaler_range
+from branchd.process.celery_ops import CeleryOps, autoscaler_range, pool_size
 from branchd.process.launcher import Launcher, LaunchSpec, TreeStats
 from branchd.process.machine import (
     Adopt,
@@ -359,9 +359,11 @@ class Manager:
                 self._workers.ops.call(w, "active"),
                 return_exceptions=True,
             )
+            stats = stats if isinstance(stats, dict) else None
             celery = {
                 "node": w.node,
-                "stats": stats if isinstance(stats, dict) else None,
+                "pool_size": pool_size(stats),
+                "stats": stats,
                 "active": _unwrap(active) if isinstance(active, dict) else None,
             }
         return Stats(view, tree, celery)

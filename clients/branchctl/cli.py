@@ -902,25 +902,24 @@ def _celery_summary(celery: Mapping[str, Any]) -> dict[str, Any]:
     stats = stats if isinstance(stats, dict) else {}
     out: dict[str, Any] = {"node": celery.get("node")}
     pool = stats.get("pool")
+    scaler = stats.get("autoscaler")
+    scaler = scaler if isinstance(scaler, dict) and scaler else None
     if isinstance(pool, dict):
         impl = str(pool.get("implementation") or "")
         # "celery.concurrency.prefork:TaskPool" -> "prefork"
         name = impl.partition(":")[0].rpartition(".")[2] if impl else None
-        limit = pool.get("max-concurrency")
-        out["pool"] = " ".join(
-            p for p in (name, None if limit is None else f"(max concurrency {limit})") if p
-        )
-        processes = pool.get("processes")
-        if isinstance(processes, list):
-            out["pool_processes"] = len(processes)
-        elif isinstance(pool.get("threads"), int):
-            out["pool_threads"] = pool["threads"]
-    scaler = stats.get("autoscaler")
-    if isinstance(scaler, dict) and scaler:
-        text = _bounds_text(scaler) or "-"
-        if scaler.get("current") is not None:
-            text += f" (current {scaler['current']})"
-        out["autoscaler"] = text
+        size = celery.get("pool_size")
+        # Under autoscale Celery's "max-concurrency" is the size at start, stale
+        # once the autoscaler moved: the live size and the range say it all.
+        if scaler is not None:
+            limit = f"(autoscale {_bounds_text(scaler) or '-'})"
+        elif pool.get("max-concurrency") is not None:
+            limit = f"(concurrency {pool['max-concurrency']})"
+        else:
+            limit = None
+        unit = "threads" if isinstance(pool.get("threads"), int) else "processes"
+        live = None if size is None else f"{size} {unit}"
+        out["pool"] = " ".join(p for p in (f"{name}," if name and live else name, live, limit) if p)
     active = celery.get("active")
     if isinstance(active, dict):  # {node: [task, ...]}
         active = [t for tasks in active.values() if isinstance(tasks, list) for t in tasks]

@@ -278,6 +278,15 @@ def test_runtime_changes_are_live_and_survive_a_crash(celeryd: Celeryd) -> None:
     assert bad.status == 422 and bad.body["error"]["code"] == "invalid", bad.text
     assert c.b.ok("GET", c.path(name, "/autoscale"))["max"] == 8
 
+    # stats give the live pool size (the autoscaler grows it to min 2), not
+    # Celery's max-concurrency, which stays what it was at start
+    def grown() -> dict[str, Any] | None:
+        celery = c.b.ok("GET", c.path(name, "/stats"))["celery"]
+        return celery if celery["pool_size"] >= 2 else None
+
+    celery = wait_for(grown, 20, 0.2)
+    assert celery["pool_size"] == len(celery["stats"]["pool"]["processes"])
+
     # 4. a crash: the new worker comes back with the declared queues and range
     old = inst["pid"]
     os.kill(old, signal.SIGKILL)

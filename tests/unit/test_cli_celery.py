@@ -348,6 +348,7 @@ class CeleryDaemon:
             live = self.live.get(instance["name"], {"min": 1, "max": 1})
             stats["celery"] = {
                 "node": instance["node"],
+                "pool_size": 2,
                 "stats": {
                     "pid": instance["pid"],
                     "total": {"shop.tasks.resize": 7, "shop.tasks.thumb": 12},
@@ -477,23 +478,21 @@ def test_the_flow_prints_tables_and_figures(daemon: CeleryDaemon) -> None:
     assert scaled == "2 8 (live: 2 8)\n"
     lines = stats.splitlines()
     assert lines[:9] == [
-        "instance        shop/w1",
-        "state           running",
-        "pid             4242",
-        "uptime          1m05s",
-        "restarts        0",
-        "exit_code       -",
-        "cpu             12.5%",
-        "memory          150.0 MiB",
-        "processes       3",
+        "instance      shop/w1",
+        "state         running",
+        "pid           4242",
+        "uptime        1m05s",
+        "restarts      0",
+        "exit_code     -",
+        "cpu           12.5%",
+        "memory        150.0 MiB",
+        "processes     3",
     ]
     assert lines[9:] == [
-        "node            w1@h",
-        "pool            prefork (max concurrency 8)",
-        "pool_processes  2",
-        "autoscaler      2..8 (current 2)",
-        "active_tasks    1",
-        "tasks_done      19 (shop.tasks.thumb 12, shop.tasks.resize 7)",
+        "node          w1@h",
+        "pool          prefork, 2 processes (autoscale 2..8)",
+        "active_tasks  1",
+        "tasks_done    19 (shop.tasks.thumb 12, shop.tasks.resize 7)",
     ]
 
 
