@@ -42,6 +42,7 @@ CONTROL_EXCHANGE = "celery.pidbox"
 REPLY_EXCHANGE = "reply.celery.pidbox"
 LOADER_MODULE = "branchd_worker_loader"
 LOADER_ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
+QUEUES_ENV = "BRANCHD_TASK_QUEUES"
 POLLING_INTERVAL = 0.1
 
 
@@ -73,10 +74,10 @@ class BrokerSpec:
 def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
     """The embedded filesystem broker under ``state_dir/broker``; creates its folders."""
     root = Path(state_dir).resolve() / "broker"
-    data, control, hook = root / "data", root / "control", root / "hook"
-    for folder in (data, control, hook):
+    data, control = root / "data", root / "control"
+    for folder in (data, control):
         folder.mkdir(parents=True, exist_ok=True)
-    install_worker_loader(hook)
+    hook = hook_dir(state_dir)
     options = {
         # one folder both ways: every process reads what every other writes
         "data_folder_in": str(data),
@@ -85,7 +86,7 @@ def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
         "polling_interval": POLLING_INTERVAL,
         "store_processed": False,
     }
-    return BrokerSpec("filesystem://", options, str(hook))
+    return BrokerSpec("filesystem://", options, hook)
 
 
 def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:
@@ -114,21 +115,41 @@ def install_worker_loader(hook_dir: Path) -> Path:
     return target
 
 
-def worker_env(spec: BrokerSpec, pythonpath: str | None = None) -> dict[str, str]:
-    """Environment variables that make a ``celery worker`` use ``spec``'s transport options.
+def hook_dir(state_dir: str | os.PathLike[str]) -> str:
+    """The folder of the worker-side loader (made, and the loader installed)."""
+    hook = Path(state_dir).resolve() / "broker" / "hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    install_worker_loader(hook)
+    return str(hook)
 
-    ``pythonpath`` is the worker's own ``PYTHONPATH`` if any; the hook folder is
-    appended so it never shadows the user's modules. Empty for specs that need
-    nothing (a plain ``amqp://`` or ``redis://`` URL).
+
+def worker_env(
+    spec: BrokerSpec,
+    pythonpath: str | None = None,
+    *,
+    task_queues: Mapping[str, Mapping[str, Any]] | None = None,
+    hook: str | None = None,
+) -> dict[str, str]:
+    """Environment variables that make a ``celery`` process use ``spec``'s
+    transport options and (``task_queues``, Celery's dict form) the declared
+    bindings of its queues, through the loader in ``hook`` (default: the
+    spec's own hook folder).
+
+    ``pythonpath`` is the process's own ``PYTHONPATH`` if any; the hook folder is
+    appended so it never shadows the user's modules. Empty when there is
+    nothing to hand over (a plain ``amqp://`` URL and no custom binding).
     """
-    if not spec.transport_options or spec.worker_hook_dir is None:
+    env: dict[str, str] = {}
+    if spec.transport_options and spec.worker_hook_dir is not None:
+        env[LOADER_ENV] = json.dumps(dict(spec.transport_options), sort_keys=True)
+    if task_queues:
+        env[QUEUES_ENV] = json.dumps({k: dict(v) for k, v in task_queues.items()}, sort_keys=True)
+    folder = spec.worker_hook_dir or hook
+    if not env or folder is None:
         return {}
-    path = os.pathsep.join(p for p in (pythonpath, spec.worker_hook_dir) if p)
-    return {
-        "CELERY_LOADER": f"{LOADER_MODULE}:Loader",
-        LOADER_ENV: json.dumps(dict(spec.transport_options), sort_keys=True),
-        "PYTHONPATH": path,
-    }
+    env["CELERY_LOADER"] = f"{LOADER_MODULE}:Loader"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, folder) if p)
+    return env
 
 
 def control_queue(node: str) -> str:

@@ -11,7 +11,9 @@ it at a copy of this file and puts the options in
 app's own ``broker_transport_options`` as soon as the app is configured, before
 any broker connection: so the same environment serves ``celery worker`` and
 every other ``celery`` command (``inspect``, ``call``, ``control``...), which
-never run ``on_worker_init``.
+never run ``on_worker_init``. ``BRANCHD_TASK_QUEUES`` likewise adds the
+declared bindings of the worker's queues to ``task_queues``, so that ``-Q``
+starts consuming each queue with its declared exchange and routing key.
 
 This module is copied, not imported, by branchd: the daemon never imports
 Celery, and the worker's interpreter need not have branchd installed.
@@ -24,8 +26,24 @@ import os
 from typing import Any
 
 from celery.loaders.app import AppLoader
+from kombu import entity as _entity
+
+Queue: Any = _entity.Queue  # kombu is only partly annotated
 
 ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
+#: Queue declarations (Celery's dict form): the worker's ``-Q`` names then come
+#: with their declared exchange and routing key from the start.
+QUEUES_ENV = "BRANCHD_TASK_QUEUES"
+
+
+def _with_queues(current: Any, ours: dict[str, dict[str, Any]]) -> Any:
+    """The app's own ``task_queues`` plus branchd's declarations (ours win by name)."""
+    if not current:
+        return ours
+    if isinstance(current, dict):
+        return {**current, **ours}
+    kept = [q for q in current if getattr(q, "name", None) not in ours]
+    return [*kept, *(Queue.from_dict(name, **options) for name, options in ours.items())]
 
 
 class Loader(AppLoader):  # type: ignore[misc]
@@ -39,11 +57,14 @@ class Loader(AppLoader):  # type: ignore[misc]
         self._merge()
 
     def _merge(self) -> None:
+        conf = self.app.conf
         raw = os.environ.get(ENV)
         if raw:
             ours = json.loads(raw)
-            conf = self.app.conf
             conf.broker_transport_options = {**(conf.broker_transport_options or {}), **ours}
+        raw = os.environ.get(QUEUES_ENV)
+        if raw:
+            conf.task_queues = _with_queues(conf.task_queues, json.loads(raw))
 
     def on_worker_init(self) -> None:
         self._merge()  # idempotent: the options win even if changed since

@@ -87,13 +87,12 @@ def command_for(
 ) -> list[str]:
     """The worker's argv; ``decls`` are the app's queue declarations.
 
-    ``-Q`` gets only the queues bound the default way: a name given to ``-Q``
-    becomes a queue with Celery's default binding in the worker's queue table,
-    and a later ``add_consumer`` of that name reuses the table's entry and
-    ignores the exchange and routing key it is sent (Celery 5.7,
-    ``Consumer.add_task_queue``). The reconcile after the first ping adds the
-    queues with a declared binding. (If every queue has one, the worker starts
-    without ``-Q`` and consumes the app's default queue until that reconcile.)
+    ``-Q`` names every queue of the instance. A name given to ``-Q`` alone would
+    get Celery's default binding in the worker's queue table, and a later
+    ``add_consumer`` of that name reuses the table's entry and ignores the
+    exchange and routing key it is sent (Celery 5.7,
+    ``Consumer.add_task_queue``): so the queues with a declared binding go to
+    the worker's ``task_queues`` too, through :func:`env_for`.
     """
     if not app.celery.celery_app:
         raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
@@ -104,7 +103,7 @@ def command_for(
         celery_app=app.celery.celery_app,
         node=node,
         broker_url=broker.url,
-        queues=[q for q in spec.queues if not custom_binding(decls.get(q))],
+        queues=list(spec.queues),
         autoscale=(auto.max, auto.min) if auto else None,
         concurrency=spec.concurrency,
         pool=spec.pool or app.celery.pool,
@@ -115,9 +114,26 @@ def command_for(
     )
 
 
-def env_for(broker: BrokerSpec, env: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment: ``env`` plus what the broker needs to reach it."""
-    return {**env, **worker_env(broker, env.get("PYTHONPATH"))}
+def start_bindings(queues: Sequence[str], decls: Mapping[str, Queue]) -> dict[str, Any]:
+    """The declared bindings a worker of ``queues`` must know from its start
+    (Celery's ``task_queues`` dict form); queues bound the default way need none."""
+    return {
+        name: _binding(name, decls[name])
+        for name in queues
+        if custom_binding(decls.get(name))
+    }
+
+
+def env_for(
+    broker: BrokerSpec,
+    env: Mapping[str, str],
+    bindings: Mapping[str, Mapping[str, Any]] | None = None,
+    hook: str | None = None,
+) -> dict[str, str]:
+    """The worker's environment: ``env`` plus what the broker needs to reach it
+    and the declared ``bindings`` of its queues (handed over by the loader in ``hook``)."""
+    extra = worker_env(broker, env.get("PYTHONPATH"), task_queues=bindings, hook=hook)
+    return {**env, **extra}
 
 
 def producer_config(
@@ -137,8 +153,7 @@ def producer_config(
         out["result_backend"] = backend
     if decls:
         out["task_queues"] = {
-            name: {k: v for k, v in consumer_arguments(name, d).items() if k != "queue"}
-            for name, d in sorted(decls.items())
+            name: _binding(name, d) for name, d in sorted(decls.items())
         }
     return out
 
@@ -152,6 +167,10 @@ def producer_env(broker: BrokerSpec, backend: str | None) -> dict[str, str]:
     if backend:
         env["CELERY_RESULT_BACKEND"] = backend
     return {**env, **worker_env(broker)}
+
+
+def _binding(name: str, decl: Queue) -> dict[str, Any]:
+    return {k: v for k, v in consumer_arguments(name, decl).items() if k != "queue"}
 
 
 def consumer_arguments(name: str, decl: Queue | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from branchd.celery.broker import (
     BrokerSpec,
     clear_node_leftovers,
     ensure_results_dir,
+    hook_dir,
     prune_dead_fanout,
 )
 from branchd.errors import BranchdError, BrokerUnavailable, NotFound
@@ -34,6 +35,7 @@ from branchd.process.celery_ops import (
     producer_config,
     producer_env,
     python_for,
+    start_bindings,
 )
 from branchd.process.launcher import Launcher
 from branchd.process.machine import Event, Hung, Proc, Ready
@@ -150,7 +152,8 @@ class Workers:
         # The filesystem transport replays a node's old control messages (an
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
-        return tuple(argv), env_for(w.broker, env)
+        bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
+        return tuple(argv), env_for(w.broker, env, bindings, hook_dir(self._state_dir))
 
     # lifecycle hooks ------------------------------------------------------------
 

@@ -11,6 +11,7 @@ sleeps; only "nothing happens for a while" checks sleep a bounded time.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -204,24 +205,23 @@ async def test_starting_until_the_node_answers_then_reconciled(rig: Rig) -> None
     assert rig.fake.signals == []
 
 
-async def test_custom_binding_is_left_out_of_argv_and_added_after_ready(rig: Rig) -> None:
-    await rig.m.put_queue(
-        APP, "images", {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
-    )
+async def test_custom_binding_is_given_at_start(rig: Rig) -> None:
+    binding = {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    await rig.m.put_queue(APP, "images", binding)
     view = await rig.add("w1", queues=["default", "images"], autostart=False)
     command = view.to_json()["command"]
-    assert command[command.index("-Q") + 1] == "default"
-    assert "images" not in " ".join(command)
+    assert command[command.index("-Q") + 1] == "default,images"  # the shown argv is the real one
 
-    node = rig.node("w1", queues=["default"])
+    node = rig.node("w1", queues=["default", "images"])
     await rig.m.start_instance(APP, "w1")
     await rig.wait_state("w1", State.RUNNING)
-    assert list(rig.fake.spawned[0].argv) == (await rig.view("w1")).to_json()["command"]
-
-    await wait_for(lambda: "images" in node.queues)
-    assert [s.arguments for s in rig.sent("add_consumer")] == [
-        {"queue": "images", "exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
-    ]
+    spawned = rig.fake.spawned[0]
+    assert list(spawned.argv) == (await rig.view("w1")).to_json()["command"]
+    # the declared binding rides to the worker's task_queues through the loader
+    assert json.loads(spawned.env["BRANCHD_TASK_QUEUES"]) == {"images": binding}
+    assert spawned.env["CELERY_LOADER"] == "branchd_worker_loader:Loader"
+    await wait_for(lambda: bool(rig.sent("active_queues")))
+    assert rig.sent("add_consumer") == [] and node.queues == ["default", "images"]
 
 
 # Consumers and autoscale at runtime ---------------------------------------------------
