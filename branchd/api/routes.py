@@ -19,7 +19,7 @@ from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Invalid, NotFound
-from branchd.model import NAME_RE, App, valid_name
+from branchd.model import NAME_PATTERN, NAME_RE, NAME_RULE, App, valid_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,10 +57,14 @@ def _strict_name(value: str) -> bool:
     return valid_name(value) and NAME_RE.fullmatch(value) is not None
 
 
+#: What each name in a path is, for its error ("{name}" is an instance's).
+_NAMED = {"app": "app", "name": "instance", "queue": "queue"}
+
+
 def _name(request: web.Request, key: str) -> str:
     value = request.match_info[key]
     if not _strict_name(value):
-        raise Invalid(f"bad {key} name {value!r}")
+        raise Invalid(f"bad {_NAMED.get(key, key)} name {value!r}: {NAME_RULE}")
     return value
 
 
@@ -80,6 +84,9 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
     error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
+        if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
+            # The rule in words rather than the regex alone.
+            raise Invalid(f"{where}: bad name {error.instance!r}: {NAME_RULE}")
         raise Invalid(f"{where}: {error.message}")
     return _as_ints(schema, data)  # type: ignore[no-any-return]
 
@@ -257,7 +264,7 @@ async def create_instance(request: web.Request) -> web.Response:
     app = _name(request, "app")
     body = await _body(request, schemas.INSTANCE_IN)
     if "name" in body and not _strict_name(body["name"]):
-        raise Invalid(f"name: bad instance name {body['name']!r}")
+        raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
     view = await _backend(request).create_instance(app, body)
     location = f"/v1/apps/{app}/instances/{view.spec.name}"
     return _json(view.to_json(), status=201, headers={"Location": location})

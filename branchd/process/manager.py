@@ -33,6 +33,7 @@ from branchd.errors import (
     NotFound,
 )
 from branchd.model import (
+    NAME_RULE,
     App,
     Desired,
     InstanceSpec,
@@ -683,7 +684,4 @@ def _unwrap(reply: dict[str, Any]) -> Any:
 
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not valid_name(name):
-        raise Invalid(
-            f"bad {what} name {name!r}: use letters, digits, '_', '.', '-' (1-63, "
-            "starting with a letter or digit)"
-        )
+        raise Invalid(f"bad {what} name {name!r}: {NAME_RULE}")

@@ -494,7 +494,12 @@ def test_bad_names_in_path_are_422(api: Api) -> None:
         body: Any = {} if method in ("PUT", "POST", "PATCH") else None
         if template.endswith("/instances") and method == "POST":
             body = {"command": SLEEPER}
-        api.err(method, template.format(bad), body, status=422, code="invalid")
+        reply = api.err(method, template.format(bad), body, status=422, code="invalid")
+        # The message says what the name is ("bad name name" once) and the rule.
+        what = "app" if template.startswith("/v1/apps/{}") else "instance"
+        message = reply.body["error"]["message"]
+        assert message.startswith(f"bad {what} name "), (method, template, message)
+        assert "use letters, digits" in message, message
     assert [a["name"] for a in api.ok("GET", "/v1/apps")["items"]] == ["web"]
     assert api.ok("GET", INST)["state"] == "stopped"
 
@@ -518,7 +523,8 @@ def test_bad_names_in_body_are_422(api: Api) -> None:
     make_app(api)
     for bad in BAD_BODY_NAMES:
         body = {"name": bad, "command": SLEEPER}
-        api.err("POST", "/v1/apps/web/instances", body, status=422, code="invalid")
+        reply = api.err("POST", "/v1/apps/web/instances", body, status=422, code="invalid")
+        assert "use letters, digits" in reply.body["error"]["message"], (bad, reply.text)
     assert api.ok("GET", "/v1/apps/web/instances") == {"items": []}
 
 

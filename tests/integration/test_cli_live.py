@@ -126,6 +126,12 @@ def test_errors_are_one_line_and_exit_codes(branchd: Branchd) -> None:
     assert r.exit_code == 2
     r = run(branchd, "nonsense")
     assert r.exit_code == 2
+    run(branchd, "apps", "add", "sv")
+    r = run(branchd, "instances", "stop", "sv", "worker_*")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("branchctl: invalid: bad instance name 'worker_*': use letters"), (
+        r.stderr
+    )
 
 
 def test_token(branchd_factory: Callable[..., Branchd]) -> None:
