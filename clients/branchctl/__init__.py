@@ -1,6 +1,6 @@
 """branchctl: the Python client and CLI of branchd (never imports branchd)."""
 
-from branchctl.client import DEFAULT_URL, AsyncClient, Client
+from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import App, Autoscale, Branch, Capacity, Consumer, Instance, Queue, Stats
 
@@ -18,4 +18,5 @@ __all__ = [
     "Instance",
     "Queue",
     "Stats",
+    "find_url",
 ]

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from branchctl import render
-from branchctl.client import DEFAULT_URL, Client
-from branchctl.errors import ApiError
+from branchctl.client import DEFAULT_URL, Client, find_url
+from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -43,6 +44,8 @@ class Options:
     token: str | None
     timeout: float
     json: bool
+    #: The branchd.url file the URL was read from (None: given, or the default).
+    url_file: str | None = None
 
     def client(self) -> Client:
         return Client(self.url, self.token, self.timeout)
@@ -67,7 +70,12 @@ class _Root(click.Group):
         try:
             return super().invoke(ctx)
         except ApiError as exc:
-            raise Failed(" ".join(str(exc).split())) from exc
+            message = str(exc)
+            opts = ctx.find_object(Options)
+            if isinstance(exc, ConnectionFailed) and opts is not None and opts.url_file:
+                # A stale file (its daemon is gone) is the likely cause: say where it came from.
+                message += f" (URL read from {opts.url_file})"
+            raise Failed(" ".join(message.split())) from exc
 
 
 class _ListingGroup(click.Group):
@@ -200,10 +208,10 @@ class ByteSize(_ParamType):
 @click.option(
     "--url",
     envvar="BRANCHD_URL",
-    default=DEFAULT_URL,
-    show_default=True,
     show_envvar=True,
-    help="The daemon's base URL.",
+    help="The daemon's base URL [default: the one the daemon wrote in its state dir, "
+    "$BRANCHD_STATE_DIR/branchd.url or ~/.local/state/branchd/branchd.url, "
+    f"else {DEFAULT_URL}].",
 )
 @click.option(
     "--token", envvar="BRANCHD_TOKEN", show_envvar=True, help="Bearer token of the branch."
@@ -221,13 +229,27 @@ class ByteSize(_ParamType):
     "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
 )
 @click.pass_context
-def main(ctx: click.Context, url: str, token: str | None, timeout: float, as_json: bool) -> None:
+def main(
+    ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
+) -> None:
     """Control a branchd daemon: its apps, their instances, their logs.
+
+    Without --url or BRANCHD_URL it finds a local daemon (any --bind, port
+    0 too) by the branchd.url file the daemon writes in its state dir.
 
     For Celery: apps carry the broker and worker settings, 'queues' declares
     an app's queues, 'consumers' and 'autoscale' change a running worker.
     """
-    ctx.obj = Options(url=url, token=token or None, timeout=timeout, json=as_json)
+    found: Path | None = None
+    if not url:
+        url, found = find_url(os.environ)
+    ctx.obj = Options(
+        url=url,
+        token=token or None,
+        timeout=timeout,
+        json=as_json,
+        url_file=None if found is None else str(found),
+    )
 
 
 @main.command(context_settings=CONTEXT)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -17,11 +18,42 @@ import aiohttp
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
-__all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
+__all__ = ["DEFAULT_URL", "AsyncClient", "Client", "find_url", "url_file"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8400"
+#: The file a daemon writes in its state dir, once it listens (handy with port 0).
+URL_FILE = "branchd.url"
+
+
+def url_file(env: Mapping[str, str]) -> Path:
+    """Where the daemon of this user writes its URL: ``<state dir>/branchd.url``.
+
+    The state dir rule copies the daemon's (branchd.config: ``BRANCHD_STATE_DIR``,
+    else ``$XDG_STATE_HOME/branchd``, else ``~/.local/state/branchd``), since
+    the client must not import branchd; keep the two in step.
+    """
+    state_dir = env.get("BRANCHD_STATE_DIR")
+    if not state_dir:
+        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "/tmp"), ".local", "state")
+        state_dir = os.path.join(base, "branchd")
+    return Path(state_dir).expanduser() / URL_FILE
+
+
+def find_url(env: Mapping[str, str]) -> tuple[str, Path | None]:
+    """The URL of the local daemon, and the file it was read from.
+
+    ``DEFAULT_URL`` (and None) when that file is missing, unreadable or empty:
+    a daemon that never wrote one listens where it does by default.
+    """
+    path = url_file(env)
+    try:
+        url = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return DEFAULT_URL, None
+    return (url, path) if url else (DEFAULT_URL, None)
+
 
 _T = TypeVar("_T")
 

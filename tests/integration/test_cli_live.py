@@ -142,6 +142,14 @@ def test_token(branchd_factory: Callable[..., Branchd]) -> None:
     assert r.exit_code == 0
 
 
+def test_finds_a_daemon_on_port_0_by_its_state_dir(branchd: Branchd) -> None:
+    # The fixture's daemon listens on port 0; no --url, no BRANCHD_URL.
+    env = {"BRANCHD_URL": None, "BRANCHD_STATE_DIR": str(branchd.state_dir)}
+    r = CliRunner().invoke(main, ["--json", "branch"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["id"] == branchd.ok("GET", "/v1/branch")["id"]
+
+
 def test_daemon_down_is_a_clear_error() -> None:
     r = CliRunner().invoke(main, ["--url", "http://127.0.0.1:9", "apps"])
     assert r.exit_code == 1

@@ -12,12 +12,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from branchctl.cli import main
-from branchctl.client import AsyncClient, Client
+from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import Instance
 from branchctl.render import duration, table
@@ -282,6 +283,65 @@ def test_connection_refused_is_exit_1_and_a_clear_line(closed_port: int) -> None
     assert result.stderr == (
         f"branchctl: connection_failed: cannot reach branchd at {url}: Connection refused\n"
     )
+
+
+def run_found(*args: str, **env: str | None) -> Result:
+    """branchctl with no --url and no BRANCHD_URL: it must find the daemon itself."""
+    environ: dict[str, str | None] = {
+        "BRANCHD_URL": None,
+        "BRANCHD_TOKEN": None,
+        "BRANCHD_STATE_DIR": None,
+        "XDG_STATE_HOME": None,
+        **env,
+    }
+    return CliRunner().invoke(main, list(args), env=environ)
+
+
+def test_finds_the_daemon_by_the_url_file_of_its_state_dir(
+    daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    (tmp_path / "branchd.url").write_text(daemon.url + "\n")
+    result = run_found("ping", BRANCHD_STATE_DIR=str(tmp_path))
+    assert (result.exit_code, result.stdout) == (0, "ok\n"), result.output
+    assert [s.path for s in daemon.seen] == ["/v1/ping"]
+
+
+def test_finds_the_daemon_in_the_default_state_dir(daemon: FakeDaemon, tmp_path: Path) -> None:
+    # The daemon's own default: $XDG_STATE_HOME/branchd, else ~/.local/state/branchd.
+    home_dir = tmp_path / "home" / ".local" / "state" / "branchd"
+    home_dir.mkdir(parents=True)
+    (home_dir / "branchd.url").write_text(daemon.url + "\n")
+    assert run_found("ping", HOME=str(tmp_path / "home")).exit_code == 0
+    xdg_dir = tmp_path / "xdg" / "branchd"
+    xdg_dir.mkdir(parents=True)
+    (xdg_dir / "branchd.url").write_text(daemon.url + "\n")
+    assert (
+        run_found("ping", HOME="/nonexistent", XDG_STATE_HOME=str(tmp_path / "xdg")).exit_code == 0
+    )
+    assert len(daemon.seen) == 2
+
+
+def test_url_option_and_variable_win_over_the_url_file(
+    daemon: FakeDaemon, tmp_path: Path, closed_port: int
+) -> None:
+    (tmp_path / "branchd.url").write_text(f"http://127.0.0.1:{closed_port}\n")
+    env = {"BRANCHD_STATE_DIR": str(tmp_path)}
+    assert run_found("--url", daemon.url, "ping", **env).exit_code == 0
+    assert run_found("ping", BRANCHD_URL=daemon.url, **env).exit_code == 0
+    # the stale file is named, so that the user knows where that URL came from
+    stale = run_found("ping", **env)
+    assert stale.exit_code == 1
+    assert stale.stderr == (
+        f"branchctl: connection_failed: cannot reach branchd at http://127.0.0.1:{closed_port}: "
+        f"Connection refused (URL read from {tmp_path / 'branchd.url'})\n"
+    )
+
+
+def test_no_url_file_means_the_default_url(tmp_path: Path) -> None:
+    assert find_url({"BRANCHD_STATE_DIR": str(tmp_path)}) == (DEFAULT_URL, None)
+    (tmp_path / "branchd.url").write_text("\n")
+    assert find_url({"BRANCHD_STATE_DIR": str(tmp_path)}) == (DEFAULT_URL, None)
+    assert find_url({"HOME": str(tmp_path / "nobody")}) == (DEFAULT_URL, None)
 
 
 @pytest.mark.parametrize(
