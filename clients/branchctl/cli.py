@@ -7,6 +7,7 @@ line on stderr), 2 a usage error.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -80,7 +81,13 @@ class _Root(click.Group):
 
 class _ListingGroup(click.Group):
     """A group that lists when called bare; a first word that names no
-    subcommand is taken as the argument of its 'list' subcommand."""
+    subcommand is taken as the argument of its 'list' subcommand.
+
+    A word close to a subcommand's name ('lst') that is no app either gets
+    click's own answer for a typo: "No such command 'lst'. Did you mean 'list'?".
+    Only the daemon knows the apps, so that is decided after asking it: an app
+    named 'shop' is still listed, not taken for a typo of 'show'.
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # The group's own options are flags, so the first non-option word is
@@ -90,9 +97,33 @@ class _ListingGroup(click.Group):
                 break
             if not arg.startswith("-"):
                 if arg not in self.commands:
+                    close = difflib.get_close_matches(arg, self.list_commands(ctx), n=1)
+                    if close:
+                        ctx.meta[_TYPO] = (arg, close[0])
                     args = [*args[:i], "list", *args[i:]]
                 break
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        typo: tuple[str, str] | None = ctx.meta.get(_TYPO)
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            if typo is None or exc.code != "not_found" or f"app {typo[0]!r}" not in exc.message:
+                raise
+            raise click.UsageError(_no_such_command(*typo), ctx) from None
+        except click.UsageError:
+            if typo is None:
+                raise
+            raise click.UsageError(_no_such_command(*typo), ctx) from None
+
+
+_TYPO = "branchctl.typo"
+
+
+def _no_such_command(word: str, close: str) -> str:
+    # click's own wording (click.exceptions.NoSuchCommand, not in every click we support)
+    return f"No such command {word!r}. Did you mean {close!r}?"
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -1010,6 +1041,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl-C.")
 @click.option("--stderr", is_flag=True, help="The stderr log instead of stdout.")
+@json_option
 @pass_opts
 def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: bool) -> None:
     """Print the log of instance NAME of APP (plain text, even with --json)."""

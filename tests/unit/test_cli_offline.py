@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from aiohttp import web
 from branchctl.cli import main
@@ -507,3 +508,63 @@ def test_duration(seconds: float | None, text: str) -> None:
 
 def test_table_pads_columns_and_strips_trailing_blanks() -> None:
     assert table(("A", "LONG"), [("xyz", None), ("", "1")]) == "A    LONG\nxyz  -\n     1"
+
+
+# -- --json and typos (issue 12, item 14) ----------------------------------------
+
+
+def _leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaves(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_takes_json_after_it() -> None:
+    leaves = list(_leaves(main))
+    assert ("logs",) in leaves and ("instances", "restart") in leaves
+    for path in leaves:
+        command = main
+        for word in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[word]  # type: ignore[assignment]
+        opts = {o for p in command.params for o in p.opts}
+        assert "--json" in opts, path
+
+
+def test_json_after_the_subcommand(daemon: FakeDaemon) -> None:
+    result = run(daemon, "instances", "show", "web", "w1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "w1"
+    # logs prints the log as it is, with or without --json, wherever it is given
+    assert run(daemon, "logs", "web", "w1", "--json").stdout == "stdout 1\nstdout 2\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "close"),
+    [
+        (["instances", "lst"], "list"),
+        (["instances", "shwo", "web", "w1"], "show"),
+        (["instances", "stpo", "web", "w1"], "stop"),
+        (["apps", "lst"], "list"),
+        (["apps", "shw", "web"], "show"),
+    ],
+)
+def test_a_typo_in_a_group_suggests_the_command(
+    daemon: FakeDaemon, args: list[str], close: str
+) -> None:
+    result = run(daemon, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.endswith(f"Error: No such command {args[1]!r}. Did you mean {close!r}?\n")
+    assert "no app" not in result.stderr
+
+
+def test_an_app_named_like_a_typo_is_still_listed(daemon: FakeDaemon) -> None:
+    daemon.instances["shop"] = [instance_json("shop", "s1")]  # 'shop' is close to 'show'
+    result = run(daemon, "instances", "shop")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].split()[:2] == ["shop", "s1"]
+    # and a word close to nothing is still an app that does not exist
+    result = run(daemon, "instances", "ghost")
+    assert (result.exit_code, result.stderr) == (1, "branchctl: not_found: no app 'ghost'\n")
