@@ -44,6 +44,8 @@ class Route:
     body: schemas.Schema | None = None
     text: bool = False  # text/plain answer
     query: tuple[tuple[str, schemas.Schema], ...] = field(default_factory=tuple)
+    #: 202 with this body: answered before the work ended (``wait=false``).
+    accepted: schemas.Schema | None = None
 
 
 def _backend(request: web.Request) -> Backend:
@@ -282,15 +284,25 @@ async def patch_instance(request: web.Request) -> web.Response:
     return _json(view.to_json())
 
 
+def _wait(request: web.Request) -> bool:
+    """``?wait=false``: answer at once, the instance as it is (a stop can take
+    its whole stopwaitsecs, longer than a client's HTTP timeout)."""
+    return _flag(request.query.get("wait", "1"), "wait")
+
+
 async def delete_instance(request: web.Request) -> web.Response:
-    await _backend(request).delete_instance(_name(request, "app"), _name(request, "name"))
+    app, name, wait = _name(request, "app"), _name(request, "name"), _wait(request)
+    view = await _backend(request).delete_instance(app, name, wait=wait)
+    if not wait:
+        return _json(view.to_json(), status=202)
     return web.Response(status=204)
 
 
-def _action(method: str) -> Handler:
+def _action(method: str, *, waits: bool = False) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         app, name = _name(request, "app"), _name(request, "name")
-        view = await getattr(_backend(request), method)(app, name)
+        extra = {"wait": _wait(request)} if waits else {}
+        view = await getattr(_backend(request), method)(app, name, **extra)
         return _json(view.to_json())
 
     return handler
@@ -374,6 +386,8 @@ _TAIL_Q = (
     ("follow", {"type": "string", "enum": ["0", "1"]}),
 )
 
+_WAIT_Q = (("wait", {"type": "string", "enum": ["0", "1", "false", "true"]}),)
+
 INST = "/v1/apps/{app}/instances/{name}"
 QUEUE = "/v1/apps/{app}/queues/{queue}"
 
@@ -431,7 +445,15 @@ ROUTES: tuple[Route, ...] = (
         response=schemas.INSTANCE,
         body=schemas.INSTANCE_PATCH,
     ),
-    Route("DELETE", INST, delete_instance, "Stop and remove an instance", ok=204),
+    Route(
+        "DELETE",
+        INST,
+        delete_instance,
+        "Stop and remove an instance (wait=false: 202 at once, removed once stopped)",
+        ok=204,
+        query=_WAIT_Q,
+        accepted=schemas.INSTANCE,
+    ),
     Route(
         "POST",
         INST + "/start",
@@ -442,16 +464,18 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST",
         INST + "/stop",
-        _action("stop_instance"),
-        "Stop an instance (waits for it)",
+        _action("stop_instance", waits=True),
+        "Stop an instance (waits for it; wait=false: answers at once, still stopping)",
         response=schemas.INSTANCE,
+        query=_WAIT_Q,
     ),
     Route(
         "POST",
         INST + "/restart",
-        _action("restart_instance"),
-        "Restart an instance",
+        _action("restart_instance", waits=True),
+        "Restart an instance (waits for the stop; wait=false: answers at once)",
         response=schemas.INSTANCE,
+        query=_WAIT_Q,
     ),
     Route(
         "GET",
