@@ -690,33 +690,180 @@ def instances_show(opts: Options, app: str, name: str) -> None:
     _emit(opts, instance.raw, _instance_text(instance))
 
 
-def _action(action: str, doc: str) -> None:
-    @instances.command(action, help=doc, context_settings=CONTEXT)
-    @click.argument("app")
-    @click.argument("name")
-    @json_option
-    @pass_opts
-    def command(opts: Options, app: str, name: str) -> None:
-        with opts.client() as c:
-            method: Callable[[str, str], Instance] = getattr(c, action)
-            instance = method(app, name)
-        _emit(opts, instance.raw, _state_line(instance))
+#: Beyond an instance's own stopwaitsecs and startsecs: the daemon's SIGKILL
+#: grace (5 s) and the round trips of the polls.
+WAIT_GRACE = 10.0
+#: The polls of a wait start tight (most stops take well under a second) and
+#: back off to the cap.
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+#: States an instance passes through on its way to an outcome.
+_PASSING = ("stopping", "starting")
 
 
-_action("start", "Start instance NAME of APP.")
-_action("stop", "Stop instance NAME of APP (answers once it has stopped).")
-_action("restart", "Restart instance NAME of APP.")
+def no_wait_option(f: _F) -> _F:
+    return click.option(
+        "--no-wait", is_flag=True, help="Answer at once, without waiting for the outcome."
+    )(f)
+
+
+def _active_tasks(c: Client, i: Instance) -> int | None:
+    """The tasks a running celery worker has in hand: what its warm stop waits for."""
+    if i.kind != "celery" or i.state != "running":
+        return None
+    try:
+        stats = c.stats(i.app, i.name)
+    except ApiError:  # only a progress detail: the stop goes ahead without it
+        return None
+    count = _celery_summary(stats.celery).get("active_tasks") if stats.celery else None
+    return count if isinstance(count, int) else None
+
+
+def _progress(i: Instance, active: int | None) -> str:
+    line = f"{i.app}/{i.name}: {i.state}"
+    if i.pid is not None:
+        line += f" (pid {i.pid})"
+    if i.state == "stopping":
+        tasks = "" if active is None else f"{active} active task{'' if active == 1 else 's'}, "
+        line += f": {tasks}up to {i.stopwaitsecs:g}s (stopwaitsecs), then SIGKILL"
+    elif i.reason:
+        line += f": {i.reason}"
+    return line
+
+
+def _watch(
+    c: Client, first: Instance, passing: tuple[str, ...] | None, active: int | None = None
+) -> Instance | None:
+    """Poll the instance until its state leaves ``passing`` (None: until it is
+    gone, then None), with a line on stderr each time its state or reason
+    changes; bounded by its own stopwaitsecs and startsecs."""
+    limit = first.stopwaitsecs + (0 if passing is None else first.startsecs) + WAIT_GRACE
+    deadline = time.monotonic() + limit
+    pause = _POLL_FIRST
+    shown = None
+    i = first
+    while passing is None or i.state in passing:
+        line = _progress(i, active)
+        if line != shown:
+            click.echo(line, err=True)
+            shown = line
+        if time.monotonic() >= deadline:
+            raise Failed(
+                f"timeout: {i.app}/{i.name} is still {i.state} after {limit:g}s; branchd "
+                f"goes on with it (see 'branchctl instances show {i.app} {i.name}')"
+            )
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, _POLL_MAX)
+        try:
+            i = c.get_instance(first.app, first.name)
+        except ApiError as exc:
+            if passing is None and exc.code == "not_found":
+                return None
+            raise
+    return i
+
+
+def _started(opts: Options, i: Instance) -> None:
+    """Print the outcome of a start; exit 1 unless it runs."""
+    _emit(opts, i.raw, _state_line(i))
+    if i.state != "running":
+        reason = f": {i.reason}" if i.reason else ""
+        raise Failed(f"not_started: {i.app}/{i.name} is {i.state}{reason}")
+
+
+@instances.command("start", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Start instance NAME of APP and wait until it runs.
+
+    Exits 1 when it does not come up: in backoff (a failed start, to be
+    retried) or fatal (gave up), or stopped again. --no-wait answers at once
+    (usually 'starting'), exit 0.
+    """
+    with opts.client() as c:
+        i = c.start(app, name)
+        if no_wait:
+            _emit(opts, i.raw, _state_line(i))
+            return
+        done = _watch(c, i, _PASSING)
+    assert done is not None
+    _started(opts, done)
+
+
+@instances.command("stop", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Stop instance NAME of APP and wait until it has stopped.
+
+    A stop lasts up to the instance's stopwaitsecs (a celery worker first
+    finishes its tasks: 600 s by default), then SIGKILL; progress goes to
+    stderr. --no-wait answers at once (state 'stopping').
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.stop(app, name, wait=False)
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            done = _watch(c, c.stop(app, name, wait=False), ("stopping",), active)
+            assert done is not None
+            i = done
+    _emit(opts, i.raw, _state_line(i))
+
+
+@instances.command("restart", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Restart instance NAME of APP and wait until it runs again.
+
+    The stop lasts up to its stopwaitsecs (progress on stderr). Exits 1 when
+    it does not come up: in backoff (a failed start, to be retried) or fatal
+    (gave up). --no-wait answers at once (usually 'stopping'), exit 0.
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.restart(app, name, wait=False)
+            _emit(opts, i.raw, _state_line(i))
+            return
+        active = _active_tasks(c, c.get_instance(app, name))
+        done = _watch(c, c.restart(app, name, wait=False), _PASSING, active)
+    assert done is not None
+    _started(opts, done)
 
 
 @instances.command("remove", context_settings=CONTEXT)
 @click.argument("app")
 @click.argument("name")
+@no_wait_option
 @json_option
 @pass_opts
-def instances_remove(opts: Options, app: str, name: str) -> None:
-    """Remove instance NAME of APP (stopped first)."""
+def instances_remove(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Remove instance NAME of APP: stopped first (up to its stopwaitsecs), then forgotten.
+
+    --no-wait answers at once; branchd removes it once it has stopped.
+    """
     with opts.client() as c:
-        c.delete_instance(app, name)
+        if no_wait:
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None and i.state == "stopping":
+                _emit(opts, i.raw, f"removing instance {app}/{name} once it has stopped")
+                return
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None:
+                _watch(c, i, None, active)
     if not opts.json:
         click.echo(f"removed instance {app}/{name}")
 
