@@ -15,7 +15,7 @@ _ERRORS = {
     "401": "Missing or wrong token",
     "404": "No such app or instance",
     "405": "Method not allowed",
-    "409": "Conflict (name taken)",
+    "409": "Conflict (name taken, being deleted) or restart_required",
     "413": "Body too large",
     "422": "Invalid input (schema, name, rule)",
     "502": "A worker refused or did not confirm a runtime change",

@@ -31,6 +31,7 @@ from branchd.errors import (
     Conflict,
     Invalid,
     NotFound,
+    RestartRequired,
 )
 from branchd.model import (
     NAME_RULE,
@@ -46,7 +47,7 @@ from branchd.model import (
     valid_name,
 )
 from branchd.process import logs
-from branchd.process.celery_ops import CeleryOps, autoscaler_range
+from branchd.process.celery_ops import CeleryOps, autoscaler_range, fixed_concurrency
 from branchd.process.launcher import Launcher, LaunchSpec, TreeStats
 from branchd.process.machine import (
     Adopt,
@@ -490,10 +491,23 @@ class Manager:
         want = autoscale_from({"min": low, "max": high})
         assert want is not None
         async with self._workers.lock(name):
-            spec = self._celery_lookup(app, name)
-            spec = self._update_spec(replace(spec, autoscale=want, concurrency=None))
-            if self._procs[name].state == State.RUNNING:
-                await self._workers.ops.autoscale(self._workers.worker(spec), want)
+            old = self._celery_lookup(app, name)
+            running = self._procs[name].state == State.RUNNING
+            if running:
+                # A worker started with a fixed --concurrency has no autoscaler and
+                # refuses the change: say so (409) and keep the declaration as it
+                # is, rather than store a range the running worker does not have.
+                w = self._workers.worker(old)
+                stats = await self._workers.ops.stats(w)
+                if stats is not None and autoscaler_range(stats) is None:
+                    raise RestartRequired(fixed_concurrency(w))
+            spec = self._update_spec(replace(old, autoscale=want, concurrency=None))
+            if running:
+                try:
+                    await self._workers.ops.autoscale(self._workers.worker(spec), want)
+                except RestartRequired:
+                    self._update_spec(old)
+                    raise
             return await self.get_autoscale(app, name)
 
     # what the workers service needs (workers.Host) ----------------------------------

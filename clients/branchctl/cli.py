@@ -1138,6 +1138,8 @@ def _autoscale_text(a: Autoscale) -> str:
     live = (
         "-" if not a.live else f"{render.cell(a.live.get('min'))} {render.cell(a.live.get('max'))}"
     )
+    if a.min is None or a.max is None:  # no range declared: a fixed pool size
+        return f"none: fixed concurrency (live: {live})"
     return f"{a.min} {a.max} (live: {live})"
 
 
@@ -1161,7 +1163,12 @@ def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -
     """Show the autoscale bounds of celery instance NAME of APP, or set them to MIN MAX.
 
     Prints 'MIN MAX (live: MIN MAX)', live being what the running worker
-    reports ('-' when it is not running). Setting applies without a restart.
+    reports ('-' when it is not running), or 'none: fixed concurrency'.
+    Setting applies without a restart to a worker started with a range; a
+    running worker started with a fixed concurrency refuses it (exit 1,
+    restart_required, nothing changed): declare a range with 'instances
+    update APP NAME --autoscale MIN,MAX' and restart it. A stopped worker
+    takes the range at its next start.
     """
     if len(bounds) not in (0, 2):
         raise click.UsageError("give both MIN and MAX, or neither")
