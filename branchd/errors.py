@@ -76,6 +76,14 @@ class ControlFailed(BranchdError):
     status = 502
 
 
+class RestartRequired(BranchdError):
+    """A runtime change the running worker cannot take: it needs a new process
+    (autoscale on a worker started with a fixed --concurrency). Nothing is changed."""
+
+    code = "restart_required"
+    status = 409
+
+
 class WorkerNotRunning(BranchdError):
     """A runtime change needs a running worker (the declaration is kept)."""
 

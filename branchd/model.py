@@ -16,6 +16,8 @@ from typing import Any
 #: slashes can sneak in ("no path tricks").
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 NAME_RE = re.compile(NAME_PATTERN)
+#: NAME_PATTERN in words, for every error about a bad name.
+NAME_RULE = "use letters, digits, '_', '.', '-' (1-63, starting with a letter or digit)"
 
 #: Signals a user may name as ``stopsignal`` (without the SIG prefix).
 STOP_SIGNALS: tuple[str, ...] = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")

@@ -15,7 +15,7 @@ _ERRORS = {
     "401": "Missing or wrong token",
     "404": "No such app or instance",
     "405": "Method not allowed",
-    "409": "Conflict (name taken)",
+    "409": "Conflict (name taken, being deleted) or restart_required",
     "413": "Body too large",
     "422": "Invalid input (schema, name, rule)",
     "502": "A worker refused or did not confirm a runtime change",
@@ -47,6 +47,11 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
         responses: dict[str, Any] = {str(route.ok): ok}
         if route.method == "PUT" and route.ok == 201:  # create or replace
             responses["200"] = {"description": "Replaced", "content": ok["content"]}
+        if route.accepted is not None:
+            responses["202"] = {
+                "description": "Accepted (wait=false): the work goes on",
+                "content": {"application/json": {"schema": route.accepted}},
+            }
         for code, text in _ERRORS.items():
             responses[code] = {"description": text, "content": error_ref}
         op: dict[str, Any] = {

@@ -19,7 +19,7 @@ from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Invalid, NotFound
-from branchd.model import NAME_RE, App, valid_name
+from branchd.model import NAME_PATTERN, NAME_RE, NAME_RULE, App, valid_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,6 +44,8 @@ class Route:
     body: schemas.Schema | None = None
     text: bool = False  # text/plain answer
     query: tuple[tuple[str, schemas.Schema], ...] = field(default_factory=tuple)
+    #: 202 with this body: answered before the work ended (``wait=false``).
+    accepted: schemas.Schema | None = None
 
 
 def _backend(request: web.Request) -> Backend:
@@ -57,10 +59,14 @@ def _strict_name(value: str) -> bool:
     return valid_name(value) and NAME_RE.fullmatch(value) is not None
 
 
+#: What each name in a path is, for its error ("{name}" is an instance's).
+_NAMED = {"app": "app", "name": "instance", "queue": "queue"}
+
+
 def _name(request: web.Request, key: str) -> str:
     value = request.match_info[key]
     if not _strict_name(value):
-        raise Invalid(f"bad {key} name {value!r}")
+        raise Invalid(f"bad {_NAMED.get(key, key)} name {value!r}: {NAME_RULE}")
     return value
 
 
@@ -80,6 +86,9 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
     error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
+        if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
+            # The rule in words rather than the regex alone.
+            raise Invalid(f"{where}: bad name {error.instance!r}: {NAME_RULE}")
         raise Invalid(f"{where}: {error.message}")
     return _as_ints(schema, data)  # type: ignore[no-any-return]
 
@@ -273,7 +282,7 @@ async def create_instance(request: web.Request) -> web.Response:
     app = _name(request, "app")
     body = await _body(request, schemas.INSTANCE_IN)
     if "name" in body and not _strict_name(body["name"]):
-        raise Invalid(f"name: bad instance name {body['name']!r}")
+        raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
     view = await _backend(request).create_instance(app, body)
     location = f"/v1/apps/{app}/instances/{view.spec.name}"
     return _json(view.to_json(), status=201, headers={"Location": location})
@@ -291,15 +300,25 @@ async def patch_instance(request: web.Request) -> web.Response:
     return _json(view.to_json())
 
 
+def _wait(request: web.Request) -> bool:
+    """``?wait=false``: answer at once, the instance as it is (a stop can take
+    its whole stopwaitsecs, longer than a client's HTTP timeout)."""
+    return _flag(request.query.get("wait", "1"), "wait")
+
+
 async def delete_instance(request: web.Request) -> web.Response:
-    await _backend(request).delete_instance(_name(request, "app"), _name(request, "name"))
+    app, name, wait = _name(request, "app"), _name(request, "name"), _wait(request)
+    view = await _backend(request).delete_instance(app, name, wait=wait)
+    if not wait:
+        return _json(view.to_json(), status=202)
     return web.Response(status=204)
 
 
-def _action(method: str) -> Handler:
+def _action(method: str, *, waits: bool = False) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         app, name = _name(request, "app"), _name(request, "name")
-        view = await getattr(_backend(request), method)(app, name)
+        extra = {"wait": _wait(request)} if waits else {}
+        view = await getattr(_backend(request), method)(app, name, **extra)
         return _json(view.to_json())
 
     return handler
@@ -383,6 +402,8 @@ _TAIL_Q = (
     ("follow", {"type": "string", "enum": ["0", "1"]}),
 )
 
+_WAIT_Q = (("wait", {"type": "string", "enum": ["0", "1", "false", "true"]}),)
+
 INST = "/v1/apps/{app}/instances/{name}"
 QUEUE = "/v1/apps/{app}/queues/{queue}"
 
@@ -456,7 +477,15 @@ ROUTES: tuple[Route, ...] = (
         response=schemas.INSTANCE,
         body=schemas.INSTANCE_PATCH,
     ),
-    Route("DELETE", INST, delete_instance, "Stop and remove an instance", ok=204),
+    Route(
+        "DELETE",
+        INST,
+        delete_instance,
+        "Stop and remove an instance (wait=false: 202 at once, removed once stopped)",
+        ok=204,
+        query=_WAIT_Q,
+        accepted=schemas.INSTANCE,
+    ),
     Route(
         "POST",
         INST + "/start",
@@ -467,16 +496,18 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST",
         INST + "/stop",
-        _action("stop_instance"),
-        "Stop an instance (waits for it)",
+        _action("stop_instance", waits=True),
+        "Stop an instance (waits for it; wait=false: answers at once, still stopping)",
         response=schemas.INSTANCE,
+        query=_WAIT_Q,
     ),
     Route(
         "POST",
         INST + "/restart",
-        _action("restart_instance"),
-        "Restart an instance",
+        _action("restart_instance", waits=True),
+        "Restart an instance (waits for the stop; wait=false: answers at once)",
         response=schemas.INSTANCE,
+        query=_WAIT_Q,
     ),
     Route(
         "GET",

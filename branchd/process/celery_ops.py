@@ -21,7 +21,7 @@ from typing import Any
 from branchd.celery.argv import worker_argv
 from branchd.celery.broker import BrokerSpec, embedded, results_dir, worker_env
 from branchd.celery.remote import RemoteControl
-from branchd.errors import BrokerUnavailable, ControlFailed, Invalid
+from branchd.errors import BrokerUnavailable, ControlFailed, Invalid, RestartRequired
 from branchd.model import App, Autoscale, InstanceSpec, Queue
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,15 @@ def pool_size(stats: Reply | None) -> int | None:
     return None
 
 
+def fixed_concurrency(w: Worker) -> str:
+    """The message of a refused autoscale change on a fixed-concurrency worker."""
+    return (
+        f"fixed concurrency: {w.node} was started without --autoscale, so its "
+        "concurrency cannot change at runtime; restart it with an autoscale range "
+        "(declare one with PATCH, effective at the next start); nothing was changed"
+    )
+
+
 def _error(reply: Reply | None) -> str | None:
     if reply is None:
         return "no reply"
@@ -288,6 +297,10 @@ class CeleryOps:
 
     async def autoscale(self, w: Worker, want: Autoscale) -> None:
         err = _error(await self.call(w, "autoscale", max=want.max, min=want.min))
+        if err and "Autoscale not enabled" in err:
+            # Celery's answer to a worker started without --autoscale: not a
+            # failure to retry (the reconcile never could), a restart is needed.
+            raise RestartRequired(fixed_concurrency(w))
         if err:
             raise ControlFailed(f"{w.node} refused autoscale: {err}")
         deadline = asyncio.get_running_loop().time() + self.confirm_timeout

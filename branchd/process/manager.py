@@ -31,8 +31,10 @@ from branchd.errors import (
     Conflict,
     Invalid,
     NotFound,
+    RestartRequired,
 )
 from branchd.model import (
+    NAME_RULE,
     App,
     Desired,
     InstanceSpec,
@@ -45,7 +47,12 @@ from branchd.model import (
     valid_name,
 )
 from branchd.process import logs
-from branchd.process.celery_ops import CeleryOps, autoscaler_range, pool_size
+from branchd.process.celery_ops import (
+    CeleryOps,
+    autoscaler_range,
+    fixed_concurrency,
+    pool_size,
+)
 from branchd.process.launcher import Launcher, LaunchSpec, TreeStats
 from branchd.process.machine import (
     Adopt,
@@ -109,6 +116,8 @@ class Manager:
         self._changed: dict[str, asyncio.Event] = {}
         self._deleting: set[str] = set()
         self._deleting_apps: set[str] = set()
+        #: Deletes answered before their instance stopped (wait=False), still running.
+        self._forgetting: set[asyncio.Task[None]] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
         self._workers = Workers(
@@ -175,6 +184,8 @@ class Manager:
             for name in names:
                 self._feed(name, Stop())
             await asyncio.gather(*(self._wait_stopped(n) for n in names))
+            # Deletes already under way end now that their instances stopped.
+            await asyncio.gather(*self._forgetting, return_exceptions=True)
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -301,7 +312,12 @@ class Manager:
         self._specs[name] = new
         return self._view(name)
 
-    async def delete_instance(self, app: str, name: str) -> None:
+    async def delete_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
+        """Stop and forget an instance; answers its view as the stop began.
+
+        Without ``wait`` it answers at once and the rest (the wait for the
+        stop, the removal) goes on in the background.
+        """
         spec = self._lookup(app, name)
         if name in self._deleting:
             raise Conflict(f"instance {name!r} is being deleted")
@@ -311,6 +327,26 @@ class Manager:
         try:
             self._set_desired(spec, Desired.STOPPED)
             self._feed(name, Stop())
+            view = self._view(name)
+        except BaseException:
+            self._deleting.discard(name)
+            raise
+        if wait:
+            await self._forget(name)
+        else:
+            task = asyncio.create_task(self._forget(name))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgotten)
+        return view
+
+    def _forgotten(self, task: asyncio.Task[None]) -> None:
+        self._forgetting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("removing an instance failed", exc_info=task.exception())
+
+    async def _forget(self, name: str) -> None:
+        """The end of a delete: wait for the stop, then remove the instance."""
+        try:
             await self._wait_stopped(name)
             pid = self._procs[name].pid
             if pid:  # did not stop in time: no orphans, ever
@@ -328,15 +364,21 @@ class Manager:
         self._feed(name, Start())
         return self._view(name)
 
-    async def stop_instance(self, app: str, name: str) -> InstanceView:
+    async def stop_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
+        """Stop an instance; with ``wait``, answer once it has stopped."""
         self._set_desired(self._lookup(app, name), Desired.STOPPED)
         self._feed(name, Stop())
+        if not wait:  # the caller watches the state instead (a stop can take stopwaitsecs)
+            return self._view(name)
         await self._wait_stopped(name)
         return self._settled_view(app, name)
 
-    async def restart_instance(self, app: str, name: str) -> InstanceView:
+    async def restart_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
+        """Restart an instance; with ``wait``, answer once the old process has stopped."""
         self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Restart())
+        if not wait:
+            return self._view(name)
         await self._wait_stopped(name)
         return self._settled_view(app, name)
 
@@ -480,10 +522,23 @@ class Manager:
         want = autoscale_from({"min": low, "max": high})
         assert want is not None
         async with self._workers.lock(name):
-            spec = self._celery_lookup(app, name)
-            spec = self._update_spec(replace(spec, autoscale=want, concurrency=None))
-            if self._procs[name].state == State.RUNNING:
-                await self._workers.ops.autoscale(self._workers.worker(spec), want)
+            old = self._celery_lookup(app, name)
+            running = self._procs[name].state == State.RUNNING
+            if running:
+                # A worker started with a fixed --concurrency has no autoscaler and
+                # refuses the change: say so (409) and keep the declaration as it
+                # is, rather than store a range the running worker does not have.
+                w = self._workers.worker(old)
+                stats = await self._workers.ops.stats(w)
+                if stats is not None and autoscaler_range(stats) is None:
+                    raise RestartRequired(fixed_concurrency(w))
+            spec = self._update_spec(replace(old, autoscale=want, concurrency=None))
+            if running:
+                try:
+                    await self._workers.ops.autoscale(self._workers.worker(spec), want)
+                except RestartRequired:
+                    self._update_spec(old)
+                    raise
             return await self.get_autoscale(app, name)
 
     # what the workers service needs (workers.Host) ----------------------------------
@@ -720,7 +775,4 @@ def _unwrap(reply: dict[str, Any]) -> Any:
 
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not valid_name(name):
-        raise Invalid(
-            f"bad {what} name {name!r}: use letters, digits, '_', '.', '-' (1-63, "
-            "starting with a letter or digit)"
-        )
+        raise Invalid(f"bad {what} name {name!r}: {NAME_RULE}")

@@ -1,7 +1,7 @@
 """branchctl: the Python client and CLI of branchd (never imports branchd)."""
 
-from branchctl.client import DEFAULT_URL, AsyncClient, Client
-from branchctl.errors import ApiError, ConnectionFailed
+from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
+from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
 from branchctl.models import App, Autoscale, Branch, Capacity, Consumer, Instance, Queue, Stats
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "ConnectionFailed",
     "Consumer",
     "Instance",
+    "NoAnswer",
     "Queue",
     "Stats",
+    "find_url",
 ]

@@ -7,6 +7,7 @@ line on stderr), 2 a usage error.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -18,13 +19,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from branchctl import render
-from branchctl.client import DEFAULT_URL, Client
-from branchctl.errors import ApiError
+from branchctl.client import DEFAULT_URL, Client, find_url
+from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -44,6 +46,8 @@ class Options:
     token: str | None
     timeout: float
     json: bool
+    #: The branchd.url file the URL was read from (None: given, or the default).
+    url_file: str | None = None
 
     def client(self) -> Client:
         return Client(self.url, self.token, self.timeout)
@@ -68,12 +72,23 @@ class _Root(click.Group):
         try:
             return super().invoke(ctx)
         except ApiError as exc:
-            raise Failed(" ".join(str(exc).split())) from exc
+            message = str(exc)
+            opts = ctx.find_object(Options)
+            if isinstance(exc, ConnectionFailed) and opts is not None and opts.url_file:
+                # A stale file (its daemon is gone) is the likely cause: say where it came from.
+                message += f" (URL read from {opts.url_file})"
+            raise Failed(" ".join(message.split())) from exc
 
 
 class _ListingGroup(click.Group):
     """A group that lists when called bare; a first word that names no
-    subcommand is taken as the argument of its 'list' subcommand."""
+    subcommand is taken as the argument of its 'list' subcommand.
+
+    A word close to a subcommand's name ('lst') that is no app either gets
+    click's own answer for a typo: "No such command 'lst'. Did you mean 'list'?".
+    Only the daemon knows the apps, so that is decided after asking it: an app
+    named 'shop' is still listed, not taken for a typo of 'show'.
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # The group's own options are flags, so the first non-option word is
@@ -83,9 +98,33 @@ class _ListingGroup(click.Group):
                 break
             if not arg.startswith("-"):
                 if arg not in self.commands:
+                    close = difflib.get_close_matches(arg, self.list_commands(ctx), n=1)
+                    if close:
+                        ctx.meta[_TYPO] = (arg, close[0])
                     args = [*args[:i], "list", *args[i:]]
                 break
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        typo: tuple[str, str] | None = ctx.meta.get(_TYPO)
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            if typo is None or exc.code != "not_found" or f"app {typo[0]!r}" not in exc.message:
+                raise
+            raise click.UsageError(_no_such_command(*typo), ctx) from None
+        except click.UsageError:
+            if typo is None:
+                raise
+            raise click.UsageError(_no_such_command(*typo), ctx) from None
+
+
+_TYPO = "branchctl.typo"
+
+
+def _no_such_command(word: str, close: str) -> str:
+    # click's own wording (click.exceptions.NoSuchCommand, not in every click we support)
+    return f"No such command {word!r}. Did you mean {close!r}?"
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -201,10 +240,10 @@ class ByteSize(_ParamType):
 @click.option(
     "--url",
     envvar="BRANCHD_URL",
-    default=DEFAULT_URL,
-    show_default=True,
     show_envvar=True,
-    help="The daemon's base URL.",
+    help="The daemon's base URL [default: the one the daemon wrote in its state dir, "
+    "$BRANCHD_STATE_DIR/branchd.url or ~/.local/state/branchd/branchd.url, "
+    f"else {DEFAULT_URL}].",
 )
 @click.option(
     "--token", envvar="BRANCHD_TOKEN", show_envvar=True, help="Bearer token of the branch."
@@ -222,13 +261,27 @@ class ByteSize(_ParamType):
     "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
 )
 @click.pass_context
-def main(ctx: click.Context, url: str, token: str | None, timeout: float, as_json: bool) -> None:
+def main(
+    ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
+) -> None:
     """Control a branchd daemon: its apps, their instances, their logs.
+
+    Without --url or BRANCHD_URL it finds a local daemon (any --bind, port
+    0 too) by the branchd.url file the daemon writes in its state dir.
 
     For Celery: apps carry the broker and worker settings, 'queues' declares
     an app's queues, 'consumers' and 'autoscale' change a running worker.
     """
-    ctx.obj = Options(url=url, token=token or None, timeout=timeout, json=as_json)
+    found: Path | None = None
+    if not url:
+        url, found = find_url(os.environ)
+    ctx.obj = Options(
+        url=url,
+        token=token or None,
+        timeout=timeout,
+        json=as_json,
+        url_file=None if found is None else str(found),
+    )
 
 
 @main.command(context_settings=CONTEXT)
@@ -865,33 +918,180 @@ def instances_show(opts: Options, app: str, name: str) -> None:
     _emit(opts, instance.raw, _instance_text(instance))
 
 
-def _action(action: str, doc: str) -> None:
-    @instances.command(action, help=doc, context_settings=CONTEXT)
-    @click.argument("app")
-    @click.argument("name")
-    @json_option
-    @pass_opts
-    def command(opts: Options, app: str, name: str) -> None:
-        with opts.client() as c:
-            method: Callable[[str, str], Instance] = getattr(c, action)
-            instance = method(app, name)
-        _emit(opts, instance.raw, _state_line(instance))
+#: Beyond an instance's own stopwaitsecs and startsecs: the daemon's SIGKILL
+#: grace (5 s) and the round trips of the polls.
+WAIT_GRACE = 10.0
+#: The polls of a wait start tight (most stops take well under a second) and
+#: back off to the cap.
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+#: States an instance passes through on its way to an outcome.
+_PASSING = ("stopping", "starting")
 
 
-_action("start", "Start instance NAME of APP.")
-_action("stop", "Stop instance NAME of APP (answers once it has stopped).")
-_action("restart", "Restart instance NAME of APP.")
+def no_wait_option(f: _F) -> _F:
+    return click.option(
+        "--no-wait", is_flag=True, help="Answer at once, without waiting for the outcome."
+    )(f)
+
+
+def _active_tasks(c: Client, i: Instance) -> int | None:
+    """The tasks a running celery worker has in hand: what its warm stop waits for."""
+    if i.kind != "celery" or i.state != "running":
+        return None
+    try:
+        stats = c.stats(i.app, i.name)
+    except ApiError:  # only a progress detail: the stop goes ahead without it
+        return None
+    count = _celery_summary(stats.celery).get("active_tasks") if stats.celery else None
+    return count if isinstance(count, int) else None
+
+
+def _progress(i: Instance, active: int | None) -> str:
+    line = f"{i.app}/{i.name}: {i.state}"
+    if i.pid is not None:
+        line += f" (pid {i.pid})"
+    if i.state == "stopping":
+        tasks = "" if active is None else f"{active} active task{'' if active == 1 else 's'}, "
+        line += f": {tasks}up to {i.stopwaitsecs:g}s (stopwaitsecs), then SIGKILL"
+    elif i.reason:
+        line += f": {i.reason}"
+    return line
+
+
+def _watch(
+    c: Client, first: Instance, passing: tuple[str, ...] | None, active: int | None = None
+) -> Instance | None:
+    """Poll the instance until its state leaves ``passing`` (None: until it is
+    gone, then None), with a line on stderr each time its state or reason
+    changes; bounded by its own stopwaitsecs and startsecs."""
+    limit = first.stopwaitsecs + (0 if passing is None else first.startsecs) + WAIT_GRACE
+    deadline = time.monotonic() + limit
+    pause = _POLL_FIRST
+    shown = None
+    i = first
+    while passing is None or i.state in passing:
+        line = _progress(i, active)
+        if line != shown:
+            click.echo(line, err=True)
+            shown = line
+        if time.monotonic() >= deadline:
+            raise Failed(
+                f"timeout: {i.app}/{i.name} is still {i.state} after {limit:g}s; branchd "
+                f"goes on with it (see 'branchctl instances show {i.app} {i.name}')"
+            )
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, _POLL_MAX)
+        try:
+            i = c.get_instance(first.app, first.name)
+        except ApiError as exc:
+            if passing is None and exc.code == "not_found":
+                return None
+            raise
+    return i
+
+
+def _started(opts: Options, i: Instance) -> None:
+    """Print the outcome of a start; exit 1 unless it runs."""
+    _emit(opts, i.raw, _state_line(i))
+    if i.state != "running":
+        reason = f": {i.reason}" if i.reason else ""
+        raise Failed(f"not_started: {i.app}/{i.name} is {i.state}{reason}")
+
+
+@instances.command("start", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Start instance NAME of APP and wait until it runs.
+
+    Exits 1 when it does not come up: in backoff (a failed start, to be
+    retried) or fatal (gave up), or stopped again. --no-wait answers at once
+    (usually 'starting'), exit 0.
+    """
+    with opts.client() as c:
+        i = c.start(app, name)
+        if no_wait:
+            _emit(opts, i.raw, _state_line(i))
+            return
+        done = _watch(c, i, _PASSING)
+    assert done is not None
+    _started(opts, done)
+
+
+@instances.command("stop", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Stop instance NAME of APP and wait until it has stopped.
+
+    A stop lasts up to the instance's stopwaitsecs (a celery worker first
+    finishes its tasks: 600 s by default), then SIGKILL; progress goes to
+    stderr. --no-wait answers at once (state 'stopping').
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.stop(app, name, wait=False)
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            done = _watch(c, c.stop(app, name, wait=False), ("stopping",), active)
+            assert done is not None
+            i = done
+    _emit(opts, i.raw, _state_line(i))
+
+
+@instances.command("restart", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Restart instance NAME of APP and wait until it runs again.
+
+    The stop lasts up to its stopwaitsecs (progress on stderr). Exits 1 when
+    it does not come up: in backoff (a failed start, to be retried) or fatal
+    (gave up). --no-wait answers at once (usually 'stopping'), exit 0.
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.restart(app, name, wait=False)
+            _emit(opts, i.raw, _state_line(i))
+            return
+        active = _active_tasks(c, c.get_instance(app, name))
+        done = _watch(c, c.restart(app, name, wait=False), _PASSING, active)
+    assert done is not None
+    _started(opts, done)
 
 
 @instances.command("remove", context_settings=CONTEXT)
 @click.argument("app")
 @click.argument("name")
+@no_wait_option
 @json_option
 @pass_opts
-def instances_remove(opts: Options, app: str, name: str) -> None:
-    """Remove instance NAME of APP (stopped first)."""
+def instances_remove(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Remove instance NAME of APP: stopped first (up to its stopwaitsecs), then forgotten.
+
+    --no-wait answers at once; branchd removes it once it has stopped.
+    """
     with opts.client() as c:
-        c.delete_instance(app, name)
+        if no_wait:
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None and i.state == "stopping":
+                _emit(opts, i.raw, f"removing instance {app}/{name} once it has stopped")
+                return
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None:
+                _watch(c, i, None, active)
     if not opts.json:
         click.echo(f"removed instance {app}/{name}")
 
@@ -1165,6 +1365,8 @@ def _autoscale_text(a: Autoscale) -> str:
     live = (
         "-" if not a.live else f"{render.cell(a.live.get('min'))} {render.cell(a.live.get('max'))}"
     )
+    if a.min is None or a.max is None:  # no range declared: a fixed pool size
+        return f"none: fixed concurrency (live: {live})"
     return f"{a.min} {a.max} (live: {live})"
 
 
@@ -1188,7 +1390,12 @@ def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -
     """Show the autoscale bounds of celery instance NAME of APP, or set them to MIN MAX.
 
     Prints 'MIN MAX (live: MIN MAX)', live being what the running worker
-    reports ('-' when it is not running). Setting applies without a restart.
+    reports ('-' when it is not running), or 'none: fixed concurrency'.
+    Setting applies without a restart to a worker started with a range; a
+    running worker started with a fixed concurrency refuses it (exit 1,
+    restart_required, nothing changed): declare a range with 'instances
+    update APP NAME --autoscale MIN,MAX' and restart it. A stopped worker
+    takes the range at its next start.
     """
     if len(bounds) not in (0, 2):
         raise click.UsageError("give both MIN and MAX, or neither")
@@ -1215,6 +1422,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl-C.")
 @click.option("--stderr", is_flag=True, help="The stderr log instead of stdout.")
+@json_option
 @pass_opts
 def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: bool) -> None:
     """Print the log of instance NAME of APP (plain text, even with --json)."""

@@ -7,21 +7,54 @@ import codecs
 import json
 import logging
 import os
+import types
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
-from branchctl.errors import ApiError, ConnectionFailed
+from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
 from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
-__all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
+__all__ = ["DEFAULT_URL", "AsyncClient", "Client", "find_url", "url_file"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8400"
+#: The file a daemon writes in its state dir, once it listens (handy with port 0).
+URL_FILE = "branchd.url"
+
+
+def url_file(env: Mapping[str, str]) -> Path:
+    """Where the daemon of this user writes its URL: ``<state dir>/branchd.url``.
+
+    The state dir rule copies the daemon's (branchd.config: ``BRANCHD_STATE_DIR``,
+    else ``$XDG_STATE_HOME/branchd``, else ``~/.local/state/branchd``), since
+    the client must not import branchd; keep the two in step.
+    """
+    state_dir = env.get("BRANCHD_STATE_DIR")
+    if not state_dir:
+        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "/tmp"), ".local", "state")
+        state_dir = os.path.join(base, "branchd")
+    return Path(state_dir).expanduser() / URL_FILE
+
+
+def find_url(env: Mapping[str, str]) -> tuple[str, Path | None]:
+    """The URL of the local daemon, and the file it was read from.
+
+    ``DEFAULT_URL`` (and None) when that file is missing, unreadable or empty:
+    a daemon that never wrote one listens where it does by default.
+    """
+    path = url_file(env)
+    try:
+        url = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return DEFAULT_URL, None
+    return (url, path) if url else (DEFAULT_URL, None)
+
 
 _T = TypeVar("_T")
 
@@ -48,6 +81,17 @@ def _bounds(value: AutoscaleIn) -> dict[str, int]:
         low, high = value
         return {"min": low, "max": high}
     return dict(value)
+
+
+async def _mark_sent(
+    session: aiohttp.ClientSession,
+    ctx: types.SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    # A timeout after this point is the daemon's silence, not the network's.
+    sent = ctx.trace_request_ctx
+    if isinstance(sent, dict):
+        sent["sent"] = True
 
 
 def _normalize_url(url: str) -> str:
@@ -97,14 +141,20 @@ class AsyncClient:
             headers = {"Accept": "application/json"}
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
+            trace = aiohttp.TraceConfig()
+            trace.on_request_headers_sent.append(_mark_sent)
             self._session = aiohttp.ClientSession(
-                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                trace_configs=[trace],
             )
         return self._session
 
-    def _failed(self, exc: BaseException) -> ConnectionFailed:
+    def _failed(self, exc: BaseException, sent: bool = False) -> ApiError:
         if isinstance(exc, TimeoutError):
-            return ConnectionFailed(self.url, f"no answer within {self.timeout:g}s", "timeout")
+            if sent:  # it got the request: slow, not unreachable
+                return NoAnswer(self.url, self.timeout)
+            return ConnectionFailed(self.url, f"no connection within {self.timeout:g}s", "timeout")
         if isinstance(exc, aiohttp.ClientConnectorError):
             err = exc.os_error
             if isinstance(err.errno, int) and err.errno > 0:  # "Connection refused"
@@ -124,14 +174,15 @@ class AsyncClient:
     ) -> tuple[int, bytes]:
         """Send one request; answer (status, body) of a 2xx, raise otherwise."""
         log.debug("%s %s", method, path)
+        sent = {"sent": False}  # set by _mark_sent once the request went out
         try:
             async with self._get_session().request(
-                method, self.url + path, json=body, params=params
+                method, self.url + path, json=body, params=params, trace_request_ctx=sent
             ) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._failed(exc) from exc
+            raise self._failed(exc, sent["sent"]) from exc
         if status >= 400:
             raise ApiError.from_body(status, data)
         return status, data
@@ -286,22 +337,43 @@ class AsyncClient:
         _, data = await self._json("PATCH", _instance_path(app, name), fields)
         return self._parse(Instance.from_json, data)
 
-    async def delete_instance(self, app: str, name: str) -> None:
-        await self._call("DELETE", _instance_path(app, name))
+    async def delete_instance(self, app: str, name: str, wait: bool = True) -> Instance | None:
+        """Stop and remove an instance; answers once it is gone (None).
 
-    async def _action(self, app: str, name: str, action: str) -> Instance:
-        _, data = await self._json("POST", f"{_instance_path(app, name)}/{action}")
+        With ``wait=False`` the daemon answers at once with the instance as it
+        is (still ``stopping``) and removes it once it has stopped.
+        """
+        params = None if wait else {"wait": "false"}
+        status, data = await self._call("DELETE", _instance_path(app, name), params=params)
+        if status == 204 or not data:
+            return None
+        try:
+            return self._parse(Instance.from_json, json.loads(data), status)
+        except ValueError:
+            raise ApiError(
+                status, "bad_response", "DELETE answered something other than JSON"
+            ) from None
+
+    async def _action(self, app: str, name: str, action: str, wait: bool = True) -> Instance:
+        params = None if wait else {"wait": "false"}
+        _, data = await self._json("POST", f"{_instance_path(app, name)}/{action}", params=params)
         return self._parse(Instance.from_json, data)
 
     async def start(self, app: str, name: str) -> Instance:
+        """Start an instance; answers at once (usually ``starting``)."""
         return await self._action(app, name, "start")
 
-    async def stop(self, app: str, name: str) -> Instance:
-        """Stop an instance; answers once it has stopped."""
-        return await self._action(app, name, "stop")
+    async def stop(self, app: str, name: str, wait: bool = True) -> Instance:
+        """Stop an instance; answers once it has stopped (``wait=False``: at once).
 
-    async def restart(self, app: str, name: str) -> Instance:
-        return await self._action(app, name, "restart")
+        A stop can last the instance's ``stopwaitsecs``: past the client's
+        timeout, use ``wait=False`` and poll ``get_instance``.
+        """
+        return await self._action(app, name, "stop", wait)
+
+    async def restart(self, app: str, name: str, wait: bool = True) -> Instance:
+        """Restart an instance; answers once the old process stopped (``wait=False``: at once)."""
+        return await self._action(app, name, "restart", wait)
 
     async def stats(self, app: str, name: str) -> Stats:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
@@ -523,17 +595,17 @@ class Client:
     def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
         return self._run(self._async.update_instance(app, name, **fields))
 
-    def delete_instance(self, app: str, name: str) -> None:
-        self._run(self._async.delete_instance(app, name))
+    def delete_instance(self, app: str, name: str, wait: bool = True) -> Instance | None:
+        return self._run(self._async.delete_instance(app, name, wait))
 
     def start(self, app: str, name: str) -> Instance:
         return self._run(self._async.start(app, name))
 
-    def stop(self, app: str, name: str) -> Instance:
-        return self._run(self._async.stop(app, name))
+    def stop(self, app: str, name: str, wait: bool = True) -> Instance:
+        return self._run(self._async.stop(app, name, wait))
 
-    def restart(self, app: str, name: str) -> Instance:
-        return self._run(self._async.restart(app, name))
+    def restart(self, app: str, name: str, wait: bool = True) -> Instance:
+        return self._run(self._async.restart(app, name, wait))
 
     def stats(self, app: str, name: str) -> Stats:
         return self._run(self._async.stats(app, name))

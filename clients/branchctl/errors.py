@@ -53,3 +53,20 @@ class ConnectionFailed(ApiError):
         super().__init__(0, code, f"cannot reach branchd at {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class NoAnswer(ApiError):
+    """The request reached the daemon but no answer came in time.
+
+    Not a connection failure: the daemon may still be working on it (a stop
+    waits for its instance's stopwaitsecs).
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        super().__init__(
+            0,
+            "timeout",
+            f"branchd at {url} did not answer within {timeout:g}s; it may still be working",
+        )
+        self.url = url
+        self.timeout = timeout

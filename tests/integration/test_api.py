@@ -225,6 +225,60 @@ def test_start_stop_restart_of_stopped_instance(api: Api) -> None:
     assert api.ok("POST", INST + "/start")["state"] == "running"  # already running: no-op
 
 
+#: Ignores SIGTERM: its stop lasts the whole stopwaitsecs, then SIGKILL.
+STUBBORN = [
+    PY,
+    "-c",
+    "import os, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('up', os.getpid(), flush=True)\n"
+    "time.sleep(1e9)",
+]
+
+
+def _ignoring_term(api: Api, name: str) -> None:
+    """Wait until the instance's current process ignores TERM (it said so)."""
+
+    def said_up() -> bool:
+        pid = api.b.wait_state("web", name, "running")["pid"]
+        tail = api.call("GET", f"/v1/apps/web/instances/{name}/logs?tail=1").text
+        return tail == f"up {pid}\n"
+
+    wait_for(said_up)
+
+
+def test_stop_restart_delete_without_waiting(api: Api) -> None:
+    make_app(api)
+    make_instance(api, "w1", command=STUBBORN, startsecs=0, stopwaitsecs=2)
+    _ignoring_term(api, "w1")
+    started = time.monotonic()
+    stopping = api.ok("POST", INST + "/stop?wait=false")
+    assert stopping["state"] == "stopping" and stopping["desired"] == "stopped"
+    assert time.monotonic() - started < 1.5  # not the 2 s of its stopwaitsecs
+    done = api.b.wait_state("web", "w1", "stopped")
+    assert done["stop_step"] == "kill"
+
+    api.ok("POST", INST + "/start")
+    _ignoring_term(api, "w1")
+    restarting = api.ok("POST", INST + "/restart?wait=0")
+    assert restarting["state"] == "stopping" and restarting["desired"] == "running"
+    _ignoring_term(api, "w1")
+    reply = api.call("DELETE", INST + "?wait=false")
+    assert reply.status == 202, reply.text
+    assert reply.body["state"] == "stopping" and reply.body["desired"] == "stopped"
+    # still there while it stops; a second delete is a conflict, a start too
+    assert api.ok("GET", INST)["state"] == "stopping"
+    api.err("DELETE", INST + "?wait=false", status=409, code="conflict")
+    api.err("POST", INST + "/start", status=409, code="conflict")
+    wait_for(lambda: api.call("GET", INST).status == 404)
+    # a bad flag is a 400 that names it
+    make_instance(api, "w2", autostart=False)
+    reply = api.err(
+        "POST", "/v1/apps/web/instances/w2/stop?wait=maybe", status=400, code="bad_request"
+    )
+    assert "wait" in reply.body["error"]["message"]
+
+
 def test_max_length_names_are_fine(api: Api) -> None:
     name = "a" * 63
     api.ok("PUT", f"/v1/apps/{name}", {}, status=201)
@@ -494,7 +548,12 @@ def test_bad_names_in_path_are_422(api: Api) -> None:
         body: Any = {} if method in ("PUT", "POST", "PATCH") else None
         if template.endswith("/instances") and method == "POST":
             body = {"command": SLEEPER}
-        api.err(method, template.format(bad), body, status=422, code="invalid")
+        reply = api.err(method, template.format(bad), body, status=422, code="invalid")
+        # The message says what the name is ("bad name name" once) and the rule.
+        what = "app" if template.startswith("/v1/apps/{}") else "instance"
+        message = reply.body["error"]["message"]
+        assert message.startswith(f"bad {what} name "), (method, template, message)
+        assert "use letters, digits" in message, message
     assert [a["name"] for a in api.ok("GET", "/v1/apps")["items"]] == ["web"]
     assert api.ok("GET", INST)["state"] == "stopped"
 
@@ -518,7 +577,8 @@ def test_bad_names_in_body_are_422(api: Api) -> None:
     make_app(api)
     for bad in BAD_BODY_NAMES:
         body = {"name": bad, "command": SLEEPER}
-        api.err("POST", "/v1/apps/web/instances", body, status=422, code="invalid")
+        reply = api.err("POST", "/v1/apps/web/instances", body, status=422, code="invalid")
+        assert "use letters, digits" in reply.body["error"]["message"], (bad, reply.text)
     assert api.ok("GET", "/v1/apps/web/instances") == {"items": []}
 
 

@@ -25,7 +25,7 @@ from branchd.celery.broker import BrokerSpec
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config
-from branchd.errors import Invalid
+from branchd.errors import Invalid, RestartRequired
 from branchd.model import Autoscale, State
 from branchd.process.fake import FakeLauncher
 from branchd.process.launcher import TreeStats
@@ -478,3 +478,41 @@ async def test_adopted_while_starting_that_never_answers_is_killed(
         assert pid not in rig.fake.running()
     finally:
         await m2.shutdown(keep=True)
+
+
+# Autoscale on a fixed-concurrency worker (issue 12, item 11) --------------------------
+
+
+async def test_autoscale_on_a_fixed_concurrency_worker_is_409_and_changes_nothing(
+    rig: Rig,
+) -> None:
+    node = rig.node("w1", queues=["celery"], concurrency=2)  # started without --autoscale
+    await rig.add("w1", concurrency=2)
+    await rig.wait_state("w1", State.RUNNING)
+    with pytest.raises(RestartRequired) as refused:
+        await rig.m.set_autoscale(APP, "w1", 1, 4)
+    assert refused.value.status == 409 and refused.value.code == "restart_required"
+    assert refused.value.message.startswith("fixed concurrency: ")
+    assert "restart it with an autoscale range" in refused.value.message
+    # nothing changed: not the worker, not the declaration (in memory or in SQLite)
+    assert node.autoscale is None and not rig.sent("autoscale")
+    view = await rig.view("w1")
+    assert (view.spec.concurrency, view.spec.autoscale) == (2, None)
+    stored = {s.name: s for s in rig.store.list_instances()}["w1"]
+    assert (stored.concurrency, stored.autoscale) == (2, None)
+    assert "--concurrency=2" in (await rig.view("w1")).command
+
+    # Celery's own refusal (a worker whose stats said otherwise) is the same answer.
+    node.scripts["stats"] = {"autoscaler": {"min": 1, "max": 2}}
+    with pytest.raises(RestartRequired):
+        await rig.m.set_autoscale(APP, "w1", 1, 4)
+    stored = {s.name: s for s in rig.store.list_instances()}["w1"]
+    assert (stored.concurrency, stored.autoscale) == (2, None)
+
+    # Stopped, the range is declared for the next start, which uses it.
+    await rig.m.stop_instance(APP, "w1")
+    answer = await rig.m.set_autoscale(APP, "w1", 1, 4)
+    assert answer == {"min": 1, "max": 4, "live": None}
+    view = await rig.view("w1")
+    assert (view.spec.concurrency, view.spec.autoscale) == (None, Autoscale(min=1, max=4))
+    assert "--autoscale=4,1" in view.command

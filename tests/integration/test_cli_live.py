@@ -12,7 +12,7 @@ import psutil
 from branchctl.cli import main
 from click.testing import CliRunner, Result
 
-from tests.conftest import Branchd
+from tests.conftest import Branchd, wait_for
 
 SLEEP = [sys.executable, "-c", "import time; print('hello', flush=True); time.sleep(1e9)"]
 
@@ -126,6 +126,12 @@ def test_errors_are_one_line_and_exit_codes(branchd: Branchd) -> None:
     assert r.exit_code == 2
     r = run(branchd, "nonsense")
     assert r.exit_code == 2
+    run(branchd, "apps", "add", "sv")
+    r = run(branchd, "instances", "stop", "sv", "worker_*")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("branchctl: invalid: bad instance name 'worker_*': use letters"), (
+        r.stderr
+    )
 
 
 def test_token(branchd_factory: Callable[..., Branchd]) -> None:
@@ -134,6 +140,54 @@ def test_token(branchd_factory: Callable[..., Branchd]) -> None:
     assert r.exit_code == 1 and "unauthorized" in r.stderr
     r = run(b, "apps", token="s3cret")
     assert r.exit_code == 0
+
+
+STUBBORN = [
+    sys.executable,
+    "-c",
+    "import os, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('up', os.getpid(), flush=True)\n"
+    "time.sleep(1e9)",
+]
+
+
+def test_a_stop_longer_than_the_http_timeout_is_waited_for(branchd: Branchd) -> None:
+    run(branchd, "apps", "add", "web")
+    args = ["--name", "stub", "--startsecs", "0", "--stopwaitsecs", "2.5", "--", *STUBBORN]
+    assert run(branchd, "instances", "add", "web", *args).exit_code == 0
+
+    def ignoring_term() -> bool:
+        pid = branchd.wait_state("web", "stub", "running")["pid"]
+        return run(branchd, "logs", "web", "stub", "-n", "1").output == f"up {pid}\n"
+
+    wait_for(ignoring_term)
+    # the HTTP timeout (1 s) is shorter than the stop (2.5 s, then SIGKILL)
+    r = run(branchd, "--timeout", "1", "instances", "stop", "web", "stub")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "web/stub: stopped\n"
+    assert "stopping (pid" in r.stderr and "up to 2.5s" in r.stderr
+    assert branchd.instance("web", "stub")["stop_step"] == "kill"
+    # a restart that cannot come up exits 1, and says why
+    r = run(branchd, "instances", "update", "web", "stub", "--", sys.executable, "-c", "exit(3)")
+    assert r.exit_code == 0, r.output
+    r = run(branchd, "instances", "update", "web", "stub", "--startsecs", "1")
+    assert r.exit_code == 0, r.output  # so that exit(3) is a failed start
+    r = run(branchd, "instances", "restart", "web", "stub")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.splitlines()[-1].startswith("branchctl: not_started: web/stub is backoff"), (
+        r.stderr
+    )
+    r = run(branchd, "--timeout", "1", "instances", "remove", "web", "stub")
+    assert (r.exit_code, r.stdout) == (0, "removed instance web/stub\n"), r.output
+
+
+def test_finds_a_daemon_on_port_0_by_its_state_dir(branchd: Branchd) -> None:
+    # The fixture's daemon listens on port 0; no --url, no BRANCHD_URL.
+    env = {"BRANCHD_URL": None, "BRANCHD_STATE_DIR": str(branchd.state_dir)}
+    r = CliRunner().invoke(main, ["--json", "branch"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["id"] == branchd.ok("GET", "/v1/branch")["id"]
 
 
 def test_daemon_down_is_a_clear_error() -> None:

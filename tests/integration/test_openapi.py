@@ -158,7 +158,17 @@ def test_answers_match_the_document(branchd: Branchd) -> None:
     assert v.call("POST", inst + "/stop").status == 200
     assert v.call("GET", inst + "/stats").status == 200
     assert v.call("POST", inst + "/start").status == 200
+    assert v.call("POST", inst + "/restart?wait=false").status == 200
+    assert v.call("POST", inst + "/stop?wait=false").status == 200
+    assert v.call("POST", inst + "/stop?wait=x").status == 400
+    branchd.wait_state("web", "w1", "stopped")
+    assert v.call("POST", inst + "/start").status == 200
     assert v.call("POST", inst).status == 405
+    assert v.call("DELETE", inst + "?wait=false").status == 202
+    wait_for(lambda: branchd.call("GET", inst).status == 404)
+    assert (
+        v.call("POST", "/v1/apps/web/instances", {"name": "w1", "command": SLEEPER}).status == 201
+    )
     assert v.call("DELETE", inst).status == 204
     for method, path in [
         ("GET", inst),

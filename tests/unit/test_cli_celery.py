@@ -308,7 +308,7 @@ class CeleryDaemon:
         return web.json_response(self._consumer_items(request.match_info["app"], instance))
 
     def _autoscale_json(self, instance: dict[str, Any]) -> dict[str, Any]:
-        bounds = instance["autoscale"] or {"min": 0, "max": 0}
+        bounds = instance["autoscale"] or {"min": None, "max": None}  # as branchd answers
         return {**bounds, "live": self.live.get(instance["name"])}
 
     async def _autoscale(self, request: web.Request) -> web.Response:
@@ -324,6 +324,8 @@ class CeleryDaemon:
         body = await request.json()
         if body["min"] > body["max"]:
             return _error(422, "invalid", "autoscale: min > max")
+        if instance.get("concurrency") is not None and instance["autoscale"] is None:
+            return _error(409, "restart_required", "fixed concurrency: restart it with a range")
         instance["autoscale"] = {"min": body["min"], "max": body["max"]}
         self.live[instance["name"]] = dict(instance["autoscale"])
         return web.json_response(self._autoscale_json(instance))
@@ -651,6 +653,18 @@ def test_autoscale_show_and_json(daemon: CeleryDaemon) -> None:
     daemon.live.pop("w1")
     assert ok(daemon, "autoscale", "shop", "w1").stdout == "2 8 (live: -)\n"
     assert ok(daemon, "autoscale", "shop", "w1", "0", "0").stdout == "0 0 (live: 0 0)\n"
+
+
+def test_autoscale_of_a_fixed_concurrency_worker(daemon: CeleryDaemon) -> None:
+    ok(daemon, "apps", "add", "shop")
+    ok(daemon, "instances", "add", "shop", "--name", "f1", "--concurrency", "2")
+    # no range: readable, never "None None"
+    assert ok(daemon, "autoscale", "shop", "f1").stdout == "none: fixed concurrency (live: -)\n"
+    result = run(daemon, "autoscale", "shop", "f1", "1", "4")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        "branchctl: restart_required: fixed concurrency: restart it with a range\n"
+    )
 
 
 def test_stats_json_and_instances_stats(daemon: CeleryDaemon) -> None:

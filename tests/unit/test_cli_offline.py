@@ -12,12 +12,15 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from aiohttp import web
+from branchctl import cli
 from branchctl.cli import main
-from branchctl.client import AsyncClient, Client
+from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import Instance
 from branchctl.render import duration, table
@@ -77,6 +80,10 @@ class FakeDaemon:
     apps: dict[str, dict[str, Any]] = field(default_factory=dict)
     instances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     url: str = ""
+    #: What an action answers, then what each later GET of that instance
+    #: answers (changes to apply, in order; None: it is gone). Key: (name, action).
+    scripts: dict[tuple[str, str], list[dict[str, Any] | None]] = field(default_factory=dict)
+    _pending: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.apps = {
@@ -131,6 +138,9 @@ class FakeDaemon:
         app.router.add_post("/v1/apps/{app}/instances", self._add)
         app.router.add_get("/v1/apps/{app}/instances/{name}", self._get)
         app.router.add_post("/v1/apps/{app}/instances/{name}/stop", self._stop)
+        for action in ("start", "restart"):
+            app.router.add_post(f"/v1/apps/{{app}}/instances/{{name}}/{action}", self._action)
+        app.router.add_delete("/v1/apps/{app}/instances/{name}", self._delete)
         app.router.add_get("/v1/apps/{app}/instances/{name}/logs", self._logs)
         app.router.add_get("/v1/proxy-error", self._proxy_error)
         return app
@@ -179,8 +189,32 @@ class FakeDaemon:
         app, name = request.match_info["app"], request.match_info["name"]
         return next((i for i in self.instances.get(app, []) if i["name"] == name), None)
 
+    def _play(self, request: web.Request, action: str) -> dict[str, Any] | None:
+        """Apply the first step of the action's script; queue the rest for the GETs."""
+        found = self._find(request)
+        assert found is not None
+        steps = list(self.scripts[(found["name"], action)])
+        found.update(steps.pop(0) or {})
+        self._pending[found["name"]] = steps
+        return found
+
+    async def _action(self, request: web.Request) -> web.Response:
+        return web.json_response(self._play(request, request.path.rpartition("/")[2]))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        found = self._play(request, "delete")
+        return web.json_response(found, status=202)
+
     async def _get(self, request: web.Request) -> web.Response:
         found = self._find(request)
+        steps = self._pending.get(request.match_info["name"])
+        if found is not None and steps:
+            step = steps.pop(0)
+            if step is None:
+                self.instances[found["app"]].remove(found)
+                found = None
+            else:
+                found.update(step)
         if found is None:
             return _error(404, "not_found", f"no instance {request.match_info['name']!r}")
         return web.json_response(found)
@@ -193,8 +227,12 @@ class FakeDaemon:
         return web.json_response(created, status=201)
 
     async def _stop(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] == "slow":  # answers after any short --timeout
+            await asyncio.sleep(1.0)
         found = self._find(request)
         assert found is not None
+        if (found["name"], "stop") in self.scripts:
+            return web.json_response(self._play(request, "stop"))
         found.update(state="stopped", pid=None, uptime=None, stop_step="signal")
         return web.json_response(found)
 
@@ -282,6 +320,65 @@ def test_connection_refused_is_exit_1_and_a_clear_line(closed_port: int) -> None
     assert result.stderr == (
         f"branchctl: connection_failed: cannot reach branchd at {url}: Connection refused\n"
     )
+
+
+def run_found(*args: str, **env: str | None) -> Result:
+    """branchctl with no --url and no BRANCHD_URL: it must find the daemon itself."""
+    environ: dict[str, str | None] = {
+        "BRANCHD_URL": None,
+        "BRANCHD_TOKEN": None,
+        "BRANCHD_STATE_DIR": None,
+        "XDG_STATE_HOME": None,
+        **env,
+    }
+    return CliRunner().invoke(main, list(args), env=environ)
+
+
+def test_finds_the_daemon_by_the_url_file_of_its_state_dir(
+    daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    (tmp_path / "branchd.url").write_text(daemon.url + "\n")
+    result = run_found("ping", BRANCHD_STATE_DIR=str(tmp_path))
+    assert (result.exit_code, result.stdout) == (0, "ok\n"), result.output
+    assert [s.path for s in daemon.seen] == ["/v1/ping"]
+
+
+def test_finds_the_daemon_in_the_default_state_dir(daemon: FakeDaemon, tmp_path: Path) -> None:
+    # The daemon's own default: $XDG_STATE_HOME/branchd, else ~/.local/state/branchd.
+    home_dir = tmp_path / "home" / ".local" / "state" / "branchd"
+    home_dir.mkdir(parents=True)
+    (home_dir / "branchd.url").write_text(daemon.url + "\n")
+    assert run_found("ping", HOME=str(tmp_path / "home")).exit_code == 0
+    xdg_dir = tmp_path / "xdg" / "branchd"
+    xdg_dir.mkdir(parents=True)
+    (xdg_dir / "branchd.url").write_text(daemon.url + "\n")
+    assert (
+        run_found("ping", HOME="/nonexistent", XDG_STATE_HOME=str(tmp_path / "xdg")).exit_code == 0
+    )
+    assert len(daemon.seen) == 2
+
+
+def test_url_option_and_variable_win_over_the_url_file(
+    daemon: FakeDaemon, tmp_path: Path, closed_port: int
+) -> None:
+    (tmp_path / "branchd.url").write_text(f"http://127.0.0.1:{closed_port}\n")
+    env = {"BRANCHD_STATE_DIR": str(tmp_path)}
+    assert run_found("--url", daemon.url, "ping", **env).exit_code == 0
+    assert run_found("ping", BRANCHD_URL=daemon.url, **env).exit_code == 0
+    # the stale file is named, so that the user knows where that URL came from
+    stale = run_found("ping", **env)
+    assert stale.exit_code == 1
+    assert stale.stderr == (
+        f"branchctl: connection_failed: cannot reach branchd at http://127.0.0.1:{closed_port}: "
+        f"Connection refused (URL read from {tmp_path / 'branchd.url'})\n"
+    )
+
+
+def test_no_url_file_means_the_default_url(tmp_path: Path) -> None:
+    assert find_url({"BRANCHD_STATE_DIR": str(tmp_path)}) == (DEFAULT_URL, None)
+    (tmp_path / "branchd.url").write_text("\n")
+    assert find_url({"BRANCHD_STATE_DIR": str(tmp_path)}) == (DEFAULT_URL, None)
+    assert find_url({"HOME": str(tmp_path / "nobody")}) == (DEFAULT_URL, None)
 
 
 @pytest.mark.parametrize(
@@ -377,10 +474,11 @@ def test_stop_prints_the_state(daemon: FakeDaemon) -> None:
     result = run(daemon, "instances", "stop", "web", "w1")
     assert result.exit_code == 0, result.output
     assert result.stdout == "web/w1: stopped\n"
-    assert (daemon.seen[0].method, daemon.seen[0].path) == (
-        "POST",
-        "/v1/apps/web/instances/w1/stop",
-    )
+    # the instance first (its stopwaitsecs bounds the wait), then the stop
+    assert [(s.method, s.path) for s in daemon.seen] == [
+        ("GET", "/v1/apps/web/instances/w1"),
+        ("POST", "/v1/apps/web/instances/w1/stop"),
+    ]
 
 
 def test_logs(daemon: FakeDaemon) -> None:
@@ -447,3 +545,167 @@ def test_duration(seconds: float | None, text: str) -> None:
 
 def test_table_pads_columns_and_strips_trailing_blanks() -> None:
     assert table(("A", "LONG"), [("xyz", None), ("", "1")]) == "A    LONG\nxyz  -\n     1"
+
+
+# -- --json and typos (issue 12, item 14) ----------------------------------------
+
+
+def _leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaves(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_takes_json_after_it() -> None:
+    leaves = list(_leaves(main))
+    assert ("logs",) in leaves and ("instances", "restart") in leaves
+    for path in leaves:
+        if path == ("celery",):  # every word after APP is Celery's (its inspect has --json)
+            continue
+        command = main
+        for word in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[word]  # type: ignore[assignment]
+        opts = {o for p in command.params for o in p.opts}
+        assert "--json" in opts, path
+
+
+def test_json_after_the_subcommand(daemon: FakeDaemon) -> None:
+    result = run(daemon, "instances", "show", "web", "w1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "w1"
+    # logs prints the log as it is, with or without --json, wherever it is given
+    assert run(daemon, "logs", "web", "w1", "--json").stdout == "stdout 1\nstdout 2\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "close"),
+    [
+        (["instances", "lst"], "list"),
+        (["instances", "shwo", "web", "w1"], "show"),
+        (["instances", "stpo", "web", "w1"], "stop"),
+        (["apps", "lst"], "list"),
+        (["apps", "shw", "web"], "show"),
+    ],
+)
+def test_a_typo_in_a_group_suggests_the_command(
+    daemon: FakeDaemon, args: list[str], close: str
+) -> None:
+    result = run(daemon, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.endswith(f"Error: No such command {args[1]!r}. Did you mean {close!r}?\n")
+    assert "no app" not in result.stderr
+
+
+def test_an_app_named_like_a_typo_is_still_listed(daemon: FakeDaemon) -> None:
+    daemon.instances["shop"] = [instance_json("shop", "s1")]  # 'shop' is close to 'show'
+    result = run(daemon, "instances", "shop")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].split()[:2] == ["shop", "s1"]
+    # and a word close to nothing is still an app that does not exist
+    result = run(daemon, "instances", "ghost")
+    assert (result.exit_code, result.stderr) == (1, "branchctl: not_found: no app 'ghost'\n")
+
+
+# -- waiting for stops and starts (issue 12, items 10 and 14) ----------------------
+
+RUNNING = {"state": "running", "pid": 4242, "reason": None}
+STOPPING = {"state": "stopping", "pid": 4242}
+STOPPED = {"state": "stopped", "pid": None, "stop_step": "signal"}
+
+
+def test_stop_waits_for_the_stop_and_shows_what_it_waits_for(daemon: FakeDaemon) -> None:
+    daemon.scripts[("w1", "stop")] = [STOPPING, STOPPING, STOPPING, STOPPED]
+    result = run(daemon, "instances", "stop", "web", "w1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "web/w1: stopped\n"
+    # one line per change, not one per poll
+    assert result.stderr == (
+        "web/w1: stopping (pid 4242): up to 10s (stopwaitsecs), then SIGKILL\n"
+    )
+    stops = [s for s in daemon.seen if s.path.endswith("/stop")]
+    assert [(s.method, s.query) for s in stops] == [("POST", {"wait": "false"})]
+    assert [s.path for s in daemon.seen].count("/v1/apps/web/instances/w1") == 1 + 3
+
+
+def test_stop_no_wait_answers_at_once(daemon: FakeDaemon) -> None:
+    daemon.scripts[("w1", "stop")] = [STOPPING, STOPPED]
+    result = run(daemon, "instances", "stop", "web", "w1", "--no-wait")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        0,
+        "web/w1: stopping (pid 4242)\n",
+        "",
+    )
+    assert [(s.method, s.path) for s in daemon.seen] == [("POST", "/v1/apps/web/instances/w1/stop")]
+
+
+def test_a_stop_longer_than_its_stopwaitsecs_is_a_timeout_not_a_connection_error(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "WAIT_GRACE", 0.0)
+    fast = {**STOPPING, "stopwaitsecs": 0.2, "startsecs": 0}
+    daemon.scripts[("w1", "stop")] = [fast] + [{}] * 1000
+    result = run(daemon, "instances", "stop", "web", "w1")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "branchctl: timeout: web/w1 is still stopping after 0.2s; branchd goes on with it "
+        "(see 'branchctl instances show web w1')"
+    )
+    assert "cannot reach" not in result.stderr
+
+
+def test_no_answer_in_time_is_not_blamed_on_the_connection(daemon: FakeDaemon) -> None:
+    daemon.instances["web"].append(instance_json("web", "slow"))
+    result = run(daemon, "--timeout", "0.2", "instances", "stop", "web", "slow", "--no-wait")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"branchctl: timeout: branchd at {daemon.url} did not answer within 0.2s; "
+        "it may still be working\n"
+    )
+
+
+@pytest.mark.parametrize("action", ["start", "restart"])
+@pytest.mark.parametrize(
+    ("end", "code", "last"),
+    [
+        (RUNNING, 0, None),
+        (
+            {"state": "backoff", "pid": None, "reason": "exited too quickly (code 1)"},
+            1,
+            "branchctl: not_started: web/w1 is backoff: exited too quickly (code 1)",
+        ),
+        (
+            {"state": "fatal", "pid": None, "reason": "gave up after 3 failed start(s)"},
+            1,
+            "branchctl: not_started: web/w1 is fatal: gave up after 3 failed start(s)",
+        ),
+    ],
+)
+def test_start_and_restart_wait_for_the_outcome(
+    daemon: FakeDaemon, action: str, end: dict[str, Any], code: int, last: str | None
+) -> None:
+    starting = {"state": "starting", "pid": 4343}
+    first = STOPPING if action == "restart" else starting
+    daemon.scripts[("w1", action)] = [first, starting, starting, end]
+    result = run(daemon, "instances", action, "web", "w1")
+    assert result.exit_code == code, result.output
+    assert result.stdout.startswith(f"web/w1: {end['state']}")
+    lines = result.stderr.splitlines()
+    assert "web/w1: starting (pid 4343)" in lines
+    assert lines[-1:] == ([last] if last else ["web/w1: starting (pid 4343)"])
+    # --no-wait: exit 0 whatever comes next
+    daemon.scripts[("w1", action)] = [first, end]
+    assert run(daemon, "instances", action, "web", "w1", "--no-wait").exit_code == 0
+
+
+def test_remove_waits_until_it_is_gone(daemon: FakeDaemon) -> None:
+    daemon.scripts[("w1", "delete")] = [STOPPING, STOPPING, None]
+    result = run(daemon, "instances", "remove", "web", "w1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "removed instance web/w1\n"
+    assert result.stderr.startswith("web/w1: stopping (pid 4242)")
+    deletes = [s for s in daemon.seen if s.method == "DELETE"]
+    assert [s.query for s in deletes] == [{"wait": "false"}]
+    assert run(daemon, "instances", "show", "web", "w1").exit_code == 1
