@@ -74,6 +74,7 @@ class Daemon:
                     max_body=cfg.max_body,
                     started_at=SystemClock().wall(),
                     address=f"{cfg.host}:{cfg.port}",
+                    on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
                 shutdown_timeout=2.0,

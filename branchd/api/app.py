@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from branchd.api import openapi
 from branchd.api.backend import Backend
-from branchd.api.routes import ADDRESS, BACKEND, OPENAPI, ROUTES, STARTED_AT, Handler, not_found
+from branchd.api.routes import (
+    ADDRESS,
+    BACKEND,
+    EXIT,
+    OPENAPI,
+    ROUTES,
+    STARTED_AT,
+    Handler,
+    not_found,
+)
 from branchd.errors import BranchdError
 
 log = logging.getLogger(__name__)
@@ -74,7 +84,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def make_app(
-    backend: Backend, *, token: str | None, max_body: int, started_at: float, address: str
+    backend: Backend,
+    *,
+    token: str | None,
+    max_body: int,
+    started_at: float,
+    address: str,
+    on_exit: Callable[[bool], None] | None = None,
 ) -> web.Application:
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware], client_max_size=max_body
@@ -84,6 +100,8 @@ def make_app(
     app[ADDRESS] = address
     if token:
         app[TOKEN] = token
+    if on_exit is not None:
+        app[EXIT] = on_exit
     doc: dict[str, Any] = openapi.build(ROUTES)
     app[OPENAPI] = doc
     for route in ROUTES:

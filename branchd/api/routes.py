@@ -18,7 +18,7 @@ from aiohttp import web
 from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
-from branchd.errors import BadRequest, Invalid, NotFound
+from branchd.errors import BadRequest, Conflict, Invalid, NotFound
 from branchd.model import NAME_PATTERN, NAME_RE, NAME_RULE, App, valid_name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -27,6 +27,8 @@ BACKEND = web.AppKey("backend", Backend)
 STARTED_AT = web.AppKey("started_at", float)
 ADDRESS = web.AppKey("address", str)
 OPENAPI = web.AppKey("openapi", dict)
+#: Asks the daemon to exit; True: leave the instances running (an upgrade).
+EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
 
 MAX_TAIL = 10_000
 #: How often a follow=1 answer checks that its client is still there.
@@ -162,6 +164,17 @@ async def get_branch(request: web.Request) -> web.Response:
 
 async def list_branches(request: web.Request) -> web.Response:
     return _json({"items": [branch_info(request)]})
+
+
+async def daemon_exit(request: web.Request) -> web.Response:
+    body = await _body(request, schemas.EXIT_IN)
+    keep = bool(body.get("keep", False))
+    on_exit = request.app.get(EXIT)
+    if on_exit is None:
+        raise Conflict("this server cannot be told to exit")
+    # After this answer is on its way: the exit closes the listener.
+    asyncio.get_running_loop().call_soon(on_exit, keep)
+    return _json({"exiting": True, "keep": keep}, status=202)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -418,6 +431,16 @@ ROUTES: tuple[Route, ...] = (
         response=schemas.items(schemas.BRANCH),
     ),
     Route("GET", "/v1/openapi.json", openapi, "This document", response={"type": "object"}),
+    Route(
+        "POST",
+        "/v1/daemon/exit",
+        daemon_exit,
+        "Exit the daemon: stop every instance first, or with keep leave them running "
+        "for the next branchd to adopt (an upgrade)",
+        ok=202,
+        response=schemas.EXITING,
+        body=schemas.EXIT_IN,
+    ),
     Route("GET", "/v1/apps", list_apps, "List apps", response=schemas.items(schemas.APP)),
     Route(
         "PUT",

@@ -324,6 +324,18 @@ BRANCH: Schema = {
 
 EMPTY: Schema = {"type": "object", "additionalProperties": False}
 
+EXIT_IN: Schema = {
+    "type": "object",
+    "properties": {"keep": {"type": "boolean", "description": "leave the instances running"}},
+    "additionalProperties": False,
+}
+
+EXITING: Schema = {
+    "type": "object",
+    "required": ["exiting", "keep"],
+    "properties": {"exiting": {"type": "boolean"}, "keep": {"type": "boolean"}},
+}
+
 PING: Schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
 
 ERROR: Schema = {

@@ -349,6 +349,32 @@ def branches(opts: Options) -> None:
     )
 
 
+@main.group(context_settings=CONTEXT)
+def daemon() -> None:
+    """The daemon itself."""
+
+
+@daemon.command("exit", context_settings=CONTEXT)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave every instance running; the next branchd on this state dir adopts them "
+    "(an upgrade). Without it, every instance is stopped first.",
+)
+@json_option
+@pass_opts
+def daemon_exit(opts: Options, keep: bool) -> None:
+    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
+    with opts.client() as c:
+        c.exit_daemon(keep)
+    _emit(
+        opts,
+        {"exiting": True, "keep": keep},
+        "branchd exits; its instances keep running" if keep else
+        "branchd stops its instances, then exits",
+    )
+
+
 # -- apps -------------------------------------------------------------------
 
 

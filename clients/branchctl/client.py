@@ -225,6 +225,11 @@ class AsyncClient:
         _, data = await self._json("GET", "/v1/branches")
         return self._items(Branch.from_json, data)
 
+    async def exit_daemon(self, keep: bool = False) -> None:
+        """Make the daemon exit: it first stops every instance, or with ``keep``
+        leaves them running for the next branchd to adopt (an upgrade)."""
+        await self._json("POST", "/v1/daemon/exit", {"keep": keep})
+
     # -- apps ----------------------------------------------------------------
 
     async def apps(self) -> list[App]:
@@ -534,6 +539,9 @@ class Client:
 
     def branches(self) -> list[Branch]:
         return self._run(self._async.branches())
+
+    def exit_daemon(self, keep: bool = False) -> None:
+        self._run(self._async.exit_daemon(keep))
 
     def apps(self) -> list[App]:
         return self._run(self._async.apps())

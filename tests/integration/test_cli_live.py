@@ -210,3 +210,25 @@ def test_help_everywhere() -> None:
     ):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0 and "Usage" in r.output, args
+
+
+def test_daemon_exit_keep_then_a_new_daemon_adopts(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    assert run(b, "apps", "add", "web").exit_code == 0
+    r = run(b, "instances", "add", "web", "--name", "s", "--startsecs", "0", "--", *SLEEP)
+    assert r.exit_code == 0, r.output
+    pid = b.wait_state("web", "s", "running")["pid"]
+    r = run(b, "daemon", "exit", "--keep")
+    assert r.exit_code == 0, r.output
+    assert "instances keep running" in r.output
+    assert b.wait_exit() == 0  # not a failure, for systemd's Restart= too
+    assert psutil.pid_exists(pid)
+    again = branchd_factory(state_dir=b.state_dir)
+    inst = again.wait_state("web", "s", "running")
+    assert inst["pid"] == pid  # adopted, not started twice
+    # without --keep, the instances are stopped first
+    assert run(again, "daemon", "exit").exit_code == 0
+    assert again.wait_exit() == 0
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
