@@ -20,6 +20,15 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.brokers import redis_db_session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_test_db() -> Iterator[None]:
+    """The suite's Redis database is emptied when the last test session ends."""
+    with redis_db_session():
+        yield
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll until predicate() is truthy; fail the test at the deadline."""
