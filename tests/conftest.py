@@ -122,15 +122,20 @@ def _reply(status: int, raw: bytes, headers: dict[str, str]) -> Reply:
 
 
 def start_branchd(
-    state_dir: Path, *args: str, env: dict[str, str] | None = None, token: str | None = None
+    state_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    token: str | None = None,
+    python: str | None = None,
 ) -> Branchd:
+    """A daemon on port 0; ``python`` is the interpreter to run it (another venv's)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     url_file = state_dir / "branchd.url"
     url_file.unlink(missing_ok=True)
     log_path = state_dir / f"daemon-{time.monotonic_ns()}.log"
     full_env = {**os.environ, **(env or {})}
     cmd = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "branchd",
         "--state-dir",
