@@ -61,6 +61,12 @@ class BrokerSpec:
     def is_filesystem(self) -> bool:
         return self.url.startswith("filesystem:")
 
+    @property
+    def transport(self) -> str:
+        """kombu's name for the URL's transport (its scheme; kombu's default is amqp)."""
+        scheme, sep, _ = self.url.partition("://")
+        return scheme if sep else "amqp"
+
     def redacted(self) -> str:
         """The URL without its password, for logs and errors."""
         scheme, sep, rest = self.url.partition("://")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from branchd.celery.broker import BrokerSpec, clear_node_leftovers, prune_dead_fanout
-from branchd.errors import BranchdError, BrokerUnavailable, NotFound
+from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process.celery_ops import (
     CeleryOps,
@@ -214,7 +214,13 @@ class Workers:
                     return
                 if failure is not None:
                     if loop.time() - began > unreachable_after:
-                        self._host.feed(name, Hung(f"cannot reach the broker: {failure.message}"))
+                        # a transport we cannot load is no outage: say what it is
+                        why = (
+                            "cannot use the broker"
+                            if isinstance(failure, BrokerMisconfigured)
+                            else "cannot reach the broker"
+                        )
+                        self._host.feed(name, Hung(f"{why}: {failure.message}"))
                         return
                     await asyncio.sleep(0.25)
         finally:
