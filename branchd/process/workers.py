@@ -21,6 +21,7 @@ from branchd.process.celery_ops import (
     CeleryOps,
     Worker,
     broker_for,
+    check_broker,
     command_for,
     effective_autoscale,
     env_for,
@@ -72,6 +73,7 @@ class Workers:
         self._started: dict[str, Worker] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._silent: set[str] = set()
+        self._prune_failures: dict[BrokerSpec, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     # worker identity ----------------------------------------------------------
@@ -116,6 +118,7 @@ class Workers:
         app = self._host.app(spec.app)
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
+        check_broker(app)
         w = Worker(node_name(spec.name, self._hostname), self.broker(app))
         argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app))
         self._started[spec.name] = w
@@ -352,9 +355,16 @@ class Workers:
             nodes = by_broker.setdefault(self.broker(app), [])
             if proc is not None and proc.pid is not None:
                 nodes.append(self.node(spec))
+        # Each broker on its own: one that fails must not stop the others.
         for broker, nodes in by_broker.items():
             try:
                 # File locks shared with the workers: off the event loop.
                 await asyncio.to_thread(prune_dead_fanout, broker, nodes)
-            except OSError:
-                log.warning("cannot prune the embedded broker", exc_info=True)
+            except Exception as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                if self._prune_failures.get(broker) != cause:  # said once per cause
+                    log.warning("cannot prune dead nodes on %s: %s", broker.redacted(), cause)
+                self._prune_failures[broker] = cause
+            else:
+                if self._prune_failures.pop(broker, None) is not None:
+                    log.info("pruning dead nodes on %s works again", broker.redacted())
