@@ -111,3 +111,17 @@ def test_hung_worker_is_killed_and_restarted_with_the_reason() -> None:
     p, cmds = step(p, Exited(-9), CELERY, 100.1)
     assert p.state == State.STARTING and cmds == [Reap(), Spawn()]
     assert p.reason == "no ping answer for 60s" and p.restarts == 1
+
+
+def test_a_crash_at_start_gives_its_last_stderr_line_in_the_reason() -> None:
+    p, _ = step(Proc(), Start(), POLICY, 0.0)
+    p, _ = step(p, Spawned(42), POLICY, 0.0)
+    line = "ModuleNotFoundError: No module named 'shop'"
+    p, _ = step(p, Exited(2, line), POLICY, 0.1)
+    assert p.state == State.BACKOFF
+    assert p.reason == f"exited too quickly (code 2): {line}"
+    # a clean exit, or an exit while running, keeps the plain reason
+    p, _ = step(p, Timeout(), POLICY, 10.0)
+    p, _ = step(p, Spawned(43), POLICY, 10.0)
+    p, _ = step(p, Exited(0, "bye"), POLICY, 10.1)
+    assert p.reason == "exited too quickly (code 0)"
