@@ -101,3 +101,11 @@ class BrokerUnavailable(BranchdError):
 
     code = "broker_unavailable"
     status = 503
+
+
+class BrokerMisconfigured(BrokerUnavailable):
+    """The broker cannot be used at all from here: its transport does not load
+    (a missing library). A configuration error, not an outage: retrying
+    cannot help until the installation is fixed, and the message says so."""
+
+    code = "broker_misconfigured"

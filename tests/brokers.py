@@ -1,17 +1,43 @@
-"""The real brokers the tests use, and the rule for a missing one: skip
-locally, fail under CI=true (CI must never skip a broker test silently)."""
+"""The real brokers the tests use, the rule for a missing one (skip locally,
+fail under CI=true: CI must never skip a broker test silently), and the
+cleanup that leaves nothing of ours on them.
+
+The brokers are shared with other programs (and other test runs), so:
+
+- Redis: the suite uses a database of its own (13), never 0. Tests delete
+  what they can name; whatever else lands there (kombu's binding sets, lists
+  of queues whose names a test never learns) goes with a FLUSHDB when the
+  last test session on this machine ends (:func:`redis_db_session`): the
+  database is the suite's alone, so that deletes nothing of anyone else's.
+- RabbitMQ has no private corner on a shared vhost: a test deletes the
+  queues and exchanges it named (:func:`delete_amqp`). Celery's shared names
+  (the ``celery`` default queue and exchange) are deleted only if unused and
+  empty, so that a concurrent run is never robbed of its queue.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from kombu import connection as kombu_connection
 
 AMQP_URL = os.environ.get("BRANCHD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("BRANCHD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+#: db 13: the suite's own database (see the module docstring); never 0.
+REDIS_URL = os.environ.get("BRANCHD_TEST_REDIS", "redis://127.0.0.1:6379/13")
 Connection: Any = kombu_connection.Connection  # kombu is only partly annotated
+
+#: Celery's default queue and exchange: shared names, deleted only if unused and empty.
+CELERY_DEFAULT = "celery"
+#: Held shared by every running test session; the last one out flushes the Redis db.
+_SESSION_LOCK = Path(tempfile.gettempdir()) / "branchd-tests-redis-db.lock"
 
 
 def unreachable(what: str) -> None:
@@ -29,3 +55,62 @@ def reachable(url: str) -> bool:
         return False
     finally:
         conn.release()
+
+
+def delete_amqp(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+    """Delete the named queues and exchanges on a RabbitMQ broker (missing ones are fine)."""
+    conn: Any = Connection(url, connect_timeout=2)
+    try:
+        channel = conn.channel()
+        for kind, name in [("queue", q) for q in queues] + [("exchange", e) for e in exchanges]:
+            shared = name == CELERY_DEFAULT
+            try:
+                if kind == "queue":
+                    channel.queue_delete(name, if_unused=shared, if_empty=shared)
+                else:
+                    channel.exchange_delete(name, if_unused=shared)
+            except Exception:
+                # a refused delete (in use) closes the channel: go on with a new one
+                with contextlib.suppress(Exception):
+                    channel.close()
+                channel = conn.channel()
+    except Exception:
+        pass  # the broker is gone: nothing to clean that we can reach
+    finally:
+        conn.release()
+
+
+def flush_redis_db(url: str = REDIS_URL) -> None:
+    """FLUSHDB of the suite's Redis database (refused for db 0, anyone's default)."""
+    client: Any = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    if int(db) == 0:
+        raise ValueError(f"{url}: the tests never flush Redis db 0")
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError:
+        pass  # no Redis, nothing to clean
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def redis_db_session() -> Iterator[None]:
+    """Around a whole test session: the last session to end empties the Redis db.
+
+    Each session holds a shared lock; at its end it asks for the exclusive
+    lock without waiting, which it gets only if no other session runs (one
+    still running will flush when it ends). A session that starts meanwhile
+    waits for the flush to finish.
+    """
+    with open(_SESSION_LOCK, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                flush_redis_db()

@@ -20,6 +20,15 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.brokers import redis_db_session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_test_db() -> Iterator[None]:
+    """The suite's Redis database is emptied when the last test session ends."""
+    with redis_db_session():
+        yield
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll until predicate() is truthy; fail the test at the deadline."""
@@ -113,15 +122,20 @@ def _reply(status: int, raw: bytes, headers: dict[str, str]) -> Reply:
 
 
 def start_branchd(
-    state_dir: Path, *args: str, env: dict[str, str] | None = None, token: str | None = None
+    state_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    token: str | None = None,
+    python: str | None = None,
 ) -> Branchd:
+    """A daemon on port 0; ``python`` is the interpreter to run it (another venv's)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     url_file = state_dir / "branchd.url"
     url_file.unlink(missing_ok=True)
     log_path = state_dir / f"daemon-{time.monotonic_ns()}.log"
     full_env = {**os.environ, **(env or {})}
     cmd = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "branchd",
         "--state-dir",

@@ -36,13 +36,15 @@ from kombu import entity as _entity
 from kombu import messaging as _messaging
 from kombu.exceptions import OperationalError
 
-from branchd.celery import fs_transport
+from branchd.celery import fs_transport, outage
 from branchd.celery.broker import CONTROL_EXCHANGE, REPLY_EXCHANGE, BrokerSpec
 from branchd.celery.stub import StubRemoteControl
-from branchd.errors import BrokerUnavailable
+from branchd.errors import BrokerMisconfigured, BrokerUnavailable
 
 __all__ = [
+    "BrokerMisconfigured",
     "BrokerUnavailable",
+    "ConnectionFactory",
     "KombuRemoteControl",
     "RemoteControl",
     "StubRemoteControl",
@@ -59,6 +61,37 @@ Exchange: Any = _entity.Exchange
 Queue: Any = _entity.Queue
 
 Reply = dict[str, Any]
+
+#: Builds a (not yet connected) kombu connection to a broker; ``connect_timeout``
+#: in seconds. A seam: tests inject failures (a transport that does not load).
+ConnectionFactory = Callable[[BrokerSpec, float], Any]
+
+
+def kombu_connection(spec: BrokerSpec, connect_timeout: float) -> Any:
+    """The real connection factory (raises ImportError if the transport does not load)."""
+    return Connection(
+        spec.url,
+        transport=fs_transport.Transport if spec.is_filesystem else None,
+        transport_options=dict(spec.transport_options),
+        connect_timeout=connect_timeout,
+    )
+
+
+def describe_failure(spec: BrokerSpec, exc: BaseException) -> str:
+    """Why a connection to ``spec`` failed, in a few words and without its password.
+
+    A transport that cannot be imported is a broken installation, not a broker
+    that cannot be reached: say which transport and what is missing.
+    """
+    if isinstance(exc, ImportError):
+        return f"the {spec.transport} transport cannot be loaded: {_describe(exc)}"
+    return _describe(exc)
+
+
+def failure_error(spec: BrokerSpec, exc: BaseException, prefix: str) -> BrokerUnavailable:
+    """The error to raise for ``exc``: BrokerMisconfigured for a transport that does not load."""
+    cls = BrokerMisconfigured if isinstance(exc, ImportError) else BrokerUnavailable
+    return cls(f"{prefix}: {describe_failure(spec, exc)}")
 
 
 class RemoteControl(Protocol):
@@ -127,10 +160,12 @@ class KombuRemoteControl:
         connect_timeout: float = 2.0,
         backoff_max: float = 2.0,
         close_timeout: float = 3.0,
+        connection_factory: ConnectionFactory = kombu_connection,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._backoff_max = backoff_max
         self._close_timeout = close_timeout
+        self._connection_factory = connection_factory
         self._links: dict[BrokerSpec, _BrokerLink] = {}
         self._closed = False
 
@@ -140,7 +175,11 @@ class KombuRemoteControl:
         link = self._links.get(broker)
         if link is None:
             link = _BrokerLink(
-                broker, asyncio.get_running_loop(), self._connect_timeout, self._backoff_max
+                broker,
+                asyncio.get_running_loop(),
+                self._connect_timeout,
+                self._backoff_max,
+                self._connection_factory,
             )
             self._links[broker] = link
             link.start()
@@ -165,6 +204,11 @@ class KombuRemoteControl:
     ) -> None:
         await self._link(broker).cast(node, command, arguments, self._connect_timeout)
 
+    def health(self, broker: BrokerSpec) -> outage.Outage | None:
+        """How the reply queue on ``broker`` fares (None: never used); a snapshot."""
+        link = self._links.get(broker)
+        return link.outage if link else None
+
     async def close(self) -> None:
         self._closed = True
         links, self._links = list(self._links.values()), {}
@@ -186,6 +230,7 @@ class _BrokerLink:
         loop: asyncio.AbstractEventLoop,
         connect_timeout: float,
         backoff_max: float,
+        connection_factory: ConnectionFactory = kombu_connection,
     ) -> None:
         self.spec = spec
         self.loop = loop
@@ -201,6 +246,7 @@ class _BrokerLink:
         )
         self._connect_timeout = connect_timeout
         self._backoff_max = backoff_max
+        self._connection_factory = connection_factory
         self._pending: dict[str, tuple[str, asyncio.Future[Reply | None]]] = {}
         self._ready = asyncio.Event()
         self._stop = threading.Event()
@@ -213,6 +259,10 @@ class _BrokerLink:
         self._tx_conn: Any = None
         #: Why the reply queue's last connection attempt failed (for error messages).
         self.last_error: str | None = None
+        #: The last failure was a transport that does not load (a configuration error).
+        self._misconfigured = False
+        #: What the reply queue's connection has said about its failures (logging only).
+        self.outage = outage.Outage()
 
     def start(self) -> None:
         self._consumer.start()
@@ -231,6 +281,9 @@ class _BrokerLink:
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
             except TimeoutError:
+                if self._misconfigured:  # not an outage: do not say "within"
+                    why = f"{self.spec.redacted()}: {self.last_error}"
+                    raise BrokerMisconfigured(why) from None
                 why = f": {self.last_error}" if self.last_error else ""
                 raise BrokerUnavailable(
                     f"no connection to {self.spec.redacted()} within {timeout}s{why}"
@@ -262,7 +315,9 @@ class _BrokerLink:
         except BrokerUnavailable:
             raise
         except Exception as exc:  # kombu/driver errors vary by transport
-            raise BrokerUnavailable(f"publish to {self.spec.redacted()} failed: {exc!r}") from exc
+            raise failure_error(
+                self.spec, exc, f"publish to {self.spec.redacted()} failed"
+            ) from exc
 
     def _on_reply(self, ticket: str | None, body: Any) -> None:
         entry = self._pending.get(ticket) if ticket else None
@@ -300,12 +355,7 @@ class _BrokerLink:
     # -- publisher thread ------------------------------------------------
 
     def _connection(self) -> Any:
-        return Connection(
-            self.spec.url,
-            transport=fs_transport.Transport if self.spec.is_filesystem else None,
-            transport_options=dict(self.spec.transport_options),
-            connect_timeout=self._connect_timeout,
-        )
+        return self._connection_factory(self.spec, self._connect_timeout)
 
     def _connect(self, conn: Any) -> None:
         # one attempt and one immediate retry; the callers pace further attempts.
@@ -323,8 +373,13 @@ class _BrokerLink:
         if time.monotonic() > deadline:
             raise BrokerUnavailable("publish deadline passed while queued")
         for attempt in (1, 2):
-            if self._tx_conn is None:
-                self._tx_conn = self._connection()
+            try:
+                # inside the try: building a connection fails too (a transport
+                # that does not load), and the caller gets the real cause
+                if self._tx_conn is None:
+                    self._tx_conn = self._connection()
+            except Exception as exc:
+                raise failure_error(self.spec, exc, "publish failed") from exc
             conn = self._tx_conn
             try:
                 self._connect(conn)
@@ -349,7 +404,7 @@ class _BrokerLink:
                 # a stale connection (broker restarted): drop it, try once on a new one
                 self._drop_tx()
                 if attempt == 2 or time.monotonic() > deadline:
-                    raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+                    raise failure_error(self.spec, exc, "publish failed") from exc
                 log.info("pidbox publisher reconnecting to %s: %r", self.spec.redacted(), exc)
 
     def _drop_tx(self) -> None:
@@ -374,32 +429,59 @@ class _BrokerLink:
         self._notify(self._on_reply, message.headers.get("ticket"), body)
 
     def _consume_forever(self) -> None:
+        """Keep the reply queue consumed until closed; never ends on a failure.
+
+        Every failure, building the connection included (a transport that
+        does not load raises ImportError there), is retried with backoff up
+        to ``backoff_max``; what is logged about it is paced by ``outage``.
+        """
         backoff = 0.1
         while not self._stop.is_set():
-            conn = self._connection()
+            conn: Any = None
             try:
+                conn = self._connection()
                 self._connect(conn)
                 self._consume(conn)
                 backoff = 0.1
             except Exception as exc:
                 self._notify(self._set_ready, False)
-                self.last_error = _describe(exc)
+                self._misconfigured = isinstance(exc, ImportError)
+                self.last_error = describe_failure(self.spec, exc)
                 if self._stop.is_set():
                     break
-                log.warning(
-                    "pidbox reply queue on %s lost (%r); reconnecting in %.1fs",
-                    self.spec.redacted(),
-                    exc,
-                    backoff,
-                )
-                with contextlib.suppress(Exception):
-                    conn.collect()
+                self._report_failure(self.last_error, backoff)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.collect()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
                 continue
             with contextlib.suppress(Exception):
                 conn.release()
         self._notify(self._set_ready, False)
+
+    def _report_failure(self, cause: str, retry_in: float) -> None:
+        self.outage, say = outage.failed(self.outage, cause, time.monotonic())
+        where = self.spec.redacted()
+        if say == outage.Say.FAILED:
+            log.warning(
+                "pidbox reply queue on %s failed: %s (retrying every %.1fs at most)",
+                where,
+                cause,
+                self._backoff_max,
+            )
+        elif say == outage.Say.STILL:
+            log.warning(
+                "pidbox reply queue on %s still failing (%d attempts in %.0fs): %s",
+                where,
+                self.outage.attempts,
+                time.monotonic() - self.outage.since,
+                cause,
+            )
+        else:
+            log.debug(
+                "pidbox reply queue on %s failed: %s (again in %.1fs)", where, cause, retry_in
+            )
 
     def _consume(self, conn: Any) -> None:
         channel = conn.channel()
@@ -409,6 +491,10 @@ class _BrokerLink:
         consumer.consume()  # declares and binds the queue first
         self._notify(self._set_ready, True)
         self.last_error = None
+        self._misconfigured = False
+        self.outage, say = outage.recovered(self.outage)
+        if say == outage.Say.RECOVERED:
+            log.info("pidbox reply queue on %s works again", self.spec.redacted())
         log.debug("pidbox reply queue %s ready on %s", self.queue.name, self.spec.redacted())
         heartbeat = getattr(conn, "heartbeat", 0) or 0
         while not self._stop.is_set():

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from branchd.celery.argv import worker_argv
-from branchd.celery.broker import BrokerSpec, embedded, results_dir, worker_env
+from branchd.celery.broker import (
+    BrokerSpec,
+    broker_url_problem,
+    embedded,
+    is_embedded_url,
+    results_dir,
+    worker_env,
+)
 from branchd.celery.remote import RemoteControl
 from branchd.errors import BrokerUnavailable, ControlFailed, Invalid, RestartRequired
 from branchd.model import App, Autoscale, InstanceSpec, Queue
@@ -46,9 +53,20 @@ def node_name(instance: str, hostname: str) -> str:
 
 
 def broker_for(app: App, state_dir: Path) -> BrokerSpec:
+    """The app's broker (never raises: a bad URL stored before URLs were
+    checked is refused by :func:`check_broker`, at the worker's start)."""
+    if is_embedded_url(app.celery.broker):
+        return embedded(state_dir)
+    return BrokerSpec(app.celery.broker or "")
+
+
+def check_broker(app: App) -> None:
+    """Raise Invalid if the app's broker URL is bad (an app from an older
+    database may hold one): its workers then fail to start, saying why."""
     if app.celery.broker:
-        return BrokerSpec(app.celery.broker)
-    return embedded(state_dir)
+        problem = broker_url_problem(app.celery.broker)
+        if problem:
+            raise Invalid(f"app {app.name!r} has a bad broker URL: {problem}")
 
 
 def backend_for(app: App, state_dir: Path) -> str | None:
@@ -56,7 +74,7 @@ def backend_for(app: App, state_dir: Path) -> str | None:
     broker (a zero-service Celery has results too), else the app module's."""
     if app.celery.result_backend:
         return app.celery.result_backend
-    if not app.celery.broker:
+    if is_embedded_url(app.celery.broker):
         return f"file://{results_dir(state_dir, app.name)}"
     return None
 

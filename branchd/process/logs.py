@@ -90,6 +90,37 @@ def _next_line_start(fd: int, start: int, end: int) -> int:
     return start + i
 
 
+#: last_line() reads at most this much from the end of a file.
+LAST_LINE_BYTES = 8192
+LAST_LINE_CHARS = 300
+
+
+def last_line(path: Path, since: float | None = None) -> str | None:
+    """The last non-blank line of ``path``, at most ``LAST_LINE_CHARS`` long; None if none.
+
+    One read of at most ``LAST_LINE_BYTES`` from the end, whatever the file's
+    size: cheap enough to call on the event loop. With ``since`` (a wall
+    time), a file not written since then gives None: an old run's last words
+    are not this run's.
+    """
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if since is not None and st.st_mtime < since:
+                return None
+            start = max(0, st.st_size - LAST_LINE_BYTES)
+            data = os.pread(f.fileno(), st.st_size - start, start)
+    except OSError:
+        return None
+    for raw in reversed(data.splitlines()):
+        line = raw.decode("utf-8", errors="replace").strip()
+        if line:
+            if len(line) > LAST_LINE_CHARS:
+                line = line[: LAST_LINE_CHARS - 3] + "..."
+            return line
+    return None
+
+
 def tail(path: Path, n: int, *, include_backup: bool = True) -> list[str]:
     """The last ``n`` lines of ``path`` (without newlines), read from the end.
 

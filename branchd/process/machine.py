@@ -71,6 +71,9 @@ class SpawnFailed:
 @dataclass(frozen=True)
 class Exited:
     code: int | None  # None: unknown (an adopted process is not our child)
+    #: The last line it wrote to stderr, if the manager read one (the cause
+    #: of a crash at start: "ModuleNotFoundError: No module named 'shop'").
+    stderr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,8 @@ def step(
             return replace(proc, deadline=now + policy.startsecs), []
         case SpawnFailed(reason=reason) if s == State.STARTING and proc.pid is None:
             return _failed_start(replace(proc, pid=None), policy, now, backoff, reason)
-        case Exited(code=code) if s in _LIVE and proc.pid is not None:
-            return _exited(proc, code, policy, now, backoff)
+        case Exited(code=code, stderr=stderr) if s in _LIVE and proc.pid is not None:
+            return _exited(proc, code, policy, now, backoff, stderr)
         case Timeout() if proc.deadline is not None and now >= proc.deadline:
             return _timeout(proc, policy, now, backoff)
         case Ready() if s == State.STARTING and proc.pid is not None:
@@ -247,7 +250,12 @@ def _failed_start(
 
 
 def _exited(
-    proc: Proc, code: int | None, policy: Policy, now: float, backoff: Backoff
+    proc: Proc,
+    code: int | None,
+    policy: Policy,
+    now: float,
+    backoff: Backoff,
+    stderr: str | None = None,
 ) -> tuple[Proc, list[Command]]:
     gone = replace(proc, pid=None, exit_code=code, deadline=None, killed_for=None)
     if proc.killed_for:
@@ -261,6 +269,8 @@ def _exited(
         return replace(gone, state=State.STOPPED), [Reap()]
     if proc.state == State.STARTING:
         why = proc.killed_for or f"exited too quickly (code {code})"
+        if not proc.killed_for and code not in (0, None) and stderr:
+            why = f"{why}: {stderr}"  # a crash at start: its own words say why
         nxt, cmds = _failed_start(gone, policy, now, backoff, why)
         return nxt, [Reap(), *cmds]
     # RUNNING

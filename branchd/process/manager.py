@@ -683,9 +683,19 @@ class Manager:
             proc = self._procs.get(name)
             if proc is not None and proc.pid == pid:
                 log.info("%s (pid %d) exited with %s", name, pid, code)
-                self._feed(name, Exited(code))
+                self._feed(name, Exited(code, self._start_crash_line(name, proc, code)))
 
         self._launcher.watch(pid, on_exit)
+
+    def _start_crash_line(self, name: str, proc: Proc, code: int | None) -> str | None:
+        """The last stderr line of an instance that failed at start (a bounded read)."""
+        spec = self._specs.get(name)
+        if spec is None or proc.state != State.STARTING or code in (0, None):
+            return None
+        _, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
+        started = self._runtime[name].started_at
+        # mtime has a coarse clock on some filesystems: allow a little slack
+        return logs.last_line(err, since=started - 1.0 if started else None)
 
     def _schedule(self, name: str, deadline: float | None) -> None:
         handle = self._timers.pop(name, None)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from branchd.celery.broker import broker_url_problem, is_embedded_url
 from branchd.errors import Invalid
 from branchd.model import (
     POOLS,
@@ -115,8 +116,15 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
     pool = body.get("pool", "prefork")
     if pool not in POOLS:
         raise Invalid(f"pool must be one of {', '.join(POOLS)}")
+    broker = body.get("broker") or None
+    if broker is not None:
+        problem = broker_url_problem(broker)
+        if problem:
+            raise Invalid(f"bad broker URL: {problem}")
+        if is_embedded_url(broker):
+            broker = None  # a bare filesystem:// is the embedded broker
     return CelerySettings(
-        broker=body.get("broker") or None,
+        broker=broker,
         celery_app=body.get("celery_app") or None,
         python=body.get("python") or None,
         pool=pool,

@@ -21,13 +21,14 @@ from branchd.celery.broker import (
     hook_dir,
     prune_dead_fanout,
 )
-from branchd.errors import BranchdError, BrokerUnavailable, NotFound
+from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process.celery_ops import (
     CeleryOps,
     Worker,
     backend_for,
     broker_for,
+    check_broker,
     command_for,
     effective_autoscale,
     env_for,
@@ -83,6 +84,7 @@ class Workers:
         self._started: dict[str, Worker] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._silent: set[str] = set()
+        self._prune_failures: dict[BrokerSpec, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     # worker identity ----------------------------------------------------------
@@ -144,6 +146,7 @@ class Workers:
         app = self._host.app(spec.app)
         if app is None:
             raise NotFound(f"no app {spec.app!r}")
+        check_broker(app)
         w = Worker(node_name(spec.name, self._hostname), self.broker(app))
         backend = self.result_backend(app)
         argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app), backend)
@@ -245,7 +248,13 @@ class Workers:
                     return
                 if failure is not None:
                     if loop.time() - began > unreachable_after:
-                        self._host.feed(name, Hung(f"cannot reach the broker: {failure.message}"))
+                        # a transport we cannot load is no outage: say what it is
+                        why = (
+                            "cannot use the broker"
+                            if isinstance(failure, BrokerMisconfigured)
+                            else "cannot reach the broker"
+                        )
+                        self._host.feed(name, Hung(f"{why}: {failure.message}"))
                         return
                     await asyncio.sleep(0.25)
         finally:
@@ -377,9 +386,16 @@ class Workers:
             nodes = by_broker.setdefault(self.broker(app), [])
             if proc is not None and proc.pid is not None:
                 nodes.append(self.node(spec))
+        # Each broker on its own: one that fails must not stop the others.
         for broker, nodes in by_broker.items():
             try:
                 # File locks shared with the workers: off the event loop.
                 await asyncio.to_thread(prune_dead_fanout, broker, nodes)
-            except OSError:
-                log.warning("cannot prune the embedded broker", exc_info=True)
+            except Exception as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                if self._prune_failures.get(broker) != cause:  # said once per cause
+                    log.warning("cannot prune dead nodes on %s: %s", broker.redacted(), cause)
+                self._prune_failures[broker] = cause
+            else:
+                if self._prune_failures.pop(broker, None) is not None:
+                    log.info("pruning dead nodes on %s works again", broker.redacted())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from celery import Celery
 from kombu import connection as kombu_connection
 
 from branchd.celery import fs_transport
+from branchd.celery import remote as remote_module
 from branchd.celery.argv import worker_argv
 from branchd.celery.broker import (
     BrokerSpec,
@@ -40,7 +42,7 @@ from branchd.celery.broker import (
 )
 from branchd.celery.remote import KombuRemoteControl, RemoteControl
 from branchd.celery.stub import StubRemoteControl
-from branchd.errors import BrokerUnavailable
+from branchd.errors import BrokerMisconfigured, BrokerUnavailable
 from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -389,16 +391,29 @@ def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     raise AssertionError("redis-server did not start")
 
 
+def _remote_records(caplog: pytest.LogCaptureFixture, level: int, where: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "branchd.celery.remote" and r.levelno == level and where in r.getMessage()
+    ]
+
+
 @pytest.mark.slow
-async def test_calls_work_again_after_a_redis_restart(tmp_path: Path) -> None:
+async def test_calls_work_again_after_a_redis_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     if shutil.which("redis-server") is None:
         unreachable("redis-server (binary)")
+    caplog.set_level(logging.DEBUG, logger="branchd.celery.remote")
     port = _free_port()
     spec = BrokerSpec(f"redis://127.0.0.1:{port}/0")
+    where = f"127.0.0.1:{port}"
     redis = _start_redis(port, tmp_path)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(lambda: kill_group(redis))
-        rc = KombuRemoteControl()
+        # reconnect attempts every 0.1 s: many of them while the broker is down
+        rc = KombuRemoteControl(backoff_max=0.1, connect_timeout=0.5)
         stack.push_async_callback(rc.close)
         worker = start_worker(spec, tmp_path)
         stack.callback(kill_group, worker.proc)
@@ -409,10 +424,78 @@ async def test_calls_work_again_after_a_redis_restart(tmp_path: Path) -> None:
         with contextlib.suppress(BrokerUnavailable):
             assert await rc.call(spec, worker.node, "ping", timeout=0.5) is None
 
+        def attempts() -> int:
+            health = rc.health(spec)
+            return health.attempts if health else 0
+
+        await eventually(lambda: _true(attempts() >= 15), timeout=30, interval=0.05)
+        link = rc._links[spec]  # the thread itself: it must live through the outage
+        assert link._consumer.is_alive()
+        warned = _remote_records(caplog, logging.WARNING, where)
+        # said once (plus a reminder or two at 2 s, 4 s), not once per attempt
+        assert 1 <= len(warned) <= 3, warned
+        assert any("Connection refused" in w for w in warned), warned
+
         redis = _start_redis(port, tmp_path)
         # both the worker and our reply queue reconnect on their own
         await wait_ping(rc, spec, worker, deadline=45)
         assert await rc.call(spec, worker.node, "ping") == {"ok": "pong"}
+        assert link._consumer.is_alive() and worker.proc.poll() is None
+        recovered = [m for m in _remote_records(caplog, logging.INFO, where) if "again" in m]
+        assert recovered == [f"pidbox reply queue on {spec.redacted()} works again"]
+        assert rc.health(spec) == type(rc.health(spec))()  # healthy again
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_reply_queue_survives_a_transport_that_does_not_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Building the connection fails (ImportError, as with a missing ``packaging``):
+    the link says so as a configuration error, retries, and works once it can."""
+    caplog.set_level(logging.DEBUG, logger="branchd.celery.remote")
+    spec = embedded(tmp_path / "state")
+    broken = threading.Event()
+    broken.set()
+    built = 0
+
+    def factory(s: BrokerSpec, timeout: float) -> Any:
+        nonlocal built
+        built += 1
+        if broken.is_set():
+            raise ModuleNotFoundError("No module named 'packaging'")
+        return remote_module.kombu_connection(s, timeout)
+
+    rc = KombuRemoteControl(connection_factory=factory, backoff_max=0.05)
+    try:
+        cause = "the filesystem transport cannot be loaded: No module named 'packaging'"
+        with pytest.raises(BrokerMisconfigured, match=cause):
+            await rc.call(spec, "nobody@branchd-test", "ping", timeout=0.3)
+        with pytest.raises(BrokerMisconfigured, match=cause):  # the publisher side too
+            await rc.cast(spec, "nobody@branchd-test", "ping")
+        await eventually(lambda: _true(built >= 10), interval=0.02)
+        link = rc._links[spec]
+        assert link._consumer.is_alive()
+        warned = _remote_records(caplog, logging.WARNING, "filesystem")
+        assert len(warned) == 1 and cause in warned[0], warned
+
+        broken.clear()
+
+        # an unknown node: no reply (None) instead of an error means the link works
+        async def works() -> bool:
+            try:
+                return await rc.call(spec, "nobody@branchd-test", "ping", timeout=0.2) is None
+            except BrokerUnavailable:
+                return False
+
+        await eventually(works)
+        await rc.cast(spec, "nobody@branchd-test", "ping")
+        assert link._consumer.is_alive()
+        assert len(_remote_records(caplog, logging.INFO, "works again")) == 1
+    finally:
+        await asyncio.wait_for(rc.close(), 10)
 
 
 async def worker_scenario(rc: RemoteControl, spec: BrokerSpec, node: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from branchd.errors import Invalid
+from branchd.process import logs
 from branchd.process.logs import backup_path, follow, log_paths, rotate_if_needed, tail
 
 
@@ -135,3 +136,16 @@ async def test_follow_waits_for_a_missing_file(tmp_path: Path) -> None:
         assert await next_line(lines) == "hello"
     finally:
         await lines.aclose()
+
+
+def test_last_line_is_the_last_non_blank_one_read_from_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "w.stderr.log"
+    assert logs.last_line(path) is None  # no file
+    path.write_bytes(b"Usage: celery\n\nError: Invalid value for '-P'\n\n  \n")
+    assert logs.last_line(path) == "Error: Invalid value for '-P'"
+    # a huge file of one endless line: one bounded read, a bounded answer
+    path.write_bytes(b"x" * (20 * 1024 * 1024))
+    line = logs.last_line(path)
+    assert line is not None and len(line) == logs.LAST_LINE_CHARS and line.endswith("...")
+    # a file not written since the run began says nothing of that run
+    assert logs.last_line(path, since=path.stat().st_mtime + 5) is None

@@ -140,3 +140,17 @@ def test_adoption_re_enters_the_state_it_was_in(
     if state == State.STARTING:  # and from there on it is an ordinary start
         p, _ = step(p, Timeout(), policy, deadline or 0.0)
         assert p.state == (State.STARTING if policy.ready_by_ping else State.RUNNING)
+
+
+def test_a_crash_at_start_gives_its_last_stderr_line_in_the_reason() -> None:
+    p, _ = step(Proc(), Start(), POLICY, 0.0)
+    p, _ = step(p, Spawned(42), POLICY, 0.0)
+    line = "ModuleNotFoundError: No module named 'shop'"
+    p, _ = step(p, Exited(2, line), POLICY, 0.1)
+    assert p.state == State.BACKOFF
+    assert p.reason == f"exited too quickly (code 2): {line}"
+    # a clean exit, or an exit while running, keeps the plain reason
+    p, _ = step(p, Timeout(), POLICY, 10.0)
+    p, _ = step(p, Spawned(43), POLICY, 10.0)
+    p, _ = step(p, Exited(0, "bye"), POLICY, 10.1)
+    assert p.reason == "exited too quickly (code 0)"
