@@ -19,12 +19,27 @@ NAME_RE = re.compile(NAME_PATTERN)
 #: NAME_PATTERN in words, for every error about a bad name.
 NAME_RULE = "use letters, digits, '_', '.', '-' (1-63, starting with a letter or digit)"
 
+#: Names of queues (and exchanges): what Celery users put in them ("high:prio",
+#: "tasks.email", "q@host"): printable ASCII but '/' (a path segment), ','
+#: (``-Q`` splits on it), '*', '?', '\\' and spaces, not starting with '.'.
+_QUEUE_CHAR = r"!-)+\-0-9:->@A-Z\[\]-~"
+QUEUE_NAME_PATTERN = rf"^[{_QUEUE_CHAR}][.{_QUEUE_CHAR}]{{0,199}}$"
+QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
+QUEUE_NAME_RULE = (
+    "use 1-200 printable ASCII characters but '/', ',', '*', '?', '\\' and spaces, "
+    "not starting with '.'"
+)
+
 #: Signals a user may name as ``stopsignal`` (without the SIG prefix).
 STOP_SIGNALS: tuple[str, ...] = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")
 
 
 def valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name))
+
+
+def valid_queue_name(name: str) -> bool:
+    return bool(QUEUE_NAME_RE.fullmatch(name))
 
 
 def signal_number(name: str) -> int:

@@ -33,7 +33,12 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
     error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for route in routes:
         params: list[dict[str, Any]] = [
-            {"name": p, "in": "path", "required": True, "schema": schemas.NAME}
+            {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": schemas.QUEUE_NAME if p == "queue" else schemas.NAME,
+            }
             for p in re.findall(r"{(\w+)}", route.path)
         ]
         params += [

@@ -19,7 +19,16 @@ from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Conflict, Invalid, NotFound
-from branchd.model import NAME_PATTERN, NAME_RE, NAME_RULE, App, valid_name
+from branchd.model import (
+    NAME_PATTERN,
+    NAME_RE,
+    NAME_RULE,
+    QUEUE_NAME_PATTERN,
+    QUEUE_NAME_RULE,
+    App,
+    valid_name,
+    valid_queue_name,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,7 +76,10 @@ _NAMED = {"app": "app", "name": "instance", "queue": "queue"}
 
 def _name(request: web.Request, key: str) -> str:
     value = request.match_info[key]
-    if not _strict_name(value):
+    if key == "queue":
+        if not valid_queue_name(value):
+            raise Invalid(f"bad queue name {value!r}: {QUEUE_NAME_RULE}")
+    elif not _strict_name(value):
         raise Invalid(f"bad {_NAMED.get(key, key)} name {value!r}: {NAME_RULE}")
     return value
 
@@ -91,6 +103,8 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
         if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
             # The rule in words rather than the regex alone.
             raise Invalid(f"{where}: bad name {error.instance!r}: {NAME_RULE}")
+        if error.validator == "pattern" and error.validator_value == QUEUE_NAME_PATTERN:
+            raise Invalid(f"{where}: bad name {error.instance!r}: {QUEUE_NAME_RULE}")
         raise Invalid(f"{where}: {error.message}")
     return _as_ints(schema, data)  # type: ignore[no-any-return]
 

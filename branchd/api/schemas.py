@@ -8,6 +8,7 @@ from typing import Any
 from branchd.model import (
     NAME_PATTERN,
     POOLS,
+    QUEUE_NAME_PATTERN,
     STOP_SIGNALS,
     Autorestart,
     Desired,
@@ -49,6 +50,7 @@ _SETTABLE: dict[str, Schema] = {
 }
 
 NAME: Schema = {"type": "string", "pattern": NAME_PATTERN}
+QUEUE_NAME: Schema = {"type": "string", "pattern": QUEUE_NAME_PATTERN}
 
 _ARGV: Schema = {
     "type": "array",
@@ -70,7 +72,7 @@ _POOL: Schema = {"type": "string", "enum": list(POOLS)}
 
 #: The fields of a celery instance a user may set (also app defaults).
 _CELERY_SETTABLE: dict[str, Schema] = {
-    "queues": {"type": "array", "items": NAME, "maxItems": 100, "uniqueItems": True},
+    "queues": {"type": "array", "items": QUEUE_NAME, "maxItems": 100, "uniqueItems": True},
     "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
     "concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
     "pool": {"oneOf": [_POOL, {"type": "null"}]},
@@ -157,7 +159,7 @@ APP: Schema = {
 QUEUE_IN: Schema = {
     "type": "object",
     "properties": {
-        "exchange": {"type": ["string", "null"], "pattern": NAME_PATTERN},
+        "exchange": {"type": ["string", "null"], "pattern": QUEUE_NAME_PATTERN},
         "exchange_type": {"type": "string", "enum": ["direct", "topic", "fanout", "headers"]},
         "routing_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
         "options": {"type": "object"},
@@ -170,7 +172,7 @@ QUEUE: Schema = {
     "required": ["app", "name", "exchange", "exchange_type", "routing_key", "options"],
     "properties": {
         "app": NAME,
-        "name": NAME,
+        "name": QUEUE_NAME,
         "exchange": {"type": "string"},
         "exchange_type": {"type": "string"},
         "routing_key": {"type": "string"},

@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -160,6 +161,21 @@ def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
         "store_processed": False,
     }
     return BrokerSpec("filesystem://", options, hook)
+
+
+#: Exchange names kombu's filesystem transport takes (5.7; it refuses others,
+#: since each exchange is a file of the control folder).
+_FS_EXCHANGE_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def embedded_exchange_problem(exchange: str) -> str | None:
+    """Why the embedded broker cannot carry an exchange of that name, or None."""
+    if _FS_EXCHANGE_RE.fullmatch(exchange) and exchange.strip("."):
+        return None
+    return (
+        f"the embedded broker takes exchange names of letters, digits, '.', '_', '-' "
+        f"only, not {exchange!r}"
+    )
 
 
 def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:

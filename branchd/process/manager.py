@@ -15,13 +15,14 @@ import os
 import secrets
 import signal as _signal
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from branchd.celery.broker import embedded_exchange_problem
 from branchd.celery.remote import RemoteControl
 from branchd.celery.stub import StubRemoteControl
 from branchd.clock import Clock
@@ -35,6 +36,7 @@ from branchd.errors import (
 )
 from branchd.model import (
     NAME_RULE,
+    QUEUE_NAME_RULE,
     App,
     Desired,
     InstanceSpec,
@@ -45,6 +47,7 @@ from branchd.model import (
     State,
     signal_number,
     valid_name,
+    valid_queue_name,
 )
 from branchd.process import logs
 from branchd.process.celery_ops import (
@@ -288,6 +291,8 @@ class Manager:
         if name in self._specs:
             raise Conflict(f"instance name {name!r} is taken")
         spec = build_spec(app, name, fields, self.branch_id, self._clock.wall())
+        if spec.kind == Kind.CELERY:
+            self._check_carried(app, spec.queues, self.queue_decls(app_name))
         if spec.kind == Kind.CELERY and not app.celery.celery_app:
             raise Invalid(f"app {app_name!r} has no celery_app (the module for celery -A)")
         if not spec.autostart:
@@ -308,6 +313,9 @@ class Manager:
             if key in fields:
                 raise Invalid(f"{key} cannot be changed")
         new = apply_fields(spec, fields)
+        app_obj = self._store.get_app(app)
+        if new.kind == Kind.CELERY and app_obj is not None:
+            self._check_carried(app_obj, new.queues, self.queue_decls(app))
         self._store.update_instance(new)
         self._specs[name] = new
         return self._view(name)
@@ -439,7 +447,7 @@ class Manager:
         return queue
 
     async def put_queue(self, app: str, name: str, fields: Mapping[str, Any]) -> tuple[Queue, bool]:
-        await self.get_app(app)
+        app_obj = await self.get_app(app)
         _check_name(name, "queue")
         queue = Queue(
             app=app,
@@ -449,6 +457,7 @@ class Manager:
             routing_key=fields.get("routing_key") or None,
             options=dict(fields.get("options", {})),
         )
+        self._check_carried(app_obj, [name], {name: queue})
         created = self._store.put_queue(queue)
         return queue, created
 
@@ -471,6 +480,7 @@ class Manager:
     async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
         self._celery_lookup(app, name)
         _check_name(queue, "queue")
+        self._check_carried(await self.get_app(app), [queue], self.queue_decls(app))
         async with self._workers.lock(name):
             spec = self._celery_lookup(app, name)
             if queue not in spec.queues:
@@ -578,6 +588,22 @@ class Manager:
         if spec.kind != Kind.CELERY:
             raise Invalid(f"instance {name!r} is not a celery instance")
         return spec
+
+    @staticmethod
+    def _check_carried(app: App, queues: Sequence[str], decls: Mapping[str, Queue]) -> None:
+        """Refuse queues the app's broker cannot carry: on the embedded broker a
+        queue's exchange (its own name unless declared) must be a plain file name."""
+        if app.celery.broker is not None:
+            return
+        for queue in queues:
+            decl = decls.get(queue)
+            exchange = decl.exchange if decl is not None and decl.exchange else queue
+            problem = embedded_exchange_problem(exchange)
+            if problem:
+                raise Invalid(
+                    f"queue {queue!r}: {problem}; declare the queue with such an exchange "
+                    f"(branchctl queues add {app.name} {queue} --exchange NAME)"
+                )
 
     def _update_spec(self, spec: InstanceSpec) -> InstanceSpec:
         """Persist first: a runtime change that fails later keeps the declaration."""
@@ -784,5 +810,8 @@ def _unwrap(reply: dict[str, Any]) -> Any:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not valid_name(name):
+    if what == "queue":
+        if not isinstance(name, str) or not valid_queue_name(name):
+            raise Invalid(f"bad queue name {name!r}: {QUEUE_NAME_RULE}")
+    elif not isinstance(name, str) or not valid_name(name):
         raise Invalid(f"bad {what} name {name!r}: {NAME_RULE}")

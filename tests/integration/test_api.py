@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -758,8 +759,8 @@ WRONG_METHODS = [
     ("PUT", "/v1/openapi.json", {"GET"}),
     ("POST", "/v1/apps", {"GET"}),
     ("DELETE", "/v1/apps", {"GET"}),
-    ("POST", "/v1/apps/web", {"GET", "PUT", "DELETE"}),
-    ("PATCH", "/v1/apps/web", {"GET", "PUT", "DELETE"}),
+    ("POST", "/v1/apps/web", {"GET", "PUT", "PATCH", "DELETE"}),
+    ("GET", "/v1/daemon/exit", {"POST"}),
     ("PUT", "/v1/apps/web/instances", {"GET", "POST"}),
     ("DELETE", "/v1/apps/web/instances", {"GET", "POST"}),
     ("POST", INST, {"GET", "PATCH", "DELETE"}),
@@ -840,3 +841,45 @@ def test_patch_app_changes_what_is_named_and_keeps_the_rest(branchd: Branchd) ->
         assert where in reply.body["error"]["message"], reply.text
     assert branchd.ok("GET", "/v1/apps/shop") == app
     assert branchd.call("PATCH", "/v1/apps/nope", {}).status == 404
+
+
+def test_queue_names_take_what_celery_users_put_in_them(branchd: Branchd) -> None:
+    body = {"celery_app": "shop.tasks", "broker": "amqp://guest:guest@127.0.0.1:5672//"}
+    branchd.ok("PUT", "/v1/apps/shop", body, status=201)
+    good = ["high:prio", "tasks.email", "q@host", "a-b_c", "x+y", "mail#1"]
+    for name in good:
+        path = "/v1/apps/shop/queues/" + urllib.parse.quote(name, safe="")
+        assert branchd.call("PUT", path, {}).status == 201, name
+    body = {"name": "w1", "kind": "celery", "queues": good[:2], "autostart": False}
+    branchd.ok("POST", "/v1/apps/shop/instances", body, status=201)
+    consumer = "/v1/apps/shop/instances/w1/queues/" + urllib.parse.quote("extra:1", safe="")
+    items = branchd.ok("PUT", consumer)["items"]
+    assert [i["name"] for i in items] == [*good[:2], "extra:1"]
+    for bad in ["a b", "a,b", "wor*", "what?", ".hidden", "x" * 201, "é"]:
+        path = "/v1/apps/shop/queues/" + urllib.parse.quote(bad, safe="")
+        reply = branchd.call("PUT", path, {})
+        assert reply.status == 422, (bad, reply.text)
+        message = reply.body["error"]["message"]
+        assert message.startswith(f"bad queue name {bad!r}: use 1-200 printable ASCII"), message
+        reply = branchd.call("PATCH", "/v1/apps/shop/instances/w1", {"queues": [bad]})
+        assert reply.status == 422 and "bad name" in reply.text, (bad, reply.text)
+    # a slash cannot even reach the route as one segment
+    assert branchd.call("PUT", "/v1/apps/shop/queues/a%2Fb", {}).status in (404, 422)
+
+
+def test_the_embedded_broker_needs_plain_exchange_names(branchd: Branchd) -> None:
+    # kombu's filesystem transport keeps each exchange in a file named after it
+    # and refuses other names: say so when the queue is declared, not at the worker
+    branchd.ok("PUT", "/v1/apps/shop", {"celery_app": "shop.tasks"}, status=201)
+    reply = branchd.call("PUT", "/v1/apps/shop/queues/high%3Aprio", {})
+    assert reply.status == 422, reply.text
+    assert "embedded broker takes exchange names of letters" in reply.body["error"]["message"]
+    assert "--exchange NAME" in reply.body["error"]["message"]
+    body = {"name": "w1", "kind": "celery", "queues": ["high:prio"], "autostart": False}
+    assert branchd.call("POST", "/v1/apps/shop/instances", body).status == 422
+    # declared with a plain exchange, the same queue name is fine everywhere
+    branchd.ok("PUT", "/v1/apps/shop/queues/high%3Aprio", {"exchange": "high_prio"}, status=201)
+    branchd.ok("POST", "/v1/apps/shop/instances", body, status=201)
+    items = branchd.ok("PUT", "/v1/apps/shop/instances/w1/queues/high%3Aprio")["items"]
+    assert [i["name"] for i in items] == ["high:prio"]
+    assert branchd.call("PUT", "/v1/apps/shop/instances/w1/queues/low%3Aprio").status == 422
