@@ -111,9 +111,11 @@ class AsyncClient:
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30
+        self, url: str | None = None, token: str | None = None, timeout: float = 30
     ) -> None:
-        self.url = _normalize_url(url)
+        # No URL: the local daemon, found as branchctl finds it ($BRANCHD_URL,
+        # then the branchd.url its state dir holds, then DEFAULT_URL).
+        self.url = _normalize_url(url or os.environ.get("BRANCHD_URL") or find_url(os.environ)[0])
         self.token = token or None
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -130,6 +132,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the HTTP session (the client can no longer be used)."""
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -218,10 +221,12 @@ class AsyncClient:
         return isinstance(data, dict) and data.get("ok") is True
 
     async def branch(self) -> Branch:
+        """The branch this client talks to: id, host, version, capacity."""
         _, data = await self._json("GET", "/v1/branch")
         return self._parse(Branch.from_json, data)
 
     async def branches(self) -> list[Branch]:
+        """The branches this daemon knows (itself, on a branch that is not in a cluster)."""
         _, data = await self._json("GET", "/v1/branches")
         return self._items(Branch.from_json, data)
 
@@ -233,10 +238,12 @@ class AsyncClient:
     # -- apps ----------------------------------------------------------------
 
     async def apps(self) -> list[App]:
+        """Every app of the branch."""
         _, data = await self._json("GET", "/v1/apps")
         return self._items(App.from_json, data)
 
     async def get_app(self, name: str) -> App:
+        """App ``name``; ``ApiError`` 404 when there is none."""
         _, data = await self._json("GET", f"/v1/apps/{_seg(name)}")
         return self._parse(App.from_json, data)
 
@@ -329,6 +336,7 @@ class AsyncClient:
             raise
 
     async def get_instance(self, app: str, name: str) -> Instance:
+        """Instance ``name`` of ``app``; ``ApiError`` 404 when there is none."""
         _, data = await self._json("GET", _instance_path(app, name))
         return self._parse(Instance.from_json, data)
 
@@ -381,16 +389,21 @@ class AsyncClient:
         return await self._action(app, name, "restart", wait)
 
     async def stats(self, app: str, name: str) -> Stats:
+        """Process-tree figures of an instance (CPU, RSS, processes) and, for a running Celery
+        worker, its ``stats``, ``active`` tasks and live ``pool_size``.
+        """
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
 
     # -- queues (declarations of an app) -------------------------------------
 
     async def queues(self, app: str) -> list[Queue]:
+        """The queue declarations of ``app``."""
         _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/queues")
         return self._items(Queue.from_json, data)
 
     async def get_queue(self, app: str, queue: str) -> Queue:
+        """The declaration of ``queue`` in ``app``."""
         _, data = await self._json("GET", _queue_path(app, queue))
         return self._parse(Queue.from_json, data)
 
@@ -424,6 +437,7 @@ class AsyncClient:
     # -- consumers and autoscale of a celery instance -------------------------
 
     async def consumers(self, app: str, name: str) -> list[Consumer]:
+        """The queues a Celery instance is declared to consume and, while it runs, consumes."""
         _, data = await self._json("GET", f"{_instance_path(app, name)}/queues")
         return self._items(Consumer.from_json, data)
 
@@ -440,6 +454,9 @@ class AsyncClient:
         return self._items(Consumer.from_json, data)
 
     async def autoscale(self, app: str, name: str) -> Autoscale:
+        """The declared autoscale range of a Celery instance and, while it runs, the worker's live
+        one.
+        """
         _, data = await self._json("GET", f"{_instance_path(app, name)}/autoscale")
         return self._parse(Autoscale.from_json, data)
 
@@ -497,7 +514,7 @@ class Client:
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30
+        self, url: str | None = None, token: str | None = None, timeout: float = 30
     ) -> None:
         self._async = AsyncClient(url, token, timeout)
         self._runner: asyncio.Runner | None = asyncio.Runner()
