@@ -428,6 +428,18 @@ async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -
     assert [s for s in rig.fake.signals if s[1] == signal.SIGTERM] == []
 
 
+async def _next_daemon(rig: Rig, tmp_path: Path) -> Manager:
+    """A new daemon's Manager on the same store, processes and workers."""
+    rig.fake.forget_children()
+    rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
+    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
+    m2 = Manager(
+        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
+    )
+    await m2.start()
+    return m2
+
+
 async def test_adopted_while_starting_is_running_only_once_it_answers(
     make_rig: MakeRig, tmp_path: Path
 ) -> None:
@@ -436,14 +448,7 @@ async def test_adopted_while_starting_is_running_only_once_it_answers(
     pid = pid_of(view)
     assert view.runtime.state == State.STARTING
     await rig.m.shutdown(keep=True)  # the daemon goes before the worker ever answered
-    # a new daemon on the same store and processes
-    rig.fake.forget_children()
-    rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
-    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
-    m2 = Manager(
-        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
-    )
-    await m2.start()
+    m2 = await _next_daemon(rig, tmp_path)
     try:
         again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
         view = await again.view("w1")
@@ -464,13 +469,7 @@ async def test_adopted_while_starting_that_never_answers_is_killed(
     rig = await make_rig()
     pid = pid_of(await rig.add("w1", startsecs=0.5, startretries=1))
     await rig.m.shutdown(keep=True)
-    rig.fake.forget_children()
-    rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
-    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
-    m2 = Manager(
-        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
-    )
-    await m2.start()
+    m2 = await _next_daemon(rig, tmp_path)
     try:
         again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
         view = await again.wait_state("w1", State.FATAL)
