@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -90,7 +91,9 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
         data: Any = {}
     else:
         try:
-            data = json.loads(raw, parse_constant=_no_constant)
+            data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        except _NotFinite as exc:
+            raise Invalid(f"body: {exc}") from None
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("request body is not valid JSON") from None
         except RecursionError:
@@ -127,6 +130,19 @@ def _as_ints(schema: schemas.Schema, data: Any) -> Any:
     return data
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite(text: str) -> float:
+    # float("1e400") is inf, which passes every "maximum" check and would be
+    # stored, then served as Infinity: not JSON either.
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"number {text} is out of range (numbers must be finite)")
+    return value
+
+
 def _no_constant(word: str) -> Any:
     # Python's json takes NaN and Infinity, which are not JSON: NaN passes every
     # "minimum"/"maximum" and would be stored, then served as invalid JSON.
@@ -144,7 +160,12 @@ def _validator(schema: schemas.Schema) -> jsonschema.protocols.Validator:
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers)
+    # allow_nan=False: never emit NaN or Infinity, which are not JSON
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, allow_nan=False)
 
 
 # branch -------------------------------------------------------------------

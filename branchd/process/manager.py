@@ -77,12 +77,14 @@ from branchd.process.machine import (
     step,
 )
 from branchd.process.specs import (
+    CELERY_FIELDS,
     InstanceView,
     Stats,
     apply_fields,
     autoscale_from,
     build_spec,
     celery_settings,
+    check_kind_fields,
 )
 from branchd.process.workers import Workers
 from branchd.store import Store, celery_to_dict
@@ -223,10 +225,11 @@ class Manager:
             celery=celery_settings(celery or {}),
         )
         if defaults:
-            # The defaults must make a valid instance of some kind.
-            kind = defaults.get("kind", Kind.PROCESS)
-            probe = {"command": ["x"]} if kind == Kind.PROCESS else {}
-            build_spec(app, "probe", {**probe, **defaults}, "", 0.0)
+            # The defaults must make a valid instance of some kind (a celery
+            # one when they hold only what a worker takes).
+            worker = any(k in CELERY_FIELDS for k in defaults) and "command" not in defaults
+            probe = {"kind": Kind.CELERY} if worker else {"command": ["x"]}
+            build_spec(app, "probe", probe, "", 0.0)
         created = self._store.put_app(app)
         return app, created
 
@@ -312,6 +315,7 @@ class Manager:
         for key in ("name", "kind"):
             if key in fields:
                 raise Invalid(f"{key} cannot be changed")
+        check_kind_fields(spec.kind, fields)
         new = apply_fields(spec, fields)
         app_obj = self._store.get_app(app)
         if new.kind == Kind.CELERY and app_obj is not None:

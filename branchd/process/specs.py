@@ -64,11 +64,24 @@ def build_spec(
 ) -> InstanceSpec:
     """Instance fields over the app's defaults over the kind's defaults."""
     kind = Kind(fields.get("kind", Kind.PROCESS))
+    check_kind_fields(kind, fields)
     base = dict(CELERY_DEFAULTS) if kind == Kind.CELERY else {}
     merged = {**base, **app.defaults, **fields}
     return apply_fields(
         InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
     )
+
+
+def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:
+    """Refuse fields given for an instance that its kind has no use for (an
+    app's defaults may hold them for its other kind: only what is given counts)."""
+    if kind == Kind.PROCESS:
+        extra = sorted(k for k in fields if k in CELERY_FIELDS)
+        if extra:
+            raise Invalid(
+                f"{', '.join(extra)}: only for a celery instance (this one is a process); "
+                "give kind celery, or leave them out"
+            )
 
 
 def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:

@@ -883,3 +883,45 @@ def test_the_embedded_broker_needs_plain_exchange_names(branchd: Branchd) -> Non
     items = branchd.ok("PUT", "/v1/apps/shop/instances/w1/queues/high%3Aprio")["items"]
     assert [i["name"] for i in items] == ["high:prio"]
     assert branchd.call("PUT", "/v1/apps/shop/instances/w1/queues/low%3Aprio").status == 422
+
+
+def test_numbers_must_be_finite_and_integers_integral(branchd: Branchd) -> None:
+    branchd.ok("PUT", "/v1/apps/web", {}, status=201)
+    branchd.ok("PUT", "/v1/apps/shop", {"celery_app": "shop.tasks"}, status=201)
+    # 1e400 is inf for Python's float: it must not pass, be stored, or be served
+    for path, raw in [
+        ("/v1/apps/shop/queues/q1", b'{"options": {"x-message-ttl": 1e400}}'),
+        ("/v1/apps/web", b'{"defaults": {"startsecs": -1e999}}'),
+    ]:
+        reply = branchd.call("PUT", path, raw=raw)
+        assert reply.status == 422, reply.text
+        assert "must be finite" in reply.body["error"]["message"]
+    assert branchd.call("GET", "/v1/apps/shop/queues/q1").status == 404
+    # integers given as 2.0 become real integers, also in nullable and oneOf fields
+    body = {
+        "name": "w1",
+        "kind": "celery",
+        "concurrency": 2.0,
+        "autostart": False,
+        "startretries": 3.0,
+    }
+    inst = branchd.ok("POST", "/v1/apps/shop/instances", body, status=201)
+    assert "--concurrency=2" in inst["command"] and inst["startretries"] == 3
+    patched = branchd.ok(
+        "PATCH", "/v1/apps/shop/instances/w1", {"autoscale": {"min": 1.0, "max": 4.0}}
+    )
+    assert patched["autoscale"] == {"min": 1, "max": 4}
+    assert "--autoscale=4,1" in patched["command"]
+    assert branchd.call("POST", "/v1/apps/shop/instances", {"concurrency": 2.5}).status == 422
+
+
+def test_celery_fields_on_a_process_instance_are_refused(branchd: Branchd) -> None:
+    branchd.ok("PUT", "/v1/apps/web", {"defaults": {"loglevel": "DEBUG"}}, status=201)
+    body = {"name": "p1", "command": SLEEPER, "queues": ["a"], "pool": "solo"}
+    reply = branchd.call("POST", "/v1/apps/web/instances", body)
+    assert reply.status == 422, reply.text
+    assert reply.body["error"]["message"].startswith("pool, queues: only for a celery instance")
+    # an app's defaults for its celery instances do not stop a process instance
+    branchd.ok("POST", "/v1/apps/web/instances", {"name": "p1", "command": SLEEPER}, status=201)
+    reply = branchd.call("PATCH", "/v1/apps/web/instances/p1", {"concurrency": 2})
+    assert reply.status == 422 and "only for a celery instance" in reply.text
