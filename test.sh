@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: makes .venv, installs branchd with
-# its test extras, then runs ruff, mypy and pytest. Extra arguments go to pytest.
+# its test extras, then runs ruff, mypy, the import contracts (lint-imports)
+# and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,4 +11,5 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check branchd clients tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

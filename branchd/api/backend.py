@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from branchd.model import App, Queue
-from branchd.process.specs import InstanceView, Stats
+from branchd.views import InstanceView, Stats
 
 
 class Backend(Protocol):

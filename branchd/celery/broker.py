@@ -25,21 +25,16 @@ broadcast while the node was down (a restarted node would replay a stale
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
-
-from kombu.transport import TRANSPORT_ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -82,69 +77,6 @@ class BrokerSpec:
         return f"{scheme}{sep}{creds.split(':', 1)[0]}:**@{host}"
 
 
-#: Transports whose broker lives inside one process: a worker there could
-#: never be reached by the daemon (nor by anyone sending it a task).
-IN_PROCESS = frozenset({"memory"})
-
-
-def is_embedded_url(url: str | None) -> bool:
-    """No broker, or a bare ``filesystem://``: both mean the embedded broker."""
-    return not url or url == "filesystem://"
-
-
-def broker_url_problem(url: str) -> str | None:
-    """What is wrong with a broker URL an app declares, or None if nothing is.
-
-    Pure: no connection is tried (a broker may be down when an app is
-    declared). Checks each URL of a failover list (``;``): a transport kombu
-    knows (its own alias table, so that a new kombu transport needs no change
-    here), a host and a port that parse (port 1-65535). ``filesystem://``
-    only bare (the embedded broker): kombu's filesystem transport takes its
-    folders from transport options alone, which branchd sets itself.
-    Messages never quote the URL (it may hold a password).
-    """
-    if url != url.strip():
-        return "the broker URL has leading or trailing spaces"
-    for one in url.split(";"):
-        problem = _one_url_problem(one)
-        if problem:
-            return problem
-    return None
-
-
-def _one_url_problem(url: str) -> str | None:
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme:
-        return "a broker URL looks like transport://[user:password@]host[:port][/vhost]"
-    # kombu's "sqla+postgresql://": the transport is before the "+"
-    transport = scheme.partition("+")[0]
-    if transport not in TRANSPORT_ALIASES:
-        known = sorted(TRANSPORT_ALIASES)
-        close = difflib.get_close_matches(transport, known, n=1)
-        if close:
-            return f"unknown transport {transport!r}, did you mean {close[0]!r}?"
-        return f"unknown transport {transport!r} (kombu knows {', '.join(known)})"
-    if transport in IN_PROCESS:
-        return f"the {transport} transport lives inside one process: workers could not be reached"
-    if transport == "filesystem":
-        if rest:
-            return (
-                "filesystem:// takes no path or options: leave the broker empty (or give a "
-                "bare filesystem://) for the embedded broker, which branchd configures itself"
-            )
-        return None
-    if any(c.isspace() for c in url):
-        return "the broker URL must not contain spaces"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"bad host or port in the broker URL: {exc}"
-    if port is not None and not 1 <= port <= 65535:
-        return f"bad port {port} in the broker URL (1-65535)"
-    return None
-
-
 def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
     """The embedded filesystem broker under ``state_dir/broker``; creates its folders."""
     root = Path(state_dir).resolve() / "broker"
@@ -161,21 +93,6 @@ def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
         "store_processed": False,
     }
     return BrokerSpec("filesystem://", options, hook)
-
-
-#: Exchange names kombu's filesystem transport takes (5.7; it refuses others,
-#: since each exchange is a file of the control folder).
-_FS_EXCHANGE_RE = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def embedded_exchange_problem(exchange: str) -> str | None:
-    """Why the embedded broker cannot carry an exchange of that name, or None."""
-    if _FS_EXCHANGE_RE.fullmatch(exchange) and exchange.strip("."):
-        return None
-    return (
-        f"the embedded broker takes exchange names of letters, digits, '.', '_', '-' "
-        f"only, not {exchange!r}"
-    )
 
 
 def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:

@@ -38,7 +38,6 @@ from kombu.exceptions import OperationalError
 
 from branchd.celery import fs_transport, outage
 from branchd.celery.broker import CONTROL_EXCHANGE, REPLY_EXCHANGE, BrokerSpec
-from branchd.celery.stub import StubRemoteControl
 from branchd.errors import BrokerMisconfigured, BrokerUnavailable
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
     "ConnectionFactory",
     "KombuRemoteControl",
     "RemoteControl",
-    "StubRemoteControl",
     "request_body",
 ]
 

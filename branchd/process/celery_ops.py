@@ -21,13 +21,12 @@ from typing import Any
 from branchd.celery.argv import worker_argv
 from branchd.celery.broker import (
     BrokerSpec,
-    broker_url_problem,
     embedded,
-    is_embedded_url,
     results_dir,
     worker_env,
 )
 from branchd.celery.remote import RemoteControl
+from branchd.celery.urls import broker_url_problem, is_embedded_url
 from branchd.errors import BrokerUnavailable, ControlFailed, Invalid, RestartRequired
 from branchd.model import App, Autoscale, InstanceSpec, Queue
 

@@ -16,7 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from branchd.errors import SpawnError
-from branchd.process.launcher import ExitCallback, Launched, LaunchSpec, TreeStats
+from branchd.process.launcher import ExitCallback, Launched, LaunchSpec
+from branchd.views import TreeStats
 
 #: Signals whose default action does not end a process (0 only checks).
 _HARMLESS = frozenset(

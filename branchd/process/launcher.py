@@ -27,6 +27,7 @@ from typing import Protocol
 import psutil
 
 from branchd.errors import SpawnError
+from branchd.views import TreeStats
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,6 @@ class LaunchSpec:
 class Launched:
     pid: int
     create_time: float  # psutil create_time, to recognise the pid later
-
-
-@dataclass(frozen=True)
-class TreeStats:
-    """Resource use of a process and all its descendants."""
-
-    cpu_percent: float = 0.0  # sum over the tree; 100.0 is one core
-    memory_rss: int = 0  # bytes, sum over the tree
-    processes: int = 0  # live (non-zombie) processes in the tree
 
 
 class Launcher(Protocol):

@@ -22,9 +22,8 @@ from typing import Any
 
 import psutil
 
-from branchd.celery.broker import embedded_exchange_problem
 from branchd.celery.remote import RemoteControl
-from branchd.celery.stub import StubRemoteControl
+from branchd.celery.urls import embedded_exchange_problem
 from branchd.clock import Clock
 from branchd.config import Config
 from branchd.errors import (
@@ -56,7 +55,7 @@ from branchd.process.celery_ops import (
     fixed_concurrency,
     pool_size,
 )
-from branchd.process.launcher import Launcher, LaunchSpec, TreeStats
+from branchd.process.launcher import Launcher, LaunchSpec
 from branchd.process.machine import (
     Adopt,
     Backoff,
@@ -78,8 +77,6 @@ from branchd.process.machine import (
 )
 from branchd.process.specs import (
     CELERY_FIELDS,
-    InstanceView,
-    Stats,
     apply_fields,
     autoscale_from,
     build_spec,
@@ -88,6 +85,7 @@ from branchd.process.specs import (
 )
 from branchd.process.workers import Workers
 from branchd.store import Store, celery_to_dict
+from branchd.views import InstanceView, Stats, TreeStats
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ class Manager:
         clock: Clock,
         config: Config,
         branch_id: str,
-        remote: RemoteControl | None = None,
+        remote: RemoteControl,
         hostname: str | None = None,
     ) -> None:
         self._store = store
@@ -127,7 +125,7 @@ class Manager:
         self._env = dict(os.environ)
         self._workers = Workers(
             self,
-            CeleryOps(remote or StubRemoteControl()),
+            CeleryOps(remote),
             launcher,
             config.state_dir,
             hostname or socket.gethostname(),

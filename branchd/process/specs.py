@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from branchd.celery.broker import broker_url_problem, is_embedded_url
+from branchd.celery.urls import broker_url_problem, is_embedded_url
 from branchd.errors import Invalid
 from branchd.model import (
     POOLS,
@@ -16,9 +16,7 @@ from branchd.model import (
     CelerySettings,
     InstanceSpec,
     Kind,
-    Runtime,
 )
-from branchd.process.launcher import TreeStats
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
 POLICY_FIELDS = (
@@ -146,85 +144,3 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
         mingle_gossip=bool(body.get("mingle_gossip", False)),
         result_backend=body.get("result_backend") or None,
     )
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    """A snapshot of one instance for the API: declaration plus live state."""
-
-    spec: InstanceSpec
-    runtime: Runtime
-    uptime: float | None
-    #: The argv it runs (for the Celery kind: built from the app).
-    command: tuple[str, ...] = ()
-    node: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        s, rt, p = self.spec, self.runtime, self.spec.policy
-        out: dict[str, Any] = {
-            "name": s.name,
-            "app": s.app,
-            "kind": s.kind.value,
-            "state": rt.state.value,
-            "desired": s.desired.value,
-            "pid": rt.pid,
-            "command": list(self.command or s.command),
-            "env": dict(s.env),
-            "cwd": s.cwd,
-            "user": s.user,
-            "autorestart": p.autorestart.value,
-            "exitcodes": list(p.exitcodes),
-            "startsecs": p.startsecs,
-            "startretries": p.startretries,
-            "stopsignal": p.stopsignal,
-            "stopwaitsecs": p.stopwaitsecs,
-            "autostart": s.autostart,
-            "log_max_bytes": s.log_max_bytes,
-            "log_backups": s.log_backups,
-            "restarts": rt.restarts,
-            "exit_code": rt.exit_code,
-            "started_at": rt.started_at,
-            "uptime": self.uptime,
-            "stop_step": rt.stop_step.value if rt.stop_step else None,
-            "reason": rt.reason,
-            "branch": s.branch,
-            "created_at": s.created_at,
-        }
-        if s.kind == Kind.CELERY:
-            out.update(
-                node=self.node,
-                queues=list(s.queues),
-                autoscale=s.autoscale.to_json() if s.autoscale else None,
-                concurrency=s.concurrency,
-                pool=s.pool,
-                args=list(s.args),
-                loglevel=s.loglevel,
-                hung_after=s.hung_after,
-                memory_limit=s.memory_limit,
-            )
-        return out
-
-
-@dataclass(frozen=True)
-class Stats:
-    view: InstanceView
-    tree: TreeStats
-    celery: Mapping[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        v = self.view.to_json()
-        out = {
-            "app": v["app"],
-            "name": v["name"],
-            "state": v["state"],
-            "pid": v["pid"],
-            "uptime": v["uptime"],
-            "restarts": v["restarts"],
-            "exit_code": v["exit_code"],
-            "cpu_percent": self.tree.cpu_percent,
-            "memory_rss": self.tree.memory_rss,
-            "processes": self.tree.processes,
-        }
-        if self.view.spec.kind == Kind.CELERY:
-            out["celery"] = dict(self.celery) if self.celery is not None else None
-        return out

@@ -28,10 +28,9 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.model import Autoscale, State
 from branchd.process.fake import FakeLauncher
-from branchd.process.launcher import TreeStats
 from branchd.process.manager import Manager
-from branchd.process.specs import InstanceView
 from branchd.store import Store
+from branchd.views import InstanceView, TreeStats
 
 APP = "shop"
 HOST = "testhost"

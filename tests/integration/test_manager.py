@@ -21,14 +21,16 @@ from typing import Any
 import psutil
 import pytest
 
+from branchd.celery.stub import StubRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config
 from branchd.errors import Conflict, NotFound, SpawnError
 from branchd.model import Autorestart, Desired, State, StopStep
 from branchd.process.fake import FakeLauncher
 from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
-from branchd.process.manager import InstanceView, Manager
+from branchd.process.manager import Manager
 from branchd.store import Store
+from branchd.views import InstanceView
 
 PY = sys.executable
 DEADLINE = 15.0
@@ -235,7 +237,14 @@ class Supervision:
 
     async def manager(self) -> Manager:
         """A new Manager (a daemon (re)start) on the same store."""
-        m = Manager(self.store, self.side.launcher(), SystemClock(), self.config, self.branch_id)
+        m = Manager(
+            self.store,
+            self.side.launcher(),
+            SystemClock(),
+            self.config,
+            self.branch_id,
+            StubRemoteControl(),  # no celery instances here: no worker to reach
+        )
         self.managers.append(m)
         await m.start()
         return m

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from branchd.celery.broker import BrokerSpec, broker_url_problem, is_embedded_url
+from branchd.celery.broker import BrokerSpec
 from branchd.celery.stub import StubRemoteControl
+from branchd.celery.urls import broker_url_problem, is_embedded_url
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
 from branchd.process import workers as workers_module
