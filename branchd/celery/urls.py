@@ -65,8 +65,12 @@ def _one_url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        return f"bad host or port in the broker URL: {exc}"
+    except ValueError:
+        # not urlsplit's own text: it quotes a piece of the password
+        return (
+            "the broker URL's host or port does not parse (percent-encode '/', '#', '?' "
+            "and '@' in a user name or password)"
+        )
     if port is not None and not 1 <= port <= 65535:
         return f"bad port {port} in the broker URL (1-65535)"
     return None
@@ -85,3 +89,20 @@ def embedded_exchange_problem(exchange: str) -> str | None:
         f"the embedded broker takes exchange names of letters, digits, '.', '_', '-' "
         f"only, not {exchange!r}"
     )
+
+
+def result_backend_problem(url: str) -> str | None:
+    """What is wrong with a result backend URL an app declares, or None.
+
+    Celery knows many backends (and names them by URL scheme): only the shape
+    is checked here, plus what branchd itself acts on, the folder of a
+    ``file://`` store (an absolute path). Messages never quote the URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    if url != url.strip() or any(c.isspace() for c in url):
+        return "the result backend URL must not contain spaces"
+    if not sep or not scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return "a result backend URL looks like scheme://..., e.g. redis://host:6379/1"
+    if scheme == "file" and not rest.startswith("/"):
+        return "a file:// result backend needs an absolute folder: file:///path/to/results"
+    return None

@@ -175,15 +175,22 @@ def producer_config(
     return out
 
 
-def producer_env(broker: BrokerSpec, backend: str | None) -> dict[str, str]:
+def producer_env(
+    broker: BrokerSpec,
+    backend: str | None,
+    decls: Mapping[str, Queue] | None = None,
+    hook: str | None = None,
+) -> dict[str, str]:
     """The same settings as environment variables, for Celery's own CLI and
     for producers that read their settings from the environment (Celery reads
-    ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``; transport options come
-    through branchd's loader, as for the workers)."""
+    ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``; transport options and
+    queue declarations come through branchd's loader in ``hook``, as for the
+    workers)."""
     env = {"CELERY_BROKER_URL": broker.url}
     if backend:
         env["CELERY_RESULT_BACKEND"] = backend
-    return {**env, **worker_env(broker)}
+    queues = {name: _binding(name, d) for name, d in sorted((decls or {}).items())}
+    return {**env, **worker_env(broker, task_queues=queues, hook=hook)}
 
 
 def _binding(name: str, decl: Queue) -> dict[str, Any]:
@@ -352,10 +359,12 @@ class CeleryOps:
     ) -> list[str]:
         """Make the live worker equal to its declaration; returns what it changed.
 
-        A queue with a declared binding is added here after a start (it is
-        left out of ``-Q``, see :func:`command_for`). A binding cannot be
-        changed on a queue the worker already knows: a cancel and a new
-        ``add_consumer`` of the same name bring back the old binding.
+        A worker gets every queue with its declared binding at its start
+        (:func:`command_for`, :func:`start_bindings`); this adds what a worker
+        lost or never had (a runtime change while it was away, a broker
+        reconnect). A binding cannot be changed on a queue the worker already
+        knows: a cancel and a new ``add_consumer`` of the same name bring back
+        the old binding (restart the worker).
         """
         changes: list[str] = []
         live = await self.active_queues(w)

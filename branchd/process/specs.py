@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from branchd.celery.urls import broker_url_problem, is_embedded_url
+from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
 from branchd.errors import Invalid
 from branchd.model import (
     POOLS,
@@ -134,6 +134,11 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
             raise Invalid(f"bad broker URL: {problem}")
         if is_embedded_url(broker):
             broker = None  # a bare filesystem:// is the embedded broker
+    backend = body.get("result_backend") or None
+    if backend is not None:
+        problem = result_backend_problem(backend)
+        if problem:
+            raise Invalid(f"bad result_backend: {problem}")
     return CelerySettings(
         broker=broker,
         celery_app=body.get("celery_app") or None,
@@ -142,5 +147,5 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
         args=tuple(body.get("args", ())),
         autoscale=autoscale_from(body.get("autoscale")),
         mingle_gossip=bool(body.get("mingle_gossip", False)),
-        result_backend=body.get("result_backend") or None,
+        result_backend=backend,
     )

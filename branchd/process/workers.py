@@ -109,14 +109,17 @@ class Workers:
     def producer_setup(self, app: App) -> dict[str, Any]:
         """What a producer or Celery's CLI needs to talk to the app's workers."""
         broker, backend = self.broker(app), self.result_backend(app)
-        ensure_results_dir(backend)
+        decls = self._host.queue_decls(app.name)
+        if not app.celery.result_backend:
+            # the default store is ours, in the state dir: a producer needs it to exist
+            ensure_results_dir(backend)
         return {
             "app": app.name,
             "celery_app": app.celery.celery_app,
             "python": python_for(app),
             "cwd": app.defaults.get("cwd"),
-            "config": producer_config(broker, backend, self._host.queue_decls(app.name)),
-            "env": producer_env(broker, backend),
+            "config": producer_config(broker, backend, decls),
+            "env": producer_env(broker, backend, decls, hook_dir(self._state_dir)),
         }
 
     def command(self, spec: InstanceSpec) -> tuple[str, ...]:

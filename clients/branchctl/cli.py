@@ -678,7 +678,7 @@ def _env_lines(env: Mapping[str, str]) -> str:
     lines = []
     for key, value in env.items():
         if key == "PYTHONPATH":  # ours goes after the user's, never shadowing it
-            lines.append(f'export PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{value}"')
+            lines.append(f'export PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}"{shlex.quote(value)}')
         else:
             lines.append(f"export {key}={shlex.quote(value)}")
     return "\n".join(lines)
@@ -1143,7 +1143,12 @@ def _celery_summary(celery: Mapping[str, Any]) -> dict[str, Any]:
             limit = f"(concurrency {pool['max-concurrency']})"
         else:
             limit = None
-        unit = "threads" if isinstance(pool.get("threads"), int) else "processes"
+        if isinstance(pool.get("processes"), list):
+            unit = "process" if size == 1 else "processes"
+        elif isinstance(pool.get("threads"), int):
+            unit = "thread" if size == 1 else "threads"
+        else:  # solo, gevent, eventlet: no pool processes to count
+            unit = "slot" if size == 1 else "slots"
         live = None if size is None else f"{size} {unit}"
         out["pool"] = " ".join(p for p in (f"{name}," if name and live else name, live, limit) if p)
     active = celery.get("active")

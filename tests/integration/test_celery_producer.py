@@ -137,3 +137,30 @@ def test_python_client_celery_config(branchd: Branchd) -> None:
         setup = c.celery_setup("shop")
     assert config == setup["config"]
     assert config["broker_url"] == "filesystem://"
+
+
+def test_result_backend_urls_are_checked_and_a_get_makes_no_folder(
+    branchd: Branchd, tmp_path: Path
+) -> None:
+    reply = branchd.call("PUT", "/v1/apps/shop", {"result_backend": "file://relative"})
+    assert reply.status == 422 and "absolute folder" in reply.text, reply.text
+    theirs = tmp_path / "not-yet"
+    body = {"celery_app": "shop.tasks", "result_backend": f"file://{theirs}"}
+    branchd.ok("PUT", "/v1/apps/shop", body, status=201)
+    config = branchd.ok("GET", "/v1/apps/shop/celery-config")["config"]
+    assert config["result_backend"] == f"file://{theirs}"
+    assert not theirs.exists()  # a read never makes the user's folders
+
+
+def test_the_env_form_carries_queue_declarations(branchd: Branchd) -> None:
+    body = {"celery_app": "shop.tasks", "broker": AMQP_URL}
+    branchd.ok("PUT", "/v1/apps/shop", body, status=201)
+    binding = {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
+    branchd.ok("PUT", "/v1/apps/shop/queues/images", binding, status=201)
+    env = branchd.ok("GET", "/v1/apps/shop/celery-config")["env"]
+    # the loader adds them to task_queues of any celery command: a topic-bound
+    # queue is declared by whoever sends to it (else the message is dropped)
+    assert json.loads(env["BRANCHD_TASK_QUEUES"]) == {"images": binding}
+    assert env["CELERY_LOADER"] == "branchd_worker_loader:Loader"
+    hook = Path(env["PYTHONPATH"])
+    assert (hook / "branchd_worker_loader.py").exists()

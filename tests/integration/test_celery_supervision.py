@@ -211,7 +211,7 @@ async def test_custom_binding_is_given_at_start(rig: Rig) -> None:
     command = view.to_json()["command"]
     assert command[command.index("-Q") + 1] == "default,images"  # the shown argv is the real one
 
-    node = rig.node("w1", queues=["default", "images"])
+    rig.node("w1", queues=["default", "images"])
     await rig.m.start_instance(APP, "w1")
     await rig.wait_state("w1", State.RUNNING)
     spawned = rig.fake.spawned[0]
@@ -219,8 +219,8 @@ async def test_custom_binding_is_given_at_start(rig: Rig) -> None:
     # the declared binding rides to the worker's task_queues through the loader
     assert json.loads(spawned.env["BRANCHD_TASK_QUEUES"]) == {"images": binding}
     assert spawned.env["CELERY_LOADER"] == "branchd_worker_loader:Loader"
-    await wait_for(lambda: bool(rig.sent("active_queues")))
-    assert rig.sent("add_consumer") == [] and node.queues == ["default", "images"]
+    # (that a real worker then consumes it with the declared binding from its
+    # start is test_celery_instances' images_bound, on each broker)
 
 
 # Consumers and autoscale at runtime ---------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from branchd.celery.broker import BrokerSpec
 from branchd.celery.stub import StubRemoteControl
-from branchd.celery.urls import broker_url_problem, is_embedded_url
+from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
 from branchd.process import workers as workers_module
@@ -39,11 +39,13 @@ BAD = {
     "zzz://h": "unknown transport 'zzz' (kombu knows ",
     "localhost:5672": "a broker URL looks like transport://",
     "://h": "a broker URL looks like transport://",
-    "redis://h:abc/0": "bad host or port in the broker URL: Port could not be cast",
-    "redis://h:99999/0": "bad host or port in the broker URL: Port out of range",
+    "redis://h:abc/0": "the broker URL's host or port does not parse",
+    "redis://h:99999/0": "the broker URL's host or port does not parse",
+    # a '/' in a password splits the URL early: the message quotes no piece of it
+    "redis://:s3cr/et@h:6379/0": "the broker URL's host or port does not parse (percent-encode",
     "redis://h:0/0": "bad port 0 in the broker URL (1-65535)",
     "amqp://guest:guest@127.0.0.1:5672//;aqmp://h//": "unknown transport 'aqmp'",
-    "redis://[::1/0": "bad host or port in the broker URL",
+    "redis://[::1/0": "the broker URL's host or port does not parse",
     "amqp://a b:5672//": "must not contain spaces",
     " redis://h/0": "leading or trailing spaces",
     "memory://": "the memory transport lives inside one process",
@@ -139,3 +141,20 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
         "cannot prune dead nodes on redis://bad:6379/0: "
         "ValueError: broker spec has no 'control_folder' transport option"
     ]
+
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:6379/1", None),
+        ("db+sqlite:///tmp/r.db", None),
+        ("file:///srv/results", None),
+        ("file://relative/path", "needs an absolute folder"),
+        ("nothing", "looks like scheme://"),
+        ("redis://h /1", "spaces"),
+    ],
+)
+def test_result_backend_urls(url: str, problem: str | None) -> None:
+    found = result_backend_problem(url)
+    assert (found is None) if problem is None else (found is not None and problem in found)

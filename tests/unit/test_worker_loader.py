@@ -1,0 +1,36 @@
+"""The worker-side loader's merge of branchd's queue declarations into the
+app's own ``task_queues`` (it runs inside Celery workers and producers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import entity
+
+from branchd.celery.worker_loader import _with_queues
+
+Queue: Any = entity.Queue
+Exchange: Any = entity.Exchange
+OURS = {"images": {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}}
+
+
+def test_no_queues_of_the_app_take_ours() -> None:
+    assert _with_queues(None, OURS) == OURS
+    assert _with_queues((), OURS) == OURS
+
+
+def test_a_dict_of_the_app_keeps_its_own_and_ours_win_by_name() -> None:
+    theirs = {"mail": {"exchange": "mail"}, "images": {"exchange": "old"}}
+    assert _with_queues(theirs, OURS) == {"mail": {"exchange": "mail"}, **OURS}
+
+
+def test_a_list_of_the_app_gets_kombu_queues_of_ours() -> None:
+    theirs = [Queue("mail", Exchange("mail"), routing_key="mail"), Queue("images")]
+    merged = _with_queues(theirs, OURS)
+    assert [q.name for q in merged] == ["mail", "images"]
+    images = merged[1]
+    assert (images.exchange.name, images.exchange.type, images.routing_key) == (
+        "media",
+        "topic",
+        "image.#",
+    )
