@@ -60,6 +60,10 @@ Queue: Any = _entity.Queue
 
 Reply = dict[str, Any]
 
+#: The first reconnect of a lost reply queue comes this soon; each failure
+#: doubles the wait up to the link's backoff_max.
+RETRY_FIRST = 0.1
+
 #: Builds a (not yet connected) kombu connection to a broker; ``connect_timeout``
 #: in seconds. A seam: tests inject failures (a transport that does not load).
 ConnectionFactory = Callable[[BrokerSpec, float], Any]
@@ -255,6 +259,7 @@ class _BrokerLink:
             1, thread_name_prefix=f"branchd-pidbox-tx {spec.redacted()}"
         )
         self._tx_conn: Any = None
+        self._retry_in = RETRY_FIRST
         #: Why the reply queue's last connection attempt failed (for error messages).
         self.last_error: str | None = None
         #: The last failure was a transport that does not load (a configuration error).
@@ -433,26 +438,25 @@ class _BrokerLink:
         does not load raises ImportError there), is retried with backoff up
         to ``backoff_max``; what is logged about it is paced by ``outage``.
         """
-        backoff = 0.1
+        self._retry_in = RETRY_FIRST
         while not self._stop.is_set():
             conn: Any = None
             try:
                 conn = self._connection()
                 self._connect(conn)
                 self._consume(conn)
-                backoff = 0.1
             except Exception as exc:
                 self._notify(self._set_ready, False)
                 self._misconfigured = isinstance(exc, ImportError)
                 self.last_error = describe_failure(self.spec, exc)
                 if self._stop.is_set():
                     break
-                self._report_failure(self.last_error, backoff)
+                self._report_failure(self.last_error, self._retry_in)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.collect()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
+                self._stop.wait(self._retry_in)
+                self._retry_in = min(self._retry_in * 2, self._backoff_max)
                 continue
             with contextlib.suppress(Exception):
                 conn.release()
@@ -469,7 +473,8 @@ class _BrokerLink:
                 self._backoff_max,
             )
         elif say == outage.Say.STILL:
-            log.warning(
+            # said once as a warning; the reminders are information
+            log.info(
                 "pidbox reply queue on %s still failing (%d attempts in %.0fs): %s",
                 where,
                 self.outage.attempts,
@@ -488,6 +493,7 @@ class _BrokerLink:
         )
         consumer.consume()  # declares and binds the queue first
         self._notify(self._set_ready, True)
+        self._retry_in = RETRY_FIRST  # a later outage starts at the fast pace again
         self.last_error = None
         self._misconfigured = False
         self.outage, say = outage.recovered(self.outage)

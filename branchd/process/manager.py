@@ -160,6 +160,9 @@ class Manager:
                 self._watch(name, rt.pid)
                 if spec.desired == Desired.STOPPED:
                     self._feed(name, Stop())
+                elif rt.state == State.STOPPING:
+                    # stopping while it should run: a restart was under way
+                    self._feed(name, Restart())
                 elif spec.kind == Kind.CELERY and self._procs[name].state == State.STARTING:
                     self._workers.spawned(name, rt.pid)  # running once it answers a ping
                 elif spec.kind == Kind.CELERY:
@@ -228,6 +231,11 @@ class Manager:
             worker = any(k in CELERY_FIELDS for k in defaults) and "command" not in defaults
             probe = {"kind": Kind.CELERY} if worker else {"command": ["x"]}
             build_spec(app, "probe", probe, "", 0.0)
+        # What the app's workers will consume must be carried by its (new) broker.
+        decls = self.queue_decls(name)
+        wanted = [q for s in self._specs.values() if s.app == name for q in s.queues]
+        queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
+        self._check_carried(app, list(queues), decls)
         created = self._store.put_app(app)
         return app, created
 
@@ -542,7 +550,9 @@ class Manager:
                 # is, rather than store a range the running worker does not have.
                 w = self._workers.worker(old)
                 stats = await self._workers.ops.stats(w)
-                if stats is not None and autoscaler_range(stats) is None:
+                # (no reply, or an error reply, says nothing either way: send it)
+                fixed = stats is not None and "error" not in stats and not stats.get("autoscaler")
+                if fixed:
                     raise RestartRequired(fixed_concurrency(w))
             spec = self._update_spec(replace(old, autoscale=want, concurrency=None))
             if running:

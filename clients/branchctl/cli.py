@@ -113,8 +113,10 @@ class _ListingGroup(click.Group):
             if typo is None or exc.code != "not_found" or f"app {typo[0]!r}" not in exc.message:
                 raise
             raise click.UsageError(_no_such_command(*typo), ctx) from None
-        except click.UsageError:
-            if typo is None:
+        except click.UsageError as exc:
+            # 'instances shwo web w1': 'list' got the words a command takes. Any
+            # other usage error (a bad option) is the user's and says so itself.
+            if typo is None or "unexpected extra argument" not in exc.message:
                 raise
             raise click.UsageError(_no_such_command(*typo), ctx) from None
 

@@ -925,3 +925,15 @@ def test_celery_fields_on_a_process_instance_are_refused(branchd: Branchd) -> No
     branchd.ok("POST", "/v1/apps/web/instances", {"name": "p1", "command": SLEEPER}, status=201)
     reply = branchd.call("PATCH", "/v1/apps/web/instances/p1", {"concurrency": 2})
     assert reply.status == 422 and "only for a celery instance" in reply.text
+
+
+def test_an_app_moved_to_the_embedded_broker_must_carry_its_queues(branchd: Branchd) -> None:
+    amqp = {"celery_app": "shop.tasks", "broker": "amqp://guest:guest@127.0.0.1:5672//"}
+    branchd.ok("PUT", "/v1/apps/shop", amqp, status=201)
+    branchd.ok("PUT", "/v1/apps/shop/queues/hi%3Aprio", {}, status=201)
+    reply = branchd.call("PATCH", "/v1/apps/shop", {"broker": None})
+    assert reply.status == 422 and "queue 'hi:prio'" in reply.text, reply.text
+    assert branchd.ok("GET", "/v1/apps/shop")["embedded_broker"] is False  # unchanged
+    # nor may its defaults name such a queue for the workers it will start
+    reply = branchd.call("PUT", "/v1/apps/web", {"defaults": {"queues": ["b:c"]}})
+    assert reply.status == 422 and "queue 'b:c'" in reply.text, reply.text

@@ -514,3 +514,17 @@ async def test_autoscale_on_a_fixed_concurrency_worker_is_409_and_changes_nothin
     view = await rig.view("w1")
     assert (view.spec.concurrency, view.spec.autoscale) == (None, Autoscale(min=1, max=4))
     assert "--autoscale=4,1" in view.command
+
+
+async def test_autoscale_when_stats_answer_an_error_is_sent_not_refused(rig: Rig) -> None:
+    # an error reply (or none) says nothing of the worker's autoscaler: no 409
+    node, _ = await rig.running("w1", ["default"])
+    failures = iter([{"error": "stats failed"}])  # the first stats only
+
+    def stats(_: Mapping[str, Any]) -> dict[str, Any]:
+        return next(failures, None) or node._do_stats()
+
+    node.scripts["stats"] = stats
+    answer = await rig.m.set_autoscale(APP, "w1", 2, 6)
+    assert answer["live"] == {"min": 2, "max": 6}
+    assert node.autoscale == (6, 2)  # it was sent and confirmed, not refused up front

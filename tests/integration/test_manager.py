@@ -460,6 +460,30 @@ async def test_adopted_while_starting_after_startsecs_is_running(sup: Supervisio
     assert (view.runtime.state, view.runtime.pid) == (State.RUNNING, pid)
 
 
+async def test_adopted_while_restarting_is_restarted(sup: Supervision) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "s", STUBBORN, startsecs=0.2, stopwaitsecs=2.0)
+    old = pid_of(await wait_state(m1, "s", State.RUNNING))
+    await sup.side.ready(m1, "s")
+    restarting = asyncio.create_task(m1.restart_instance(APP, "s"))
+    await wait_state(m1, "s", State.STOPPING)  # it ignores TERM: the stop lasts
+    await m1.shutdown(keep=True)  # the daemon goes in the middle of the restart
+    restarting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await restarting
+    assert sup.side.alive(old)
+
+    m2 = await sup.manager()
+    m2_view = await m2.get_instance(APP, "s")
+    assert m2_view.runtime.pid == old  # adopted, and the restart goes on
+    # not left running as if no restart had been asked: the old process goes
+    await wait_for(lambda: not sup.side.alive(old))
+    view = await wait_view(
+        m2, "s", lambda v: v.runtime.state == State.RUNNING and v.runtime.pid != old
+    )
+    assert view.runtime.pid != old
+
+
 async def test_adopted_process_exit_with_autorestart_never(sup: Supervision) -> None:
     m1 = await sup.manager()
     await sup.add(m1, "once", UP, startsecs=0.2, autorestart=Autorestart.NEVER.value)

@@ -604,6 +604,9 @@ def test_an_app_named_like_a_typo_is_still_listed(daemon: FakeDaemon) -> None:
     result = run(daemon, "instances", "shop")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[1].split()[:2] == ["shop", "s1"]
+    # a bad option after it is the user's error, not a typo of 'show'
+    result = run(daemon, "instances", "shop", "--bogus")
+    assert result.exit_code == 2 and "No such option '--bogus'" in result.stderr, result.stderr
     # and a word close to nothing is still an app that does not exist
     result = run(daemon, "instances", "ghost")
     assert (result.exit_code, result.stderr) == (1, "branchctl: not_found: no app 'ghost'\n")
