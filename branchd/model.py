@@ -59,6 +59,8 @@ class State(StrEnum):
 class Desired(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
+    #: A delete under way: stop it, then forget it (also after a daemon restart).
+    REMOVED = "removed"
 
 
 class Kind(StrEnum):

@@ -120,7 +120,7 @@ class Manager:
         self._deleting: set[str] = set()
         self._deleting_apps: set[str] = set()
         #: Deletes answered before their instance stopped (wait=False), still running.
-        self._forgetting: set[asyncio.Task[None]] = set()
+        self._forgetting: dict[str, asyncio.Task[None]] = {}
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
         self._workers = Workers(
@@ -158,7 +158,7 @@ class Manager:
                 up_for = self._clock.wall() - (rt.started_at or rt.create_time)
                 self._feed(name, Adopt(rt.pid, rt.state, up_for))
                 self._watch(name, rt.pid)
-                if spec.desired == Desired.STOPPED:
+                if spec.desired != Desired.RUNNING:
                     self._feed(name, Stop())
                 elif rt.state == State.STOPPING:
                     # stopping while it should run: a restart was under way
@@ -174,10 +174,19 @@ class Manager:
                     # group still has members). No orphans, ever.
                     with contextlib.suppress(OSError, ValueError):
                         self._launcher.signal(rt.pid, _signal.SIGKILL, True)
-                if spec.desired == Desired.RUNNING:
+                if spec.desired == Desired.RUNNING and rt.state == State.FATAL:
+                    # it gave up before we went: it starts again only when a
+                    # user starts it, as with no daemon restart in between
+                    self._procs[name] = replace(self._procs[name], state=State.FATAL)
+                    self._persist(name)
+                elif spec.desired == Desired.RUNNING:
                     self._feed(name, Start())
                 else:
                     self._persist(name)
+            if spec.desired == Desired.REMOVED:
+                # a delete was under way when the daemon went: it ends now
+                self._deleting.add(name)
+                self._begin_forget(name)
         self._rotator = asyncio.create_task(self._rotate_logs())
         self._workers.start()
 
@@ -186,12 +195,19 @@ class Manager:
         if self._rotator:
             self._rotator.cancel()
         if not keep:
-            names = [n for n, p in self._procs.items() if p.state != State.STOPPED]
+            # (fatal and exited ones stay so: their state is what the next daemon shows)
+            live = (State.STARTING, State.RUNNING, State.STOPPING, State.BACKOFF)
+            names = [n for n, p in self._procs.items() if p.state in live]
             for name in names:
                 self._feed(name, Stop())
             await asyncio.gather(*(self._wait_stopped(n) for n in names))
             # Deletes already under way end now that their instances stopped.
-            await asyncio.gather(*self._forgetting, return_exceptions=True)
+            await asyncio.gather(*self._forgetting.values(), return_exceptions=True)
+        else:
+            # their declarations say "removed": the next daemon ends them
+            for task in self._forgetting.values():
+                task.cancel()
+            await asyncio.gather(*self._forgetting.values(), return_exceptions=True)
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -273,7 +289,10 @@ class Manager:
         self._deleting_apps.add(name)
         try:
             for spec in [s for s in self._specs.values() if s.app == name]:
-                if spec.name in self._specs:
+                under_way = self._forgetting.get(spec.name)
+                if under_way is not None:  # a delete of it already runs: wait for that one
+                    await asyncio.shield(under_way)
+                elif spec.name in self._specs:
                     await self.delete_instance(name, spec.name)
             self._store.delete_app(name)
         finally:
@@ -343,24 +362,29 @@ class Manager:
         # its declaration (an orphan).
         self._deleting.add(name)
         try:
-            self._set_desired(spec, Desired.STOPPED)
+            # Durable: a daemon that goes before the stop ended finishes the delete.
+            self._set_desired(spec, Desired.REMOVED)
             self._feed(name, Stop())
             view = self._view(name)
         except BaseException:
             self._deleting.discard(name)
             raise
+        task = self._begin_forget(name)
         if wait:
-            await self._forget(name)
-        else:
-            task = asyncio.create_task(self._forget(name))
-            self._forgetting.add(task)
-            task.add_done_callback(self._forgotten)
+            await asyncio.shield(task)
         return view
 
-    def _forgotten(self, task: asyncio.Task[None]) -> None:
-        self._forgetting.discard(task)
+    def _begin_forget(self, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._forget(name))
+        self._forgetting[name] = task
+        task.add_done_callback(lambda t: self._forgotten(name, t))
+        return task
+
+    def _forgotten(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._forgetting.get(name) is task:
+            del self._forgetting[name]
         if not task.cancelled() and task.exception() is not None:
-            log.error("removing an instance failed", exc_info=task.exception())
+            log.error("removing %s failed", name, exc_info=task.exception())
 
     async def _forget(self, name: str) -> None:
         """The end of a delete: wait for the stop, then remove the instance."""

@@ -266,7 +266,7 @@ def test_stop_restart_delete_without_waiting(api: Api) -> None:
     _ignoring_term(api, "w1")
     reply = api.call("DELETE", INST + "?wait=false")
     assert reply.status == 202, reply.text
-    assert reply.body["state"] == "stopping" and reply.body["desired"] == "stopped"
+    assert reply.body["state"] == "stopping" and reply.body["desired"] == "removed"
     # still there while it stops; a second delete is a conflict, a start too
     assert api.ok("GET", INST)["state"] == "stopping"
     api.err("DELETE", INST + "?wait=false", status=409, code="conflict")

@@ -330,3 +330,50 @@ def test_group_left_by_a_main_that_died_while_no_daemon_ran_is_reaped(
     again = branchd_factory(state_dir=b.state_dir)
     wait_for(lambda: not any(alive(p) for p in family), 10)  # no orphans, ever
     assert again.wait_state("web", "tree", "running")["pid"] != pid
+
+
+#: Takes 1.5 s to stop on SIGTERM.
+SLOW_STOP = [
+    PY,
+    "-c",
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0)))\n"
+    "print('up', flush=True)\n"
+    "time.sleep(1e9)",
+]
+
+
+def test_a_delete_under_way_ends_after_a_daemon_restart(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    pid = add(b, "slow", SLOW_STOP, startsecs=0)["pid"]
+    wait_for(lambda: "up" in b.call("GET", "/v1/apps/web/instances/slow/logs?tail=1").text)
+    reply = b.call("DELETE", "/v1/apps/web/instances/slow?wait=false")
+    assert reply.status == 202 and reply.body["desired"] == "removed", reply.text
+    b.signal(signal.SIGUSR2)  # the daemon goes before the stop ended
+    assert b.wait_exit() == 0
+    again = branchd_factory(state_dir=b.state_dir)
+    # the next daemon finishes it: stopped, then forgotten
+    wait_for(lambda: again.call("GET", "/v1/apps/web/instances/slow").status == 404, 20)
+    assert not alive(pid)
+    assert again.ok("GET", "/v1/apps/web/instances")["items"] == []
+
+
+def test_a_fatal_instance_stays_fatal_over_a_daemon_restart(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    add(b, "bad", [PY, "-c", "raise SystemExit(3)"], startretries=1, startsecs=1)
+    fatal = b.wait_state("web", "bad", "fatal")
+    b.signal(signal.SIGTERM)
+    assert b.wait_exit() == 0
+    again = branchd_factory(state_dir=b.state_dir)
+    inst = again.instance("web", "bad")
+    # as the guide says: a fatal instance starts again only when a user starts it
+    assert (inst["state"], inst["restarts"], inst["reason"]) == (
+        "fatal",
+        fatal["restarts"],
+        fatal["reason"],
+    )
+    assert again.ok("POST", "/v1/apps/web/instances/bad/start")["state"] in ("starting", "backoff")
