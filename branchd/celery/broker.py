@@ -1,10 +1,10 @@
 """Broker specs, and the embedded broker: kombu's ``filesystem://`` transport.
 
-The embedded broker lives under ``<state_dir>/broker``::
+The embedded broker lives under ``<state_dir>/broker``, one per app::
 
-    data/      every message, one file each, named ``<ms>_<uuid>.<queue>.msg``
-    control/   one ``<exchange>.exchange`` JSON table per exchange (its bindings)
-    hook/      ``branchd_worker_loader.py``, the loader that hands the folders to workers
+    apps/<app>/data/      every message, one file each, named ``<ms>_<uuid>.<queue>.msg``
+    apps/<app>/control/   one ``<exchange>.exchange`` JSON table per exchange (its bindings)
+    hook/                 ``branchd_worker_loader.py``, the loader that hands the folders to workers
 
 kombu reads the folders only from transport options, and those cannot ride
 on the broker URL (``filesystem://?data_folder_in=...`` makes
@@ -77,9 +77,17 @@ class BrokerSpec:
         return f"{scheme}{sep}{creds.split(':', 1)[0]}:**@{host}"
 
 
-def embedded(state_dir: str | os.PathLike[str]) -> BrokerSpec:
-    """The embedded filesystem broker under ``state_dir/broker``; creates its folders."""
+def embedded(state_dir: str | os.PathLike[str], app: str | None = None) -> BrokerSpec:
+    """The embedded filesystem broker of ``app`` under ``state_dir/broker/apps/<app>``
+    (``state_dir/broker`` without an app); creates its folders.
+
+    One broker per app, as two apps on RabbitMQ would have two vhosts: the
+    filesystem transport has one namespace per folder, so apps sharing one
+    would take each other's tasks (and results) and see each other's workers.
+    """
     root = Path(state_dir).resolve() / "broker"
+    if app is not None:
+        root = root / "apps" / app
     data, control = root / "data", root / "control"
     for folder in (data, control):
         folder.mkdir(parents=True, exist_ok=True)

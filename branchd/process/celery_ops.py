@@ -55,7 +55,7 @@ def broker_for(app: App, state_dir: Path) -> BrokerSpec:
     """The app's broker (never raises: a bad URL stored before URLs were
     checked is refused by :func:`check_broker`, at the worker's start)."""
     if is_embedded_url(app.celery.broker):
-        return embedded(state_dir)
+        return embedded(state_dir, app.name)
     return BrokerSpec(app.celery.broker or "")
 
 

@@ -215,8 +215,9 @@ def celeryd(
         if not reachable(url):
             unreachable(url)
     b = _daemon(branchd_factory, tmp_path)
-    spec = embedded(b.state_dir) if kind == "filesystem" else BrokerSpec(url)
-    c = Celeryd(b, kind, spec, tmp_path)
+    c = Celeryd(b, kind, BrokerSpec(url if kind != "filesystem" else ""), tmp_path)
+    if kind == "filesystem":  # the app's own embedded broker
+        c.spec = embedded(b.state_dir, c.app)
     yield c
     c.cleanup_broker()
 

@@ -38,12 +38,12 @@ print(canvas.apply_async().get(timeout=60))
 """
 
 
-def _embedded_shop(branchd: Branchd, name: str) -> None:
+def _embedded_shop(branchd: Branchd, name: str, worker: str = "w1") -> None:
     body = {"celery_app": "tests.celery_app.tasks", "defaults": {"cwd": str(ROOT)}}
     branchd.ok("PUT", f"/v1/apps/{name}", body, status=201)
-    inst = {"name": "w1", "kind": "celery", "concurrency": 2}
+    inst = {"name": worker, "kind": "celery", "concurrency": 2}
     branchd.ok("POST", f"/v1/apps/{name}/instances", inst, status=201)
-    branchd.wait_state(name, "w1", "running", timeout=30)
+    branchd.wait_state(name, worker, "running", timeout=30)
 
 
 def test_celery_config_of_the_embedded_broker(branchd: Branchd) -> None:
@@ -53,7 +53,7 @@ def test_celery_config_of_the_embedded_broker(branchd: Branchd) -> None:
     setup = branchd.ok("GET", "/v1/apps/shop/celery-config")
     config = setup["config"]
     assert config["broker_url"] == "filesystem://"
-    data = branchd.state_dir.resolve() / "broker" / "data"
+    data = branchd.state_dir.resolve() / "broker" / "apps" / "shop" / "data"
     assert config["broker_transport_options"]["data_folder_in"] == str(data)
     results = branchd.state_dir.resolve() / "results" / "shop"
     assert config["result_backend"] == f"file://{results}"
@@ -164,3 +164,28 @@ def test_the_env_form_carries_queue_declarations(branchd: Branchd) -> None:
     assert env["CELERY_LOADER"] == "branchd_worker_loader:Loader"
     hook = Path(env["PYTHONPATH"])
     assert (hook / "branchd_worker_loader.py").exists()
+
+
+def test_two_apps_on_the_embedded_broker_do_not_share_it(branchd: Branchd) -> None:
+    apps = [f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"]
+    for app in apps:
+        _embedded_shop(branchd, app, worker=f"w-{app}")
+    folders = {
+        app: branchd.ok("GET", f"/v1/apps/{app}/celery-config")["config"][
+            "broker_transport_options"
+        ]["data_folder_in"]
+        for app in apps
+    }
+    assert len(set(folders.values())) == 2
+    env = {k: v for k, v in os.environ.items() if k not in ("BRANCHD_TOKEN", "PYTHONPATH")}
+    env["BRANCHD_URL"] = branchd.url
+    done = subprocess.run(
+        [str(BRANCHCTL), "celery", apps[0], "--", "inspect", "ping", "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"w-{apps[0]}@" in done.stdout and f"w-{apps[1]}@" not in done.stdout
+    assert "1 node online" in done.stdout
