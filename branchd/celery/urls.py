@@ -73,6 +73,9 @@ def _one_url_problem(url: str) -> str | None:
         )
     if port is not None and not 1 <= port <= 65535:
         return f"bad port {port} in the broker URL (1-65535)"
+    db = parts.path.strip("/")
+    if transport in ("redis", "rediss") and db and not db.isdigit():
+        return "a redis broker URL ends in a database number (redis://host:6379/0), not a name"
     return None
 
 

@@ -270,7 +270,8 @@ def fixed_concurrency(w: Worker) -> str:
     return (
         f"fixed concurrency: {w.node} was started without --autoscale, so its "
         "concurrency cannot change at runtime; restart it with an autoscale range "
-        "(declare one with PATCH, effective at the next start); nothing was changed"
+        "(branchctl instances update APP NAME --autoscale MIN,MAX, then instances "
+        "restart; or PATCH its autoscale); nothing was changed"
     )
 
 

@@ -317,12 +317,22 @@ class Manager:
         name = fields.pop("name", None) or self._new_name(app_name)
         _check_name(name, "instance")
         if name in self._specs:
-            raise Conflict(f"instance name {name!r} is taken")
+            # (names are unique on the branch, across apps: a worker's node is name@host)
+            owner = self._specs[name].app
+            raise Conflict(
+                f"instance name {name!r} is taken by {owner}/{name}: instance names are "
+                "unique on a branch, across apps"
+            )
         spec = build_spec(app, name, fields, self.branch_id, self._clock.wall())
         if spec.kind == Kind.CELERY:
             self._check_carried(app, spec.queues, self.queue_decls(app_name))
         if spec.kind == Kind.CELERY and not app.celery.celery_app:
-            raise Invalid(f"app {app_name!r} has no celery_app (the module for celery -A)")
+            raise Invalid(
+                f"app {app_name!r} has no celery_app (the module for celery -A), so it "
+                "cannot run a celery worker; a process instance needs a command "
+                f"(branchctl instances add {app_name} -- COMMAND...), a worker an app with "
+                f"a module (branchctl apps set {app_name} --celery-app MODULE)"
+            )
         if not spec.autostart:
             spec = replace(spec, desired=Desired.STOPPED)
         self._store.add_instance(spec)
@@ -669,9 +679,8 @@ class Manager:
             uptime = max(0.0, round(self._clock.wall() - rt.started_at, 3))
         spec = self._specs[name]
         if spec.kind == Kind.CELERY:
-            return InstanceView(
-                spec, rt, uptime, self._workers.command(spec), self._workers.node(spec)
-            )
+            command = self._workers.command(spec, live=rt.pid is not None)
+            return InstanceView(spec, rt, uptime, command, self._workers.node(spec))
         return InstanceView(spec, rt, uptime)
 
     def _feed(self, name: str, event: Event) -> None:
@@ -744,7 +753,8 @@ class Manager:
         def on_exit(code: int | None) -> None:
             proc = self._procs.get(name)
             if proc is not None and proc.pid == pid:
-                log.info("%s (pid %d) exited with %s", name, pid, code)
+                how = "code unknown: adopted, not our child" if code is None else code
+                log.info("%s (pid %d) exited (%s)", name, pid, how)
                 self._feed(name, Exited(code, self._start_crash_line(name, proc, code)))
 
         self._launcher.watch(pid, on_exit)

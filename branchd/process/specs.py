@@ -64,7 +64,7 @@ def build_spec(
     kind = Kind(fields.get("kind", Kind.PROCESS))
     check_kind_fields(kind, fields)
     base = dict(CELERY_DEFAULTS) if kind == Kind.CELERY else {}
-    merged = {**base, **app.defaults, **fields}
+    merged = {**base, **_one_concurrency(app.defaults, fields), **fields}
     return apply_fields(
         InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
     )
@@ -80,6 +80,22 @@ def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:
                 f"{', '.join(extra)}: only for a celery instance (this one is a process); "
                 "give kind celery, or leave them out"
             )
+
+
+def _one_concurrency(under: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``under`` without the concurrency setting that ``fields`` overrides: an
+    autoscale range and a fixed concurrency are two answers to one question,
+    and the one given last wins (given together: refused)."""
+    given = {k for k in ("autoscale", "concurrency") if fields.get(k) is not None}
+    if len(given) == 2:
+        raise Invalid(
+            "autoscale and concurrency: give one (a range the worker can change at runtime, "
+            "or a fixed size), not both"
+        )
+    out = dict(under)
+    for key in given:
+        out.pop("concurrency" if key == "autoscale" else "autoscale", None)
+    return out
 
 
 def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
@@ -105,6 +121,11 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
         plain["env"] = dict(plain["env"])
     if "autoscale" in plain:
         plain["autoscale"] = autoscale_from(plain["autoscale"])
+    _one_concurrency({}, fields)
+    if plain.get("autoscale") is not None and "concurrency" not in fields:
+        plain["concurrency"] = None  # a range replaces a fixed size...
+    if plain.get("concurrency") is not None and "autoscale" not in fields:
+        plain["autoscale"] = None  # ...and the other way round
     if "hung_after" in plain:
         plain["hung_after"] = float(plain["hung_after"])
     out = replace(spec, kind=kind, policy=policy, **plain)

@@ -82,6 +82,8 @@ class Workers:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_pong: dict[str, float] = {}
         self._started: dict[str, Worker] = {}
+        #: The argv each worker was last started with (what `ps` shows).
+        self._argv: dict[str, tuple[str, ...]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._silent: set[str] = set()
         self._prune_failures: dict[BrokerSpec, str] = {}
@@ -122,16 +124,20 @@ class Workers:
             "env": producer_env(broker, backend, decls, hook_dir(self._state_dir)),
         }
 
-    def command(self, spec: InstanceSpec) -> tuple[str, ...]:
-        """The argv the worker runs (or would run); () if the app cannot build one."""
+    def command(self, spec: InstanceSpec, live: bool = False) -> tuple[str, ...]:
+        """The argv the worker runs (``live``: the one it was started with, even
+        if its app changed since), else would run; () if the app cannot build one."""
+        if live and spec.name in self._argv:
+            return self._argv[spec.name]
         app = self._host.app(spec.app)
         if app is None:
             return ()
         try:
-            w = self.worker(spec)
+            # what its next start will run: the app as it is now
+            broker, node = self.broker(app), self.node(spec)
             decls = self._host.queue_decls(spec.app)
             backend = self.result_backend(app)
-            return tuple(command_for(app, spec, w.node, w.broker, decls, backend))
+            return tuple(command_for(app, spec, node, broker, decls, backend))
         except BranchdError:
             return ()
 
@@ -155,6 +161,7 @@ class Workers:
         argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app), backend)
         ensure_results_dir(backend)
         self._started[spec.name] = w
+        self._argv[spec.name] = tuple(argv)
         # The filesystem transport replays a node's old control messages (an
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)

@@ -66,7 +66,28 @@ class Failed(click.ClickException):
 
 
 class _Root(click.Group):
-    """The root group: turns every ApiError of a command into exit 1 and one line."""
+    """The root group: turns every ApiError of a command into exit 1 and one line,
+    and a usage error into exit 2 and one line (not click's usage block)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        run: Any = super().main  # (click types main() as Never in standalone mode)
+        if not standalone:
+            return run(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = run(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            path = exc.ctx.command_path.partition(" ")[2] if exc.ctx else ""
+            where = f" (see 'branchctl {path} --help')" if path else " (see 'branchctl --help')"
+            click.echo(f"branchctl: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -60,7 +60,9 @@ _T = TypeVar("_T")
 
 
 def _seg(name: str) -> str:
-    """One path segment, percent-encoded."""
+    """One path segment, percent-encoded; an empty name would name another route."""
+    if not name:
+        raise ApiError(422, "invalid", "bad name '': a name cannot be empty")
     return quote(name, safe="")
 
 

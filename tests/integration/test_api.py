@@ -937,3 +937,26 @@ def test_an_app_moved_to_the_embedded_broker_must_carry_its_queues(branchd: Bran
     # nor may its defaults name such a queue for the workers it will start
     reply = branchd.call("PUT", "/v1/apps/web", {"defaults": {"queues": ["b:c"]}})
     assert reply.status == 422 and "queue 'b:c'" in reply.text, reply.text
+
+
+def test_one_concurrency_setting_and_names_that_say_who_has_them(branchd: Branchd) -> None:
+    branchd.ok("PUT", "/v1/apps/shop", {"celery_app": "shop.tasks"}, status=201)
+    both = {"name": "w1", "kind": "celery", "concurrency": 2, "autoscale": {"min": 1, "max": 3}}
+    reply = branchd.call("POST", "/v1/apps/shop/instances", both)
+    assert reply.status == 422 and "give one" in reply.text, reply.text
+    fixed = {"name": "w1", "kind": "celery", "concurrency": 2, "autostart": False}
+    branchd.ok("POST", "/v1/apps/shop/instances", fixed, status=201)
+    ranged = branchd.ok(
+        "PATCH", "/v1/apps/shop/instances/w1", {"autoscale": {"min": 2, "max": 4}}
+    )
+    assert (ranged["concurrency"], ranged["autoscale"]) == (None, {"min": 2, "max": 4})
+    again = branchd.ok("PATCH", "/v1/apps/shop/instances/w1", {"concurrency": 3})
+    assert (again["concurrency"], again["autoscale"]) == (3, None)
+    # instance names are unique across apps: the error says whose it is
+    branchd.ok("PUT", "/v1/apps/web", {}, status=201)
+    reply = branchd.call("POST", "/v1/apps/web/instances", {"name": "w1", "command": SLEEPER})
+    assert reply.status == 409 and "taken by shop/w1" in reply.text, reply.text
+    # no command and no celery module: both ways out are named
+    reply = branchd.call("POST", "/v1/apps/web/instances", {"kind": "celery"})
+    assert reply.status == 422, reply.text
+    assert "a process instance needs a command" in reply.body["error"]["message"]

@@ -528,3 +528,16 @@ async def test_autoscale_when_stats_answer_an_error_is_sent_not_refused(rig: Rig
     answer = await rig.m.set_autoscale(APP, "w1", 2, 6)
     assert answer["live"] == {"min": 2, "max": 6}
     assert node.autoscale == (6, 2)  # it was sent and confirmed, not refused up front
+
+
+async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Rig) -> None:
+    await rig.running("w1", ["default"])
+    started = list(rig.fake.spawned[0].argv)
+    assert (await rig.view("w1")).to_json()["command"] == started
+    # the app changes under the running worker: it still runs what it was started with
+    redis = "redis://127.0.0.1:6379/9"
+    await rig.m.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": redis})
+    assert (await rig.view("w1")).to_json()["command"] == started
+    await rig.m.stop_instance(APP, "w1")
+    command = (await rig.view("w1")).to_json()["command"]
+    assert command[command.index("-b") + 1] == redis  # what its next start will run

@@ -40,6 +40,7 @@ BAD = {
     "localhost:5672": "a broker URL looks like transport://",
     "://h": "a broker URL looks like transport://",
     "redis://h:abc/0": "the broker URL's host or port does not parse",
+    "redis://127.0.0.1:6379/abc": "ends in a database number",
     "redis://h:99999/0": "the broker URL's host or port does not parse",
     # a '/' in a password splits the URL early: the message quotes no piece of it
     "redis://:s3cr/et@h:6379/0": "the broker URL's host or port does not parse (percent-encode",

@@ -595,7 +595,10 @@ def test_a_typo_in_a_group_suggests_the_command(
 ) -> None:
     result = run(daemon, *args)
     assert result.exit_code == 2, result.output
-    assert result.stderr.endswith(f"Error: No such command {args[1]!r}. Did you mean {close!r}?\n")
+    assert result.stderr == (
+        f"branchctl: No such command {args[1]!r}. Did you mean {close!r}? "
+        f"(see 'branchctl {args[0]} --help')\n"
+    )
     assert "no app" not in result.stderr
 
 
