@@ -314,7 +314,10 @@ async def put_autoscale(request: web.Request) -> web.Response:
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    await _backend(request).delete_app(_name(request, "app"))
+    wait = _wait(request)
+    app = await _backend(request).delete_app(_name(request, "app"), wait=wait)
+    if not wait:
+        return _json(_app_json(request, app), status=202)
     return web.Response(status=204)
 
 
@@ -507,8 +510,10 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/v1/apps/{app}",
         delete_app,
-        "Stop and remove an app's instances, then it",
+        "Stop and remove an app's instances, then it (wait=false: answer 202 at once)",
         ok=204,
+        query=_WAIT_Q,
+        accepted=schemas.APP,
     ),
     Route(
         "GET",

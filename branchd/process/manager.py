@@ -121,6 +121,8 @@ class Manager:
         self._deleting_apps: set[str] = set()
         #: Deletes answered before their instance stopped (wait=False), still running.
         self._forgetting: dict[str, asyncio.Task[None]] = {}
+        #: App deletes answered before they ended (wait=False), still running.
+        self._app_removals: set[asyncio.Task[None]] = set()
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
         self._workers = Workers(
@@ -203,7 +205,11 @@ class Manager:
             await asyncio.gather(*(self._wait_stopped(n) for n in names))
             # Deletes already under way end now that their instances stopped.
             await asyncio.gather(*self._forgetting.values(), return_exceptions=True)
+            await asyncio.gather(*self._app_removals, return_exceptions=True)
         else:
+            for removal in self._app_removals:
+                removal.cancel()
+            await asyncio.gather(*self._app_removals, return_exceptions=True)
             # their declarations say "removed": the next daemon ends them
             for task in self._forgetting.values():
                 task.cancel()
@@ -281,12 +287,27 @@ class Manager:
     async def celery_config(self, name: str) -> dict[str, Any]:
         return self._workers.producer_setup(await self.get_app(name))
 
-    async def delete_app(self, name: str) -> None:
-        """Stop and remove the app's instances, then it and its queues."""
-        await self.get_app(name)
+    async def delete_app(self, name: str, *, wait: bool = True) -> App:
+        """Stop and remove the app's instances, then it and its queues; answers
+        the app as the delete began. Without ``wait`` it answers at once and
+        the rest goes on in the background (each instance's removal is durable)."""
+        app = await self.get_app(name)
         if name in self._deleting_apps:
             raise Conflict(f"app {name!r} is being deleted")
         self._deleting_apps.add(name)
+        task = asyncio.create_task(self._remove_app(name))
+        self._app_removals.add(task)
+        task.add_done_callback(self._app_removed)
+        if wait:
+            await asyncio.shield(task)
+        return app
+
+    def _app_removed(self, task: asyncio.Task[None]) -> None:
+        self._app_removals.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("removing an app failed", exc_info=task.exception())
+
+    async def _remove_app(self, name: str) -> None:
         try:
             for spec in [s for s in self._specs.values() if s.app == name]:
                 under_way = self._forgetting.get(spec.name)

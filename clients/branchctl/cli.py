@@ -166,6 +166,12 @@ def json_option(f: _F) -> _F:
     )(f)
 
 
+def no_wait_option(f: _F) -> _F:
+    return click.option(
+        "--no-wait", is_flag=True, help="Answer at once, without waiting for the outcome."
+    )(f)
+
+
 def _emit(opts: Options, data: Any, text: str) -> None:
     if opts.json:
         click.echo(json.dumps(data, indent=2))
@@ -678,12 +684,40 @@ def apps_show(opts: Options, name: str) -> None:
 
 @apps.command("remove", context_settings=CONTEXT)
 @click.argument("name")
+@no_wait_option
 @json_option
 @pass_opts
-def apps_remove(opts: Options, name: str) -> None:
-    """Remove app NAME (its instances are stopped and removed)."""
+def apps_remove(opts: Options, name: str, no_wait: bool) -> None:
+    """Remove app NAME: its instances are stopped (each up to its stopwaitsecs),
+    then removed, then the app. --no-wait answers at once."""
     with opts.client() as c:
-        c.delete_app(name)
+        if no_wait:
+            c.delete_app(name, wait=False)
+            if not opts.json:
+                click.echo(f"removing app {name!r}")
+            return
+        left = c.instances(name)
+        # as long as the slowest stop may take, however short --timeout is
+        limit = max((i.stopwaitsecs or 0.0 for i in left), default=0.0) + 15.0
+        c.delete_app(name, wait=False)
+        deadline = time.monotonic() + limit
+        said = None
+        while True:
+            try:
+                count = len(c.instances(name))
+            except ApiError as exc:
+                if exc.status == 404:
+                    break
+                raise
+            if count != said:
+                click.echo(f"{name}: removing, {count} instance(s) left", err=True)
+                said = count
+            if time.monotonic() > deadline:
+                raise Failed(
+                    f"timeout: app {name!r} is still being removed after {limit:.0f}s; "
+                    "branchd goes on with it"
+                )
+            time.sleep(0.2)
     if not opts.json:
         click.echo(f"removed app {name!r}")
 
@@ -976,12 +1010,6 @@ _POLL_FIRST = 0.05
 _POLL_MAX = 0.5
 #: States an instance passes through on its way to an outcome.
 _PASSING = ("stopping", "starting")
-
-
-def no_wait_option(f: _F) -> _F:
-    return click.option(
-        "--no-wait", is_flag=True, help="Answer at once, without waiting for the outcome."
-    )(f)
 
 
 def _active_tasks(c: Client, i: Instance) -> int | None:

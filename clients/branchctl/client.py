@@ -314,9 +314,20 @@ class AsyncClient:
         ``task_queues`` (where the app has them)."""
         return dict((await self.celery_setup(name))["config"])
 
-    async def delete_app(self, name: str) -> None:
-        """Remove an app; the daemon stops and removes its instances first."""
-        await self._call("DELETE", f"/v1/apps/{_seg(name)}")
+    async def delete_app(self, name: str, wait: bool = True) -> App | None:
+        """Remove an app; the daemon stops and removes its instances first.
+        Answers once it is gone (None); with ``wait=False`` at once, with the
+        app as it was (poll ``get_app`` until it answers 404)."""
+        params = None if wait else {"wait": "false"}
+        status, data = await self._call("DELETE", f"/v1/apps/{_seg(name)}", params=params)
+        if status == 204 or not data:
+            return None
+        try:
+            return self._parse(App.from_json, json.loads(data), status)
+        except ValueError:
+            raise ApiError(
+                status, "bad_response", "DELETE answered something other than JSON"
+            ) from None
 
     # -- instances -----------------------------------------------------------
 
@@ -607,8 +618,8 @@ class Client:
     def celery_config(self, name: str) -> dict[str, Any]:
         return self._run(self._async.celery_config(name))
 
-    def delete_app(self, name: str) -> None:
-        self._run(self._async.delete_app(name))
+    def delete_app(self, name: str, wait: bool = True) -> App | None:
+        return self._run(self._async.delete_app(name, wait))
 
     def instances(self, app: str | None = None) -> list[Instance]:
         return self._run(self._async.instances(app))

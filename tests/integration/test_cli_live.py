@@ -232,3 +232,39 @@ def test_daemon_exit_keep_then_a_new_daemon_adopts(
     assert run(again, "daemon", "exit").exit_code == 0
     assert again.wait_exit() == 0
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+
+
+#: Takes 2 s to stop on SIGTERM.
+SLOW_STOP = [
+    sys.executable,
+    "-c",
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0)))\n"
+    "print('up', flush=True)\n"
+    "time.sleep(1e9)",
+]
+
+
+def _slow(b: Branchd, name: str) -> None:
+    """An instance of SLOW_STOP that has set up its TERM handler."""
+    r = run(b, "instances", "add", "slow", "--name", name, "--startsecs", "0", "--", *SLOW_STOP)
+    assert r.exit_code == 0, r.output
+    b.wait_state("slow", name, "running")
+    wait_for(lambda: "up" in b.call("GET", f"/v1/apps/slow/instances/{name}/logs").text)
+
+
+def test_apps_remove_waits_for_slow_stops_past_the_timeout(branchd: Branchd) -> None:
+    assert run(branchd, "apps", "add", "slow").exit_code == 0
+    _slow(branchd, "s1")
+    r = run(branchd, "--timeout", "1", "apps", "remove", "slow")
+    assert r.exit_code == 0, r.output
+    assert "removed app 'slow'" in r.stdout
+    assert "slow: removing, 1 instance(s) left" in r.stderr  # it waited for the stop
+    assert branchd.call("GET", "/v1/apps/slow").status == 404
+    # --no-wait answers at once; the API says 202 with the app
+    assert run(branchd, "apps", "add", "slow").exit_code == 0
+    _slow(branchd, "s2")
+    reply = branchd.call("DELETE", "/v1/apps/slow?wait=false")
+    assert reply.status == 202 and reply.body["name"] == "slow", reply.text
+    assert branchd.instance("slow", "s2")["desired"] == "removed"
+    wait_for(lambda: branchd.call("GET", "/v1/apps/slow").status == 404, 20)
