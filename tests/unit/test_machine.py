@@ -21,8 +21,10 @@ from branchd.process.machine import (
     Command,
     Event,
     Exited,
+    Hung,
     Kill,
     Proc,
+    Ready,
     Reap,
     Restart,
     Signal,
@@ -112,6 +114,10 @@ EVENTS: dict[str, tuple[Event, float]] = {
     "Timeout(early)": (Timeout(), NOW),
     "Timeout(due)": (Timeout(), LATE),
     "Adopt": (Adopt(99), NOW),
+    # adopted while it was still starting, 0.25 s into startsecs (1.0)
+    "Adopt(starting)": (Adopt(99, State.STARTING, 0.25), NOW),
+    "Ready": (Ready(), NOW),
+    "Hung": (Hung("silent"), NOW),
 }
 
 Changes = dict[str, Any]
@@ -122,6 +128,15 @@ NONE: list[Command] = []
 RESPAWN: Changes = {"state": State.STARTING, "started": NOW, "restarts": 3}
 STOPPING: Changes = {"state": State.STOPPING, "deadline": NOW + 5.0}
 ADOPTED: Changes = {"state": State.RUNNING, "pid": 99, "started": NOW}
+#: Adopted while starting: starting still, for the rest of its startsecs.
+ADOPTED_STARTING: Changes = {
+    "state": State.STARTING,
+    "pid": 99,
+    "started": NOW,
+    "deadline": NOW + 0.75,
+    "reason": None,
+}
+KILLED: Changes = {"killed_for": "silent"}
 TERM: list[Command] = [Signal("TERM")]
 
 
@@ -161,6 +176,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("stopped",      "Timeout(early)", SAME,                                  NONE),
     ("stopped",      "Timeout(due)",   SAME,                                  NONE),
     ("stopped",      "Adopt",          ADOPTED,                               NONE),
+    ("stopped",       "Adopt(starting)", ADOPTED_STARTING,                      NONE),
+    ("stopped",       "Ready",           SAME,                                  NONE),
+    ("stopped",       "Hung",            SAME,                                  NONE),
 
     # A spawn is in flight: only its answer (Spawned/SpawnFailed) or a Stop matter.
     ("starting",     "Start",          SAME,                                  NONE),
@@ -175,6 +193,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("starting",     "Timeout(early)", SAME,                                  NONE),
     ("starting",     "Timeout(due)",   SAME,                                  NONE),
     ("starting",     "Adopt",          SAME,                                  NONE),
+    ("starting",      "Adopt(starting)", SAME,                                  NONE),
+    ("starting",      "Ready",           SAME,                                  NONE),
+    ("starting",      "Hung",            SAME,                                  NONE),
 
     ("starting+pid", "Start",          SAME,                                  NONE),
     ("starting+pid", "Stop",           STOPPING,                              TERM),
@@ -187,6 +208,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("starting+pid", "Timeout(early)", SAME,                                  NONE),
     ("starting+pid", "Timeout(due)",   {"state": State.RUNNING, "deadline": None}, NONE),
     ("starting+pid", "Adopt",          SAME,                                  NONE),
+    ("starting+pid",  "Adopt(starting)", SAME,                                  NONE),
+    ("starting+pid",  "Ready",           {"state": State.RUNNING, "deadline": None}, NONE),
+    ("starting+pid",  "Hung",            KILLED,                                [Kill()]),
 
     ("running",      "Start",          SAME,                                  NONE),
     ("running",      "Stop",           STOPPING,                              TERM),
@@ -201,6 +225,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("running",      "Timeout(early)", SAME,                                  NONE),
     ("running",      "Timeout(due)",   SAME,                                  NONE),
     ("running",      "Adopt",          SAME,                                  NONE),
+    ("running",       "Adopt(starting)", SAME,                                  NONE),
+    ("running",       "Ready",           SAME,                                  NONE),
+    ("running",       "Hung",            KILLED,                                [Kill()]),
 
     ("backoff",      "Start",          {**RESPAWN, "retries": 0, "reason": None,
                                         "deadline": None},                    [Spawn()]),
@@ -218,6 +245,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
                                                                               [Spawn()]),
     ("backoff",      "Adopt",          {**ADOPTED, "deadline": None, "retries": 0,
                                         "reason": None},                      NONE),
+    ("backoff",       "Adopt(starting)", ADOPTED_STARTING,                      NONE),
+    ("backoff",       "Ready",           SAME,                                  NONE),
+    ("backoff",       "Hung",            SAME,                                  NONE),
 
     ("stopping",     "Start",          {"then_start": True},                  NONE),
     ("stopping",     "Stop",           SAME,                                  NONE),
@@ -230,6 +260,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("stopping",     "Timeout(early)", SAME,                                  NONE),
     ("stopping",     "Timeout(due)",   {"deadline": None, "stop_step": StopStep.KILL}, [Kill()]),
     ("stopping",     "Adopt",          SAME,                                  NONE),
+    ("stopping",      "Adopt(starting)", SAME,                                  NONE),
+    ("stopping",      "Ready",           SAME,                                  NONE),
+    ("stopping",      "Hung",            SAME,                                  NONE),
 
     ("exited",       "Start",          RESPAWN,                               [Spawn()]),
     ("exited",       "Stop",           {"state": State.STOPPED},              NONE),
@@ -242,6 +275,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("exited",       "Timeout(early)", SAME,                                  NONE),
     ("exited",       "Timeout(due)",   SAME,                                  NONE),
     ("exited",       "Adopt",          ADOPTED,                               NONE),
+    ("exited",        "Adopt(starting)", ADOPTED_STARTING,                      NONE),
+    ("exited",        "Ready",           SAME,                                  NONE),
+    ("exited",        "Hung",            SAME,                                  NONE),
 
     ("fatal",        "Start",          {**RESPAWN, "restarts": 5, "retries": 0, "reason": None},
                                                                               [Spawn()]),
@@ -256,6 +292,9 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("fatal",        "Timeout(early)", SAME,                                  NONE),
     ("fatal",        "Timeout(due)",   SAME,                                  NONE),
     ("fatal",        "Adopt",          {**ADOPTED, "retries": 0, "reason": None}, NONE),
+    ("fatal",         "Adopt(starting)", ADOPTED_STARTING,                      NONE),
+    ("fatal",         "Ready",           SAME,                                  NONE),
+    ("fatal",         "Hung",            SAME,                                  NONE),
 ]
 # fmt: on
 
@@ -564,6 +603,11 @@ EXTERNAL = st.one_of(
     st.builds(Exited, st.sampled_from([0, 1, 2, -9, -15, None])),
     st.just(Timeout()),
     st.builds(Adopt, st.integers(2, 99)),
+    st.builds(
+        Adopt, st.integers(2, 99), st.sampled_from(list(State)), st.sampled_from([0.0, 0.5, 9.0])
+    ),
+    st.just(Ready()),  # the Celery events: a first ping answered, a silent worker
+    st.builds(Hung, st.just("silent")),
     st.builds(Spawned, st.integers(2, 99)),  # stray: the manager never sends these
     st.builds(SpawnFailed, st.just("stray")),
 )
@@ -579,7 +623,10 @@ POLICIES = st.builds(
     startsecs=st.sampled_from([0.0, 1.0]),
     startretries=st.integers(1, 4),
     stopwaitsecs=st.sampled_from([0.5, 2.0]),
-)
+    # the Celery kind: running once it answers a ping, within startsecs
+    ready_by_ping=st.booleans(),
+    stop_group=st.booleans(),
+).filter(lambda p: not (p.ready_by_ping and p.startsecs == 0))
 
 SETTLED = (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF)
 
@@ -593,7 +640,8 @@ def check_invariants(old: Proc, new: Proc, cmds: list[Command], policy: Policy) 
     timed = new.state in (State.STARTING, State.BACKOFF) or (
         new.state == State.STOPPING and new.stop_step != StopStep.KILL
     )
-    assert (new.deadline is not None) == timed, new
+    if new.killed_for is None:  # (a process the supervisor killed waits for its exit)
+        assert (new.deadline is not None) == timed, new
     if new.state == State.STARTING:
         assert policy.startsecs > 0
     if new.state == State.RUNNING:
@@ -606,8 +654,11 @@ def check_invariants(old: Proc, new: Proc, cmds: list[Command], policy: Policy) 
     if old.pid is not None and new.pid != old.pid:  # a live pid is never just dropped
         assert Reap() in cmds, (old, new, cmds)
     for cmd in cmds:
-        if isinstance(cmd, (Signal, Kill)):
+        if isinstance(cmd, Signal):
             assert old.pid is not None and new.state == State.STOPPING
+        if isinstance(cmd, Kill):  # a stop's last step, or the supervisor's own kill
+            assert old.pid is not None
+            assert new.state == State.STOPPING or new.killed_for is not None, new
         if isinstance(cmd, Reap):
             assert old.pid is not None
     if cmds.count(Spawn()):
