@@ -23,6 +23,7 @@ from branchd.celery.broker import (
 )
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
+from branchd.process import health
 from branchd.process.celery_ops import (
     CeleryOps,
     Worker,
@@ -80,12 +81,11 @@ class Workers:
         self._health_interval = health_interval
         self._reconcile_interval = reconcile_interval
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._last_pong: dict[str, float] = {}
+        self._watch: dict[str, health.Watch] = {}
         self._started: dict[str, Worker] = {}
         #: The argv each worker was last started with (what `ps` shows).
         self._argv: dict[str, tuple[str, ...]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._silent: set[str] = set()
         self._prune_failures: dict[BrokerSpec, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -252,7 +252,7 @@ class Workers:
                     elif exc is None and task.result():
                         answered = True
                 if answered and self._current(name, pid, State.STARTING):
-                    self._last_pong[name] = loop.time()
+                    self._watch[name] = health.Watch(last_pong=loop.time())
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
                     return
@@ -355,36 +355,32 @@ class Workers:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if spec.memory_limit:
-            rss = self._launcher.tree_stats(pid).memory_rss
-            if rss > spec.memory_limit:
-                self._host.feed(
-                    name, Hung(f"memory {rss} bytes over the limit of {spec.memory_limit}")
-                )
+            too_big = health.over_memory(
+                self._launcher.tree_stats(pid).memory_rss, spec.memory_limit
+            )
+            if too_big:
+                self._host.feed(name, Hung(too_big))
                 return
         try:
             answered = await self.ops.ping(self.worker(spec))
+            ping = health.Ping.ANSWERED if answered else health.Ping.SILENT
         except BrokerUnavailable:
-            # A broker outage is not a hung worker: the clock starts again.
-            self._last_pong[name] = now
-            self._silent.add(name)
+            ping = health.Ping.BROKER_DOWN
+        if ping != health.Ping.BROKER_DOWN and not self._current(name, pid, State.RUNNING):
             return
-        if not self._current(name, pid, State.RUNNING):
-            return
-        if answered:
-            self._last_pong[name] = now
-            if name in self._silent or sweep:
-                # Back after silence (e.g. the broker restarted): re-apply.
-                self._silent.discard(name)
-                await self._reconcile(name)
-            return
-        self._silent.add(name)
-        last = self._last_pong.setdefault(name, now)
-        if self._pool(spec) == "solo":
-            # A solo worker answers only between tasks: silence is a long task.
-            return
-        if now - last >= spec.hung_after:
-            self._last_pong.pop(name, None)
-            self._host.feed(name, Hung(f"no answer to ping for {spec.hung_after:g}s"))
+        verdict = health.decide(
+            self._watch.get(name, health.Watch()),
+            ping,
+            now,
+            hung_after=spec.hung_after,
+            solo=self._pool(spec) == "solo",
+            sweep=sweep,
+        )
+        self._watch[name] = verdict.watch
+        if verdict.kill:
+            self._host.feed(name, Hung(verdict.kill))
+        elif verdict.reconcile:
+            await self._reconcile(name)
 
     async def _prune_fanout(self) -> None:
         by_broker: dict[BrokerSpec, list[str]] = {}
