@@ -8,6 +8,8 @@ class BranchdError(Exception):
 
     ``code`` is the stable machine-readable name that clients see in
     ``{"error": {"code": ..., "message": ...}}``; ``status`` the HTTP status.
+    Each code names one class (:func:`by_code`), so that an error answered by
+    another branch is raised again unchanged where a request was forwarded.
     """
 
     code = "error"
@@ -16,6 +18,34 @@ class BranchdError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.code in _BY_CODE:
+            raise TypeError(f"error code {cls.code!r} is {_BY_CODE[cls.code].__name__}'s")
+        _BY_CODE[cls.code] = cls
+
+    def to_wire(self) -> dict[str, dict[str, str]]:
+        """The JSON body of the answer."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+_BY_CODE: dict[str, type[BranchdError]] = {BranchdError.code: BranchdError}
+
+
+def by_code(code: str) -> type[BranchdError]:
+    """The class of an error code (BranchdError itself for a code unknown here)."""
+    return _BY_CODE.get(code, BranchdError)
+
+
+def from_wire(body: object) -> BranchdError:
+    """The error a JSON error body names, with its message (a malformed body
+    is a BranchdError that says so)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return BranchdError(f"malformed error answer: {body!r:.200}")
+    code, message = error.get("code"), error.get("message")
+    return by_code(str(code))(str(message) if message is not None else str(code))
 
 
 class BadRequest(BranchdError):
@@ -67,6 +97,14 @@ class SpawnError(BranchdError):
 class StoreError(BranchdError):
     code = "store"
     status = 500
+
+
+class Full(BranchdError):
+    """A branch has no room for a new instance (admission control): the sender
+    tries the next choice. Draining branches answer it too."""
+
+    code = "full"
+    status = 503
 
 
 class ControlFailed(BranchdError):

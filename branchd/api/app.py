@@ -48,7 +48,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except BranchdError as exc:
-        return _error(exc.status, exc.code, exc.message)
+        return web.json_response(exc.to_wire(), status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

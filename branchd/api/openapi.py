@@ -19,7 +19,7 @@ _ERRORS = {
     "413": "Body too large",
     "422": "Invalid input (schema, name, rule)",
     "502": "A worker refused or did not confirm a runtime change",
-    "503": "The broker could not be reached",
+    "503": "The broker could not be reached (broker_unavailable), or no room (full)",
 }
 
 
