@@ -21,6 +21,7 @@ from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config, load
 from branchd.errors import BranchdError, ConfigError
+from branchd.events import EventBus
 from branchd.process.launcher import ProcessLauncher
 from branchd.process.manager import Manager
 from branchd.store import Store
@@ -65,6 +66,7 @@ class Daemon:
                 cfg,
                 store.branch_id(),
                 remote=KombuRemoteControl(),
+                bus=EventBus(),
             )
             await manager.start()
             runner = web.AppRunner(

@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from branchd import events
 from branchd.celery.remote import RemoteControl
 from branchd.celery.urls import embedded_exchange_problem
 from branchd.clock import Clock
@@ -33,6 +34,7 @@ from branchd.errors import (
     NotFound,
     RestartRequired,
 )
+from branchd.events import EventBus
 from branchd.model import (
     NAME_RULE,
     QUEUE_NAME_RULE,
@@ -104,9 +106,11 @@ class Manager:
         config: Config,
         branch_id: str,
         remote: RemoteControl,
+        bus: EventBus,
         hostname: str | None = None,
     ) -> None:
         self._store = store
+        self._bus = bus
         self._launcher = launcher
         self._clock = clock
         self._config = config
@@ -116,7 +120,6 @@ class Manager:
         self._procs: dict[str, Proc] = {}
         self._runtime: dict[str, Runtime] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._changed: dict[str, asyncio.Event] = {}
         self._deleting: set[str] = set()
         self._deleting_apps: set[str] = set()
         #: Deletes answered before their instance stopped (wait=False), still running.
@@ -151,7 +154,6 @@ class Manager:
                 reason=rt.reason,
             )
             self._runtime[name] = replace(rt, state=State.STOPPED, pid=None)
-            self._changed[name] = asyncio.Event()
             if rt.pid and rt.create_time and self._launcher.alive(rt.pid, rt.create_time):
                 log.info("adopting %s (pid %d, %s)", name, rt.pid, rt.state)
                 self._runtime[name] = replace(
@@ -259,6 +261,7 @@ class Manager:
         queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
         self._check_carried(app, list(queues), decls)
         created = self._store.put_app(app)
+        self._bus.publish(events.DeclarationChanged("app", name, name))
         return app, created
 
     async def patch_app(self, name: str, patch: Mapping[str, Any]) -> App:
@@ -316,6 +319,7 @@ class Manager:
                 elif spec.name in self._specs:
                     await self.delete_instance(name, spec.name)
             self._store.delete_app(name)
+            self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
         finally:
             self._deleting_apps.discard(name)
 
@@ -360,7 +364,6 @@ class Manager:
         self._specs[name] = spec
         self._procs[name] = Proc()
         self._runtime[name] = Runtime()
-        self._changed[name] = asyncio.Event()
         self._persist(name)
         if spec.desired == Desired.RUNNING:
             self._feed(name, Start())
@@ -428,7 +431,9 @@ class Manager:
             handle = self._timers.pop(name, None)
             if handle:
                 handle.cancel()
-            del self._specs[name], self._procs[name], self._runtime[name], self._changed[name]
+            app = self._specs[name].app
+            del self._specs[name], self._procs[name], self._runtime[name]
+            self._bus.publish(events.InstanceRemoved(app, name))
         finally:
             self._deleting.discard(name)
 
@@ -524,6 +529,7 @@ class Manager:
         )
         self._check_carried(app_obj, [name], {name: queue})
         created = self._store.put_queue(queue)
+        self._bus.publish(events.DeclarationChanged("queue", app, name))
         return queue, created
 
     async def delete_queue(self, app: str, name: str) -> None:
@@ -532,6 +538,7 @@ class Manager:
         for spec in [s for s in self._specs.values() if s.app == app and name in s.queues]:
             await self.remove_consumer(app, spec.name, name)
         self._store.delete_queue(app, name)
+        self._bus.publish(events.DeclarationChanged("queue", app, name, deleted=True))
 
     # consumers and autoscale (runtime changes of a celery instance) ---------------
 
@@ -554,6 +561,7 @@ class Manager:
             if self._procs[name].state == State.RUNNING:
                 decl = self._store.get_queue(app, queue)
                 live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
+                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
             return self._consumer_items(spec, live)
 
     async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
@@ -567,6 +575,7 @@ class Manager:
             live = None
             if self._procs[name].state == State.RUNNING:
                 live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
+                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
             return self._consumer_items(spec, live)
 
     def _consumer_items(self, spec: InstanceSpec, live: list[str] | None) -> list[dict[str, Any]]:
@@ -616,6 +625,7 @@ class Manager:
                 except RestartRequired:
                     self._update_spec(old)
                     raise
+                self._bus.publish(events.RuntimeChanged(app, name, "autoscale"))
             return await self.get_autoscale(app, name)
 
     # what the workers service needs (workers.Host) ----------------------------------
@@ -719,8 +729,10 @@ class Manager:
         proc = self._procs[name]  # a Spawn has fed Spawned/SpawnFailed back in
         self._schedule(name, proc.deadline)
         self._persist(name)
-        self._changed[name].set()
-        self._changed[name] = asyncio.Event()
+        if (proc.state, proc.pid, proc.reason) != (old.state, old.pid, old.reason):
+            self._bus.publish(
+                events.InstanceChanged(spec.app, name, proc.state, proc.pid, proc.reason)
+            )
 
     def _run(self, name: str, spec: InstanceSpec, old: Proc, command: Command) -> None:
         pid = self._procs[name].pid
@@ -825,13 +837,18 @@ class Manager:
         limit = spec.policy.stopwaitsecs + _KILL_GRACE
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
-        while name in self._procs and self._procs[name].state == State.STOPPING:
-            remaining = end - loop.time()
-            if remaining <= 0:
-                log.warning("%s did not stop within %.1fs", name, limit)
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed[name].wait(), remaining)
+
+        def about_it(event: events.Event) -> bool:
+            return getattr(event, "name", None) == name
+
+        with self._bus.subscribe(about_it) as changes:
+            while name in self._procs and self._procs[name].state == State.STOPPING:
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    log.warning("%s did not stop within %.1fs", name, limit)
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), remaining)
 
     async def _rotate_logs(self) -> None:
         interval = self._config.log_check_interval

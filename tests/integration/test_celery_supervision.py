@@ -26,6 +26,7 @@ from branchd.celery.stub import Sent, StubNode, StubRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
+from branchd.events import EventBus
 from branchd.model import Autoscale, State
 from branchd.process.fake import FakeLauncher
 from branchd.process.manager import Manager
@@ -157,7 +158,14 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         timeline: list[str] = []
         fake, stub = TimelineFake(timeline), TimelineStub(timeline)
         m = Manager(
-            store, fake, SystemClock(), config, store.branch_id(), remote=stub, hostname=HOST
+            store,
+            fake,
+            SystemClock(),
+            config,
+            store.branch_id(),
+            remote=stub,
+            bus=EventBus(),
+            hostname=HOST,
         )
         opened.append((m, store))
         await m.start()
@@ -433,7 +441,14 @@ async def _next_daemon(rig: Rig, tmp_path: Path) -> Manager:
     rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
     config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
     m2 = Manager(
-        rig.store, rig.fake, SystemClock(), config, rig.store.branch_id(), rig.stub, HOST
+        rig.store,
+        rig.fake,
+        SystemClock(),
+        config,
+        rig.store.branch_id(),
+        rig.stub,
+        EventBus(),
+        HOST,
     )
     await m2.start()
     return m2

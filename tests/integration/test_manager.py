@@ -25,6 +25,7 @@ from branchd.celery.stub import StubRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config
 from branchd.errors import Conflict, NotFound, SpawnError
+from branchd.events import EventBus
 from branchd.model import Autorestart, Desired, State, StopStep
 from branchd.process.fake import FakeLauncher
 from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
@@ -244,6 +245,7 @@ class Supervision:
             self.config,
             self.branch_id,
             StubRemoteControl(),  # no celery instances here: no worker to reach
+            EventBus(),
         )
         self.managers.append(m)
         await m.start()

@@ -1,0 +1,101 @@
+"""The event bus: what changed, published by the services, read by whoever
+subscribes (a wait for a stop today; the API's event stream, the gossip's
+capacity record and the metrics later).
+
+An instance, never a module global: the daemon builds one and hands it to
+each service. Publishing never blocks and never fails: each subscriber has a
+bounded queue, and one that falls behind loses its oldest events (and is told
+how many), so a slow reader cannot hold up supervision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from branchd.model import State
+
+
+@dataclass(frozen=True)
+class InstanceChanged:
+    """An instance's state, pid or reason changed (after it was persisted)."""
+
+    app: str
+    name: str
+    state: State
+    pid: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class InstanceRemoved:
+    app: str
+    name: str
+
+
+@dataclass(frozen=True)
+class RuntimeChanged:
+    """A running worker's consumers or autoscale range were changed (confirmed)."""
+
+    app: str
+    name: str
+    what: str  # "consumers" | "autoscale"
+
+
+@dataclass(frozen=True)
+class DeclarationChanged:
+    """An app or a queue declaration was created, changed or deleted."""
+
+    kind: str  # "app" | "queue"
+    app: str
+    name: str
+    deleted: bool = False
+
+
+Event = InstanceChanged | InstanceRemoved | RuntimeChanged | DeclarationChanged
+
+
+@dataclass
+class Subscription:
+    """One reader's queue of the events it asked for."""
+
+    accepts: Callable[[Event], bool]
+    queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(1024))
+    dropped: int = 0  # events lost because the reader fell behind
+
+    async def get(self) -> Event:
+        return await self.queue.get()
+
+    def offer(self, event: Event) -> None:
+        if not self.accepts(event):
+            return
+        if self.queue.full():
+            self.queue.get_nowait()  # the oldest goes: a slow reader never blocks anyone
+            self.dropped += 1
+        self.queue.put_nowait(event)
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscriptions: list[Subscription] = []
+
+    def publish(self, event: Event) -> None:
+        for sub in list(self._subscriptions):
+            sub.offer(event)
+
+    @contextlib.contextmanager
+    def subscribe(
+        self, accepts: Callable[[Event], bool] = lambda _: True
+    ) -> Iterator[Subscription]:
+        sub = Subscription(accepts)
+        self._subscriptions.append(sub)
+        try:
+            yield sub
+        finally:
+            self._subscriptions.remove(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
