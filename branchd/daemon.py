@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +18,8 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
+from branchd.api.forward import LocalOnly
+from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config, load
@@ -25,6 +28,7 @@ from branchd.events import EventBus
 from branchd.process.launcher import ProcessLauncher
 from branchd.process.manager import Manager
 from branchd.store import Store
+from branchd.views import BranchRecord, Capacity
 
 log = logging.getLogger("branchd")
 
@@ -59,23 +63,40 @@ class Daemon:
         loop = asyncio.get_running_loop()
         store = Store(cfg.db_path)
         try:
+            bus = EventBus()
+            clock = SystemClock()
             manager = Manager(
                 store,
                 ProcessLauncher(loop),
-                SystemClock(),
+                clock,
                 cfg,
                 store.branch_id(),
                 remote=KombuRemoteControl(),
-                bus=EventBus(),
+                bus=bus,
             )
             await manager.start()
+            empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
+            branch = BranchService(
+                BranchRecord(
+                    id=manager.branch_id,
+                    hostname=socket.gethostname(),
+                    version=__version__,
+                    started_at=clock.wall(),
+                    address=f"{cfg.host}:{cfg.port}",
+                    capacity=empty,
+                ),
+                SystemProbe(),
+                bus,
+                manager.instance_names(),
+            )
+            branch.start()
             runner = web.AppRunner(
                 make_app(
                     manager,
                     token=cfg.token,
                     max_body=cfg.max_body,
-                    started_at=SystemClock().wall(),
-                    address=f"{cfg.host}:{cfg.port}",
+                    branch=branch.record,
+                    forwarder=LocalOnly(),  # a cluster of one, until membership
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
@@ -86,6 +107,7 @@ class Daemon:
             try:
                 await site.start()
             except OSError as exc:
+                await branch.close()
                 await manager.shutdown(keep=True)
                 raise ConfigError(
                     f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}"
@@ -114,6 +136,7 @@ class Daemon:
                 "stopping instances" if how == Exit.STOP else "instances keep running",
             )
             await runner.cleanup()
+            await branch.close()
             await manager.shutdown(keep=how == Exit.KEEP)
         finally:
             store.close()

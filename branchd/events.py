@@ -30,6 +30,12 @@ class InstanceChanged:
 
 
 @dataclass(frozen=True)
+class InstanceAdded:
+    app: str
+    name: str
+
+
+@dataclass(frozen=True)
 class InstanceRemoved:
     app: str
     name: str
@@ -54,7 +60,7 @@ class DeclarationChanged:
     deleted: bool = False
 
 
-Event = InstanceChanged | InstanceRemoved | RuntimeChanged | DeclarationChanged
+Event = InstanceChanged | InstanceAdded | InstanceRemoved | RuntimeChanged | DeclarationChanged
 
 
 @dataclass

@@ -103,3 +103,45 @@ class Stats:
         if self.view.spec.kind == Kind.CELERY:
             out["celery"] = dict(self.celery) if self.celery is not None else None
         return out
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a branch has room for; rides on the gossip later (placement reads it)."""
+
+    cpus: int
+    load: tuple[float, float, float]
+    memory_total: int
+    memory_free: int
+    instances: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpus": self.cpus,
+            "load": [round(x, 2) for x in self.load],
+            "memory_total": self.memory_total,
+            "memory_free": self.memory_free,
+            "instances": self.instances,
+        }
+
+
+@dataclass(frozen=True)
+class BranchRecord:
+    """One branch as the API (and later the cluster's directory) shows it."""
+
+    id: str
+    hostname: str
+    version: str
+    started_at: float
+    address: str
+    capacity: Capacity
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hostname": self.hostname,
+            "version": self.version,
+            "started_at": self.started_at,
+            "address": self.address,
+            "capacity": self.capacity.to_json(),
+        }

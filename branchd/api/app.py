@@ -11,17 +11,18 @@ from aiohttp import web
 
 from branchd.api import openapi
 from branchd.api.backend import Backend
+from branchd.api.forward import Forwarder, LocalOnly
 from branchd.api.routes import (
-    ADDRESS,
     BACKEND,
+    BRANCH,
     EXIT,
     OPENAPI,
     ROUTES,
-    STARTED_AT,
     Handler,
     not_found,
 )
 from branchd.errors import BranchdError
+from branchd.views import BranchRecord
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,33 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+FORWARDER = web.AppKey("forwarder", Forwarder)
+
+
+@web.middleware
+async def forward_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Forward first: another branch's answer when it owns the request."""
+    answer = await request.app[FORWARDER].forward(request)
+    return answer if answer is not None else await handler(request)
+
+
 def make_app(
     backend: Backend,
     *,
     token: str | None,
     max_body: int,
-    started_at: float,
-    address: str,
+    branch: Callable[[], BranchRecord],
     on_exit: Callable[[bool], None] | None = None,
+    forwarder: Forwarder | None = None,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware], client_max_size=max_body
+        # errors outermost (every failure is JSON), then auth, then forward first
+        middlewares=[errors_middleware, auth_middleware, forward_middleware],
+        client_max_size=max_body,
     )
     app[BACKEND] = backend
-    app[STARTED_AT] = started_at
-    app[ADDRESS] = address
+    app[FORWARDER] = forwarder if forwarder is not None else LocalOnly()
+    app[BRANCH] = branch
     if token:
         app[TOKEN] = token
     if on_exit is not None:

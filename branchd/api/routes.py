@@ -6,17 +6,13 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
-import psutil
 from aiohttp import web
 
-from branchd import __version__
 from branchd.api import schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Conflict, Invalid, NotFound
@@ -30,12 +26,13 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
+from branchd.views import BranchRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 BACKEND = web.AppKey("backend", Backend)
-STARTED_AT = web.AppKey("started_at", float)
-ADDRESS = web.AppKey("address", str)
+#: This branch's record, from the service that keeps it (never psutil in a handler).
+BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 OPENAPI = web.AppKey("openapi", dict)
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
 EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
@@ -176,21 +173,7 @@ async def ping(request: web.Request) -> web.Response:
 
 
 def branch_info(request: web.Request) -> dict[str, Any]:
-    mem = psutil.virtual_memory()
-    return {
-        "id": _backend(request).branch_id,
-        "hostname": socket.gethostname(),
-        "version": __version__,
-        "started_at": request.app[STARTED_AT],
-        "address": request.app[ADDRESS],
-        "capacity": {
-            "cpus": psutil.cpu_count() or 1,
-            "load": [round(x, 2) for x in os.getloadavg()],
-            "memory_total": mem.total,
-            "memory_free": mem.available,
-            "instances": _backend(request).counts(),
-        },
-    }
+    return request.app[BRANCH]().to_json()
 
 
 async def get_branch(request: web.Request) -> web.Response:

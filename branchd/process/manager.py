@@ -361,6 +361,7 @@ class Manager:
         if not spec.autostart:
             spec = replace(spec, desired=Desired.STOPPED)
         self._store.add_instance(spec)
+        self._bus.publish(events.InstanceAdded(app_name, name))
         self._specs[name] = spec
         self._procs[name] = Proc()
         self._runtime[name] = Runtime()
@@ -500,8 +501,8 @@ class Manager:
     def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]:
         return logs.follow(self.log_path(app, name, stream))
 
-    def counts(self) -> int:
-        return len(self._specs)
+    def instance_names(self) -> list[str]:
+        return list(self._specs)
 
     # queues (declarations of an app) --------------------------------------------
 

@@ -17,6 +17,7 @@ import schemathesis
 
 from branchd.api.app import make_app
 from branchd.api.backend import Backend
+from branchd.views import BranchRecord
 from tests.conftest import SLEEPER, Branchd, Reply, wait_for
 
 PY = sys.executable
@@ -25,7 +26,10 @@ METHODS = {"get", "put", "post", "patch", "delete"}
 
 def _router_operations() -> set[tuple[str, str]]:
     app = make_app(
-        cast(Backend, object()), token=None, max_body=1024, started_at=0.0, address="x:1"
+        cast(Backend, object()),
+        token=None,
+        max_body=1024,
+        branch=cast(Callable[[], BranchRecord], object()),
     )
     ops = set()
     for route in app.router.routes():

@@ -1,0 +1,110 @@
+"""This branch's record: who it is and what it has room for.
+
+Built by a service, fed by the event bus (how many instances) and a timer
+(CPU load and free memory, read from the host through a small probe), so
+that a request never waits on psutil and the gossip can carry the same
+record later. ``refresh()`` is the timer's one step; tests call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Protocol
+
+import psutil
+
+from branchd import events
+from branchd.events import EventBus
+from branchd.views import BranchRecord, Capacity
+
+log = logging.getLogger(__name__)
+
+
+class HostProbe(Protocol):
+    def cpus(self) -> int: ...
+    def load(self) -> tuple[float, float, float]: ...
+    def memory(self) -> tuple[int, int]:
+        """(total, available) bytes."""
+        ...
+
+
+class SystemProbe:
+    def cpus(self) -> int:
+        return psutil.cpu_count() or 1
+
+    def load(self) -> tuple[float, float, float]:
+        return os.getloadavg()
+
+    def memory(self) -> tuple[int, int]:
+        mem = psutil.virtual_memory()
+        return int(mem.total), int(mem.available)
+
+
+class BranchService:
+    def __init__(
+        self,
+        base: BranchRecord,
+        probe: HostProbe,
+        bus: EventBus,
+        instances: Iterable[str],
+        *,
+        interval: float = 5.0,
+    ) -> None:
+        self._record = base
+        self._probe = probe
+        self._bus = bus
+        self._names = set(instances)
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self.refresh()
+
+    def record(self) -> BranchRecord:
+        return replace(
+            self._record, capacity=replace(self._record.capacity, instances=len(self._names))
+        )
+
+    def refresh(self) -> None:
+        """One step of the timer: the host's figures now."""
+        total, free = self._probe.memory()
+        capacity = Capacity(self._probe.cpus(), self._probe.load(), total, free, len(self._names))
+        self._record = replace(self._record, capacity=capacity)
+
+    def seen(self, event: events.Event) -> None:
+        """One event of the bus: instances come and go."""
+        if isinstance(event, events.InstanceAdded):
+            self._names.add(event.name)
+        elif isinstance(event, events.InstanceRemoved):
+            self._names.discard(event.name)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._bus.subscribe(
+            lambda e: isinstance(e, events.InstanceAdded | events.InstanceRemoved)
+        ) as changes:
+            next_refresh = loop.time() + self._interval
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, next_refresh - loop.time())):
+                        self.seen(await changes.get())
+                        continue
+                except TimeoutError:
+                    pass
+                try:
+                    self.refresh()
+                except Exception:  # a probe that fails once must not end the loop
+                    log.warning("cannot read the host's load and memory", exc_info=True)
+                next_refresh = loop.time() + self._interval

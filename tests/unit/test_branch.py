@@ -1,0 +1,60 @@
+"""This branch's record: read from the host by a timer step, its instance
+count fed by the event bus (no psutil call in a request)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from branchd.branch import BranchService
+from branchd.events import EventBus, InstanceAdded, InstanceRemoved
+from branchd.views import BranchRecord, Capacity
+
+BASE = BranchRecord("b1", "host", "0.1.0", 1.0, "127.0.0.1:8400", Capacity(1, (0, 0, 0), 0, 0, 0))
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.free = 4096
+        self.reads = 0
+
+    def cpus(self) -> int:
+        return 8
+
+    def load(self) -> tuple[float, float, float]:
+        return (0.5, 0.25, 0.125)
+
+    def memory(self) -> tuple[int, int]:
+        self.reads += 1
+        return 8192, self.free
+
+
+def test_the_record_is_read_once_per_step_not_per_request() -> None:
+    probe = Probe()
+    service = BranchService(BASE, probe, EventBus(), ["w1", "w2"])
+    first = service.record()
+    assert first.capacity == Capacity(8, (0.5, 0.25, 0.125), 8192, 4096, 2)
+    assert first.to_json()["capacity"]["instances"] == 2
+    probe.free = 1024
+    service.record()
+    assert probe.reads == 1 and service.record().capacity.memory_free == 4096
+    service.refresh()  # the timer's step
+    assert service.record().capacity.memory_free == 1024 and probe.reads == 2
+
+
+async def test_instances_come_and_go_with_the_bus() -> None:
+    bus = EventBus()
+    service = BranchService(BASE, Probe(), bus, ["w1"], interval=3600.0)
+    service.start()
+    try:
+        await asyncio.sleep(0)  # let the loop subscribe
+        bus.publish(InstanceAdded("web", "w2"))
+        bus.publish(InstanceRemoved("web", "w1"))
+        bus.publish(InstanceAdded("web", "w3"))
+        for _ in range(100):
+            if service.record().capacity.instances == 2:
+                break
+            await asyncio.sleep(0)
+        assert service.record().capacity.instances == 2
+    finally:
+        await service.close()
+    assert bus.subscribers == 0
