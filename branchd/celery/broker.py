@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 CONTROL_EXCHANGE = "celery.pidbox"
 REPLY_EXCHANGE = "reply.celery.pidbox"
 LOADER_MODULE = "branchd_worker_loader"
+#: fs_transport.py, copied beside the loader: workers on the embedded broker
+#: use it too (kombu's own reader can take a message before it is written).
+TRANSPORT_MODULE = "branchd_fs_transport"
 LOADER_ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
 QUEUES_ENV = "BRANCHD_TASK_QUEUES"
 POLLING_INTERVAL = 0.1
@@ -118,15 +121,17 @@ def ensure_results_dir(backend: str | None) -> None:
 
 
 def install_worker_loader(hook_dir: Path) -> Path:
-    """Copy the worker-side loader into ``hook_dir`` (only if it changed)."""
-    source = Path(__file__).with_name("worker_loader.py")
-    target = hook_dir / f"{LOADER_MODULE}.py"
-    text = source.read_text()
-    if not target.exists() or target.read_text() != text:
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
-    return target
+    """Copy the worker-side loader, and the safe filesystem transport it hands
+    to workers, into ``hook_dir`` (only what changed)."""
+    copies = (("worker_loader.py", LOADER_MODULE), ("fs_transport.py", TRANSPORT_MODULE))
+    for source, module in copies:
+        text = Path(__file__).with_name(source).read_text()
+        target = hook_dir / f"{module}.py"
+        if not target.exists() or target.read_text() != text:
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(target)
+    return hook_dir / f"{LOADER_MODULE}.py"
 
 
 def hook_dir(state_dir: str | os.PathLike[str]) -> str:

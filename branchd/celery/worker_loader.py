@@ -34,6 +34,7 @@ ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
 #: Queue declarations (Celery's dict form): the worker's ``-Q`` names then come
 #: with their declared exchange and routing key from the start.
 QUEUES_ENV = "BRANCHD_TASK_QUEUES"
+TRANSPORT = "branchd_fs_transport:Transport"
 
 
 def _with_queues(current: Any, ours: dict[str, dict[str, Any]]) -> Any:
@@ -62,6 +63,11 @@ class Loader(AppLoader):  # type: ignore[misc]
         if raw:
             ours = json.loads(raw)
             conf.broker_transport_options = {**(conf.broker_transport_options or {}), **ours}
+            # The embedded broker, read and written safely: kombu 5.7's own
+            # filesystem channel can hand a reader a message before it is
+            # written (an empty file: JSONDecodeError, the worker dies, the
+            # task is lost). branchd copies its transport beside this file.
+            conf.broker_transport = TRANSPORT
         raw = os.environ.get(QUEUES_ENV)
         if raw:
             conf.task_queues = _with_queues(conf.task_queues, json.loads(raw))

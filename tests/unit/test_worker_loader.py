@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from celery import Celery
 from kombu import entity
 
+from branchd.celery import worker_loader
 from branchd.celery.worker_loader import _with_queues
 
 Queue: Any = entity.Queue
@@ -34,3 +37,17 @@ def test_a_list_of_the_app_gets_kombu_queues_of_ours() -> None:
         "topic",
         "image.#",
     )
+
+
+def test_on_the_embedded_broker_workers_get_the_safe_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(worker_loader.ENV, '{"data_folder_in": "/x"}')
+    app = Celery("t", loader=worker_loader.Loader)
+    app.loader._merge()
+    assert app.conf.broker_transport == "branchd_fs_transport:Transport"
+    assert app.conf.broker_transport_options["data_folder_in"] == "/x"
+    monkeypatch.delenv(worker_loader.ENV)
+    plain = Celery("u", loader=worker_loader.Loader)
+    plain.loader._merge()
+    assert plain.conf.broker_transport is None  # other brokers keep kombu's own
