@@ -247,6 +247,19 @@ class Store:
             row = db.execute("SELECT value FROM meta WHERE key = 'branch_id'").fetchone()
         return str(row[0])
 
+    def set_mark(self, key: str, on: bool) -> None:
+        """A durable note of work under way (``removing_app:<name>``), kept in meta."""
+        with self._write() as db:
+            if on:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (key,))
+            else:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def marks(self, prefix: str) -> list[str]:
+        """The notes whose key starts with ``prefix``, without it."""
+        rows = self._db.execute("SELECT key FROM meta ORDER BY key").fetchall()
+        return [str(k)[len(prefix) :] for (k,) in rows if str(k).startswith(prefix)]
+
     # -- apps --------------------------------------------------------------
 
     def put_app(self, app: App) -> bool:

@@ -291,6 +291,8 @@ def _drop_messages(spec: BrokerSpec, queues: Collection[str]) -> int:
     return removed
 
 
-def remove_embedded(state_dir: str | os.PathLike[str]) -> None:
-    """Delete the embedded broker's folders (tests and ``branchd reset``)."""
-    shutil.rmtree(Path(state_dir) / "broker", ignore_errors=True)
+def remove_embedded(state_dir: str | os.PathLike[str], app: str) -> None:
+    """Delete an app's embedded broker and default result store (its app is gone)."""
+    root = Path(state_dir).resolve()
+    shutil.rmtree(root / "broker" / "apps" / app, ignore_errors=True)
+    shutil.rmtree(results_dir(state_dir, app), ignore_errors=True)

@@ -91,6 +91,9 @@ from branchd.views import InstanceView, Stats, TreeStats
 
 log = logging.getLogger(__name__)
 
+#: The store's note of an app delete under way (``removing_app:<app>``).
+_REMOVING_APP = "removing_app:"
+
 #: After SIGKILL the kernel needs a moment; a stop never waits forever.
 _KILL_GRACE = 5.0
 
@@ -124,8 +127,8 @@ class Manager:
         self._deleting_apps: set[str] = set()
         #: Deletes answered before their instance stopped (wait=False), still running.
         self._forgetting: dict[str, asyncio.Task[None]] = {}
-        #: App deletes answered before they ended (wait=False), still running.
-        self._app_removals: set[asyncio.Task[None]] = set()
+        #: App deletes under way, by app.
+        self._app_removals: dict[str, asyncio.Task[None]] = {}
         self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
         self._workers = Workers(
@@ -162,6 +165,9 @@ class Manager:
                 up_for = self._clock.wall() - (rt.started_at or rt.create_time)
                 self._feed(name, Adopt(rt.pid, rt.state, up_for))
                 self._watch(name, rt.pid)
+                if spec.kind == Kind.CELERY:
+                    # what it runs is what it was started with, not today's app
+                    self._workers.remember_argv(name, _cmdline(rt.pid))
                 if spec.desired != Desired.RUNNING:
                     self._feed(name, Stop())
                 elif rt.state == State.STOPPING:
@@ -191,6 +197,12 @@ class Manager:
                 # a delete was under way when the daemon went: it ends now
                 self._deleting.add(name)
                 self._begin_forget(name)
+        for app in self._store.marks(_REMOVING_APP):
+            # an app delete was under way when the daemon went: it ends now
+            if self._store.get_app(app) is None:
+                self._store.set_mark(f"{_REMOVING_APP}{app}", False)
+            else:
+                self._begin_app_removal(app)
         self._rotator = asyncio.create_task(self._rotate_logs())
         self._workers.start()
 
@@ -207,11 +219,12 @@ class Manager:
             await asyncio.gather(*(self._wait_stopped(n) for n in names))
             # Deletes already under way end now that their instances stopped.
             await asyncio.gather(*self._forgetting.values(), return_exceptions=True)
-            await asyncio.gather(*self._app_removals, return_exceptions=True)
+            await asyncio.gather(*self._app_removals.values(), return_exceptions=True)
         else:
-            for removal in self._app_removals:
+            removals = list(self._app_removals.values())
+            for removal in removals:
                 removal.cancel()
-            await asyncio.gather(*self._app_removals, return_exceptions=True)
+            await asyncio.gather(*removals, return_exceptions=True)
             # their declarations say "removed": the next daemon ends them
             for task in self._forgetting.values():
                 task.cancel()
@@ -295,30 +308,43 @@ class Manager:
         the app as the delete began. Without ``wait`` it answers at once and
         the rest goes on in the background (each instance's removal is durable)."""
         app = await self.get_app(name)
-        if name in self._deleting_apps:
-            raise Conflict(f"app {name!r} is being deleted")
-        self._deleting_apps.add(name)
-        task = asyncio.create_task(self._remove_app(name))
-        self._app_removals.add(task)
-        task.add_done_callback(self._app_removed)
+        task = self._app_removals.get(name)
+        if task is None:  # (a second delete waits for the one under way)
+            # Durable: a daemon that goes before the end finishes the delete.
+            self._store.set_mark(f"{_REMOVING_APP}{name}", True)
+            task = self._begin_app_removal(name)
         if wait:
             await asyncio.shield(task)
         return app
 
-    def _app_removed(self, task: asyncio.Task[None]) -> None:
-        self._app_removals.discard(task)
+    def _begin_app_removal(self, name: str) -> asyncio.Task[None]:
+        self._deleting_apps.add(name)
+        task = asyncio.create_task(self._remove_app(name))
+        self._app_removals[name] = task
+        task.add_done_callback(lambda t: self._app_removed(name, t))
+        return task
+
+    def _app_removed(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._app_removals.get(name) is task:
+            del self._app_removals[name]
         if not task.cancelled() and task.exception() is not None:
-            log.error("removing an app failed", exc_info=task.exception())
+            log.error("removing app %s failed", name, exc_info=task.exception())
 
     async def _remove_app(self, name: str) -> None:
         try:
+            # every instance stops at once: the delete lasts the longest stop, not their sum
             for spec in [s for s in self._specs.values() if s.app == name]:
-                under_way = self._forgetting.get(spec.name)
-                if under_way is not None:  # a delete of it already runs: wait for that one
-                    await asyncio.shield(under_way)
-                elif spec.name in self._specs:
-                    await self.delete_instance(name, spec.name)
+                if spec.name not in self._forgetting:
+                    await self.delete_instance(name, spec.name, wait=False)
+            stops = [t for n, t in self._forgetting.items() if self._specs[n].app == name]
+            await asyncio.gather(*(asyncio.shield(t) for t in stops))
+            app = self._store.get_app(name)
             self._store.delete_app(name)
+            if app is not None and app.celery.broker is None:
+                # its embedded broker and results go with it: a new app of that
+                # name must not run the old one's leftover tasks
+                await asyncio.to_thread(self._workers.remove_embedded, name)
+            self._store.set_mark(f"{_REMOVING_APP}{name}", False)
             self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
         finally:
             self._deleting_apps.discard(name)
@@ -391,6 +417,12 @@ class Manager:
         stop, the removal) goes on in the background.
         """
         spec = self._lookup(app, name)
+        under_way = self._forgetting.get(name)
+        if under_way is not None:  # a second delete waits for the one under way
+            view = self._view(name)
+            if wait:
+                await asyncio.shield(under_way)
+            return view
         if name in self._deleting:
             raise Conflict(f"instance {name!r} is being deleted")
         # While it stops, nobody may start it again: the process would outlive
@@ -865,6 +897,13 @@ class Manager:
                     logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
                 except OSError:
                     log.warning("cannot rotate %s", path, exc_info=True)
+
+
+def _cmdline(pid: int) -> tuple[str, ...]:
+    try:
+        return tuple(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ()
 
 
 def _gone_or_zombie(pid: int) -> bool:

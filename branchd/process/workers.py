@@ -20,6 +20,7 @@ from branchd.celery.broker import (
     ensure_results_dir,
     hook_dir,
     prune_dead_fanout,
+    remove_embedded,
 )
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
@@ -104,6 +105,15 @@ class Workers:
 
     def broker(self, app: App) -> BrokerSpec:
         return broker_for(app, self._state_dir)
+
+    def remember_argv(self, name: str, argv: tuple[str, ...]) -> None:
+        """The argv of an adopted worker (as the kernel has it), for its view."""
+        if argv:
+            self._argv[name] = argv
+
+    def remove_embedded(self, app: str) -> None:
+        """Forget a deleted app's embedded broker folders and result store."""
+        remove_embedded(self._state_dir, app)
 
     def result_backend(self, app: App) -> str | None:
         return backend_for(app, self._state_dir)

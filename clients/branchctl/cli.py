@@ -750,7 +750,7 @@ def _env_lines(env: Mapping[str, str]) -> str:
     default="json",
     show_default=True,
     help="json: for app.conf.update(...); python: a config module; env: shell exports "
-    "(broker, result backend and transport options; queue declarations need json or python).",
+    "(broker, result backend, transport options, queue declarations: through branchd's loader).",
 )
 @json_option
 @pass_opts

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from branchctl import Client
 
 from tests.brokers import AMQP_URL
@@ -189,3 +192,22 @@ def test_two_apps_on_the_embedded_broker_do_not_share_it(branchd: Branchd) -> No
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert f"w-{apps[0]}@" in done.stdout and f"w-{apps[1]}@" not in done.stdout
     assert "1 node online" in done.stdout
+
+
+def test_an_adopted_worker_shows_the_command_it_runs(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    app = f"ad-{uuid.uuid4().hex[:6]}"
+    _embedded_shop(b, app, worker=f"w-{app}")
+    name = f"w-{app}"
+    started = b.instance(app, name)["command"]
+    b.signal(signal.SIGUSR2)  # an upgrade: the worker keeps running
+    assert b.wait_exit() == 0
+    again = branchd_factory(state_dir=b.state_dir)
+    again.wait_state(app, name, "running", timeout=30)
+    changed = again.ok("PATCH", f"/v1/apps/{app}/instances/{name}", {"pool": "solo"})
+    # the running worker still runs prefork: that is what it shows until restarted
+    assert changed["command"] == started and "--pool=prefork" in started
+    pid = changed["pid"]
+    assert list(psutil.Process(pid).cmdline()) == started

@@ -377,3 +377,25 @@ def test_a_fatal_instance_stays_fatal_over_a_daemon_restart(
         fatal["reason"],
     )
     assert again.ok("POST", "/v1/apps/web/instances/bad/start")["state"] in ("starting", "backoff")
+
+
+def test_an_app_delete_under_way_ends_after_a_daemon_restart(
+    branchd_factory: Callable[..., Branchd],
+) -> None:
+    b = branchd_factory()
+    pids = [add(b, name, SLOW_STOP, app="dx", startsecs=0)["pid"] for name in ("d1", "d2")]
+    for name in ("d1", "d2"):
+        wait_for(lambda n=name: "up" in b.call("GET", f"/v1/apps/dx/instances/{n}/logs").text)
+    b.ok("GET", "/v1/apps/dx/celery-config")  # (this makes its embedded broker's folders)
+    assert (b.state_dir / "broker" / "apps" / "dx").is_dir()
+    reply = b.call("DELETE", "/v1/apps/dx?wait=false")
+    assert reply.status == 202, reply.text
+    # both stop at once (the delete lasts the longest stop, not their sum)
+    assert {i["state"] for i in b.ok("GET", "/v1/apps/dx/instances")["items"]} == {"stopping"}
+    b.signal(signal.SIGUSR2)  # the daemon goes in the middle of it
+    assert b.wait_exit() == 0
+    again = branchd_factory(state_dir=b.state_dir)
+    wait_for(lambda: again.call("GET", "/v1/apps/dx").status == 404, 20)
+    assert not any(alive(pid) for pid in pids)
+    # its embedded broker went with it
+    assert not (b.state_dir / "broker" / "apps" / "dx").exists()
