@@ -6,7 +6,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,59 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Config:
-    state_dir: Path
+class ApiSection:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     token: str | None = None
-    log_level: str = "INFO"
+    #: Largest accepted request body.
+    max_body: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SupervisionSection:
     #: Exponential backoff between failed starts.
     backoff_base: float = 1.0
     backoff_max: float = 60.0
-    #: How often instance log files are checked for rotation.
-    log_check_interval: float = 5.0
+    #: After SIGKILL the kernel needs a moment; a stop never waits forever.
+    kill_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class CelerySection:
     #: How often running Celery workers are pinged (hung-worker detection).
     health_interval: float = 5.0
     #: How often every worker is compared with its declaration (slow sweep).
     reconcile_interval: float = 60.0
-    #: Largest accepted request body.
-    max_body: int = 1024 * 1024
+    #: While a worker starts, a ping goes out this often (seconds).
+    ready_ping_every: float = 0.05
+    #: How long a warm stop waits for its consumer cancels before the TERM.
+    warm_stop_cancel_wait: float = 0.5
+
+
+@dataclass(frozen=True)
+class LogsSection:
+    #: How often instance log files are checked for rotation.
+    check_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """Membership and gossip settings: the next issue fills it (with
+    memberlist-style ``lan()`` / ``local()`` presets)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, a tree of frozen sections; each service is
+    handed only its own section."""
+
+    state_dir: Path
+    log_level: str = "INFO"
+    api: ApiSection = ApiSection()
+    supervision: SupervisionSection = SupervisionSection()
+    celery: CelerySection = CelerySection()
+    logs: LogsSection = LogsSection()
+    cluster: ClusterSection = ClusterSection()
 
     @property
     def db_path(self) -> Path:
@@ -71,9 +107,10 @@ class Config:
         return self.state_dir / "logs"
 
     def validate(self) -> Config:
-        if not is_loopback(self.host) and not self.token:
+        if not is_loopback(self.api.host) and not self.api.token:
             raise ConfigError(
-                f"refusing to listen on {self.host} without a token (use --token or BRANCHD_TOKEN)"
+                f"refusing to listen on {self.api.host} without a token "
+                "(use --token or BRANCHD_TOKEN)"
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"unknown log level {self.log_level!r}")
@@ -84,13 +121,33 @@ class Config:
         """Fast timers for tests: short backoff, frequent log checks, port 0."""
         return cls(
             state_dir=state_dir,
-            port=0,
-            backoff_base=0.1,
-            backoff_max=0.5,
-            log_check_interval=0.2,
-            health_interval=0.5,
-            reconcile_interval=5.0,
+            api=ApiSection(port=0),
+            supervision=SupervisionSection(backoff_base=0.1, backoff_max=0.5),
+            celery=CelerySection(health_interval=0.5, reconcile_interval=5.0),
+            logs=LogsSection(check_interval=0.2),
         )
+
+
+#: The keys of the file (flat, as they always were) and where they go.
+_FLAT: dict[str, tuple[str, str]] = {
+    "token": ("api", "token"),
+    "max_body": ("api", "max_body"),
+    "backoff_base": ("supervision", "backoff_base"),
+    "backoff_max": ("supervision", "backoff_max"),
+    "kill_grace": ("supervision", "kill_grace"),
+    "health_interval": ("celery", "health_interval"),
+    "reconcile_interval": ("celery", "reconcile_interval"),
+    "ready_ping_every": ("celery", "ready_ping_every"),
+    "warm_stop_cancel_wait": ("celery", "warm_stop_cancel_wait"),
+    "log_check_interval": ("logs", "check_interval"),
+}
+_SECTIONS: dict[str, type[Any]] = {
+    "api": ApiSection,
+    "supervision": SupervisionSection,
+    "celery": CelerySection,
+    "logs": LogsSection,
+    "cluster": ClusterSection,
+}
 
 
 _ENV = {
@@ -123,15 +180,26 @@ def load(
         if value is not None and key != "config":
             merged[key] = value
 
-    known = {f.name for f in fields(Config)} | {"bind"}
+    known = {"state_dir", "log_level", "bind", *_FLAT, *_SECTIONS}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    # [section] tables of the file, and the flat keys, into the sections
+    parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for name in _SECTIONS:
+        table = merged.pop(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table of settings")
+        parts[name].update(table)
+    for key, (section, field) in _FLAT.items():
+        if key in merged:
+            parts[section][field] = merged.pop(key)
     if "bind" in merged:
-        merged["host"], merged["port"] = parse_bind(str(merged.pop("bind")))
+        parts["api"]["host"], parts["api"]["port"] = parse_bind(str(merged.pop("bind")))
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:
-        cfg = Config(**merged)
+        sections = {name: _SECTIONS[name](**values) for name, values in parts.items()}
+        cfg = Config(**merged, **sections)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
     return cfg.validate()

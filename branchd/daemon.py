@@ -82,7 +82,7 @@ class Daemon:
                     hostname=socket.gethostname(),
                     version=__version__,
                     started_at=clock.wall(),
-                    address=f"{cfg.host}:{cfg.port}",
+                    address=f"{cfg.api.host}:{cfg.api.port}",
                     capacity=empty,
                 ),
                 SystemProbe(),
@@ -93,8 +93,8 @@ class Daemon:
             runner = web.AppRunner(
                 make_app(
                     manager,
-                    token=cfg.token,
-                    max_body=cfg.max_body,
+                    token=cfg.api.token,
+                    max_body=cfg.api.max_body,
                     branch=branch.record,
                     forwarder=LocalOnly(),  # a cluster of one, until membership
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
@@ -103,14 +103,14 @@ class Daemon:
                 shutdown_timeout=2.0,
             )
             await runner.setup()
-            site = web.TCPSite(runner, cfg.host, cfg.port)
+            site = web.TCPSite(runner, cfg.api.host, cfg.api.port)
             try:
                 await site.start()
             except OSError as exc:
                 await branch.close()
                 await manager.shutdown(keep=True)
                 raise ConfigError(
-                    f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}"
+                    f"cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror}"
                 ) from None
             host, port = runner.addresses[0][:2]
             self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"

@@ -94,8 +94,6 @@ log = logging.getLogger(__name__)
 #: The store's note of an app delete under way (``removing_app:<app>``).
 _REMOVING_APP = "removing_app:"
 
-#: After SIGKILL the kernel needs a moment; a stop never waits forever.
-_KILL_GRACE = 5.0
 
 
 class Manager:
@@ -118,7 +116,7 @@ class Manager:
         self._clock = clock
         self._config = config
         self.branch_id = branch_id
-        self._backoff = Backoff(config.backoff_base, config.backoff_max)
+        self._backoff = Backoff(config.supervision.backoff_base, config.supervision.backoff_max)
         self._specs: dict[str, InstanceSpec] = {}
         self._procs: dict[str, Proc] = {}
         self._runtime: dict[str, Runtime] = {}
@@ -137,8 +135,7 @@ class Manager:
             launcher,
             config.state_dir,
             hostname or socket.gethostname(),
-            health_interval=config.health_interval,
-            reconcile_interval=config.reconcile_interval,
+            settings=config.celery,  # (only its own section)
         )
 
     # lifecycle ------------------------------------------------------------
@@ -339,11 +336,11 @@ class Manager:
             stops = [t for n, t in self._forgetting.items() if self._specs[n].app == name]
             await asyncio.gather(*(asyncio.shield(t) for t in stops))
             app = self._store.get_app(name)
-            self._store.delete_app(name)
             if app is not None and app.celery.broker is None:
-                # its embedded broker and results go with it: a new app of that
-                # name must not run the old one's leftover tasks
+                # its embedded broker and results go with it (before the app: a
+                # new app of that name must not run the old one's leftover tasks)
                 await asyncio.to_thread(self._workers.remove_embedded, name)
+            self._store.delete_app(name)
             self._store.set_mark(f"{_REMOVING_APP}{name}", False)
             self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
         finally:
@@ -867,7 +864,7 @@ class Manager:
         spec = self._specs.get(name)
         if spec is None:
             return
-        limit = spec.policy.stopwaitsecs + _KILL_GRACE
+        limit = spec.policy.stopwaitsecs + self._config.supervision.kill_grace
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
 
@@ -884,7 +881,7 @@ class Manager:
                     await asyncio.wait_for(changes.get(), remaining)
 
     async def _rotate_logs(self) -> None:
-        interval = self._config.log_check_interval
+        interval = self._config.logs.check_interval
         while True:
             await asyncio.sleep(interval)
             # Rotation copies up to max_bytes: keep that off the event loop.

@@ -22,6 +22,7 @@ from branchd.celery.broker import (
     prune_dead_fanout,
     remove_embedded,
 )
+from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process import health
@@ -45,10 +46,6 @@ from branchd.process.machine import Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
 
-#: While a worker starts, a ping goes out this often (seconds).
-READY_PING_EVERY = 0.05
-#: How long a warm stop waits for its consumer cancels before the TERM.
-WARM_STOP_CANCEL_WAIT = 0.5
 
 
 class Host(Protocol):
@@ -71,16 +68,14 @@ class Workers:
         state_dir: Path,
         hostname: str,
         *,
-        health_interval: float,
-        reconcile_interval: float,
+        settings: CelerySection,
     ) -> None:
         self._host = host
         self.ops = ops
         self._launcher = launcher
         self._state_dir = state_dir
         self._hostname = hostname
-        self._health_interval = health_interval
-        self._reconcile_interval = reconcile_interval
+        self._settings = settings
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watch: dict[str, health.Watch] = {}
         self._started: dict[str, Worker] = {}
@@ -233,7 +228,7 @@ class Workers:
         # deadline, whose own kill would only say "no answer to ping".
         startsecs = spec.policy.startsecs
         unreachable_after = min(startsecs / 2, 10.0) if startsecs > 0 else 10.0
-        # Pings overlap: a new one every READY_PING_EVERY, each waiting up to
+        # Pings overlap: a new one every ready_ping_every, each waiting up to
         # a second for its answer, so that a worker is seen within a few ms of
         # binding its control queue (a ping sent before that is dropped).
         pending: set[asyncio.Task[bool]] = set()
@@ -242,7 +237,7 @@ class Workers:
             while self._current(name, pid, State.STARTING):
                 if loop.time() >= next_ping:
                     pending.add(asyncio.create_task(self.ops.ping(w, timeout=1.0)))
-                    next_ping = loop.time() + READY_PING_EVERY
+                    next_ping = loop.time() + self._settings.ready_ping_every
                 # Wake on an answer or at the next ping, never sooner: a remote
                 # control that says "no reply" at once must not make a ping storm.
                 wait = max(0.0, next_ping - loop.time())
@@ -292,7 +287,7 @@ class Workers:
             for queue in spec.queues
         ]
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
-            async with asyncio.timeout(WARM_STOP_CANCEL_WAIT):
+            async with asyncio.timeout(self._settings.warm_stop_cancel_wait):
                 await asyncio.gather(*casts)
         if not self._current(spec.name, pid, State.STOPPING):
             return  # it exited (or was killed) meanwhile: that pid is not ours now
@@ -334,13 +329,13 @@ class Workers:
 
     async def _health_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + self._reconcile_interval
+        next_sweep = loop.time() + self._settings.reconcile_interval
         while True:
-            await asyncio.sleep(self._health_interval)
+            await asyncio.sleep(self._settings.health_interval)
             try:
                 sweep = loop.time() >= next_sweep
                 if sweep:
-                    next_sweep = loop.time() + self._reconcile_interval
+                    next_sweep = loop.time() + self._settings.reconcile_interval
                 await self.check_all(sweep=sweep)
             except Exception:
                 log.exception("health check failed")

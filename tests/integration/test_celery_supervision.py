@@ -150,10 +150,11 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
     opened: list[tuple[Manager, Store]] = []
 
     async def create(**overrides: Any) -> Rig:
-        config = replace(
-            Config.for_tests(tmp_path),
-            **{"health_interval": 0.05, "reconcile_interval": 0.5, **overrides},
+        base = Config.for_tests(tmp_path)
+        celery = replace(
+            base.celery, **{"health_interval": 0.05, "reconcile_interval": 0.5, **overrides}
         )
+        config = replace(base, celery=celery)
         store = Store(config.db_path)
         timeline: list[str] = []
         fake, stub = TimelineFake(timeline), TimelineStub(timeline)
@@ -439,7 +440,10 @@ async def _next_daemon(rig: Rig, tmp_path: Path) -> Manager:
     """A new daemon's Manager on the same store, processes and workers."""
     rig.fake.forget_children()
     rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
-    config = replace(Config.for_tests(tmp_path), health_interval=0.05, reconcile_interval=0.5)
+    base = Config.for_tests(tmp_path)
+    config = replace(
+        base, celery=replace(base.celery, health_interval=0.05, reconcile_interval=0.5)
+    )
     m2 = Manager(
         rig.store,
         rig.fake,

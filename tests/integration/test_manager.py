@@ -527,7 +527,8 @@ async def test_shutdown_without_keep_stops_everything(sup: Supervision) -> None:
     }
     assert all(rt.pid is None for rt in runtimes.values())
     spawned = len(sup.side.spawned)
-    await asyncio.sleep(sup.config.backoff_max)  # the backoff timer must not fire any more
+    # the backoff timer must not fire any more
+    await asyncio.sleep(sup.config.supervision.backoff_max)
     assert len(sup.side.spawned) == spawned
 
 

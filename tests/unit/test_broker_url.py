@@ -10,6 +10,7 @@ import pytest
 from branchd.celery.broker import BrokerSpec
 from branchd.celery.stub import StubRemoteControl
 from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
+from branchd.config import CelerySection
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
 from branchd.process import workers as workers_module
@@ -131,8 +132,7 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
         FakeLauncher(),
         tmp_path,
         "host",
-        health_interval=1.0,
-        reconcile_interval=1.0,
+        settings=CelerySection(health_interval=1.0, reconcile_interval=1.0),
     )
     for _ in range(3):  # three sweeps: said once, never raised
         await w._prune_fanout()
