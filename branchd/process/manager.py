@@ -15,7 +15,7 @@ import os
 import secrets
 import signal as _signal
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -316,16 +316,7 @@ class Manager:
 
     def _begin_app_removal(self, name: str) -> asyncio.Task[None]:
         self._deleting_apps.add(name)
-        task = asyncio.create_task(self._remove_app(name))
-        self._app_removals[name] = task
-        task.add_done_callback(lambda t: self._app_removed(name, t))
-        return task
-
-    def _app_removed(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._app_removals.get(name) is task:
-            del self._app_removals[name]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("removing app %s failed", name, exc_info=task.exception())
+        return _tracked(self._app_removals, name, self._remove_app(name), "removing app")
 
     async def _remove_app(self, name: str) -> None:
         try:
@@ -439,16 +430,7 @@ class Manager:
         return view
 
     def _begin_forget(self, name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._forget(name))
-        self._forgetting[name] = task
-        task.add_done_callback(lambda t: self._forgotten(name, t))
-        return task
-
-    def _forgotten(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._forgetting.get(name) is task:
-            del self._forgetting[name]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("removing %s failed", name, exc_info=task.exception())
+        return _tracked(self._forgetting, name, self._forget(name), "removing")
 
     async def _forget(self, name: str) -> None:
         """The end of a delete: wait for the stop, then remove the instance."""
@@ -894,6 +876,24 @@ class Manager:
                     logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
                 except OSError:
                     log.warning("cannot rotate %s", path, exc_info=True)
+
+
+def _tracked(
+    tasks: dict[str, asyncio.Task[None]], name: str, work: Coroutine[Any, Any, None], what: str
+) -> asyncio.Task[None]:
+    """Run ``work`` as a task kept in ``tasks`` under ``name`` until it ends;
+    a failure is logged with its cause (nobody awaits a background task)."""
+    task = asyncio.create_task(work)
+    tasks[name] = task
+
+    def done(t: asyncio.Task[None]) -> None:
+        if tasks.get(name) is t:
+            del tasks[name]
+        if not t.cancelled() and t.exception() is not None:
+            log.error("%s %s failed", what, name, exc_info=t.exception())
+
+    task.add_done_callback(done)
+    return task
 
 
 def _cmdline(pid: int) -> tuple[str, ...]:
