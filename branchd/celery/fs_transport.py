@@ -13,7 +13,15 @@ stock transport the workers run:
   (atomic within a folder), so workers never see a half-written request;
 - ``_get`` waits for a half-written reply (from a worker's stock ``_put``) to
   be completed: once the file is renamed away the writer still holds its
-  descriptor and finishes writing into the same inode.
+  descriptor and finishes writing into the same inode;
+- ``_queue_bind`` never truncates an exchange's table: kombu's opens a new
+  table with ``"wb"`` before it takes the lock, so two workers binding at
+  once to a fresh exchange can erase each other's binding (a worker then
+  never gets a broadcast: no ping, no shutdown); ``get_table`` takes a table
+  created but not yet written as empty.
+
+Workers on the embedded broker run this transport too (branchd's loader sets
+it as ``broker_transport``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,35 @@ HALF_WRITTEN_WAIT = 1.0
 
 
 class Channel(filesystem.Channel):
+    def _table_path(self, exchange: Any) -> Any:
+        # kombu's own check of the name (a file of the control folder, no path tricks)
+        return self._exchange_file(exchange)  # type: ignore[no-untyped-call]
+
+    def get_table(self, exchange: Any) -> Any:
+        try:
+            with open(self._table_path(exchange), "rb") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+                raw = fh.read()
+        except FileNotFoundError:
+            return []
+        return _table(raw)
+
+    def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> None:
+        path = self._table_path(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        # O_CREAT without O_TRUNC: a table is never emptied by a second binder
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "rb+", buffering=0) as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            raw = fh.read()
+            table = _table(raw)
+            if entry not in table:
+                table.insert(0, entry)
+                fh.seek(0)
+                fh.truncate()
+                fh.write(json.dumps(table).encode())
+
     # kombu names the argument "message" in AbstractChannel and "payload" here
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         final = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
@@ -59,6 +96,11 @@ class Channel(filesystem.Channel):
             finally:
                 os.unlink(taken)
         raise Empty()
+
+
+def _table(raw: bytes) -> list[Any]:
+    """An exchange's bindings; a table created but not yet written is empty."""
+    return [filesystem.exchange_queue_t(*q) for q in json.loads(raw)] if raw.strip() else []
 
 
 def _read_complete(path: str) -> bytes:
