@@ -18,7 +18,7 @@ from typing import Any
 import click
 import pytest
 from aiohttp import web
-from branchctl import cli
+from branchctl.cli import instances as cli_instances
 from branchctl.cli import main
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
@@ -650,7 +650,7 @@ def test_stop_no_wait_answers_at_once(daemon: FakeDaemon) -> None:
 def test_a_stop_longer_than_its_stopwaitsecs_is_a_timeout_not_a_connection_error(
     daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "WAIT_GRACE", 0.0)
+    monkeypatch.setattr(cli_instances, "WAIT_GRACE", 0.0)
     fast = {**STOPPING, "stopwaitsecs": 0.2, "startsecs": 0}
     daemon.scripts[("w1", "stop")] = [fast] + [{}] * 1000
     result = run(daemon, "instances", "stop", "web", "w1")

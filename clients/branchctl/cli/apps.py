@@ -1,0 +1,432 @@
+"""branchctl apps ... and branchctl celery: apps, their Celery settings, a producer's settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from branchctl import render
+from branchctl.cli.common import (
+    _F,
+    CONTEXT,
+    POOLS,
+    Failed,
+    MinMax,
+    Options,
+    _bounds_text,
+    _emit,
+    _items,
+    _json_or_str,
+    _ListingGroup,
+    _pairs,
+    json_option,
+    no_wait_option,
+    pass_opts,
+)
+from branchctl.cli.root import (
+    main,
+)
+from branchctl.errors import ApiError
+from branchctl.models import App
+
+# -- apps -------------------------------------------------------------------
+
+
+
+def _app_text(app: App) -> str:
+    fields: dict[str, Any] = {
+        "name": app.name,
+        "env": dict(app.env),
+        "defaults": dict(app.defaults),
+        "created": render.timestamp(app.created_at),
+    }
+    # the Celery settings, when the daemon has them
+    if "broker" in app.raw or "embedded_broker" in app.raw:
+        fields["broker"] = (
+            f"{app.broker or 'filesystem://'} (embedded; a producer's settings: "
+            f"branchctl apps celery-config {app.name})"
+            if app.embedded_broker
+            else app.broker
+        )
+    celery: dict[str, Any] = {
+        "celery_app": app.celery_app,
+        "python": app.python,
+        "pool": app.pool,
+        "args": list(app.args),
+        "autoscale": _bounds_text(app.autoscale),
+        "mingle_gossip": app.mingle_gossip,
+        "result_backend": app.result_backend,
+    }
+    fields.update({k: v for k, v in celery.items() if k in app.raw})
+    return render.record(fields)
+
+
+@main.group(cls=_ListingGroup, invoke_without_command=True, context_settings=CONTEXT)
+@json_option
+@click.pass_context
+def apps(ctx: click.Context) -> None:
+    """List the apps (bare), or manage one."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(apps_list)
+
+
+@apps.command("list", context_settings=CONTEXT)
+@json_option
+@pass_opts
+def apps_list(opts: Options) -> None:
+    """List the apps."""
+    with opts.client() as c:
+        items = c.apps()
+    rows = [
+        (
+            a.name,
+            ",".join(a.env) or None,
+            ",".join(a.defaults) or None,
+            render.timestamp(a.created_at),
+        )
+        for a in items
+    ]
+    _emit(opts, _items(items), render.table(("NAME", "ENV", "DEFAULTS", "CREATED"), rows))
+
+
+def app_settings(f: _F) -> _F:
+    """The options of an app that 'apps add' and 'apps set' share."""
+    for option in reversed(
+        [
+            click.option(
+                "--env", "env", multiple=True, metavar="K=V", help="Environment of its instances."
+            ),
+            click.option(
+                "--default",
+                "defaults",
+                multiple=True,
+                metavar="K=V",
+                help="Instance default (V is parsed as JSON when it can be: startsecs=0, "
+                'command=\'["celery","worker"]\').',
+            ),
+            click.option(
+                "--cwd",
+                metavar="DIR",
+                help="Working directory of its instances (where a worker imports its "
+                "--celery-app module from); the same as --default cwd=DIR.",
+            ),
+            click.option(
+                "--broker", metavar="URL", help="Broker of its workers (default: the embedded one)."
+            ),
+            click.option("--celery-app", metavar="MODULE", help="The module for 'celery -A'."),
+            click.option(
+                "--python", metavar="PATH", help="Interpreter or virtualenv of its workers."
+            ),
+            click.option("--pool", type=click.Choice(POOLS), help="Worker pool."),
+            click.option(
+                "--autoscale",
+                type=MinMax(),
+                help="Default autoscale bounds of its workers: min,max.",
+            ),
+            click.option(
+                "--arg", "args", multiple=True, metavar="ARG", help="Worker argument (repeat it)."
+            ),
+            click.option(
+                "--mingle-gossip/--no-mingle-gossip",
+                default=None,
+                help="Start workers with mingle and gossip (off by default).",
+            ),
+            click.option(
+                "--result-backend",
+                metavar="URL",
+                help="Where task results go (default on the embedded broker: a file store "
+                "in the state dir; elsewhere the app module's own).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _app_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The body fields given on the command line (None: not given)."""
+    defaults = _pairs(options["defaults"], "--default", _json_or_str)
+    if options["cwd"] is not None:
+        defaults["cwd"] = options["cwd"]
+    fields: dict[str, Any] = {
+        "env": _pairs(options["env"], "--env") or None,
+        "defaults": defaults or None,
+        "args": list(options["args"]) or None,
+    }
+    for key in ("broker", "celery_app", "python", "pool", "autoscale", "mingle_gossip"):
+        fields[key] = options[key]
+    fields["result_backend"] = options["result_backend"]
+    return fields
+
+
+#: What an app answers for a setting that was never given.
+_APP_RESETS: Mapping[str, Any] = {
+    "env": {},
+    "defaults": {},
+    "broker": None,
+    "celery_app": None,
+    "python": None,
+    "pool": "prefork",
+    "args": [],
+    "autoscale": None,
+    "mingle_gossip": False,
+    "result_backend": None,
+}
+
+
+def _reset_by_replace(old: Mapping[str, Any], sent: Mapping[str, Any]) -> list[str]:
+    """The settings a PUT reset: set before, not given now."""
+    out = []
+    for key, empty in _APP_RESETS.items():
+        before = old.get(key)
+        if key == "broker" and old.get("embedded_broker"):
+            before = None
+        if key == "result_backend" and old.get("embedded_broker"):
+            continue  # the embedded broker's default store, not a setting
+        if sent.get(key) is None and before not in (None, empty):
+            out.append(f"{key} (was {json.dumps(before)})")
+    return out
+
+
+@apps.command("add", context_settings=CONTEXT)
+@click.argument("name")
+@app_settings
+@json_option
+@pass_opts
+def apps_add(opts: Options, /, name: str, **options: Any) -> None:
+    """Create app NAME, or replace it (what is not given is reset: use
+    'apps set' to change some settings and keep the rest).
+
+    \b
+    Example:
+      branchctl apps add shop --broker amqp://guest:guest@127.0.0.1:5672// \\
+          --celery-app shop.tasks --autoscale 1,4
+    """
+    fields = _app_fields(options)
+    with opts.client() as c:
+        try:
+            old: Mapping[str, Any] | None = c.get_app(name).raw
+        except ApiError:  # absent (404), or the PUT will say what is wrong
+            old = None
+        app, created = c.put_app(
+            name,
+            env=fields["env"] or {},
+            defaults=fields["defaults"] or {},
+            broker=fields["broker"],
+            celery_app=fields["celery_app"],
+            python=fields["python"],
+            pool=fields["pool"],
+            args=fields["args"],
+            autoscale=fields["autoscale"],
+            mingle_gossip=fields["mingle_gossip"],
+            result_backend=fields["result_backend"],
+        )
+    if not created and old is not None:
+        reset = _reset_by_replace(old, fields)
+        what = f"; reset: {', '.join(reset)}" if reset else ""
+        click.echo(
+            f"branchctl: app {name!r} existed and was replaced{what} "
+            "(use 'branchctl apps set' to change only some settings)",
+            err=True,
+        )
+    verb = "created" if created else "replaced"
+    _emit(opts, app.raw, f"{verb} app {app.name!r}\n{_app_text(app)}")
+
+
+@apps.command("set", context_settings=CONTEXT)
+@click.argument("name")
+@app_settings
+@click.option("--unset-env", "unset_env", multiple=True, metavar="K", help="Remove env K.")
+@click.option(
+    "--unset-default", "unset_defaults", multiple=True, metavar="K", help="Remove default K."
+)
+@click.option(
+    "--reset",
+    "resets",
+    multiple=True,
+    type=click.Choice(
+        ["broker", "celery_app", "python", "pool", "args", "autoscale", "result_backend"]
+    ),
+    help="Put a setting back to its default (broker: the embedded one).",
+)
+@json_option
+@pass_opts
+def apps_set(
+    opts: Options,
+    /,
+    name: str,
+    unset_env: tuple[str, ...],
+    unset_defaults: tuple[str, ...],
+    resets: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Change the settings given of app NAME and keep the rest.
+
+    \b
+    Example:
+      branchctl apps set shop --env LOG=debug --unset-env OLD --pool solo
+    """
+    fields = _app_fields(options)
+    changes: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    changes.pop("env", None)
+    changes.pop("defaults", None)
+    env: dict[str, Any] = {**(fields["env"] or {}), **{k: None for k in unset_env}}
+    defaults: dict[str, Any] = {
+        **(fields["defaults"] or {}),
+        **{k: None for k in unset_defaults},
+    }
+    if env:
+        changes["env"] = env
+    if defaults:
+        changes["defaults"] = defaults
+    for key in resets:
+        if key in changes:
+            raise click.UsageError(f"--reset {key} and a new value for it together")
+        changes[key] = None
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one setting")
+    with opts.client() as c:
+        app = c.patch_app(name, changes)
+    _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
+
+
+@apps.command("show", context_settings=CONTEXT)
+@click.argument("name")
+@json_option
+@pass_opts
+def apps_show(opts: Options, name: str) -> None:
+    """Show app NAME."""
+    with opts.client() as c:
+        app = c.get_app(name)
+    _emit(opts, app.raw, _app_text(app))
+
+
+@apps.command("remove", context_settings=CONTEXT)
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def apps_remove(opts: Options, name: str, no_wait: bool) -> None:
+    """Remove app NAME: its instances are stopped (each up to its stopwaitsecs),
+    then removed, then the app. --no-wait answers at once."""
+    with opts.client() as c:
+        if no_wait:
+            c.delete_app(name, wait=False)
+            if not opts.json:
+                click.echo(f"removing app {name!r}")
+            return
+        left = c.instances(name)
+        # as long as the slowest stop may take, however short --timeout is
+        limit = max((i.stopwaitsecs or 0.0 for i in left), default=0.0) + 15.0
+        c.delete_app(name, wait=False)
+        deadline = time.monotonic() + limit
+        said = None
+        while True:
+            try:
+                count = len(c.instances(name))
+            except ApiError as exc:
+                if exc.status == 404:
+                    break
+                raise
+            if count != said:
+                click.echo(f"{name}: removing, {count} instance(s) left", err=True)
+                said = count
+            if time.monotonic() > deadline:
+                raise Failed(
+                    f"timeout: app {name!r} is still being removed after {limit:.0f}s; "
+                    "branchd goes on with it"
+                )
+            time.sleep(0.2)
+    if not opts.json:
+        click.echo(f"removed app {name!r}")
+
+
+def _python_config(name: str, config: Mapping[str, Any]) -> str:
+    lines = [
+        f"# Celery settings of branchd app {name!r}: save as a module and load it with",
+        "# app.config_from_object('<module>'), or app.conf.update(<the dict>).",
+    ]
+    lines += [f"{key} = {value!r}" for key, value in config.items()]
+    return "\n".join(lines)
+
+
+def _env_lines(env: Mapping[str, str]) -> str:
+    lines = []
+    for key, value in env.items():
+        if key == "PYTHONPATH":  # ours goes after the user's, never shadowing it
+            lines.append(f'export PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}"{shlex.quote(value)}')
+        else:
+            lines.append(f"export {key}={shlex.quote(value)}")
+    return "\n".join(lines)
+
+
+@apps.command("celery-config", context_settings=CONTEXT)
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "python", "env"]),
+    default="json",
+    show_default=True,
+    help="json: for app.conf.update(...); python: a config module; env: shell exports "
+    "(broker, result backend, transport options, queue declarations: through branchd's loader).",
+)
+@json_option
+@pass_opts
+def apps_celery_config(opts: Options, name: str, fmt: str) -> None:
+    """The Celery settings a producer of app NAME needs.
+
+    \b
+    Examples:
+      branchctl apps celery-config shop --format python > shop_celeryconfig.py
+      eval "$(branchctl apps celery-config shop --format env)"
+    """
+    with opts.client() as c:
+        setup = c.celery_setup(name)
+    config, env = setup["config"], setup.get("env") or {}
+    if opts.json or fmt == "json":
+        click.echo(json.dumps(config, indent=2, sort_keys=False))
+    elif fmt == "python":
+        click.echo(_python_config(name, config))
+    else:
+        click.echo(_env_lines(env))
+
+
+@main.command("celery", context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("app")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
+@pass_opts
+def celery_command(opts: Options, app: str, args: tuple[str, ...]) -> None:
+    """Run Celery's own CLI against app APP's workers and broker.
+
+    \b
+    Examples:
+      branchctl celery shop -- inspect ping
+      branchctl celery shop -- call shop.tasks.add --args '[2, 2]'
+    """
+    with opts.client() as c:
+        setup = c.celery_setup(app)
+    if not setup.get("celery_app"):
+        raise Failed(
+            f"app {app!r} has no celery_app (set it: branchctl apps set {app} --celery-app MODULE)"
+        )
+    env = dict(os.environ)
+    for key, value in (setup.get("env") or {}).items():
+        if key == "PYTHONPATH" and env.get("PYTHONPATH"):
+            value = os.pathsep.join((env["PYTHONPATH"], value))
+        env[key] = value
+    python = setup["python"]
+    argv = [python, "-m", "celery", "-A", setup["celery_app"], *args]
+    cwd = setup.get("cwd")
+    try:
+        if cwd:
+            os.chdir(cwd)
+        os.execvpe(python, argv, env)
+    except OSError as exc:
+        raise Failed(f"cannot run {python} -m celery: {exc.strerror or exc}") from exc

@@ -1,0 +1,491 @@
+"""branchctl instances ... (and stats): create, change, start, stop (waiting as
+long as a stop lasts), remove."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from branchctl import render
+from branchctl.cli.common import (
+    _F,
+    AUTORESTART,
+    CONTEXT,
+    INSTANCE_COLUMNS,
+    KINDS,
+    POOLS,
+    SIGNALS,
+    ByteSize,
+    Failed,
+    MinMax,
+    NameList,
+    Options,
+    _bounds_text,
+    _emit,
+    _items,
+    _ListingGroup,
+    _pairs,
+    json_option,
+    no_wait_option,
+    pass_opts,
+)
+from branchctl.cli.root import (
+    main,
+)
+from branchctl.client import Client
+from branchctl.errors import ApiError
+from branchctl.models import Instance, Stats
+
+# -- instances --------------------------------------------------------------
+
+
+def _instance_row(i: Instance) -> tuple[Any, ...]:
+    return (i.app, i.name, i.kind, i.state, i.pid, render.duration(i.uptime), i.restarts)
+
+
+def _instance_text(i: Instance) -> str:
+    fields: dict[str, Any] = dict(i.raw)
+    for key in ("started_at", "created_at"):
+        if key in fields:
+            fields[key] = render.timestamp(fields[key])
+    if "uptime" in fields:
+        fields["uptime"] = render.duration(fields["uptime"])
+    if fields.get("autoscale"):
+        fields["autoscale"] = _bounds_text(i.autoscale)
+    if fields.get("memory_limit") is not None:
+        fields["memory_limit"] = render.size(i.memory_limit)
+    return render.record(fields)
+
+
+def _state_line(i: Instance) -> str:
+    line = f"{i.app}/{i.name}: {i.state}"
+    if i.pid is not None:
+        line += f" (pid {i.pid})"
+    if i.reason:
+        line += f": {i.reason}"
+    return line
+
+
+def _signal(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A stop signal: case-insensitive, with or without its SIG prefix."""
+    if value is None:
+        return None
+    signal = value.upper().removeprefix("SIG")
+    if signal not in SIGNALS:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(SIGNALS)}")
+    return signal
+
+
+def instance_fields(f: _F) -> _F:
+    """The InstanceIn options shared by 'instances add' and 'instances update'."""
+    decorators = [
+        click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable."),
+        click.option("--cwd", help="Working directory."),
+        click.option("--user", help="Run as this user."),
+        click.option("--autorestart", type=click.Choice(AUTORESTART)),
+        click.option(
+            "--exitcode", "exitcodes", type=int, multiple=True, help="Expected exit code."
+        ),
+        click.option("--startsecs", type=click.FloatRange(min=0)),
+        click.option("--startretries", type=click.IntRange(min=1)),
+        click.option(
+            "--stopsignal", metavar="SIGNAL", callback=_signal, help=f"One of {', '.join(SIGNALS)}."
+        ),
+        click.option("--stopwaitsecs", type=click.FloatRange(min=0)),
+        click.option("--autostart/--no-autostart", default=None, help="Start it now and at boot."),
+        click.option("--log-max-bytes", type=click.IntRange(min=1024)),
+        click.option("--log-backups", type=click.IntRange(min=0)),
+        # kind "celery"
+        click.option("--queues", type=NameList(), help="Queues it consumes: a,b."),
+        click.option("--autoscale", type=MinMax(), help="Autoscale bounds: min,max."),
+        click.option(
+            "--concurrency", type=click.IntRange(min=1), help="Pool size (without autoscale)."
+        ),
+        click.option("--pool", type=click.Choice(POOLS), help="Worker pool."),
+        click.option(
+            "--arg", "args", multiple=True, metavar="ARG", help="Worker argument (repeat it)."
+        ),
+        click.option("--loglevel", metavar="LEVEL", help="Worker log level (INFO, DEBUG...)."),
+        click.option(
+            "--hung-after",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Restart a running worker silent to pings this long.",
+        ),
+        click.option(
+            "--memory-limit",
+            type=ByteSize(),
+            help="Restart the worker above this RSS (whole tree): bytes, 512M, 2G.",
+        ),
+        click.argument("command", nargs=-1, type=click.UNPROCESSED),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The InstanceIn body of the given options: only what was given."""
+    body: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None or value == ():
+            continue
+        if key == "env":
+            value = _pairs(value, "--env")
+        elif isinstance(value, tuple):
+            value = list(value)
+        body[key] = value
+    return body
+
+
+@main.group(
+    cls=_ListingGroup,
+    invoke_without_command=True,
+    subcommand_metavar="[APP] | COMMAND [ARGS]...",
+    context_settings=CONTEXT,
+)
+@json_option
+@click.pass_context
+def instances(ctx: click.Context) -> None:
+    """List instances ('instances [APP]'), or manage one.
+
+    The table has the columns APP NAME KIND STATE PID UPTIME RESTARTS; use
+    'instances list APP' for an app named like a subcommand.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(instances_list)
+
+
+@instances.command("list", context_settings=CONTEXT)
+@click.argument("app", required=False)
+@json_option
+@pass_opts
+def instances_list(opts: Options, app: str | None = None) -> None:
+    """List the instances of APP, or of every app."""
+    with opts.client() as c:
+        items = c.instances(app)
+    _emit(opts, _items(items), render.table(INSTANCE_COLUMNS, map(_instance_row, items)))
+
+
+@instances.command("add", context_settings=CONTEXT)
+@click.argument("app")
+@click.option("--name", help="Instance name (generated when absent).")
+@click.option(
+    "--kind",
+    type=click.Choice(KINDS),
+    help="celery (a worker built from the app) or process (runs COMMAND); "
+    "default: process with a COMMAND, celery without.",
+)
+@instance_fields
+@json_option
+@pass_opts
+def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) -> None:
+    """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
+
+    \b
+    Examples:
+      branchctl instances add shop --name w1 --queues default,images --autoscale 1,4
+      branchctl instances add web --name p1 -- python -m http.server
+    """
+    if kind is None and not options["command"]:
+        kind = "celery"
+    if kind == "celery" and options["command"]:
+        raise click.UsageError("a celery instance takes no COMMAND: its argv is built from the app")
+    body = _fields(options)
+    if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
+        body = {"kind": kind, **body}
+    with opts.client() as c:
+        instance = c.add_instance(app, **body)
+    _emit(opts, instance.raw, _instance_text(instance))
+
+
+@instances.command("update", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@instance_fields
+@json_option
+@pass_opts
+def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> None:
+    """Change instance NAME of APP (a new COMMAND goes after '--').
+
+    Takes effect at its next start.
+    """
+    body = _fields(options)
+    if not body:
+        raise click.UsageError("nothing to change: give at least one option or a COMMAND")
+    with opts.client() as c:
+        instance = c.update_instance(app, name, **body)
+    _emit(opts, instance.raw, _instance_text(instance))
+
+
+@instances.command("show", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@json_option
+@pass_opts
+def instances_show(opts: Options, app: str, name: str) -> None:
+    """Show instance NAME of APP."""
+    with opts.client() as c:
+        instance = c.get_instance(app, name)
+    _emit(opts, instance.raw, _instance_text(instance))
+
+
+#: Beyond an instance's own stopwaitsecs and startsecs: the daemon's SIGKILL
+#: grace (5 s) and the round trips of the polls.
+WAIT_GRACE = 10.0
+#: The polls of a wait start tight (most stops take well under a second) and
+#: back off to the cap.
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+#: States an instance passes through on its way to an outcome.
+_PASSING = ("stopping", "starting")
+
+
+def _active_tasks(c: Client, i: Instance) -> int | None:
+    """The tasks a running celery worker has in hand: what its warm stop waits for."""
+    if i.kind != "celery" or i.state != "running":
+        return None
+    try:
+        stats = c.stats(i.app, i.name)
+    except ApiError:  # only a progress detail: the stop goes ahead without it
+        return None
+    count = _celery_summary(stats.celery).get("active_tasks") if stats.celery else None
+    return count if isinstance(count, int) else None
+
+
+def _progress(i: Instance, active: int | None) -> str:
+    line = f"{i.app}/{i.name}: {i.state}"
+    if i.pid is not None:
+        line += f" (pid {i.pid})"
+    if i.state == "stopping":
+        tasks = "" if active is None else f"{active} active task{'' if active == 1 else 's'}, "
+        line += f": {tasks}up to {i.stopwaitsecs:g}s (stopwaitsecs), then SIGKILL"
+    elif i.reason:
+        line += f": {i.reason}"
+    return line
+
+
+def _watch(
+    c: Client, first: Instance, passing: tuple[str, ...] | None, active: int | None = None
+) -> Instance | None:
+    """Poll the instance until its state leaves ``passing`` (None: until it is
+    gone, then None), with a line on stderr each time its state or reason
+    changes; bounded by its own stopwaitsecs and startsecs."""
+    limit = first.stopwaitsecs + (0 if passing is None else first.startsecs) + WAIT_GRACE
+    deadline = time.monotonic() + limit
+    pause = _POLL_FIRST
+    shown = None
+    i = first
+    while passing is None or i.state in passing:
+        line = _progress(i, active)
+        if line != shown:
+            click.echo(line, err=True)
+            shown = line
+        if time.monotonic() >= deadline:
+            raise Failed(
+                f"timeout: {i.app}/{i.name} is still {i.state} after {limit:g}s; branchd "
+                f"goes on with it (see 'branchctl instances show {i.app} {i.name}')"
+            )
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, _POLL_MAX)
+        try:
+            i = c.get_instance(first.app, first.name)
+        except ApiError as exc:
+            if passing is None and exc.code == "not_found":
+                return None
+            raise
+    return i
+
+
+def _started(opts: Options, i: Instance) -> None:
+    """Print the outcome of a start; exit 1 unless it runs."""
+    _emit(opts, i.raw, _state_line(i))
+    if i.state != "running":
+        reason = f": {i.reason}" if i.reason else ""
+        raise Failed(f"not_started: {i.app}/{i.name} is {i.state}{reason}")
+
+
+@instances.command("start", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Start instance NAME of APP and wait until it runs.
+
+    Exits 1 when it does not come up: in backoff (a failed start, to be
+    retried) or fatal (gave up), or stopped again. --no-wait answers at once
+    (usually 'starting'), exit 0.
+    """
+    with opts.client() as c:
+        i = c.start(app, name)
+        if no_wait:
+            _emit(opts, i.raw, _state_line(i))
+            return
+        done = _watch(c, i, _PASSING)
+    assert done is not None
+    _started(opts, done)
+
+
+@instances.command("stop", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Stop instance NAME of APP and wait until it has stopped.
+
+    A stop lasts up to the instance's stopwaitsecs (a celery worker first
+    finishes its tasks: 600 s by default), then SIGKILL; progress goes to
+    stderr. --no-wait answers at once (state 'stopping').
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.stop(app, name, wait=False)
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            done = _watch(c, c.stop(app, name, wait=False), ("stopping",), active)
+            assert done is not None
+            i = done
+    _emit(opts, i.raw, _state_line(i))
+
+
+@instances.command("restart", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Restart instance NAME of APP and wait until it runs again.
+
+    The stop lasts up to its stopwaitsecs (progress on stderr). Exits 1 when
+    it does not come up: in backoff (a failed start, to be retried) or fatal
+    (gave up). --no-wait answers at once (usually 'stopping'), exit 0.
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.restart(app, name, wait=False)
+            _emit(opts, i.raw, _state_line(i))
+            return
+        active = _active_tasks(c, c.get_instance(app, name))
+        done = _watch(c, c.restart(app, name, wait=False), _PASSING, active)
+    assert done is not None
+    _started(opts, done)
+
+
+@instances.command("remove", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@no_wait_option
+@json_option
+@pass_opts
+def instances_remove(opts: Options, app: str, name: str, no_wait: bool) -> None:
+    """Remove instance NAME of APP: stopped first (up to its stopwaitsecs), then forgotten.
+
+    --no-wait answers at once; branchd removes it once it has stopped.
+    """
+    with opts.client() as c:
+        if no_wait:
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None and i.state == "stopping":
+                _emit(opts, i.raw, f"removing instance {app}/{name} once it has stopped")
+                return
+        else:
+            active = _active_tasks(c, c.get_instance(app, name))
+            i = c.delete_instance(app, name, wait=False)
+            if i is not None:
+                _watch(c, i, None, active)
+    if not opts.json:
+        click.echo(f"removed instance {app}/{name}")
+
+
+def _celery_summary(celery: Mapping[str, Any]) -> dict[str, Any]:
+    """A few lines of a worker's Celery 'stats' and 'active' replies."""
+    stats = celery.get("stats")
+    stats = stats if isinstance(stats, dict) else {}
+    out: dict[str, Any] = {"node": celery.get("node")}
+    pool = stats.get("pool")
+    scaler = stats.get("autoscaler")
+    scaler = scaler if isinstance(scaler, dict) and scaler else None
+    if isinstance(pool, dict):
+        impl = str(pool.get("implementation") or "")
+        # "celery.concurrency.prefork:TaskPool" -> "prefork"
+        name = impl.partition(":")[0].rpartition(".")[2] if impl else None
+        size = celery.get("pool_size")
+        # Under autoscale Celery's "max-concurrency" is the size at start, stale
+        # once the autoscaler moved: the live size and the range say it all.
+        if scaler is not None:
+            limit = f"(autoscale {_bounds_text(scaler) or '-'})"
+        elif pool.get("max-concurrency") is not None:
+            limit = f"(concurrency {pool['max-concurrency']})"
+        else:
+            limit = None
+        if isinstance(pool.get("processes"), list):
+            unit = "process" if size == 1 else "processes"
+        elif isinstance(pool.get("threads"), int):
+            unit = "thread" if size == 1 else "threads"
+        else:  # solo, gevent, eventlet: no pool processes to count
+            unit = "slot" if size == 1 else "slots"
+        live = None if size is None else f"{size} {unit}"
+        out["pool"] = " ".join(p for p in (f"{name}," if name and live else name, live, limit) if p)
+    active = celery.get("active")
+    if isinstance(active, dict):  # {node: [task, ...]}
+        active = [t for tasks in active.values() if isinstance(tasks, list) for t in tasks]
+    if isinstance(active, list):
+        out["active_tasks"] = len(active)
+    total = stats.get("total")
+    if isinstance(total, dict):
+        counts = sorted(total.items(), key=lambda kv: (-_int(kv[1]), kv[0]))
+        by_name = ", ".join(f"{name} {n}" for name, n in counts)
+        out["tasks_done"] = f"{sum(_int(n) for _, n in counts)}" + (
+            f" ({by_name})" if by_name else ""
+        )
+    return out
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _stats_text(s: Stats) -> str:
+    fields: dict[str, Any] = {
+        "instance": f"{s.app}/{s.name}",
+        "state": s.state,
+        "pid": s.pid,
+        "uptime": render.duration(s.uptime),
+        "restarts": s.restarts,
+        "exit_code": s.exit_code,
+        "cpu": None if s.cpu_percent is None else f"{s.cpu_percent:.1f}%",
+        "memory": render.size(s.memory_rss),
+        "processes": s.processes,
+    }
+    if s.celery is not None:
+        fields.update(_celery_summary(s.celery))
+    elif "celery" in s.raw:
+        fields["celery"] = "not running"
+    return render.record(fields)
+
+
+@instances.command("stats", context_settings=CONTEXT)
+@click.argument("app")
+@click.argument("name")
+@json_option
+@pass_opts
+def instances_stats(opts: Options, app: str, name: str) -> None:
+    """Show the resource use of instance NAME of APP (its whole process tree).
+
+    For a running celery instance also a summary of Celery's own stats (pool,
+    autoscaler, active tasks, tasks done by name); --json prints them all.
+    """
+    with opts.client() as c:
+        s = c.stats(app, name)
+    _emit(opts, s.raw, _stats_text(s))
+
+
+main.add_command(instances_stats, "stats")

@@ -1,0 +1,165 @@
+"""The root group (global options) and the daemon's own commands: ping,
+branch, branches, daemon exit."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+from branchctl import render
+from branchctl.cli.common import (
+    CONTEXT,
+    Failed,
+    Options,
+    _emit,
+    _items,
+    _Root,
+    json_option,
+    pass_opts,
+)
+from branchctl.client import DEFAULT_URL, find_url
+from branchctl.models import Branch
+
+# -- root -------------------------------------------------------------------
+
+
+@click.group(cls=_Root, context_settings=CONTEXT)
+@click.option(
+    "--url",
+    envvar="BRANCHD_URL",
+    show_envvar=True,
+    help="The daemon's base URL [default: the one the daemon wrote in its state dir, "
+    "$BRANCHD_STATE_DIR/branchd.url or ~/.local/state/branchd/branchd.url, "
+    f"else {DEFAULT_URL}].",
+)
+@click.option(
+    "--token", envvar="BRANCHD_TOKEN", show_envvar=True, help="Bearer token of the branch."
+)
+@click.option(
+    "--timeout",
+    envvar="BRANCHD_TIMEOUT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    show_envvar=True,
+    help="Seconds to wait for an answer.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
+)
+@click.pass_context
+def main(
+    ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
+) -> None:
+    """Control a branchd daemon: its apps, their instances, their logs.
+
+    Without --url or BRANCHD_URL it finds a local daemon (any --bind, port
+    0 too) by the branchd.url file the daemon writes in its state dir.
+
+    For Celery: apps carry the broker and worker settings, 'queues' declares
+    an app's queues, 'consumers' and 'autoscale' change a running worker.
+    """
+    found: Path | None = None
+    if not url:
+        url, found = find_url(os.environ)
+    ctx.obj = Options(
+        url=url,
+        token=token or None,
+        timeout=timeout,
+        json=as_json,
+        url_file=None if found is None else str(found),
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@json_option
+@pass_opts
+def ping(opts: Options) -> None:
+    """Check that the daemon answers."""
+    with opts.client() as c:
+        ok = c.ping()
+    if not ok:
+        raise Failed(f"bad_response: {opts.url} answered the ping without ok")
+    _emit(opts, {"ok": ok}, "ok")
+
+
+def _branch_text(b: Branch) -> str:
+    cap = b.capacity
+    uptime = None if b.started_at is None else max(0.0, time.time() - b.started_at)
+    return render.record(
+        {
+            "id": b.id,
+            "hostname": b.hostname,
+            "address": b.address,
+            "version": b.version,
+            "started": f"{render.timestamp(b.started_at)} (up {render.duration(uptime)})",
+            "cpus": cap.cpus,
+            "load": " ".join(f"{x:.2f}" for x in cap.load) or None,
+            "memory": f"{render.size(cap.memory_free)} free of {render.size(cap.memory_total)}",
+            "instances": cap.instances,
+        }
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@json_option
+@pass_opts
+def branch(opts: Options) -> None:
+    """Show this branch (the daemon answering)."""
+    with opts.client() as c:
+        b = c.branch()
+    _emit(opts, b.raw, _branch_text(b))
+
+
+@main.command(context_settings=CONTEXT)
+@json_option
+@pass_opts
+def branches(opts: Options) -> None:
+    """List the branches this daemon knows."""
+    with opts.client() as c:
+        bs = c.branches()
+    rows = [
+        (
+            b.id,
+            b.hostname,
+            b.address,
+            b.version,
+            b.capacity.instances,
+            f"{b.capacity.load[0]:.2f}" if b.capacity.load else None,
+        )
+        for b in bs
+    ]
+    _emit(
+        opts,
+        _items(bs),
+        render.table(("ID", "HOSTNAME", "ADDRESS", "VERSION", "INST", "LOAD"), rows),
+    )
+
+
+@main.group(context_settings=CONTEXT)
+def daemon() -> None:
+    """The daemon itself."""
+
+
+@daemon.command("exit", context_settings=CONTEXT)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave every instance running; the next branchd on this state dir adopts them "
+    "(an upgrade). Without it, every instance is stopped first.",
+)
+@json_option
+@pass_opts
+def daemon_exit(opts: Options, keep: bool) -> None:
+    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
+    with opts.client() as c:
+        c.exit_daemon(keep)
+    _emit(
+        opts,
+        {"exiting": True, "keep": keep},
+        "branchd exits; its instances keep running" if keep else
+        "branchd stops its instances, then exits",
+    )
