@@ -80,7 +80,9 @@ class BrokerSpec:
         return f"{scheme}{sep}{creds.split(':', 1)[0]}:**@{host}"
 
 
-def embedded(state_dir: str | os.PathLike[str], app: str | None = None) -> BrokerSpec:
+def embedded(
+    state_dir: str | os.PathLike[str], app: str | None = None, hook: str | None = None
+) -> BrokerSpec:
     """The embedded filesystem broker of ``app`` under ``state_dir/broker/apps/<app>``
     (``state_dir/broker`` without an app); creates its folders.
 
@@ -94,7 +96,8 @@ def embedded(state_dir: str | os.PathLike[str], app: str | None = None) -> Broke
     data, control = root / "data", root / "control"
     for folder in (data, control):
         folder.mkdir(parents=True, exist_ok=True)
-    hook = hook_dir(state_dir)
+    # (the loader is installed once by whoever passes ``hook``: not at every view)
+    hook = hook if hook is not None else hook_dir(state_dir)
     options = {
         # one folder both ways: every process reads what every other writes
         "data_folder_in": str(data),

@@ -51,11 +51,11 @@ def node_name(instance: str, hostname: str) -> str:
     return f"{instance}@{hostname}"
 
 
-def broker_for(app: App, state_dir: Path) -> BrokerSpec:
+def broker_for(app: App, state_dir: Path, hook: str | None = None) -> BrokerSpec:
     """The app's broker (never raises: a bad URL stored before URLs were
     checked is refused by :func:`check_broker`, at the worker's start)."""
     if is_embedded_url(app.celery.broker):
-        return embedded(state_dir, app.name)
+        return embedded(state_dir, app.name, hook)
     return BrokerSpec(app.celery.broker or "")
 
 

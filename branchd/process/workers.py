@@ -76,6 +76,8 @@ class Workers:
         self._state_dir = state_dir
         self._hostname = hostname
         self._settings = settings
+        #: The worker-side loader's folder, installed once (views build commands often).
+        self._hook = hook_dir(state_dir)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watch: dict[str, health.Watch] = {}
         self._started: dict[str, Worker] = {}
@@ -99,7 +101,7 @@ class Workers:
         return Worker(node_name(spec.name, self._hostname), self.broker(app))
 
     def broker(self, app: App) -> BrokerSpec:
-        return broker_for(app, self._state_dir)
+        return broker_for(app, self._state_dir, self._hook)
 
     def remember_argv(self, name: str, argv: tuple[str, ...]) -> None:
         """The argv of an adopted worker (as the kernel has it), for its view."""
@@ -126,7 +128,7 @@ class Workers:
             "python": python_for(app),
             "cwd": app.defaults.get("cwd"),
             "config": producer_config(broker, backend, decls),
-            "env": producer_env(broker, backend, decls, hook_dir(self._state_dir)),
+            "env": producer_env(broker, backend, decls, self._hook),
         }
 
     def command(self, spec: InstanceSpec, live: bool = False) -> tuple[str, ...]:
@@ -171,7 +173,7 @@ class Workers:
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
-        return tuple(argv), env_for(w.broker, env, bindings, hook_dir(self._state_dir))
+        return tuple(argv), env_for(w.broker, env, bindings, self._hook)
 
     # lifecycle hooks ------------------------------------------------------------
 

@@ -203,6 +203,22 @@ class AsyncClient:
                 status, "bad_response", f"{method} {path} answered something other than JSON"
             ) from None
 
+    async def _delete(
+        self, path: str, wait: bool, parse: Callable[[Any], _T]
+    ) -> _T | None:
+        """A DELETE: None once it is gone (204); without ``wait`` the daemon's 202
+        answer, what it was when the delete began."""
+        params = None if wait else {"wait": "false"}
+        status, data = await self._call("DELETE", path, params=params)
+        if status == 204 or not data:
+            return None
+        try:
+            return self._parse(parse, json.loads(data), status)
+        except ValueError:
+            raise ApiError(
+                status, "bad_response", "DELETE answered something other than JSON"
+            ) from None
+
     @staticmethod
     def _parse(parse: Callable[[Any], _T], data: Any, status: int = 200) -> _T:
         try:
@@ -318,16 +334,7 @@ class AsyncClient:
         """Remove an app; the daemon stops and removes its instances first.
         Answers once it is gone (None); with ``wait=False`` at once, with the
         app as it was (poll ``get_app`` until it answers 404)."""
-        params = None if wait else {"wait": "false"}
-        status, data = await self._call("DELETE", f"/v1/apps/{_seg(name)}", params=params)
-        if status == 204 or not data:
-            return None
-        try:
-            return self._parse(App.from_json, json.loads(data), status)
-        except ValueError:
-            raise ApiError(
-                status, "bad_response", "DELETE answered something other than JSON"
-            ) from None
+        return await self._delete(f"/v1/apps/{_seg(name)}", wait, App.from_json)
 
     # -- instances -----------------------------------------------------------
 
@@ -369,16 +376,7 @@ class AsyncClient:
         With ``wait=False`` the daemon answers at once with the instance as it
         is (still ``stopping``) and removes it once it has stopped.
         """
-        params = None if wait else {"wait": "false"}
-        status, data = await self._call("DELETE", _instance_path(app, name), params=params)
-        if status == 204 or not data:
-            return None
-        try:
-            return self._parse(Instance.from_json, json.loads(data), status)
-        except ValueError:
-            raise ApiError(
-                status, "bad_response", "DELETE answered something other than JSON"
-            ) from None
+        return await self._delete(_instance_path(app, name), wait, Instance.from_json)
 
     async def _action(self, app: str, name: str, action: str, wait: bool = True) -> Instance:
         params = None if wait else {"wait": "false"}
