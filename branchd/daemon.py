@@ -1,4 +1,4 @@
-"""Composition root: builds the store, launcher, manager and API; owns signals."""
+"""Composition root: builds the store, launcher, local services and API; owns signals."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from branchd.clock import SystemClock
 from branchd.config import Config, load
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
+from branchd.local import build as build_local
 from branchd.process.launcher import ProcessLauncher
-from branchd.process.manager import Manager
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
 
@@ -65,7 +65,7 @@ class Daemon:
         try:
             bus = EventBus()
             clock = SystemClock()
-            manager = Manager(
+            local = build_local(
                 store,
                 ProcessLauncher(loop),
                 clock,
@@ -74,11 +74,11 @@ class Daemon:
                 remote=KombuRemoteControl(),
                 bus=bus,
             )
-            await manager.start()
+            await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
             branch = BranchService(
                 BranchRecord(
-                    id=manager.branch_id,
+                    id=local.branch_id,
                     hostname=socket.gethostname(),
                     version=__version__,
                     started_at=clock.wall(),
@@ -87,12 +87,12 @@ class Daemon:
                 ),
                 SystemProbe(),
                 bus,
-                manager.instance_names(),
+                local.instances.instance_names(),
             )
             branch.start()
             runner = web.AppRunner(
                 make_app(
-                    manager,
+                    local,
                     token=cfg.api.token,
                     max_body=cfg.api.max_body,
                     branch=branch.record,
@@ -108,7 +108,7 @@ class Daemon:
                 await site.start()
             except OSError as exc:
                 await branch.close()
-                await manager.shutdown(keep=True)
+                await local.shutdown(keep=True)
                 raise ConfigError(
                     f"cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror}"
                 ) from None
@@ -124,7 +124,7 @@ class Daemon:
             log.info(
                 "branchd %s (branch %s) listening on %s, state in %s",
                 __version__,
-                manager.branch_id,
+                local.branch_id,
                 self.url,
                 cfg.state_dir,
             )
@@ -137,7 +137,7 @@ class Daemon:
             )
             await runner.cleanup()
             await branch.close()
-            await manager.shutdown(keep=how == Exit.KEEP)
+            await local.shutdown(keep=how == Exit.KEEP)
         finally:
             store.close()
 

@@ -10,12 +10,12 @@ from typing import Any
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Backend
+from branchd.api.backend import Local
 from branchd.api.forward import Forwarder, LocalOnly
 from branchd.api.routes import (
-    BACKEND,
     BRANCH,
     EXIT,
+    LOCAL,
     OPENAPI,
     ROUTES,
     Handler,
@@ -95,7 +95,7 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def make_app(
-    backend: Backend,
+    local: Local,
     *,
     token: str | None,
     max_body: int,
@@ -108,7 +108,7 @@ def make_app(
         middlewares=[errors_middleware, auth_middleware, forward_middleware],
         client_max_size=max_body,
     )
-    app[BACKEND] = backend
+    app[LOCAL] = local
     app[FORWARDER] = forwarder if forwarder is not None else LocalOnly()
     app[BRANCH] = branch
     if token:

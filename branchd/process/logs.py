@@ -7,19 +7,25 @@ the child's next write lands at offset 0. Bytes written between the copy and
 the truncation are lost; the window is one ``read()`` long.
 
 These functions do blocking file I/O; callers on the event loop should run
-``rotate_if_needed`` and ``tail`` of big files in a thread.
+``rotate_if_needed`` and ``tail`` of big files in a thread. ``LogService`` is
+the service the API and the daemon use: it finds an instance's files, reads
+them off the event loop and runs the rotation loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from branchd.errors import Invalid
-from branchd.model import valid_name
+from branchd.model import InstanceSpec, valid_name
+
+log = logging.getLogger(__name__)
 
 _BLOCK = 64 * 1024
 #: follow() yields a line without newline once it grows this long.
@@ -210,3 +216,58 @@ def _size_and_inode(path: Path) -> tuple[int, int | None]:
     except FileNotFoundError:
         return 0, None
     return st.st_size, st.st_ino
+
+
+class Instances(Protocol):
+    """What the log service needs of the engine."""
+
+    def lookup(self, app: str, name: str) -> InstanceSpec: ...
+    def specs(self, app: str | None = None) -> list[InstanceSpec]: ...
+
+
+class LogService:
+    """Instances' log files: paths, tail, follow, and the rotation loop."""
+
+    def __init__(self, log_dir: Path, instances: Instances, check_interval: float) -> None:
+        self._log_dir = log_dir
+        self._instances = instances
+        self._interval = check_interval
+        self._task: asyncio.Task[None] | None = None
+
+    def path(self, app: str, name: str, stream: str) -> Path:
+        spec = self._instances.lookup(app, name)
+        out, err = log_paths(self._log_dir, spec.app, spec.name)
+        return err if stream == "stderr" else out
+
+    async def read_logs(self, app: str, name: str, stream: str, n: int) -> list[str]:
+        return await asyncio.to_thread(tail, self.path(app, name, stream), n)
+
+    def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]:
+        return follow(self.path(app, name, stream))
+
+    async def rotate_once(self) -> None:
+        """One step of the rotation loop: every instance's files over their limit."""
+        # Rotation copies up to max_bytes: keep that off the event loop.
+        await asyncio.to_thread(self._rotate_all, self._instances.specs())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.rotate_once()
+
+    def _rotate_all(self, specs: list[InstanceSpec]) -> None:
+        for spec in specs:
+            for path in log_paths(self._log_dir, spec.app, spec.name):
+                try:
+                    rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
+                except OSError:
+                    log.warning("cannot rotate %s", path, exc_info=True)

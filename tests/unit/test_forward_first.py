@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from branchd.api.app import make_app
-from branchd.api.backend import Backend
+from branchd.api.backend import Local
 from branchd.views import BranchRecord, Capacity
 
 RECORD = BranchRecord("b1", "h", "0", 0.0, "x:1", Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0))
@@ -30,7 +30,7 @@ class Elsewhere:
 async def test_the_forwarder_answers_first_and_the_rest_stays_local() -> None:
     forwarder = Elsewhere()
     app = make_app(
-        cast(Backend, object()),  # never reached for a forwarded request
+        cast(Local, object()),  # never reached for a forwarded request
         token=None,
         max_body=1024,
         branch=lambda: RECORD,
