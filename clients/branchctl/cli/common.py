@@ -1,5 +1,6 @@
-"""Shared pieces of the CLI: the options object, the root and listing group
-classes, --json, parameter types."""
+"""Shared pieces of the CLI: the options object, the command and group classes
+every command is made of (the root and listing groups among them), --json,
+parameter types."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -54,7 +55,54 @@ class Failed(click.ClickException):
         click.echo(f"branchctl: {self.message}", err=True)
 
 
-class _Root(click.Group):
+class BranchctlCommand(click.Command):
+    """A branchctl command: takes -h/--help, and its callback gets the options
+    object (built by the root from --url, --token, --timeout, --json) as its
+    first argument.
+
+    Declared here once rather than as decorators on every command, so that no
+    command can miss one of them.
+    """
+
+    def __init__(
+        self,
+        name: str | None,
+        *,
+        context_settings: MutableMapping[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        **attrs: Any,
+    ) -> None:
+        super().__init__(
+            name,
+            context_settings={**CONTEXT, **(context_settings or {})},
+            callback=None if callback is None else pass_opts(callback),
+            **attrs,
+        )
+
+
+class BranchctlGroup(click.Group):
+    """A group of branchctl commands: takes -h/--help, and what it makes with
+    ``@group.command()`` and ``@group.group()`` are a BranchctlCommand and a
+    BranchctlGroup. Its own callback gets the context, not the options object
+    (a group decides what runs when called bare)."""
+
+    command_class = BranchctlCommand
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        context_settings: MutableMapping[str, Any] | None = None,
+        **attrs: Any,
+    ) -> None:
+        super().__init__(name, context_settings={**CONTEXT, **(context_settings or {})}, **attrs)
+
+
+# (not `group_class = type`: the root's subgroups are not roots)
+BranchctlGroup.group_class = BranchctlGroup
+
+
+class _Root(BranchctlGroup):
     """The root group: turns every ApiError of a command into exit 1 and one line,
     and a usage error into exit 2 and one line (not click's usage block)."""
 
@@ -93,7 +141,7 @@ class _Root(click.Group):
             raise Failed(" ".join(message.split())) from exc
 
 
-class _ListingGroup(click.Group):
+class _ListingGroup(BranchctlGroup):
     """A group that lists when called bare; a first word that names no
     subcommand is taken as the argument of its 'list' subcommand.
 

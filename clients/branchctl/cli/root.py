@@ -11,14 +11,12 @@ import click
 
 from branchctl import render
 from branchctl.cli.common import (
-    CONTEXT,
     Failed,
     Options,
     _emit,
     _items,
     _Root,
     json_option,
-    pass_opts,
 )
 from branchctl.client import DEFAULT_URL, find_url
 from branchctl.models import Branch
@@ -26,7 +24,7 @@ from branchctl.models import Branch
 # -- root -------------------------------------------------------------------
 
 
-@click.group(cls=_Root, context_settings=CONTEXT)
+@click.group(cls=_Root)
 @click.option(
     "--url",
     envvar="BRANCHD_URL",
@@ -74,9 +72,8 @@ def main(
     )
 
 
-@main.command(context_settings=CONTEXT)
+@main.command()
 @json_option
-@pass_opts
 def ping(opts: Options) -> None:
     """Check that the daemon answers."""
     with opts.client() as c:
@@ -104,9 +101,8 @@ def _branch_text(b: Branch) -> str:
     )
 
 
-@main.command(context_settings=CONTEXT)
+@main.command()
 @json_option
-@pass_opts
 def branch(opts: Options) -> None:
     """Show this branch (the daemon answering)."""
     with opts.client() as c:
@@ -114,9 +110,8 @@ def branch(opts: Options) -> None:
     _emit(opts, b.raw, _branch_text(b))
 
 
-@main.command(context_settings=CONTEXT)
+@main.command()
 @json_option
-@pass_opts
 def branches(opts: Options) -> None:
     """List the branches this daemon knows."""
     with opts.client() as c:
@@ -139,12 +134,12 @@ def branches(opts: Options) -> None:
     )
 
 
-@main.group(context_settings=CONTEXT)
+@main.group()
 def daemon() -> None:
     """The daemon itself."""
 
 
-@daemon.command("exit", context_settings=CONTEXT)
+@daemon.command("exit")
 @click.option(
     "--keep",
     is_flag=True,
@@ -152,7 +147,6 @@ def daemon() -> None:
     "(an upgrade). Without it, every instance is stopped first.",
 )
 @json_option
-@pass_opts
 def daemon_exit(opts: Options, keep: bool) -> None:
     """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
     with opts.client() as c:
