@@ -24,7 +24,6 @@ from branchctl.cli.common import (
     _json_or_str,
     _ListingGroup,
     _pairs,
-    json_option,
     no_wait_option,
 )
 from branchctl.cli.root import (
@@ -66,7 +65,6 @@ def _app_text(app: App) -> str:
 
 
 @main.group(cls=_ListingGroup, invoke_without_command=True)
-@json_option
 @click.pass_context
 def apps(ctx: click.Context) -> None:
     """List the apps (bare), or manage one."""
@@ -75,7 +73,6 @@ def apps(ctx: click.Context) -> None:
 
 
 @apps.command("list")
-@json_option
 def apps_list(opts: Options) -> None:
     """List the apps."""
     with opts.client() as c:
@@ -194,7 +191,6 @@ def _reset_by_replace(old: Mapping[str, Any], sent: Mapping[str, Any]) -> list[s
 @apps.command("add")
 @click.argument("name")
 @app_settings
-@json_option
 def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     """Create app NAME, or replace it (what is not given is reset: use
     'apps set' to change some settings and keep the rest).
@@ -251,7 +247,6 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     ),
     help="Put a setting back to its default (broker: the embedded one).",
 )
-@json_option
 def apps_set(
     opts: Options,
     /,
@@ -293,7 +288,6 @@ def apps_set(
 
 @apps.command("show")
 @click.argument("name")
-@json_option
 def apps_show(opts: Options, name: str) -> None:
     """Show app NAME."""
     with opts.client() as c:
@@ -304,7 +298,6 @@ def apps_show(opts: Options, name: str) -> None:
 @apps.command("remove")
 @click.argument("name")
 @no_wait_option
-@json_option
 def apps_remove(opts: Options, name: str, no_wait: bool) -> None:
     """Remove app NAME: its instances are stopped (each up to its stopwaitsecs),
     then removed, then the app. --no-wait answers at once."""
@@ -370,7 +363,6 @@ def _env_lines(env: Mapping[str, str]) -> str:
     help="json: for app.conf.update(...); python: a config module; env: shell exports "
     "(broker, result backend, transport options, queue declarations: through branchd's loader).",
 )
-@json_option
 def apps_celery_config(opts: Options, name: str, fmt: str) -> None:
     """The Celery settings a producer of app NAME needs.
 
@@ -390,7 +382,8 @@ def apps_celery_config(opts: Options, name: str, fmt: str) -> None:
         click.echo(_env_lines(env))
 
 
-@main.command("celery", context_settings={"ignore_unknown_options": True})
+# Every word after APP is Celery's (its inspect has a --json of its own).
+@main.command("celery", takes_json=False, context_settings={"ignore_unknown_options": True})
 @click.argument("app")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
 def celery_command(opts: Options, app: str, args: tuple[str, ...]) -> None:

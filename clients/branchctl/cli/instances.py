@@ -27,7 +27,6 @@ from branchctl.cli.common import (
     _items,
     _ListingGroup,
     _pairs,
-    json_option,
     no_wait_option,
 )
 from branchctl.cli.root import (
@@ -144,7 +143,6 @@ def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
     invoke_without_command=True,
     subcommand_metavar="[APP] | COMMAND [ARGS]...",
 )
-@json_option
 @click.pass_context
 def instances(ctx: click.Context) -> None:
     """List instances ('instances [APP]'), or manage one.
@@ -158,7 +156,6 @@ def instances(ctx: click.Context) -> None:
 
 @instances.command("list")
 @click.argument("app", required=False)
-@json_option
 def instances_list(opts: Options, app: str | None = None) -> None:
     """List the instances of APP, or of every app."""
     with opts.client() as c:
@@ -176,7 +173,6 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     "default: process with a COMMAND, celery without.",
 )
 @instance_fields
-@json_option
 def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) -> None:
     """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
@@ -201,7 +197,6 @@ def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) 
 @click.argument("app")
 @click.argument("name")
 @instance_fields
-@json_option
 def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> None:
     """Change instance NAME of APP (a new COMMAND goes after '--').
 
@@ -218,7 +213,6 @@ def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> N
 @instances.command("show")
 @click.argument("app")
 @click.argument("name")
-@json_option
 def instances_show(opts: Options, app: str, name: str) -> None:
     """Show instance NAME of APP."""
     with opts.client() as c:
@@ -305,7 +299,6 @@ def _started(opts: Options, i: Instance) -> None:
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
 def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Start instance NAME of APP and wait until it runs.
 
@@ -327,7 +320,6 @@ def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
 def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Stop instance NAME of APP and wait until it has stopped.
 
@@ -350,7 +342,6 @@ def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
 def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Restart instance NAME of APP and wait until it runs again.
 
@@ -373,7 +364,6 @@ def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
 def instances_remove(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Remove instance NAME of APP: stopped first (up to its stopwaitsecs), then forgotten.
 
@@ -464,7 +454,6 @@ def _stats_text(s: Stats) -> str:
 @instances.command("stats")
 @click.argument("app")
 @click.argument("name")
-@json_option
 def instances_stats(opts: Options, app: str, name: str) -> None:
     """Show the resource use of instance NAME of APP (its whole process tree).
 

@@ -13,7 +13,6 @@ import click
 
 from branchctl.cli.common import (
     Options,
-    json_option,
 )
 from branchctl.cli.root import (
     main,
@@ -36,7 +35,6 @@ def _exit_quietly(signum: int, frame: object) -> None:
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl-C.")
 @click.option("--stderr", is_flag=True, help="The stderr log instead of stdout.")
-@json_option
 def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: bool) -> None:
     """Print the log of instance NAME of APP (plain text, even with --json)."""
     stream = "stderr" if stderr else "stdout"

@@ -17,7 +17,6 @@ from branchctl.cli.common import (
     _json_or_str,
     _ListingGroup,
     _pairs,
-    json_option,
 )
 from branchctl.cli.root import (
     main,
@@ -49,7 +48,6 @@ def _queue_text(q: Queue) -> str:
     invoke_without_command=True,
     subcommand_metavar="APP | COMMAND [ARGS]...",
 )
-@json_option
 @click.pass_context
 def queues(ctx: click.Context) -> None:
     """List the queues declared by an app ('queues APP'), or manage one.
@@ -63,7 +61,6 @@ def queues(ctx: click.Context) -> None:
 
 @queues.command("list")
 @click.argument("app")
-@json_option
 def queues_list(opts: Options, app: str) -> None:
     """List the queues declared by APP."""
     with opts.client() as c:
@@ -91,7 +88,6 @@ def queues_list(opts: Options, app: str) -> None:
     help="Queue option (V parsed as JSON when it can be: durable=false, "
     "queue_arguments='{\"x-max-priority\": 10}').",
 )
-@json_option
 def queues_add(
     opts: Options,
     app: str,
@@ -115,7 +111,6 @@ def queues_add(
 @queues.command("show")
 @click.argument("app")
 @click.argument("name")
-@json_option
 def queues_show(opts: Options, app: str, name: str) -> None:
     """Show queue NAME of APP."""
     with opts.client() as c:
@@ -126,7 +121,6 @@ def queues_show(opts: Options, app: str, name: str) -> None:
 @queues.command("remove")
 @click.argument("app")
 @click.argument("name")
-@json_option
 def queues_remove(opts: Options, app: str, name: str) -> None:
     """Remove queue NAME of APP (first cancelled on every instance of the app)."""
     with opts.client() as c:
@@ -148,7 +142,6 @@ def _consumers_table(items: Iterable[Consumer]) -> str:
     invoke_without_command=True,
     subcommand_metavar="APP NAME | COMMAND [ARGS]...",
 )
-@json_option
 @click.pass_context
 def consumers(ctx: click.Context) -> None:
     """List the queues a celery instance consumes ('consumers APP NAME'), or change them.
@@ -164,7 +157,6 @@ def consumers(ctx: click.Context) -> None:
 @consumers.command("list")
 @click.argument("app")
 @click.argument("name")
-@json_option
 def consumers_list(opts: Options, app: str, name: str) -> None:
     """List the queues of celery instance NAME of APP."""
     with opts.client() as c:
@@ -176,7 +168,6 @@ def consumers_list(opts: Options, app: str, name: str) -> None:
 @click.argument("app")
 @click.argument("name")
 @click.argument("queue")
-@json_option
 def consumers_add(opts: Options, app: str, name: str, queue: str) -> None:
     """Make instance NAME of APP consume QUEUE (no restart); prints its queues."""
     with opts.client() as c:
@@ -188,7 +179,6 @@ def consumers_add(opts: Options, app: str, name: str, queue: str) -> None:
 @click.argument("app")
 @click.argument("name")
 @click.argument("queue")
-@json_option
 def consumers_remove(opts: Options, app: str, name: str, queue: str) -> None:
     """Make instance NAME of APP stop consuming QUEUE (no restart); prints its queues."""
     with opts.client() as c:
@@ -222,7 +212,6 @@ def _non_negative(value: str, what: str) -> int:
 @click.argument("app")
 @click.argument("name")
 @click.argument("bounds", metavar="[MIN MAX]", nargs=-1)
-@json_option
 def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -> None:
     """Show the autoscale bounds of celery instance NAME of APP, or set them to MIN MAX.
 

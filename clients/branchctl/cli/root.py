@@ -11,12 +11,12 @@ import click
 
 from branchctl import render
 from branchctl.cli.common import (
+    JSON_HELP,
     Failed,
     Options,
     _emit,
     _items,
     _Root,
-    json_option,
 )
 from branchctl.client import DEFAULT_URL, find_url
 from branchctl.models import Branch
@@ -45,9 +45,7 @@ from branchctl.models import Branch
     show_envvar=True,
     help="Seconds to wait for an answer.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
-)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_context
 def main(
     ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
@@ -73,7 +71,6 @@ def main(
 
 
 @main.command()
-@json_option
 def ping(opts: Options) -> None:
     """Check that the daemon answers."""
     with opts.client() as c:
@@ -102,7 +99,6 @@ def _branch_text(b: Branch) -> str:
 
 
 @main.command()
-@json_option
 def branch(opts: Options) -> None:
     """Show this branch (the daemon answering)."""
     with opts.client() as c:
@@ -111,7 +107,6 @@ def branch(opts: Options) -> None:
 
 
 @main.command()
-@json_option
 def branches(opts: Options) -> None:
     """List the branches this daemon knows."""
     with opts.client() as c:
@@ -146,7 +141,6 @@ def daemon() -> None:
     help="Leave every instance running; the next branchd on this state dir adopts them "
     "(an upgrade). Without it, every instance is stopped first.",
 )
-@json_option
 def daemon_exit(opts: Options, keep: bool) -> None:
     """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
     with opts.client() as c:
