@@ -26,14 +26,11 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.errors import ApiError
 from branchctl.models import App
 
 # -- apps -------------------------------------------------------------------
-
 
 
 def _app_text(app: App) -> str:

@@ -307,6 +307,7 @@ class ByteSize(_ParamType):
             self.fail(f"{value!r} is not a positive size", param, ctx)
         return n
 
+
 def _bounds_text(bounds: Mapping[str, Any] | None) -> str | None:
     """{"min": 1, "max": 4} -> '1..4' (min..max)."""
     if not bounds:

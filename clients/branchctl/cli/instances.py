@@ -29,9 +29,7 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.client import Client
 from branchctl.errors import ApiError
 from branchctl.models import Instance, Stats

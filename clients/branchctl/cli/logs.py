@@ -14,9 +14,7 @@ import click
 from branchctl.cli.common import (
     Options,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 
 # -- logs -------------------------------------------------------------------
 

@@ -18,9 +18,7 @@ from branchctl.cli.common import (
     _ListingGroup,
     _pairs,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.models import Autoscale, Consumer, Queue
 
 # -- queues -----------------------------------------------------------------

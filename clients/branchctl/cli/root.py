@@ -148,6 +148,7 @@ def daemon_exit(opts: Options, keep: bool) -> None:
     _emit(
         opts,
         {"exiting": True, "keep": keep},
-        "branchd exits; its instances keep running" if keep else
-        "branchd stops its instances, then exits",
+        "branchd exits; its instances keep running"
+        if keep
+        else "branchd stops its instances, then exits",
     )
