@@ -18,7 +18,7 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
-from branchd.api.forward import LocalOnly
+from branchd.api.forward import LocalDirectory, NoForwarder
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
@@ -96,7 +96,9 @@ class Daemon:
                     token=cfg.api.token,
                     max_body=cfg.api.max_body,
                     branch=branch.record,
-                    forwarder=LocalOnly(),  # a cluster of one, until membership
+                    # a cluster of one, until membership: everything is answered here
+                    directory=LocalDirectory(),
+                    forwarder=NoForwarder(),
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
