@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from branchd.process.launcher import MARK_VAR
 from tests.brokers import redis_db_session
 
 
@@ -175,6 +176,39 @@ def _kill_leftovers(state_dir: Path) -> None:
         with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
             if abs(psutil.Process(pid).create_time() - create_time) < 0.05:
                 os.killpg(pid, signal.SIGKILL)
+    # and what a daemon killed before it recorded a pid left (marked as this branch's)
+    for pid in marked_pids(state_dir):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def branch_id_of(state_dir: Path) -> str | None:
+    db = state_dir / "branchd.db"
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'branch_id'").fetchone()
+        except sqlite3.Error:
+            return None
+    return str(row[0]) if row else None
+
+
+def marked_pids(state_dir: Path) -> dict[int, str]:
+    """Live processes this state dir's branch spawned (by their mark): pid -> instance."""
+    branch = branch_id_of(state_dir)
+    found: dict[int, str] = {}
+    if branch is None:
+        return found
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) != proc.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            mark = proc.environ().get(MARK_VAR, "")
+            parts = mark.split("/")
+            if len(parts) == 3 and parts[0] == branch:
+                found[proc.pid] = parts[1]
+    return found
 
 
 @pytest.fixture

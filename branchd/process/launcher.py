@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import pwd
+import secrets
 import subprocess
 import warnings
 from collections.abc import Callable, Mapping
@@ -39,6 +40,24 @@ ExitCallback = Callable[[int | None], None]
 CREATE_TIME_TOLERANCE = 1.0
 
 
+#: Every process a branch spawns carries ``<branch>/<instance>/<nonce>`` in
+#: its environment under this name, so that the next daemon finds it even if
+#: this one was killed between the fork and the commit of its pid (it was
+#: once started a second time, the first left an orphan). Not ``BRANCHD_*``:
+#: no daemon setting ever reaches an instance.
+MARK_VAR = "BRANCH_SPAWN_MARK"
+
+
+def make_mark(branch: str, instance: str) -> str:
+    return f"{branch}/{instance}/{secrets.token_hex(4)}"
+
+
+def marked_instance(mark: str, branch: str) -> str | None:
+    """The instance a mark names, if this branch made it."""
+    parts = mark.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == branch and parts[1] else None
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     argv: tuple[str, ...]  # never a shell string
@@ -47,6 +66,23 @@ class LaunchSpec:
     user: str | None  # only honoured when we are root; else it must be us
     stdout_path: Path
     stderr_path: Path
+    #: The spawn's mark (``make_mark``), added to the child's environment.
+    mark: str | None = None
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        if self.mark is not None:
+            env[MARK_VAR] = self.mark
+        return env
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A live process this branch spawned, found by its mark."""
+
+    pid: int
+    create_time: float
+    instance: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,10 @@ class Launcher(Protocol):
 
     def tree_stats(self, pid: int) -> TreeStats:
         """CPU, memory and process count of pid and its descendants."""
+        ...
+
+    def marked(self, branch: str) -> list[Marked]:
+        """The live main processes (session leaders) that ``branch`` spawned."""
         ...
 
     def close(self) -> None:
@@ -125,7 +165,7 @@ class ProcessLauncher:
         try:
             popen = subprocess.Popen(
                 list(spec.argv),
-                env=dict(spec.env),
+                env=spec.child_env(),
                 cwd=spec.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -253,6 +293,27 @@ class ProcessLauncher:
             count += 1
         self._stats[pid] = current
         return TreeStats(cpu_percent=cpu, memory_rss=rss, processes=count)
+
+    def marked(self, branch: str) -> list[Marked]:
+        found: list[Marked] = []
+        me = os.getpid()
+        for proc in psutil.process_iter():
+            try:
+                # Only session leaders: an instance's main process leads its own
+                # session; its children inherit the mark and go with its group.
+                if proc.pid == me or os.getsid(proc.pid) != proc.pid:
+                    continue
+                with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    mark = proc.environ().get(MARK_VAR)
+                    create_time = proc.create_time()
+            except (psutil.Error, OSError):  # gone, or another user's we cannot read
+                continue
+            instance = marked_instance(mark, branch) if mark else None
+            if instance is not None:
+                found.append(Marked(proc.pid, create_time, instance))
+        return found
 
     def close(self) -> None:
         self._closed = True
