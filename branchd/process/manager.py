@@ -57,7 +57,7 @@ from branchd.process.celery_ops import (
     fixed_concurrency,
     pool_size,
 )
-from branchd.process.launcher import Launcher, LaunchSpec
+from branchd.process.launcher import Launcher, LaunchSpec, base_env, user_env
 from branchd.process.machine import (
     Adopt,
     Backoff,
@@ -763,7 +763,13 @@ class Manager:
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
         app = self._store.get_app(spec.app)
-        env = {**self._env, **(app.env if app else {}), **spec.env}
+        # A clean environment: the documented base, then the app's and the
+        # instance's (never the daemon's own, which holds its token).
+        env = {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(spec.env),
+        }
         argv = spec.command
         out, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
         try:
