@@ -774,7 +774,7 @@ def analysis(r: Results) -> list[str]:
         text = (
             "- create → running: while a worker starts, branchd sends a new ping every "
             "50 ms, each waiting up to 1 s for its answer (`Workers._await_ready` in "
-            "branchd/process/workers.py); pings published before the worker has bound "
+            "branchd/celery/workers.py); pings published before the worker has bound "
             "its `<node>.celery.pidbox` queue are dropped by the broker, so what counts "
             "is how soon after the binding the next ping goes out. "
         )
@@ -807,7 +807,7 @@ def analysis(r: Results) -> list[str]:
             "with `call_soon`; on RabbitMQ that declares a durable queue and its "
             f"exchange, binds and consumes: {broker:.1f} ms of broker work timed alone) "
             f"+ `active_queues` polls ({rtt:.1f} ms each, 2 ms apart at first, "
-            "`CeleryOps._confirm` in branchd/process/celery_ops.py) until the queue "
+            "`CeleryOps._confirm` in branchd/celery/ops.py) until the queue "
             "shows; the confirming reply is the answer's body. The floor is thus "
             f"~{t['add_consumer reply'] + apply + rtt:.0f} ms plus HTTP and one SQLite "
             f"write; measured p50 {med(r.add_ms):.1f} ms. The worker's own apply time "

@@ -1,4 +1,4 @@
-"""Composition root: builds the store, launcher, manager and API; owns signals."""
+"""Composition root: builds the store, launcher, local services and API; owns signals."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
-from branchd.api.forward import LocalOnly
+from branchd.api.forward import LocalDirectory, NoForwarder
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
 from branchd.config import Config, is_loopback, load
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
+from branchd.local import build as build_local
 from branchd.process.launcher import ProcessLauncher
-from branchd.process.manager import Manager
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
@@ -67,7 +67,7 @@ class Daemon:
         try:
             bus = EventBus()
             clock = SystemClock()
-            manager = Manager(
+            local = build_local(
                 store,
                 ProcessLauncher(loop),
                 clock,
@@ -76,11 +76,11 @@ class Daemon:
                 remote=KombuRemoteControl(),
                 bus=bus,
             )
-            await manager.start()
+            await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
             branch = BranchService(
                 BranchRecord(
-                    id=manager.branch_id,
+                    id=local.branch_id,
                     hostname=socket.gethostname(),
                     version=__version__,
                     started_at=clock.wall(),
@@ -89,17 +89,19 @@ class Daemon:
                 ),
                 SystemProbe(),
                 bus,
-                manager.instance_names(),
+                local.instances.instance_names(),
             )
             branch.start()
             runner = web.AppRunner(
                 make_app(
-                    manager,
+                    local,
                     token=cfg.api.token,
                     loopback=is_loopback(cfg.api.host),
                     max_body=cfg.api.max_body,
                     branch=branch.record,
-                    forwarder=LocalOnly(),  # a cluster of one, until membership
+                    # a cluster of one, until membership: everything is answered here
+                    directory=LocalDirectory(),
+                    forwarder=NoForwarder(),
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
@@ -111,7 +113,7 @@ class Daemon:
                 await site.start()
             except OSError as exc:
                 await branch.close()
-                await manager.shutdown(keep=True)
+                await local.shutdown(keep=True)
                 raise ConfigError(
                     f"cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror}"
                 ) from None
@@ -127,7 +129,7 @@ class Daemon:
             log.info(
                 "branchd %s (branch %s) listening on %s, state in %s",
                 __version__,
-                manager.branch_id,
+                local.branch_id,
                 self.url,
                 cfg.state_dir,
             )
@@ -140,7 +142,7 @@ class Daemon:
             )
             await runner.cleanup()
             await branch.close()
-            await manager.shutdown(keep=how == Exit.KEEP)
+            await local.shutdown(keep=how == Exit.KEEP)
         finally:
             store.close()
 

@@ -129,6 +129,13 @@ class Full(BranchdError):
     status = 503
 
 
+class BranchUnreachable(BranchdError):
+    """The branch that must answer a request cannot be reached."""
+
+    code = "branch_unreachable"
+    status = 503
+
+
 class ControlFailed(BranchdError):
     """A worker refused a remote-control command or did not confirm it in time."""
 

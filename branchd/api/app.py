@@ -12,12 +12,20 @@ from typing import Any
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Backend
-from branchd.api.forward import Forwarder, LocalOnly
+from branchd.api.backend import Local
+from branchd.api.forward import (
+    Directory,
+    Forwarder,
+    LocalDirectory,
+    NoForwarder,
+    Scope,
+    Target,
+    scope_of,
+)
 from branchd.api.routes import (
-    BACKEND,
     BRANCH,
     EXIT,
+    LOCAL,
     OPENAPI,
     ROUTES,
     Handler,
@@ -139,23 +147,34 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+DIRECTORY = web.AppKey("directory", Directory)
+#: Each route's scope, by (method, path template).
+SCOPES: web.AppKey[dict[tuple[str, str], Scope]] = web.AppKey("scopes")
 
 
 @web.middleware
 async def forward_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Forward first: another branch's answer when it owns the request."""
-    answer = await request.app[FORWARDER].forward(request)
-    return answer if answer is not None else await handler(request)
+    """Forward first: the directory says which branch answers this route's target."""
+    resource = request.match_info.route.resource
+    scope = request.app[SCOPES].get((request.method, resource.canonical if resource else ""))
+    if scope is None:  # no route: answered here (404, 405)
+        return await handler(request)
+    info = request.match_info
+    owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))
+    if owner is None:
+        return await handler(request)
+    return await request.app[FORWARDER].forward(request, owner)
 
 
 def make_app(
-    backend: Backend,
+    local: Local,
     *,
     token: str | None,
     max_body: int,
     loopback: bool = True,
     branch: Callable[[], BranchRecord],
     on_exit: Callable[[bool], None] | None = None,
+    directory: Directory | None = None,
     forwarder: Forwarder | None = None,
 ) -> web.Application:
     app = web.Application(
@@ -170,8 +189,10 @@ def make_app(
         ],
         client_max_size=max_body,
     )
-    app[BACKEND] = backend
-    app[FORWARDER] = forwarder if forwarder is not None else LocalOnly()
+    app[LOCAL] = local
+    app[DIRECTORY] = directory if directory is not None else LocalDirectory()
+    app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
+    app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
     app[LOOPBACK] = loopback
     if token:

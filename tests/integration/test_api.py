@@ -320,6 +320,24 @@ def test_logs_tail_and_stream(api: Api) -> None:
     assert api.call("GET", "/v1/apps/web/instances/quiet/logs").text == ""
 
 
+def test_tail_of_a_huge_log_without_newlines_is_bounded(api: Api) -> None:
+    # A 400 MiB log with no newline (sparse: no disk used) once took 1.9 GB of
+    # the daemon's memory for tail=1: the answer and the growth are bounded now.
+    make_app(api)
+    make_instance(api, "quiet", autostart=False)
+    log = api.b.state_dir / "logs" / "web" / "quiet.stdout.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        f.truncate(400 * 1024 * 1024)
+    daemon = psutil.Process(api.b.pid)
+    before = daemon.memory_info().rss
+    reply = api.call("GET", "/v1/apps/web/instances/quiet/logs?tail=1")
+    assert reply.status == 200
+    assert len(reply.text.encode()) <= 1024 * 1024
+    assert reply.text.startswith("[...] ") and reply.text.rstrip().endswith("bytes cut]")
+    assert daemon.memory_info().rss - before <= 20 * 1024 * 1024
+
+
 def _open_follow(b: Branchd, path: str) -> Any:
     req = urllib.request.Request(b.url + path)
     if b.token:

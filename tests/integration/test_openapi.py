@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 
 from branchd.api.app import make_app
-from branchd.api.backend import Backend
+from branchd.api.backend import Local
 from branchd.views import BranchRecord
 from tests.conftest import SLEEPER, Branchd, Reply, wait_for
 
@@ -26,7 +26,7 @@ METHODS = {"get", "put", "post", "patch", "delete"}
 
 def _router_operations() -> set[tuple[str, str]]:
     app = make_app(
-        cast(Backend, object()),
+        cast(Local, object()),
         token=None,
         max_body=1024,
         branch=cast(Callable[[], BranchRecord], object()),

@@ -11,14 +11,12 @@ import click
 
 from branchctl import render
 from branchctl.cli.common import (
-    CONTEXT,
+    JSON_HELP,
     Failed,
     Options,
     _emit,
     _items,
     _Root,
-    json_option,
-    pass_opts,
 )
 from branchctl.client import DEFAULT_URL, find_token, find_url
 from branchctl.models import Branch
@@ -26,7 +24,7 @@ from branchctl.models import Branch
 # -- root -------------------------------------------------------------------
 
 
-@click.group(cls=_Root, context_settings=CONTEXT)
+@click.group(cls=_Root)
 @click.option(
     "--url",
     envvar="BRANCHD_URL",
@@ -58,9 +56,7 @@ from branchctl.models import Branch
     show_envvar=True,
     help="Seconds to wait for an answer.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
-)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -106,9 +102,7 @@ def _read_token(path: str) -> str:
     return text
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+@main.command()
 def ping(opts: Options) -> None:
     """Check that the daemon answers."""
     with opts.client() as c:
@@ -136,9 +130,7 @@ def _branch_text(b: Branch) -> str:
     )
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+@main.command()
 def branch(opts: Options) -> None:
     """Show this branch (the daemon answering)."""
     with opts.client() as c:
@@ -146,9 +138,7 @@ def branch(opts: Options) -> None:
     _emit(opts, b.raw, _branch_text(b))
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+@main.command()
 def branches(opts: Options) -> None:
     """List the branches this daemon knows."""
     with opts.client() as c:
@@ -171,20 +161,18 @@ def branches(opts: Options) -> None:
     )
 
 
-@main.group(context_settings=CONTEXT)
+@main.group()
 def daemon() -> None:
     """The daemon itself."""
 
 
-@daemon.command("exit", context_settings=CONTEXT)
+@daemon.command("exit")
 @click.option(
     "--keep",
     is_flag=True,
     help="Leave every instance running; the next branchd on this state dir adopts them "
     "(an upgrade). Without it, every instance is stopped first.",
 )
-@json_option
-@pass_opts
 def daemon_exit(opts: Options, keep: bool) -> None:
     """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
     with opts.client() as c:
@@ -192,6 +180,7 @@ def daemon_exit(opts: Options, keep: bool) -> None:
     _emit(
         opts,
         {"exiting": True, "keep": keep},
-        "branchd exits; its instances keep running" if keep else
-        "branchd stops its instances, then exits",
+        "branchd exits; its instances keep running"
+        if keep
+        else "branchd stops its instances, then exits",
     )
