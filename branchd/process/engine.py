@@ -43,7 +43,14 @@ from branchd.model import (
     signal_number,
 )
 from branchd.process import logs
-from branchd.process.launcher import Launcher, LaunchSpec, Marked, make_mark
+from branchd.process.launcher import (
+    Launcher,
+    LaunchSpec,
+    Marked,
+    base_env,
+    make_mark,
+    user_env,
+)
 from branchd.process.machine import (
     Adopt,
     Backoff,
@@ -548,7 +555,13 @@ class Engine:
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
         app = self._decls.find_app(spec.app)
-        env = {**self._env, **(app.env if app else {}), **spec.env}
+        # A clean environment: the documented base, then the app's and the
+        # instance's (never the daemon's own, which holds its token).
+        env = {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(spec.env),
+        }
         argv = spec.command
         out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         try:

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from branchd.errors import Invalid
 from branchd.model import InstanceSpec, valid_name
@@ -67,7 +67,7 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         if older.exists():
             os.replace(older, backup_path(path, n + 1))
     tmp = path.with_name(f"{path.name}.rotating")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
+    with open(path, "rb") as src, _open_like(tmp, src.fileno()) as dst:
         end = src.seek(0, os.SEEK_END)
         start = max(0, end - max_bytes)
         if start > 0:
@@ -85,6 +85,21 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         os.truncate(path, 0)
     os.replace(tmp, backup_path(path, 1))
     return True
+
+
+def _open_like(path: Path, like: int) -> BinaryIO:
+    """``path`` for writing, with the mode and owner of the open file ``like``
+    (a backup is as private as the log it comes from)."""
+    st = os.fstat(like)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, st.st_mode & 0o777)
+    try:
+        os.fchmod(fd, st.st_mode & 0o777)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
 
 
 def _next_line_start(fd: int, start: int, end: int) -> int:
