@@ -26,7 +26,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.views import BranchRecord
+from branchd.views import BranchRecord, app_answer, queue_answer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -204,7 +204,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def _app_json(request: web.Request, app: App) -> dict[str, Any]:
     backend = _backend(request)
-    return app.to_json(backend.effective_broker(app), backend.effective_backend(app))
+    return app_answer(app, backend.effective_broker(app), backend.effective_backend(app))
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -242,19 +242,19 @@ async def celery_config(request: web.Request) -> web.Response:
 
 async def list_queues(request: web.Request) -> web.Response:
     queues = await _backend(request).list_queues(_name(request, "app"))
-    return _json({"items": [q.to_json() for q in queues]})
+    return _json({"items": [queue_answer(q) for q in queues]})
 
 
 async def get_queue(request: web.Request) -> web.Response:
     queue = await _backend(request).get_queue(_name(request, "app"), _name(request, "queue"))
-    return _json(queue.to_json())
+    return _json(queue_answer(queue))
 
 
 async def put_queue(request: web.Request) -> web.Response:
     app, name = _name(request, "app"), _name(request, "queue")
     body = await _body(request, schemas.QUEUE_IN)
     queue, created = await _backend(request).put_queue(app, name, body)
-    return _json(queue.to_json(), status=201 if created else 200)
+    return _json(queue_answer(queue), status=201 if created else 200)
 
 
 async def delete_queue(request: web.Request) -> web.Response:
