@@ -1,9 +1,10 @@
 """Makes store_v2.sql: a populated state database of the schema-2 release.
 
-Run once, with the code of that release (main at e69917a, where
-``store.MIGRATIONS`` has 2 entries), from the repository root:
+Run with the code of that release (e69917a, where ``store.MIGRATIONS`` has
+2 entries) first on the path, e.g. from an export of it:
 
-    python tests/data/make_store_v2.py tests/data/store_v2.sql
+    git archive e69917a | tar -x -C /tmp/v2 && cp tests/data/make_store_v2.py /tmp/v2/
+    cd /tmp/v2 && python make_store_v2.py store_v2.sql
 
 The dump is committed and never remade: tests/unit/test_store_migration.py
 opens it with today's Store to prove that every record of a database made by
@@ -16,6 +17,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from branchd.model import (
@@ -37,111 +39,125 @@ from branchd.store import MIGRATIONS, Store
 BRANCH = "0123456789abcdef0123456789abcdef"
 
 
+#: What the database holds, as the records the schema-2 release stored (the
+#: migration test compares what it reads back with these).
+APPS = [
+    App("plain", env={"A": "1"}, defaults={"startsecs": 2}, created_at=1000.5),
+    App(
+        "shop",
+        env={"DJANGO_SETTINGS_MODULE": "shop.settings"},
+        defaults={"queues": ["default"], "loglevel": "DEBUG"},
+        created_at=2000.25,
+        celery=CelerySettings(
+            broker="amqp://guest:guest@127.0.0.1:5672//",
+            celery_app="shop.tasks",
+            python="/srv/venv/bin/python",
+            pool="solo",
+            args=("--max-tasks-per-child", "10"),
+            autoscale=Autoscale(1, 4),
+            mingle_gossip=True,
+            result_backend="redis://127.0.0.1:6379/1",
+        ),
+    ),
+    App("gone", created_at=3000.0),  # being removed: see MARKS
+]
+QUEUES = [
+    Queue("shop", "default"),
+    Queue("shop", "images", "media", "topic", "image.#", {"durable": True}),
+]
+INSTANCES = [
+    InstanceSpec(
+        app="plain",
+        name="p1",
+        command=("sleep", "60"),
+        branch=BRANCH,
+        env={"B": "two"},
+        cwd="/tmp",
+        user="nobody",
+        policy=Policy(
+            autorestart=Autorestart.ALWAYS,
+            exitcodes=(0, 2),
+            startsecs=0.5,
+            startretries=7,
+            stopsignal="INT",
+            stopwaitsecs=20.0,
+        ),
+        autostart=False,
+        desired=Desired.STOPPED,
+        log_max_bytes=1234,
+        log_backups=2,
+        created_at=1001.0,
+    ),
+    InstanceSpec(app="plain", name="p2", command=("true",), branch=BRANCH, created_at=1002.0),
+    InstanceSpec(
+        app="shop",
+        name="w1",
+        command=(),
+        branch=BRANCH,
+        kind=Kind.CELERY,
+        policy=Policy(startsecs=30.0, stopwaitsecs=600.0),
+        created_at=2001.0,
+        queues=("default", "images"),
+        autoscale=Autoscale(2, 8),
+        pool="threads",
+        args=("-E",),
+        loglevel="WARNING",
+        hung_after=90.0,
+        memory_limit=512 * 1024 * 1024,
+    ),
+    InstanceSpec(
+        app="shop",
+        name="w2",
+        command=(),
+        branch=BRANCH,
+        kind=Kind.CELERY,
+        created_at=2002.0,
+        queues=("default",),
+        concurrency=3,
+    ),
+    # A delete under way (desired "removed", set after the add).
+    InstanceSpec(
+        app="gone",
+        name="g1",
+        command=("sleep", "1"),
+        branch=BRANCH,
+        created_at=3001.0,
+        desired=Desired.REMOVED,
+    ),
+]
+RUNTIMES = {
+    "p2": Runtime(
+        state=State.EXITED,
+        pid=4242,
+        create_time=1700000001.5,
+        started_at=1700000002.0,
+        restarts=3,
+        exit_code=-9,
+        stop_step=StopStep.KILL,
+        reason="stopwaitsecs ran out",
+    ),
+    "w1": Runtime(state=State.RUNNING, pid=777, create_time=1.25, started_at=2.5),
+}
+MARKS = ["removing_app:gone"]
+
+
 def populate(store: Store) -> None:
     with store._write() as db:  # the branch id a daemon of that release made
         db.execute("INSERT INTO meta (key, value) VALUES ('branch_id', ?)", (BRANCH,))
-    store.put_app(App("plain", env={"A": "1"}, defaults={"startsecs": 2}, created_at=1000.5))
-    store.put_app(
-        App(
-            "shop",
-            env={"DJANGO_SETTINGS_MODULE": "shop.settings"},
-            defaults={"queues": ["default"], "loglevel": "DEBUG"},
-            created_at=2000.25,
-            celery=CelerySettings(
-                broker="amqp://guest:guest@127.0.0.1:5672//",
-                celery_app="shop.tasks",
-                python="/srv/venv/bin/python",
-                pool="solo",
-                args=("--max-tasks-per-child", "10"),
-                autoscale=Autoscale(1, 4),
-                mingle_gossip=True,
-                result_backend="redis://127.0.0.1:6379/1",
-            ),
+    for app in APPS:
+        store.put_app(app)
+    for queue in QUEUES:
+        store.put_queue(queue)
+    for spec in INSTANCES:
+        store.add_instance(
+            replace(spec, desired=Desired.RUNNING) if spec.desired == Desired.REMOVED else spec
         )
-    )
-    store.put_app(App("gone", created_at=3000.0))  # being removed: a mark below
-    store.put_queue(Queue("shop", "default"))
-    store.put_queue(Queue("shop", "images", "media", "topic", "image.#", {"durable": True}))
-    store.add_instance(
-        InstanceSpec(
-            app="plain",
-            name="p1",
-            command=("sleep", "60"),
-            branch=BRANCH,
-            env={"B": "two"},
-            cwd="/tmp",
-            user="nobody",
-            policy=Policy(
-                autorestart=Autorestart.ALWAYS,
-                exitcodes=(0, 2),
-                startsecs=0.5,
-                startretries=7,
-                stopsignal="INT",
-                stopwaitsecs=20.0,
-            ),
-            autostart=False,
-            desired=Desired.STOPPED,
-            log_max_bytes=1234,
-            log_backups=2,
-            created_at=1001.0,
-        )
-    )
-    store.add_instance(
-        InstanceSpec(app="plain", name="p2", command=("true",), branch=BRANCH, created_at=1002.0)
-    )
-    store.add_instance(
-        InstanceSpec(
-            app="shop",
-            name="w1",
-            command=(),
-            branch=BRANCH,
-            kind=Kind.CELERY,
-            policy=Policy(startsecs=30.0, stopwaitsecs=600.0),
-            created_at=2001.0,
-            queues=("default", "images"),
-            autoscale=Autoscale(2, 8),
-            pool="threads",
-            args=("-E",),
-            loglevel="WARNING",
-            hung_after=90.0,
-            memory_limit=512 * 1024 * 1024,
-        )
-    )
-    store.add_instance(
-        InstanceSpec(
-            app="shop",
-            name="w2",
-            command=(),
-            branch=BRANCH,
-            kind=Kind.CELERY,
-            created_at=2002.0,
-            queues=("default",),
-            concurrency=3,
-        )
-    )
-    store.add_instance(
-        InstanceSpec(
-            app="gone", name="g1", command=("sleep", "1"), branch=BRANCH, created_at=3001.0
-        )
-    )
-    store.set_desired("g1", Desired.REMOVED)
-    store.save_runtime(
-        "p2",
-        Runtime(
-            state=State.EXITED,
-            pid=4242,
-            create_time=1700000001.5,
-            started_at=1700000002.0,
-            restarts=3,
-            exit_code=-9,
-            stop_step=StopStep.KILL,
-            reason="stopwaitsecs ran out",
-        ),
-    )
-    store.save_runtime(
-        "w1", Runtime(state=State.RUNNING, pid=777, create_time=1.25, started_at=2.5)
-    )
-    store.set_mark("removing_app:gone", True)
+        if spec.desired == Desired.REMOVED:
+            store.set_desired(spec.name, spec.desired)
+    for name, rt in RUNTIMES.items():
+        store.save_runtime(name, rt)
+    for mark in MARKS:
+        store.set_mark(mark, True)
 
 
 def main(out: Path) -> None:
