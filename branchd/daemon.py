@@ -63,10 +63,10 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        store = Store(cfg.db_path)
+        clock = SystemClock()
+        store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
         try:
             bus = EventBus()
-            clock = SystemClock()
             local = build_local(
                 store,
                 ProcessLauncher(loop),

@@ -27,7 +27,7 @@ from branchd.model import (
     valid_queue_name,
 )
 from branchd.process.specs import CELERY_FIELDS, build_spec, celery_settings
-from branchd.store import Store, celery_to_dict
+from branchd.store import Store
 
 
 class Declarations:
@@ -90,7 +90,7 @@ class Declarations:
         app = await self.get_app(name)
         env = _merged(app.env, patch.get("env"))
         defaults = _merged(app.defaults, patch.get("defaults"))
-        celery = celery_to_dict(app.celery)
+        celery = app.celery.to_wire()
         for key, value in patch.items():
             if key not in ("env", "defaults"):
                 celery[key] = value

@@ -26,7 +26,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.views import BranchRecord
+from branchd.views import BranchRecord, app_answer, queue_answer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -204,7 +204,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def _app_json(request: web.Request, app: App) -> dict[str, Any]:
     celery = _local(request).celery
-    return app.to_json(celery.effective_broker(app), celery.effective_backend(app))
+    return app_answer(app, celery.effective_broker(app), celery.effective_backend(app))
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -242,19 +242,19 @@ async def celery_config(request: web.Request) -> web.Response:
 
 async def list_queues(request: web.Request) -> web.Response:
     queues = await _local(request).apps.list_queues(_name(request, "app"))
-    return _json({"items": [q.to_json() for q in queues]})
+    return _json({"items": [queue_answer(q) for q in queues]})
 
 
 async def get_queue(request: web.Request) -> web.Response:
     queue = await _local(request).apps.get_queue(_name(request, "app"), _name(request, "queue"))
-    return _json(queue.to_json())
+    return _json(queue_answer(queue))
 
 
 async def put_queue(request: web.Request) -> web.Response:
     app, name = _name(request, "app"), _name(request, "queue")
     body = await _body(request, schemas.QUEUE_IN)
     queue, created = await _local(request).apps.put_queue(app, name, body)
-    return _json(queue.to_json(), status=201 if created else 200)
+    return _json(queue_answer(queue), status=201 if created else 200)
 
 
 async def delete_queue(request: web.Request) -> web.Response:

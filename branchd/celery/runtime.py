@@ -114,8 +114,8 @@ class CeleryRuntime:
         live = None
         if self._engine.running(name):
             got = autoscaler_range(await self._workers.ops.stats(self._workers.worker(spec)))
-            live = got.to_json() if got else None
-        return {**(want.to_json() if want else {"min": None, "max": None}), "live": live}
+            live = got.to_wire() if got else None
+        return {**(want.to_wire() if want else {"min": None, "max": None}), "live": live}
 
     async def set_autoscale(self, app: str, name: str, low: int, high: int) -> dict[str, Any]:
         self._engine.celery_lookup(app, name)
