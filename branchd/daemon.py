@@ -21,7 +21,7 @@ from branchd.api.app import make_app
 from branchd.api.forward import LocalOnly
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
-from branchd.clock import SystemClock
+from branchd.clock import LoopScheduler, SystemClock
 from branchd.config import Config, load
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
@@ -71,6 +71,7 @@ class Daemon:
                 clock,
                 cfg,
                 store.branch_id(),
+                scheduler=LoopScheduler(clock),
                 remote=KombuRemoteControl(),
                 bus=bus,
             )

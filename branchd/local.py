@@ -15,7 +15,7 @@ from branchd.celery.ops import CeleryOps
 from branchd.celery.remote import RemoteControl
 from branchd.celery.runtime import CeleryRuntime
 from branchd.celery.workers import Workers
-from branchd.clock import Clock
+from branchd.clock import Clock, Scheduler
 from branchd.config import Config
 from branchd.declarations import Declarations
 from branchd.events import EventBus
@@ -54,6 +54,7 @@ def build(
     config: Config,
     branch_id: str,
     *,
+    scheduler: Scheduler,
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
@@ -76,6 +77,7 @@ def build(
         declarations=declarations,
         workers=workers,
         bus=bus,
+        scheduler=scheduler,
     )
     return LocalBranch(
         apps=declarations,

@@ -23,7 +23,7 @@ import pytest
 
 from branchd.celery.broker import BrokerSpec
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
-from branchd.clock import SystemClock
+from branchd.clock import LoopScheduler, SystemClock
 from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
@@ -164,6 +164,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
             SystemClock(),
             config,
             store.branch_id(),
+            scheduler=LoopScheduler(SystemClock()),
             remote=stub,
             bus=EventBus(),
             hostname=HOST,
@@ -450,6 +451,7 @@ async def _next_daemon(rig: Rig, tmp_path: Path) -> LocalBranch:
         SystemClock(),
         config,
         rig.store.branch_id(),
+        scheduler=LoopScheduler(SystemClock()),
         remote=rig.stub,
         bus=EventBus(),
         hostname=HOST,
