@@ -65,13 +65,14 @@ class Daemon:
         try:
             bus = EventBus()
             clock = SystemClock()
+            scheduler = LoopScheduler(clock)
             local = build_local(
                 store,
                 ProcessLauncher(loop),
                 clock,
                 cfg,
                 store.branch_id(),
-                scheduler=LoopScheduler(clock),
+                scheduler=scheduler,
                 remote=KombuRemoteControl(),
                 bus=bus,
             )
@@ -89,6 +90,7 @@ class Daemon:
                 SystemProbe(),
                 bus,
                 local.instances.instance_names(),
+                scheduler=scheduler,
             )
             branch.start()
             runner = web.AppRunner(

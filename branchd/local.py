@@ -61,11 +61,12 @@ def build(
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
-        CeleryOps(remote),
+        CeleryOps(remote, scheduler=scheduler),
         launcher,
         config.state_dir,
         hostname or socket.gethostname(),
         settings=config.celery,  # (only its own section)
+        scheduler=scheduler,
     )
     engine = Engine(
         store,
@@ -83,5 +84,5 @@ def build(
         apps=declarations,
         instances=engine,
         celery=CeleryRuntime(engine, declarations, workers, bus),
-        logs=LogService(config.log_dir, engine, config.logs.check_interval),
+        logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
     )

@@ -13,6 +13,7 @@ from branchd.celery.ops import CeleryOps
 from branchd.celery.stub import StubRemoteControl
 from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
 from branchd.celery.workers import Workers
+from branchd.clock import FakeClock, FakeScheduler
 from branchd.config import CelerySection
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
@@ -126,12 +127,14 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
         return []
 
     monkeypatch.setattr(workers_module, "prune_dead_fanout", prune)
+    sched = FakeScheduler(FakeClock())
     w = Workers(
-        CeleryOps(StubRemoteControl()),
+        CeleryOps(StubRemoteControl(), scheduler=sched),
         FakeLauncher(),
         tmp_path,
         "host",
         settings=CelerySection(health_interval=1.0, reconcile_interval=1.0),
+        scheduler=sched,
     )
     w.bind(_Host(apps))
     for _ in range(3):  # three sweeps: said once, never raised
