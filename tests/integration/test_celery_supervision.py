@@ -16,7 +16,9 @@ on the real clock with small real intervals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,9 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import pytest
 
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.remote import KombuRemoteControl
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
 from branchd.clock import (
     Clock,
@@ -40,8 +44,9 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import Autoscale, State
+from branchd.model import Autoscale, State, StopStep
 from branchd.process.fake import FakeLauncher
+from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
 
@@ -139,13 +144,10 @@ def time_of(request: pytest.FixtureRequest) -> Time:
 # The rig ------------------------------------------------------------------------
 
 
-@dataclass
-class Rig:
+class Waits:
+    """Waits on a LocalBranch ``m`` that move ``time`` while they poll."""
+
     m: LocalBranch
-    fake: TimelineFake
-    stub: TimelineStub
-    store: Store
-    timeline: list[str]
     time: Time
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
@@ -158,26 +160,22 @@ class Rig:
                 raise AssertionError(f"condition not met within {timeout}s")
             await self.time.tick()
 
+    async def wait_for_async(
+        self, read: Callable[[], Awaitable[object]], want: object, timeout: float = DEADLINE
+    ) -> None:
+        """Until ``await read()`` equals ``want`` (a value asked of a worker)."""
+        deadline = self.time.now() + timeout
+        real_deadline = time.monotonic() + timeout
+        while (got := await read()) != want:
+            if self.time.now() > deadline or time.monotonic() > real_deadline:
+                raise AssertionError(f"wanted {want!r} within {timeout}s; last read {got!r}")
+            await self.time.tick()
+
     async def finish(self, work: Awaitable[T]) -> T:
         """Await ``work`` while the rig's clock runs (a stop may wait on a timer)."""
         task = asyncio.ensure_future(work)
         await self.wait_for(task.done)
         return await task
-
-    async def add(self, name: str, **fields: Any) -> InstanceView:
-        body = {"name": name, "kind": "celery", "hung_after": HUNG_AFTER, **fields}
-        return await self.m.instances.create_instance(APP, body)
-
-    def node(self, name: str, **kw: Any) -> StubNode:
-        """The worker of instance ``name`` starts answering."""
-        return self.stub.add_node(f"{name}@{HOST}", **kw)
-
-    def sent(self, command: str, since: int = 0, *, one_way: bool | None = None) -> list[Sent]:
-        return [
-            s
-            for s in self.stub.sent[since:]
-            if s.command == command and (one_way is None or s.one_way == one_way)
-        ]
 
     async def view(self, name: str) -> InstanceView:
         return await self.m.instances.get_instance(APP, name)
@@ -197,6 +195,31 @@ class Rig:
 
     async def wait_state(self, name: str, state: State, timeout: float = DEADLINE) -> InstanceView:
         return await self.wait_view(name, lambda v: v.runtime.state == state, timeout)
+
+
+@dataclass
+class Rig(Waits):
+    m: LocalBranch
+    fake: TimelineFake
+    stub: TimelineStub
+    store: Store
+    timeline: list[str]
+    time: Time
+
+    async def add(self, name: str, **fields: Any) -> InstanceView:
+        body = {"name": name, "kind": "celery", "hung_after": HUNG_AFTER, **fields}
+        return await self.m.instances.create_instance(APP, body)
+
+    def node(self, name: str, **kw: Any) -> StubNode:
+        """The worker of instance ``name`` starts answering."""
+        return self.stub.add_node(f"{name}@{HOST}", **kw)
+
+    def sent(self, command: str, since: int = 0, *, one_way: bool | None = None) -> list[Sent]:
+        return [
+            s
+            for s in self.stub.sent[since:]
+            if s.command == command and (one_way is None or s.one_way == one_way)
+        ]
 
     async def running(self, name: str, queues: list[str], **fields: Any) -> tuple[StubNode, int]:
         """An instance whose worker answered and was brought in line; its node and pid."""
@@ -633,3 +656,198 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
     command = (await rig.view("w1")).to_json()["command"]
     assert command[command.index("-b") + 1] == redis  # what its next start will run
+
+
+# The same scenarios over real Celery workers (a representative subset) -------------
+#
+# Readiness, a hung worker killed, a warm stop: written once, run over the stub
+# on the fake clock and over real ``celery worker`` processes on the embedded
+# broker (real launcher, kombu remote control, real clock), as dramatiq runs
+# one suite over its stub and real brokers.
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RecordingLauncher(ProcessLauncher):
+    """The real launcher, writing its signals on the timeline (as TimelineFake)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeline: list[str]) -> None:
+        super().__init__(loop)
+        self.timeline = timeline
+        self.launched: list[Launched] = []
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        launched = super().spawn(spec)
+        self.launched.append(launched)
+        return launched
+
+    def signal(self, pid: int, sig: int, group: bool) -> None:
+        self.timeline.append(f"signal {pid} {signal.Signals(sig).name} group={group}")
+        super().signal(pid, sig, group)
+
+    def cleanup(self) -> None:
+        """Whatever is left of our workers goes (by pid and start time, never by name)."""
+        ours: list[psutil.Process] = []
+        for launched in self.launched:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(launched.pid)
+                if abs(proc.create_time() - launched.create_time) < 0.01:
+                    ours.append(proc)
+        for proc in ours:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        psutil.wait_procs(ours, timeout=5)
+
+
+class RecordingRemote(KombuRemoteControl):
+    """The kombu remote control, writing its one-way sends on the timeline."""
+
+    def __init__(self, timeline: list[str]) -> None:
+        super().__init__()
+        self.timeline = timeline
+
+    async def cast(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.timeline.append(f"casting {command}")
+        await super().cast(broker, node, command, arguments)
+        self.timeline.append(f"cast {command}")
+
+
+@dataclass
+class Side(Waits):
+    """One side of the subset: what differs between the stub and real workers."""
+
+    m: LocalBranch
+    time: Time
+    timeline: list[str]
+    name: str
+    #: hung_after of its instances: a real worker needs room for a busy moment.
+    hung_after: float
+    #: The stub (None over real workers).
+    stub: TimelineStub | None = None
+
+    async def add(self, name: str, queues: list[str]) -> InstanceView:
+        if self.stub is not None:  # its worker answers, consuming part of its queues
+            self.stub.add_node(f"{name}@{HOST}", queues=queues[:1])
+        body = {"name": name, "kind": "celery", "hung_after": self.hung_after, "queues": queues}
+        return await self.m.instances.create_instance(APP, body)
+
+    def silence(self, name: str, pid: int) -> None:
+        """The worker stops answering (it hangs)."""
+        if self.stub is not None:
+            self.stub.nodes[f"{name}@{HOST}"].alive = False
+        else:
+            os.kill(pid, signal.SIGSTOP)
+
+    def revive(self, name: str) -> None:
+        """The next worker of ``name`` answers (a real one does by itself)."""
+        if self.stub is not None:
+            self.stub.nodes[f"{name}@{HOST}"].alive = True
+
+    async def live_queues(self, name: str) -> list[str] | None:
+        items = await self.m.celery.consumers(APP, name)
+        if any(i["live"] is None for i in items):
+            return None
+        return sorted(i["name"] for i in items if i["live"])
+
+
+@pytest.fixture(params=["stub_fake_clock", pytest.param("celery_workers", marks=pytest.mark.slow)])
+async def side(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Side]:
+    base = Config.for_tests(tmp_path)
+    config = replace(
+        base, celery=replace(base.celery, health_interval=0.05, reconcile_interval=0.5)
+    )
+    store = Store(config.db_path)
+    timeline: list[str] = []
+    stub: TimelineStub | None = None
+    launcher: TimelineFake | RecordingLauncher
+    remote: TimelineStub | RecordingRemote
+    t: Time
+    if request.param == "stub_fake_clock":
+        t = SteppedTime()
+        launcher = TimelineFake(timeline)
+        remote = stub = TimelineStub(timeline, t.scheduler)
+        hung_after = HUNG_AFTER
+    else:
+        t = RealTime()
+        launcher = RecordingLauncher(asyncio.get_running_loop(), timeline)
+        remote = RecordingRemote(timeline)
+        hung_after = 3.0  # pings wait up to a second for their answer
+    m = build(
+        store,
+        launcher,
+        t.clock,
+        config,
+        store.branch_id(),
+        scheduler=t.scheduler,
+        remote=remote,
+        bus=EventBus(),
+        hostname=HOST,
+    )
+    await m.start()
+    try:
+        celery = {"celery_app": CELERY_APP, "pool": "threads", "mingle_gossip": False}
+        await m.apps.put_app(APP, {"PYTHONPATH": str(ROOT)}, {}, celery)
+        yield Side(m, t, timeline, request.param, hung_after, stub)
+    finally:
+        try:
+            await m.shutdown(keep=False)
+        finally:
+            if isinstance(launcher, RecordingLauncher):
+                launcher.cleanup()
+            store.close()
+
+
+async def test_both_starting_until_the_worker_answers_then_in_line(side: Side) -> None:
+    view = await side.add("w1", ["default", "high"])
+    assert view.runtime.state == State.STARTING
+    view = await side.wait_state("w1", State.RUNNING, timeout=30.0)
+    assert (view.runtime.restarts, view.runtime.reason) == (0, None)
+    # its queues are the declared ones (the stub's worker lacked one: reconciled)
+    await side.wait_for_async(lambda: side.live_queues("w1"), ["default", "high"])
+    assert not [e for e in side.timeline if e.startswith("signal")]
+
+
+async def test_both_hung_worker_is_killed_and_restarted(side: Side) -> None:
+    await side.add("w1", ["default"])
+    first = pid_of(await side.wait_state("w1", State.RUNNING, timeout=30.0))
+
+    side.silence("w1", first)
+    began = side.time.now()
+    view = await side.wait_view("w1", lambda v: v.runtime.pid not in (None, first), 30.0)
+    assert side.time.now() - began >= side.hung_after - 0.06
+    assert f"signal {first} SIGKILL group=True" in side.timeline
+    rt = view.runtime
+    assert (rt.restarts, rt.exit_code) == (1, -signal.SIGKILL)
+    assert rt.reason == f"no answer to ping for {side.hung_after:g}s"
+
+    side.revive("w1")
+    view = await side.wait_state("w1", State.RUNNING, timeout=30.0)
+    assert (view.runtime.restarts, view.runtime.reason) == (1, None)
+
+
+async def test_both_warm_stop_cancels_queues_then_terms(side: Side) -> None:
+    await side.add("w1", ["default", "high"])
+    pid = pid_of(await side.wait_state("w1", State.RUNNING, timeout=30.0))
+    await side.wait_for_async(lambda: side.live_queues("w1"), ["default", "high"])
+    mark = len(side.timeline)
+
+    view = await side.finish(side.m.instances.stop_instance(APP, "w1"))
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.SIGNAL)
+    # (the group's leftovers go after the exit: not part of the stop's order)
+    steps = [
+        e
+        for e in side.timeline[mark:]
+        if not e.startswith("casting") and e != f"signal {pid} SIGKILL group=True"
+    ]
+    assert steps == [
+        "cast cancel_consumer",
+        "cast cancel_consumer",
+        f"signal {pid} SIGTERM group=False",
+        "cast ping",
+    ]
