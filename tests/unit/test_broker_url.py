@@ -147,6 +147,35 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
     ]
 
 
+async def test_the_health_loops_step_sweeps_once_per_reconcile_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swept: list[float] = []
+    clock = FakeClock()
+    sched = FakeScheduler(clock)
+
+    def prune(spec: BrokerSpec, nodes: Any) -> list[str]:
+        swept.append(clock.monotonic())
+        return []
+
+    monkeypatch.setattr(workers_module, "prune_dead_fanout", prune)
+    stub = StubRemoteControl()
+    w = Workers(
+        CeleryOps(stub, scheduler=sched),
+        FakeLauncher(),
+        tmp_path,
+        "host",
+        settings=CelerySection(health_interval=1.0, reconcile_interval=3.0),
+        scheduler=sched,
+    )
+    w.bind(_Host({"b": App("b", celery=CelerySettings(broker=None))}))
+    for _ in range(7):  # the loop's steps, one health interval apart
+        await w.run_once()
+        clock.advance(1.0)
+    assert swept == [1003.0, 1006.0]  # the first sweep is one interval after the first step
+    assert stub.commands().count("ping") == 7  # every step pings every running worker
+
+
 
 @pytest.mark.parametrize(
     ("url", "problem"),
