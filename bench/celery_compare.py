@@ -60,7 +60,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, med, ok, wait_for, write_section
+from common import auth_headers, log, machine, med, ok, wait_for, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Celery instances (issue 3)"
@@ -111,6 +111,7 @@ class Daemon:
         self.log_path = self.dir / "daemon.out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: http.client.HTTPConnection | None = None
+        self.auth: dict[str, str] = {}  # the daemon's token, once it listens
 
     def launch(self) -> None:
         state = self.dir / "state"
@@ -133,6 +134,7 @@ class Daemon:
         parts = urllib.parse.urlsplit(url)
         assert parts.hostname and parts.port
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        self.auth = auth_headers(state)
 
     def tail(self, n: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -146,7 +148,7 @@ class Daemon:
         assert self.conn is not None
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        self.conn.request(method, path, body=data, headers=headers)
+        self.conn.request(method, path, body=data, headers={**self.auth, **headers})
         resp = self.conn.getresponse()
         raw = resp.read()
         if resp.status not in expect:

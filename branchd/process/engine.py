@@ -43,7 +43,14 @@ from branchd.model import (
     signal_number,
 )
 from branchd.process import logs
-from branchd.process.launcher import Launcher, LaunchSpec
+from branchd.process.launcher import (
+    Launcher,
+    LaunchSpec,
+    Marked,
+    base_env,
+    make_mark,
+    user_env,
+)
 from branchd.process.machine import (
     Adopt,
     Backoff,
@@ -119,9 +126,12 @@ class Engine:
     async def start(self) -> None:
         """Adopt the instances whose processes survived us; start the rest."""
         runtimes = self._store.runtimes()
+        marked: dict[str, list[Marked]] = {}
+        for m in self._launcher.marked(self.branch_id):
+            marked.setdefault(m.instance, []).append(m)
         for spec in self._store.list_instances():
             name = spec.name
-            rt = runtimes.get(name, Runtime())
+            rt = self._claim_marked(name, runtimes.get(name, Runtime()), marked.pop(name, []))
             self._specs[name] = spec
             self._procs[name] = Proc(
                 restarts=rt.restarts,
@@ -170,6 +180,10 @@ class Engine:
                 # a delete was under way when the daemon went: it ends now
                 self._deleting.add(name)
                 self._begin_forget(name)
+        for found in marked.values():
+            for m in found:  # spawned for an instance that is no more: no orphans
+                log.warning("killing pid %d: spawned for %s, which is no more", m.pid, m.instance)
+                self._kill_group(m.pid)
         for app in self._store.marks(_REMOVING_APP):
             # an app delete was under way when the daemon went: it ends now
             if self._store.get_app(app) is None:
@@ -177,6 +191,36 @@ class Engine:
             else:
                 self._begin_app_removal(app)
         self._workers.start()
+
+    def _claim_marked(self, name: str, rt: Runtime, found: list[Marked]) -> Runtime:
+        """The runtime to adopt from: the recorded process if it lives, else the
+        newest process marked for this instance (spawned by a daemon that went
+        before it committed the pid); any other marked one is a second copy
+        and goes."""
+        recorded = bool(rt.pid and rt.create_time and self._launcher.alive(rt.pid, rt.create_time))
+        if not recorded and found:
+            # (create_time ticks in 10 ms: within one tick, the higher pid came later)
+            newest = max(found, key=lambda m: (m.create_time, m.pid))
+            if rt.pid and _gone_or_zombie(rt.pid):
+                self._kill_group(rt.pid)  # what the dead recorded one left
+            log.warning("%s: pid %d was started but never recorded; adopting it", name, newest.pid)
+            rt = replace(
+                rt,
+                pid=newest.pid,
+                create_time=newest.create_time,
+                started_at=newest.create_time,
+                state=State.STARTING,
+            )
+            self._store.save_runtime(name, rt)
+        for m in found:
+            if m.pid != rt.pid:
+                log.warning("%s: killing pid %d, a second copy of it", name, m.pid)
+                self._kill_group(m.pid)
+        return rt
+
+    def _kill_group(self, pid: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._launcher.signal(pid, _signal.SIGKILL, True)
 
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
@@ -513,7 +557,13 @@ class Engine:
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
         app = self._decls.find_app(spec.app)
-        env = {**self._env, **(app.env if app else {}), **spec.env}
+        # A clean environment: the documented base, then the app's and the
+        # instance's (never the daemon's own, which holds its token).
+        env = {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(spec.env),
+        }
         argv = spec.command
         out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         try:
@@ -527,6 +577,7 @@ class Engine:
                     user=spec.user,
                     stdout_path=out,
                     stderr_path=err,
+                    mark=make_mark(self.branch_id, name),
                 )
             )
         except Exception as exc:  # any failure to start is a failed start, never a crash

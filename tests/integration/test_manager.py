@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ from branchd.events import EventBus
 from branchd.local import LocalBranch, build
 from branchd.model import Autorestart, Desired, State, StopStep
 from branchd.process.fake import FakeLauncher
-from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
+from branchd.process.launcher import (
+    Launched,
+    Launcher,
+    LaunchSpec,
+    ProcessLauncher,
+    make_mark,
+)
 from branchd.store import Store
 from branchd.views import InstanceView
 
@@ -114,6 +120,11 @@ class Side:
     async def ready(self, manager: LocalBranch, name: str) -> None:
         """The STUBBORN instance ``name`` has set up its signal handling."""
 
+    def orphan(self, branch: str, instance: str) -> int:
+        """A process ``branch`` spawned for ``instance`` and never recorded
+        (its daemon was killed between the fork and the commit of the pid)."""
+        raise NotImplementedError
+
     def cleanup(self) -> None:
         """End every process this side started."""
 
@@ -160,6 +171,9 @@ class FakeSide(Side):
     def kill(self, pid: int) -> None:
         self.fake.exit(pid, -signal.SIGKILL)
 
+    def orphan(self, branch: str, instance: str) -> int:
+        return self.fake.add_marked(branch, instance).pid
+
     def alive(self, pid: int) -> bool:
         return pid in self.fake.running()
 
@@ -194,6 +208,14 @@ class RealSide(Side):
 
     def kill(self, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
+
+    def orphan(self, branch: str, instance: str) -> int:
+        launcher = RecordingLauncher(self._loop, self.launched)  # (cleanup ends it)
+        devnull = Path(os.devnull)
+        spec = LaunchSpec(UP, dict(os.environ), None, None, devnull, devnull)
+        pid = launcher.spawn(replace(spec, mark=make_mark(branch, instance))).pid
+        launcher.close()  # the daemon that made it is gone
+        return pid
 
     def alive(self, pid: int) -> bool:
         try:
@@ -439,6 +461,32 @@ async def test_manager_restart_adopts_live_processes_and_starts_the_rest(
     sup.side.kill(kept)
     view = await wait_view(m2, "kept", lambda v: v.runtime.pid not in (None, kept))
     assert view.runtime.restarts == 1 and view.runtime.exit_code is None
+
+
+async def test_a_process_started_but_never_recorded_is_adopted_never_doubled(
+    sup: Supervision,
+) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "a", UP, autostart=False, startsecs=0.2)
+    await m1.shutdown(keep=True)
+    # A user started "a": its desired state was committed, the daemon forked
+    # (twice: a retry) and was killed before it committed either pid. It had
+    # also forked for "ghost", whose delete then ended.
+    sup.store.set_desired("a", Desired.RUNNING)
+    older = sup.side.orphan(sup.branch_id, "a")
+    newest = sup.side.orphan(sup.branch_id, "a")
+    ghost = sup.side.orphan(sup.branch_id, "ghost")
+    foreign = sup.side.orphan("another-branch", "a")  # not ours: left alone
+    spawned = len(sup.side.spawned)
+
+    m2 = await sup.manager()
+    view = await wait_state(m2, "a", State.RUNNING)
+    assert view.runtime.pid == newest
+    await wait_for(lambda: not sup.side.alive(older) and not sup.side.alive(ghost))
+    assert sup.side.alive(newest) and sup.side.alive(foreign)
+    assert len(sup.side.spawned) == spawned  # adopted, not started again
+    stored = sup.store.load_runtime("a")
+    assert stored.pid == newest
 
 
 async def test_adopted_while_starting_stays_starting_until_startsecs(sup: Supervision) -> None:

@@ -304,6 +304,8 @@ def test_schemathesis_finds_nothing(
         "--exclude-path",
         "/v1/daemon/exit",
     ]
+    if b.token:  # the daemon's own (secure by default)
+        cmd += ["--header", f"Authorization: Bearer {b.token}"]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150)
     elapsed = time.monotonic() - started

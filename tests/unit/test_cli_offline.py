@@ -273,7 +273,14 @@ def closed_port() -> int:
 
 def run(daemon: FakeDaemon | str, *args: str, **env: str | None) -> Result:
     url = daemon if isinstance(daemon, str) else daemon.url
-    environ: dict[str, str | None] = {"BRANCHD_URL": None, "BRANCHD_TOKEN": None, **env}
+    environ: dict[str, str | None] = {
+        "BRANCHD_URL": None,
+        "BRANCHD_TOKEN": None,
+        "BRANCHD_TOKEN_FILE": None,
+        # (no token file of this user's own daemon is read)
+        "BRANCHD_STATE_DIR": "/nonexistent/branchd-state",
+        **env,
+    }
     result = CliRunner().invoke(main, ["--url", url, *args], env=environ)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception

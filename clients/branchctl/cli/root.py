@@ -18,7 +18,7 @@ from branchctl.cli.common import (
     _items,
     _Root,
 )
-from branchctl.client import DEFAULT_URL, find_url
+from branchctl.client import DEFAULT_URL, find_token, find_url
 from branchctl.models import Branch
 
 # -- root -------------------------------------------------------------------
@@ -34,7 +34,18 @@ from branchctl.models import Branch
     f"else {DEFAULT_URL}].",
 )
 @click.option(
-    "--token", envvar="BRANCHD_TOKEN", show_envvar=True, help="Bearer token of the branch."
+    "--token",
+    envvar="BRANCHD_TOKEN",
+    show_envvar=True,
+    help="Bearer token of the branch [default: the local daemon's, read from "
+    "its state dir's token file when this user can read it].",
+)
+@click.option(
+    "--token-file",
+    envvar="BRANCHD_TOKEN_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="File holding the bearer token (keeps it off the command line).",
 )
 @click.option(
     "--timeout",
@@ -48,7 +59,12 @@ from branchctl.models import Branch
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_context
 def main(
-    ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
+    ctx: click.Context,
+    url: str | None,
+    token: str | None,
+    token_file: str | None,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Control a branchd daemon: its apps, their instances, their logs.
 
@@ -61,6 +77,10 @@ def main(
     found: Path | None = None
     if not url:
         url, found = find_url(os.environ)
+    if not token and token_file:
+        token = _read_token(token_file)
+    if not token:
+        token = find_token({k: v for k, v in os.environ.items() if k != "BRANCHD_TOKEN_FILE"}, url)
     ctx.obj = Options(
         url=url,
         token=token or None,
@@ -68,6 +88,18 @@ def main(
         json=as_json,
         url_file=None if found is None else str(found),
     )
+
+
+def _read_token(path: str) -> str:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--token-file"
+        ) from None
+    if not text:
+        raise click.BadParameter(f"{path} is empty", param_hint="--token-file")
+    return text
 
 
 @main.command()
