@@ -19,6 +19,7 @@ from typing import Protocol
 import psutil
 
 from branchd import events
+from branchd.clock import Scheduler, deadline
 from branchd.events import EventBus
 from branchd.views import BranchRecord, Capacity
 
@@ -53,9 +54,12 @@ class BranchService:
         bus: EventBus,
         instances: Iterable[str],
         *,
+        scheduler: Scheduler,
         interval: float = 5.0,
     ) -> None:
         self._record = base
+        self._sched = scheduler
+        self._clock = scheduler.clock
         self._probe = probe
         self._bus = bus
         self._names = set(instances)
@@ -91,14 +95,14 @@ class BranchService:
                 await self._task
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self._clock
         with self._bus.subscribe(
             lambda e: isinstance(e, events.InstanceAdded | events.InstanceRemoved)
         ) as changes:
-            next_refresh = loop.time() + self._interval
+            next_refresh = clock.monotonic() + self._interval
             while True:
                 try:
-                    async with asyncio.timeout(max(0.0, next_refresh - loop.time())):
+                    async with deadline(self._sched, next_refresh):
                         self.seen(await changes.get())
                         continue
                 except TimeoutError:
@@ -107,4 +111,4 @@ class BranchService:
                     self.refresh()
                 except Exception:  # a probe that fails once must not end the loop
                     log.warning("cannot read the host's load and memory", exc_info=True)
-                next_refresh = loop.time() + self._interval
+                next_refresh = clock.monotonic() + self._interval

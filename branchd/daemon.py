@@ -22,7 +22,7 @@ from branchd.api.app import make_app
 from branchd.api.forward import LocalDirectory, NoForwarder
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
-from branchd.clock import SystemClock
+from branchd.clock import LoopScheduler, SystemClock
 from branchd.config import Config, is_loopback, load
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
@@ -67,12 +67,14 @@ class Daemon:
         store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
         try:
             bus = EventBus()
+            scheduler = LoopScheduler(clock)
             local = build_local(
                 store,
                 ProcessLauncher(loop),
                 clock,
                 cfg,
                 store.branch_id(),
+                scheduler=scheduler,
                 remote=KombuRemoteControl(),
                 bus=bus,
             )
@@ -90,6 +92,7 @@ class Daemon:
                 SystemProbe(),
                 bus,
                 local.instances.instance_names(),
+                scheduler=scheduler,
             )
             branch.start()
             runner = web.AppRunner(

@@ -15,7 +15,7 @@ from branchd.celery.ops import CeleryOps
 from branchd.celery.remote import RemoteControl
 from branchd.celery.runtime import CeleryRuntime
 from branchd.celery.workers import Workers
-from branchd.clock import Clock
+from branchd.clock import Clock, Scheduler
 from branchd.config import Config
 from branchd.declarations import Declarations
 from branchd.events import EventBus
@@ -54,17 +54,19 @@ def build(
     config: Config,
     branch_id: str,
     *,
+    scheduler: Scheduler,
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
-        CeleryOps(remote),
+        CeleryOps(remote, scheduler=scheduler),
         launcher,
         config.state_dir,
         hostname or socket.gethostname(),
         settings=config.celery,  # (only its own section)
+        scheduler=scheduler,
     )
     engine = Engine(
         store,
@@ -76,10 +78,11 @@ def build(
         declarations=declarations,
         workers=workers,
         bus=bus,
+        scheduler=scheduler,
     )
     return LocalBranch(
         apps=declarations,
         instances=engine,
         celery=CeleryRuntime(engine, declarations, workers, bus),
-        logs=LogService(config.log_dir, engine, config.logs.check_interval),
+        logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
     )

@@ -9,7 +9,6 @@ sent before the worker's control queue exists is lost (keep re-sending).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from branchd.celery.broker import (
 )
 from branchd.celery.remote import RemoteControl
 from branchd.celery.urls import broker_url_problem, is_embedded_url
+from branchd.clock import Scheduler
 from branchd.errors import BrokerUnavailable, ControlFailed, Invalid, RestartRequired
 from branchd.model import App, Autoscale, InstanceSpec, Queue
 
@@ -287,9 +287,16 @@ class CeleryOps:
     """Remote-control operations on workers, each bounded by a deadline."""
 
     def __init__(
-        self, remote: RemoteControl, *, call_timeout: float = 1.0, confirm_timeout: float = 10.0
+        self,
+        remote: RemoteControl,
+        *,
+        scheduler: Scheduler,
+        call_timeout: float = 1.0,
+        confirm_timeout: float = 10.0,
     ) -> None:
         self.remote = remote
+        self._sched = scheduler
+        self._clock = scheduler.clock
         self.call_timeout = call_timeout
         self.confirm_timeout = confirm_timeout
 
@@ -328,27 +335,26 @@ class CeleryOps:
             raise RestartRequired(fixed_concurrency(w))
         if err:
             raise ControlFailed(f"{w.node} refused autoscale: {err}")
-        deadline = asyncio.get_running_loop().time() + self.confirm_timeout
+        deadline = self._clock.monotonic() + self.confirm_timeout
         pause = CONFIRM_FIRST_PAUSE
         while autoscaler_range(await self.stats(w)) != want:
-            if asyncio.get_running_loop().time() > deadline:
+            if self._clock.monotonic() > deadline:
                 raise ControlFailed(f"{w.node} did not confirm autoscale {want.min},{want.max}")
-            await asyncio.sleep(pause)
+            await self._sched.sleep(pause)
             pause = min(pause * 1.5, CONFIRM_MAX_PAUSE)
 
     async def _confirm(self, w: Worker, ok: Any, what: str) -> list[str]:
         # The worker answers "ok" before it acts (it defers the change to its
         # loop, ~10-15 ms on RabbitMQ): poll active_queues, first tightly.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.confirm_timeout
+        deadline = self._clock.monotonic() + self.confirm_timeout
         pause = CONFIRM_FIRST_PAUSE
         while True:
             names = await self.active_queues(w)
             if names is not None and ok(names):
                 return names
-            if loop.time() > deadline:
+            if self._clock.monotonic() > deadline:
                 raise ControlFailed(f"{w.node} did not confirm {what} in time")
-            await asyncio.sleep(pause)
+            await self._sched.sleep(pause)
             pause = min(pause * 1.5, CONFIRM_MAX_PAUSE)
 
     async def reconcile(

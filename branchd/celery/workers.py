@@ -38,6 +38,7 @@ from branchd.celery.ops import (
     python_for,
     start_bindings,
 )
+from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Queue, State
@@ -91,8 +92,11 @@ class Workers:
         hostname: str,
         *,
         settings: CelerySection,
+        scheduler: Scheduler,
     ) -> None:
         self._host: Host = _Unbound()
+        self._sched = scheduler
+        self._clock = scheduler.clock
         self.ops = ops
         self._launcher = launcher
         self._state_dir = state_dir
@@ -108,6 +112,8 @@ class Workers:
         self._locks: dict[str, asyncio.Lock] = {}
         self._prune_failures: dict[BrokerSpec, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        #: When the health loop's next round also sweeps (reconcile, prune).
+        self._next_sweep: float | None = None
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -228,6 +234,7 @@ class Workers:
         self._spawn_task(self._warm_stop(spec, pid, signum))
 
     def start(self) -> None:
+        self._next_sweep = self._clock.monotonic() + self._settings.reconcile_interval
         self._loop_task = asyncio.create_task(self._health_loop())
 
     async def close(self) -> None:
@@ -264,8 +271,8 @@ class Workers:
         if spec is None:
             return
         w = self.worker(spec)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        clock = self._clock
+        began = clock.monotonic()
         # A broker we cannot even publish to: say so well before the startsecs
         # deadline, whose own kill would only say "no answer to ping".
         startsecs = spec.policy.startsecs
@@ -274,22 +281,16 @@ class Workers:
         # a second for its answer, so that a worker is seen within a few ms of
         # binding its control queue (a ping sent before that is dropped).
         pending: set[asyncio.Task[bool]] = set()
-        next_ping = loop.time()
+        next_ping = clock.monotonic()
         try:
             while self._current(name, pid, State.STARTING):
-                if loop.time() >= next_ping:
+                if clock.monotonic() >= next_ping:
                     pending.add(asyncio.create_task(self.ops.ping(w, timeout=1.0)))
-                    next_ping = loop.time() + self._settings.ready_ping_every
+                    next_ping = clock.monotonic() + self._settings.ready_ping_every
                 # Wake on an answer or at the next ping, never sooner: a remote
                 # control that says "no reply" at once must not make a ping storm.
-                wait = max(0.0, next_ping - loop.time())
-                done: set[asyncio.Task[bool]] = set()
-                if pending:
-                    done, pending = await asyncio.wait(
-                        pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                    )
-                else:
-                    await asyncio.sleep(wait)
+                done = await wait_first(self._sched, pending, next_ping)
+                pending -= done
                 failure: BrokerUnavailable | None = None
                 answered = False
                 for task in done:
@@ -299,12 +300,12 @@ class Workers:
                     elif exc is None and task.result():
                         answered = True
                 if answered and self._current(name, pid, State.STARTING):
-                    self._watch[name] = health.Watch(last_pong=loop.time())
+                    self._watch[name] = health.Watch(last_pong=clock.monotonic())
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
                     return
                 if failure is not None:
-                    if loop.time() - began > unreachable_after:
+                    if clock.monotonic() - began > unreachable_after:
                         # a transport we cannot load is no outage: say what it is
                         why = (
                             "cannot use the broker"
@@ -313,7 +314,7 @@ class Workers:
                         )
                         self._host.feed(name, Hung(f"{why}: {failure.message}"))
                         return
-                    await asyncio.sleep(0.25)
+                    await self._sched.sleep(0.25)
         finally:
             for task in pending:
                 task.cancel()
@@ -328,15 +329,16 @@ class Workers:
             self.ops.remote.cast(w.broker, w.node, "cancel_consumer", {"queue": queue})
             for queue in spec.queues
         ]
+        until = self._clock.monotonic() + self._settings.warm_stop_cancel_wait
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
-            async with asyncio.timeout(self._settings.warm_stop_cancel_wait):
+            async with deadline(self._sched, until):
                 await asyncio.gather(*casts)
         if not self._current(spec.name, pid, State.STOPPING):
             return  # it exited (or was killed) meanwhile: that pid is not ours now
         self._launcher.signal(pid, signum, False)
         # An idle worker notices TERM only when its loop wakes (1-10 s): a ping wakes it.
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
-            async with asyncio.timeout(1.0):
+            async with deadline(self._sched, self._clock.monotonic() + 1.0):
                 await self.ops.remote.cast(w.broker, w.node, "ping")
 
     def lock(self, name: str) -> asyncio.Lock:
@@ -370,17 +372,23 @@ class Workers:
             log.info("reconciled %s: %s", name, " ".join(changes))
 
     async def _health_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + self._settings.reconcile_interval
         while True:
-            await asyncio.sleep(self._settings.health_interval)
+            await self._sched.sleep(self._settings.health_interval)
             try:
-                sweep = loop.time() >= next_sweep
-                if sweep:
-                    next_sweep = loop.time() + self._settings.reconcile_interval
-                await self.check_all(sweep=sweep)
+                await self.run_once()
             except Exception:
                 log.exception("health check failed")
+
+    async def run_once(self) -> None:
+        """One step of the health loop: a round of pings, with a sweep (every
+        worker reconciled, dead nodes pruned) once per reconcile interval."""
+        now = self._clock.monotonic()
+        if self._next_sweep is None:  # never started: the first sweep is one interval away
+            self._next_sweep = now + self._settings.reconcile_interval
+        sweep = now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + self._settings.reconcile_interval
+        await self.check_all(sweep=sweep)
 
     async def check_all(self, *, sweep: bool = False) -> None:
         """One round of pings (and memory checks) over every running worker."""
@@ -399,8 +407,7 @@ class Workers:
         if proc is None or proc.pid is None:
             return
         pid = proc.pid
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._clock.monotonic()
         if spec.memory_limit:
             too_big = health.over_memory(
                 self._launcher.tree_stats(pid).memory_rss, spec.memory_limit

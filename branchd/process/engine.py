@@ -26,7 +26,7 @@ import psutil
 
 from branchd import events
 from branchd.celery.workers import Workers
-from branchd.clock import Clock
+from branchd.clock import Clock, Scheduler, Timer, deadline
 from branchd.config import SupervisionSection
 from branchd.declarations import Declarations, check_name
 from branchd.errors import BranchdError, Conflict, Invalid, NotFound
@@ -95,11 +95,13 @@ class Engine:
         declarations: Declarations,
         workers: Workers,
         bus: EventBus,
+        scheduler: Scheduler,
     ) -> None:
         self._store = store
         self._bus = bus
         self._launcher = launcher
         self._clock = clock
+        self._sched = scheduler
         self._settings = settings
         self._log_dir = log_dir
         self.branch_id = branch_id
@@ -108,7 +110,7 @@ class Engine:
         self._specs: dict[str, InstanceSpec] = {}
         self._procs: dict[str, Proc] = {}
         self._runtime: dict[str, Runtime] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, Timer] = {}
         self._deleting: set[str] = set()
         self._deleting_apps: set[str] = set()
         #: Deletes answered before their instance stopped (wait=False), still running.
@@ -613,14 +615,12 @@ class Engine:
         # mtime has a coarse clock on some filesystems: allow a little slack
         return logs.last_line(err, since=started - 1.0 if started else None)
 
-    def _schedule(self, name: str, deadline: float | None) -> None:
+    def _schedule(self, name: str, when: float | None) -> None:
         handle = self._timers.pop(name, None)
         if handle:
             handle.cancel()
-        if deadline is not None:
-            delay = max(0.0, deadline - self._clock.monotonic())
-            loop = asyncio.get_running_loop()
-            self._timers[name] = loop.call_later(delay, self._feed, name, Timeout())
+        if when is not None:
+            self._timers[name] = self._sched.call_at(when, lambda: self._feed(name, Timeout()))
 
     def _persist(self, name: str) -> None:
         proc = self._procs[name]
@@ -646,20 +646,19 @@ class Engine:
         if spec is None:
             return
         limit = spec.policy.stopwaitsecs + self._settings.kill_grace
-        loop = asyncio.get_running_loop()
-        end = loop.time() + limit
+        end = self._clock.monotonic() + limit
 
         def about_it(event: events.Event) -> bool:
             return getattr(event, "name", None) == name
 
         with self._bus.subscribe(about_it) as changes:
             while name in self._procs and self._procs[name].state == State.STOPPING:
-                remaining = end - loop.time()
-                if remaining <= 0:
+                if self._clock.monotonic() >= end:
                     log.warning("%s did not stop within %.1fs", name, limit)
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), remaining)
+                    async with deadline(self._sched, end):
+                        await changes.get()
 
 
 def _tracked(

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from branchd.clock import Scheduler
 from branchd.errors import Invalid
 from branchd.model import InstanceSpec, valid_name
 
@@ -274,8 +275,11 @@ class Instances(Protocol):
 class LogService:
     """Instances' log files: paths, tail, follow, and the rotation loop."""
 
-    def __init__(self, log_dir: Path, instances: Instances, check_interval: float) -> None:
+    def __init__(
+        self, log_dir: Path, instances: Instances, check_interval: float, *, scheduler: Scheduler
+    ) -> None:
         self._log_dir = log_dir
+        self._sched = scheduler
         self._instances = instances
         self._interval = check_interval
         self._task: asyncio.Task[None] | None = None
@@ -307,7 +311,7 @@ class LogService:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await self._sched.sleep(self._interval)
             await self.rotate_once()
 
     def _rotate_all(self, specs: list[InstanceSpec]) -> None:

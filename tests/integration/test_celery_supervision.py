@@ -5,31 +5,48 @@ for the workers' remote control.
 A stub node named ``<instance>@testhost`` plays the worker: it answers pings
 while ``alive``, keeps its queue list and autoscaler, and the stub logs every
 request in ``.sent``. Tests wait for states with deadlines, never with fixed
-sleeps; only "nothing happens for a while" checks sleep a bounded time.
+sleeps; only "nothing happens for a while" checks let a bounded time pass.
+
+Every test runs twice (the ``time`` fixture's params, as dramatiq runs its
+suite over the stub and the real brokers): on a ``FakeClock`` whose
+``FakeScheduler`` the rig steps while it waits (no real waiting at all), and
+on the real clock with small real intervals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psutil
 import pytest
 
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.remote import KombuRemoteControl
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
-from branchd.clock import SystemClock
+from branchd.clock import (
+    Clock,
+    FakeClock,
+    FakeScheduler,
+    LoopScheduler,
+    Scheduler,
+    SystemClock,
+)
 from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import Autoscale, State
+from branchd.model import Autoscale, State, StopStep
 from branchd.process.fake import FakeLauncher
+from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
 
@@ -38,6 +55,8 @@ HOST = "testhost"
 CELERY_APP = "tests.celery_app.tasks"
 DEADLINE = 5.0
 HUNG_AFTER = 0.3
+
+T = TypeVar("T")
 
 
 # Doubles that also write one shared timeline (to check the order of a stop) ----------
@@ -56,9 +75,10 @@ class TimelineFake(FakeLauncher):
 class TimelineStub(StubRemoteControl):
     """The stub, plus one-way sends that can be made slow (a sluggish broker)."""
 
-    def __init__(self, timeline: list[str]) -> None:
+    def __init__(self, timeline: list[str], scheduler: Scheduler) -> None:
         super().__init__()
         self.timeline = timeline
+        self._sched = scheduler
         #: command -> seconds a cast of it takes before it is delivered.
         self.cast_delay: dict[str, float] = {}
 
@@ -70,21 +90,121 @@ class TimelineStub(StubRemoteControl):
         arguments: Mapping[str, Any] | None = None,
     ) -> None:
         self.timeline.append(f"casting {command}")
-        await asyncio.sleep(self.cast_delay.get(command, 0.0))
+        await self._sched.sleep(self.cast_delay.get(command, 0.0))
         await super().cast(broker, node, command, arguments)
         self.timeline.append(f"cast {command}")
+
+
+# Time: real, or fake and stepped by the waits --------------------------------------
+
+
+class RealTime:
+    """The system clock: waits poll every 10 ms of real time."""
+
+    def __init__(self) -> None:
+        self.clock: Clock = SystemClock()
+        self.scheduler: Scheduler = LoopScheduler(self.clock)
+
+    def now(self) -> float:
+        return self.clock.monotonic()
+
+    async def tick(self) -> None:
+        await asyncio.sleep(0.01)
+
+    async def pass_time(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class SteppedTime:
+    """A fake clock: each wait's poll moves it 10 ms, firing what is due."""
+
+    def __init__(self) -> None:
+        self.fake = FakeScheduler(FakeClock())
+        self.clock: Clock = self.fake.clock
+        self.scheduler: Scheduler = self.fake
+
+    def now(self) -> float:
+        return self.clock.monotonic()
+
+    async def tick(self) -> None:
+        await self.fake.advance(0.01)
+
+    async def pass_time(self, seconds: float) -> None:
+        await self.fake.advance(seconds)
+
+
+Time = RealTime | SteppedTime
+
+
+@pytest.fixture(params=["fake_clock", "real_clock"])
+def time_of(request: pytest.FixtureRequest) -> Time:
+    return SteppedTime() if request.param == "fake_clock" else RealTime()
 
 
 # The rig ------------------------------------------------------------------------
 
 
+class Waits:
+    """Waits on a LocalBranch ``m`` that move ``time`` while they poll."""
+
+    m: LocalBranch
+    time: Time
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
+        """Until ``predicate`` holds, within ``timeout`` seconds of the rig's clock
+        (and of real time: a fake clock that cannot bring it about fails as fast)."""
+        deadline = self.time.now() + timeout
+        real_deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.time.now() > deadline or time.monotonic() > real_deadline:
+                raise AssertionError(f"condition not met within {timeout}s")
+            await self.time.tick()
+
+    async def wait_for_async(
+        self, read: Callable[[], Awaitable[object]], want: object, timeout: float = DEADLINE
+    ) -> None:
+        """Until ``await read()`` equals ``want`` (a value asked of a worker)."""
+        deadline = self.time.now() + timeout
+        real_deadline = time.monotonic() + timeout
+        while (got := await read()) != want:
+            if self.time.now() > deadline or time.monotonic() > real_deadline:
+                raise AssertionError(f"wanted {want!r} within {timeout}s; last read {got!r}")
+            await self.time.tick()
+
+    async def finish(self, work: Awaitable[T]) -> T:
+        """Await ``work`` while the rig's clock runs (a stop may wait on a timer)."""
+        task = asyncio.ensure_future(work)
+        await self.wait_for(task.done)
+        return await task
+
+    async def view(self, name: str) -> InstanceView:
+        return await self.m.instances.get_instance(APP, name)
+
+    async def wait_view(
+        self, name: str, predicate: Callable[[InstanceView], bool], timeout: float = DEADLINE
+    ) -> InstanceView:
+        deadline = self.time.now() + timeout
+        real_deadline = time.monotonic() + timeout
+        while True:
+            view = await self.view(name)
+            if predicate(view):
+                return view
+            if self.time.now() > deadline or time.monotonic() > real_deadline:
+                raise AssertionError(f"{name} never got there; last seen: {view.runtime}")
+            await self.time.tick()
+
+    async def wait_state(self, name: str, state: State, timeout: float = DEADLINE) -> InstanceView:
+        return await self.wait_view(name, lambda v: v.runtime.state == state, timeout)
+
+
 @dataclass
-class Rig:
+class Rig(Waits):
     m: LocalBranch
     fake: TimelineFake
     stub: TimelineStub
     store: Store
     timeline: list[str]
+    time: Time
 
     async def add(self, name: str, **fields: Any) -> InstanceView:
         body = {"name": name, "kind": "celery", "hung_after": HUNG_AFTER, **fields}
@@ -101,39 +221,13 @@ class Rig:
             if s.command == command and (one_way is None or s.one_way == one_way)
         ]
 
-    async def view(self, name: str) -> InstanceView:
-        return await self.m.instances.get_instance(APP, name)
-
-    async def wait_view(
-        self, name: str, predicate: Callable[[InstanceView], bool], timeout: float = DEADLINE
-    ) -> InstanceView:
-        deadline = time.monotonic() + timeout
-        while True:
-            view = await self.view(name)
-            if predicate(view):
-                return view
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} never got there; last seen: {view.runtime}")
-            await asyncio.sleep(0.01)
-
-    async def wait_state(self, name: str, state: State, timeout: float = DEADLINE) -> InstanceView:
-        return await self.wait_view(name, lambda v: v.runtime.state == state, timeout)
-
     async def running(self, name: str, queues: list[str], **fields: Any) -> tuple[StubNode, int]:
         """An instance whose worker answered and was brought in line; its node and pid."""
         node = self.node(name, queues=list(queues), autoscale=(4, 1))
         await self.add(name, queues=queues, autoscale={"min": 1, "max": 4}, **fields)
         view = await self.wait_state(name, State.RUNNING)
-        await wait_for(lambda: bool(self.sent("active_queues")))
+        await self.wait_for(lambda: bool(self.sent("active_queues")))
         return node, pid_of(view)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 def pid_of(view: InstanceView) -> int:
@@ -145,7 +239,7 @@ MakeRig = Callable[..., Awaitable[Rig]]
 
 
 @pytest.fixture
-async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+async def make_rig(tmp_path: Path, time_of: Time) -> AsyncIterator[MakeRig]:
     """``await make_rig(**config_overrides)``: a started LocalBranch and app ``shop``."""
     opened: list[tuple[LocalBranch, Store]] = []
 
@@ -157,13 +251,14 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         config = replace(base, celery=celery)
         store = Store(config.db_path)
         timeline: list[str] = []
-        fake, stub = TimelineFake(timeline), TimelineStub(timeline)
+        fake, stub = TimelineFake(timeline), TimelineStub(timeline, time_of.scheduler)
         m = build(
             store,
             fake,
-            SystemClock(),
+            time_of.clock,
             config,
             store.branch_id(),
+            scheduler=time_of.scheduler,
             remote=stub,
             bus=EventBus(),
             hostname=HOST,
@@ -171,7 +266,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         opened.append((m, store))
         await m.start()
         await m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP})
-        return Rig(m, fake, stub, store, timeline)
+        return Rig(m, fake, stub, store, timeline, time_of)
 
     yield create
     for m, store in opened:
@@ -195,18 +290,18 @@ async def test_starting_until_the_node_answers_then_reconciled(rig: Rig) -> None
     assert view.node == f"w1@{HOST}"
 
     # Nobody answers: it keeps pinging its node and stays starting.
-    await wait_for(lambda: len(rig.sent("ping")) >= 3)
+    await rig.wait_for(lambda: len(rig.sent("ping")) >= 3)
     assert {s.node for s in rig.sent("ping")} == {f"w1@{HOST}"}
     assert (await rig.view("w1")).runtime.state == State.STARTING
 
     # The worker comes up consuming only part of its queues, and a foreign one.
     node = rig.node("w1", queues=["default", "celery"], autoscale=(2, 1))
-    began = time.monotonic()
+    began = rig.time.now()
     view = await rig.wait_state("w1", State.RUNNING)
-    assert time.monotonic() - began < 1.0
+    assert rig.time.now() - began < 1.0
     assert (view.runtime.pid, view.runtime.restarts, view.runtime.reason) == (pid, 0, None)
 
-    await wait_for(lambda: node.queues == ["default", "high"] and node.autoscale == (4, 1))
+    await rig.wait_for(lambda: node.queues == ["default", "high"] and node.autoscale == (4, 1))
     assert [s.arguments for s in rig.sent("add_consumer")] == [{"queue": "high"}]
     assert [s.arguments for s in rig.sent("cancel_consumer")] == [{"queue": "celery"}]
     assert [s.arguments for s in rig.sent("autoscale")] == [{"max": 4, "min": 1}]
@@ -300,10 +395,10 @@ async def test_silent_worker_is_killed_after_hung_after_and_restarted(rig: Rig) 
     node, first = await rig.running("w1", ["default"])
 
     node.alive = False
-    began = time.monotonic()
+    began = rig.time.now()
     view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, first))
     # The clock starts at the last answer, at most one health interval before.
-    assert time.monotonic() - began >= HUNG_AFTER - 0.06
+    assert rig.time.now() - began >= HUNG_AFTER - 0.06
     assert (first, signal.SIGKILL, True) in rig.fake.signals
     rt = view.runtime
     assert (rt.state, rt.restarts, rt.exit_code) == (State.STARTING, 1, -signal.SIGKILL)
@@ -341,7 +436,7 @@ async def test_broker_outage_is_not_a_hung_worker(make_rig: MakeRig) -> None:
 
     rig.stub.broker_down = True
     node.queues.clear()  # the broker restarted: the worker's queues are gone
-    await asyncio.sleep(4 * HUNG_AFTER)  # several hung_after periods of silence
+    await rig.time.pass_time(4 * HUNG_AFTER)  # several hung_after periods of silence
     view = await rig.view("w1")
     assert (view.runtime.state, view.runtime.pid, view.runtime.restarts) == (
         State.RUNNING,
@@ -352,8 +447,8 @@ async def test_broker_outage_is_not_a_hung_worker(make_rig: MakeRig) -> None:
 
     since = len(rig.stub.sent)
     rig.stub.broker_down = False
-    await wait_for(lambda: bool(rig.sent("active_queues", since)), timeout=1.0)
-    await wait_for(lambda: node.queues == ["default"], timeout=1.0)
+    await rig.wait_for(lambda: bool(rig.sent("active_queues", since)), timeout=1.0)
+    await rig.wait_for(lambda: node.queues == ["default"], timeout=1.0)
     assert (await rig.view("w1")).runtime.pid == pid
 
 
@@ -382,7 +477,7 @@ async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) ->
     mark = len(rig.timeline)
 
     stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
-    await wait_for(lambda: "cast ping" in rig.timeline[mark:])
+    await rig.wait_for(lambda: "cast ping" in rig.timeline[mark:])
     assert [e for e in rig.timeline[mark:] if not e.startswith("casting")] == [
         "cast cancel_consumer",
         "cast cancel_consumer",
@@ -399,7 +494,7 @@ async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) ->
     assert (await rig.view("w1")).runtime.state == State.STOPPING
 
     rig.fake.exit(pid, 0)
-    view = await stopping
+    view = await rig.finish(stopping)
     out = view.to_json()
     assert (out["state"], out["stop_step"], out["pid"], out["exit_code"]) == (
         "stopped",
@@ -414,7 +509,7 @@ async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
     _, pid = await rig.running("w1", ["default"])
     rig.stub.broker_down = True
 
-    view = await rig.m.instances.stop_instance(APP, "w1")
+    view = await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
     assert (view.runtime.state, view.runtime.exit_code) == (State.STOPPED, -signal.SIGTERM)
     assert rig.fake.signals[0] == (pid, signal.SIGTERM, False)
 
@@ -424,13 +519,13 @@ async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -
     rig.stub.cast_delay["cancel_consumer"] = 0.3  # a sluggish broker
 
     stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
-    await wait_for(lambda: "casting cancel_consumer" in rig.timeline)
+    await rig.wait_for(lambda: "casting cancel_consumer" in rig.timeline)
     rig.fake.exit(pid, 0)  # it dies on its own while the cancel is in flight
-    view = await stopping
+    view = await rig.finish(stopping)
     assert view.runtime.state == State.STOPPED
 
     # the cancel has ended: the warm stop ran on past the point where it signals
-    await wait_for(lambda: "cast cancel_consumer" in rig.timeline)
+    await rig.wait_for(lambda: "cast cancel_consumer" in rig.timeline)
     for _ in range(20):
         await asyncio.sleep(0)
     assert [s for s in rig.fake.signals if s[1] == signal.SIGTERM] == []
@@ -447,9 +542,10 @@ async def _next_daemon(rig: Rig, tmp_path: Path) -> LocalBranch:
     m2 = build(
         rig.store,
         rig.fake,
-        SystemClock(),
+        rig.time.clock,  # the same host: its clock goes on
         config,
         rig.store.branch_id(),
+        scheduler=rig.time.scheduler,
         remote=rig.stub,
         bus=EventBus(),
         hostname=HOST,
@@ -468,11 +564,11 @@ async def test_adopted_while_starting_is_running_only_once_it_answers(
     await rig.m.shutdown(keep=True)  # the daemon goes before the worker ever answered
     m2 = await _next_daemon(rig, tmp_path)
     try:
-        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
+        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline, rig.time)
         view = await again.view("w1")
         assert (view.runtime.state, view.runtime.pid) == (State.STARTING, pid)
         since = len(rig.stub.sent)
-        await wait_for(lambda: len(again.sent("ping", since)) >= 2)  # asks it again
+        await again.wait_for(lambda: len(again.sent("ping", since)) >= 2)  # asks it again
         assert (await again.view("w1")).runtime.state == State.STARTING
         rig.node("w1")
         view = await again.wait_state("w1", State.RUNNING)
@@ -489,7 +585,7 @@ async def test_adopted_while_starting_that_never_answers_is_killed(
     await rig.m.shutdown(keep=True)
     m2 = await _next_daemon(rig, tmp_path)
     try:
-        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline)
+        again = Rig(m2, rig.fake, rig.stub, rig.store, rig.timeline, rig.time)
         view = await again.wait_state("w1", State.FATAL)
         assert "no answer to ping" in (view.runtime.reason or "")
         assert pid not in rig.fake.running()
@@ -527,7 +623,7 @@ async def test_autoscale_on_a_fixed_concurrency_worker_is_409_and_changes_nothin
     assert (stored.concurrency, stored.autoscale) == (2, None)
 
     # Stopped, the range is declared for the next start, which uses it.
-    await rig.m.instances.stop_instance(APP, "w1")
+    await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
     answer = await rig.m.celery.set_autoscale(APP, "w1", 1, 4)
     assert answer == {"min": 1, "max": 4, "live": None}
     view = await rig.view("w1")
@@ -557,6 +653,201 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     redis = "redis://127.0.0.1:6379/9"
     await rig.m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": redis})
     assert (await rig.view("w1")).to_json()["command"] == started
-    await rig.m.instances.stop_instance(APP, "w1")
+    await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
     command = (await rig.view("w1")).to_json()["command"]
     assert command[command.index("-b") + 1] == redis  # what its next start will run
+
+
+# The same scenarios over real Celery workers (a representative subset) -------------
+#
+# Readiness, a hung worker killed, a warm stop: written once, run over the stub
+# on the fake clock and over real ``celery worker`` processes on the embedded
+# broker (real launcher, kombu remote control, real clock), as dramatiq runs
+# one suite over its stub and real brokers.
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RecordingLauncher(ProcessLauncher):
+    """The real launcher, writing its signals on the timeline (as TimelineFake)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeline: list[str]) -> None:
+        super().__init__(loop)
+        self.timeline = timeline
+        self.launched: list[Launched] = []
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        launched = super().spawn(spec)
+        self.launched.append(launched)
+        return launched
+
+    def signal(self, pid: int, sig: int, group: bool) -> None:
+        self.timeline.append(f"signal {pid} {signal.Signals(sig).name} group={group}")
+        super().signal(pid, sig, group)
+
+    def cleanup(self) -> None:
+        """Whatever is left of our workers goes (by pid and start time, never by name)."""
+        ours: list[psutil.Process] = []
+        for launched in self.launched:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(launched.pid)
+                if abs(proc.create_time() - launched.create_time) < 0.01:
+                    ours.append(proc)
+        for proc in ours:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        psutil.wait_procs(ours, timeout=5)
+
+
+class RecordingRemote(KombuRemoteControl):
+    """The kombu remote control, writing its one-way sends on the timeline."""
+
+    def __init__(self, timeline: list[str]) -> None:
+        super().__init__()
+        self.timeline = timeline
+
+    async def cast(
+        self,
+        broker: BrokerSpec,
+        node: str,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.timeline.append(f"casting {command}")
+        await super().cast(broker, node, command, arguments)
+        self.timeline.append(f"cast {command}")
+
+
+@dataclass
+class Side(Waits):
+    """One side of the subset: what differs between the stub and real workers."""
+
+    m: LocalBranch
+    time: Time
+    timeline: list[str]
+    name: str
+    #: hung_after of its instances: a real worker needs room for a busy moment.
+    hung_after: float
+    #: The stub (None over real workers).
+    stub: TimelineStub | None = None
+
+    async def add(self, name: str, queues: list[str]) -> InstanceView:
+        if self.stub is not None:  # its worker answers, consuming part of its queues
+            self.stub.add_node(f"{name}@{HOST}", queues=queues[:1])
+        body = {"name": name, "kind": "celery", "hung_after": self.hung_after, "queues": queues}
+        return await self.m.instances.create_instance(APP, body)
+
+    def silence(self, name: str, pid: int) -> None:
+        """The worker stops answering (it hangs)."""
+        if self.stub is not None:
+            self.stub.nodes[f"{name}@{HOST}"].alive = False
+        else:
+            os.kill(pid, signal.SIGSTOP)
+
+    def revive(self, name: str) -> None:
+        """The next worker of ``name`` answers (a real one does by itself)."""
+        if self.stub is not None:
+            self.stub.nodes[f"{name}@{HOST}"].alive = True
+
+    async def live_queues(self, name: str) -> list[str] | None:
+        items = await self.m.celery.consumers(APP, name)
+        if any(i["live"] is None for i in items):
+            return None
+        return sorted(i["name"] for i in items if i["live"])
+
+
+@pytest.fixture(params=["stub_fake_clock", pytest.param("celery_workers", marks=pytest.mark.slow)])
+async def side(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Side]:
+    base = Config.for_tests(tmp_path)
+    config = replace(
+        base, celery=replace(base.celery, health_interval=0.05, reconcile_interval=0.5)
+    )
+    store = Store(config.db_path)
+    timeline: list[str] = []
+    stub: TimelineStub | None = None
+    launcher: TimelineFake | RecordingLauncher
+    remote: TimelineStub | RecordingRemote
+    t: Time
+    if request.param == "stub_fake_clock":
+        t = SteppedTime()
+        launcher = TimelineFake(timeline)
+        remote = stub = TimelineStub(timeline, t.scheduler)
+        hung_after = HUNG_AFTER
+    else:
+        t = RealTime()
+        launcher = RecordingLauncher(asyncio.get_running_loop(), timeline)
+        remote = RecordingRemote(timeline)
+        hung_after = 3.0  # pings wait up to a second for their answer
+    m = build(
+        store,
+        launcher,
+        t.clock,
+        config,
+        store.branch_id(),
+        scheduler=t.scheduler,
+        remote=remote,
+        bus=EventBus(),
+        hostname=HOST,
+    )
+    await m.start()
+    try:
+        celery = {"celery_app": CELERY_APP, "pool": "threads", "mingle_gossip": False}
+        await m.apps.put_app(APP, {"PYTHONPATH": str(ROOT)}, {}, celery)
+        yield Side(m, t, timeline, request.param, hung_after, stub)
+    finally:
+        try:
+            await m.shutdown(keep=False)
+        finally:
+            if isinstance(launcher, RecordingLauncher):
+                launcher.cleanup()
+            store.close()
+
+
+async def test_both_starting_until_the_worker_answers_then_in_line(side: Side) -> None:
+    view = await side.add("w1", ["default", "high"])
+    assert view.runtime.state == State.STARTING
+    view = await side.wait_state("w1", State.RUNNING, timeout=30.0)
+    assert (view.runtime.restarts, view.runtime.reason) == (0, None)
+    # its queues are the declared ones (the stub's worker lacked one: reconciled)
+    await side.wait_for_async(lambda: side.live_queues("w1"), ["default", "high"])
+    assert not [e for e in side.timeline if e.startswith("signal")]
+
+
+async def test_both_hung_worker_is_killed_and_restarted(side: Side) -> None:
+    await side.add("w1", ["default"])
+    first = pid_of(await side.wait_state("w1", State.RUNNING, timeout=30.0))
+
+    side.silence("w1", first)
+    began = side.time.now()
+    view = await side.wait_view("w1", lambda v: v.runtime.pid not in (None, first), 30.0)
+    assert side.time.now() - began >= side.hung_after - 0.06
+    assert f"signal {first} SIGKILL group=True" in side.timeline
+    rt = view.runtime
+    assert (rt.restarts, rt.exit_code) == (1, -signal.SIGKILL)
+    assert rt.reason == f"no answer to ping for {side.hung_after:g}s"
+
+    side.revive("w1")
+    view = await side.wait_state("w1", State.RUNNING, timeout=30.0)
+    assert (view.runtime.restarts, view.runtime.reason) == (1, None)
+
+
+async def test_both_warm_stop_cancels_queues_then_terms(side: Side) -> None:
+    await side.add("w1", ["default", "high"])
+    pid = pid_of(await side.wait_state("w1", State.RUNNING, timeout=30.0))
+    await side.wait_for_async(lambda: side.live_queues("w1"), ["default", "high"])
+    mark = len(side.timeline)
+
+    view = await side.finish(side.m.instances.stop_instance(APP, "w1"))
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.SIGNAL)
+    # (the group's leftovers go after the exit: not part of the stop's order)
+    steps = [
+        e
+        for e in side.timeline[mark:]
+        if not e.startswith("casting") and e != f"signal {pid} SIGKILL group=True"
+    ]
+    assert steps == [
+        "cast cancel_consumer",
+        "cast cancel_consumer",
+        f"signal {pid} SIGTERM group=False",
+        "cast ping",
+    ]

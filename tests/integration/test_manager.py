@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import psutil
 import pytest
 
 from branchd.celery.stub import StubRemoteControl
-from branchd.clock import SystemClock
+from branchd.clock import FakeClock, FakeScheduler, LoopScheduler, SystemClock
 from branchd.config import Config
 from branchd.errors import Conflict, NotFound, SpawnError
 from branchd.events import EventBus
@@ -267,6 +268,7 @@ class Supervision:
             SystemClock(),
             self.config,
             self.branch_id,
+            scheduler=LoopScheduler(SystemClock()),
             remote=StubRemoteControl(),  # no celery instances here: no worker to reach
             bus=EventBus(),
         )
@@ -604,3 +606,119 @@ async def test_start_during_delete_leaves_no_orphan(sup: Supervision) -> None:
     await deleting
     assert sup.store.get_instance("s") is None
     assert [pid for pid in sup.side.spawned if sup.side.alive(pid)] == []
+
+
+# The same engine on a fake clock: timers fire when the test moves time -----------------
+
+
+class TimedFake(ScriptedFake):
+    """The scripted fake, noting the clock at each spawn."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.spawned_at: list[float] = []
+
+    def spawn(self, spec: LaunchSpec) -> Launched:
+        launched = super().spawn(spec)
+        self.spawned_at.append(self.clock.monotonic())
+        return launched
+
+
+@dataclass
+class Timed:
+    """A LocalBranch over the fake launcher, a fake clock and its scheduler."""
+
+    m: LocalBranch
+    fake: TimedFake
+    sched: FakeScheduler
+
+    @property
+    def now(self) -> float:
+        return self.sched.clock.monotonic()
+
+    async def add(self, name: str, command: tuple[str, ...], **fields: Any) -> InstanceView:
+        await self.m.apps.put_app(APP, {}, {})
+        fields = {"name": name, "command": list(command), **fields}
+        view = await self.m.instances.create_instance(APP, fields)
+        await self.sched.settle()  # a crash at once (CRASH) is delivered
+        return view
+
+    async def state(self, name: str) -> State:
+        return (await self.m.instances.get_instance(APP, name)).runtime.state
+
+
+@pytest.fixture
+async def timed(tmp_path: Path) -> AsyncIterator[Timed]:
+    config = Config.for_tests(tmp_path)
+    store = Store(config.db_path)
+    clock = FakeClock()
+    sched = FakeScheduler(clock)
+    fake = TimedFake(clock)
+    m = build(
+        store,
+        fake,
+        clock,
+        config,
+        store.branch_id(),
+        scheduler=sched,
+        remote=StubRemoteControl(),
+        bus=EventBus(),
+    )
+    await m.start()
+    began = time.monotonic()
+    yield Timed(m, fake, sched)
+    await m.shutdown(keep=True)
+    await asyncio.sleep(0)
+    store.close()
+    assert time.monotonic() - began < 5.0  # (no real waiting: well under its fake time)
+
+
+async def test_fake_clock_backoff_doubles_up_to_the_cap(timed: Timed) -> None:
+    # backoff_base 0.1, backoff_max 0.5 (Config.for_tests)
+    await timed.add("bad", CRASH, startsecs=2.0, startretries=5)
+    assert await timed.state("bad") == State.BACKOFF
+    await timed.sched.advance(10.0)
+    assert await timed.state("bad") == State.FATAL
+    at = timed.fake.spawned_at
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(at)]
+    assert gaps == [0.1, 0.2, 0.4, 0.5]
+    view = await timed.m.instances.get_instance(APP, "bad")
+    assert view.runtime.reason == "exited too quickly (code 3); gave up after 5 failed start(s)"
+
+
+async def test_fake_clock_running_once_startsecs_passed(timed: Timed) -> None:
+    await timed.add("a", UP, startsecs=1.0)
+    await timed.sched.advance(0.999)
+    assert await timed.state("a") == State.STARTING
+    await timed.sched.advance(0.001)
+    assert await timed.state("a") == State.RUNNING
+
+    # a death within startsecs is a failed start: backoff, then a new start
+    await timed.add("b", UP, startsecs=1.0)
+    first = timed.fake.pids[-1]
+    timed.fake.exit(first, -signal.SIGKILL)
+    await timed.sched.settle()
+    assert await timed.state("b") == State.BACKOFF
+    await timed.sched.advance(0.1)
+    view = await timed.m.instances.get_instance(APP, "b")
+    assert view.runtime.state == State.STARTING and pid_of(view) != first
+    await timed.sched.advance(1.0)
+    assert await timed.state("b") == State.RUNNING
+
+
+async def test_fake_clock_stop_kills_at_stopwaitsecs(timed: Timed) -> None:
+    await timed.add("s", STUBBORN, startsecs=0.2, stopwaitsecs=3.0)
+    await timed.sched.advance(0.2)
+    pid = timed.fake.pids[-1]
+    assert await timed.state("s") == State.RUNNING
+
+    stopping = asyncio.create_task(timed.m.instances.stop_instance(APP, "s"))
+    await timed.sched.advance(2.999)
+    assert not stopping.done() and await timed.state("s") == State.STOPPING
+    assert [sig for p, sig, _ in timed.fake.signals if p == pid] == [signal.SIGTERM]
+    await timed.sched.advance(0.001)
+    view = await stopping
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
+    assert view.runtime.exit_code == -signal.SIGKILL
+    assert (pid, signal.SIGKILL, True) in timed.fake.signals

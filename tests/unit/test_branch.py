@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from branchd.branch import BranchService
+from branchd.clock import FakeClock, FakeScheduler, LoopScheduler, SystemClock
 from branchd.events import EventBus, InstanceAdded, InstanceRemoved
 from branchd.views import BranchRecord, Capacity
 
@@ -30,7 +31,8 @@ class Probe:
 
 def test_the_record_is_read_once_per_step_not_per_request() -> None:
     probe = Probe()
-    service = BranchService(BASE, probe, EventBus(), ["w1", "w2"])
+    sched = FakeScheduler(FakeClock())
+    service = BranchService(BASE, probe, EventBus(), ["w1", "w2"], scheduler=sched)
     first = service.record()
     assert first.capacity == Capacity(8, (0.5, 0.25, 0.125), 8192, 4096, 2)
     assert first.to_json()["capacity"]["instances"] == 2
@@ -43,7 +45,8 @@ def test_the_record_is_read_once_per_step_not_per_request() -> None:
 
 async def test_instances_come_and_go_with_the_bus() -> None:
     bus = EventBus()
-    service = BranchService(BASE, Probe(), bus, ["w1"], interval=3600.0)
+    real = LoopScheduler(SystemClock())
+    service = BranchService(BASE, Probe(), bus, ["w1"], scheduler=real, interval=3600.0)
     service.start()
     try:
         await asyncio.sleep(0)  # let the loop subscribe

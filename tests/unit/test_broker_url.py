@@ -13,6 +13,7 @@ from branchd.celery.ops import CeleryOps
 from branchd.celery.stub import StubRemoteControl
 from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
 from branchd.celery.workers import Workers
+from branchd.clock import FakeClock, FakeScheduler
 from branchd.config import CelerySection
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
@@ -126,12 +127,14 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
         return []
 
     monkeypatch.setattr(workers_module, "prune_dead_fanout", prune)
+    sched = FakeScheduler(FakeClock())
     w = Workers(
-        CeleryOps(StubRemoteControl()),
+        CeleryOps(StubRemoteControl(), scheduler=sched),
         FakeLauncher(),
         tmp_path,
         "host",
         settings=CelerySection(health_interval=1.0, reconcile_interval=1.0),
+        scheduler=sched,
     )
     w.bind(_Host(apps))
     for _ in range(3):  # three sweeps: said once, never raised
@@ -142,6 +145,35 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
         "cannot prune dead nodes on redis://bad:6379/0: "
         "ValueError: broker spec has no 'control_folder' transport option"
     ]
+
+
+async def test_the_health_loops_step_sweeps_once_per_reconcile_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swept: list[float] = []
+    clock = FakeClock()
+    sched = FakeScheduler(clock)
+
+    def prune(spec: BrokerSpec, nodes: Any) -> list[str]:
+        swept.append(clock.monotonic())
+        return []
+
+    monkeypatch.setattr(workers_module, "prune_dead_fanout", prune)
+    stub = StubRemoteControl()
+    w = Workers(
+        CeleryOps(stub, scheduler=sched),
+        FakeLauncher(),
+        tmp_path,
+        "host",
+        settings=CelerySection(health_interval=1.0, reconcile_interval=3.0),
+        scheduler=sched,
+    )
+    w.bind(_Host({"b": App("b", celery=CelerySettings(broker=None))}))
+    for _ in range(7):  # the loop's steps, one health interval apart
+        await w.run_once()
+        clock.advance(1.0)
+    assert swept == [1003.0, 1006.0]  # the first sweep is one interval after the first step
+    assert stub.commands().count("ping") == 7  # every step pings every running worker
 
 
 
