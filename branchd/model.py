@@ -428,3 +428,7 @@ class Runtime:
     exit_code: int | None = None
     stop_step: StopStep | None = None
     reason: str | None = None
+    #: Failed starts in a row (the machine's budget against startretries).
+    retries: int = 0
+    #: While in backoff: when (wall clock) the next start is due.
+    backoff_until: float | None = None

@@ -168,9 +168,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE instances_v3 RENAME TO instances;
     CREATE INDEX instances_by_app ON instances(app, name);
     """,
+    # 4: the machine's start budget and backoff survive a daemon restart (a
+    # restart once reset both, and a crash-looping instance never went fatal).
+    """
+    ALTER TABLE instances ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN backoff_until REAL;  -- wall clock
+    """,
 ]
 
-_RUNTIME_COLUMNS = "state, pid, create_time, started_at, restarts, exit_code, stop_step, reason"
+_RUNTIME_COLUMNS = (
+    "state, pid, create_time, started_at, restarts, exit_code, stop_step, reason,"
+    " retries, backoff_until"
+)
 _RECORD_COLUMNS = "record, version, origin"
 _LIVE = "deleted = 0"
 
@@ -502,7 +511,8 @@ class Store:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE instances SET state = ?, pid = ?, create_time = ?, started_at = ?,"
-                " restarts = ?, exit_code = ?, stop_step = ?, reason = ?"
+                " restarts = ?, exit_code = ?, stop_step = ?, reason = ?,"
+                " retries = ?, backoff_until = ?"
                 f" WHERE name = ? AND {_LIVE}",
                 (
                     rt.state.value,
@@ -513,6 +523,8 @@ class Store:
                     rt.exit_code,
                     rt.stop_step.value if rt.stop_step else None,
                     rt.reason,
+                    rt.retries,
+                    rt.backoff_until,
                     name,
                 ),
             )
@@ -534,7 +546,8 @@ class Store:
 
 
 def _runtime(row: tuple[Any, ...]) -> Runtime:
-    state, pid, create_time, started_at, restarts, exit_code, stop_step, reason = row
+    state, pid, create_time, started_at, restarts, exit_code, stop_step, reason = row[:8]
+    retries, backoff_until = row[8:]
     return Runtime(
         state=State(state),
         pid=pid,
@@ -544,4 +557,6 @@ def _runtime(row: tuple[Any, ...]) -> Runtime:
         exit_code=exit_code,
         stop_step=StopStep(stop_step) if stop_step else None,
         reason=reason,
+        retries=retries,
+        backoff_until=backoff_until,
     )

@@ -76,6 +76,9 @@ from branchd.views import InstanceView, Stats, TreeStats
 
 log = logging.getLogger(__name__)
 
+#: Recorded states of an instance that was failing to start when the daemon went.
+_LOOPING = (State.BACKOFF, State.STARTING)
+
 #: The store's note of an app delete under way (``removing_app:<app>``).
 _REMOVING_APP = "removing_app:"
 
@@ -134,6 +137,7 @@ class Engine:
             rt = self._claim_marked(name, runtimes.get(name, Runtime()), marked.pop(name, []))
             self._specs[name] = spec
             self._procs[name] = Proc(
+                retries=rt.retries,
                 restarts=rt.restarts,
                 exit_code=rt.exit_code,
                 stop_step=rt.stop_step,
@@ -172,6 +176,10 @@ class Engine:
                     # user starts it, as with no daemon restart in between
                     self._procs[name] = replace(self._procs[name], state=State.FATAL)
                     self._persist(name)
+                elif spec.desired == Desired.RUNNING and rt.retries and rt.state in _LOOPING:
+                    # crash-looping when we went: its start budget and its
+                    # backoff go on (a restart of the daemon resets neither)
+                    self._resume_backoff(name, rt)
                 elif spec.desired == Desired.RUNNING:
                     self._feed(name, Start())
                 else:
@@ -191,6 +199,15 @@ class Engine:
             else:
                 self._begin_app_removal(app)
         self._workers.start()
+
+    def _resume_backoff(self, name: str, rt: Runtime) -> None:
+        wall = self._clock.wall()
+        wait = max(0.0, (rt.backoff_until or wall) - wall)
+        deadline = self._clock.monotonic() + wait
+        self._procs[name] = replace(self._procs[name], state=State.BACKOFF, deadline=deadline)
+        log.info("%s: backoff goes on (%d failed start(s), next in %.1fs)", name, rt.retries, wait)
+        self._schedule(name, deadline)
+        self._persist(name)
 
     def _claim_marked(self, name: str, rt: Runtime, found: list[Marked]) -> Runtime:
         """The runtime to adopt from: the recorded process if it lives, else the
@@ -635,10 +652,22 @@ class Engine:
             exit_code=proc.exit_code,
             stop_step=proc.stop_step,
             reason=proc.reason,
+            retries=proc.retries,
+            backoff_until=self._backoff_until(rt, proc),
         )
         if rt != self._runtime[name]:
             self._runtime[name] = rt
             self._store.save_runtime(name, rt)
+
+    def _backoff_until(self, rt: Runtime, proc: Proc) -> float | None:
+        """When (wall clock) a backoff's next start is due; kept as first written
+        while the backoff lasts (the two clocks would make it jitter)."""
+        if proc.state != State.BACKOFF or proc.deadline is None:
+            return None
+        same = rt.state == State.BACKOFF and rt.retries == proc.retries
+        if same and rt.backoff_until is not None:
+            return rt.backoff_until
+        return round(self._clock.wall() + (proc.deadline - self._clock.monotonic()), 3)
 
     async def _wait_stopped(self, name: str) -> None:
         """Wait until a stop that was fed has ended (or a concurrent start took over)."""

@@ -346,6 +346,23 @@ async def test_crash_loop_ends_fatal_with_reason(sup: Supervision) -> None:
     assert (stored.state, stored.reason) == (State.FATAL, rt.reason)
 
 
+async def test_a_daemon_restart_resets_neither_the_start_budget_nor_the_backoff(
+    sup: Supervision,
+) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "bad", CRASH, startsecs=2.0, startretries=6)
+    await wait_for(lambda: sup.store.load_runtime("bad").retries >= 2)
+    await m1.shutdown(keep=True)
+    stored = sup.store.load_runtime("bad")
+    assert stored.state == State.BACKOFF and stored.backoff_until is not None
+    assert 2 <= stored.retries < 6
+
+    m2 = await sup.manager()
+    view = await wait_state(m2, "bad", State.FATAL)
+    assert view.runtime.reason == "exited too quickly (code 3); gave up after 6 failed start(s)"
+    assert len(sup.side.spawned) == 6  # the budget went on: 6 starts in all, not 6 more
+
+
 async def test_missing_executable_goes_fatal(sup: Supervision) -> None:
     m = await sup.manager()
     await sup.add(m, "nope", MISSING, startretries=2)
