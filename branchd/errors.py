@@ -15,9 +15,11 @@ class BranchdError(Exception):
     code = "error"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: bool | int | str | None) -> None:
         super().__init__(message)
         self.message = message
+        #: More fields of the wire form (``applied`` of a storage error).
+        self.details = details
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -25,9 +27,9 @@ class BranchdError(Exception):
             raise TypeError(f"error code {cls.code!r} is {_BY_CODE[cls.code].__name__}'s")
         _BY_CODE[cls.code] = cls
 
-    def to_wire(self) -> dict[str, dict[str, str]]:
+    def to_wire(self) -> dict[str, dict[str, bool | int | str | None]]:
         """The JSON body of the answer."""
-        return {"error": {"code": self.code, "message": self.message}}
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
 
 
 _BY_CODE: dict[str, type[BranchdError]] = {BranchdError.code: BranchdError}
@@ -45,7 +47,16 @@ def from_wire(body: object) -> BranchdError:
     if not isinstance(error, dict):
         return BranchdError(f"malformed error answer: {body!r:.200}")
     code, message = error.get("code"), error.get("message")
-    return by_code(str(code))(str(message) if message is not None else str(code))
+    details = {
+        k: v
+        for k, v in error.items()
+        if k not in ("code", "message") and (v is None or isinstance(v, bool | int | str))
+    }
+    cls, text = by_code(str(code)), str(message) if message is not None else str(code)
+    try:
+        return cls(text, **details)
+    except TypeError:  # fields this release's class does not take
+        return cls(text)
 
 
 class BadRequest(BranchdError):
@@ -119,6 +130,34 @@ class SpawnError(BranchdError):
 class StoreError(BranchdError):
     code = "store"
     status = 500
+
+
+class StorageFailure(BranchdError):
+    """A write of the state database failed (the base of the two below)."""
+
+    code = "storage_failure"
+    status = 503
+
+    def __init__(self, message: str, *, applied: bool = False) -> None:
+        super().__init__(message, applied=applied)
+        self.applied = applied
+
+
+class StorageFull(StorageFailure):
+    """The state database cannot be written: the disk is full. ``applied``
+    says whether the change was made anyway (a stop is always carried out;
+    its record is written once there is room)."""
+
+    code = "storage_full"
+    status = 507
+
+
+class StorageUnavailable(StorageFailure):
+    """The state database cannot be written for another reason (I/O error,
+    read-only file system); ``applied`` as for ``StorageFull``."""
+
+    code = "storage_unavailable"
+    status = 503
 
 
 class Full(BranchdError):

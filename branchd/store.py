@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from branchd.clock import Clock, SystemClock
-from branchd.errors import Conflict, NotFound, StoreError
+from branchd.errors import (
+    Conflict,
+    NotFound,
+    StorageFull,
+    StorageUnavailable,
+    StoreError,
+)
 from branchd.hlc import HybridClock, Version
 from branchd.model import (
     RECORD_KEYS,
@@ -271,10 +277,18 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, taken at once so that reads inside it are consistent."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            yield self._db
+        """A write transaction, taken at once so that reads inside it are consistent.
+
+        A write the database cannot take (a full disk, an I/O error) raises
+        ``StorageFull`` or ``StorageUnavailable``, never sqlite's own error:
+        the caller decides what is still done without the record.
+        """
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+        except sqlite3.OperationalError as exc:
+            raise storage_failure(exc) from exc
 
     # -- meta --------------------------------------------------------------
 
@@ -543,6 +557,15 @@ class Store:
             f"SELECT name, {_RUNTIME_COLUMNS} FROM instances WHERE {_LIVE} ORDER BY name"
         )
         return {row[0]: _runtime(row[1:]) for row in rows.fetchall()}
+
+
+def storage_failure(exc: sqlite3.Error) -> StorageFull | StorageUnavailable:
+    if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(exc):
+        return StorageFull(f"the state database cannot be written: the disk is full ({exc})")
+    return StorageUnavailable(f"the state database cannot be written: {exc}")
+
+
+_SQLITE_FULL = 13
 
 
 def _runtime(row: tuple[Any, ...]) -> Runtime:

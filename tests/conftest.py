@@ -128,12 +128,14 @@ def start_branchd(
     env: dict[str, str] | None = None,
     token: str | None = None,
     python: str | None = None,
+    log_dir: Path | None = None,
 ) -> Branchd:
-    """A daemon on port 0; ``python`` is the interpreter to run it (another venv's)."""
+    """A daemon on port 0; ``python`` is the interpreter to run it (another venv's);
+    its output goes to a file in ``log_dir`` (default: the state dir)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     url_file = state_dir / "branchd.url"
     url_file.unlink(missing_ok=True)
-    log_path = state_dir / f"daemon-{time.monotonic_ns()}.log"
+    log_path = (log_dir or state_dir) / f"daemon-{time.monotonic_ns()}.log"
     full_env = {**os.environ, **(env or {})}
     cmd = [
         python or sys.executable,

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import signal as _signal
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,13 @@ from branchd.celery.workers import Workers
 from branchd.clock import Clock, Scheduler, Timer, deadline
 from branchd.config import SupervisionSection
 from branchd.declarations import Declarations, check_name
-from branchd.errors import BranchdError, Conflict, Invalid, NotFound
+from branchd.errors import (
+    BranchdError,
+    Conflict,
+    Invalid,
+    NotFound,
+    StorageFailure,
+)
 from branchd.events import EventBus
 from branchd.model import (
     App,
@@ -75,6 +81,9 @@ from branchd.store import Store
 from branchd.views import InstanceView, Stats, TreeStats
 
 log = logging.getLogger(__name__)
+
+#: The longest pause between retries of a write the database refused.
+_FLUSH_PAUSE_MAX = 5.0
 
 #: Recorded states of an instance that was failing to start when the daemon went.
 _LOOPING = (State.BACKOFF, State.STARTING)
@@ -123,6 +132,10 @@ class Engine:
         self._env = dict(os.environ)
         self._workers = workers
         workers.bind(self)
+        #: Instances whose runtime or desired state the database could not take
+        #: (a full disk): memory is right, and the flusher writes them once it can.
+        self._dirty: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     # lifecycle ------------------------------------------------------------
 
@@ -195,7 +208,8 @@ class Engine:
         for app in self._store.marks(_REMOVING_APP):
             # an app delete was under way when the daemon went: it ends now
             if self._store.get_app(app) is None:
-                self._store.set_mark(f"{_REMOVING_APP}{app}", False)
+                with contextlib.suppress(StorageFailure):  # (done again at the next start)
+                    self._store.set_mark(f"{_REMOVING_APP}{app}", False)
             else:
                 self._begin_app_removal(app)
         self._workers.start()
@@ -227,8 +241,7 @@ class Engine:
                 create_time=newest.create_time,
                 started_at=newest.create_time,
                 state=State.STARTING,
-            )
-            self._store.save_runtime(name, rt)
+            )  # (saved once the adoption is fed)
         for m in found:
             if m.pid != rt.pid:
                 log.warning("%s: killing pid %d, a second copy of it", name, m.pid)
@@ -263,6 +276,12 @@ class Engine:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            if self._dirty:
+                log.error("exiting with unsaved state of %s", ", ".join(sorted(self._dirty)))
         await self._workers.close()
         self._launcher.close()
 
@@ -299,8 +318,9 @@ class Engine:
                 # its embedded broker and results go with it (before the app: a
                 # new app of that name must not run the old one's leftover tasks)
                 await asyncio.to_thread(self._workers.remove_embedded, name)
-            self._decls.forget_app(name)
-            self._store.set_mark(f"{_REMOVING_APP}{name}", False)
+            mark = f"{_REMOVING_APP}{name}"
+            await self._until_stored(lambda: self._decls.forget_app(name), f"remove app {name}")
+            await self._until_stored(lambda: self._store.set_mark(mark, False), f"end {mark}")
         finally:
             self._deleting_apps.discard(name)
 
@@ -406,7 +426,10 @@ class Engine:
             pid = self._procs[name].pid
             if pid:  # did not stop in time: no orphans, ever
                 self._launcher.signal(pid, _signal.SIGKILL, True)
-            self._store.delete_instance(name)
+            await self._until_stored(
+                lambda: self._store.delete_instance(name), f"remove instance {name}"
+            )
+            self._dirty.discard(name)
             handle = self._timers.pop(name, None)
             if handle:
                 handle.cancel()
@@ -422,12 +445,23 @@ class Engine:
         return self._view(name)
 
     async def stop_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
-        """Stop an instance; with ``wait``, answer once it has stopped."""
-        self._set_desired(self.lookup(app, name), Desired.STOPPED)
+        """Stop an instance; with ``wait``, answer once it has stopped.
+
+        A stop is always carried out: if the database cannot record it, the
+        answer is that storage error with ``applied`` (the flusher records it
+        once it can)."""
+        failure = self._set_desired(self.lookup(app, name), Desired.STOPPED, anyway=True)
         self._feed(name, Stop())
+        if wait:
+            await self._wait_stopped(name)
+        if failure is not None:
+            raise type(failure)(
+                f"{name} was stopped, but not recorded: {failure.message}; the record "
+                "is written once the database takes writes again",
+                applied=True,
+            )
         if not wait:  # the caller watches the state instead (a stop can take stopwaitsecs)
             return self._view(name)
-        await self._wait_stopped(name)
         return self._settled_view(app, name)
 
     async def restart_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
@@ -521,10 +555,23 @@ class Engine:
             if name not in self._specs:
                 return name
 
-    def _set_desired(self, spec: InstanceSpec, desired: Desired) -> None:
+    def _set_desired(
+        self, spec: InstanceSpec, desired: Desired, *, anyway: bool = False
+    ) -> StorageFailure | None:
+        """Persist, then change, the desired state. With ``anyway`` (a stop) a
+        storage failure changes it in memory too, is left to the flusher and
+        is returned; else it is raised and nothing changed."""
         if spec.desired != desired:
-            self._store.set_desired(spec.name, desired)
+            try:
+                self._store.set_desired(spec.name, desired)
+            except StorageFailure as exc:
+                if not anyway:
+                    raise
+                self._specs[spec.name] = replace(spec, desired=desired)
+                self._mark_dirty(spec.name, exc)
+                return exc
             self._specs[spec.name] = replace(spec, desired=desired)
+        return None
 
     def _view(self, name: str) -> InstanceView:
         rt = self._runtime[name]
@@ -657,7 +704,58 @@ class Engine:
         )
         if rt != self._runtime[name]:
             self._runtime[name] = rt
-            self._store.save_runtime(name, rt)
+            self._save(name)
+
+    def _save(self, name: str) -> None:
+        """Write an instance's runtime and desired state; on a storage failure
+        mark it dirty for the flusher instead: supervision never waits on it."""
+        if name in self._dirty:
+            return  # the flusher writes the latest of both
+        try:
+            self._store.save_runtime(name, self._runtime[name])
+        except StorageFailure as exc:
+            self._mark_dirty(name, exc)
+
+    def _mark_dirty(self, name: str, exc: BranchdError) -> None:
+        if not self._dirty:
+            log.warning("state not saved (%s); retrying in the background", exc.message)
+        self._dirty.add(name)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Write the dirty instances until the database takes them (backoff to _FLUSH_PAUSE_MAX)."""
+        pause = 0.5
+        while self._dirty:
+            await self._sched.sleep(pause)
+            for name in list(self._dirty):
+                spec, rt = self._specs.get(name), self._runtime.get(name)
+                try:
+                    if spec is not None and rt is not None:
+                        self._store.set_desired(name, spec.desired)
+                        self._store.save_runtime(name, rt)
+                except NotFound:
+                    pass  # deleted meanwhile
+                except StorageFailure:
+                    pause = min(_FLUSH_PAUSE_MAX, pause * 2)
+                    break
+                self._dirty.discard(name)
+            else:
+                pause = 0.5
+        log.warning("state saved again: the database takes writes")
+
+    async def _until_stored(self, write: Callable[[], object], what: str) -> None:
+        """Retry a background write the database refuses, until it takes it."""
+        pause = 0.5
+        while True:
+            try:
+                write()
+                return
+            except StorageFailure as exc:
+                if pause == 0.5:
+                    log.warning("cannot %s yet (%s); retrying", what, exc.message)
+                await self._sched.sleep(pause)
+                pause = min(_FLUSH_PAUSE_MAX, pause * 2)
 
     def _backoff_until(self, rt: Runtime, proc: Proc) -> float | None:
         """When (wall clock) a backoff's next start is due; kept as first written

@@ -68,22 +68,28 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         if older.exists():
             os.replace(older, backup_path(path, n + 1))
     tmp = path.with_name(f"{path.name}.rotating")
-    with open(path, "rb") as src, _open_like(tmp, src.fileno()) as dst:
-        end = src.seek(0, os.SEEK_END)
-        start = max(0, end - max_bytes)
-        if start > 0:
-            start = _next_line_start(src.fileno(), start, end)
-        src.seek(start)
-        # Copy to the end as it is now, including what the child appends
-        # meanwhile (up to another max_bytes), then truncate at once.
-        budget = end - start + max_bytes
-        while budget > 0:
-            chunk = src.read(min(_BLOCK, budget))
-            if not chunk:
-                break
-            dst.write(chunk)
-            budget -= len(chunk)
-        os.truncate(path, 0)
+    try:
+        with open(path, "rb") as src, _open_like(tmp, src.fileno()) as dst:
+            end = src.seek(0, os.SEEK_END)
+            start = max(0, end - max_bytes)
+            if start > 0:
+                start = _next_line_start(src.fileno(), start, end)
+            src.seek(start)
+            # Copy to the end as it is now, including what the child appends
+            # meanwhile (up to another max_bytes), then truncate at once.
+            budget = end - start + max_bytes
+            while budget > 0:
+                chunk = src.read(min(_BLOCK, budget))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                budget -= len(chunk)
+            dst.flush()  # a full disk fails here, before the log is emptied
+            os.truncate(path, 0)
+    except OSError:
+        # (a full disk: no half copy is left behind, and the log keeps its lines)
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, backup_path(path, 1))
     return True
 
