@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import secrets
+import stat
 import subprocess
 import warnings
 from collections.abc import Callable, Mapping
@@ -361,6 +362,8 @@ def _open_log(path: Path, uid: int | None, gid: int | None) -> int:
     except OSError as e:
         raise SpawnError(f"cannot open log file {str(path)!r}: {e.strerror}") from e
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd  # a device (/dev/null) or a pipe: its mode is not ours to change
         os.fchmod(fd, LOG_MODE)  # (a file of an older daemon was 0644)
         if uid is not None:
             os.fchown(fd, uid, gid if gid is not None else -1)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -366,3 +367,21 @@ async def test_fake_daemon_restart_adopts_non_children(spec: Callable[..., Launc
         fake.watch(pid, exits.callback(pid))
         fake.exit(pid, 1)
         assert await exits.wait(pid) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+async def test_a_device_as_log_keeps_its_mode(tmp_path: Path) -> None:
+    # A log path that is a device (a null device here: a node of our own, so
+    # that a failure cannot break the system's /dev/null) is written to, and
+    # its mode is left alone: log files are made 0640, devices never.
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    null.chmod(0o666)
+    launcher = ProcessLauncher(asyncio.get_running_loop())
+    try:
+        launched = launcher.spawn(LaunchSpec(("true",), {}, None, None, null, null))
+        assert stat.S_IMODE(null.stat().st_mode) == 0o666
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(launched.pid).wait(10)
+    finally:
+        launcher.close()

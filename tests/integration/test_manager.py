@@ -192,8 +192,9 @@ class RecordingLauncher(ProcessLauncher):
 class RealSide(Side):
     name = "real"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tmp: Path) -> None:
         self._loop = loop
+        self._tmp = tmp
         self.launched: list[Launched] = []
         self.launchers: list[ProcessLauncher] = []
 
@@ -211,8 +212,8 @@ class RealSide(Side):
 
     def orphan(self, branch: str, instance: str) -> int:
         launcher = RecordingLauncher(self._loop, self.launched)  # (cleanup ends it)
-        devnull = Path(os.devnull)
-        spec = LaunchSpec(UP, dict(os.environ), None, None, devnull, devnull)
+        log = Path(self._tmp) / f"orphan-{instance}.log"
+        spec = LaunchSpec(UP, dict(os.environ), None, None, log, log)
         pid = launcher.spawn(replace(spec, mark=make_mark(branch, instance))).pid
         launcher.close()  # the daemon that made it is gone
         return pid
@@ -298,7 +299,8 @@ class Supervision:
 
 @pytest.fixture(params=["fake", "real"])
 async def sup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Supervision]:
-    side: Side = FakeSide() if request.param == "fake" else RealSide(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    side: Side = FakeSide() if request.param == "fake" else RealSide(loop, tmp_path)
     s = Supervision(side, tmp_path)
     yield s
     await s.close()
