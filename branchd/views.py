@@ -7,9 +7,10 @@ remote branch's answer can be rebuilt into the same types later).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from branchd.model import RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
 
@@ -47,7 +48,7 @@ def _live(view: InstanceView, rt: Runtime) -> dict[str, Any]:
     return {
         "state": rt.state.value,
         "pid": rt.pid,
-        "command": list(view.command or view.spec.command),
+        "command": [redact_urls(arg) for arg in view.command or view.spec.command],
         "restarts": rt.restarts,
         "exit_code": rt.exit_code,
         "started_at": rt.started_at,
@@ -109,9 +110,9 @@ def app_answer(
     wire = app.to_wire()
     return {
         **{k: wire[k] for k in ("name", "env", "defaults", "created_at")},
-        "broker": effective_broker or app.celery.broker,
+        "broker": redact_urls(effective_broker or app.celery.broker),
         "embedded_broker": app.celery.broker is None,
-        "result_backend": effective_backend or app.celery.result_backend,
+        "result_backend": redact_urls(effective_backend or app.celery.result_backend),
         **{k: wire[k] for k in ("celery_app", "python", "pool", "args", "autoscale")},
         "mingle_gossip": wire["mingle_gossip"],
     }
@@ -191,3 +192,20 @@ class BranchRecord:
             "address": self.address,
             "capacity": self.capacity.to_json(),
         }
+
+
+#: ``scheme://user:password@`` in a URL (or in an argument holding one).
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s;]*:)(?P<secret>[^@/\s;]+)@")
+
+
+@overload
+def redact_urls(text: str) -> str: ...
+@overload
+def redact_urls(text: None) -> None: ...
+def redact_urls(text: str | None) -> str | None:
+    """``text`` with the password of every URL in it shown as ``**``
+    (``amqp://guest:**@host//``): answers never carry a broker's password
+    (only ``celery-config``, whose use is to hand a producer its broker)."""
+    if text is None:
+        return None
+    return _PASSWORD.sub(lambda m: f"{m['head']}**@", text)

@@ -16,7 +16,7 @@ def worker_argv(
     python: str,
     celery_app: str,
     node: str,
-    broker_url: str,
+    broker_url: str | None,
     queues: Sequence[str],
     autoscale: tuple[int, int] | None,
     concurrency: int | None,
@@ -26,7 +26,10 @@ def worker_argv(
     without_mingle_gossip: bool = True,
     result_backend: str | None = None,
 ) -> list[str]:
-    """``[python, -m, celery, -A, app, -b, url, [--result-backend, url,] worker, -n, node, ...]``.
+    """``[python, -m, celery, -A, app, [-b, url,] [--result-backend, url,] worker, -n, node, ...]``.
+
+    branchd passes no URL (``broker_url=None``): it hands them to the worker in
+    its environment, where other users cannot read them.
 
     ``autoscale`` is ``(max, min)`` in Celery's order; it wins over
     ``concurrency`` (runtime concurrency changes need ``--autoscale`` from the
@@ -40,7 +43,9 @@ def worker_argv(
     bad = [q for q in queues if not q or "," in q or q != q.strip()]
     if bad:
         raise Invalid(f"bad queue names: {bad!r}")
-    argv = [python, "-m", "celery", "-A", celery_app, "-b", broker_url]
+    argv = [python, "-m", "celery", "-A", celery_app]
+    if broker_url:
+        argv += ["-b", broker_url]
     if result_backend:
         argv += ["--result-backend", result_backend]
     argv += ["worker", "-n", node]

@@ -94,15 +94,9 @@ def effective_autoscale(app: App, spec: InstanceSpec) -> Autoscale | None:
     return spec.autoscale or app.celery.autoscale
 
 
-def command_for(
-    app: App,
-    spec: InstanceSpec,
-    node: str,
-    broker: BrokerSpec,
-    decls: Mapping[str, Queue] | None = None,
-    result_backend: str | None = None,
-) -> list[str]:
-    """The worker's argv; ``decls`` are the app's queue declarations.
+def command_for(app: App, spec: InstanceSpec, node: str) -> list[str]:
+    """The worker's argv (no URL: the broker and the result store are in its
+    environment, see ``env_for``).
 
     ``-Q`` names every queue of the instance. A name given to ``-Q`` alone would
     get Celery's default binding in the worker's queue table, and a later
@@ -114,12 +108,13 @@ def command_for(
     if not app.celery.celery_app:
         raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
     auto = effective_autoscale(app, spec)
-    decls = decls or {}
     return worker_argv(
         python=python_for(app),
         celery_app=app.celery.celery_app,
         node=node,
-        broker_url=broker.url,
+        # The broker and the result store go in the environment (env_for), not
+        # in argv: `ps` shows a command line, with its passwords, to every user.
+        broker_url=None,
         queues=list(spec.queues),
         autoscale=(auto.max, auto.min) if auto else None,
         concurrency=spec.concurrency,
@@ -127,7 +122,6 @@ def command_for(
         loglevel=spec.loglevel,
         extra=[*app.celery.args, *spec.args],
         without_mingle_gossip=not app.celery.mingle_gossip,
-        result_backend=result_backend,
     )
 
 
@@ -146,11 +140,18 @@ def env_for(
     env: Mapping[str, str],
     bindings: Mapping[str, Mapping[str, Any]] | None = None,
     hook: str | None = None,
+    result_backend: str | None = None,
 ) -> dict[str, str]:
-    """The worker's environment: ``env`` plus what the broker needs to reach it
-    and the declared ``bindings`` of its queues (handed over by the loader in ``hook``)."""
+    """The worker's environment: ``env`` plus its broker and result store
+    (Celery reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` before its
+    app's own settings, as ``-b`` and ``--result-backend`` do), what the broker
+    needs to reach it and the declared ``bindings`` of its queues (handed over
+    by the loader in ``hook``)."""
     extra = worker_env(broker, env.get("PYTHONPATH"), task_queues=bindings, hook=hook)
-    return {**env, **extra}
+    urls = {"CELERY_BROKER_URL": broker.url}
+    if result_backend:
+        urls["CELERY_RESULT_BACKEND"] = result_backend
+    return {**env, **urls, **extra}
 
 
 def producer_config(

@@ -187,10 +187,7 @@ class Workers:
             return ()
         try:
             # what its next start will run: the app as it is now
-            broker, node = self.broker(app), self.node(spec)
-            decls = self._host.queue_decls(spec.app)
-            backend = self.result_backend(app)
-            return tuple(command_for(app, spec, node, broker, decls, backend))
+            return tuple(command_for(app, spec, self.node(spec)))
         except BranchdError:
             return ()
 
@@ -211,7 +208,7 @@ class Workers:
         check_broker(app)
         w = Worker(node_name(spec.name, self._hostname), self.broker(app))
         backend = self.result_backend(app)
-        argv = command_for(app, spec, w.node, w.broker, self._host.queue_decls(spec.app), backend)
+        argv = command_for(app, spec, w.node)
         ensure_results_dir(backend)
         self._started[spec.name] = w
         self._argv[spec.name] = tuple(argv)
@@ -219,7 +216,7 @@ class Workers:
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
-        return tuple(argv), env_for(w.broker, env, bindings, self._hook)
+        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend)
 
     # lifecycle hooks ------------------------------------------------------------
 

@@ -842,7 +842,9 @@ def test_patch_app_changes_what_is_named_and_keeps_the_rest(branchd: Branchd) ->
     assert app["env"] == {"B": "2", "C": "3"}
     assert app["pool"] == "solo"
     assert app["celery_app"] == "shop.tasks"  # a PUT would have dropped these two
-    assert app["broker"] == body["broker"]
+    assert app["broker"] == "amqp://guest:**@127.0.0.1:5672//"  # kept, never shown
+    producer = branchd.ok("GET", "/v1/apps/shop/celery-config")["config"]
+    assert producer["broker_url"] == body["broker"]  # (a producer needs the password)
     assert app["defaults"] == body["defaults"]
     app = branchd.ok("PATCH", "/v1/apps/shop", {"defaults": {"cwd": None, "startretries": 5.0}})
     assert app["defaults"] == {"startsecs": 2, "startretries": 5}

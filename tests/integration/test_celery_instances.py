@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -248,6 +249,13 @@ def test_runtime_changes_are_live_and_survive_a_crash(celeryd: Celeryd) -> None:
     name, node = inst["name"], inst["node"]
     assert node == f"{name}@{socket.gethostname()}"
     assert "--autoscale=4,1" in inst["command"]
+    # No password on the worker's command line (`ps` shows it to every user),
+    # nor in any answer: the broker rides in the worker's environment.
+    password = urllib.parse.urlsplit(c.spec.url).password
+    if password:
+        cmdline = " ".join(psutil.Process(inst["pid"]).cmdline())
+        assert password not in cmdline and password not in " ".join(inst["command"])
+        assert f":{password}@" not in c.b.call("GET", f"/v1/apps/{c.app}").text
 
     # The declared topic binding replaces -Q's default one shortly after the start.
     def images_bound() -> dict[str, Any] | None:

@@ -654,8 +654,10 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     await rig.m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": redis})
     assert (await rig.view("w1")).to_json()["command"] == started
     await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
-    command = (await rig.view("w1")).to_json()["command"]
-    assert command[command.index("-b") + 1] == redis  # what its next start will run
+    await rig.m.instances.start_instance(APP, "w1")
+    # what its next start runs: the app's new broker, in its environment
+    await rig.wait_for(lambda: len(rig.fake.spawned) == 2)
+    assert rig.fake.spawned[1].env["CELERY_BROKER_URL"] == redis
 
 
 # The same scenarios over real Celery workers (a representative subset) -------------

@@ -278,3 +278,15 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
         "routing_key": "image.#",
         "options": {"durable": True},
     }
+
+
+def test_passwords_are_never_in_an_answer() -> None:
+    from branchd.views import redact_urls
+
+    assert redact_urls("amqp://guest:guest@127.0.0.1:5672//") == "amqp://guest:**@127.0.0.1:5672//"
+    assert redact_urls("redis://:s3cret@h:6379/1") == "redis://:**@h:6379/1"
+    assert redact_urls("amqp://u:p@a//;amqp://u:q@b//") == "amqp://u:**@a//;amqp://u:**@b//"
+    assert redact_urls("--x=db+postgresql://scott:tiger@db/x") == "--x=db+postgresql://scott:**@db/x"
+    for plain in ("redis://h/2", "filesystem://", "amqp://guest@h//", "no url"):
+        assert redact_urls(plain) == plain
+    assert redact_urls(None) is None
