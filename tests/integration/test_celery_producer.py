@@ -88,7 +88,8 @@ def test_a_canvas_runs_on_the_embedded_broker_with_results(branchd: Branchd) -> 
     inst = branchd.instance(app, "w1")
     # the result store is in the worker's environment, not on its command line
     assert "--result-backend" not in inst["command"] and "-b" not in inst["command"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # (the client finds the daemon's token in its state dir, as a user's would)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BRANCHD_STATE_DIR": str(branchd.state_dir)}
     done = subprocess.run(
         [sys.executable, "-c", PRODUCER, branchd.url, app],
         capture_output=True,
@@ -107,6 +108,7 @@ def test_branchctl_celery_runs_celerys_own_cli(branchd: Branchd, tmp_path: Path)
     _embedded_shop(branchd, app)
     env = {k: v for k, v in os.environ.items() if k not in ("BRANCHD_TOKEN", "PYTHONPATH")}
     env["BRANCHD_URL"] = branchd.url
+    env["BRANCHD_STATE_DIR"] = str(branchd.state_dir)
     done = subprocess.run(
         [str(BRANCHCTL), "celery", app, "--", "inspect", "ping", "--timeout", "5"],
         capture_output=True,
@@ -136,7 +138,7 @@ def test_branchctl_celery_runs_celerys_own_cli(branchd: Branchd, tmp_path: Path)
 
 def test_python_client_celery_config(branchd: Branchd) -> None:
     branchd.ok("PUT", "/v1/apps/shop", {}, status=201)
-    with Client(branchd.url) as c:
+    with Client(branchd.url, token=branchd.token) as c:
         config = c.celery_config("shop")
         setup = c.celery_setup("shop")
     assert config == setup["config"]
@@ -183,6 +185,7 @@ def test_two_apps_on_the_embedded_broker_do_not_share_it(branchd: Branchd) -> No
     assert len(set(folders.values())) == 2
     env = {k: v for k, v in os.environ.items() if k not in ("BRANCHD_TOKEN", "PYTHONPATH")}
     env["BRANCHD_URL"] = branchd.url
+    env["BRANCHD_STATE_DIR"] = str(branchd.state_dir)
     done = subprocess.run(
         [str(BRANCHCTL), "celery", apps[0], "--", "inspect", "ping", "--timeout", "3"],
         capture_output=True,
