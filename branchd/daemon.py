@@ -101,6 +101,7 @@ class Daemon:
                     token=cfg.api.token,
                     loopback=is_loopback(cfg.api.host),
                     max_body=cfg.api.max_body,
+                    listings_at_once=cfg.api.listings_at_once,
                     branch=branch.record,
                     # a cluster of one, until membership: everything is answered here
                     directory=LocalDirectory(),

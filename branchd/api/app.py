@@ -3,6 +3,7 @@ the routes of v1."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -25,6 +26,7 @@ from branchd.api.forward import (
 from branchd.api.routes import (
     BRANCH,
     EXIT,
+    LISTINGS,
     LOCAL,
     OPENAPI,
     ROUTES,
@@ -171,6 +173,7 @@ def make_app(
     *,
     token: str | None,
     max_body: int,
+    listings_at_once: int = 2,
     loopback: bool = True,
     branch: Callable[[], BranchRecord],
     on_exit: Callable[[bool], None] | None = None,
@@ -190,6 +193,8 @@ def make_app(
         client_max_size=max_body,
     )
     app[LOCAL] = local
+    if listings_at_once > 0:
+        app[LISTINGS] = asyncio.Semaphore(listings_at_once)
     app[DIRECTORY] = directory if directory is not None else LocalDirectory()
     app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
     app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}

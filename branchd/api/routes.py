@@ -34,6 +34,8 @@ LOCAL = web.AppKey("local", Local)
 #: This branch's record, from the service that keeps it (never psutil in a handler).
 BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 OPENAPI = web.AppKey("openapi", dict)
+#: Instance listings built at once (none: no limit; see ApiSection.listings_at_once).
+LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
 EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
 
@@ -308,8 +310,11 @@ async def delete_app(request: web.Request) -> web.Response:
 
 
 async def list_instances(request: web.Request) -> web.Response:
-    views = await _local(request).instances.list_instances(_name(request, "app"))
-    return _json({"items": [v.to_json() for v in views]})
+    app = _name(request, "app")
+    slots = request.app.get(LISTINGS)
+    async with slots if slots is not None else contextlib.nullcontext():
+        views = await _local(request).instances.list_instances(app)
+        return _json({"items": [v.to_json() for v in views]})
 
 
 async def create_instance(request: web.Request) -> web.Response:

@@ -48,6 +48,7 @@ def test_environment_between_file_and_flags(tmp_path: Path) -> None:
         ('no_auth = true\ntoken = "t"\n', "--no-auth and a token"),
         ('token = "t"\ntoken_file = "/x"\n', "not both"),
         ('token_file = "/nonexistent/token"\n', "cannot read token file"),
+        ("listings_at_once = -1\n", "listings_at_once must be 0"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, error: str) -> None:
