@@ -35,11 +35,14 @@ class InstanceView:
     command: tuple[str, ...] = ()
     node: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, listing: bool = False) -> dict[str, Any]:
         """The declaration's wire form (less RECORD_KEYS, and for a process
-        less the Celery fields) with the live state, in the API's order."""
+        less the Celery fields) with the live state, in the API's order; in a
+        ``listing``, env values are hidden (``hide_env``)."""
         s, rt = self.spec, self.runtime
         out = {**s.to_wire(), **_live(self, rt)}
+        if listing:
+            out["env"] = hide_env(out["env"])
         keys = _INSTANCE_KEYS + (_CELERY_INSTANCE_KEYS if s.kind == Kind.CELERY else ())
         return {k: out[k] for k in keys}
 
@@ -103,11 +106,18 @@ _CELERY_INSTANCE_KEYS: tuple[str, ...] = (
 
 
 def app_answer(
-    app: App, effective_broker: str | None = None, effective_backend: str | None = None
+    app: App,
+    effective_broker: str | None = None,
+    effective_backend: str | None = None,
+    *,
+    listing: bool = False,
 ) -> dict[str, Any]:
     """An app's wire form as the API answers it (less RECORD_KEYS), with the
-    broker and result store its workers really use, in the API's order."""
+    broker and result store its workers really use, in the API's order; in a
+    ``listing``, env values are hidden (``hide_env``)."""
     wire = app.to_wire()
+    if listing:
+        wire["env"] = hide_env(wire["env"])
     return {
         **{k: wire[k] for k in ("name", "env", "defaults", "created_at")},
         "broker": redact_urls(effective_broker or app.celery.broker),
@@ -209,3 +219,14 @@ def redact_urls(text: str | None) -> str | None:
     if text is None:
         return None
     return _PASSWORD.sub(lambda m: f"{m['head']}**@", text)
+
+
+#: What a listing shows instead of an env value.
+HIDDEN = "**"
+
+
+def hide_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Env values are secrets more often than not (keys, passwords, DSNs): a
+    listing, which dashboards poll and show, names the variables only; the
+    answer about one app or instance, which a token holder asks for, has them."""
+    return dict.fromkeys(env, HIDDEN)

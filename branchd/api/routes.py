@@ -204,14 +204,15 @@ async def openapi(request: web.Request) -> web.Response:
 # apps -----------------------------------------------------------------------
 
 
-def _app_json(request: web.Request, app: App) -> dict[str, Any]:
+def _app_json(request: web.Request, app: App, *, listing: bool = False) -> dict[str, Any]:
     celery = _local(request).celery
-    return app_answer(app, celery.effective_broker(app), celery.effective_backend(app))
+    broker, backend = celery.effective_broker(app), celery.effective_backend(app)
+    return app_answer(app, broker, backend, listing=listing)
 
 
 async def list_apps(request: web.Request) -> web.Response:
     apps = await _local(request).apps.list_apps()
-    return _json({"items": [_app_json(request, a) for a in apps]})
+    return _json({"items": [_app_json(request, a, listing=True) for a in apps]})
 
 
 async def put_app(request: web.Request) -> web.Response:
@@ -314,7 +315,7 @@ async def list_instances(request: web.Request) -> web.Response:
     slots = request.app.get(LISTINGS)
     async with slots if slots is not None else contextlib.nullcontext():
         views = await _local(request).instances.list_instances(app)
-        return _json({"items": [v.to_json() for v in views]})
+        return _json({"items": [v.to_json(listing=True) for v in views]})
 
 
 async def create_instance(request: web.Request) -> web.Response:

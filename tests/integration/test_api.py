@@ -126,6 +126,21 @@ def test_ping_branch_and_branches(api: Api) -> None:
 # apps -----------------------------------------------------------------------
 
 
+def test_listings_name_env_variables_but_never_show_their_values(api: Api) -> None:
+    secret = {"DATABASE_URL": "postgres://u:pw@db/x", "API_KEY": "k-123"}
+    api.ok("PUT", "/v1/apps/web", {"env": secret}, status=201)
+    make_instance(api, "w1", env={"TOKEN": "t-456"}, autostart=False)
+    listed_app = api.ok("GET", "/v1/apps")["items"][0]
+    assert listed_app["env"] == {"DATABASE_URL": "**", "API_KEY": "**"}
+    listed = api.ok("GET", "/v1/apps/web/instances")["items"][0]
+    assert listed["env"] == {"TOKEN": "**"}
+    listing = api.call("GET", "/v1/apps/web/instances").text + api.call("GET", "/v1/apps").text
+    assert "k-123" not in listing and "t-456" not in listing and "pw@" not in listing
+    # the answer about one of them has them (the token holder asked for that one)
+    assert api.ok("GET", "/v1/apps/web")["env"] == secret
+    assert api.ok("GET", "/v1/apps/web/instances/w1")["env"] == {"TOKEN": "t-456"}
+
+
 def test_app_create_replace_get_list_delete(api: Api) -> None:
     assert api.ok("GET", "/v1/apps") == {"items": []}
     created = api.ok("PUT", "/v1/apps/web", {"env": {"A": "1"}}, status=201)
