@@ -7,8 +7,6 @@ import difflib
 import re
 from urllib.parse import urlsplit
 
-from kombu.transport import TRANSPORT_ALIASES
-
 #: Transports whose broker lives inside one process: a worker there could
 #: never be reached by the daemon (nor by anyone sending it a task).
 IN_PROCESS = frozenset({"memory"})
@@ -43,6 +41,10 @@ def _one_url_problem(url: str) -> str | None:
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
         return "a broker URL looks like transport://[user:password@]host[:port][/vhost]"
+    # Imported here, not with the module: kombu.transport brings most of kombu
+    # (about 5 MiB resident), which a branch without a broker URL never needs.
+    from kombu.transport import TRANSPORT_ALIASES
+
     # kombu's "sqla+postgresql://": the transport is before the "+"
     transport = scheme.partition("+")[0]
     if transport not in TRANSPORT_ALIASES:
