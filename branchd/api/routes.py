@@ -8,9 +8,8 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 from aiohttp import web
 
 from branchd.api import schemas
@@ -27,6 +26,13 @@ from branchd.model import (
     valid_queue_name,
 )
 from branchd.views import BranchRecord
+
+if TYPE_CHECKING:
+    # jsonschema itself is imported by _validator, on the first request with a
+    # body: with referencing, rpds and attrs it is about 3 MiB resident, which
+    # a branch that only answers reads (or adopts its instances after a
+    # restart) never needs (issue 10, part 9).
+    from jsonschema.protocols import Validator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -97,7 +103,10 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
             raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
-    error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
+    validator = _validator(schema)
+    from jsonschema.exceptions import best_match  # loaded by _validator already
+
+    error = best_match(validator.iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "body"
         if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
@@ -146,13 +155,15 @@ def _no_constant(word: str) -> Any:
     raise ValueError(f"{word} is not JSON")
 
 
-_VALIDATORS: dict[int, jsonschema.protocols.Validator] = {}
+_VALIDATORS: dict[int, Validator] = {}
 
 
-def _validator(schema: schemas.Schema) -> jsonschema.protocols.Validator:
+def _validator(schema: schemas.Schema) -> Validator:
     key = id(schema)
     if key not in _VALIDATORS:
-        _VALIDATORS[key] = jsonschema.Draft202012Validator(schema)
+        from jsonschema import Draft202012Validator  # lazily: see TYPE_CHECKING above
+
+        _VALIDATORS[key] = Draft202012Validator(schema)
     return _VALIDATORS[key]
 
 
