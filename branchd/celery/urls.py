@@ -3,7 +3,6 @@ connection: a broker may be down when an app is declared)."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from urllib.parse import urlsplit
 
@@ -48,6 +47,8 @@ def _one_url_problem(url: str) -> str | None:
     # kombu's "sqla+postgresql://": the transport is before the "+"
     transport = scheme.partition("+")[0]
     if transport not in TRANSPORT_ALIASES:
+        import difflib  # only for this message
+
         known = sorted(TRANSPORT_ALIASES)
         close = difflib.get_close_matches(transport, known, n=1)
         if close:
