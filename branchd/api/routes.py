@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from branchd.api import schemas
+from branchd.api import precheck, schemas
 from branchd.api.backend import Backend
 from branchd.errors import BadRequest, Conflict, Invalid, NotFound
 from branchd.model import (
@@ -28,10 +28,9 @@ from branchd.model import (
 from branchd.views import BranchRecord
 
 if TYPE_CHECKING:
-    # jsonschema itself is imported by _validator, on the first request with a
-    # body: with referencing, rpds and attrs it is about 3 MiB resident, which
-    # a branch that only answers reads (or adopts its instances after a
-    # restart) never needs (issue 10, part 9).
+    # jsonschema itself is imported by _validator, for the first body that
+    # precheck cannot vouch for (an invalid one, mostly): with referencing,
+    # rpds and attrs it is about 3 MiB resident (issue 10, part 9).
     from jsonschema.protocols import Validator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -103,6 +102,14 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
             raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    # precheck vouches for most valid bodies; jsonschema judges (and words) the rest
+    if precheck.check(schema, data) is not True:
+        _validate(schema, data)
+    return _as_ints(schema, data)  # type: ignore[no-any-return]
+
+
+def _validate(schema: schemas.Schema, data: Any) -> None:
+    """jsonschema's verdict, and its message for the first (best) error."""
     validator = _validator(schema)
     from jsonschema.exceptions import best_match  # loaded by _validator already
 
@@ -115,7 +122,6 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
         if error.validator == "pattern" and error.validator_value == QUEUE_NAME_PATTERN:
             raise Invalid(f"{where}: bad name {error.instance!r}: {QUEUE_NAME_RULE}")
         raise Invalid(f"{where}: {error.message}")
-    return _as_ints(schema, data)  # type: ignore[no-any-return]
 
 
 def _as_ints(schema: schemas.Schema, data: Any) -> Any:

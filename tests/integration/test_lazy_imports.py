@@ -1,6 +1,7 @@
 """A branch without Celery apps does not load what only Celery apps need
 (issue 10, part 9): kombu and its transports are about 5 MiB of the daemon's
-resident memory, jsonschema about 3 MiB more until a body is validated.
+resident memory, jsonschema about 3 MiB more until a body comes that
+api/precheck.py cannot vouch for.
 
 Each check runs a real daemon (``Daemon.run``, port 0, its own state dir) in a
 fresh interpreter and reads that interpreter's ``sys.modules``.
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: _kombu, celery/urls.py), never by a branch without one. celery itself runs
 #: in the workers only; zeroconf is not a dependency at all.
 CELERY_ONLY = ("kombu", "amqp", "yaml", "billiard", "vine", "celery", "zeroconf")
-#: Loaded on the first request with a body (api/routes.py's _validator).
+#: Loaded for the first body precheck cannot vouch for (api/routes.py's _validator).
 ON_FIRST_BODY = ("jsonschema", "referencing", "rpds", "jsonschema_specifications")
 #: Loaded where they are used: a config file, an unknown transport's message.
 ON_USE = ("tomllib", "difflib")
@@ -60,6 +61,9 @@ async def main():
         async with http.get("/v1/apps/web/instances") as reply:
             assert reply.status == 200
         seen["writes"] = loaded()
+        async with http.post("/v1/apps/web/instances", json={"name": "bad name"}) as reply:
+            assert reply.status == 422, await reply.text()
+        seen["invalid"] = loaded()
     daemon.request_exit(Exit.STOP)
     await run
     print(json.dumps(seen))
@@ -88,8 +92,10 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
     seen = _loaded_by_a_daemon(tmp_path, CELERY_ONLY + ON_FIRST_BODY + ON_USE)
     # started, served reads: none of them
     assert seen["reads"] == []
-    # a plain app and a process declared: bodies validated (jsonschema is in,
-    # which also shows the watch works), still nothing of Celery's
-    tops = {m.partition(".")[0] for m in seen["writes"]}
-    assert "jsonschema" in tops, seen["writes"]
-    assert not tops & set(CELERY_ONLY + ON_USE), seen["writes"]
+    # a plain app and a process declared (valid bodies): still none of them
+    assert seen["writes"] == []
+    # an invalid body: jsonschema words the error (which also shows the watch
+    # works), and still nothing of Celery's
+    tops = {m.partition(".")[0] for m in seen["invalid"]}
+    assert "jsonschema" in tops, seen["invalid"]
+    assert not tops & set(CELERY_ONLY + ON_USE), seen["invalid"]
