@@ -60,7 +60,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, med, ok, wait_for, write_section
+from common import auth_headers, log, machine, med, ok, wait_for, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Celery instances (issue 3)"
@@ -111,6 +111,7 @@ class Daemon:
         self.log_path = self.dir / "daemon.out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: http.client.HTTPConnection | None = None
+        self.auth: dict[str, str] = {}  # the daemon's token, once it listens
 
     def launch(self) -> None:
         state = self.dir / "state"
@@ -133,6 +134,7 @@ class Daemon:
         parts = urllib.parse.urlsplit(url)
         assert parts.hostname and parts.port
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        self.auth = auth_headers(state)
 
     def tail(self, n: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -146,7 +148,7 @@ class Daemon:
         assert self.conn is not None
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        self.conn.request(method, path, body=data, headers=headers)
+        self.conn.request(method, path, body=data, headers={**self.auth, **headers})
         resp = self.conn.getresponse()
         raw = resp.read()
         if resp.status not in expect:
@@ -772,7 +774,7 @@ def analysis(r: Results) -> list[str]:
         text = (
             "- create → running: while a worker starts, branchd sends a new ping every "
             "50 ms, each waiting up to 1 s for its answer (`Workers._await_ready` in "
-            "branchd/process/workers.py); pings published before the worker has bound "
+            "branchd/celery/workers.py); pings published before the worker has bound "
             "its `<node>.celery.pidbox` queue are dropped by the broker, so what counts "
             "is how soon after the binding the next ping goes out. "
         )
@@ -805,7 +807,7 @@ def analysis(r: Results) -> list[str]:
             "with `call_soon`; on RabbitMQ that declares a durable queue and its "
             f"exchange, binds and consumes: {broker:.1f} ms of broker work timed alone) "
             f"+ `active_queues` polls ({rtt:.1f} ms each, 2 ms apart at first, "
-            "`CeleryOps._confirm` in branchd/process/celery_ops.py) until the queue "
+            "`CeleryOps._confirm` in branchd/celery/ops.py) until the queue "
             "shows; the confirming reply is the answer's body. The floor is thus "
             f"~{t['add_consumer reply'] + apply + rtt:.0f} ms plus HTTP and one SQLite "
             f"write; measured p50 {med(r.add_ms):.1f} ms. The worker's own apply time "

@@ -57,6 +57,15 @@ def wait_for(
         time.sleep(interval)
 
 
+def auth_headers(state_dir: Path) -> dict[str, str]:
+    """The Authorization header for the daemon of ``state_dir``: branchd is
+    secure by default and keeps its token in ``<state dir>/token`` (read once
+    the daemon wrote its URL; an older branchd without one needs none)."""
+    path = state_dir / "token"
+    token = path.read_text().strip() if path.exists() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def write_section(path: Path, heading: str, text: str) -> None:
     """Replace our section of path (up to the next '## ' heading), or append it."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"

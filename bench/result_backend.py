@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, med, wait_for, write_section
+from common import auth_headers, log, machine, med, wait_for, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venv-results"
@@ -56,13 +56,12 @@ def total(numbers):
 """
 
 PRODUCER = """
-import json, statistics, sys, time, urllib.request
+import json, statistics, sys, time
 from celery import chain, chord, group
 from rbtasks import add, app, total
 
-cfg = json.load(urllib.request.urlopen(sys.argv[1] + "/v1/apps/rb/celery-config"))["config"]
-app.conf.update(cfg)
-calls = int(sys.argv[2])
+app.conf.update(json.loads(sys.stdin.read()))  # the app's GET /v1/apps/rb/celery-config
+calls = int(sys.argv[1])
 add.delay(0, 0).get(timeout=30)  # warm up: connections, the worker's pool
 
 
@@ -100,9 +99,13 @@ def ensure_venv() -> Path:
     return python
 
 
+#: The running daemon's Authorization header (one daemon at a time).
+AUTH: dict[str, str] = {}
+
+
 def call(url: str, method: str, path: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method)
+    req = urllib.request.Request(url + path, data=data, method=method, headers=AUTH)
     req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=60) as resp:
         raw = resp.read()
@@ -124,6 +127,8 @@ def one_run(backend: str | None, python: Path, calls: int) -> dict[str, float]:
             url = wait_for(
                 lambda: url_file.exists() and url_file.read_text().strip(), 30, "branchd.url"
             )
+            AUTH.clear()
+            AUTH.update(auth_headers(state))
             app: dict[str, Any] = {
                 "celery_app": "rbtasks",
                 "python": str(python),
@@ -140,8 +145,10 @@ def one_run(backend: str | None, python: Path, calls: int) -> dict[str, float]:
                 "the worker",
                 0.05,
             )
+            config = call(url, "GET", "/v1/apps/rb/celery-config")["config"]
             done = subprocess.run(
-                [str(python), "-c", PRODUCER, url, str(calls)],
+                [str(python), "-c", PRODUCER, str(calls)],
+                input=json.dumps(config),
                 cwd=tmp,
                 capture_output=True,
                 text=True,

@@ -48,7 +48,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, med, ok, wait_for, write_section
+from common import auth_headers, log, machine, med, ok, wait_for, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SUP_VENV = ROOT / "bench" / ".venv-supervisor"
@@ -167,6 +167,7 @@ class Branchd(Supervised):
         super().__init__(sleep_cmd)
         self.python = python
         self.conn: http.client.HTTPConnection | None = None
+        self.auth: dict[str, str] = {}  # the daemon's token, once it listens
 
     def launch(self, n: int) -> None:
         state = self.dir / "state"
@@ -182,6 +183,7 @@ class Branchd(Supervised):
         parts = urllib.parse.urlsplit(url)
         assert parts.hostname and parts.port
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.auth = auth_headers(state)
         self.call("PUT", f"/v1/apps/{APP}", {}, expect=(200, 201))
 
     def call(
@@ -191,7 +193,7 @@ class Branchd(Supervised):
         assert self.conn is not None
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        self.conn.request(method, path, body=data, headers=headers)
+        self.conn.request(method, path, body=data, headers={**self.auth, **headers})
         resp = self.conn.getresponse()
         raw = resp.read()
         if resp.status not in expect:

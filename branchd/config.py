@@ -46,7 +46,13 @@ def is_loopback(host: str) -> bool:
 class ApiSection:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    #: The bearer token every route but /v1/ping needs. None: the daemon's own,
+    #: generated once into ``<state dir>/token`` (see ``branchd.state``).
     token: str | None = None
+    #: Where ``token`` was read from (``--token-file``), for the start-up log.
+    token_file: Path | None = None
+    #: False (``--no-auth``): no token at all, for development on loopback only.
+    auth: bool = True
     #: Largest accepted request body.
     max_body: int = 1024 * 1024
 
@@ -105,12 +111,19 @@ class Config:
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
+    @property
+    def token_path(self) -> Path:
+        """The daemon's own token file (generated at first start, kept after)."""
+        return self.state_dir / "token"
+
     def validate(self) -> Config:
-        if not is_loopback(self.api.host) and not self.api.token:
+        if not is_loopback(self.api.host) and not self.api.auth:
             raise ConfigError(
                 f"refusing to listen on {self.api.host} without a token "
-                "(use --token or BRANCHD_TOKEN)"
+                "(--no-auth is for a loopback bind only)"
             )
+        if not self.api.auth and self.api.token:
+            raise ConfigError("--no-auth and a token are both given: give one")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"unknown log level {self.log_level!r}")
         return replace(self, log_level=self.log_level.upper())
@@ -130,6 +143,7 @@ class Config:
 #: The keys of the file (flat, as they always were) and where they go.
 _FLAT: dict[str, tuple[str, str]] = {
     "token": ("api", "token"),
+    "token_file": ("api", "token_file"),
     "max_body": ("api", "max_body"),
     "backoff_base": ("supervision", "backoff_base"),
     "backoff_max": ("supervision", "backoff_max"),
@@ -153,8 +167,42 @@ _ENV = {
     "BRANCHD_STATE_DIR": "state_dir",
     "BRANCHD_BIND": "bind",
     "BRANCHD_TOKEN": "token",
+    "BRANCHD_TOKEN_FILE": "token_file",
+    "BRANCHD_NO_AUTH": "no_auth",
     "BRANCHD_LOG_LEVEL": "log_level",
 }
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _read_token_file(api: dict[str, Any]) -> None:
+    """``token_file`` (a path) into ``token``; one of the two, never both."""
+    if api.get("token_file") is None:
+        return
+    if api.get("token") is not None:
+        raise ConfigError("give the token or a token file, not both")
+    path = Path(str(api["token_file"])).expanduser()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read token file {path}: {reason}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    if any(c.isspace() for c in token):
+        raise ConfigError(f"token file {path} must hold one token (no spaces)")
+    api["token"], api["token_file"] = token, path
 
 
 def load(
@@ -181,7 +229,7 @@ def load(
         if value is not None and key != "config":
             merged[key] = value
 
-    known = {"state_dir", "log_level", "bind", *_FLAT, *_SECTIONS}
+    known = {"state_dir", "log_level", "bind", "no_auth", *_FLAT, *_SECTIONS}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
@@ -197,6 +245,9 @@ def load(
             parts[section][field] = merged.pop(key)
     if "bind" in merged:
         parts["api"]["host"], parts["api"]["port"] = parse_bind(str(merged.pop("bind")))
+    if "no_auth" in merged:
+        parts["api"]["auth"] = not _boolean("no_auth", merged.pop("no_auth"))
+    _read_token_file(parts["api"])
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:
         sections = {name: _SECTIONS[name](**values) for name, values in parts.items()}

@@ -1,4 +1,4 @@
-"""Composition root: builds the store, launcher, manager and API; owns signals."""
+"""Composition root: builds the store, launcher, local services and API; owns signals."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import IO
@@ -18,15 +19,16 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
-from branchd.api.forward import LocalOnly
+from branchd.api.forward import LocalDirectory, NoForwarder
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import SystemClock
-from branchd.config import Config, load
+from branchd.config import Config, is_loopback, load
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
+from branchd.local import build as build_local
 from branchd.process.launcher import ProcessLauncher
-from branchd.process.manager import Manager
+from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
 
@@ -61,11 +63,11 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        store = Store(cfg.db_path)
+        clock = SystemClock()
+        store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
         try:
             bus = EventBus()
-            clock = SystemClock()
-            manager = Manager(
+            local = build_local(
                 store,
                 ProcessLauncher(loop),
                 clock,
@@ -74,11 +76,11 @@ class Daemon:
                 remote=KombuRemoteControl(),
                 bus=bus,
             )
-            await manager.start()
+            await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
             branch = BranchService(
                 BranchRecord(
-                    id=manager.branch_id,
+                    id=local.branch_id,
                     hostname=socket.gethostname(),
                     version=__version__,
                     started_at=clock.wall(),
@@ -87,16 +89,19 @@ class Daemon:
                 ),
                 SystemProbe(),
                 bus,
-                manager.instance_names(),
+                local.instances.instance_names(),
             )
             branch.start()
             runner = web.AppRunner(
                 make_app(
-                    manager,
+                    local,
                     token=cfg.api.token,
+                    loopback=is_loopback(cfg.api.host),
                     max_body=cfg.api.max_body,
                     branch=branch.record,
-                    forwarder=LocalOnly(),  # a cluster of one, until membership
+                    # a cluster of one, until membership: everything is answered here
+                    directory=LocalDirectory(),
+                    forwarder=NoForwarder(),
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
@@ -108,7 +113,7 @@ class Daemon:
                 await site.start()
             except OSError as exc:
                 await branch.close()
-                await manager.shutdown(keep=True)
+                await local.shutdown(keep=True)
                 raise ConfigError(
                     f"cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror}"
                 ) from None
@@ -124,7 +129,7 @@ class Daemon:
             log.info(
                 "branchd %s (branch %s) listening on %s, state in %s",
                 __version__,
-                manager.branch_id,
+                local.branch_id,
                 self.url,
                 cfg.state_dir,
             )
@@ -137,14 +142,17 @@ class Daemon:
             )
             await runner.cleanup()
             await branch.close()
-            await manager.shutdown(keep=how == Exit.KEEP)
+            await local.shutdown(keep=how == Exit.KEEP)
         finally:
             store.close()
 
 
 def _lock(state_dir: Path) -> IO[str]:
     """One daemon per state dir: a second would start every instance twice."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        secure_dir(state_dir)
+    except OSError as exc:
+        raise ConfigError(f"cannot use state dir {state_dir}: {exc.strerror}") from None
     fh = open(state_dir / "branchd.lock", "a+")  # noqa: SIM115 - held for the process' life
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,6 +166,35 @@ def _lock(state_dir: Path) -> IO[str]:
     return fh
 
 
+def _secure_state(cfg: Config) -> Config:
+    """The database 0600 before it opens; the token in force (``None`` with
+    --no-auth), generated into the state dir at the first start."""
+    try:
+        secure_database(cfg.db_path)
+        if not cfg.api.auth:
+            return cfg
+        token = ensure_token(cfg.token_path, cfg.api.token)
+    except OSError as exc:
+        raise ConfigError(f"cannot secure {cfg.state_dir}: {exc.strerror}") from None
+    return replace(cfg, api=replace(cfg.api, token=token))
+
+
+def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
+    if not cfg.api.auth:
+        log.warning(
+            "authentication is OFF (--no-auth): every local user, and any web page "
+            "that finds the port, can run commands as uid %d; for development only",
+            os.geteuid(),
+        )
+        return
+    if token_on_command_line:
+        log.warning(
+            "the token was given with --token: every local user sees it in the "
+            "process list; use --token-file or BRANCHD_TOKEN_FILE instead"
+        )
+    log.info("API token in %s (clients on this machine read it there)", cfg.token_path)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--state-dir", help="State directory [env BRANCHD_STATE_DIR; default ~/.local/state/branchd]"
@@ -165,7 +202,22 @@ def _lock(state_dir: Path) -> IO[str]:
 @click.option(
     "--bind", help="HOST:PORT to serve the API on [env BRANCHD_BIND; default 127.0.0.1:8400]"
 )
-@click.option("--token", help="Bearer token required by the API [env BRANCHD_TOKEN]")
+@click.option(
+    "--token",
+    help="Bearer token required by the API [env BRANCHD_TOKEN]; visible to every "
+    "local user in the process list: prefer --token-file",
+)
+@click.option(
+    "--token-file",
+    help="File holding the bearer token [env BRANCHD_TOKEN_FILE; default: one "
+    "generated at the first start into <state dir>/token]",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    default=None,
+    help="Require no token (development only; loopback binds only) [env BRANCHD_NO_AUTH]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -173,6 +225,8 @@ def cli(
     state_dir: str | None,
     bind: str | None,
     token: str | None,
+    token_file: str | None,
+    no_auth: bool | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -185,6 +239,8 @@ def cli(
         "state_dir": state_dir,
         "bind": bind,
         "token": token,
+        "token_file": token_file,
+        "no_auth": True if no_auth else None,
         "config": config_file,
         "log_level": log_level,
     }
@@ -194,11 +250,18 @@ def cli(
     except BranchdError as exc:
         click.echo(f"branchd: {exc.message}", err=True)
         sys.exit(EXIT_LOCKED if "already runs" in exc.message else EXIT_CONFIG)
+    try:
+        cfg = _secure_state(cfg)
+    except BranchdError as exc:
+        lock.close()
+        click.echo(f"branchd: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG)
     logging.basicConfig(
         level=cfg.log_level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _say_how_auth_works(cfg, token_on_command_line=token is not None)
     try:
         asyncio.run(Daemon(cfg).run())
     except BranchdError as exc:

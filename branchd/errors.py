@@ -58,6 +58,13 @@ class Unauthorized(BranchdError):
     status = 401
 
 
+class Forbidden(BranchdError):
+    """A request from another origin (a web page's), refused whatever its token."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(BranchdError):
     code = "not_found"
     status = 404
@@ -71,6 +78,21 @@ class Conflict(BranchdError):
 class PayloadTooLarge(BranchdError):
     code = "payload_too_large"
     status = 413
+
+
+class UnsupportedMediaType(BranchdError):
+    """A request body that is not declared JSON (a form or text/plain: what a
+    web page can send without a preflight)."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class Misdirected(BranchdError):
+    """A Host that is not this daemon's (DNS rebinding against a loopback bind)."""
+
+    code = "misdirected_request"
+    status = 421
 
 
 class Invalid(BranchdError):
@@ -104,6 +126,13 @@ class Full(BranchdError):
     tries the next choice. Draining branches answer it too."""
 
     code = "full"
+    status = 503
+
+
+class BranchUnreachable(BranchdError):
+    """The branch that must answer a request cannot be reached."""
+
+    code = "branch_unreachable"
     status = 503
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from branchd.hlc import Version
+
 #: Names of apps, instances and queues; also path segments, so no dots-only or
 #: slashes can sneak in ("no path tricks").
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -106,8 +108,12 @@ class Autoscale:
     min: int
     max: int
 
-    def to_json(self) -> dict[str, int]:
+    def to_wire(self) -> dict[str, int]:
         return {"min": self.min, "max": self.max}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Autoscale:
+        return cls(min=int(d["min"]), max=int(d["max"]))
 
 
 #: Celery pools a worker may run (``--pool``).
@@ -130,6 +136,57 @@ class CelerySettings:
     #: broker, a ``file://`` store in the state dir; elsewhere the app module's.
     result_backend: str | None = None
 
+    def to_wire(self) -> dict[str, Any]:
+        """Its fields, flat: an app's wire form (and its API body) carries them
+        beside the app's own."""
+        return {
+            "broker": self.broker,
+            "celery_app": self.celery_app,
+            "python": self.python,
+            "pool": self.pool,
+            "args": list(self.args),
+            "autoscale": self.autoscale.to_wire() if self.autoscale else None,
+            "mingle_gossip": self.mingle_gossip,
+            "result_backend": self.result_backend,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> CelerySettings:
+        auto = d.get("autoscale")
+        return cls(
+            broker=d.get("broker"),
+            celery_app=d.get("celery_app"),
+            python=d.get("python"),
+            pool=d.get("pool", "prefork"),
+            args=tuple(d.get("args", ())),
+            autoscale=Autoscale.from_wire(auto) if auto else None,
+            mingle_gossip=bool(d.get("mingle_gossip", False)),
+            result_backend=d.get("result_backend"),
+        )
+
+
+#: Keys of every record's wire form that say which write it is, not what was
+#: declared: kept off the API's answers (see ``views``).
+RECORD_KEYS: tuple[str, ...] = ("version", "origin")
+_CELERY_KEYS = tuple(CelerySettings().to_wire())
+
+
+def _record_wire(version: Version | None, origin: str | None) -> dict[str, Any]:
+    return {"version": version.to_wire() if version else None, "origin": origin}
+
+
+def _record_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    text = d.get("version")
+    return {"version": Version.from_wire(text) if text else None, "origin": d.get("origin")}
+
+
+def _check_keys(what: str, d: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    """Refuse what this branchd does not know rather than drop it silently
+    (a record written back without it would lose it)."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in the wire form of {what}: {', '.join(unknown)}")
+
 
 @dataclass(frozen=True)
 class App:
@@ -139,26 +196,38 @@ class App:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     celery: CelerySettings = CelerySettings()
+    #: The last write of this record (None: never stored) ...
+    version: Version | None = None
+    #: ... and the branch where it was declared (kept over updates).
+    origin: str | None = None
 
-    def to_json(
-        self, effective_broker: str | None = None, effective_backend: str | None = None
-    ) -> dict[str, Any]:
-        c = self.celery
+    def to_wire(self) -> dict[str, Any]:
+        """The one encoding of an app: the store's, the API's (less RECORD_KEYS)
+        and the gossip's. JSON-ready; the Celery settings sit flat beside the rest."""
         return {
             "name": self.name,
             "env": dict(self.env),
             "defaults": dict(self.defaults),
             "created_at": self.created_at,
-            "broker": effective_broker or c.broker,
-            "embedded_broker": c.broker is None,
-            "result_backend": effective_backend or c.result_backend,
-            "celery_app": c.celery_app,
-            "python": c.python,
-            "pool": c.pool,
-            "args": list(c.args),
-            "autoscale": c.autoscale.to_json() if c.autoscale else None,
-            "mingle_gossip": c.mingle_gossip,
+            **self.celery.to_wire(),
+            **_record_wire(self.version, self.origin),
         }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> App:
+        """Inverse of ``to_wire``; a missing key takes the field's default."""
+        _check_keys("an app", d, _APP_KEYS)
+        return cls(
+            name=d["name"],
+            env=dict(d.get("env", {})),
+            defaults=dict(d.get("defaults", {})),
+            created_at=float(d.get("created_at", 0.0)),
+            celery=CelerySettings.from_wire(d),
+            **_record_fields(d),
+        )
+
+
+_APP_KEYS = ("name", "env", "defaults", "created_at", *_CELERY_KEYS, *RECORD_KEYS)
 
 
 @dataclass(frozen=True)
@@ -171,16 +240,36 @@ class Queue:
     exchange_type: str = "direct"
     routing_key: str | None = None  # None: the queue's name
     options: Mapping[str, Any] = field(default_factory=dict)
+    version: Version | None = None  # as App's
+    origin: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, Any]:
+        """The one encoding of a queue declaration (None kept: "like the name")."""
         return {
             "app": self.app,
             "name": self.name,
-            "exchange": self.exchange or self.name,
+            "exchange": self.exchange,
             "exchange_type": self.exchange_type,
-            "routing_key": self.routing_key or self.name,
+            "routing_key": self.routing_key,
             "options": dict(self.options),
+            **_record_wire(self.version, self.origin),
         }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Queue:
+        _check_keys("a queue", d, _QUEUE_KEYS)
+        return cls(
+            app=d["app"],
+            name=d["name"],
+            exchange=d.get("exchange"),
+            exchange_type=d.get("exchange_type", "direct"),
+            routing_key=d.get("routing_key"),
+            options=dict(d.get("options", {})),
+            **_record_fields(d),
+        )
+
+
+_QUEUE_KEYS = ("app", "name", "exchange", "exchange_type", "routing_key", "options", *RECORD_KEYS)
 
 
 @dataclass(frozen=True)
@@ -212,10 +301,118 @@ class InstanceSpec:
     hung_after: float = 60.0
     #: Restart when the whole process tree's RSS passes this (bytes).
     memory_limit: int | None = None
+    version: Version | None = None  # as App's
+    origin: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.app, self.name)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The one encoding of an instance declaration: flat, with the names a
+        user gives the fields (the policy's too), as the API shows them.
+
+        The policy's ``ready_by_ping`` and ``stop_group`` are not in it: the
+        engine derives them from the kind at each start.
+        """
+        p = self.policy
+        return {
+            "app": self.app,
+            "name": self.name,
+            "kind": self.kind.value,
+            "desired": self.desired.value,
+            "command": list(self.command),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "autorestart": p.autorestart.value,
+            "exitcodes": list(p.exitcodes),
+            "startsecs": p.startsecs,
+            "startretries": p.startretries,
+            "stopsignal": p.stopsignal,
+            "stopwaitsecs": p.stopwaitsecs,
+            "autostart": self.autostart,
+            "log_max_bytes": self.log_max_bytes,
+            "log_backups": self.log_backups,
+            "branch": self.branch,
+            "created_at": self.created_at,
+            "queues": list(self.queues),
+            "autoscale": self.autoscale.to_wire() if self.autoscale else None,
+            "concurrency": self.concurrency,
+            "pool": self.pool,
+            "args": list(self.args),
+            "loglevel": self.loglevel,
+            "hung_after": self.hung_after,
+            "memory_limit": self.memory_limit,
+            **_record_wire(self.version, self.origin),
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> InstanceSpec:
+        """Inverse of ``to_wire``; a missing key takes the field's default."""
+        _check_keys("an instance", d, _SPEC_KEYS)
+        base = Policy()
+        policy = Policy(
+            autorestart=Autorestart(d.get("autorestart", base.autorestart)),
+            exitcodes=tuple(d.get("exitcodes", base.exitcodes)),
+            startsecs=float(d.get("startsecs", base.startsecs)),
+            startretries=int(d.get("startretries", base.startretries)),
+            stopsignal=d.get("stopsignal", base.stopsignal),
+            stopwaitsecs=float(d.get("stopwaitsecs", base.stopwaitsecs)),
+        )
+        plain = {k: d[k] for k in _SPEC_PLAIN if k in d}
+        for key in ("command", "queues", "args"):
+            if key in plain:
+                plain[key] = tuple(plain[key])
+        if "env" in plain:
+            plain["env"] = dict(plain["env"])
+        if "kind" in plain:
+            plain["kind"] = Kind(plain["kind"])
+        if "desired" in plain:
+            plain["desired"] = Desired(plain["desired"])
+        if plain.get("autoscale") is not None:
+            plain["autoscale"] = Autoscale.from_wire(plain["autoscale"])
+        plain.setdefault("command", ())
+        return cls(
+            app=d["app"],
+            name=d["name"],
+            branch=d["branch"],
+            policy=policy,
+            **plain,
+            **_record_fields(d),
+        )
+
+
+_POLICY_KEYS = (
+    "autorestart",
+    "exitcodes",
+    "startsecs",
+    "startretries",
+    "stopsignal",
+    "stopwaitsecs",
+)
+#: Wire keys that are fields of InstanceSpec under the same name.
+_SPEC_PLAIN = (
+    "kind",
+    "desired",
+    "command",
+    "env",
+    "cwd",
+    "user",
+    "autostart",
+    "log_max_bytes",
+    "log_backups",
+    "created_at",
+    "queues",
+    "autoscale",
+    "concurrency",
+    "pool",
+    "args",
+    "loglevel",
+    "hung_after",
+    "memory_limit",
+)
+_SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *RECORD_KEYS)
 
 
 @dataclass(frozen=True)

@@ -4,29 +4,34 @@ Synchronous ``sqlite3`` on purpose: it is called from the asyncio loop, and the
 writes are a few small rows, well under a millisecond in WAL mode. Every write
 method commits before it returns, so what the API acknowledged survives a
 crash of the daemon.
+
+Declarations are versioned records (issue 10, part 3): a row holds the
+record's wire form (``to_wire()`` of the model, the one encoding the API and
+the gossip use too), the version of its last write (``hlc.Version``) and the
+branch where it was declared. A delete leaves a tombstone (``deleted = 1``,
+with the delete's version), so that a branch that still has the record can
+be told it is gone rather than give it back; reads skip tombstones.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from branchd.clock import Clock, SystemClock
 from branchd.errors import Conflict, NotFound, StoreError
+from branchd.hlc import HybridClock, Version
 from branchd.model import (
+    RECORD_KEYS,
     App,
-    Autorestart,
-    Autoscale,
-    CelerySettings,
     Desired,
     InstanceSpec,
-    Kind,
-    Policy,
     Queue,
     Runtime,
     State,
@@ -78,102 +83,119 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (app, name)
     );
     """,
+    # 3: declarations become versioned records with tombstones. Each table is
+    # rebuilt (SQLite's way to change columns) around one JSON column holding
+    # the record's wire form. No foreign keys any more: a tombstone keeps its
+    # row, so nothing cascades, and records from other branches will arrive in
+    # any order (a queue before its app); the store checks for a live app on
+    # a local write instead. The rows of the older release get the version of
+    # this migration and this branch as origin.
+    """
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('branch_id', lower(hex(randomblob(16))));
+    CREATE TEMP TABLE migration_3 AS SELECT
+        printf('%012x.%04x.%s', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
+               0, value) AS version,
+        value AS origin
+        FROM meta WHERE key = 'branch_id';
+    CREATE TABLE apps_v3 (
+        name TEXT PRIMARY KEY,
+        record TEXT NOT NULL,         -- JSON of App.to_wire() without version, origin
+        version TEXT NOT NULL,        -- hlc.Version.to_wire() of the last write
+        origin TEXT NOT NULL,         -- the branch where it was declared
+        deleted INTEGER NOT NULL DEFAULT 0  -- 1: a tombstone
+    );
+    -- (json_patch leaves out the settings that were null: from_wire reads a
+    -- missing key as the field's default, None for each of them.)
+    INSERT INTO apps_v3 (name, record, version, origin)
+        SELECT name,
+            json_patch(json_object('name', name, 'env', json(env), 'defaults', json(defaults),
+                                   'created_at', created_at), celery),
+            (SELECT version FROM migration_3), (SELECT origin FROM migration_3)
+        FROM apps;
+    CREATE TABLE queues_v3 (
+        app TEXT NOT NULL,
+        name TEXT NOT NULL,
+        record TEXT NOT NULL,         -- JSON of Queue.to_wire() without version, origin
+        version TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (app, name)
+    );
+    INSERT INTO queues_v3 (app, name, record, version, origin)
+        SELECT app, name,
+            json_object('app', app, 'name', name, 'exchange', exchange,
+                        'exchange_type', exchange_type, 'routing_key', routing_key,
+                        'options', json(options)),
+            (SELECT version FROM migration_3), (SELECT origin FROM migration_3)
+        FROM queues;
+    -- Instance names are unique on the branch, across apps (tombstones included:
+    -- a name's one row says what became of it).
+    CREATE TABLE instances_v3 (
+        name TEXT PRIMARY KEY,
+        app TEXT NOT NULL,
+        record TEXT NOT NULL,         -- JSON of InstanceSpec.to_wire() without version, origin
+        version TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        -- Runtime; the defaults are those of model.Runtime().
+        state TEXT NOT NULL DEFAULT 'stopped',
+        pid INTEGER,
+        create_time REAL,
+        started_at REAL,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER,
+        stop_step TEXT,
+        reason TEXT
+    );
+    -- The old spec JSON nests the policy and keeps "desired" in a column; the
+    -- wire form is flat and holds it.
+    INSERT INTO instances_v3 (name, app, record, version, origin, state, pid, create_time,
+                              started_at, restarts, exit_code, stop_step, reason)
+        SELECT name, app,
+            json_set(json_remove(json_patch(spec, coalesce(json_extract(spec, '$.policy'), '{}')),
+                                 '$.policy'),
+                     '$.desired', desired),
+            (SELECT version FROM migration_3), (SELECT origin FROM migration_3),
+            state, pid, create_time, started_at, restarts, exit_code, stop_step, reason
+        FROM instances;
+    DROP TABLE migration_3;
+    -- Children first: dropping apps deletes its rows, which would cascade.
+    DROP TABLE instances;
+    DROP TABLE queues;
+    DROP TABLE apps;
+    ALTER TABLE apps_v3 RENAME TO apps;
+    ALTER TABLE queues_v3 RENAME TO queues;
+    ALTER TABLE instances_v3 RENAME TO instances;
+    CREATE INDEX instances_by_app ON instances(app, name);
+    """,
 ]
 
-_QUEUE_COLUMNS = "app, name, exchange, exchange_type, routing_key, options"
 _RUNTIME_COLUMNS = "state, pid, create_time, started_at, restarts, exit_code, stop_step, reason"
+_RECORD_COLUMNS = "record, version, origin"
+_LIVE = "deleted = 0"
 
 
-def spec_to_dict(spec: InstanceSpec) -> dict[str, Any]:
-    """Every field of ``spec`` as JSON-ready data (enums as str, tuples as lists)."""
-    p = spec.policy
-    return {
-        "app": spec.app,
-        "name": spec.name,
-        "command": list(spec.command),
-        "branch": spec.branch,
-        "kind": spec.kind.value,
-        "env": dict(spec.env),
-        "cwd": spec.cwd,
-        "user": spec.user,
-        "policy": {
-            "autorestart": p.autorestart.value,
-            "exitcodes": list(p.exitcodes),
-            "startsecs": p.startsecs,
-            "startretries": p.startretries,
-            "stopsignal": p.stopsignal,
-            "stopwaitsecs": p.stopwaitsecs,
-        },
-        "autostart": spec.autostart,
-        "desired": spec.desired.value,
-        "log_max_bytes": spec.log_max_bytes,
-        "log_backups": spec.log_backups,
-        "created_at": spec.created_at,
-        "queues": list(spec.queues),
-        "autoscale": spec.autoscale.to_json() if spec.autoscale else None,
-        "concurrency": spec.concurrency,
-        "pool": spec.pool,
-        "args": list(spec.args),
-        "loglevel": spec.loglevel,
-        "hung_after": spec.hung_after,
-        "memory_limit": spec.memory_limit,
-    }
+def _record_json(wire: dict[str, Any]) -> str:
+    """A record's wire form as stored: version and origin have their own columns."""
+    return json.dumps({k: v for k, v in wire.items() if k not in RECORD_KEYS})
 
 
-def celery_to_dict(c: CelerySettings) -> dict[str, Any]:
-    return {
-        "broker": c.broker,
-        "celery_app": c.celery_app,
-        "python": c.python,
-        "pool": c.pool,
-        "args": list(c.args),
-        "autoscale": c.autoscale.to_json() if c.autoscale else None,
-        "mingle_gossip": c.mingle_gossip,
-        "result_backend": c.result_backend,
-    }
-
-
-def celery_from_dict(d: dict[str, Any]) -> CelerySettings:
-    kw = dict(d)
-    if "args" in kw:
-        kw["args"] = tuple(kw["args"])
-    if kw.get("autoscale"):
-        kw["autoscale"] = Autoscale(**kw["autoscale"])
-    return CelerySettings(**kw)
-
-
-def spec_from_dict(d: dict[str, Any]) -> InstanceSpec:
-    """Inverse of :func:`spec_to_dict`; missing optional keys take the defaults.
-
-    An unknown key raises ``TypeError`` (from the dataclass constructor).
-    """
-    kw = dict(d)
-    kw["command"] = tuple(kw["command"])
-    if "kind" in kw:
-        kw["kind"] = Kind(kw["kind"])
-    if "desired" in kw:
-        kw["desired"] = Desired(kw["desired"])
-    if "env" in kw:
-        kw["env"] = dict(kw["env"])
-    for key in ("queues", "args"):
-        if key in kw:
-            kw[key] = tuple(kw[key])
-    if kw.get("autoscale"):
-        kw["autoscale"] = Autoscale(**kw["autoscale"])
-    if "policy" in kw:
-        pol = dict(kw["policy"])
-        if "autorestart" in pol:
-            pol["autorestart"] = Autorestart(pol["autorestart"])
-        if "exitcodes" in pol:
-            pol["exitcodes"] = tuple(pol["exitcodes"])
-        kw["policy"] = Policy(**pol)
-    return InstanceSpec(**kw)
+def _wire(row: tuple[Any, ...]) -> dict[str, Any]:
+    record, version, origin = row
+    return {**json.loads(record), "version": version, "origin": origin}
 
 
 class Store:
-    """The state database of one branch (one file, one connection)."""
+    """The state database of one branch (one file, one connection).
 
-    def __init__(self, path: Path) -> None:
+    ``clock`` is the wall-time source of the branch's hybrid logical clock,
+    which stamps every local write of a declaration; the store builds the HLC
+    itself because what it must start past (the greatest stored version, so a
+    clock that went back over a restart still moves forwards) and the branch id
+    are both in the file.
+    """
+
+    def __init__(self, path: Path, clock: Clock | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path)
@@ -188,6 +210,8 @@ class Store:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+            self._clock = clock or SystemClock()
+            self.hlc = HybridClock(self._clock, self.branch_id(), self._greatest_version())
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
@@ -228,6 +252,14 @@ class Store:
                     self._db.rollback()
                 raise StoreError(f"migration {number} of {self.path} failed: {exc}") from exc
 
+    def _greatest_version(self) -> Version | None:
+        # The wire forms sort as the versions do.
+        row = self._db.execute(
+            "SELECT max(version) FROM (SELECT version FROM apps UNION ALL"
+            " SELECT version FROM queues UNION ALL SELECT version FROM instances)"
+        ).fetchone()
+        return Version.from_wire(row[0]) if row[0] else None
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, taken at once so that reads inside it are consistent."""
@@ -238,7 +270,7 @@ class Store:
     # -- meta --------------------------------------------------------------
 
     def branch_id(self) -> str:
-        """This branch's id: generated on first use, then kept forever."""
+        """This branch's id: generated once (with the database), then kept forever."""
         with self._write() as db:
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('branch_id', ?)",
@@ -260,154 +292,208 @@ class Store:
         rows = self._db.execute("SELECT key FROM meta ORDER BY key").fetchall()
         return [str(k)[len(prefix) :] for (k,) in rows if str(k).startswith(prefix)]
 
+    # -- records -----------------------------------------------------------
+
+    def _stamp(self, row: tuple[Any, ...] | None) -> tuple[str, str]:
+        """(version, origin) of a local write over ``row`` (its origin, deleted)
+        of the same key: a live record keeps its origin, a new one (or one
+        declared again after a delete) is ours."""
+        origin = row[0] if row is not None and not row[1] else self.hlc.branch
+        return self.hlc.now().to_wire(), origin
+
+    def _live_app(self, db: sqlite3.Connection, name: str) -> None:
+        if not db.execute(f"SELECT 1 FROM apps WHERE name = ? AND {_LIVE}", (name,)).fetchone():
+            raise NotFound(f"no app named {name!r}")
+
+    def tombstone(self, kind: str, *key: str) -> Version | None:
+        """The version of the delete of record ``key`` (``"app", name``;
+        ``"queue", app, name``; ``"instance", name``); None if it is not deleted."""
+        table, where = {
+            "app": ("apps", "name = ?"),
+            "queue": ("queues", "app = ? AND name = ?"),
+            "instance": ("instances", "name = ?"),
+        }[kind]
+        row = self._db.execute(
+            f"SELECT version FROM {table} WHERE {where} AND deleted = 1", key
+        ).fetchone()
+        return Version.from_wire(row[0]) if row else None
+
     # -- apps --------------------------------------------------------------
 
     def put_app(self, app: App) -> bool:
         """Create or replace ``app``; True if created. A replace keeps created_at
         and the app's instances. A created_at of 0 is stamped with the time now."""
         with self._write() as db:
-            exists = db.execute("SELECT 1 FROM apps WHERE name = ?", (app.name,)).fetchone()
-            if exists:
-                db.execute(
-                    "UPDATE apps SET env = ?, defaults = ?, celery = ? WHERE name = ?",
-                    (
-                        json.dumps(dict(app.env)),
-                        json.dumps(dict(app.defaults)),
-                        json.dumps(celery_to_dict(app.celery)),
-                        app.name,
-                    ),
-                )
-            else:
-                db.execute(
-                    "INSERT INTO apps (name, env, defaults, created_at, celery)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        app.name,
-                        json.dumps(dict(app.env)),
-                        json.dumps(dict(app.defaults)),
-                        app.created_at or time.time(),
-                        json.dumps(celery_to_dict(app.celery)),
-                    ),
-                )
-        return not exists
+            row = db.execute(
+                "SELECT origin, deleted, record FROM apps WHERE name = ?", (app.name,)
+            ).fetchone()
+            created = row is None or bool(row[1])
+            version, origin = self._stamp(row)
+            wire = app.to_wire()
+            if not created:
+                wire["created_at"] = json.loads(row[2])["created_at"]
+            elif not wire["created_at"]:
+                wire["created_at"] = self._clock.wall()
+            db.execute(
+                "INSERT OR REPLACE INTO apps (name, record, version, origin, deleted)"
+                " VALUES (?, ?, ?, ?, 0)",
+                (app.name, _record_json(wire), version, origin),
+            )
+        return created
 
     def get_app(self, name: str) -> App | None:
         row = self._db.execute(
-            "SELECT name, env, defaults, created_at, celery FROM apps WHERE name = ?", (name,)
+            f"SELECT {_RECORD_COLUMNS} FROM apps WHERE name = ? AND {_LIVE}", (name,)
         ).fetchone()
-        return _app(row) if row else None
+        return App.from_wire(_wire(row)) if row else None
 
     def list_apps(self) -> list[App]:
         rows = self._db.execute(
-            "SELECT name, env, defaults, created_at, celery FROM apps ORDER BY name"
+            f"SELECT {_RECORD_COLUMNS} FROM apps WHERE {_LIVE} ORDER BY name"
         ).fetchall()
-        return [_app(row) for row in rows]
+        return [App.from_wire(_wire(row)) for row in rows]
 
     def delete_app(self, name: str) -> bool:
-        """Delete ``app`` and all its instances; False if there was no such app."""
+        """Delete ``app`` and all its instances and queues (each leaves its
+        tombstone); False if there was no such app."""
         with self._write() as db:
-            cur = db.execute("DELETE FROM apps WHERE name = ?", (name,))
-        return cur.rowcount > 0
+            if not db.execute(f"SELECT 1 FROM apps WHERE name = ? AND {_LIVE}", (name,)).fetchone():
+                return False
+            for (instance,) in db.execute(
+                f"SELECT name FROM instances WHERE app = ? AND {_LIVE}", (name,)
+            ).fetchall():
+                db.execute(
+                    "UPDATE instances SET deleted = 1, version = ? WHERE name = ?",
+                    (self.hlc.now().to_wire(), instance),
+                )
+            for (queue,) in db.execute(
+                f"SELECT name FROM queues WHERE app = ? AND {_LIVE}", (name,)
+            ).fetchall():
+                db.execute(
+                    "UPDATE queues SET deleted = 1, version = ? WHERE app = ? AND name = ?",
+                    (self.hlc.now().to_wire(), name, queue),
+                )
+            db.execute(
+                "UPDATE apps SET deleted = 1, version = ? WHERE name = ?",
+                (self.hlc.now().to_wire(), name),
+            )
+        return True
 
     # -- instances ---------------------------------------------------------
 
-    def add_instance(self, spec: InstanceSpec) -> None:
-        """Raises Conflict if the name is taken (in any app), NotFound if the app is not."""
-        data = spec_to_dict(spec)
-        del data["desired"]  # kept in its own column, changed by set_desired()
+    def add_instance(self, spec: InstanceSpec) -> InstanceSpec:
+        """Raises Conflict if the name is taken (in any app), NotFound if the app is not.
+        Answers the record as stored (with its version and origin)."""
         with self._write() as db:
-            if not db.execute("SELECT 1 FROM apps WHERE name = ?", (spec.app,)).fetchone():
-                raise NotFound(f"no app named {spec.app!r}")
-            taken = db.execute("SELECT app FROM instances WHERE name = ?", (spec.name,)).fetchone()
-            if taken:
-                raise Conflict(f"instance name {spec.name!r} is taken (app {taken[0]!r})")
+            self._live_app(db, spec.app)
+            row = db.execute(
+                "SELECT origin, deleted, app FROM instances WHERE name = ?", (spec.name,)
+            ).fetchone()
+            if row is not None and not row[1]:
+                raise Conflict(f"instance name {spec.name!r} is taken (app {row[2]!r})")
+            version, origin = self._stamp(row)
+            # A replace: a tombstone of this name goes, with its runtime.
             db.execute(
-                "INSERT INTO instances (name, app, spec, desired) VALUES (?, ?, ?, ?)",
-                (spec.name, spec.app, json.dumps(data), spec.desired.value),
+                "INSERT OR REPLACE INTO instances (name, app, record, version, origin, deleted)"
+                " VALUES (?, ?, ?, ?, ?, 0)",
+                (spec.name, spec.app, _record_json(spec.to_wire()), version, origin),
             )
+        return replace(spec, version=Version.from_wire(version), origin=origin)
 
-    def update_instance(self, spec: InstanceSpec) -> None:
+    def update_instance(self, spec: InstanceSpec) -> InstanceSpec:
         """Replace the spec of instance ``spec.name`` (runtime columns untouched)."""
-        data = spec_to_dict(spec)
-        del data["desired"]
         with self._write() as db:
-            if not db.execute("SELECT 1 FROM apps WHERE name = ?", (spec.app,)).fetchone():
-                raise NotFound(f"no app named {spec.app!r}")
-            cur = db.execute(
-                "UPDATE instances SET app = ?, spec = ?, desired = ? WHERE name = ?",
-                (spec.app, json.dumps(data), spec.desired.value, spec.name),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"no instance named {spec.name!r}")
+            self._live_app(db, spec.app)
+            return self._update(db, spec)
+
+    def _update(self, db: sqlite3.Connection, spec: InstanceSpec) -> InstanceSpec:
+        row = db.execute(
+            f"SELECT origin, deleted FROM instances WHERE name = ? AND {_LIVE}", (spec.name,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no instance named {spec.name!r}")
+        version, origin = self._stamp(row)
+        db.execute(
+            "UPDATE instances SET app = ?, record = ?, version = ? WHERE name = ?",
+            (spec.app, _record_json(spec.to_wire()), version, spec.name),
+        )
+        return replace(spec, version=Version.from_wire(version), origin=origin)
 
     def get_instance(self, name: str) -> InstanceSpec | None:
         row = self._db.execute(
-            "SELECT spec, desired FROM instances WHERE name = ?", (name,)
+            f"SELECT {_RECORD_COLUMNS} FROM instances WHERE name = ? AND {_LIVE}", (name,)
         ).fetchone()
-        return _spec(row) if row else None
+        return InstanceSpec.from_wire(_wire(row)) if row else None
 
     def list_instances(self, app: str | None = None) -> list[InstanceSpec]:
         if app is None:
-            rows = self._db.execute("SELECT spec, desired FROM instances ORDER BY app, name")
+            rows = self._db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM instances WHERE {_LIVE} ORDER BY app, name"
+            )
         else:
             rows = self._db.execute(
-                "SELECT spec, desired FROM instances WHERE app = ? ORDER BY name", (app,)
+                f"SELECT {_RECORD_COLUMNS} FROM instances WHERE app = ? AND {_LIVE} ORDER BY name",
+                (app,),
             )
-        return [_spec(row) for row in rows.fetchall()]
+        return [InstanceSpec.from_wire(_wire(row)) for row in rows.fetchall()]
 
     def delete_instance(self, name: str) -> bool:
+        """Leaves the instance's tombstone; False if there was no such instance."""
         with self._write() as db:
-            cur = db.execute("DELETE FROM instances WHERE name = ?", (name,))
+            cur = db.execute(
+                f"UPDATE instances SET deleted = 1, version = ? WHERE name = ? AND {_LIVE}",
+                (self.hlc.now().to_wire(), name),
+            )
         return cur.rowcount > 0
 
     def set_desired(self, name: str, desired: Desired) -> None:
+        """A start, stop or delete under way is a write of the declaration (a new version)."""
         with self._write() as db:
-            cur = db.execute(
-                "UPDATE instances SET desired = ? WHERE name = ?", (desired.value, name)
-            )
-            if cur.rowcount == 0:
+            row = db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM instances WHERE name = ? AND {_LIVE}", (name,)
+            ).fetchone()
+            if row is None:
                 raise NotFound(f"no instance named {name!r}")
+            self._update(db, replace(InstanceSpec.from_wire(_wire(row)), desired=desired))
 
     # -- queues ------------------------------------------------------------
 
     def put_queue(self, queue: Queue) -> bool:
         """Create or replace a queue declaration; True if created."""
         with self._write() as db:
-            if not db.execute("SELECT 1 FROM apps WHERE name = ?", (queue.app,)).fetchone():
-                raise NotFound(f"no app named {queue.app!r}")
-            exists = db.execute(
-                "SELECT 1 FROM queues WHERE app = ? AND name = ?", (queue.app, queue.name)
+            self._live_app(db, queue.app)
+            row = db.execute(
+                "SELECT origin, deleted FROM queues WHERE app = ? AND name = ?",
+                (queue.app, queue.name),
             ).fetchone()
+            version, origin = self._stamp(row)
             db.execute(
-                "INSERT OR REPLACE INTO queues"
-                " (app, name, exchange, exchange_type, routing_key, options)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    queue.app,
-                    queue.name,
-                    queue.exchange,
-                    queue.exchange_type,
-                    queue.routing_key,
-                    json.dumps(dict(queue.options)),
-                ),
+                "INSERT OR REPLACE INTO queues (app, name, record, version, origin, deleted)"
+                " VALUES (?, ?, ?, ?, ?, 0)",
+                (queue.app, queue.name, _record_json(queue.to_wire()), version, origin),
             )
-        return not exists
+        return row is None or bool(row[1])
 
     def get_queue(self, app: str, name: str) -> Queue | None:
         row = self._db.execute(
-            f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE app = ? AND name = ?", (app, name)
+            f"SELECT {_RECORD_COLUMNS} FROM queues WHERE app = ? AND name = ? AND {_LIVE}",
+            (app, name),
         ).fetchone()
-        return _queue(row) if row else None
+        return Queue.from_wire(_wire(row)) if row else None
 
     def list_queues(self, app: str) -> list[Queue]:
         rows = self._db.execute(
-            f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE app = ? ORDER BY name", (app,)
+            f"SELECT {_RECORD_COLUMNS} FROM queues WHERE app = ? AND {_LIVE} ORDER BY name", (app,)
         )
-        return [_queue(row) for row in rows.fetchall()]
+        return [Queue.from_wire(_wire(row)) for row in rows.fetchall()]
 
     def delete_queue(self, app: str, name: str) -> bool:
         with self._write() as db:
-            cur = db.execute("DELETE FROM queues WHERE app = ? AND name = ?", (app, name))
+            cur = db.execute(
+                "UPDATE queues SET deleted = 1, version = ?"
+                f" WHERE app = ? AND name = ? AND {_LIVE}",
+                (self.hlc.now().to_wire(), app, name),
+            )
         return cur.rowcount > 0
 
     # -- runtime -----------------------------------------------------------
@@ -416,7 +502,8 @@ class Store:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE instances SET state = ?, pid = ?, create_time = ?, started_at = ?,"
-                " restarts = ?, exit_code = ?, stop_step = ?, reason = ? WHERE name = ?",
+                " restarts = ?, exit_code = ?, stop_step = ?, reason = ?"
+                f" WHERE name = ? AND {_LIVE}",
                 (
                     rt.state.value,
                     rt.pid,
@@ -435,34 +522,15 @@ class Store:
     def load_runtime(self, name: str) -> Runtime:
         """The last saved runtime of ``name``; ``Runtime()`` if never saved or unknown."""
         row = self._db.execute(
-            f"SELECT {_RUNTIME_COLUMNS} FROM instances WHERE name = ?", (name,)
+            f"SELECT {_RUNTIME_COLUMNS} FROM instances WHERE name = ? AND {_LIVE}", (name,)
         ).fetchone()
         return _runtime(row) if row else Runtime()
 
     def runtimes(self) -> dict[str, Runtime]:
-        rows = self._db.execute(f"SELECT name, {_RUNTIME_COLUMNS} FROM instances ORDER BY name")
+        rows = self._db.execute(
+            f"SELECT name, {_RUNTIME_COLUMNS} FROM instances WHERE {_LIVE} ORDER BY name"
+        )
         return {row[0]: _runtime(row[1:]) for row in rows.fetchall()}
-
-
-def _app(row: tuple[Any, ...]) -> App:
-    name, env, defaults, created_at, celery = row
-    return App(
-        name=name,
-        env=json.loads(env),
-        defaults=json.loads(defaults),
-        created_at=created_at,
-        celery=celery_from_dict(json.loads(celery)),
-    )
-
-
-def _queue(row: tuple[Any, ...]) -> Queue:
-    app, name, exchange, exchange_type, routing_key, options = row
-    return Queue(app, name, exchange, exchange_type, routing_key, json.loads(options))
-
-
-def _spec(row: tuple[Any, ...]) -> InstanceSpec:
-    data, desired = row
-    return spec_from_dict({**json.loads(data), "desired": desired})
 
 
 def _runtime(row: tuple[Any, ...]) -> Runtime:

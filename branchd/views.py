@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from branchd.model import InstanceSpec, Kind, Runtime
+from branchd.model import RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
 
 
 @dataclass(frozen=True)
@@ -35,49 +35,95 @@ class InstanceView:
     node: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        s, rt, p = self.spec, self.runtime, self.spec.policy
-        out: dict[str, Any] = {
-            "name": s.name,
-            "app": s.app,
-            "kind": s.kind.value,
-            "state": rt.state.value,
-            "desired": s.desired.value,
-            "pid": rt.pid,
-            "command": list(self.command or s.command),
-            "env": dict(s.env),
-            "cwd": s.cwd,
-            "user": s.user,
-            "autorestart": p.autorestart.value,
-            "exitcodes": list(p.exitcodes),
-            "startsecs": p.startsecs,
-            "startretries": p.startretries,
-            "stopsignal": p.stopsignal,
-            "stopwaitsecs": p.stopwaitsecs,
-            "autostart": s.autostart,
-            "log_max_bytes": s.log_max_bytes,
-            "log_backups": s.log_backups,
-            "restarts": rt.restarts,
-            "exit_code": rt.exit_code,
-            "started_at": rt.started_at,
-            "uptime": self.uptime,
-            "stop_step": rt.stop_step.value if rt.stop_step else None,
-            "reason": rt.reason,
-            "branch": s.branch,
-            "created_at": s.created_at,
-        }
-        if s.kind == Kind.CELERY:
-            out.update(
-                node=self.node,
-                queues=list(s.queues),
-                autoscale=s.autoscale.to_json() if s.autoscale else None,
-                concurrency=s.concurrency,
-                pool=s.pool,
-                args=list(s.args),
-                loglevel=s.loglevel,
-                hung_after=s.hung_after,
-                memory_limit=s.memory_limit,
-            )
-        return out
+        """The declaration's wire form (less RECORD_KEYS, and for a process
+        less the Celery fields) with the live state, in the API's order."""
+        s, rt = self.spec, self.runtime
+        out = {**s.to_wire(), **_live(self, rt)}
+        keys = _INSTANCE_KEYS + (_CELERY_INSTANCE_KEYS if s.kind == Kind.CELERY else ())
+        return {k: out[k] for k in keys}
+
+
+def _live(view: InstanceView, rt: Runtime) -> dict[str, Any]:
+    return {
+        "state": rt.state.value,
+        "pid": rt.pid,
+        "command": list(view.command or view.spec.command),
+        "restarts": rt.restarts,
+        "exit_code": rt.exit_code,
+        "started_at": rt.started_at,
+        "uptime": view.uptime,
+        "stop_step": rt.stop_step.value if rt.stop_step else None,
+        "reason": rt.reason,
+        "node": view.node,
+    }
+
+
+#: An instance answer's keys, in order (clients read them by name; people read the order).
+_INSTANCE_KEYS: tuple[str, ...] = (
+    "name",
+    "app",
+    "kind",
+    "state",
+    "desired",
+    "pid",
+    "command",
+    "env",
+    "cwd",
+    "user",
+    "autorestart",
+    "exitcodes",
+    "startsecs",
+    "startretries",
+    "stopsignal",
+    "stopwaitsecs",
+    "autostart",
+    "log_max_bytes",
+    "log_backups",
+    "restarts",
+    "exit_code",
+    "started_at",
+    "uptime",
+    "stop_step",
+    "reason",
+    "branch",
+    "created_at",
+)
+_CELERY_INSTANCE_KEYS: tuple[str, ...] = (
+    "node",
+    "queues",
+    "autoscale",
+    "concurrency",
+    "pool",
+    "args",
+    "loglevel",
+    "hung_after",
+    "memory_limit",
+)
+
+
+def app_answer(
+    app: App, effective_broker: str | None = None, effective_backend: str | None = None
+) -> dict[str, Any]:
+    """An app's wire form as the API answers it (less RECORD_KEYS), with the
+    broker and result store its workers really use, in the API's order."""
+    wire = app.to_wire()
+    return {
+        **{k: wire[k] for k in ("name", "env", "defaults", "created_at")},
+        "broker": effective_broker or app.celery.broker,
+        "embedded_broker": app.celery.broker is None,
+        "result_backend": effective_backend or app.celery.result_backend,
+        **{k: wire[k] for k in ("celery_app", "python", "pool", "args", "autoscale")},
+        "mingle_gossip": wire["mingle_gossip"],
+    }
+
+
+def queue_answer(queue: Queue) -> dict[str, Any]:
+    """A queue's wire form as the API answers it: less RECORD_KEYS, and an
+    exchange or routing key left to the default shown as what it is (the name)."""
+    out = {k: v for k, v in queue.to_wire().items() if k not in RECORD_KEYS}
+    out["exchange"] = queue.exchange or queue.name
+    out["routing_key"] = queue.routing_key or queue.name
+    return out
 
 
 @dataclass(frozen=True)

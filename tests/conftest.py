@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from branchd.process.launcher import MARK_VAR
 from tests.brokers import redis_db_session
 
 
@@ -147,7 +148,11 @@ def start_branchd(
         *args,
     ]
     if token:
-        cmd += ["--token", token]
+        # A file, as the guide says: --token would be on the command line.
+        token_file = state_dir.parent / f"token-{time.monotonic_ns()}"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        cmd += ["--token-file", str(token_file)]
     with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=full_env)
 
@@ -157,7 +162,15 @@ def start_branchd(
         return url_file.read_text().strip() if url_file.exists() else None
 
     url = wait_for(ready, 20.0)
-    return Branchd(state_dir, proc, url, token, log_path)
+    # Secure by default: the daemon requires the token it keeps in its state
+    # dir (none with --no-auth); the tests' client sends it, as branchctl does.
+    return Branchd(state_dir, proc, url, token or daemon_token(state_dir), log_path)
+
+
+def daemon_token(state_dir: Path) -> str | None:
+    """The token a daemon keeps in its state dir (None: it has none)."""
+    path = state_dir / "token"
+    return path.read_text().strip() if path.exists() else None
 
 
 def _kill_leftovers(state_dir: Path) -> None:
@@ -175,6 +188,39 @@ def _kill_leftovers(state_dir: Path) -> None:
         with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
             if abs(psutil.Process(pid).create_time() - create_time) < 0.05:
                 os.killpg(pid, signal.SIGKILL)
+    # and what a daemon killed before it recorded a pid left (marked as this branch's)
+    for pid in marked_pids(state_dir):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def branch_id_of(state_dir: Path) -> str | None:
+    db = state_dir / "branchd.db"
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'branch_id'").fetchone()
+        except sqlite3.Error:
+            return None
+    return str(row[0]) if row else None
+
+
+def marked_pids(state_dir: Path) -> dict[int, str]:
+    """Live processes this state dir's branch spawned (by their mark): pid -> instance."""
+    branch = branch_id_of(state_dir)
+    found: dict[int, str] = {}
+    if branch is None:
+        return found
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) != proc.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            mark = proc.environ().get(MARK_VAR, "")
+            parts = mark.split("/")
+            if len(parts) == 3 and parts[0] == branch:
+                found[proc.pid] = parts[1]
+    return found
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""The aiohttp application: middlewares (errors, auth) and the routes of v1."""
+"""The aiohttp application: middlewares (errors, origin, auth, JSON only) and
+the routes of v1."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -10,23 +12,36 @@ from typing import Any
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Backend
-from branchd.api.forward import Forwarder, LocalOnly
+from branchd.api.backend import Local
+from branchd.api.forward import (
+    Directory,
+    Forwarder,
+    LocalDirectory,
+    NoForwarder,
+    Scope,
+    Target,
+    scope_of,
+)
 from branchd.api.routes import (
-    BACKEND,
     BRANCH,
     EXIT,
+    LOCAL,
     OPENAPI,
     ROUTES,
     Handler,
     not_found,
 )
-from branchd.errors import BranchdError
+from branchd.errors import BranchdError, Forbidden, Misdirected, UnsupportedMediaType
 from branchd.views import BranchRecord
 
 log = logging.getLogger(__name__)
 
 TOKEN = web.AppKey("token", str)
+#: The daemon listens on loopback only: a Host of any other name is refused.
+LOOPBACK = web.AppKey("loopback", bool)
+#: What a request body may be declared as. A web page can send text/plain,
+#: a form or multipart to any port without a preflight, never these.
+JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -66,6 +81,53 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(500, "internal", "internal error; see the branchd log")
 
 
+def loopback_host(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``, which browsers keep on loopback), or a
+    loopback address, with or without a port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8400
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name, sep, port = host.rpartition(":")
+        if not sep or not port.isdigit():
+            name = host
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only this daemon's own origin (a web page's requests are refused, token
+    or not) and, on a loopback bind, only a loopback Host (DNS rebinding: a
+    page on ``evil.example`` whose name now resolves to 127.0.0.1)."""
+    host = request.headers.get("Host")
+    if request.app[LOOPBACK] and host is not None and not loopback_host(host):
+        raise Misdirected(
+            f"Host {host!r} is not this daemon's: on a loopback bind it answers "
+            "to localhost and loopback addresses only"
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != f"{request.scheme}://{host or ''}".lower():
+        raise Forbidden(f"cross-origin requests are refused (Origin {origin!r})")
+    return await handler(request)
+
+
+@web.middleware
+async def json_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request body must be declared JSON: ``text/plain`` and forms are what
+    a page can send cross-origin without a preflight."""
+    if request.body_exists and request.content_type not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"a request body must be Content-Type: application/json, not {request.content_type!r}"
+        )
+    return await handler(request)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app.get(TOKEN)
@@ -85,32 +147,54 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+DIRECTORY = web.AppKey("directory", Directory)
+#: Each route's scope, by (method, path template).
+SCOPES: web.AppKey[dict[tuple[str, str], Scope]] = web.AppKey("scopes")
 
 
 @web.middleware
 async def forward_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Forward first: another branch's answer when it owns the request."""
-    answer = await request.app[FORWARDER].forward(request)
-    return answer if answer is not None else await handler(request)
+    """Forward first: the directory says which branch answers this route's target."""
+    resource = request.match_info.route.resource
+    scope = request.app[SCOPES].get((request.method, resource.canonical if resource else ""))
+    if scope is None:  # no route: answered here (404, 405)
+        return await handler(request)
+    info = request.match_info
+    owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))
+    if owner is None:
+        return await handler(request)
+    return await request.app[FORWARDER].forward(request, owner)
 
 
 def make_app(
-    backend: Backend,
+    local: Local,
     *,
     token: str | None,
     max_body: int,
+    loopback: bool = True,
     branch: Callable[[], BranchRecord],
     on_exit: Callable[[bool], None] | None = None,
+    directory: Directory | None = None,
     forwarder: Forwarder | None = None,
 ) -> web.Application:
     app = web.Application(
-        # errors outermost (every failure is JSON), then auth, then forward first
-        middlewares=[errors_middleware, auth_middleware, forward_middleware],
+        # errors outermost (every failure is JSON), then origin and Host, then
+        # auth, then JSON bodies only, then forward first
+        middlewares=[
+            errors_middleware,
+            origin_middleware,
+            auth_middleware,
+            json_only_middleware,
+            forward_middleware,
+        ],
         client_max_size=max_body,
     )
-    app[BACKEND] = backend
-    app[FORWARDER] = forwarder if forwarder is not None else LocalOnly()
+    app[LOCAL] = local
+    app[DIRECTORY] = directory if directory is not None else LocalDirectory()
+    app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
+    app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
+    app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token
     if on_exit is not None:

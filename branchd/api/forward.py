@@ -1,28 +1,83 @@
-"""Forward first: before a route's local handler runs, the forwarder says
-whether another branch must answer the request (nomad's ``forward()`` at the
-top of each endpoint, done once here as a middleware).
+"""Forward first: before a route's local handler runs, the directory says
+which branch must answer the request, and the forwarder carries it there
+(nomad's ``forward()`` at the top of each endpoint, done once here as a
+middleware).
 
-Today every branch is a cluster of one: :class:`LocalOnly` answers "handle it
-here" to everything. The cluster's forwarder (membership's directory, a hop
-header so that a request is never forwarded twice) plugs in behind the same
-Protocol; the local handlers and the ``Backend`` stay local.
+Each route has a scope: what it is about decides who answers it. Today every
+branch is a cluster of one: :class:`LocalDirectory` answers "this branch" to
+everything, so the forwarder is never asked. The cluster's directory
+(membership, the owner of each instance, the placement of new ones) and its
+forwarder (an HTTP hop with a header so that a request is never forwarded
+twice) plug in behind the same Protocols; the local services stay local.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from aiohttp import web
 
+from branchd.errors import BranchUnreachable
 
-class Forwarder(Protocol):
-    async def forward(self, request: web.Request) -> web.StreamResponse | None:
-        """Another branch's answer to ``request``, or None to handle it here."""
+
+class Scope(StrEnum):
+    """Who answers a route."""
+
+    #: This branch's own things (ping, its record, its exit, the document).
+    BRANCH = "branch"
+    #: Declarations (apps, queues): every branch will hold them all (replicated).
+    DECLARATION = "declaration"
+    #: A new instance: the branch with spare capacity places it.
+    PLACEMENT = "placement"
+    #: One instance: the branch that owns it.
+    INSTANCE = "instance"
+    #: A listing of instances: gathered from the branches that own them.
+    GATHER = "gather"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request is about: its route's scope and the names in its path."""
+
+    scope: Scope
+    app: str | None = None
+    name: str | None = None
+
+
+def scope_of(method: str, path: str) -> Scope:
+    """A route's scope, from its method and path template."""
+    if not path.startswith("/v1/apps"):
+        return Scope.BRANCH
+    if path.startswith("/v1/apps/{app}/instances/{name}"):
+        return Scope.INSTANCE
+    if path == "/v1/apps/{app}/instances":
+        return Scope.PLACEMENT if method == "POST" else Scope.GATHER
+    return Scope.DECLARATION
+
+
+class Directory(Protocol):
+    def owner(self, target: Target) -> str | None:
+        """The id of the branch that must answer, or None for this branch."""
         ...
 
 
-class LocalOnly:
-    """A cluster of one: everything is local."""
+class Forwarder(Protocol):
+    async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
+        """``branch``'s answer to ``request``."""
+        ...
 
-    async def forward(self, request: web.Request) -> web.StreamResponse | None:
+
+class LocalDirectory:
+    """A cluster of one: this branch answers everything."""
+
+    def owner(self, target: Target) -> str | None:
         return None
+
+
+class NoForwarder:
+    """No other branch to reach (a cluster of one)."""
+
+    async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
+        raise BranchUnreachable(f"branch {branch!r} answers this; no other branch can be reached")

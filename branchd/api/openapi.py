@@ -13,10 +13,13 @@ from branchd.api.routes import Route
 _ERRORS = {
     "400": "Bad request (not JSON, bad query parameter)",
     "401": "Missing or wrong token",
+    "403": "Cross-origin request (an Origin header that is not the daemon's)",
     "404": "No such app or instance",
     "405": "Method not allowed",
     "409": "Conflict (name taken, being deleted) or restart_required",
     "413": "Body too large",
+    "415": "A body whose Content-Type is not application/json",
+    "421": "On a loopback bind, a Host that is not a loopback name or address",
     "422": "Invalid input (schema, name, rule)",
     "502": "A worker refused or did not confirm a runtime change",
     "503": "The broker could not be reached (broker_unavailable), or no room (full)",
@@ -73,7 +76,7 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
                 "content": {"application/json": {"schema": route.body}},
             }
         if route.path != "/v1/ping":
-            op["security"] = [{"bearer": []}, {}]
+            op["security"] = [{"bearer": []}]  # (none only with --no-auth)
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from branchd.api import precheck, schemas
-from branchd.api.backend import Backend
+from branchd.api.backend import Local
 from branchd.errors import BadRequest, Conflict, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
@@ -25,7 +25,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.views import BranchRecord
+from branchd.views import BranchRecord, app_answer, queue_answer
 
 if TYPE_CHECKING:
     # jsonschema itself is imported by _validator, for the first body that
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-BACKEND = web.AppKey("backend", Backend)
+LOCAL = web.AppKey("local", Local)
 #: This branch's record, from the service that keeps it (never psutil in a handler).
 BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 OPENAPI = web.AppKey("openapi", dict)
@@ -62,8 +62,8 @@ class Route:
     accepted: schemas.Schema | None = None
 
 
-def _backend(request: web.Request) -> Backend:
-    return request.app[BACKEND]
+def _local(request: web.Request) -> Local:
+    return request.app[LOCAL]
 
 
 def _strict_name(value: str) -> bool:
@@ -220,12 +220,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def _app_json(request: web.Request, app: App) -> dict[str, Any]:
-    backend = _backend(request)
-    return app.to_json(backend.effective_broker(app), backend.effective_backend(app))
+    celery = _local(request).celery
+    return app_answer(app, celery.effective_broker(app), celery.effective_backend(app))
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    apps = await _backend(request).list_apps()
+    apps = await _local(request).apps.list_apps()
     return _json({"items": [_app_json(request, a) for a in apps]})
 
 
@@ -233,49 +233,49 @@ async def put_app(request: web.Request) -> web.Response:
     name = _name(request, "app")
     body = await _body(request, schemas.APP_IN)
     celery = {k: v for k, v in body.items() if k not in ("env", "defaults")}
-    app, created = await _backend(request).put_app(
+    app, created = await _local(request).apps.put_app(
         name, body.get("env", {}), body.get("defaults", {}), celery
     )
     return _json(_app_json(request, app), status=201 if created else 200)
 
 
 async def get_app(request: web.Request) -> web.Response:
-    app = await _backend(request).get_app(_name(request, "app"))
+    app = await _local(request).apps.get_app(_name(request, "app"))
     return _json(_app_json(request, app))
 
 
 async def patch_app(request: web.Request) -> web.Response:
     body = await _body(request, schemas.APP_PATCH)
-    app = await _backend(request).patch_app(_name(request, "app"), body)
+    app = await _local(request).apps.patch_app(_name(request, "app"), body)
     return _json(_app_json(request, app))
 
 
 async def celery_config(request: web.Request) -> web.Response:
-    return _json(await _backend(request).celery_config(_name(request, "app")))
+    return _json(await _local(request).celery.celery_config(_name(request, "app")))
 
 
 # queues (declarations) ----------------------------------------------------------
 
 
 async def list_queues(request: web.Request) -> web.Response:
-    queues = await _backend(request).list_queues(_name(request, "app"))
-    return _json({"items": [q.to_json() for q in queues]})
+    queues = await _local(request).apps.list_queues(_name(request, "app"))
+    return _json({"items": [queue_answer(q) for q in queues]})
 
 
 async def get_queue(request: web.Request) -> web.Response:
-    queue = await _backend(request).get_queue(_name(request, "app"), _name(request, "queue"))
-    return _json(queue.to_json())
+    queue = await _local(request).apps.get_queue(_name(request, "app"), _name(request, "queue"))
+    return _json(queue_answer(queue))
 
 
 async def put_queue(request: web.Request) -> web.Response:
     app, name = _name(request, "app"), _name(request, "queue")
     body = await _body(request, schemas.QUEUE_IN)
-    queue, created = await _backend(request).put_queue(app, name, body)
-    return _json(queue.to_json(), status=201 if created else 200)
+    queue, created = await _local(request).apps.put_queue(app, name, body)
+    return _json(queue_answer(queue), status=201 if created else 200)
 
 
 async def delete_queue(request: web.Request) -> web.Response:
-    await _backend(request).delete_queue(_name(request, "app"), _name(request, "queue"))
+    await _local(request).celery.delete_queue(_name(request, "app"), _name(request, "queue"))
     return web.Response(status=204)
 
 
@@ -283,24 +283,24 @@ async def delete_queue(request: web.Request) -> web.Response:
 
 
 async def list_consumers(request: web.Request) -> web.Response:
-    items = await _backend(request).consumers(_name(request, "app"), _name(request, "name"))
+    items = await _local(request).celery.consumers(_name(request, "app"), _name(request, "name"))
     return _json({"items": items})
 
 
 async def add_consumer(request: web.Request) -> web.Response:
     app, name, queue = _name(request, "app"), _name(request, "name"), _name(request, "queue")
     await _body(request, schemas.EMPTY)
-    return _json({"items": await _backend(request).add_consumer(app, name, queue)})
+    return _json({"items": await _local(request).celery.add_consumer(app, name, queue)})
 
 
 async def remove_consumer(request: web.Request) -> web.Response:
     app, name, queue = _name(request, "app"), _name(request, "name"), _name(request, "queue")
-    return _json({"items": await _backend(request).remove_consumer(app, name, queue)})
+    return _json({"items": await _local(request).celery.remove_consumer(app, name, queue)})
 
 
 async def get_autoscale(request: web.Request) -> web.Response:
     app, name = _name(request, "app"), _name(request, "name")
-    return _json(await _backend(request).get_autoscale(app, name))
+    return _json(await _local(request).celery.get_autoscale(app, name))
 
 
 async def put_autoscale(request: web.Request) -> web.Response:
@@ -310,12 +310,12 @@ async def put_autoscale(request: web.Request) -> web.Response:
         raise Invalid("body: 'min' and 'max' are required")
     if body["min"] > body["max"]:
         raise Invalid(f"autoscale min ({body['min']}) is greater than max ({body['max']})")
-    return _json(await _backend(request).set_autoscale(app, name, body["min"], body["max"]))
+    return _json(await _local(request).celery.set_autoscale(app, name, body["min"], body["max"]))
 
 
 async def delete_app(request: web.Request) -> web.Response:
     wait = _wait(request)
-    app = await _backend(request).delete_app(_name(request, "app"), wait=wait)
+    app = await _local(request).instances.delete_app(_name(request, "app"), wait=wait)
     if not wait:
         return _json(_app_json(request, app), status=202)
     return web.Response(status=204)
@@ -325,7 +325,7 @@ async def delete_app(request: web.Request) -> web.Response:
 
 
 async def list_instances(request: web.Request) -> web.Response:
-    views = await _backend(request).list_instances(_name(request, "app"))
+    views = await _local(request).instances.list_instances(_name(request, "app"))
     return _json({"items": [v.to_json() for v in views]})
 
 
@@ -334,20 +334,21 @@ async def create_instance(request: web.Request) -> web.Response:
     body = await _body(request, schemas.INSTANCE_IN)
     if "name" in body and not _strict_name(body["name"]):
         raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
-    view = await _backend(request).create_instance(app, body)
+    view = await _local(request).instances.create_instance(app, body)
     location = f"/v1/apps/{app}/instances/{view.spec.name}"
     return _json(view.to_json(), status=201, headers={"Location": location})
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    view = await _backend(request).get_instance(_name(request, "app"), _name(request, "name"))
+    instances = _local(request).instances
+    view = await instances.get_instance(_name(request, "app"), _name(request, "name"))
     return _json(view.to_json())
 
 
 async def patch_instance(request: web.Request) -> web.Response:
     app, name = _name(request, "app"), _name(request, "name")
     body = await _body(request, schemas.INSTANCE_PATCH)
-    view = await _backend(request).update_instance(app, name, body)
+    view = await _local(request).instances.update_instance(app, name, body)
     return _json(view.to_json())
 
 
@@ -359,7 +360,7 @@ def _wait(request: web.Request) -> bool:
 
 async def delete_instance(request: web.Request) -> web.Response:
     app, name, wait = _name(request, "app"), _name(request, "name"), _wait(request)
-    view = await _backend(request).delete_instance(app, name, wait=wait)
+    view = await _local(request).instances.delete_instance(app, name, wait=wait)
     if not wait:
         return _json(view.to_json(), status=202)
     return web.Response(status=204)
@@ -369,14 +370,15 @@ def _action(method: str, *, waits: bool = False) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         app, name = _name(request, "app"), _name(request, "name")
         extra = {"wait": _wait(request)} if waits else {}
-        view = await getattr(_backend(request), method)(app, name, **extra)
+        view = await getattr(_local(request).instances, method)(app, name, **extra)
         return _json(view.to_json())
 
     return handler
 
 
 async def stats(request: web.Request) -> web.Response:
-    result = await _backend(request).instance_stats(_name(request, "app"), _name(request, "name"))
+    instances = _local(request).instances
+    result = await instances.instance_stats(_name(request, "app"), _name(request, "name"))
     return _json(result.to_json())
 
 
@@ -400,8 +402,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if not 0 <= tail <= MAX_TAIL:
         raise BadRequest(f"tail must be between 0 and {MAX_TAIL}")
     follow = _flag(request.query.get("follow", "0"), "follow")
-    backend = _backend(request)
-    lines = await backend.read_logs(app, name, stream, tail)
+    logs = _local(request).logs
+    lines = await logs.read_logs(app, name, stream, tail)
     text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
     if not follow:
         return web.Response(text=text, content_type="text/plain")
@@ -410,7 +412,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     await response.write(text.encode())
     # aiohttp does not cancel a handler when its client leaves, and a quiet log
     # gives no write to fail on: watch the connection, or the follower stays.
-    pump = asyncio.ensure_future(_pump(backend.follow_logs(app, name, stream), response))
+    pump = asyncio.ensure_future(_pump(logs.follow_logs(app, name, stream), response))
     try:
         while not pump.done():
             await asyncio.wait({pump}, timeout=_GONE_CHECK)

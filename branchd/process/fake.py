@@ -14,9 +14,17 @@ import asyncio
 import signal as _signal_mod
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from branchd.errors import SpawnError
-from branchd.process.launcher import ExitCallback, Launched, LaunchSpec
+from branchd.process.launcher import (
+    ExitCallback,
+    Launched,
+    LaunchSpec,
+    Marked,
+    make_mark,
+    marked_instance,
+)
 from branchd.views import TreeStats
 
 #: Signals whose default action does not end a process (0 only checks).
@@ -89,6 +97,14 @@ class FakeLauncher:
         self.procs[pid] = proc
         return Launched(pid, proc.create_time)
 
+    def add_marked(self, branch: str, instance: str) -> Launched:
+        """A live process ``branch`` spawned for ``instance`` whose pid it never
+        recorded (the daemon was killed between the fork and the commit)."""
+        spec = LaunchSpec(("orphan",), {}, None, None, Path(), Path(), make_mark(branch, instance))
+        proc = FakeProcess(self._new_pid(), self._new_time(), spec=spec, child=False)
+        self.procs[proc.pid] = proc
+        return Launched(proc.pid, proc.create_time)
+
     def forget_children(self) -> None:
         """Simulate a daemon restart: live processes stay, but are no longer
         our children, and nobody watches them any more."""
@@ -143,6 +159,16 @@ class FakeLauncher:
         if proc is None or not proc.running:
             return TreeStats()
         return proc.stats if proc.stats is not None else TreeStats(processes=1)
+
+    def marked(self, branch: str) -> list[Marked]:
+        return [
+            Marked(p.pid, p.create_time, instance)
+            for p in self.procs.values()
+            if p.running
+            and p.spec is not None
+            and p.spec.mark is not None
+            and (instance := marked_instance(p.spec.mark, branch)) is not None
+        ]
 
     def close(self) -> None:
         self.closed = True

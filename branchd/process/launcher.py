@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import pwd
+import secrets
 import subprocess
 import warnings
 from collections.abc import Callable, Mapping
@@ -33,10 +34,38 @@ log = logging.getLogger(__name__)
 
 ExitCallback = Callable[[int | None], None]
 
+#: What an instance inherits of the daemon's own environment; nothing else
+#: (above all no BRANCHD_* variable: the daemon's token, its state dir).
+INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
+#: The PATH of an instance when the daemon has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables the daemon sets itself (the worker loader's): never an app's or an instance's.
+RESERVED_PREFIX = "BRANCHD_"
+#: Instance log files: the instance's user may read its own output (group too).
+LOG_MODE = 0o640
+
 #: Two create_time readings of the same process agree within this (seconds).
 #: psutil derives it from the boot time in whole seconds, which moves when the
 #: clock is stepped (NTP): a tight bound would disown every instance then.
 CREATE_TIME_TOLERANCE = 1.0
+
+
+#: Every process a branch spawns carries ``<branch>/<instance>/<nonce>`` in
+#: its environment under this name, so that the next daemon finds it even if
+#: this one was killed between the fork and the commit of its pid (it was
+#: once started a second time, the first left an orphan). Not ``BRANCHD_*``:
+#: no daemon setting ever reaches an instance.
+MARK_VAR = "BRANCH_SPAWN_MARK"
+
+
+def make_mark(branch: str, instance: str) -> str:
+    return f"{branch}/{instance}/{secrets.token_hex(4)}"
+
+
+def marked_instance(mark: str, branch: str) -> str | None:
+    """The instance a mark names, if this branch made it."""
+    parts = mark.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == branch and parts[1] else None
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,23 @@ class LaunchSpec:
     user: str | None  # only honoured when we are root; else it must be us
     stdout_path: Path
     stderr_path: Path
+    #: The spawn's mark (``make_mark``), added to the child's environment.
+    mark: str | None = None
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        if self.mark is not None:
+            env[MARK_VAR] = self.mark
+        return env
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A live process this branch spawned, found by its mark."""
+
+    pid: int
+    create_time: float
+    instance: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +124,10 @@ class Launcher(Protocol):
 
     def tree_stats(self, pid: int) -> TreeStats:
         """CPU, memory and process count of pid and its descendants."""
+        ...
+
+    def marked(self, branch: str) -> list[Marked]:
+        """The live main processes (session leaders) that ``branch`` spawned."""
         ...
 
     def close(self) -> None:
@@ -116,16 +166,16 @@ class ProcessLauncher:
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             raise SpawnError(f"working directory {spec.cwd!r} does not exist")
         uid, gid, groups = _user_ids(spec.user)
-        out = _open_log(spec.stdout_path)
+        out = _open_log(spec.stdout_path, uid, gid)
         try:
-            err = _open_log(spec.stderr_path)
+            err = _open_log(spec.stderr_path, uid, gid)
         except BaseException:
             os.close(out)
             raise
         try:
             popen = subprocess.Popen(
                 list(spec.argv),
-                env=dict(spec.env),
+                env=spec.child_env(),
                 cwd=spec.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -254,6 +304,27 @@ class ProcessLauncher:
         self._stats[pid] = current
         return TreeStats(cpu_percent=cpu, memory_rss=rss, processes=count)
 
+    def marked(self, branch: str) -> list[Marked]:
+        found: list[Marked] = []
+        me = os.getpid()
+        for proc in psutil.process_iter():
+            try:
+                # Only session leaders: an instance's main process leads its own
+                # session; its children inherit the mark and go with its group.
+                if proc.pid == me or os.getsid(proc.pid) != proc.pid:
+                    continue
+                with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    mark = proc.environ().get(MARK_VAR)
+                    create_time = proc.create_time()
+            except (psutil.Error, OSError):  # gone, or another user's we cannot read
+                continue
+            instance = marked_instance(mark, branch) if mark else None
+            if instance is not None:
+                found.append(Marked(proc.pid, create_time, instance))
+        return found
+
     def close(self) -> None:
         self._closed = True
         for watch in self._watches.values():
@@ -282,12 +353,49 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         pass
 
 
-def _open_log(path: Path) -> int:
+def _open_log(path: Path, uid: int | None, gid: int | None) -> int:
+    """The log file, 0640 and owned by the instance's user when it has one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
     except OSError as e:
         raise SpawnError(f"cannot open log file {str(path)!r}: {e.strerror}") from e
+    try:
+        os.fchmod(fd, LOG_MODE)  # (a file of an older daemon was 0644)
+        if uid is not None:
+            os.fchown(fd, uid, gid if gid is not None else -1)
+    except OSError as e:
+        os.close(fd)
+        raise SpawnError(f"cannot secure log file {str(path)!r}: {e.strerror}") from e
+    return fd
+
+
+def base_env(daemon_env: Mapping[str, str], user: str | None) -> dict[str, str]:
+    """The environment every instance starts from (docs/guide.md, "Security").
+
+    ``PATH``, ``LANG``, ``LANGUAGE``, ``TZ`` and ``LC_*`` of the daemon's own,
+    then ``HOME``, ``USER``, ``LOGNAME`` and ``SHELL`` of the user the instance
+    runs as (``user``, else the daemon's) from the password database. The
+    app's and the instance's env go on top; nothing else of the daemon's.
+    """
+    env = {k: v for k, v in daemon_env.items() if k in INHERITED_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_PATH)
+    try:
+        if user is None:
+            pw = pwd.getpwuid(os.geteuid())
+        elif user.isascii() and user.isdigit():
+            pw = pwd.getpwuid(int(user))
+        else:
+            pw = pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):
+        return env  # an unknown user: the spawn says so
+    env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
+    return env
+
+
+def user_env(env: Mapping[str, str]) -> dict[str, str]:
+    """An app's or an instance's env without the names the daemon reserves."""
+    return {k: v for k, v in env.items() if not k.startswith(RESERVED_PREFIX)}
 
 
 def _user_ids(user: str | None) -> tuple[int | None, int | None, list[int] | None]:

@@ -7,19 +7,25 @@ the child's next write lands at offset 0. Bytes written between the copy and
 the truncation are lost; the window is one ``read()`` long.
 
 These functions do blocking file I/O; callers on the event loop should run
-``rotate_if_needed`` and ``tail`` of big files in a thread.
+``rotate_if_needed`` and ``tail`` of big files in a thread. ``LogService`` is
+the service the API and the daemon use: it finds an instance's files, reads
+them off the event loop and runs the rotation loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from branchd.errors import Invalid
-from branchd.model import valid_name
+from branchd.model import InstanceSpec, valid_name
+
+log = logging.getLogger(__name__)
 
 _BLOCK = 64 * 1024
 #: follow() yields a line without newline once it grows this long.
@@ -61,7 +67,7 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         if older.exists():
             os.replace(older, backup_path(path, n + 1))
     tmp = path.with_name(f"{path.name}.rotating")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
+    with open(path, "rb") as src, _open_like(tmp, src.fileno()) as dst:
         end = src.seek(0, os.SEEK_END)
         start = max(0, end - max_bytes)
         if start > 0:
@@ -79,6 +85,21 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         os.truncate(path, 0)
     os.replace(tmp, backup_path(path, 1))
     return True
+
+
+def _open_like(path: Path, like: int) -> BinaryIO:
+    """``path`` for writing, with the mode and owner of the open file ``like``
+    (a backup is as private as the log it comes from)."""
+    st = os.fstat(like)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, st.st_mode & 0o777)
+    try:
+        os.fchmod(fd, st.st_mode & 0o777)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
 
 
 def _next_line_start(fd: int, start: int, end: int) -> int:
@@ -121,45 +142,72 @@ def last_line(path: Path, since: float | None = None) -> str | None:
     return None
 
 
-def tail(path: Path, n: int, *, include_backup: bool = True) -> list[str]:
+#: A tail reads at most this much in all (a log without newlines must not be
+#: read whole: a 400 MiB one once took 1.9 GB of daemon memory for tail=1).
+TAIL_MAX_BYTES = 1024 * 1024
+#: A longer line in a tail is cut to this, with a note of how much was cut.
+TAIL_LINE_MAX = 64 * 1024
+#: The start of a line the tail's budget did not reach back to.
+CUT_START = b"[...] "
+
+
+def tail(
+    path: Path, n: int, *, include_backup: bool = True, budget: int = TAIL_MAX_BYTES
+) -> list[str]:
     """The last ``n`` lines of ``path`` (without newlines), read from the end.
 
-    If the file has fewer than ``n`` lines (it was just rotated), the rest
-    comes from the end of the newest backup when ``include_backup``.
+    At most ``budget`` bytes are read in all: a line whose start lies beyond
+    it begins with ``[...] ``, and a line longer than ``TAIL_LINE_MAX`` is cut
+    to that with a note. If the file has fewer than ``n`` lines (it was just
+    rotated), the rest comes from the end of the newest backup when
+    ``include_backup`` and the budget allow.
     """
     if n <= 0:
         return []
+    whole = True
     try:
-        lines = _tail_bytes(path, n)
+        lines, used, whole = _tail_bytes(path, n, budget)
     except FileNotFoundError:
-        lines = []
-    if include_backup and len(lines) < n:
+        lines, used = [], 0
+    if include_backup and whole and len(lines) < n and used < budget:
         older = backup_path(path, 1)
         with contextlib.suppress(FileNotFoundError):
-            lines = _tail_bytes(older, n - len(lines)) + lines
-    return [line.decode("utf-8", errors="replace") for line in lines]
+            lines = _tail_bytes(older, n - len(lines), budget - used)[0] + lines
+    return [_cut(line).decode("utf-8", errors="replace") for line in lines]
 
 
-def _tail_bytes(path: Path, n: int) -> list[bytes]:
+def _cut(line: bytes) -> bytes:
+    if len(line) <= TAIL_LINE_MAX:
+        return line
+    return line[:TAIL_LINE_MAX] + b" [... %d bytes cut]" % (len(line) - TAIL_LINE_MAX)
+
+
+def _tail_bytes(path: Path, n: int, budget: int) -> tuple[list[bytes], int, bool]:
+    """The last ``n`` lines, the bytes read, and whether the file's start was reached."""
     with open(path, "rb") as f:
         pos = f.seek(0, os.SEEK_END)
         chunks: list[bytes] = []
         newlines = 0
+        used = 0
         # n + 1 newlines guarantee n whole lines after the first (cut) one.
-        while pos > 0 and newlines <= n:
-            size = min(_BLOCK, pos)
+        while pos > 0 and newlines <= n and used < budget:
+            size = min(_BLOCK, pos, budget - used)
             pos -= size
             f.seek(pos)
             chunk = f.read(size)
             chunks.append(chunk)
+            used += len(chunk)
             newlines += chunk.count(b"\n")
     data = b"".join(reversed(chunks))
     if not data:
-        return []
+        return [], used, True
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines.pop()
-    return lines[-n:]
+    if pos > 0 and len(lines) <= n and lines:
+        # the budget ran out inside the oldest line we keep: say it is cut
+        lines[0] = CUT_START + lines[0]
+    return lines[-n:], used, pos == 0
 
 
 def follow(path: Path, poll_interval: float = 0.2) -> AsyncGenerator[str, None]:
@@ -172,6 +220,10 @@ def follow(path: Path, poll_interval: float = 0.2) -> AsyncGenerator[str, None]:
     again at 0) and the file being replaced (new inode). A file that does not
     exist yet is waited for. A truncation followed by growth past our old
     offset within one poll goes unnoticed; keep the poll short.
+
+    What it holds is bounded whatever the reader's pace: it reads only when
+    asked for the next line (a slow reader leaves the rest in the file), at
+    most 1 MiB a read, and a line longer than ``MAX_LINE`` is yielded in pieces.
     """
     offset, inode = _size_and_inode(path)
     return _follow(path, offset, inode, poll_interval)
@@ -210,3 +262,58 @@ def _size_and_inode(path: Path) -> tuple[int, int | None]:
     except FileNotFoundError:
         return 0, None
     return st.st_size, st.st_ino
+
+
+class Instances(Protocol):
+    """What the log service needs of the engine."""
+
+    def lookup(self, app: str, name: str) -> InstanceSpec: ...
+    def specs(self, app: str | None = None) -> list[InstanceSpec]: ...
+
+
+class LogService:
+    """Instances' log files: paths, tail, follow, and the rotation loop."""
+
+    def __init__(self, log_dir: Path, instances: Instances, check_interval: float) -> None:
+        self._log_dir = log_dir
+        self._instances = instances
+        self._interval = check_interval
+        self._task: asyncio.Task[None] | None = None
+
+    def path(self, app: str, name: str, stream: str) -> Path:
+        spec = self._instances.lookup(app, name)
+        out, err = log_paths(self._log_dir, spec.app, spec.name)
+        return err if stream == "stderr" else out
+
+    async def read_logs(self, app: str, name: str, stream: str, n: int) -> list[str]:
+        return await asyncio.to_thread(tail, self.path(app, name, stream), n)
+
+    def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]:
+        return follow(self.path(app, name, stream))
+
+    async def rotate_once(self) -> None:
+        """One step of the rotation loop: every instance's files over their limit."""
+        # Rotation copies up to max_bytes: keep that off the event loop.
+        await asyncio.to_thread(self._rotate_all, self._instances.specs())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.rotate_once()
+
+    def _rotate_all(self, specs: list[InstanceSpec]) -> None:
+        for spec in specs:
+            for path in log_paths(self._log_dir, spec.app, spec.name):
+                try:
+                    rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
+                except OSError:
+                    log.warning("cannot rotate %s", path, exc_info=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ipaddress
 import json
 import logging
 import os
@@ -12,34 +13,91 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapp
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
 from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
 
-__all__ = ["DEFAULT_URL", "AsyncClient", "Client", "find_url", "url_file"]
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncClient",
+    "Client",
+    "find_token",
+    "find_url",
+    "token_file",
+    "url_file",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8400"
 #: The file a daemon writes in its state dir, once it listens (handy with port 0).
 URL_FILE = "branchd.url"
+#: The file a daemon keeps its token in, in its state dir (mode 0600).
+TOKEN_FILE = "token"
+
+
+def state_dir(env: Mapping[str, str]) -> Path:
+    """The state dir of this user's daemon.
+
+    The rule copies the daemon's (branchd.config: ``BRANCHD_STATE_DIR``, else
+    ``$XDG_STATE_HOME/branchd``, else ``~/.local/state/branchd``), since the
+    client must not import branchd; keep the two in step.
+    """
+    path = env.get("BRANCHD_STATE_DIR")
+    if not path:
+        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "/tmp"), ".local", "state")
+        path = os.path.join(base, "branchd")
+    return Path(path).expanduser()
 
 
 def url_file(env: Mapping[str, str]) -> Path:
-    """Where the daemon of this user writes its URL: ``<state dir>/branchd.url``.
+    """Where the daemon of this user writes its URL: ``<state dir>/branchd.url``."""
+    return state_dir(env) / URL_FILE
 
-    The state dir rule copies the daemon's (branchd.config: ``BRANCHD_STATE_DIR``,
-    else ``$XDG_STATE_HOME/branchd``, else ``~/.local/state/branchd``), since
-    the client must not import branchd; keep the two in step.
+
+def token_file(env: Mapping[str, str]) -> Path:
+    """Where the daemon of this user keeps its token: ``<state dir>/token``."""
+    return state_dir(env) / TOKEN_FILE
+
+
+def _is_local(url: str, env: Mapping[str, str]) -> bool:
+    """``url`` is this machine's daemon: a loopback host, or the URL the state
+    dir's daemon wrote (it may listen on every address)."""
+    try:
+        host = (urlsplit(_normalize_url(url)).hostname or "").rstrip(".")
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    found, path = find_url(env)
+    return path is not None and _normalize_url(found) == _normalize_url(url)
+
+
+def find_token(env: Mapping[str, str], url: str) -> str | None:
+    """The token of the local daemon for ``url``, when one is readable.
+
+    ``$BRANCHD_TOKEN_FILE`` if set, else ``<state dir>/token`` for a daemon of
+    this machine (``url`` loopback or the one its state dir holds): a token
+    is never sent to another host unless it was given. None when the file is
+    missing or unreadable (another user's daemon: give the token).
     """
-    state_dir = env.get("BRANCHD_STATE_DIR")
-    if not state_dir:
-        base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "/tmp"), ".local", "state")
-        state_dir = os.path.join(base, "branchd")
-    return Path(state_dir).expanduser() / URL_FILE
+    given = env.get("BRANCHD_TOKEN_FILE")
+    if not given and not _is_local(url, env):
+        return None
+    path = Path(given).expanduser() if given else token_file(env)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def find_url(env: Mapping[str, str]) -> tuple[str, Path | None]:
@@ -118,7 +176,8 @@ class AsyncClient:
         # No URL: the local daemon, found as branchctl finds it ($BRANCHD_URL,
         # then the branchd.url its state dir holds, then DEFAULT_URL).
         self.url = _normalize_url(url or os.environ.get("BRANCHD_URL") or find_url(os.environ)[0])
-        self.token = token or None
+        # No token: the local daemon's, from the file it keeps (find_token).
+        self.token = token or find_token(os.environ, self.url)
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 

@@ -320,6 +320,24 @@ def test_logs_tail_and_stream(api: Api) -> None:
     assert api.call("GET", "/v1/apps/web/instances/quiet/logs").text == ""
 
 
+def test_tail_of_a_huge_log_without_newlines_is_bounded(api: Api) -> None:
+    # A 400 MiB log with no newline (sparse: no disk used) once took 1.9 GB of
+    # the daemon's memory for tail=1: the answer and the growth are bounded now.
+    make_app(api)
+    make_instance(api, "quiet", autostart=False)
+    log = api.b.state_dir / "logs" / "web" / "quiet.stdout.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        f.truncate(400 * 1024 * 1024)
+    daemon = psutil.Process(api.b.pid)
+    before = daemon.memory_info().rss
+    reply = api.call("GET", "/v1/apps/web/instances/quiet/logs?tail=1")
+    assert reply.status == 200
+    assert len(reply.text.encode()) <= 1024 * 1024
+    assert reply.text.startswith("[...] ") and reply.text.rstrip().endswith("bytes cut]")
+    assert daemon.memory_info().rss - before <= 20 * 1024 * 1024
+
+
 def _open_follow(b: Branchd, path: str) -> Any:
     req = urllib.request.Request(b.url + path)
     if b.token:
@@ -354,7 +372,8 @@ def test_logs_follow_streams_new_lines_until_the_client_leaves(api: Api) -> None
     make_instance(api, "quiet", autostart=False)
     for path in [INST + "/logs?follow=1", "/v1/apps/web/instances/quiet/logs?follow=true"] * 3:
         with socket.create_connection(("127.0.0.1", int(api.b.url.rsplit(":", 1)[1]))) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            auth = f"Authorization: Bearer {api.b.token}\r\n"
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode())
             s.settimeout(10)
             assert s.recv(1024).startswith(b"HTTP/1.1 200")
 
@@ -717,6 +736,8 @@ def _call_with_headers(
     b: Branchd, method: str, path: str, body: Any, headers: dict[str, str]
 ) -> Reply:
     data = json.dumps(body).encode() if body is not None else None
+    if data is not None:
+        headers = {"Content-Type": "application/json", **headers}
     req = urllib.request.Request(b.url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -790,8 +811,8 @@ def test_daemon_survives_garbage(api: Api) -> None:
     port = int(api.b.url.rsplit(":", 1)[1])
     for raw in [
         b"GARBAGE\r\n\r\n",
-        b"GET /v1/ping HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-        b"PUT /v1/apps/web HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        b"GET /v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+        b"PUT /v1/apps/web HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{",
         b"\x00\x01\x02\x03",
     ]:
         with socket.create_connection(("127.0.0.1", port)) as s:

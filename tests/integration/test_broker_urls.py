@@ -45,9 +45,9 @@ def test_a_bad_url_stored_by_an_older_branchd_fails_its_workers_not_the_daemon(
     b.signal(signal.SIGTERM)
     assert b.wait_exit() == 0
     with contextlib.closing(sqlite3.connect(b.state_dir / "branchd.db")) as db:
-        (raw,) = db.execute("SELECT celery FROM apps WHERE name = 'shop'").fetchone()
+        (raw,) = db.execute("SELECT record FROM apps WHERE name = 'shop'").fetchone()
         db.execute(
-            "UPDATE apps SET celery = ? WHERE name = 'shop'",
+            "UPDATE apps SET record = ? WHERE name = 'shop'",
             (json.dumps({**json.loads(raw), "broker": "aqmp://127.0.0.1:5672//"}),),
         )
         db.commit()

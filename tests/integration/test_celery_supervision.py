@@ -1,4 +1,4 @@
-"""Supervision of Celery workers, fast and without Celery: the Manager on a real
+"""Supervision of Celery workers, fast and without Celery: the LocalBranch on a real
 Store, the in-memory ``FakeLauncher`` for processes and ``StubRemoteControl``
 for the workers' remote control.
 
@@ -27,9 +27,9 @@ from branchd.clock import SystemClock
 from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
+from branchd.local import LocalBranch, build
 from branchd.model import Autoscale, State
 from branchd.process.fake import FakeLauncher
-from branchd.process.manager import Manager
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
 
@@ -80,7 +80,7 @@ class TimelineStub(StubRemoteControl):
 
 @dataclass
 class Rig:
-    m: Manager
+    m: LocalBranch
     fake: TimelineFake
     stub: TimelineStub
     store: Store
@@ -88,7 +88,7 @@ class Rig:
 
     async def add(self, name: str, **fields: Any) -> InstanceView:
         body = {"name": name, "kind": "celery", "hung_after": HUNG_AFTER, **fields}
-        return await self.m.create_instance(APP, body)
+        return await self.m.instances.create_instance(APP, body)
 
     def node(self, name: str, **kw: Any) -> StubNode:
         """The worker of instance ``name`` starts answering."""
@@ -102,7 +102,7 @@ class Rig:
         ]
 
     async def view(self, name: str) -> InstanceView:
-        return await self.m.get_instance(APP, name)
+        return await self.m.instances.get_instance(APP, name)
 
     async def wait_view(
         self, name: str, predicate: Callable[[InstanceView], bool], timeout: float = DEADLINE
@@ -146,8 +146,8 @@ MakeRig = Callable[..., Awaitable[Rig]]
 
 @pytest.fixture
 async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
-    """``await make_rig(**config_overrides)``: a started Manager and app ``shop``."""
-    opened: list[tuple[Manager, Store]] = []
+    """``await make_rig(**config_overrides)``: a started LocalBranch and app ``shop``."""
+    opened: list[tuple[LocalBranch, Store]] = []
 
     async def create(**overrides: Any) -> Rig:
         base = Config.for_tests(tmp_path)
@@ -158,7 +158,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         store = Store(config.db_path)
         timeline: list[str] = []
         fake, stub = TimelineFake(timeline), TimelineStub(timeline)
-        m = Manager(
+        m = build(
             store,
             fake,
             SystemClock(),
@@ -170,7 +170,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         )
         opened.append((m, store))
         await m.start()
-        await m.put_app(APP, {}, {}, {"celery_app": CELERY_APP})
+        await m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP})
         return Rig(m, fake, stub, store, timeline)
 
     yield create
@@ -215,13 +215,13 @@ async def test_starting_until_the_node_answers_then_reconciled(rig: Rig) -> None
 
 async def test_custom_binding_is_given_at_start(rig: Rig) -> None:
     binding = {"exchange": "media", "exchange_type": "topic", "routing_key": "image.#"}
-    await rig.m.put_queue(APP, "images", binding)
+    await rig.m.apps.put_queue(APP, "images", binding)
     view = await rig.add("w1", queues=["default", "images"], autostart=False)
     command = view.to_json()["command"]
     assert command[command.index("-Q") + 1] == "default,images"  # the shown argv is the real one
 
     rig.node("w1", queues=["default", "images"])
-    await rig.m.start_instance(APP, "w1")
+    await rig.m.instances.start_instance(APP, "w1")
     await rig.wait_state("w1", State.RUNNING)
     spawned = rig.fake.spawned[0]
     assert list(spawned.argv) == (await rig.view("w1")).to_json()["command"]
@@ -239,7 +239,7 @@ async def test_consumers_of_a_running_worker_are_persisted_sent_and_confirmed(ri
     node, _ = await rig.running("w1", ["default"])
     since = len(rig.stub.sent)
 
-    items = await rig.m.add_consumer(APP, "w1", "extra")
+    items = await rig.m.celery.add_consumer(APP, "w1", "extra")
     assert items == [
         {"name": "default", "wanted": True, "declared": False, "live": True},
         {"name": "extra", "wanted": True, "declared": False, "live": True},
@@ -250,7 +250,7 @@ async def test_consumers_of_a_running_worker_are_persisted_sent_and_confirmed(ri
     assert node.queues == ["default", "extra"]
 
     since = len(rig.stub.sent)
-    items = await rig.m.remove_consumer(APP, "w1", "default")
+    items = await rig.m.celery.remove_consumer(APP, "w1", "default")
     assert items == [{"name": "extra", "wanted": True, "declared": False, "live": True}]
     stored = rig.store.get_instance("w1")
     assert stored is not None and stored.queues == ("extra",)
@@ -261,9 +261,9 @@ async def test_consumers_of_a_running_worker_are_persisted_sent_and_confirmed(ri
 async def test_consumers_of_a_stopped_worker_are_only_persisted(rig: Rig) -> None:
     await rig.add("w1", queues=["default"], autostart=False)
 
-    items = await rig.m.add_consumer(APP, "w1", "extra")
+    items = await rig.m.celery.add_consumer(APP, "w1", "extra")
     assert [(i["name"], i["live"]) for i in items] == [("default", None), ("extra", None)]
-    items = await rig.m.remove_consumer(APP, "w1", "default")
+    items = await rig.m.celery.remove_consumer(APP, "w1", "default")
     assert [(i["name"], i["live"]) for i in items] == [("extra", None)]
 
     stored = rig.store.get_instance("w1")
@@ -277,12 +277,12 @@ async def test_set_autoscale_checks_the_range_then_sends_and_confirms(rig: Rig) 
     since = len(rig.stub.sent)
 
     with pytest.raises(Invalid):
-        await rig.m.set_autoscale(APP, "w1", 5, 2)
+        await rig.m.celery.set_autoscale(APP, "w1", 5, 2)
     stored = rig.store.get_instance("w1")
     assert stored is not None and stored.autoscale == Autoscale(min=1, max=4)
     assert rig.sent("autoscale", since) == []
 
-    answer = await rig.m.set_autoscale(APP, "w1", 2, 6)
+    answer = await rig.m.celery.set_autoscale(APP, "w1", 2, 6)
     assert answer == {"min": 2, "max": 6, "live": {"min": 2, "max": 6}}
     assert [s.arguments for s in rig.sent("autoscale", since)] == [{"max": 6, "min": 2}]
     after = rig.stub.sent[since:]
@@ -319,7 +319,7 @@ async def test_worker_over_its_memory_limit_is_killed_and_restarted(rig: Rig) ->
 
     # Silent as well, so that the new worker stays starting with its reason shown
     # (the default hung_after is far away: only the memory check can kill it).
-    await rig.m.update_instance(APP, "w1", {"hung_after": 60})
+    await rig.m.instances.update_instance(APP, "w1", {"hung_after": 60})
     node.alive = False
     rig.fake.set_stats(first, TreeStats(memory_rss=200_000_000, processes=3))
     view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, first))
@@ -381,7 +381,7 @@ async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) ->
     rig.fake.stubborn.add(pid)  # it finishes its tasks: exits when the test says so
     mark = len(rig.timeline)
 
-    stopping = asyncio.create_task(rig.m.stop_instance(APP, "w1"))
+    stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
     await wait_for(lambda: "cast ping" in rig.timeline[mark:])
     assert [e for e in rig.timeline[mark:] if not e.startswith("casting")] == [
         "cast cancel_consumer",
@@ -414,7 +414,7 @@ async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
     _, pid = await rig.running("w1", ["default"])
     rig.stub.broker_down = True
 
-    view = await rig.m.stop_instance(APP, "w1")
+    view = await rig.m.instances.stop_instance(APP, "w1")
     assert (view.runtime.state, view.runtime.exit_code) == (State.STOPPED, -signal.SIGTERM)
     assert rig.fake.signals[0] == (pid, signal.SIGTERM, False)
 
@@ -423,7 +423,7 @@ async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -
     _, pid = await rig.running("w1", ["default"])
     rig.stub.cast_delay["cancel_consumer"] = 0.3  # a sluggish broker
 
-    stopping = asyncio.create_task(rig.m.stop_instance(APP, "w1"))
+    stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
     await wait_for(lambda: "casting cancel_consumer" in rig.timeline)
     rig.fake.exit(pid, 0)  # it dies on its own while the cancel is in flight
     view = await stopping
@@ -436,23 +436,23 @@ async def test_warm_stop_never_signals_a_worker_that_is_already_gone(rig: Rig) -
     assert [s for s in rig.fake.signals if s[1] == signal.SIGTERM] == []
 
 
-async def _next_daemon(rig: Rig, tmp_path: Path) -> Manager:
-    """A new daemon's Manager on the same store, processes and workers."""
+async def _next_daemon(rig: Rig, tmp_path: Path) -> LocalBranch:
+    """A new daemon's LocalBranch on the same store, processes and workers."""
     rig.fake.forget_children()
     rig.fake.closed = rig.stub.closed = False  # the old daemon closed both
     base = Config.for_tests(tmp_path)
     config = replace(
         base, celery=replace(base.celery, health_interval=0.05, reconcile_interval=0.5)
     )
-    m2 = Manager(
+    m2 = build(
         rig.store,
         rig.fake,
         SystemClock(),
         config,
         rig.store.branch_id(),
-        rig.stub,
-        EventBus(),
-        HOST,
+        remote=rig.stub,
+        bus=EventBus(),
+        hostname=HOST,
     )
     await m2.start()
     return m2
@@ -507,7 +507,7 @@ async def test_autoscale_on_a_fixed_concurrency_worker_is_409_and_changes_nothin
     await rig.add("w1", concurrency=2)
     await rig.wait_state("w1", State.RUNNING)
     with pytest.raises(RestartRequired) as refused:
-        await rig.m.set_autoscale(APP, "w1", 1, 4)
+        await rig.m.celery.set_autoscale(APP, "w1", 1, 4)
     assert refused.value.status == 409 and refused.value.code == "restart_required"
     assert refused.value.message.startswith("fixed concurrency: ")
     assert "restart it with an autoscale range" in refused.value.message
@@ -522,13 +522,13 @@ async def test_autoscale_on_a_fixed_concurrency_worker_is_409_and_changes_nothin
     # Celery's own refusal (a worker whose stats said otherwise) is the same answer.
     node.scripts["stats"] = {"autoscaler": {"min": 1, "max": 2}}
     with pytest.raises(RestartRequired):
-        await rig.m.set_autoscale(APP, "w1", 1, 4)
+        await rig.m.celery.set_autoscale(APP, "w1", 1, 4)
     stored = {s.name: s for s in rig.store.list_instances()}["w1"]
     assert (stored.concurrency, stored.autoscale) == (2, None)
 
     # Stopped, the range is declared for the next start, which uses it.
-    await rig.m.stop_instance(APP, "w1")
-    answer = await rig.m.set_autoscale(APP, "w1", 1, 4)
+    await rig.m.instances.stop_instance(APP, "w1")
+    answer = await rig.m.celery.set_autoscale(APP, "w1", 1, 4)
     assert answer == {"min": 1, "max": 4, "live": None}
     view = await rig.view("w1")
     assert (view.spec.concurrency, view.spec.autoscale) == (None, Autoscale(min=1, max=4))
@@ -544,7 +544,7 @@ async def test_autoscale_when_stats_answer_an_error_is_sent_not_refused(rig: Rig
         return next(failures, None) or node._do_stats()
 
     node.scripts["stats"] = stats
-    answer = await rig.m.set_autoscale(APP, "w1", 2, 6)
+    answer = await rig.m.celery.set_autoscale(APP, "w1", 2, 6)
     assert answer["live"] == {"min": 2, "max": 6}
     assert node.autoscale == (6, 2)  # it was sent and confirmed, not refused up front
 
@@ -555,8 +555,8 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     assert (await rig.view("w1")).to_json()["command"] == started
     # the app changes under the running worker: it still runs what it was started with
     redis = "redis://127.0.0.1:6379/9"
-    await rig.m.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": redis})
+    await rig.m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": redis})
     assert (await rig.view("w1")).to_json()["command"] == started
-    await rig.m.stop_instance(APP, "w1")
+    await rig.m.instances.stop_instance(APP, "w1")
     command = (await rig.view("w1")).to_json()["command"]
     assert command[command.index("-b") + 1] == redis  # what its next start will run

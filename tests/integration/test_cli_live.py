@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,8 +19,14 @@ SLEEP = [sys.executable, "-c", "import time; print('hello', flush=True); time.sl
 
 
 def run(b: Branchd, *args: str, token: str | None = None) -> Result:
-    extra = ["--token", token] if token else []
-    return CliRunner().invoke(main, ["--url", b.url, *extra, *args], catch_exceptions=False)
+    """branchctl with the daemon's token (``token=""``: none at all)."""
+    tok = b.token if token is None else token
+    extra = ["--token", tok] if tok else []
+    # (not this user's state dir: the token is the daemon's, given or none)
+    env = {"BRANCHD_STATE_DIR": str(b.state_dir.parent / "no-such-state")}
+    return CliRunner().invoke(
+        main, ["--url", b.url, *extra, *args], env=env, catch_exceptions=False
+    )
 
 
 def test_the_readme_flow(branchd: Branchd) -> None:
@@ -100,6 +107,8 @@ def test_logs_follow_streams_new_lines(branchd: Branchd) -> None:
         ],
         stdout=subprocess.PIPE,
         text=True,
+        # no --token: branchctl reads the daemon's token file in its state dir
+        env={**os.environ, "BRANCHD_STATE_DIR": str(branchd.state_dir)},
     )
     try:
         assert proc.stdout is not None
@@ -136,7 +145,7 @@ def test_errors_are_one_line_and_exit_codes(branchd: Branchd) -> None:
 
 def test_token(branchd_factory: Callable[..., Branchd]) -> None:
     b = branchd_factory(token="s3cret")
-    r = run(b, "apps")
+    r = run(b, "apps", token="")
     assert r.exit_code == 1 and "unauthorized" in r.stderr
     r = run(b, "apps", token="s3cret")
     assert r.exit_code == 0

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,16 @@ from branchd.clock import SystemClock
 from branchd.config import Config
 from branchd.errors import Conflict, NotFound, SpawnError
 from branchd.events import EventBus
+from branchd.local import LocalBranch, build
 from branchd.model import Autorestart, Desired, State, StopStep
 from branchd.process.fake import FakeLauncher
-from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
-from branchd.process.manager import Manager
+from branchd.process.launcher import (
+    Launched,
+    Launcher,
+    LaunchSpec,
+    ProcessLauncher,
+    make_mark,
+)
 from branchd.store import Store
 from branchd.views import InstanceView
 
@@ -61,14 +68,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> 
 
 
 async def wait_view(
-    manager: Manager,
+    manager: LocalBranch,
     name: str,
     predicate: Callable[[InstanceView], bool],
     timeout: float = DEADLINE,
 ) -> InstanceView:
     deadline = time.monotonic() + timeout
     while True:
-        view = await manager.get_instance(APP, name)
+        view = await manager.instances.get_instance(APP, name)
         if predicate(view):
             return view
         if time.monotonic() > deadline:
@@ -76,7 +83,7 @@ async def wait_view(
         await asyncio.sleep(0.01)
 
 
-async def wait_state(manager: Manager, name: str, state: State) -> InstanceView:
+async def wait_state(manager: LocalBranch, name: str, state: State) -> InstanceView:
     return await wait_view(manager, name, lambda v: v.runtime.state == state)
 
 
@@ -99,7 +106,7 @@ class Side:
         raise NotImplementedError
 
     def launcher(self) -> Launcher:
-        """The launcher of a new Manager; after the first, as after a daemon restart."""
+        """The launcher of a new LocalBranch; after the first, as after a daemon restart."""
         raise NotImplementedError
 
     def kill(self, pid: int) -> None:
@@ -109,8 +116,13 @@ class Side:
     def alive(self, pid: int) -> bool:
         raise NotImplementedError
 
-    async def ready(self, manager: Manager, name: str) -> None:
+    async def ready(self, manager: LocalBranch, name: str) -> None:
         """The STUBBORN instance ``name`` has set up its signal handling."""
+
+    def orphan(self, branch: str, instance: str) -> int:
+        """A process ``branch`` spawned for ``instance`` and never recorded
+        (its daemon was killed between the fork and the commit of the pid)."""
+        raise NotImplementedError
 
     def cleanup(self) -> None:
         """End every process this side started."""
@@ -149,7 +161,7 @@ class FakeSide(Side):
     def launcher(self) -> Launcher:
         if self._handed_out:  # a daemon restart: the processes are no longer our children
             self.fake.forget_children()
-            # The old Manager's shutdown() closed the fake and it has no way to
+            # The old LocalBranch's shutdown() closed the fake and it has no way to
             # reopen; the new daemon must be able to watch() again.
             self.fake.closed = False
         self._handed_out = True
@@ -157,6 +169,9 @@ class FakeSide(Side):
 
     def kill(self, pid: int) -> None:
         self.fake.exit(pid, -signal.SIGKILL)
+
+    def orphan(self, branch: str, instance: str) -> int:
+        return self.fake.add_marked(branch, instance).pid
 
     def alive(self, pid: int) -> bool:
         return pid in self.fake.running()
@@ -193,15 +208,23 @@ class RealSide(Side):
     def kill(self, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
+    def orphan(self, branch: str, instance: str) -> int:
+        launcher = RecordingLauncher(self._loop, self.launched)  # (cleanup ends it)
+        devnull = Path(os.devnull)
+        spec = LaunchSpec(UP, dict(os.environ), None, None, devnull, devnull)
+        pid = launcher.spawn(replace(spec, mark=make_mark(branch, instance))).pid
+        launcher.close()  # the daemon that made it is gone
+        return pid
+
     def alive(self, pid: int) -> bool:
         try:
             return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
-    async def ready(self, manager: Manager, name: str) -> None:
+    async def ready(self, manager: LocalBranch, name: str) -> None:
         async def said_ready() -> bool:
-            return "ready" in await manager.read_logs(APP, name, "stdout", 10)
+            return "ready" in await manager.logs.read_logs(APP, name, "stdout", 10)
 
         deadline = time.monotonic() + DEADLINE
         while not await said_ready():
@@ -234,30 +257,31 @@ class Supervision:
         self.config = Config.for_tests(tmp_path)
         self.store = Store(self.config.db_path)
         self.branch_id = self.store.branch_id()
-        self.managers: list[Manager] = []
+        self.managers: list[LocalBranch] = []
 
-    async def manager(self) -> Manager:
-        """A new Manager (a daemon (re)start) on the same store."""
-        m = Manager(
+    async def manager(self) -> LocalBranch:
+        """A new LocalBranch (a daemon (re)start) on the same store."""
+        m = build(
             self.store,
             self.side.launcher(),
             SystemClock(),
             self.config,
             self.branch_id,
-            StubRemoteControl(),  # no celery instances here: no worker to reach
-            EventBus(),
+            remote=StubRemoteControl(),  # no celery instances here: no worker to reach
+            bus=EventBus(),
         )
         self.managers.append(m)
         await m.start()
         return m
 
     async def add(
-        self, m: Manager, name: str, command: tuple[str, ...], **fields: Any
+        self, m: LocalBranch, name: str, command: tuple[str, ...], **fields: Any
     ) -> InstanceView:
-        await m.put_app(APP, {}, {})
-        return await m.create_instance(APP, {"name": name, "command": list(command), **fields})
+        await m.apps.put_app(APP, {}, {})
+        fields = {"name": name, "command": list(command), **fields}
+        return await m.instances.create_instance(APP, fields)
 
-    async def running(self, m: Manager, name: str, command: tuple[str, ...] = UP) -> int:
+    async def running(self, m: LocalBranch, name: str, command: tuple[str, ...] = UP) -> int:
         """Add an instance of ``command`` and wait until it runs; its pid."""
         await self.add(m, name, command, startsecs=0.2)
         return pid_of(await wait_state(m, name, State.RUNNING))
@@ -345,7 +369,7 @@ async def test_death_within_startsecs_backs_off_then_runs(sup: Supervision) -> N
 async def test_stop_ends_the_process(sup: Supervision) -> None:
     m = await sup.manager()
     pid = await sup.running(m, "a")
-    view = await m.stop_instance(APP, "a")  # returns once it is stopped
+    view = await m.instances.stop_instance(APP, "a")  # returns once it is stopped
     rt = view.runtime
     assert rt.state == State.STOPPED and rt.pid is None
     assert rt.stop_step == StopStep.SIGNAL and rt.exit_code == -signal.SIGTERM
@@ -361,7 +385,7 @@ async def test_stop_kills_what_ignores_the_stop_signal(sup: Supervision) -> None
     await sup.add(m, "s", STUBBORN, startsecs=0.2, stopwaitsecs=0.3)
     pid = pid_of(await wait_state(m, "s", State.RUNNING))
     await sup.side.ready(m, "s")
-    view = await m.stop_instance(APP, "s")
+    view = await m.instances.stop_instance(APP, "s")
     assert view.runtime.state == State.STOPPED
     assert view.runtime.stop_step == StopStep.KILL
     assert view.runtime.exit_code == -signal.SIGKILL
@@ -371,7 +395,7 @@ async def test_stop_kills_what_ignores_the_stop_signal(sup: Supervision) -> None
 async def test_restart_gives_a_new_pid(sup: Supervision) -> None:
     m = await sup.manager()
     first = await sup.running(m, "a")
-    await m.restart_instance(APP, "a")
+    await m.instances.restart_instance(APP, "a")
     view = await wait_view(
         m, "a", lambda v: v.runtime.state == State.RUNNING and v.runtime.pid != first
     )
@@ -384,12 +408,12 @@ async def test_restart_gives_a_new_pid(sup: Supervision) -> None:
 async def test_delete_removes_it(sup: Supervision) -> None:
     m = await sup.manager()
     pid = await sup.running(m, "a")
-    await m.delete_instance(APP, "a")
+    await m.instances.delete_instance(APP, "a")
     assert sup.store.get_instance("a") is None
     assert "a" not in sup.store.runtimes()
     with pytest.raises(NotFound):
-        await m.get_instance(APP, "a")
-    assert await m.list_instances() == []
+        await m.instances.get_instance(APP, "a")
+    assert await m.instances.list_instances() == []
     await wait_for(lambda: not sup.side.alive(pid))
 
 
@@ -401,7 +425,7 @@ async def test_autostart_false_stays_stopped(sup: Supervision) -> None:
     assert sup.side.spawned == []  # a spawn would have happened inside create
     stored = sup.store.get_instance("idle")
     assert stored is not None and stored.desired == Desired.STOPPED
-    await m.start_instance(APP, "idle")
+    await m.instances.start_instance(APP, "idle")
     view = await wait_state(m, "idle", State.RUNNING)
     assert view.runtime.restarts == 0
 
@@ -420,21 +444,47 @@ async def test_manager_restart_adopts_live_processes_and_starts_the_rest(
     spawned = list(sup.side.spawned)
 
     m2 = await sup.manager()
-    view = await m2.get_instance(APP, "kept")
+    view = await m2.instances.get_instance(APP, "kept")
     assert view.runtime.state == State.RUNNING and view.runtime.pid == kept  # adopted
     assert view.uptime is not None
     new = await wait_view(
         m2, "lost", lambda v: v.runtime.state == State.RUNNING and v.runtime.pid != lost
     )
     assert sup.side.spawned == [*spawned, pid_of(new)]  # only "lost" was spawned again
-    idle = await m2.get_instance(APP, "idle")
+    idle = await m2.instances.get_instance(APP, "idle")
     assert idle.runtime.state == State.STOPPED and idle.runtime.pid is None
-    assert (await m2.get_instance(APP, "kept")).runtime.pid == kept
+    assert (await m2.instances.get_instance(APP, "kept")).runtime.pid == kept
 
     # The adopted process is supervised: its death is noticed (code unknown).
     sup.side.kill(kept)
     view = await wait_view(m2, "kept", lambda v: v.runtime.pid not in (None, kept))
     assert view.runtime.restarts == 1 and view.runtime.exit_code is None
+
+
+async def test_a_process_started_but_never_recorded_is_adopted_never_doubled(
+    sup: Supervision,
+) -> None:
+    m1 = await sup.manager()
+    await sup.add(m1, "a", UP, autostart=False, startsecs=0.2)
+    await m1.shutdown(keep=True)
+    # A user started "a": its desired state was committed, the daemon forked
+    # (twice: a retry) and was killed before it committed either pid. It had
+    # also forked for "ghost", whose delete then ended.
+    sup.store.set_desired("a", Desired.RUNNING)
+    older = sup.side.orphan(sup.branch_id, "a")
+    newest = sup.side.orphan(sup.branch_id, "a")
+    ghost = sup.side.orphan(sup.branch_id, "ghost")
+    foreign = sup.side.orphan("another-branch", "a")  # not ours: left alone
+    spawned = len(sup.side.spawned)
+
+    m2 = await sup.manager()
+    view = await wait_state(m2, "a", State.RUNNING)
+    assert view.runtime.pid == newest
+    await wait_for(lambda: not sup.side.alive(older) and not sup.side.alive(ghost))
+    assert sup.side.alive(newest) and sup.side.alive(foreign)
+    assert len(sup.side.spawned) == spawned  # adopted, not started again
+    stored = sup.store.load_runtime("a")
+    assert stored.pid == newest
 
 
 async def test_adopted_while_starting_stays_starting_until_startsecs(sup: Supervision) -> None:
@@ -443,7 +493,7 @@ async def test_adopted_while_starting_stays_starting_until_startsecs(sup: Superv
     pid = pid_of(await wait_state(m1, "slow", State.STARTING))
     await m1.shutdown(keep=True)  # the daemon goes while it is still starting
     m2 = await sup.manager()
-    view = await m2.get_instance(APP, "slow")
+    view = await m2.instances.get_instance(APP, "slow")
     # adopted, not given "running": it has not stayed up startsecs yet
     assert (view.runtime.state, view.runtime.pid) == (State.STARTING, pid)
     view = await wait_state(m2, "slow", State.RUNNING)  # once the rest of startsecs passed
@@ -458,7 +508,7 @@ async def test_adopted_while_starting_after_startsecs_is_running(sup: Supervisio
     await m1.shutdown(keep=True)
     await wait_for(lambda: time.time() > started + 0.5)  # it stays up with no daemon
     m2 = await sup.manager()
-    view = await m2.get_instance(APP, "slow")
+    view = await m2.instances.get_instance(APP, "slow")
     assert (view.runtime.state, view.runtime.pid) == (State.RUNNING, pid)
 
 
@@ -467,7 +517,7 @@ async def test_adopted_while_restarting_is_restarted(sup: Supervision) -> None:
     await sup.add(m1, "s", STUBBORN, startsecs=0.2, stopwaitsecs=2.0)
     old = pid_of(await wait_state(m1, "s", State.RUNNING))
     await sup.side.ready(m1, "s")
-    restarting = asyncio.create_task(m1.restart_instance(APP, "s"))
+    restarting = asyncio.create_task(m1.instances.restart_instance(APP, "s"))
     await wait_state(m1, "s", State.STOPPING)  # it ignores TERM: the stop lasts
     await m1.shutdown(keep=True)  # the daemon goes in the middle of the restart
     restarting.cancel()
@@ -476,7 +526,7 @@ async def test_adopted_while_restarting_is_restarted(sup: Supervision) -> None:
     assert sup.side.alive(old)
 
     m2 = await sup.manager()
-    m2_view = await m2.get_instance(APP, "s")
+    m2_view = await m2.instances.get_instance(APP, "s")
     assert m2_view.runtime.pid == old  # adopted, and the restart goes on
     # not left running as if no restart had been asked: the old process goes
     await wait_for(lambda: not sup.side.alive(old))
@@ -492,7 +542,7 @@ async def test_adopted_process_exit_with_autorestart_never(sup: Supervision) -> 
     pid = pid_of(await wait_state(m1, "once", State.RUNNING))
     await m1.shutdown(keep=True)
     m2 = await sup.manager()
-    assert (await m2.get_instance(APP, "once")).runtime.pid == pid
+    assert (await m2.instances.get_instance(APP, "once")).runtime.pid == pid
     sup.side.kill(pid)
     view = await wait_state(m2, "once", State.EXITED)
     assert view.runtime.pid is None and view.runtime.exit_code is None
@@ -547,10 +597,10 @@ async def test_start_during_delete_leaves_no_orphan(sup: Supervision) -> None:
     await sup.add(m, "s", STUBBORN, startsecs=0.2, stopwaitsecs=0.3)
     await wait_state(m, "s", State.RUNNING)
     await sup.side.ready(m, "s")
-    deleting = asyncio.create_task(m.delete_instance(APP, "s"))
+    deleting = asyncio.create_task(m.instances.delete_instance(APP, "s"))
     await wait_state(m, "s", State.STOPPING)
     with pytest.raises(Conflict):  # e.g. a second API client
-        await m.start_instance(APP, "s")
+        await m.instances.start_instance(APP, "s")
     await deleting
     assert sup.store.get_instance("s") is None
     assert [pid for pid in sup.side.spawned if sup.side.alive(pid)] == []

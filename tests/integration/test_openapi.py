@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 
 from branchd.api.app import make_app
-from branchd.api.backend import Backend
+from branchd.api.backend import Local
 from branchd.views import BranchRecord
 from tests.conftest import SLEEPER, Branchd, Reply, wait_for
 
@@ -26,7 +26,7 @@ METHODS = {"get", "put", "post", "patch", "delete"}
 
 def _router_operations() -> set[tuple[str, str]]:
     app = make_app(
-        cast(Backend, object()),
+        cast(Local, object()),
         token=None,
         max_body=1024,
         branch=cast(Callable[[], BranchRecord], object()),
@@ -304,6 +304,8 @@ def test_schemathesis_finds_nothing(
         "--exclude-path",
         "/v1/daemon/exit",
     ]
+    if b.token:  # the daemon's own (secure by default)
+        cmd += ["--header", f"Authorization: Bearer {b.token}"]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150)
     elapsed = time.monotonic() - started

@@ -254,7 +254,7 @@ def test_non_loopback_bind_needs_a_token(tmp_path: Path, bind: str) -> None:
     import subprocess
 
     out = subprocess.run(
-        [PY, "-m", "branchd", "--state-dir", str(tmp_path), "--bind", bind],
+        [PY, "-m", "branchd", "--state-dir", str(tmp_path), "--bind", bind, "--no-auth"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -7,18 +7,18 @@ from typing import Any
 
 import pytest
 
+from branchd.celery import workers as workers_module
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.ops import CeleryOps
 from branchd.celery.stub import StubRemoteControl
 from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
+from branchd.celery.workers import Workers
 from branchd.config import CelerySection
 from branchd.errors import Invalid
 from branchd.model import App, CelerySettings, InstanceSpec, Kind, Queue, State
-from branchd.process import workers as workers_module
-from branchd.process.celery_ops import CeleryOps
 from branchd.process.fake import FakeLauncher
 from branchd.process.machine import Event, Proc
 from branchd.process.specs import celery_settings
-from branchd.process.workers import Workers
 
 GOOD = [
     "amqp://guest:guest@127.0.0.1:5672//",
@@ -127,13 +127,13 @@ async def test_one_broker_that_fails_to_prune_does_not_stop_the_others(
 
     monkeypatch.setattr(workers_module, "prune_dead_fanout", prune)
     w = Workers(
-        _Host(apps),
         CeleryOps(StubRemoteControl()),
         FakeLauncher(),
         tmp_path,
         "host",
         settings=CelerySection(health_interval=1.0, reconcile_interval=1.0),
     )
+    w.bind(_Host(apps))
     for _ in range(3):  # three sweeps: said once, never raised
         await w._prune_fanout()
     assert pruned == ["filesystem://", "amqp://later//"] * 3

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.ops import pool_size, producer_config, producer_env
 from branchd.model import Queue
-from branchd.process.celery_ops import pool_size, producer_config, producer_env
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from branchctl.cli import instances as cli_instances
 from branchctl.cli import main
+from branchctl.cli.common import BranchctlCommand, BranchctlGroup, Options
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import Instance
@@ -272,7 +273,14 @@ def closed_port() -> int:
 
 def run(daemon: FakeDaemon | str, *args: str, **env: str | None) -> Result:
     url = daemon if isinstance(daemon, str) else daemon.url
-    environ: dict[str, str | None] = {"BRANCHD_URL": None, "BRANCHD_TOKEN": None, **env}
+    environ: dict[str, str | None] = {
+        "BRANCHD_URL": None,
+        "BRANCHD_TOKEN": None,
+        "BRANCHD_TOKEN_FILE": None,
+        # (no token file of this user's own daemon is read)
+        "BRANCHD_STATE_DIR": "/nonexistent/branchd-state",
+        **env,
+    }
     result = CliRunner().invoke(main, ["--url", url, *args], env=environ)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -550,26 +558,64 @@ def test_table_pads_columns_and_strips_trailing_blanks() -> None:
 # -- --json and typos (issue 12, item 14) ----------------------------------------
 
 
-def _leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def _commands(
+    group: click.Group, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    """Every command and group below ``group``, by the words that name it."""
     for name, command in group.commands.items():
+        yield (*path, name), command
         if isinstance(command, click.Group):
-            yield from _leaves(command, (*path, name))
-        else:
-            yield (*path, name)
+            yield from _commands(command, (*path, name))
 
 
-def test_every_command_takes_json_after_it() -> None:
-    leaves = list(_leaves(main))
-    assert ("logs",) in leaves and ("instances", "restart") in leaves
-    for path in leaves:
-        if path == ("celery",):  # every word after APP is Celery's (its inspect has --json)
-            continue
-        command = main
-        for word in path:
-            assert isinstance(command, click.Group)
-            command = command.commands[word]  # type: ignore[assignment]
-        opts = {o for p in command.params for o in p.opts}
-        assert "--json" in opts, path
+#: The root's options (with its --json), from which it builds the options object.
+GLOBAL_OPTIONS = ("--url", "--token", "--timeout")
+#: No --json after these: 'celery' passes every word after APP to Celery (its
+#: inspect has a --json of its own), 'daemon' is only a group of 'exit'.
+WITHOUT_JSON = {("celery",), ("daemon",)}
+
+
+def test_every_command_gets_the_shared_options_from_its_class() -> None:
+    commands = dict(_commands(main))
+    leaves = {path for path, c in commands.items() if not isinstance(c, click.Group)}
+    assert {("logs",), ("instances", "restart"), ("daemon", "exit"), ("stats",)} <= leaves
+    root_opts = [o for p in main.params for o in p.opts]
+    assert all(root_opts.count(o) == 1 for o in (*GLOBAL_OPTIONS, "--json")), root_opts
+    runner = CliRunner()
+    for path, command in commands.items():
+        shared = BranchctlGroup if isinstance(command, click.Group) else BranchctlCommand
+        assert isinstance(command, shared), path
+        opts = [o for p in command.params for o in p.opts]
+        # declared once, on the root: not again on a command
+        assert not set(GLOBAL_OPTIONS) & set(opts), path
+        assert opts.count("--json") == (0 if path in WITHOUT_JSON else 1), path
+        result = runner.invoke(main, [*path, "-h"], prog_name="branchctl")
+        assert result.exit_code == 0 and result.stdout.startswith(
+            f"Usage: branchctl {' '.join(path)} "
+        ), (path, result.output)
+
+
+def test_a_command_of_the_shared_class_gets_the_options_object() -> None:
+    got: list[Options] = []
+
+    @click.group(cls=BranchctlGroup)
+    @click.pass_context
+    def root(ctx: click.Context) -> None:
+        ctx.obj = Options(url="http://branch", token=None, timeout=1.0, json=False)
+
+    @root.group()
+    def group() -> None:
+        pass
+
+    @group.command()
+    def leaf(opts: Options) -> None:
+        got.append(opts)
+
+    assert CliRunner().invoke(root, ["group", "leaf"]).exit_code == 0
+    assert CliRunner().invoke(root, ["group", "leaf", "--json"]).exit_code == 0
+    assert [o.json for o in got] == [False, True]
+    assert {o.url for o in got} == {"http://branch"}
+    assert isinstance(group, BranchctlGroup) and isinstance(leaf, BranchctlCommand)
 
 
 def test_json_after_the_subcommand(daemon: FakeDaemon) -> None:

@@ -43,7 +43,11 @@ def test_environment_between_file_and_flags(tmp_path: Path) -> None:
         ("nope = 1\n", "unknown configuration key(s): nope"),
         ("[celery]\nnope = 1\n", "nope"),
         ('celery = "fast"\n', "[celery] must be a table"),
-        ('bind = "0.0.0.0:8400"\n', "without a token"),
+        ('bind = "0.0.0.0:8400"\nno_auth = true\n', "without a token"),
+        ('no_auth = "maybe"\n', "no_auth must be true or false"),
+        ('no_auth = true\ntoken = "t"\n', "--no-auth and a token"),
+        ('token = "t"\ntoken_file = "/x"\n', "not both"),
+        ('token_file = "/nonexistent/token"\n', "cannot read token file"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, error: str) -> None:
@@ -56,3 +60,27 @@ def test_presets() -> None:
     fast = Config.for_tests(Path("/x"))
     assert fast.api.port == 0 and fast.supervision.backoff_base < 1.0
     assert Config(Path("/x")).celery.health_interval == 5.0
+
+
+def test_auth_is_on_unless_turned_off(tmp_path: Path) -> None:
+    base = {"state_dir": str(tmp_path)}
+    assert load(base, {}).api.auth is True
+    # a non-loopback bind no longer needs a given token: the daemon makes one
+    assert load({**base, "bind": "0.0.0.0:8400"}, {}).api.auth is True
+    assert load({**base, "no_auth": True}, {}).api.auth is False
+    assert load(base, {"BRANCHD_NO_AUTH": "1"}).api.auth is False
+    assert load(base, {"BRANCHD_NO_AUTH": "0"}).api.auth is True
+    assert load({**_file(tmp_path, "[api]\nauth = false\n"), **base}, {}).api.auth is False
+
+
+def test_the_token_file_is_read(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("  abc123\n")
+    cfg = load({"state_dir": str(tmp_path), "token_file": str(secret)}, {})
+    assert (cfg.api.token, cfg.api.token_file) == ("abc123", secret)
+    cfg = load({"state_dir": str(tmp_path)}, {"BRANCHD_TOKEN_FILE": str(secret)})
+    assert cfg.api.token == "abc123"
+    assert cfg.token_path == tmp_path / "token"
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load({"state_dir": str(tmp_path), "token_file": str(secret)}, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import pytest
 
 from branchd.errors import Invalid
 from branchd.process import logs
-from branchd.process.logs import backup_path, follow, log_paths, rotate_if_needed, tail
+from branchd.process.logs import (
+    TAIL_LINE_MAX,
+    TAIL_MAX_BYTES,
+    backup_path,
+    follow,
+    log_paths,
+    rotate_if_needed,
+    tail,
+)
 
 
 def disk_use(path: Path) -> int:
@@ -149,3 +158,30 @@ def test_last_line_is_the_last_non_blank_one_read_from_the_end(tmp_path: Path) -
     assert line is not None and len(line) == logs.LAST_LINE_CHARS and line.endswith("...")
     # a file not written since the run began says nothing of that run
     assert logs.last_line(path, since=path.stat().st_mtime + 5) is None
+
+
+def test_tail_of_a_huge_log_without_newlines_reads_a_bounded_amount(tmp_path: Path) -> None:
+    # 400 MiB and not one newline (sparse: no disk used). tail=1 once read it all.
+    log = tmp_path / "flood.log"
+    with open(log, "wb") as f:
+        f.truncate(400 * 1024 * 1024)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lines = tail(log, 1)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert len(lines) == 1
+    assert lines[0].startswith("[...] ")
+    assert len(lines[0].encode()) <= TAIL_LINE_MAX + 64  # cut, with its note
+    assert lines[0].endswith(f"[... {TAIL_MAX_BYTES - TAIL_LINE_MAX + 6} bytes cut]")
+    assert grown_kib <= 20 * 1024
+
+
+def test_tail_budget_and_long_lines(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    long = b"x" * (TAIL_LINE_MAX + 10)
+    log.write_bytes(b"first\n" + long + b"\nlast\n")
+    got = tail(log, 3)
+    assert got[0] == "first" and got[2] == "last"
+    assert got[1] == "x" * TAIL_LINE_MAX + " [... 10 bytes cut]"
+    # a small budget: the oldest line kept is marked as cut at its start
+    assert tail(log, 1, budget=3) == ["[...] st"]
+    assert tail(log, 2, budget=8) == ["[...] xx", "last"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import subprocess
@@ -10,12 +9,16 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from branchd import store as store_mod
+from branchd.clock import FakeClock
 from branchd.errors import Conflict, NotFound, StoreError
+from branchd.hlc import Version
 from branchd.model import (
     App,
     Autorestart,
@@ -23,13 +26,20 @@ from branchd.model import (
     InstanceSpec,
     Kind,
     Policy,
+    Queue,
     Runtime,
     State,
     StopStep,
 )
-from branchd.store import Store, spec_from_dict, spec_to_dict
+from branchd.store import Store
 
 OpenStore = Callable[[], Store]
+R = TypeVar("R", App, Queue, InstanceSpec)
+
+
+def bare(record: R | None) -> R | None:
+    """``record`` without its version and origin: what was declared."""
+    return None if record is None else replace(record, version=None, origin=None)
 
 
 @pytest.fixture
@@ -93,50 +103,36 @@ def test_opens_in_wal_mode_with_parent_dirs_created(store: Store, db_path: Path)
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(store_mod.MIGRATIONS)
 
 
-def test_spec_dict_round_trip_is_exact_and_json_ready() -> None:
-    d = spec_to_dict(FULL_SPEC)
-    assert d["kind"] == "celery" and type(d["kind"]) is str
-    assert d["policy"]["exitcodes"] == [0, 2]
-    assert spec_from_dict(json.loads(json.dumps(d))) == FULL_SPEC
-    assert spec_from_dict(spec_to_dict(spec("x"))) == spec("x")
-
-
-def test_spec_from_dict_fills_defaults() -> None:
-    assert spec_from_dict({"app": "a", "name": "n", "command": ["x"], "branch": "b"}) == (
-        InstanceSpec(app="a", name="n", command=("x",), branch="b")
-    )
-
-
 def test_app_round_trip_and_replace_keeps_created_at(open_store: OpenStore) -> None:
     s = open_store()
     app = App("web", env={"X": "1"}, defaults={"pool": "prefork", "n": 2}, created_at=10.0)
     assert s.put_app(app) is True
-    assert s.get_app("web") == app
+    assert bare(s.get_app("web")) == app
     assert s.put_app(App("web", env={"Y": "2"}, created_at=99.0)) is False
-    assert s.get_app("web") == App("web", env={"Y": "2"}, created_at=10.0)
+    assert bare(s.get_app("web")) == App("web", env={"Y": "2"}, created_at=10.0)
     s.put_app(App("api"))
     assert [a.name for a in s.list_apps()] == ["api", "web"]
     api = s.get_app("api")
     assert api is not None and api.created_at > 0  # stamped on creation
     assert s.get_app("nope") is None
     s.close()
-    assert open_store().get_app("web") == App("web", env={"Y": "2"}, created_at=10.0)
+    assert bare(open_store().get_app("web")) == App("web", env={"Y": "2"}, created_at=10.0)
 
 
 def test_replacing_an_app_keeps_its_instances(store: Store) -> None:
     store.put_app(App("web"))
     store.add_instance(spec("w1"))
     store.put_app(App("web", env={"Z": "1"}))
-    assert store.get_instance("w1") == spec("w1")
+    assert bare(store.get_instance("w1")) == spec("w1")
 
 
 def test_instance_round_trip_survives_reopen(open_store: OpenStore) -> None:
     s = open_store()
     s.put_app(App("web"))
     s.add_instance(FULL_SPEC)
-    assert s.get_instance("w1") == FULL_SPEC
+    assert bare(s.get_instance("w1")) == FULL_SPEC
     s.close()
-    assert open_store().get_instance("w1") == FULL_SPEC
+    assert bare(open_store().get_instance("w1")) == FULL_SPEC
 
 
 def test_list_instances_sorted_by_app_then_name(store: Store) -> None:
@@ -162,7 +158,7 @@ def test_instance_name_is_unique_across_apps(store: Store) -> None:
         store.add_instance(spec("w1", app="api"))
     with pytest.raises(Conflict):
         store.add_instance(spec("w1", app="web"))
-    assert store.list_instances() == [spec("w1", app="web")]
+    assert [bare(i) for i in store.list_instances()] == [spec("w1", app="web")]
 
 
 def test_instance_of_a_missing_app_is_not_found(store: Store) -> None:
@@ -175,7 +171,7 @@ def test_update_set_desired_and_delete(store: Store) -> None:
     store.put_app(App("web"))
     store.add_instance(spec("w1"))
     store.update_instance(spec("w1", cwd="/tmp", kind=Kind.CELERY))
-    assert store.get_instance("w1") == spec("w1", cwd="/tmp", kind=Kind.CELERY)
+    assert bare(store.get_instance("w1")) == spec("w1", cwd="/tmp", kind=Kind.CELERY)
     store.set_desired("w1", Desired.STOPPED)
     got = store.get_instance("w1")
     assert got is not None and got.desired == Desired.STOPPED and got.cwd == "/tmp"
@@ -321,7 +317,7 @@ def test_acknowledged_writes_survive_kill_9(db_path: Path, k: int) -> None:
 
 
 def test_celery_settings_and_queues_round_trip(open_store: OpenStore) -> None:
-    from branchd.model import Autoscale, CelerySettings, Queue
+    from branchd.model import Autoscale, CelerySettings
 
     s = open_store()
     celery = CelerySettings(
@@ -352,3 +348,92 @@ def test_celery_settings_and_queues_round_trip(open_store: OpenStore) -> None:
     assert s.list_queues("shop") == []
     with pytest.raises(NotFound):
         s.put_queue(Queue("nope", "q"))
+
+
+def test_every_local_write_stamps_a_newer_version_and_keeps_the_origin(
+    open_store: OpenStore,
+) -> None:
+    s = open_store()
+    me = s.branch_id()
+    seen: list[Version] = []
+
+    def version(record: App | Queue | InstanceSpec | None) -> Version:
+        assert record is not None and record.version is not None
+        assert record.origin == me and record.version.branch == me
+        assert not seen or record.version > seen[-1]
+        seen.append(record.version)
+        return record.version
+
+    s.put_app(App("web"))
+    version(s.get_app("web"))
+    s.put_app(App("web", env={"A": "1"}))
+    version(s.get_app("web"))
+    s.put_queue(Queue("web", "q"))
+    version(s.get_queue("web", "q"))
+    added = s.add_instance(spec("w1"))
+    assert added == s.get_instance("w1")  # answered as stored
+    version(added)
+    s.update_instance(spec("w1", cwd="/x"))
+    version(s.get_instance("w1"))
+    s.set_desired("w1", Desired.STOPPED)
+    version(s.get_instance("w1"))
+    s.close()
+    s = open_store()
+    s.put_queue(Queue("web", "q", exchange="x"))
+    version(s.get_queue("web", "q"))
+
+
+def test_a_delete_leaves_a_tombstone_and_a_recreate_is_newer(store: Store) -> None:
+    store.put_app(App("web"))
+    store.add_instance(spec("w1"))
+    store.save_runtime("w1", Runtime(state=State.RUNNING, pid=5))
+    live = store.get_instance("w1")
+    assert live is not None and live.version is not None
+    assert store.tombstone("instance", "w1") is None
+    assert store.delete_instance("w1") is True
+    tomb = store.tombstone("instance", "w1")
+    assert tomb is not None and tomb > live.version
+    assert store.get_instance("w1") is None and store.list_instances() == []
+    assert store.runtimes() == {} and store.load_runtime("w1") == Runtime()
+    with pytest.raises(NotFound):
+        store.set_desired("w1", Desired.RUNNING)
+    with pytest.raises(NotFound):
+        store.save_runtime("w1", Runtime())
+    again = store.add_instance(spec("w1"))
+    assert again.version is not None and again.version > tomb
+    assert store.load_runtime("w1") == Runtime()  # the old runtime went with the tombstone
+    assert store.tombstone("instance", "w1") is None
+
+
+def test_an_app_delete_leaves_tombstones_of_its_instances_and_queues(store: Store) -> None:
+    store.put_app(App("web", created_at=5.0))
+    store.put_queue(Queue("web", "q"))
+    store.add_instance(spec("w1"))
+    store.delete_app("web")
+    app_tomb = store.tombstone("app", "web")
+    queue_tomb = store.tombstone("queue", "web", "q")
+    instance_tomb = store.tombstone("instance", "w1")
+    assert app_tomb and queue_tomb and instance_tomb
+    assert store.get_queue("web", "q") is None and store.list_queues("web") == []
+    with pytest.raises(NotFound):
+        store.put_queue(Queue("web", "q"))
+    assert store.put_app(App("web")) is True  # declared again: a new record
+    web = store.get_app("web")
+    assert web is not None and web.version is not None and web.version > app_tomb
+    assert web.created_at != 5.0
+    assert store.list_instances() == [] and store.list_queues("web") == []
+    assert store.put_queue(Queue("web", "q")) is True
+
+
+def test_versions_move_forwards_over_a_restart_with_the_clock_set_back(db_path: Path) -> None:
+    ahead = FakeClock(start=0.0, wall_offset=2_000_000_000.0)
+    with Store(db_path, ahead) as s:
+        s.put_app(App("web"))
+        first = s.get_app("web")
+    behind = FakeClock(start=0.0, wall_offset=1_000_000_000.0)  # NTP stepped back
+    with Store(db_path, behind) as s:
+        s.put_app(App("web", env={"A": "1"}))
+        second = s.get_app("web")
+    assert first is not None and second is not None
+    assert first.version is not None and second.version is not None
+    assert second.version > first.version

@@ -14,7 +14,6 @@ import click
 from branchctl import render
 from branchctl.cli.common import (
     _F,
-    CONTEXT,
     POOLS,
     Failed,
     MinMax,
@@ -25,18 +24,13 @@ from branchctl.cli.common import (
     _json_or_str,
     _ListingGroup,
     _pairs,
-    json_option,
     no_wait_option,
-    pass_opts,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.errors import ApiError
 from branchctl.models import App
 
 # -- apps -------------------------------------------------------------------
-
 
 
 def _app_text(app: App) -> str:
@@ -67,8 +61,7 @@ def _app_text(app: App) -> str:
     return render.record(fields)
 
 
-@main.group(cls=_ListingGroup, invoke_without_command=True, context_settings=CONTEXT)
-@json_option
+@main.group(cls=_ListingGroup, invoke_without_command=True)
 @click.pass_context
 def apps(ctx: click.Context) -> None:
     """List the apps (bare), or manage one."""
@@ -76,9 +69,7 @@ def apps(ctx: click.Context) -> None:
         ctx.invoke(apps_list)
 
 
-@apps.command("list", context_settings=CONTEXT)
-@json_option
-@pass_opts
+@apps.command("list")
 def apps_list(opts: Options) -> None:
     """List the apps."""
     with opts.client() as c:
@@ -194,11 +185,9 @@ def _reset_by_replace(old: Mapping[str, Any], sent: Mapping[str, Any]) -> list[s
     return out
 
 
-@apps.command("add", context_settings=CONTEXT)
+@apps.command("add")
 @click.argument("name")
 @app_settings
-@json_option
-@pass_opts
 def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     """Create app NAME, or replace it (what is not given is reset: use
     'apps set' to change some settings and keep the rest).
@@ -239,7 +228,7 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     _emit(opts, app.raw, f"{verb} app {app.name!r}\n{_app_text(app)}")
 
 
-@apps.command("set", context_settings=CONTEXT)
+@apps.command("set")
 @click.argument("name")
 @app_settings
 @click.option("--unset-env", "unset_env", multiple=True, metavar="K", help="Remove env K.")
@@ -255,8 +244,6 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     ),
     help="Put a setting back to its default (broker: the embedded one).",
 )
-@json_option
-@pass_opts
 def apps_set(
     opts: Options,
     /,
@@ -296,10 +283,8 @@ def apps_set(
     _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
 
 
-@apps.command("show", context_settings=CONTEXT)
+@apps.command("show")
 @click.argument("name")
-@json_option
-@pass_opts
 def apps_show(opts: Options, name: str) -> None:
     """Show app NAME."""
     with opts.client() as c:
@@ -307,11 +292,9 @@ def apps_show(opts: Options, name: str) -> None:
     _emit(opts, app.raw, _app_text(app))
 
 
-@apps.command("remove", context_settings=CONTEXT)
+@apps.command("remove")
 @click.argument("name")
 @no_wait_option
-@json_option
-@pass_opts
 def apps_remove(opts: Options, name: str, no_wait: bool) -> None:
     """Remove app NAME: its instances are stopped (each up to its stopwaitsecs),
     then removed, then the app. --no-wait answers at once."""
@@ -366,7 +349,7 @@ def _env_lines(env: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-@apps.command("celery-config", context_settings=CONTEXT)
+@apps.command("celery-config")
 @click.argument("name")
 @click.option(
     "--format",
@@ -377,8 +360,6 @@ def _env_lines(env: Mapping[str, str]) -> str:
     help="json: for app.conf.update(...); python: a config module; env: shell exports "
     "(broker, result backend, transport options, queue declarations: through branchd's loader).",
 )
-@json_option
-@pass_opts
 def apps_celery_config(opts: Options, name: str, fmt: str) -> None:
     """The Celery settings a producer of app NAME needs.
 
@@ -398,10 +379,10 @@ def apps_celery_config(opts: Options, name: str, fmt: str) -> None:
         click.echo(_env_lines(env))
 
 
-@main.command("celery", context_settings={**CONTEXT, "ignore_unknown_options": True})
+# Every word after APP is Celery's (its inspect has a --json of its own).
+@main.command("celery", takes_json=False, context_settings={"ignore_unknown_options": True})
 @click.argument("app")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
-@pass_opts
 def celery_command(opts: Options, app: str, args: tuple[str, ...]) -> None:
     """Run Celery's own CLI against app APP's workers and broker.
 

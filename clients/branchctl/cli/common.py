@@ -1,5 +1,6 @@
-"""Shared pieces of the CLI: the options object, the root and listing group
-classes, --json, parameter types."""
+"""Shared pieces of the CLI: the options object, the command and group classes
+every command is made of (the root and listing groups among them), --json,
+parameter types."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import click
 
@@ -54,9 +55,59 @@ class Failed(click.ClickException):
         click.echo(f"branchctl: {self.message}", err=True)
 
 
-class _Root(click.Group):
+class _Shared(click.Command):
+    """What every branchctl command and group is declared with, once here
+    rather than as decorators on each (so none can miss one): -h/--help, and
+    --json after its name where ``takes_json`` (the class's, unless given)."""
+
+    takes_json: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str | None,
+        *,
+        takes_json: bool | None = None,
+        context_settings: MutableMapping[str, Any] | None = None,
+        **attrs: Any,
+    ) -> None:
+        super().__init__(name, context_settings={**CONTEXT, **(context_settings or {})}, **attrs)
+        if self.takes_json if takes_json is None else takes_json:
+            self.params.append(_json_option())  # last: after its own options in its help
+
+
+class BranchctlCommand(_Shared):
+    """A branchctl command: takes --json after its name (``takes_json=False``:
+    not, e.g. where its words are another program's), and its callback gets
+    the options object (built by the root from --url, --token, --timeout,
+    --json) as its first argument."""
+
+    takes_json = True
+
+    def __init__(
+        self, name: str | None, *, callback: Callable[..., Any] | None = None, **attrs: Any
+    ) -> None:
+        super().__init__(name, callback=None if callback is None else pass_opts(callback), **attrs)
+
+
+class BranchctlGroup(_Shared, click.Group):
+    """A group of branchctl commands: what it makes with ``@group.command()``
+    and ``@group.group()`` are a BranchctlCommand and a BranchctlGroup. Its
+    own callback gets the context, not the options object (a group decides
+    what runs when called bare)."""
+
+    command_class = BranchctlCommand
+
+
+# (not `group_class = type`: the root's subgroups are not roots)
+BranchctlGroup.group_class = BranchctlGroup
+
+
+class _Root(BranchctlGroup):
     """The root group: turns every ApiError of a command into exit 1 and one line,
     and a usage error into exit 2 and one line (not click's usage block)."""
+
+    # takes_json stays False: the root's --json is one of the global options
+    # it builds the options object from (root.py), not the flag set after it.
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone = kwargs.pop("standalone_mode", True)
@@ -93,15 +144,18 @@ class _Root(click.Group):
             raise Failed(" ".join(message.split())) from exc
 
 
-class _ListingGroup(click.Group):
-    """A group that lists when called bare; a first word that names no
-    subcommand is taken as the argument of its 'list' subcommand.
+class _ListingGroup(BranchctlGroup):
+    """A group that lists when called bare (so it takes --json too); a first
+    word that names no subcommand is taken as the argument of its 'list'
+    subcommand.
 
     A word close to a subcommand's name ('lst') that is no app either gets
     click's own answer for a typo: "No such command 'lst'. Did you mean 'list'?".
     Only the daemon knows the apps, so that is decided after asking it: an app
     named 'shop' is still listed, not taken for a typo of 'show'.
     """
+
+    takes_json = True
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # The group's own options are flags, so the first non-option word is
@@ -147,15 +201,15 @@ def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(Options).json = True
 
 
-def json_option(f: _F) -> _F:
-    """Also accept --json after the subcommand."""
-    return click.option(
-        "--json",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_json,
-        help="Print the API's JSON answer instead of text.",
-    )(f)
+JSON_HELP = "Print the API's JSON answer instead of text."
+
+
+def _json_option() -> click.Option:
+    # The root's --json sets the options object's flag as it builds it; this
+    # one, after a subcommand's name, sets the flag of the object built.
+    return click.Option(
+        ["--json"], is_flag=True, expose_value=False, callback=_set_json, help=JSON_HELP
+    )
 
 
 def no_wait_option(f: _F) -> _F:
@@ -252,6 +306,7 @@ class ByteSize(_ParamType):
         if n < 1:
             self.fail(f"{value!r} is not a positive size", param, ctx)
         return n
+
 
 def _bounds_text(bounds: Mapping[str, Any] | None) -> str | None:
     """{"min": 1, "max": 4} -> '1..4' (min..max)."""

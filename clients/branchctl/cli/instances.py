@@ -13,7 +13,6 @@ from branchctl import render
 from branchctl.cli.common import (
     _F,
     AUTORESTART,
-    CONTEXT,
     INSTANCE_COLUMNS,
     KINDS,
     POOLS,
@@ -28,13 +27,9 @@ from branchctl.cli.common import (
     _items,
     _ListingGroup,
     _pairs,
-    json_option,
     no_wait_option,
-    pass_opts,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.client import Client
 from branchctl.errors import ApiError
 from branchctl.models import Instance, Stats
@@ -145,9 +140,7 @@ def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
     cls=_ListingGroup,
     invoke_without_command=True,
     subcommand_metavar="[APP] | COMMAND [ARGS]...",
-    context_settings=CONTEXT,
 )
-@json_option
 @click.pass_context
 def instances(ctx: click.Context) -> None:
     """List instances ('instances [APP]'), or manage one.
@@ -159,10 +152,8 @@ def instances(ctx: click.Context) -> None:
         ctx.invoke(instances_list)
 
 
-@instances.command("list", context_settings=CONTEXT)
+@instances.command("list")
 @click.argument("app", required=False)
-@json_option
-@pass_opts
 def instances_list(opts: Options, app: str | None = None) -> None:
     """List the instances of APP, or of every app."""
     with opts.client() as c:
@@ -170,7 +161,7 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     _emit(opts, _items(items), render.table(INSTANCE_COLUMNS, map(_instance_row, items)))
 
 
-@instances.command("add", context_settings=CONTEXT)
+@instances.command("add")
 @click.argument("app")
 @click.option("--name", help="Instance name (generated when absent).")
 @click.option(
@@ -180,8 +171,6 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     "default: process with a COMMAND, celery without.",
 )
 @instance_fields
-@json_option
-@pass_opts
 def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) -> None:
     """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
@@ -202,12 +191,10 @@ def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) 
     _emit(opts, instance.raw, _instance_text(instance))
 
 
-@instances.command("update", context_settings=CONTEXT)
+@instances.command("update")
 @click.argument("app")
 @click.argument("name")
 @instance_fields
-@json_option
-@pass_opts
 def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> None:
     """Change instance NAME of APP (a new COMMAND goes after '--').
 
@@ -221,11 +208,9 @@ def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> N
     _emit(opts, instance.raw, _instance_text(instance))
 
 
-@instances.command("show", context_settings=CONTEXT)
+@instances.command("show")
 @click.argument("app")
 @click.argument("name")
-@json_option
-@pass_opts
 def instances_show(opts: Options, app: str, name: str) -> None:
     """Show instance NAME of APP."""
     with opts.client() as c:
@@ -308,12 +293,10 @@ def _started(opts: Options, i: Instance) -> None:
         raise Failed(f"not_started: {i.app}/{i.name} is {i.state}{reason}")
 
 
-@instances.command("start", context_settings=CONTEXT)
+@instances.command("start")
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
-@pass_opts
 def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Start instance NAME of APP and wait until it runs.
 
@@ -331,12 +314,10 @@ def instances_start(opts: Options, app: str, name: str, no_wait: bool) -> None:
     _started(opts, done)
 
 
-@instances.command("stop", context_settings=CONTEXT)
+@instances.command("stop")
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
-@pass_opts
 def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Stop instance NAME of APP and wait until it has stopped.
 
@@ -355,12 +336,10 @@ def instances_stop(opts: Options, app: str, name: str, no_wait: bool) -> None:
     _emit(opts, i.raw, _state_line(i))
 
 
-@instances.command("restart", context_settings=CONTEXT)
+@instances.command("restart")
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
-@pass_opts
 def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Restart instance NAME of APP and wait until it runs again.
 
@@ -379,12 +358,10 @@ def instances_restart(opts: Options, app: str, name: str, no_wait: bool) -> None
     _started(opts, done)
 
 
-@instances.command("remove", context_settings=CONTEXT)
+@instances.command("remove")
 @click.argument("app")
 @click.argument("name")
 @no_wait_option
-@json_option
-@pass_opts
 def instances_remove(opts: Options, app: str, name: str, no_wait: bool) -> None:
     """Remove instance NAME of APP: stopped first (up to its stopwaitsecs), then forgotten.
 
@@ -472,11 +449,9 @@ def _stats_text(s: Stats) -> str:
     return render.record(fields)
 
 
-@instances.command("stats", context_settings=CONTEXT)
+@instances.command("stats")
 @click.argument("app")
 @click.argument("name")
-@json_option
-@pass_opts
 def instances_stats(opts: Options, app: str, name: str) -> None:
     """Show the resource use of instance NAME of APP (its whole process tree).
 

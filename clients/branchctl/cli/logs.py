@@ -12,14 +12,9 @@ from contextlib import closing
 import click
 
 from branchctl.cli.common import (
-    CONTEXT,
     Options,
-    json_option,
-    pass_opts,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 
 # -- logs -------------------------------------------------------------------
 
@@ -30,7 +25,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
     os._exit(0)
 
 
-@main.command(context_settings=CONTEXT)
+@main.command()
 @click.argument("app")
 @click.argument("name")
 @click.option(
@@ -38,8 +33,6 @@ def _exit_quietly(signum: int, frame: object) -> None:
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl-C.")
 @click.option("--stderr", is_flag=True, help="The stderr log instead of stdout.")
-@json_option
-@pass_opts
 def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: bool) -> None:
     """Print the log of instance NAME of APP (plain text, even with --json)."""
     stream = "stderr" if stderr else "stdout"

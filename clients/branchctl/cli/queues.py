@@ -10,7 +10,6 @@ import click
 
 from branchctl import render
 from branchctl.cli.common import (
-    CONTEXT,
     EXCHANGE_TYPES,
     Options,
     _emit,
@@ -18,12 +17,8 @@ from branchctl.cli.common import (
     _json_or_str,
     _ListingGroup,
     _pairs,
-    json_option,
-    pass_opts,
 )
-from branchctl.cli.root import (
-    main,
-)
+from branchctl.cli.root import main
 from branchctl.models import Autoscale, Consumer, Queue
 
 # -- queues -----------------------------------------------------------------
@@ -50,9 +45,7 @@ def _queue_text(q: Queue) -> str:
     cls=_ListingGroup,
     invoke_without_command=True,
     subcommand_metavar="APP | COMMAND [ARGS]...",
-    context_settings=CONTEXT,
 )
-@json_option
 @click.pass_context
 def queues(ctx: click.Context) -> None:
     """List the queues declared by an app ('queues APP'), or manage one.
@@ -64,10 +57,8 @@ def queues(ctx: click.Context) -> None:
         raise click.UsageError("give an APP: branchctl queues APP", ctx)
 
 
-@queues.command("list", context_settings=CONTEXT)
+@queues.command("list")
 @click.argument("app")
-@json_option
-@pass_opts
 def queues_list(opts: Options, app: str) -> None:
     """List the queues declared by APP."""
     with opts.client() as c:
@@ -79,7 +70,7 @@ def queues_list(opts: Options, app: str) -> None:
     )
 
 
-@queues.command("add", context_settings=CONTEXT)
+@queues.command("add")
 @click.argument("app")
 @click.argument("name")
 @click.option("--exchange", help="Exchange (default: the queue's name).")
@@ -95,8 +86,6 @@ def queues_list(opts: Options, app: str) -> None:
     help="Queue option (V parsed as JSON when it can be: durable=false, "
     "queue_arguments='{\"x-max-priority\": 10}').",
 )
-@json_option
-@pass_opts
 def queues_add(
     opts: Options,
     app: str,
@@ -117,11 +106,9 @@ def queues_add(
     _emit(opts, queue.raw, f"{verb} queue {queue.app}/{queue.name}\n{_queue_text(queue)}")
 
 
-@queues.command("show", context_settings=CONTEXT)
+@queues.command("show")
 @click.argument("app")
 @click.argument("name")
-@json_option
-@pass_opts
 def queues_show(opts: Options, app: str, name: str) -> None:
     """Show queue NAME of APP."""
     with opts.client() as c:
@@ -129,11 +116,9 @@ def queues_show(opts: Options, app: str, name: str) -> None:
     _emit(opts, queue.raw, _queue_text(queue))
 
 
-@queues.command("remove", context_settings=CONTEXT)
+@queues.command("remove")
 @click.argument("app")
 @click.argument("name")
-@json_option
-@pass_opts
 def queues_remove(opts: Options, app: str, name: str) -> None:
     """Remove queue NAME of APP (first cancelled on every instance of the app)."""
     with opts.client() as c:
@@ -154,9 +139,7 @@ def _consumers_table(items: Iterable[Consumer]) -> str:
     cls=_ListingGroup,
     invoke_without_command=True,
     subcommand_metavar="APP NAME | COMMAND [ARGS]...",
-    context_settings=CONTEXT,
 )
-@json_option
 @click.pass_context
 def consumers(ctx: click.Context) -> None:
     """List the queues a celery instance consumes ('consumers APP NAME'), or change them.
@@ -169,11 +152,9 @@ def consumers(ctx: click.Context) -> None:
         raise click.UsageError("give an APP and a NAME: branchctl consumers APP NAME", ctx)
 
 
-@consumers.command("list", context_settings=CONTEXT)
+@consumers.command("list")
 @click.argument("app")
 @click.argument("name")
-@json_option
-@pass_opts
 def consumers_list(opts: Options, app: str, name: str) -> None:
     """List the queues of celery instance NAME of APP."""
     with opts.client() as c:
@@ -181,12 +162,10 @@ def consumers_list(opts: Options, app: str, name: str) -> None:
     _emit(opts, _items(items), _consumers_table(items))
 
 
-@consumers.command("add", context_settings=CONTEXT)
+@consumers.command("add")
 @click.argument("app")
 @click.argument("name")
 @click.argument("queue")
-@json_option
-@pass_opts
 def consumers_add(opts: Options, app: str, name: str, queue: str) -> None:
     """Make instance NAME of APP consume QUEUE (no restart); prints its queues."""
     with opts.client() as c:
@@ -194,12 +173,10 @@ def consumers_add(opts: Options, app: str, name: str, queue: str) -> None:
     _emit(opts, _items(items), _consumers_table(items))
 
 
-@consumers.command("remove", context_settings=CONTEXT)
+@consumers.command("remove")
 @click.argument("app")
 @click.argument("name")
 @click.argument("queue")
-@json_option
-@pass_opts
 def consumers_remove(opts: Options, app: str, name: str, queue: str) -> None:
     """Make instance NAME of APP stop consuming QUEUE (no restart); prints its queues."""
     with opts.client() as c:
@@ -229,12 +206,10 @@ def _non_negative(value: str, what: str) -> int:
     return n
 
 
-@main.command("autoscale", context_settings={**CONTEXT, "ignore_unknown_options": True})
+@main.command("autoscale", context_settings={"ignore_unknown_options": True})
 @click.argument("app")
 @click.argument("name")
 @click.argument("bounds", metavar="[MIN MAX]", nargs=-1)
-@json_option
-@pass_opts
 def autoscale_cmd(opts: Options, app: str, name: str, bounds: tuple[str, ...]) -> None:
     """Show the autoscale bounds of celery instance NAME of APP, or set them to MIN MAX.
 

@@ -11,22 +11,20 @@ import click
 
 from branchctl import render
 from branchctl.cli.common import (
-    CONTEXT,
+    JSON_HELP,
     Failed,
     Options,
     _emit,
     _items,
     _Root,
-    json_option,
-    pass_opts,
 )
-from branchctl.client import DEFAULT_URL, find_url
+from branchctl.client import DEFAULT_URL, find_token, find_url
 from branchctl.models import Branch
 
 # -- root -------------------------------------------------------------------
 
 
-@click.group(cls=_Root, context_settings=CONTEXT)
+@click.group(cls=_Root)
 @click.option(
     "--url",
     envvar="BRANCHD_URL",
@@ -36,7 +34,18 @@ from branchctl.models import Branch
     f"else {DEFAULT_URL}].",
 )
 @click.option(
-    "--token", envvar="BRANCHD_TOKEN", show_envvar=True, help="Bearer token of the branch."
+    "--token",
+    envvar="BRANCHD_TOKEN",
+    show_envvar=True,
+    help="Bearer token of the branch [default: the local daemon's, read from "
+    "its state dir's token file when this user can read it].",
+)
+@click.option(
+    "--token-file",
+    envvar="BRANCHD_TOKEN_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="File holding the bearer token (keeps it off the command line).",
 )
 @click.option(
     "--timeout",
@@ -47,12 +56,15 @@ from branchctl.models import Branch
     show_envvar=True,
     help="Seconds to wait for an answer.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text."
-)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_context
 def main(
-    ctx: click.Context, url: str | None, token: str | None, timeout: float, as_json: bool
+    ctx: click.Context,
+    url: str | None,
+    token: str | None,
+    token_file: str | None,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Control a branchd daemon: its apps, their instances, their logs.
 
@@ -65,6 +77,10 @@ def main(
     found: Path | None = None
     if not url:
         url, found = find_url(os.environ)
+    if not token and token_file:
+        token = _read_token(token_file)
+    if not token:
+        token = find_token({k: v for k, v in os.environ.items() if k != "BRANCHD_TOKEN_FILE"}, url)
     ctx.obj = Options(
         url=url,
         token=token or None,
@@ -74,9 +90,19 @@ def main(
     )
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+def _read_token(path: str) -> str:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--token-file"
+        ) from None
+    if not text:
+        raise click.BadParameter(f"{path} is empty", param_hint="--token-file")
+    return text
+
+
+@main.command()
 def ping(opts: Options) -> None:
     """Check that the daemon answers."""
     with opts.client() as c:
@@ -104,9 +130,7 @@ def _branch_text(b: Branch) -> str:
     )
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+@main.command()
 def branch(opts: Options) -> None:
     """Show this branch (the daemon answering)."""
     with opts.client() as c:
@@ -114,9 +138,7 @@ def branch(opts: Options) -> None:
     _emit(opts, b.raw, _branch_text(b))
 
 
-@main.command(context_settings=CONTEXT)
-@json_option
-@pass_opts
+@main.command()
 def branches(opts: Options) -> None:
     """List the branches this daemon knows."""
     with opts.client() as c:
@@ -139,20 +161,18 @@ def branches(opts: Options) -> None:
     )
 
 
-@main.group(context_settings=CONTEXT)
+@main.group()
 def daemon() -> None:
     """The daemon itself."""
 
 
-@daemon.command("exit", context_settings=CONTEXT)
+@daemon.command("exit")
 @click.option(
     "--keep",
     is_flag=True,
     help="Leave every instance running; the next branchd on this state dir adopts them "
     "(an upgrade). Without it, every instance is stopped first.",
 )
-@json_option
-@pass_opts
 def daemon_exit(opts: Options, keep: bool) -> None:
     """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
     with opts.client() as c:
@@ -160,6 +180,7 @@ def daemon_exit(opts: Options, keep: bool) -> None:
     _emit(
         opts,
         {"exiting": True, "keep": keep},
-        "branchd exits; its instances keep running" if keep else
-        "branchd stops its instances, then exits",
+        "branchd exits; its instances keep running"
+        if keep
+        else "branchd stops its instances, then exits",
     )

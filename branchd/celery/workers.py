@@ -22,11 +22,7 @@ from branchd.celery.broker import (
     prune_dead_fanout,
     remove_embedded,
 )
-from branchd.config import CelerySection
-from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
-from branchd.model import App, InstanceSpec, Queue, State
-from branchd.process import health
-from branchd.process.celery_ops import (
+from branchd.celery.ops import (
     CeleryOps,
     Worker,
     backend_for,
@@ -36,11 +32,16 @@ from branchd.process.celery_ops import (
     effective_autoscale,
     env_for,
     node_name,
+    pool_size,
     producer_config,
     producer_env,
     python_for,
     start_bindings,
 )
+from branchd.config import CelerySection
+from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
+from branchd.model import App, InstanceSpec, Queue, State
+from branchd.process import health
 from branchd.process.launcher import Launcher
 from branchd.process.machine import Event, Hung, Proc, Ready
 
@@ -59,10 +60,31 @@ class Host(Protocol):
     def celery_instances(self) -> list[InstanceSpec]: ...
 
 
+class _Unbound:
+    """No engine yet: every lookup finds nothing."""
+
+    def feed(self, name: str, event: Event) -> None:
+        pass
+
+    def proc(self, name: str) -> Proc | None:
+        return None
+
+    def spec(self, name: str) -> InstanceSpec | None:
+        return None
+
+    def app(self, name: str) -> App | None:
+        return None
+
+    def queue_decls(self, app: str) -> dict[str, Queue]:
+        return {}
+
+    def celery_instances(self) -> list[InstanceSpec]:
+        return []
+
+
 class Workers:
     def __init__(
         self,
-        host: Host,
         ops: CeleryOps,
         launcher: Launcher,
         state_dir: Path,
@@ -70,7 +92,7 @@ class Workers:
         *,
         settings: CelerySection,
     ) -> None:
-        self._host = host
+        self._host: Host = _Unbound()
         self.ops = ops
         self._launcher = launcher
         self._state_dir = state_dir
@@ -86,6 +108,10 @@ class Workers:
         self._locks: dict[str, asyncio.Lock] = {}
         self._prune_failures: dict[BrokerSpec, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+
+    def bind(self, host: Host) -> None:
+        """The engine that owns the machines (it binds itself as it is built)."""
+        self._host = host
 
     # worker identity ----------------------------------------------------------
 
@@ -107,6 +133,20 @@ class Workers:
         """The argv of an adopted worker (as the kernel has it), for its view."""
         if argv:
             self._argv[name] = argv
+
+    async def worker_stats(self, spec: InstanceSpec) -> dict[str, Any]:
+        """What a running worker says of itself (its part of an instance's stats)."""
+        w = self.worker(spec)
+        stats, active = await asyncio.gather(
+            self.ops.stats(w), self.ops.call(w, "active"), return_exceptions=True
+        )
+        stats = stats if isinstance(stats, dict) else None
+        return {
+            "node": w.node,
+            "pool_size": pool_size(stats),
+            "stats": stats,
+            "active": _unwrap(active) if isinstance(active, dict) else None,
+        }
 
     def remove_embedded(self, app: str) -> None:
         """Forget a deleted app's embedded broker folders and result store."""
@@ -412,3 +452,8 @@ class Workers:
             else:
                 if self._prune_failures.pop(broker, None) is not None:
                     log.info("pruning dead nodes on %s works again", broker.redacted())
+
+
+def _unwrap(reply: dict[str, Any]) -> Any:
+    """Inspect replies that are not objects arrive wrapped as {"ok": ...}."""
+    return reply.get("ok", reply) if set(reply) == {"ok"} else reply

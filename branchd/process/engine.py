@@ -1,9 +1,12 @@
-"""The local supervisor: runs the pure state machine of each instance against
-the store (declared state) and the launcher (processes).
+"""The supervision engine: runs the pure state machine of each instance
+against the store (declared state) and the launcher (processes): spawn,
+watch, adopt, schedule, persist.
 
 Events come up (a pid died, a timer fired, a user asked), the machine decides,
 and the commands it returns go down to the launcher. Every acknowledged user
-change is in SQLite before the method returns.
+change is in SQLite before the method returns. Declarations (apps, queues)
+are the ``Declarations`` service's; the conversations with Celery workers
+are the ``Workers`` service's; logs are the ``LogService``'s.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import logging
 import os
 import secrets
 import signal as _signal
-import socket
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,21 +25,13 @@ from typing import Any
 import psutil
 
 from branchd import events
-from branchd.celery.remote import RemoteControl
-from branchd.celery.urls import embedded_exchange_problem
+from branchd.celery.workers import Workers
 from branchd.clock import Clock
-from branchd.config import Config
-from branchd.errors import (
-    BranchdError,
-    Conflict,
-    Invalid,
-    NotFound,
-    RestartRequired,
-)
+from branchd.config import SupervisionSection
+from branchd.declarations import Declarations, check_name
+from branchd.errors import BranchdError, Conflict, Invalid, NotFound
 from branchd.events import EventBus
 from branchd.model import (
-    NAME_RULE,
-    QUEUE_NAME_RULE,
     App,
     Desired,
     InstanceSpec,
@@ -47,17 +41,16 @@ from branchd.model import (
     Runtime,
     State,
     signal_number,
-    valid_name,
-    valid_queue_name,
 )
 from branchd.process import logs
-from branchd.process.celery_ops import (
-    CeleryOps,
-    autoscaler_range,
-    fixed_concurrency,
-    pool_size,
+from branchd.process.launcher import (
+    Launcher,
+    LaunchSpec,
+    Marked,
+    base_env,
+    make_mark,
+    user_env,
 )
-from branchd.process.launcher import Launcher, LaunchSpec
 from branchd.process.machine import (
     Adopt,
     Backoff,
@@ -77,16 +70,8 @@ from branchd.process.machine import (
     Timeout,
     step,
 )
-from branchd.process.specs import (
-    CELERY_FIELDS,
-    apply_fields,
-    autoscale_from,
-    build_spec,
-    celery_settings,
-    check_kind_fields,
-)
-from branchd.process.workers import Workers
-from branchd.store import Store, celery_to_dict
+from branchd.process.specs import apply_fields, build_spec, check_kind_fields
+from branchd.store import Store
 from branchd.views import InstanceView, Stats, TreeStats
 
 log = logging.getLogger(__name__)
@@ -95,28 +80,31 @@ log = logging.getLogger(__name__)
 _REMOVING_APP = "removing_app:"
 
 
-
-class Manager:
-    """Supervises the instances of this branch; the API's backend."""
+class Engine:
+    """Supervises the instances of this branch."""
 
     def __init__(
         self,
         store: Store,
         launcher: Launcher,
         clock: Clock,
-        config: Config,
+        settings: SupervisionSection,
+        log_dir: Path,
         branch_id: str,
-        remote: RemoteControl,
+        *,
+        declarations: Declarations,
+        workers: Workers,
         bus: EventBus,
-        hostname: str | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
         self._launcher = launcher
         self._clock = clock
-        self._config = config
+        self._settings = settings
+        self._log_dir = log_dir
         self.branch_id = branch_id
-        self._backoff = Backoff(config.supervision.backoff_base, config.supervision.backoff_max)
+        self._decls = declarations
+        self._backoff = Backoff(settings.backoff_base, settings.backoff_max)
         self._specs: dict[str, InstanceSpec] = {}
         self._procs: dict[str, Proc] = {}
         self._runtime: dict[str, Runtime] = {}
@@ -127,25 +115,21 @@ class Manager:
         self._forgetting: dict[str, asyncio.Task[None]] = {}
         #: App deletes under way, by app.
         self._app_removals: dict[str, asyncio.Task[None]] = {}
-        self._rotator: asyncio.Task[None] | None = None
         self._env = dict(os.environ)
-        self._workers = Workers(
-            self,
-            CeleryOps(remote),
-            launcher,
-            config.state_dir,
-            hostname or socket.gethostname(),
-            settings=config.celery,  # (only its own section)
-        )
+        self._workers = workers
+        workers.bind(self)
 
     # lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         """Adopt the instances whose processes survived us; start the rest."""
         runtimes = self._store.runtimes()
+        marked: dict[str, list[Marked]] = {}
+        for m in self._launcher.marked(self.branch_id):
+            marked.setdefault(m.instance, []).append(m)
         for spec in self._store.list_instances():
             name = spec.name
-            rt = runtimes.get(name, Runtime())
+            rt = self._claim_marked(name, runtimes.get(name, Runtime()), marked.pop(name, []))
             self._specs[name] = spec
             self._procs[name] = Proc(
                 restarts=rt.restarts,
@@ -194,19 +178,50 @@ class Manager:
                 # a delete was under way when the daemon went: it ends now
                 self._deleting.add(name)
                 self._begin_forget(name)
+        for found in marked.values():
+            for m in found:  # spawned for an instance that is no more: no orphans
+                log.warning("killing pid %d: spawned for %s, which is no more", m.pid, m.instance)
+                self._kill_group(m.pid)
         for app in self._store.marks(_REMOVING_APP):
             # an app delete was under way when the daemon went: it ends now
             if self._store.get_app(app) is None:
                 self._store.set_mark(f"{_REMOVING_APP}{app}", False)
             else:
                 self._begin_app_removal(app)
-        self._rotator = asyncio.create_task(self._rotate_logs())
         self._workers.start()
+
+    def _claim_marked(self, name: str, rt: Runtime, found: list[Marked]) -> Runtime:
+        """The runtime to adopt from: the recorded process if it lives, else the
+        newest process marked for this instance (spawned by a daemon that went
+        before it committed the pid); any other marked one is a second copy
+        and goes."""
+        recorded = bool(rt.pid and rt.create_time and self._launcher.alive(rt.pid, rt.create_time))
+        if not recorded and found:
+            # (create_time ticks in 10 ms: within one tick, the higher pid came later)
+            newest = max(found, key=lambda m: (m.create_time, m.pid))
+            if rt.pid and _gone_or_zombie(rt.pid):
+                self._kill_group(rt.pid)  # what the dead recorded one left
+            log.warning("%s: pid %d was started but never recorded; adopting it", name, newest.pid)
+            rt = replace(
+                rt,
+                pid=newest.pid,
+                create_time=newest.create_time,
+                started_at=newest.create_time,
+                state=State.STARTING,
+            )
+            self._store.save_runtime(name, rt)
+        for m in found:
+            if m.pid != rt.pid:
+                log.warning("%s: killing pid %d, a second copy of it", name, m.pid)
+                self._kill_group(m.pid)
+        return rt
+
+    def _kill_group(self, pid: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._launcher.signal(pid, _signal.SIGKILL, True)
 
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
-        if self._rotator:
-            self._rotator.cancel()
         if not keep:
             # (fatal and exited ones stay so: their state is what the next daemon shows)
             live = (State.STARTING, State.RUNNING, State.STOPPING, State.BACKOFF)
@@ -232,79 +247,13 @@ class Manager:
         await self._workers.close()
         self._launcher.close()
 
-    # apps -------------------------------------------------------------------
-
-    async def list_apps(self) -> list[App]:
-        return self._store.list_apps()
-
-    async def get_app(self, name: str) -> App:
-        app = self._store.get_app(name)
-        if app is None:
-            raise NotFound(f"no app {name!r}")
-        return app
-
-    async def put_app(
-        self,
-        name: str,
-        env: Mapping[str, str],
-        defaults: Mapping[str, Any],
-        celery: Mapping[str, Any] | None = None,
-    ) -> tuple[App, bool]:
-        _check_name(name, "app")
-        existing = self._store.get_app(name)
-        app = App(
-            name=name,
-            env=dict(env),
-            defaults=dict(defaults),
-            created_at=existing.created_at if existing else self._clock.wall(),
-            celery=celery_settings(celery or {}),
-        )
-        if defaults:
-            # The defaults must make a valid instance of some kind (a celery
-            # one when they hold only what a worker takes).
-            worker = any(k in CELERY_FIELDS for k in defaults) and "command" not in defaults
-            probe = {"kind": Kind.CELERY} if worker else {"command": ["x"]}
-            build_spec(app, "probe", probe, "", 0.0)
-        # What the app's workers will consume must be carried by its (new) broker.
-        decls = self.queue_decls(name)
-        wanted = [q for s in self._specs.values() if s.app == name for q in s.queues]
-        queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
-        self._check_carried(app, list(queues), decls)
-        created = self._store.put_app(app)
-        self._bus.publish(events.DeclarationChanged("app", name, name))
-        return app, created
-
-    async def patch_app(self, name: str, patch: Mapping[str, Any]) -> App:
-        """Change what ``patch`` names and keep the rest (JSON merge patch:
-        env and defaults merge key by key, null removes a key or resets a
-        setting to its default). Validated as a whole, like a PUT."""
-        app = await self.get_app(name)
-        env = _merged(app.env, patch.get("env"))
-        defaults = _merged(app.defaults, patch.get("defaults"))
-        celery = celery_to_dict(app.celery)
-        for key, value in patch.items():
-            if key not in ("env", "defaults"):
-                celery[key] = value
-        celery = {k: v for k, v in celery.items() if v is not None}
-        new, _created = await self.put_app(name, env, defaults, celery)
-        return new
-
-    def effective_broker(self, app: App) -> str:
-        """The URL a producer uses (the embedded broker's is ``filesystem://``:
-        its folders ride in the transport options of ``celery_config``)."""
-        return self._workers.broker(app).url
-
-    def effective_backend(self, app: App) -> str | None:
-        return self._workers.result_backend(app)
-
-    async def celery_config(self, name: str) -> dict[str, Any]:
-        return self._workers.producer_setup(await self.get_app(name))
+    # apps: their end (the declarations are the Declarations service's) ------
 
     async def delete_app(self, name: str, *, wait: bool = True) -> App:
         """Stop and remove the app's instances, then it and its queues; answers
         the app as the delete began. Without ``wait`` it answers at once and
         the rest goes on in the background (each instance's removal is durable)."""
-        app = await self.get_app(name)
+        app = await self._decls.get_app(name)
         task = self._app_removals.get(name)
         if task is None:  # (a second delete waits for the one under way)
             # Durable: a daemon that goes before the end finishes the delete.
@@ -331,9 +280,8 @@ class Manager:
                 # its embedded broker and results go with it (before the app: a
                 # new app of that name must not run the old one's leftover tasks)
                 await asyncio.to_thread(self._workers.remove_embedded, name)
-            self._store.delete_app(name)
+            self._decls.forget_app(name)
             self._store.set_mark(f"{_REMOVING_APP}{name}", False)
-            self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
         finally:
             self._deleting_apps.discard(name)
 
@@ -341,20 +289,20 @@ class Manager:
 
     async def list_instances(self, app: str | None = None) -> list[InstanceView]:
         if app is not None:
-            await self.get_app(app)
+            await self._decls.get_app(app)
         names = sorted(self._specs, key=lambda n: (self._specs[n].app, n))
         return [self._view(n) for n in names if app is None or self._specs[n].app == app]
 
     async def get_instance(self, app: str, name: str) -> InstanceView:
-        return self._view(self._lookup(app, name).name)
+        return self._view(self.lookup(app, name).name)
 
     async def create_instance(self, app_name: str, fields: Mapping[str, Any]) -> InstanceView:
-        app = await self.get_app(app_name)
+        app = await self._decls.get_app(app_name)
         if app_name in self._deleting_apps:
             raise Conflict(f"app {app_name!r} is being deleted")
         fields = dict(fields)
         name = fields.pop("name", None) or self._new_name(app_name)
-        _check_name(name, "instance")
+        check_name(name, "instance")
         if name in self._specs:
             # (names are unique on the branch, across apps: a worker's node is name@host)
             owner = self._specs[name].app
@@ -364,7 +312,7 @@ class Manager:
             )
         spec = build_spec(app, name, fields, self.branch_id, self._clock.wall())
         if spec.kind == Kind.CELERY:
-            self._check_carried(app, spec.queues, self.queue_decls(app_name))
+            self._decls.check_queues(app, spec.queues)
         if spec.kind == Kind.CELERY and not app.celery.celery_app:
             raise Invalid(
                 f"app {app_name!r} has no celery_app (the module for celery -A), so it "
@@ -385,15 +333,15 @@ class Manager:
         return self._view(name)
 
     async def update_instance(self, app: str, name: str, fields: Mapping[str, Any]) -> InstanceView:
-        spec = self._lookup(app, name)
+        spec = self.lookup(app, name)
         for key in ("name", "kind"):
             if key in fields:
                 raise Invalid(f"{key} cannot be changed")
         check_kind_fields(spec.kind, fields)
         new = apply_fields(spec, fields)
-        app_obj = self._store.get_app(app)
+        app_obj = self._decls.find_app(app)
         if new.kind == Kind.CELERY and app_obj is not None:
-            self._check_carried(app_obj, new.queues, self.queue_decls(app))
+            self._decls.check_queues(app_obj, new.queues)
         self._store.update_instance(new)
         self._specs[name] = new
         return self._view(name)
@@ -404,7 +352,7 @@ class Manager:
         Without ``wait`` it answers at once and the rest (the wait for the
         stop, the removal) goes on in the background.
         """
-        spec = self._lookup(app, name)
+        spec = self.lookup(app, name)
         under_way = self._forgetting.get(name)
         if under_way is not None:  # a second delete waits for the one under way
             view = self._view(name)
@@ -450,13 +398,13 @@ class Manager:
             self._deleting.discard(name)
 
     async def start_instance(self, app: str, name: str) -> InstanceView:
-        self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
+        self._set_desired(self.lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Start())
         return self._view(name)
 
     async def stop_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
         """Stop an instance; with ``wait``, answer once it has stopped."""
-        self._set_desired(self._lookup(app, name), Desired.STOPPED)
+        self._set_desired(self.lookup(app, name), Desired.STOPPED)
         self._feed(name, Stop())
         if not wait:  # the caller watches the state instead (a stop can take stopwaitsecs)
             return self._view(name)
@@ -465,7 +413,7 @@ class Manager:
 
     async def restart_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
         """Restart an instance; with ``wait``, answer once the old process has stopped."""
-        self._set_desired(self._lookup(app, name, starting=True), Desired.RUNNING)
+        self._set_desired(self.lookup(app, name, starting=True), Desired.RUNNING)
         self._feed(name, Restart())
         if not wait:
             return self._view(name)
@@ -479,166 +427,26 @@ class Manager:
         return self._view(name)
 
     async def instance_stats(self, app: str, name: str) -> Stats:
-        spec = self._lookup(app, name)
+        spec = self.lookup(app, name)
         view = self._view(name)
         pid = view.runtime.pid
         tree = self._launcher.tree_stats(pid) if pid else TreeStats(0.0, 0, 0)
         celery: dict[str, Any] | None = None
         if spec.kind == Kind.CELERY and view.runtime.state == State.RUNNING:
-            w = self._workers.worker(spec)
-            stats, active = await asyncio.gather(
-                self._workers.ops.stats(w),
-                self._workers.ops.call(w, "active"),
-                return_exceptions=True,
-            )
-            stats = stats if isinstance(stats, dict) else None
-            celery = {
-                "node": w.node,
-                "pool_size": pool_size(stats),
-                "stats": stats,
-                "active": _unwrap(active) if isinstance(active, dict) else None,
-            }
+            celery = await self._workers.worker_stats(spec)
         return Stats(view, tree, celery)
-
-    def log_path(self, app: str, name: str, stream: str) -> Path:
-        spec = self._lookup(app, name)
-        out, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
-        return err if stream == "stderr" else out
-
-    async def read_logs(self, app: str, name: str, stream: str, tail: int) -> list[str]:
-        path = self.log_path(app, name, stream)
-        return await asyncio.to_thread(logs.tail, path, tail)
-
-    def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]:
-        return logs.follow(self.log_path(app, name, stream))
 
     def instance_names(self) -> list[str]:
         return list(self._specs)
 
-    # queues (declarations of an app) --------------------------------------------
+    # what the Celery runtime and the logs read ------------------------------------
 
-    async def list_queues(self, app: str) -> list[Queue]:
-        await self.get_app(app)
-        return self._store.list_queues(app)
+    def specs(self, app: str | None = None) -> list[InstanceSpec]:
+        return [s for s in self._specs.values() if app is None or s.app == app]
 
-    async def get_queue(self, app: str, name: str) -> Queue:
-        await self.get_app(app)
-        queue = self._store.get_queue(app, name)
-        if queue is None:
-            raise NotFound(f"no queue {name!r} in app {app!r}")
-        return queue
-
-    async def put_queue(self, app: str, name: str, fields: Mapping[str, Any]) -> tuple[Queue, bool]:
-        app_obj = await self.get_app(app)
-        _check_name(name, "queue")
-        queue = Queue(
-            app=app,
-            name=name,
-            exchange=fields.get("exchange") or None,
-            exchange_type=fields.get("exchange_type", "direct"),
-            routing_key=fields.get("routing_key") or None,
-            options=dict(fields.get("options", {})),
-        )
-        self._check_carried(app_obj, [name], {name: queue})
-        created = self._store.put_queue(queue)
-        self._bus.publish(events.DeclarationChanged("queue", app, name))
-        return queue, created
-
-    async def delete_queue(self, app: str, name: str) -> None:
-        """Cancel the queue on every instance of the app, then forget it."""
-        await self.get_queue(app, name)
-        for spec in [s for s in self._specs.values() if s.app == app and name in s.queues]:
-            await self.remove_consumer(app, spec.name, name)
-        self._store.delete_queue(app, name)
-        self._bus.publish(events.DeclarationChanged("queue", app, name, deleted=True))
-
-    # consumers and autoscale (runtime changes of a celery instance) ---------------
-
-    async def consumers(self, app: str, name: str) -> list[dict[str, Any]]:
-        spec = self._celery_lookup(app, name)
-        live: list[str] | None = None
-        if self._procs[name].state == State.RUNNING:
-            live = await self._workers.ops.active_queues(self._workers.worker(spec))
-        return self._consumer_items(spec, live)
-
-    async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        self._celery_lookup(app, name)
-        _check_name(queue, "queue")
-        self._check_carried(await self.get_app(app), [queue], self.queue_decls(app))
-        async with self._workers.lock(name):
-            spec = self._celery_lookup(app, name)
-            if queue not in spec.queues:
-                spec = self._update_spec(replace(spec, queues=(*spec.queues, queue)))
-            live = None
-            if self._procs[name].state == State.RUNNING:
-                decl = self._store.get_queue(app, queue)
-                live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
-                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
-            return self._consumer_items(spec, live)
-
-    async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
-        self._celery_lookup(app, name)
-        async with self._workers.lock(name):
-            spec = self._celery_lookup(app, name)
-            if queue in spec.queues:
-                spec = self._update_spec(
-                    replace(spec, queues=tuple(q for q in spec.queues if q != queue))
-                )
-            live = None
-            if self._procs[name].state == State.RUNNING:
-                live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
-                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
-            return self._consumer_items(spec, live)
-
-    def _consumer_items(self, spec: InstanceSpec, live: list[str] | None) -> list[dict[str, Any]]:
-        declared = {q.name for q in self._store.list_queues(spec.app)}
-        names = list(spec.queues) + [q for q in (live or []) if q not in spec.queues]
-        return [
-            {
-                "name": q,
-                "wanted": q in spec.queues,
-                "declared": q in declared,
-                "live": None if live is None else q in live,
-            }
-            for q in names
-        ]
-
-    async def get_autoscale(self, app: str, name: str) -> dict[str, Any]:
-        spec = self._celery_lookup(app, name)
-        app_obj = await self.get_app(app)
-        want = spec.autoscale or app_obj.celery.autoscale
-        live = None
-        if self._procs[name].state == State.RUNNING:
-            got = autoscaler_range(await self._workers.ops.stats(self._workers.worker(spec)))
-            live = got.to_json() if got else None
-        return {**(want.to_json() if want else {"min": None, "max": None}), "live": live}
-
-    async def set_autoscale(self, app: str, name: str, low: int, high: int) -> dict[str, Any]:
-        self._celery_lookup(app, name)
-        want = autoscale_from({"min": low, "max": high})
-        assert want is not None
-        async with self._workers.lock(name):
-            old = self._celery_lookup(app, name)
-            running = self._procs[name].state == State.RUNNING
-            if running:
-                # A worker started with a fixed --concurrency has no autoscaler and
-                # refuses the change: say so (409) and keep the declaration as it
-                # is, rather than store a range the running worker does not have.
-                w = self._workers.worker(old)
-                stats = await self._workers.ops.stats(w)
-                # (no reply, or an error reply, says nothing either way: send it)
-                fixed = stats is not None and "error" not in stats and not stats.get("autoscaler")
-                if fixed:
-                    raise RestartRequired(fixed_concurrency(w))
-            spec = self._update_spec(replace(old, autoscale=want, concurrency=None))
-            if running:
-                try:
-                    await self._workers.ops.autoscale(self._workers.worker(spec), want)
-                except RestartRequired:
-                    self._update_spec(old)
-                    raise
-                self._bus.publish(events.RuntimeChanged(app, name, "autoscale"))
-            return await self.get_autoscale(app, name)
+    def running(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        return proc is not None and proc.state == State.RUNNING
 
     # what the workers service needs (workers.Host) ----------------------------------
 
@@ -652,49 +460,33 @@ class Manager:
         return self._specs.get(name)
 
     def app(self, name: str) -> App | None:
-        return self._store.get_app(name)
+        return self._decls.find_app(name)
 
     def queue_decls(self, app: str) -> dict[str, Queue]:
-        return {q.name: q for q in self._store.list_queues(app)}
+        return self._decls.queue_decls(app)
 
     def celery_instances(self) -> list[InstanceSpec]:
         return [s for s in self._specs.values() if s.kind == Kind.CELERY]
 
     # internals --------------------------------------------------------------
 
-    def _lookup(self, app: str, name: str, *, starting: bool = False) -> InstanceSpec:
+    def lookup(self, app: str, name: str, *, starting: bool = False) -> InstanceSpec:
         spec = self._specs.get(name)
         if spec is None or spec.app != app:
-            if self._store.get_app(app) is None:
+            if self._decls.find_app(app) is None:
                 raise NotFound(f"no app {app!r}")
             raise NotFound(f"no instance {name!r} in app {app!r}")
         if starting and name in self._deleting:
             raise Conflict(f"instance {name!r} is being deleted")
         return spec
 
-    def _celery_lookup(self, app: str, name: str) -> InstanceSpec:
-        spec = self._lookup(app, name)
+    def celery_lookup(self, app: str, name: str) -> InstanceSpec:
+        spec = self.lookup(app, name)
         if spec.kind != Kind.CELERY:
             raise Invalid(f"instance {name!r} is not a celery instance")
         return spec
 
-    @staticmethod
-    def _check_carried(app: App, queues: Sequence[str], decls: Mapping[str, Queue]) -> None:
-        """Refuse queues the app's broker cannot carry: on the embedded broker a
-        queue's exchange (its own name unless declared) must be a plain file name."""
-        if app.celery.broker is not None:
-            return
-        for queue in queues:
-            decl = decls.get(queue)
-            exchange = decl.exchange if decl is not None and decl.exchange else queue
-            problem = embedded_exchange_problem(exchange)
-            if problem:
-                raise Invalid(
-                    f"queue {queue!r}: {problem}; declare the queue with such an exchange "
-                    f"(branchctl queues add {app.name} {queue} --exchange NAME)"
-                )
-
-    def _update_spec(self, spec: InstanceSpec) -> InstanceSpec:
+    def update_spec(self, spec: InstanceSpec) -> InstanceSpec:
         """Persist first: a runtime change that fails later keeps the declaration."""
         self._store.update_instance(spec)
         self._specs[spec.name] = spec
@@ -762,10 +554,16 @@ class Manager:
                 self._launcher.signal(old.pid, _signal.SIGKILL, True)
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
-        app = self._store.get_app(spec.app)
-        env = {**self._env, **(app.env if app else {}), **spec.env}
+        app = self._decls.find_app(spec.app)
+        # A clean environment: the documented base, then the app's and the
+        # instance's (never the daemon's own, which holds its token).
+        env = {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(spec.env),
+        }
         argv = spec.command
-        out, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
+        out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         try:
             if spec.kind == Kind.CELERY:
                 argv, env = self._workers.prepare_spawn(spec, env)
@@ -777,6 +575,7 @@ class Manager:
                     user=spec.user,
                     stdout_path=out,
                     stderr_path=err,
+                    mark=make_mark(self.branch_id, name),
                 )
             )
         except Exception as exc:  # any failure to start is a failed start, never a crash
@@ -809,7 +608,7 @@ class Manager:
         spec = self._specs.get(name)
         if spec is None or proc.state != State.STARTING or code in (0, None):
             return None
-        _, err = logs.log_paths(self._config.log_dir, spec.app, spec.name)
+        _, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         started = self._runtime[name].started_at
         # mtime has a coarse clock on some filesystems: allow a little slack
         return logs.last_line(err, since=started - 1.0 if started else None)
@@ -846,7 +645,7 @@ class Manager:
         spec = self._specs.get(name)
         if spec is None:
             return
-        limit = spec.policy.stopwaitsecs + self._config.supervision.kill_grace
+        limit = spec.policy.stopwaitsecs + self._settings.kill_grace
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
 
@@ -861,21 +660,6 @@ class Manager:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changes.get(), remaining)
-
-    async def _rotate_logs(self) -> None:
-        interval = self._config.logs.check_interval
-        while True:
-            await asyncio.sleep(interval)
-            # Rotation copies up to max_bytes: keep that off the event loop.
-            await asyncio.to_thread(self._rotate_all, list(self._specs.values()))
-
-    def _rotate_all(self, specs: list[InstanceSpec]) -> None:
-        for spec in specs:
-            for path in logs.log_paths(self._config.log_dir, spec.app, spec.name):
-                try:
-                    logs.rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
-                except OSError:
-                    log.warning("cannot rotate %s", path, exc_info=True)
 
 
 def _tracked(
@@ -912,27 +696,3 @@ def _gone_or_zombie(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
-
-
-def _merged(base: Mapping[str, Any], patch: Mapping[str, Any] | None) -> dict[str, Any]:
-    """One level of a JSON merge patch: null removes the key."""
-    out = dict(base)
-    for key, value in (patch or {}).items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
-
-
-def _unwrap(reply: dict[str, Any]) -> Any:
-    """Inspect replies that are not objects arrive wrapped as {"ok": ...}."""
-    return reply.get("ok", reply) if set(reply) == {"ok"} else reply
-
-
-def _check_name(name: str, what: str) -> None:
-    if what == "queue":
-        if not isinstance(name, str) or not valid_queue_name(name):
-            raise Invalid(f"bad queue name {name!r}: {QUEUE_NAME_RULE}")
-    elif not isinstance(name, str) or not valid_name(name):
-        raise Invalid(f"bad {what} name {name!r}: {NAME_RULE}")

@@ -1,0 +1,145 @@
+"""Celery runtime operations: what a user changes in running workers without a
+restart (consumers, autoscale), a queue's delete across the app's workers, and
+what a producer needs to reach them.
+
+Each change is declared first (the engine persists the new spec), then sent
+to a running worker over remote control and confirmed; a ``RuntimeChanged``
+goes on the bus once the worker has it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from branchd import events
+from branchd.celery.ops import autoscaler_range, fixed_concurrency
+from branchd.celery.workers import Workers
+from branchd.declarations import Declarations, check_name
+from branchd.errors import RestartRequired
+from branchd.events import EventBus
+from branchd.model import App, InstanceSpec, Queue
+from branchd.process.engine import Engine
+from branchd.process.specs import autoscale_from
+
+
+class CeleryRuntime:
+    def __init__(
+        self, engine: Engine, declarations: Declarations, workers: Workers, bus: EventBus
+    ) -> None:
+        self._engine = engine
+        self._decls = declarations
+        self._workers = workers
+        self._bus = bus
+
+    # what a producer needs ------------------------------------------------------
+
+    def effective_broker(self, app: App) -> str:
+        """The URL a producer uses (the embedded broker's is ``filesystem://``:
+        its folders ride in the transport options of ``celery_config``)."""
+        return self._workers.broker(app).url
+
+    def effective_backend(self, app: App) -> str | None:
+        return self._workers.result_backend(app)
+
+    async def celery_config(self, name: str) -> dict[str, Any]:
+        return self._workers.producer_setup(await self._decls.get_app(name))
+
+    # queues -------------------------------------------------------------------------
+
+    async def delete_queue(self, app: str, name: str) -> None:
+        """Cancel the queue on every instance of the app, then forget it."""
+        await self._decls.get_queue(app, name)
+        for spec in [s for s in self._engine.specs(app) if name in s.queues]:
+            await self.remove_consumer(app, spec.name, name)
+        self._decls.forget_queue(app, name)
+
+    # consumers ------------------------------------------------------------------------
+
+    async def consumers(self, app: str, name: str) -> list[dict[str, Any]]:
+        spec = self._engine.celery_lookup(app, name)
+        live: list[str] | None = None
+        if self._engine.running(name):
+            live = await self._workers.ops.active_queues(self._workers.worker(spec))
+        return self._consumer_items(spec, live)
+
+    async def add_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        self._engine.celery_lookup(app, name)
+        check_name(queue, "queue")
+        self._decls.check_queues(await self._decls.get_app(app), [queue])
+        async with self._workers.lock(name):
+            spec = self._engine.celery_lookup(app, name)
+            if queue not in spec.queues:
+                spec = self._engine.update_spec(replace(spec, queues=(*spec.queues, queue)))
+            live = None
+            if self._engine.running(name):
+                decl = self._decls.find_queue(app, queue)
+                live = await self._workers.ops.add_consumer(self._workers.worker(spec), queue, decl)
+                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
+            return self._consumer_items(spec, live)
+
+    async def remove_consumer(self, app: str, name: str, queue: str) -> list[dict[str, Any]]:
+        self._engine.celery_lookup(app, name)
+        async with self._workers.lock(name):
+            spec = self._engine.celery_lookup(app, name)
+            if queue in spec.queues:
+                spec = self._engine.update_spec(
+                    replace(spec, queues=tuple(q for q in spec.queues if q != queue))
+                )
+            live = None
+            if self._engine.running(name):
+                live = await self._workers.ops.cancel_consumer(self._workers.worker(spec), queue)
+                self._bus.publish(events.RuntimeChanged(app, name, "consumers"))
+            return self._consumer_items(spec, live)
+
+    def _consumer_items(self, spec: InstanceSpec, live: list[str] | None) -> list[dict[str, Any]]:
+        declared: dict[str, Queue] = self._decls.queue_decls(spec.app)
+        names = list(spec.queues) + [q for q in (live or []) if q not in spec.queues]
+        return [
+            {
+                "name": q,
+                "wanted": q in spec.queues,
+                "declared": q in declared,
+                "live": None if live is None else q in live,
+            }
+            for q in names
+        ]
+
+    # autoscale -----------------------------------------------------------------------
+
+    async def get_autoscale(self, app: str, name: str) -> dict[str, Any]:
+        spec = self._engine.celery_lookup(app, name)
+        app_obj = await self._decls.get_app(app)
+        want = spec.autoscale or app_obj.celery.autoscale
+        live = None
+        if self._engine.running(name):
+            got = autoscaler_range(await self._workers.ops.stats(self._workers.worker(spec)))
+            live = got.to_wire() if got else None
+        return {**(want.to_wire() if want else {"min": None, "max": None}), "live": live}
+
+    async def set_autoscale(self, app: str, name: str, low: int, high: int) -> dict[str, Any]:
+        self._engine.celery_lookup(app, name)
+        want = autoscale_from({"min": low, "max": high})
+        assert want is not None
+        async with self._workers.lock(name):
+            old = self._engine.celery_lookup(app, name)
+            running = self._engine.running(name)
+            if running:
+                # A worker started with a fixed --concurrency has no autoscaler and
+                # refuses the change: say so (409) and keep the declaration as it
+                # is, rather than store a range the running worker does not have.
+                w = self._workers.worker(old)
+                stats = await self._workers.ops.stats(w)
+                # (no reply, or an error reply, says nothing either way: send it)
+                fixed = stats is not None and "error" not in stats and not stats.get("autoscaler")
+                if fixed:
+                    raise RestartRequired(fixed_concurrency(w))
+            spec = self._engine.update_spec(replace(old, autoscale=want, concurrency=None))
+            if running:
+                try:
+                    await self._workers.ops.autoscale(self._workers.worker(spec), want)
+                except RestartRequired:
+                    self._engine.update_spec(old)
+                    raise
+                self._bus.publish(events.RuntimeChanged(app, name, "autoscale"))
+            return await self.get_autoscale(app, name)

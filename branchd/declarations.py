@@ -1,0 +1,183 @@
+"""Declarations: apps and their queue declarations (validation, storage, the
+embedded broker's rule).
+
+This is what the cluster will replicate: records a user declares, checked
+here once and kept in the store, with a ``DeclarationChanged`` on the bus for
+each change. Nothing here runs a process or talks to a worker: the engine and
+the Celery runtime read declarations through this service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from branchd import events
+from branchd.celery.urls import embedded_exchange_problem
+from branchd.clock import Clock
+from branchd.errors import Invalid, NotFound
+from branchd.events import EventBus
+from branchd.model import (
+    NAME_RULE,
+    QUEUE_NAME_RULE,
+    App,
+    Kind,
+    Queue,
+    valid_name,
+    valid_queue_name,
+)
+from branchd.process.specs import CELERY_FIELDS, build_spec, celery_settings
+from branchd.store import Store
+
+
+class Declarations:
+    """The apps and queues declared on this branch."""
+
+    def __init__(self, store: Store, clock: Clock, bus: EventBus) -> None:
+        self._store = store
+        self._clock = clock
+        self._bus = bus
+
+    # apps -------------------------------------------------------------------
+
+    async def list_apps(self) -> list[App]:
+        return self._store.list_apps()
+
+    async def get_app(self, name: str) -> App:
+        app = self._store.get_app(name)
+        if app is None:
+            raise NotFound(f"no app {name!r}")
+        return app
+
+    def find_app(self, name: str) -> App | None:
+        return self._store.get_app(name)
+
+    async def put_app(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        defaults: Mapping[str, Any],
+        celery: Mapping[str, Any] | None = None,
+    ) -> tuple[App, bool]:
+        check_name(name, "app")
+        existing = self._store.get_app(name)
+        app = App(
+            name=name,
+            env=dict(env),
+            defaults=dict(defaults),
+            created_at=existing.created_at if existing else self._clock.wall(),
+            celery=celery_settings(celery or {}),
+        )
+        if defaults:
+            # The defaults must make a valid instance of some kind (a celery
+            # one when they hold only what a worker takes).
+            worker = any(k in CELERY_FIELDS for k in defaults) and "command" not in defaults
+            probe = {"kind": Kind.CELERY} if worker else {"command": ["x"]}
+            build_spec(app, "probe", probe, "", 0.0)
+        # What the app's workers will consume must be carried by its (new) broker.
+        decls = self.queue_decls(name)
+        wanted = [q for s in self._store.list_instances(name) for q in s.queues]
+        queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
+        check_carried(app, list(queues), decls)
+        created = self._store.put_app(app)
+        self._bus.publish(events.DeclarationChanged("app", name, name))
+        return app, created
+
+    async def patch_app(self, name: str, patch: Mapping[str, Any]) -> App:
+        """Change what ``patch`` names and keep the rest (JSON merge patch:
+        env and defaults merge key by key, null removes a key or resets a
+        setting to its default). Validated as a whole, like a PUT."""
+        app = await self.get_app(name)
+        env = _merged(app.env, patch.get("env"))
+        defaults = _merged(app.defaults, patch.get("defaults"))
+        celery = app.celery.to_wire()
+        for key, value in patch.items():
+            if key not in ("env", "defaults"):
+                celery[key] = value
+        celery = {k: v for k, v in celery.items() if v is not None}
+        new, _created = await self.put_app(name, env, defaults, celery)
+        return new
+
+    def forget_app(self, name: str) -> None:
+        """The last step of an app's delete (its instances are gone): it and its queues."""
+        self._store.delete_app(name)
+        self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
+
+    # queues -------------------------------------------------------------------
+
+    async def list_queues(self, app: str) -> list[Queue]:
+        await self.get_app(app)
+        return self._store.list_queues(app)
+
+    async def get_queue(self, app: str, name: str) -> Queue:
+        await self.get_app(app)
+        queue = self._store.get_queue(app, name)
+        if queue is None:
+            raise NotFound(f"no queue {name!r} in app {app!r}")
+        return queue
+
+    def find_queue(self, app: str, name: str) -> Queue | None:
+        return self._store.get_queue(app, name)
+
+    def queue_decls(self, app: str) -> dict[str, Queue]:
+        return {q.name: q for q in self._store.list_queues(app)}
+
+    async def put_queue(self, app: str, name: str, fields: Mapping[str, Any]) -> tuple[Queue, bool]:
+        app_obj = await self.get_app(app)
+        check_name(name, "queue")
+        queue = Queue(
+            app=app,
+            name=name,
+            exchange=fields.get("exchange") or None,
+            exchange_type=fields.get("exchange_type", "direct"),
+            routing_key=fields.get("routing_key") or None,
+            options=dict(fields.get("options", {})),
+        )
+        check_carried(app_obj, [name], {name: queue})
+        created = self._store.put_queue(queue)
+        self._bus.publish(events.DeclarationChanged("queue", app, name))
+        return queue, created
+
+    def forget_queue(self, app: str, name: str) -> None:
+        """The last step of a queue's delete (no worker consumes it any more)."""
+        self._store.delete_queue(app, name)
+        self._bus.publish(events.DeclarationChanged("queue", app, name, deleted=True))
+
+    def check_queues(self, app: App, queues: Sequence[str]) -> None:
+        """Refuse ``queues`` if the app's broker cannot carry them."""
+        check_carried(app, queues, self.queue_decls(app.name))
+
+
+def check_carried(app: App, queues: Sequence[str], decls: Mapping[str, Queue]) -> None:
+    """Refuse queues the app's broker cannot carry: on the embedded broker a
+    queue's exchange (its own name unless declared) must be a plain file name."""
+    if app.celery.broker is not None:
+        return
+    for queue in queues:
+        decl = decls.get(queue)
+        exchange = decl.exchange if decl is not None and decl.exchange else queue
+        problem = embedded_exchange_problem(exchange)
+        if problem:
+            raise Invalid(
+                f"queue {queue!r}: {problem}; declare the queue with such an exchange "
+                f"(branchctl queues add {app.name} {queue} --exchange NAME)"
+            )
+
+
+def check_name(name: str, what: str) -> None:
+    if what == "queue":
+        if not isinstance(name, str) or not valid_queue_name(name):
+            raise Invalid(f"bad queue name {name!r}: {QUEUE_NAME_RULE}")
+    elif not isinstance(name, str) or not valid_name(name):
+        raise Invalid(f"bad {what} name {name!r}: {NAME_RULE}")
+
+
+def _merged(base: Mapping[str, Any], patch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One level of a JSON merge patch: null removes the key."""
+    out = dict(base)
+    for key, value in (patch or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out

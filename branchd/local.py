@@ -1,0 +1,85 @@
+"""One branch's local services, built together and handed their collaborators.
+
+The daemon builds this (tests build it over the twins): the declarations
+(apps and queues), the supervision engine (instances), the Celery runtime
+operations and the logs. The HTTP edge calls these services, through the
+Protocols of ``api/backend.py``; none of them builds another.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from branchd.celery.ops import CeleryOps
+from branchd.celery.remote import RemoteControl
+from branchd.celery.runtime import CeleryRuntime
+from branchd.celery.workers import Workers
+from branchd.clock import Clock
+from branchd.config import Config
+from branchd.declarations import Declarations
+from branchd.events import EventBus
+from branchd.process.engine import Engine
+from branchd.process.launcher import Launcher
+from branchd.process.logs import LogService
+from branchd.store import Store
+
+
+@dataclass(frozen=True)
+class LocalBranch:
+    apps: Declarations
+    instances: Engine
+    celery: CeleryRuntime
+    logs: LogService
+
+    @property
+    def branch_id(self) -> str:
+        return self.instances.branch_id
+
+    async def start(self) -> None:
+        """Adopt the instances whose processes survived us, start the rest."""
+        await self.instances.start()
+        self.logs.start()
+
+    async def shutdown(self, *, keep: bool) -> None:
+        """Stop every instance (or, with keep, leave them running) and let go."""
+        await self.logs.close()
+        await self.instances.shutdown(keep=keep)
+
+
+def build(
+    store: Store,
+    launcher: Launcher,
+    clock: Clock,
+    config: Config,
+    branch_id: str,
+    *,
+    remote: RemoteControl,
+    bus: EventBus,
+    hostname: str | None = None,
+) -> LocalBranch:
+    declarations = Declarations(store, clock, bus)
+    workers = Workers(
+        CeleryOps(remote),
+        launcher,
+        config.state_dir,
+        hostname or socket.gethostname(),
+        settings=config.celery,  # (only its own section)
+    )
+    engine = Engine(
+        store,
+        launcher,
+        clock,
+        config.supervision,
+        config.log_dir,
+        branch_id,
+        declarations=declarations,
+        workers=workers,
+        bus=bus,
+    )
+    return LocalBranch(
+        apps=declarations,
+        instances=engine,
+        celery=CeleryRuntime(engine, declarations, workers, bus),
+        logs=LogService(config.log_dir, engine, config.logs.check_interval),
+    )
