@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -222,6 +221,8 @@ def load(
     merged: dict[str, Any] = {}
     config_file = flags.get("config") or env.get("BRANCHD_CONFIG")
     if config_file:
+        import tomllib  # only with a config file (~0.1 MiB resident otherwise)
+
         try:
             with open(config_file, "rb") as fh:
                 merged.update(tomllib.load(fh))

@@ -17,6 +17,11 @@ Why not ``kombu.pidbox.Mailbox``: it mixes late replies into later calls
 gets one long-lived reply queue, consumed by one thread; every call has its
 own ticket and a future, replies are matched by ticket, and a reply whose
 call has ended is dropped.
+
+kombu is imported on first use (:func:`_kombu`, when the first broker link
+is made or the first connection built), not with this module: a branch with
+no Celery app never needs it, and kombu with its transports is about 6 MiB
+of the daemon's resident memory (issue 10, part 9).
 """
 
 from __future__ import annotations
@@ -24,19 +29,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kombu import connection as _connection
-from kombu import entity as _entity
-from kombu import messaging as _messaging
-from kombu.exceptions import OperationalError
-
-from branchd.celery import fs_transport, outage
+from branchd.celery import outage
 from branchd.celery.broker import CONTROL_EXCHANGE, REPLY_EXCHANGE, BrokerSpec
 from branchd.errors import BrokerMisconfigured, BrokerUnavailable
 
@@ -51,13 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# kombu is only partly annotated (untyped calls under --strict): use it through Any.
-Connection: Any = _connection.Connection
-Consumer: Any = _messaging.Consumer
-Producer: Any = _messaging.Producer
-Exchange: Any = _entity.Exchange
-Queue: Any = _entity.Queue
-
 Reply = dict[str, Any]
 
 #: The first reconnect of a lost reply queue comes this soon; each failure
@@ -69,11 +64,51 @@ RETRY_FIRST = 0.1
 ConnectionFactory = Callable[[BrokerSpec, float], Any]
 
 
+@dataclass(frozen=True)
+class _Kombu:
+    """The parts of kombu this module uses, loaded by :func:`_kombu`.
+
+    kombu is only partly annotated (untyped calls under --strict): it is used
+    through Any.
+    """
+
+    Connection: Any
+    Consumer: Any
+    Producer: Any
+    Queue: Any
+    OperationalError: type[Exception]
+    control: Any  # the fanout exchange requests go to
+    replies: Any  # the direct exchange replies come back on
+    fs_transport: Any  # the embedded broker's transport class (it subclasses kombu's)
+
+
+@functools.cache
+def _kombu() -> _Kombu:
+    """Import kombu (once): lazily, so that a branch without Celery apps never loads it."""
+    from kombu import connection, entity, messaging
+    from kombu.exceptions import OperationalError
+
+    from branchd.celery import fs_transport  # subclasses kombu's filesystem transport
+
+    exchange: Any = entity.Exchange
+    return _Kombu(
+        Connection=connection.Connection,
+        Consumer=messaging.Consumer,
+        Producer=messaging.Producer,
+        Queue=entity.Queue,
+        OperationalError=OperationalError,
+        control=exchange(CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient"),
+        replies=exchange(REPLY_EXCHANGE, type="direct", durable=False, delivery_mode="transient"),
+        fs_transport=fs_transport.Transport,
+    )
+
+
 def kombu_connection(spec: BrokerSpec, connect_timeout: float) -> Any:
     """The real connection factory (raises ImportError if the transport does not load)."""
-    return Connection(
+    kombu = _kombu()
+    return kombu.Connection(
         spec.url,
-        transport=fs_transport.Transport if spec.is_filesystem else None,
+        transport=kombu.fs_transport if spec.is_filesystem else None,
         transport_options=dict(spec.transport_options),
         connect_timeout=connect_timeout,
     )
@@ -147,10 +182,6 @@ def request_body(
         body["ticket"] = ticket
         body["reply_to"] = {"exchange": REPLY_EXCHANGE, "routing_key": reply_key}
     return body
-
-
-CONTROL = Exchange(CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient")
-REPLIES = Exchange(REPLY_EXCHANGE, type="direct", durable=False, delivery_mode="transient")
 
 
 class KombuRemoteControl:
@@ -237,9 +268,9 @@ class _BrokerLink:
         self.spec = spec
         self.loop = loop
         self.oid = uuid.uuid4().hex
-        self.queue = Queue(
+        self.queue = _kombu().Queue(
             f"{self.oid}.{REPLY_EXCHANGE}",
-            exchange=REPLIES,
+            exchange=_kombu().replies,
             routing_key=self.oid,
             durable=False,
             exclusive=True,
@@ -384,13 +415,14 @@ class _BrokerLink:
             except Exception as exc:
                 raise failure_error(self.spec, exc, "publish failed") from exc
             conn = self._tx_conn
+            kombu = _kombu()
             try:
                 self._connect(conn)
-                producer = Producer(conn.default_channel, auto_declare=False)
+                producer = kombu.Producer(conn.default_channel, auto_declare=False)
                 producer.publish(
                     body,
-                    exchange=CONTROL,
-                    declare=[CONTROL],
+                    exchange=kombu.control,
+                    declare=[kombu.control],
                     serializer="json",
                     headers={
                         "clock": 0,
@@ -402,7 +434,7 @@ class _BrokerLink:
                 *conn.connection_errors,
                 *conn.channel_errors,
                 OSError,
-                OperationalError,
+                kombu.OperationalError,
             ) as exc:
                 # a stale connection (broker restarted): drop it, try once on a new one
                 self._drop_tx()
@@ -488,7 +520,7 @@ class _BrokerLink:
 
     def _consume(self, conn: Any) -> None:
         channel = conn.channel()
-        consumer = Consumer(
+        consumer = _kombu().Consumer(
             channel, [self.queue], no_ack=True, accept=["json"], callbacks=[self._on_message]
         )
         consumer.consume()  # declares and binds the queue first

@@ -3,11 +3,8 @@ connection: a broker may be down when an app is declared)."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from urllib.parse import urlsplit
-
-from kombu.transport import TRANSPORT_ALIASES
 
 #: Transports whose broker lives inside one process: a worker there could
 #: never be reached by the daemon (nor by anyone sending it a task).
@@ -43,9 +40,15 @@ def _one_url_problem(url: str) -> str | None:
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
         return "a broker URL looks like transport://[user:password@]host[:port][/vhost]"
+    # Imported here, not with the module: kombu.transport brings most of kombu
+    # (about 5 MiB resident), which a branch without a broker URL never needs.
+    from kombu.transport import TRANSPORT_ALIASES
+
     # kombu's "sqla+postgresql://": the transport is before the "+"
     transport = scheme.partition("+")[0]
     if transport not in TRANSPORT_ALIASES:
+        import difflib  # only for this message
+
         known = sorted(TRANSPORT_ALIASES)
         close = difflib.get_close_matches(transport, known, n=1)
         if close:
