@@ -22,7 +22,7 @@ from pathlib import Path
 from tests.conftest import Branchd, marked_pids, wait_for
 
 SLEEP = ["sleep", "infinity"]
-RUNS = int(os.environ.get("BRANCHD_KILL9_RUNS", "4"))
+RUNS = int(os.environ.get("BRANCHD_KILL9_RUNS", "8"))
 CREATES = int(os.environ.get("BRANCHD_KILL9_CREATES", "60"))
 
 
