@@ -18,6 +18,7 @@ from branchd.clock import Clock
 from branchd.errors import Invalid, NotFound
 from branchd.events import EventBus
 from branchd.model import (
+    CELERY_FIELDS,
     NAME_RULE,
     QUEUE_NAME_RULE,
     App,
@@ -26,7 +27,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.process.specs import CELERY_FIELDS, build_spec, celery_settings
+from branchd.process.specs import build_spec, celery_settings
 from branchd.store import Store
 
 

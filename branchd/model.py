@@ -383,7 +383,8 @@ class InstanceSpec:
         )
 
 
-_POLICY_KEYS = (
+#: An instance's supervision policy, by wire key (fields a user may set).
+POLICY_FIELDS = (
     "autorestart",
     "exitcodes",
     "startsecs",
@@ -391,6 +392,18 @@ _POLICY_KEYS = (
     "stopsignal",
     "stopwaitsecs",
 )
+#: What only a Celery instance has, by wire key (fields a user may set).
+CELERY_FIELDS = (
+    "queues",
+    "autoscale",
+    "concurrency",
+    "pool",
+    "args",
+    "loglevel",
+    "hung_after",
+    "memory_limit",
+)
+_POLICY_KEYS = POLICY_FIELDS
 #: Wire keys that are fields of InstanceSpec under the same name.
 _SPEC_PLAIN = (
     "kind",
@@ -403,14 +416,7 @@ _SPEC_PLAIN = (
     "log_max_bytes",
     "log_backups",
     "created_at",
-    "queues",
-    "autoscale",
-    "concurrency",
-    "pool",
-    "args",
-    "loglevel",
-    "hung_after",
-    "memory_limit",
+    *CELERY_FIELDS,
 )
 _SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *RECORD_KEYS)
 

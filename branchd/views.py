@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
-from branchd.model import RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
+from branchd.model import CELERY_FIELDS, RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,7 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "branch",
     "created_at",
 )
-_CELERY_INSTANCE_KEYS: tuple[str, ...] = (
-    "node",
-    "queues",
-    "autoscale",
-    "concurrency",
-    "pool",
-    "args",
-    "loglevel",
-    "hung_after",
-    "memory_limit",
-)
+_CELERY_INSTANCE_KEYS: tuple[str, ...] = ("node", *CELERY_FIELDS)
 
 
 def app_answer(

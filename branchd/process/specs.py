@@ -9,6 +9,8 @@ from typing import Any
 from branchd.celery.urls import broker_url_problem, is_embedded_url, result_backend_problem
 from branchd.errors import Invalid
 from branchd.model import (
+    CELERY_FIELDS,
+    POLICY_FIELDS,
     POOLS,
     App,
     Autorestart,
@@ -19,25 +21,7 @@ from branchd.model import (
 )
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
-POLICY_FIELDS = (
-    "autorestart",
-    "exitcodes",
-    "startsecs",
-    "startretries",
-    "stopsignal",
-    "stopwaitsecs",
-)
 SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
-CELERY_FIELDS = (
-    "queues",
-    "autoscale",
-    "concurrency",
-    "pool",
-    "args",
-    "loglevel",
-    "hung_after",
-    "memory_limit",
-)
 SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS
 
 #: Celery workers take time to start and must be given time to finish their
