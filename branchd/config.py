@@ -56,10 +56,10 @@ class ApiSection:
     #: Largest accepted request body.
     max_body: int = 1024 * 1024
     #: How many instance listings are built at once (0: no limit). A listing
-    #: of 200 instances holds the event loop ~2 ms; a hundred clients listing
-    #: at once made a ping wait half a second behind them. The rest wait
-    #: their turn off the loop's queue.
-    listings_at_once: int = 2
+    #: of 200 instances holds the event loop ~2.7 ms; a hundred clients listing
+    #: at once made a ping (and a respawn) wait ~270 ms behind them. The rest
+    #: wait their turn off the loop's queue (bench/ping_under_listings.py).
+    listings_at_once: int = 1
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def make_app(
     *,
     token: str | None,
     max_body: int,
-    listings_at_once: int = 2,
+    listings_at_once: int = 1,
     loopback: bool = True,
     branch: Callable[[], BranchRecord],
     on_exit: Callable[[bool], None] | None = None,

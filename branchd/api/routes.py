@@ -331,6 +331,12 @@ async def list_instances(request: web.Request) -> web.Response:
     app = _name(request, "app")
     slots = request.app.get(LISTINGS)
     async with slots if slots is not None else contextlib.nullcontext():
+        if slots is not None:
+            # Hold the slot across one turn of the loop: a listing is all
+            # synchronous work, so without this turn each would take the free
+            # slot, build and give it back in one go, and a hundred would run
+            # back to back before the loop reads the next request (a ping).
+            await asyncio.sleep(0)
         views = await _local(request).instances.list_instances(app)
         return _json({"items": [v.to_json(listing=True) for v in views]})
 
