@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from branchd.errors import ConfigError
 
@@ -194,6 +195,40 @@ def _boolean(key: str, value: Any) -> bool:
     raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def _section(name: str, values: Mapping[str, Any]) -> Any:
+    """One section from its settings, each checked against the field's type
+    (a string where a number belongs once started and failed at the first use)."""
+    cls = _SECTIONS[name]
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(unknown)}")
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        checked[key] = _typed(f"{name}.{key}", hints[key], value)
+    return cls(**checked)
+
+
+def _typed(where: str, hint: Any, value: Any) -> Any:
+    if value is None and "None" in str(hint):
+        return None
+    if hint is bool or hint == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint in (int, float) or str(hint) in ("int", "float"):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where} must be a number of 0 or more, got {value!r}")
+        if (hint is int or str(hint) == "int") and value != int(value):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        return int(value) if hint is int or str(hint) == "int" else float(value)
+    if "str" in str(hint) and not isinstance(value, str | Path):
+        raise ConfigError(f"{where} must be text, got {value!r}")
+    return value
+
+
 def _read_token_file(api: dict[str, Any]) -> None:
     """``token_file`` (a path) into ``token``; one of the two, never both."""
     if api.get("token_file") is None:
@@ -230,6 +265,9 @@ def load(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"bad TOML in {config_file}: {exc}") from None
+        if "no_auth" in merged and not isinstance(merged["no_auth"], bool):
+            # (the environment's BRANCHD_NO_AUTH is text; a file has booleans)
+            raise ConfigError(f"no_auth must be true or false, got {merged['no_auth']!r}")
     for var, key in _ENV.items():
         if env.get(var):
             merged[key] = env[var]
@@ -258,7 +296,7 @@ def load(
     _read_token_file(parts["api"])
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:
-        sections = {name: _SECTIONS[name](**values) for name, values in parts.items()}
+        sections = {name: _section(name, values) for name, values in parts.items()}
         cfg = Config(**merged, **sections)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None

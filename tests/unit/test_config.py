@@ -48,7 +48,15 @@ def test_environment_between_file_and_flags(tmp_path: Path) -> None:
         ('no_auth = true\ntoken = "t"\n', "--no-auth and a token"),
         ('token = "t"\ntoken_file = "/x"\n', "not both"),
         ('token_file = "/nonexistent/token"\n', "cannot read token file"),
-        ("listings_at_once = -1\n", "listings_at_once must be 0"),
+        ("listings_at_once = -1\n", "api.listings_at_once must be a number of 0 or more"),
+        # wrong types are refused at start, not at their first use
+        ('[api]\nmax_body = "x"\n', "api.max_body must be a number of 0 or more, got 'x'"),
+        ('backoff_base = "abc"\n', "supervision.backoff_base must be a number"),
+        ("max_body = 1.5\n", "api.max_body must be a whole number"),
+        ("[api]\nauth = 1\n", "api.auth must be true or false"),
+        ('no_auth = "yes"\n', "no_auth must be true or false, got 'yes'"),
+        ("[api]\nnope = 1\n", "unknown setting(s) in [api]: nope"),
+        ("[supervision]\nkill = 1\n", "unknown setting(s) in [supervision]: kill"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, error: str) -> None:
