@@ -201,6 +201,8 @@ def test_the_cli_needs_no_flag_as_the_same_user(
     other = {**env, "BRANCHD_STATE_DIR": "/nonexistent"}
     r = CliRunner().invoke(main, ["--url", branchd.url, "apps"], env=other)
     assert r.exit_code == 1 and "unauthorized" in r.stderr
+    # ... and the one line says where the token was looked for
+    assert "none readable in /nonexistent/token" in r.stderr and len(r.stderr.splitlines()) == 1
     r = CliRunner().invoke(main, ["--url", branchd.url, "--token-file", str(elsewhere), "apps"])
     assert r.exit_code == 0, r.output
     # the Python client, with no argument at all

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -15,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 import click
 
 from branchctl import render
-from branchctl.client import Client
+from branchctl.client import Client, token_file
 from branchctl.errors import ApiError, ConnectionFailed
 from branchctl.models import App, Branch, Consumer, Instance, Queue
 
@@ -141,6 +142,12 @@ class _Root(BranchctlGroup):
             if isinstance(exc, ConnectionFailed) and opts is not None and opts.url_file:
                 # A stale file (its daemon is gone) is the likely cause: say where it came from.
                 message += f" (URL read from {opts.url_file})"
+            if exc.code == "unauthorized" and opts is not None and opts.token is None:
+                # No token was given and none found: say where it was looked for.
+                message += (
+                    f" (no token given, and none readable in {token_file(os.environ)}: "
+                    "give --token-file, or set BRANCHD_STATE_DIR to the daemon's state dir)"
+                )
             raise Failed(" ".join(message.split())) from exc
 
 
