@@ -8,8 +8,27 @@ messages with seeded loss and delay, a fake time) at N = 3 and 10.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
+from branchd.cluster.membership import (
+    Command,
+    Leave,
+    Member,
+    Membership,
+    Notify,
+    Reap,
+    Received,
+    Send,
+    SetTimer,
+    Suspicion,
+    SuspicionTimeout,
+    new,
+    step,
+)
+from branchd.cluster.messages import Gossip, MemberState, Update
 from branchd.cluster.timing import (
     MembershipConfig,
     push_pull_scale,
@@ -104,3 +123,200 @@ def test_presets_follow_memberlist() -> None:
     assert MembershipConfig.profile("wan") == wan
     with pytest.raises(ValueError, match="unknown cluster profile"):
         MembershipConfig.profile("moon")
+
+
+# The core: helpers ------------------------------------------------------------
+
+CFG = MembershipConfig.for_tests()
+NOW = 100.0
+A, B, C = "a", "b", "c"
+ADDR = {A: "10.0.0.1:7946", B: "10.0.0.2:7946", C: "10.0.0.3:7946"}
+
+
+def member(mid: str, state: MemberState, inc: int = 2, epoch: int = 1) -> Member:
+    sus = None
+    if state is MemberState.SUSPECT:
+        sus = Suspicion(NOW - 1.0, 0, 4.0, 24.0, frozenset({C}))
+    return Member(mid, ADDR[mid], epoch, inc, state, since=NOW - 1.0, token=7, suspicion=sus)
+
+
+def core(*others: Member, me_inc: int = 0, **changes: Any) -> Membership:
+    st = new(A, ADDR[A], epoch=1, seed=42)
+    st = replace(st, me=replace(st.me, incarnation=me_inc), tokens=7, loop=1)
+    return replace(st, members={m.id: m for m in others}, **changes)
+
+
+def upd(
+    mid: str, state: MemberState, inc: int, epoch: int = 1, origin: str = C
+) -> Update:
+    return Update(mid, ADDR.get(mid, "x"), epoch, inc, state, origin)
+
+
+def gossip(*updates: Update) -> Received:
+    return Received(Gossip(C, ADDR[C], updates))
+
+
+def sends(cmds: list[Command]) -> list[Send]:
+    return [c for c in cmds if isinstance(c, Send)]
+
+
+def timers(cmds: list[Command]) -> list[SetTimer]:
+    return [c for c in cmds if isinstance(c, SetTimer)]
+
+
+# The table: what we believe of member b x what a rumour says ---------------------
+
+AL, SU, DE, LE = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
+
+BELIEFS: dict[str, Member | None] = {
+    "unknown": None,
+    "alive@2": member(B, AL),
+    "suspect@2": member(B, SU),
+    "dead@2": member(B, DE),
+    "left@2": member(B, LE),
+}
+
+RUMOURS: dict[str, Update] = {
+    "alive@1": upd(B, AL, 1),
+    "alive@2": upd(B, AL, 2),
+    "alive@3": upd(B, AL, 3),
+    "suspect@2": upd(B, SU, 2),
+    "suspect@3": upd(B, SU, 3),
+    "dead@2": upd(B, DE, 2),
+    "dead@3": upd(B, DE, 3),
+    "left@2": upd(B, LE, 2),
+    "new epoch": upd(B, AL, 0, epoch=2),
+}
+
+# What we believe of b afterwards: "a3" alive at incarnation 3 (s suspect, d dead,
+# l left), "=" unchanged, "-" still unknown, "new" the new run (alive at 0, epoch 2).
+COLUMNS = list(RUMOURS)
+# fmt: off
+ROWS: dict[str, str] = {
+    #            alive@1 alive@2 alive@3 suspect@2 suspect@3 dead@2 dead@3 left@2 new epoch
+    "unknown":   "a1      a2      a3      s2        s3        -      -      -      new",
+    "alive@2":   "=       =       a3      s2        s3        d2     d3     l2     new",
+    "suspect@2": "=       =       a3      =         s3        d2     d3     l2     new",
+    "dead@2":    "=       =       a3      =         s3        =      d3     l2     new",
+    "left@2":    "=       =       =       =         =         =      =      =      new",
+}
+# fmt: on
+TABLE = {row: dict(zip(COLUMNS, cells.split(), strict=True)) for row, cells in ROWS.items()}
+LETTER = {"a": AL, "s": SU, "d": DE, "l": LE}
+
+
+@pytest.mark.parametrize("belief", BELIEFS)
+@pytest.mark.parametrize("rumour", RUMOURS)
+def test_rumour_table(belief: str, rumour: str) -> None:
+    before = BELIEFS[belief]
+    st = core(*([before] if before else []))
+    after, cmds = step(st, gossip(RUMOURS[rumour]), CFG, NOW)
+    cell = TABLE[belief][rumour]
+    got = after.members.get(B)
+    if cell == "=":
+        assert (after, cmds) == (st, [])
+        return
+    if cell == "-":
+        assert got is None
+        assert (after, cmds) == (st, [])  # nothing to spread about a stranger's death
+        return
+    expected = (AL, 0, 2) if cell == "new" else (LETTER[cell[0]], int(cell[1:]), 1)
+    assert got is not None
+    assert (got.state, got.incarnation, got.epoch) == expected
+    assert after.queue[-1].update == RUMOURS[rumour]  # passed on
+    if got.state is SU:
+        assert got.suspicion is not None
+        assert SetTimer(got.suspicion.deadline(), SuspicionTimeout(B, got.token)) in cmds
+    if got.state in (DE, LE):
+        assert SetTimer(NOW + CFG.reap_after, Reap(B, got.token)) in cmds
+    was = before.state if before else None
+    if was is not got.state or (before and before.epoch != got.epoch):
+        assert Notify(got, was) in cmds
+
+
+@pytest.mark.parametrize("belief", BELIEFS)
+@pytest.mark.parametrize("fresh", [True, False], ids=["current", "stale"])
+@pytest.mark.parametrize("timer", ["suspicion", "reap"])
+def test_member_timer_table(belief: str, fresh: bool, timer: str) -> None:
+    before = BELIEFS[belief]
+    st = core(*([before] if before else []))
+    token = 7 if fresh else 6
+    event = SuspicionTimeout(B, token) if timer == "suspicion" else Reap(B, token)
+    after, cmds = step(st, event, CFG, NOW)
+    acts = fresh and (
+        (timer == "suspicion" and belief == "suspect@2")
+        or (timer == "reap" and belief in ("dead@2", "left@2"))
+    )
+    if not acts:
+        assert (after, cmds) == (st, [])
+        return
+    if timer == "suspicion":
+        got = after.members[B]
+        assert (got.state, got.incarnation) == (DE, 2)
+        assert Notify(got, SU) in cmds
+        assert after.queue[-1].update == Update(B, ADDR[B], 1, 2, DE, A)
+    else:
+        assert B not in after.members
+        assert cmds == [Notify(before, before.state, reaped=True)] if before else False
+
+
+def test_confirmations_shorten_the_suspicion() -> None:
+    # 10 members: k = suspicion_mult - 2 = 2, min 4 s, max 24 s
+    others = [Member(f"m{i}", f"h{i}", 1, 0, AL, 0.0) for i in range(9)]
+    st = core(*others)
+    st, _ = step(st, gossip(Update("m0", "h0", 1, 0, SU, "m1")), CFG, NOW)
+    s = st.members["m0"].suspicion
+    assert s is not None and (s.k, s.lo, s.hi) == (2, 4.0, 24.0)
+    assert s.deadline() == NOW + 24.0
+    # the first origin again: not independent
+    st, cmds = step(st, gossip(Update("m0", "h0", 1, 0, SU, "m1")), CFG, NOW + 1)
+    assert cmds == []
+    st, cmds = step(st, gossip(Update("m0", "h0", 1, 0, SU, "m2")), CFG, NOW + 1)
+    token = st.members["m0"].token
+    expected = NOW + remaining_suspicion_time(1, 2, 0.0, 4.0, 24.0)
+    [timer] = timers(cmds)
+    assert timer.event == SuspicionTimeout("m0", token)
+    assert timer.at == pytest.approx(expected)
+    # a second confirmation 5 s in: the minimum (4 s) is already past: dead at once
+    st, cmds = step(st, gossip(Update("m0", "h0", 1, 0, SU, "m3")), CFG, NOW + 5)
+    assert st.members["m0"].state is DE
+    # the stale timer of the first confirmation does nothing
+    assert step(st, SuspicionTimeout("m0", token), CFG, NOW + 20) == (st, [])
+
+
+# What we hear of ourselves: refute by incarnation --------------------------------
+
+# fmt: off
+SELF: list[tuple[str, Update, int]] = [
+    # what is said of us (we are at incarnation 2)   our incarnation afterwards
+    ("alive@2",          upd(A, AL, 2),              2),
+    ("alive@3",          upd(A, AL, 3),              4),
+    ("suspect@1",        upd(A, SU, 1),              2),
+    ("suspect@2",        upd(A, SU, 2),              3),
+    ("suspect@5",        upd(A, SU, 5),              6),
+    ("dead@2",           upd(A, DE, 2),              3),
+    ("left@2 (a lie)",   upd(A, LE, 2),              3),
+    ("old run suspect",  upd(A, SU, 9, epoch=0),     2),
+    ("newer run",        upd(A, SU, 9, epoch=2),     2),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("said", "rumour", "inc"), SELF, ids=[s[0] for s in SELF])
+def test_refutation_table(said: str, rumour: Update, inc: int) -> None:
+    st = core(member(C, AL), me_inc=2)
+    after, cmds = step(st, gossip(rumour), CFG, NOW)
+    assert after.me.incarnation == inc
+    assert after.me.state is AL
+    assert cmds == []
+    if inc > 2:
+        assert after.awareness == 1  # Lifeguard: an accusation hints at our own health
+        assert after.queue[-1].update == Update(A, ADDR[A], 1, inc, AL, A)
+    else:
+        assert after == st
+
+
+def test_left_never_refutes() -> None:
+    st, _ = step(core(member(C, AL)), Leave(), CFG, NOW)
+    after, _ = step(st, gossip(upd(A, DE, 0)), CFG, NOW + 1)
+    assert after.me.state is LE and after.me.incarnation == 0

@@ -1,0 +1,678 @@
+"""SWIM membership with the Lifeguard refinements, as a pure state machine.
+
+``step(state, event, config, now)`` returns the next ``Membership`` and the
+commands its runtime must carry out: ``Send`` a message, ``SetTimer`` (feed
+an event back at a time), ``Notify`` that a member changed. No I/O, no
+clock, no asyncio; randomness comes from a seeded generator held in the
+state, so a run is a function of its seed and its events.
+
+What it does, in SWIM's terms:
+
+- every probe period (``Tick``) it pings the next member of a shuffled
+  round-robin order; without an ack by the probe timeout it asks
+  ``indirect_checks`` others to ping it (``PingReq``); without any ack by
+  the end of the period the member becomes *suspect*;
+- a suspect that hears of it refutes by raising its incarnation; otherwise
+  it is *dead* after a suspicion timeout that starts at ``max`` and shrinks
+  towards ``min`` with each independent confirmation (memberlist's
+  ``remainingSuspicionTime``);
+- Lifeguard's local health (``awareness``): failed probes without the
+  relays' nacks, and refutations, raise a score that stretches the probe
+  interval and timeout; each ack lowers it;
+- every update rides piggybacked on pings, acks and gossip messages, each
+  sent at most ``retransmit_mult * ceil(log10(N + 1))`` times;
+- a graceful ``Leave`` is told as *left*, which nothing at that epoch
+  overrides; a new epoch of the same id (a restarted branch) replaces the
+  old run at once; dead and left members are forgotten after ``reap_after``;
+- push-pull (``Sync``) exchanges whole views, on ``Join`` and periodically.
+
+Timer events carry a token (a probe's sequence number, the periodic loops'
+token, a member's token) so that a stale timer is a no-op: nothing is ever
+cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from branchd.cluster.messages import (
+    RANK,
+    Ack,
+    Gossip,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    Sync,
+    Update,
+)
+from branchd.cluster.timing import (
+    MembershipConfig,
+    push_pull_scale,
+    remaining_suspicion_time,
+    retransmit_limit,
+    suspicion_timeout,
+)
+
+ALIVE, SUSPECT, DEAD, LEFT = (
+    MemberState.ALIVE,
+    MemberState.SUSPECT,
+    MemberState.DEAD,
+    MemberState.LEFT,
+)
+_GONE = (DEAD, LEFT)
+
+# State ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """A suspicion's clock: confirmations by distinct origins shorten it."""
+
+    started: float
+    k: int  # confirmations wanted to reach the minimum timeout
+    lo: float
+    hi: float
+    seen: frozenset[str]  # origins already counted (the first one included)
+    n: int = 0  # independent confirmations so far
+
+    def deadline(self) -> float:
+        return self.started + remaining_suspicion_time(self.n, self.k, 0.0, self.lo, self.hi)
+
+
+@dataclass(frozen=True)
+class Member:
+    """What this branch believes of one member; also the snapshot it notifies."""
+
+    id: str
+    addr: str
+    epoch: int
+    incarnation: int
+    state: MemberState
+    since: float  # when it entered this state, on our clock
+    token: int = 0  # its timers (suspicion, reap) carry it; any change makes them stale
+    suspicion: Suspicion | None = None
+
+    def update(self, origin: str) -> Update:
+        return Update(self.id, self.addr, self.epoch, self.incarnation, self.state, origin)
+
+
+@dataclass(frozen=True)
+class Probe:
+    target: str
+    seq: int
+    started: float
+    acked: bool = False
+    indirect: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A PingReq we carry out: answer ``seq`` to ``addr``."""
+
+    addr: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    update: Update
+    transmits: int = 0
+
+
+@dataclass(frozen=True)
+class Membership:
+    """One branch's whole view. Build it with ``new()``; change it with ``step()``."""
+
+    me: Member
+    members: Mapping[str, Member] = field(default_factory=dict)  # never mutated: replaced
+    order: tuple[str, ...] = ()  # the shuffled probe order
+    index: int = 0
+    probe: Probe | None = None
+    relays: Mapping[int, Relay] = field(default_factory=dict)
+    queue: tuple[Broadcast, ...] = ()
+    awareness: int = 0  # Lifeguard's local health score: 0 is healthy
+    seq: int = 0
+    tokens: int = 0  # the last token handed out
+    loop: int = 0  # the periodic timers' token; 0 until the first Join
+    rng: int = 0
+
+    def view(self) -> tuple[Member, ...]:
+        """Every member but this one, sorted by id."""
+        return tuple(self.members[k] for k in sorted(self.members))
+
+    def state_of(self, member_id: str) -> MemberState | None:
+        m = self.members.get(member_id)
+        return m.state if m is not None else None
+
+
+def new(member_id: str, addr: str, epoch: int, seed: int = 0) -> Membership:
+    """A branch alone, alive at incarnation 0; ``Join`` starts its timers."""
+    me = Member(member_id, addr, epoch, 0, ALIVE, since=0.0)
+    return Membership(me=me, rng=seed & _MASK)
+
+
+# Events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Join:
+    """Start (once) and push-pull with these addresses; an empty tuple: alone."""
+
+    seeds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Leave:
+    """Say goodbye: the others mark this branch left, never dead."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The probe period."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class GossipTick:
+    token: int
+
+
+@dataclass(frozen=True)
+class PushPullTick:
+    token: int
+
+
+@dataclass(frozen=True)
+class ProbeTimeout:
+    """No direct ack yet: go indirect."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class IndirectTimeout:
+    """The probe's period is over: suspect the target unless it answered."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class RelayTimeout:
+    """A PingReq we relayed got no ack: send the requester a Nack."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class SuspicionTimeout:
+    member: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Reap:
+    member: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Received:
+    message: Message
+
+
+TimerEvent = (
+    Tick
+    | GossipTick
+    | PushPullTick
+    | ProbeTimeout
+    | IndirectTimeout
+    | RelayTimeout
+    | SuspicionTimeout
+    | Reap
+)
+Event = Join | Leave | Received | TimerEvent
+
+# Commands -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    to: str  # an address
+    message: Message
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    at: float
+    event: TimerEvent
+
+
+@dataclass(frozen=True)
+class Notify:
+    """A member appeared, changed state or run, or was forgotten (``reaped``)."""
+
+    member: Member
+    was: MemberState | None
+    reaped: bool = False
+
+
+Command = Send | SetTimer | Notify
+
+# The step -------------------------------------------------------------------
+
+
+def step(
+    st: Membership, event: Event, config: MembershipConfig, now: float
+) -> tuple[Membership, list[Command]]:
+    """Apply one event; return the new state and the commands to carry out."""
+    out: list[Command] = []
+    alive = st.me.state is ALIVE
+    match event:
+        case Join(seeds=seeds) if alive:
+            st = _join(st, seeds, config, now, out)
+        case Leave() if alive:
+            st = _leave(st, config, now, out)
+        case Tick(token=t) if t == st.loop and alive:
+            st = _tick(st, config, now, out)
+        case GossipTick(token=t) if t == st.loop:
+            st = _gossip(st, config, now, out)
+        case PushPullTick(token=t) if t == st.loop and alive:
+            st = _push_pull(st, config, now, out)
+        case ProbeTimeout(seq=s) if _probing(st, s) and not _acked(st):
+            st = _go_indirect(st, config, now, out)
+        case IndirectTimeout(seq=s) if _probing(st, s):
+            st = _conclude(st, config, now, out)
+        case RelayTimeout(seq=s) if s in st.relays:
+            relay = st.relays[s]
+            st, ups = _piggyback(_drop_relay(st, s), config)
+            out.append(Send(relay.addr, Nack(st.me.id, st.me.addr, relay.seq, ups)))
+        case SuspicionTimeout(member=mid, token=t) if _current(st, mid, t, (SUSPECT,)):
+            m = st.members[mid]
+            st = _set(st, replace(m.update(st.me.id), state=DEAD), config, now, out)
+        case Reap(member=mid, token=t) if _current(st, mid, t, _GONE):
+            m = st.members[mid]
+            rest = {k: v for k, v in st.members.items() if k != mid}
+            st = replace(st, members=rest)
+            out.append(Notify(m, m.state, reaped=True))
+        case Received(message=msg):
+            st = _receive(st, msg, config, now, out)
+    return st, out
+
+
+def _probing(st: Membership, seq: int) -> bool:
+    return st.probe is not None and st.probe.seq == seq
+
+
+def _acked(st: Membership) -> bool:
+    return st.probe is not None and st.probe.acked
+
+
+def _current(st: Membership, mid: str, token: int, states: tuple[MemberState, ...]) -> bool:
+    m = st.members.get(mid)
+    return m is not None and m.token == token and m.state in states
+
+
+def _n(st: Membership) -> int:
+    """The cluster size as memberlist estimates it: every known member and us."""
+    return len(st.members) + 1
+
+
+# Starting, leaving, the periodic loops ----------------------------------------
+
+
+def _join(
+    st: Membership, seeds: Iterable[str], config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    if st.loop == 0:  # the first Join starts the three loops
+        st = replace(st, tokens=st.tokens + 1, loop=st.tokens + 1)
+        st, r = _random(st)
+        # A random phase, so that branches started together do not probe in step.
+        out.append(SetTimer(now + config.probe_interval * r, Tick(st.loop)))
+        out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
+        out.append(SetTimer(now + config.push_pull_interval, PushPullTick(st.loop)))
+    for addr in dict.fromkeys(seeds):
+        if addr != st.me.addr:
+            out.append(Send(addr, Sync(st.me.id, st.me.addr, _states(st), reply=True)))
+    return st
+
+
+def _leave(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    me = replace(st.me, state=LEFT, since=now)
+    st = _enqueue(replace(st, me=me, probe=None), me.update(me.id))
+    # Tell a few at once; the gossip loop carries on until the rumour is spent.
+    st, targets = _sample(st, _gossip_targets(st, config, now), config.gossip_nodes)
+    for m in targets:
+        st, ups = _piggyback(st, config)
+        out.append(Send(m.addr, Gossip(me.id, me.addr, ups)))
+    return st
+
+
+def _tick(st: Membership, config: MembershipConfig, now: float, out: list[Command]) -> Membership:
+    if st.probe is not None:  # the last period's probe ends now, if it has not
+        st = _conclude(st, config, now, out)
+    scale = st.awareness + 1
+    out.append(SetTimer(now + config.probe_interval * scale, Tick(st.loop)))
+    st, target = _next_target(st)
+    if target is None:
+        return st
+    st = replace(st, seq=st.seq + 1)
+    st = replace(st, probe=Probe(target.id, st.seq, now))
+    st, ups = _piggyback(st, config)
+    if target.state is SUSPECT:  # tell it, so that it can refute at once
+        ups = (*ups, target.update(st.me.id))
+    out.append(Send(target.addr, Ping(st.me.id, st.me.addr, st.seq, target.id, ups)))
+    out.append(SetTimer(now + config.probe_timeout * scale, ProbeTimeout(st.seq)))
+    out.append(SetTimer(now + config.probe_interval * scale, IndirectTimeout(st.seq)))
+    return st
+
+
+def _next_target(st: Membership) -> tuple[Membership, Member | None]:
+    """The next live member of the round-robin; reshuffled at each wrap."""
+    order, index = st.order, st.index
+    for _ in range(len(order) + 2):
+        if index >= len(order):
+            live = sorted(k for k, m in st.members.items() if m.state in (ALIVE, SUSPECT))
+            st, shuffled = _shuffle(st, live)
+            order, index = tuple(shuffled), 0
+            if not order:
+                break
+        m = st.members.get(order[index])
+        index += 1
+        if m is not None and m.state in (ALIVE, SUSPECT):
+            return replace(st, order=order, index=index), m
+    return replace(st, order=order, index=index), None
+
+
+def _go_indirect(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    probe = st.probe
+    assert probe is not None
+    target = st.members.get(probe.target)
+    peers: list[Member] = []
+    if target is not None:
+        others = [m for m in st.view() if m.state is ALIVE and m.id != target.id]
+        st, peers = _sample(st, others, config.indirect_checks)
+        for peer in peers:
+            st, ups = _piggyback(st, config)
+            req = PingReq(st.me.id, st.me.addr, probe.seq, target.id, target.addr, ups)
+            out.append(Send(peer.addr, req))
+    return replace(st, probe=replace(probe, indirect=True, expected_nacks=len(peers)))
+
+
+def _conclude(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    """A probe's period is over: without an ack, lower our health and suspect."""
+    probe = st.probe
+    assert probe is not None
+    st = replace(st, probe=None)
+    if probe.acked:
+        return st
+    # Lifeguard: relays that nack show the fault is the target's; missing
+    # nacks (or no relays at all) hint that it is ours.
+    delta = probe.expected_nacks - probe.nacks if probe.expected_nacks > 0 else 1
+    st = _health(st, delta, config)
+    target = st.members.get(probe.target)
+    if target is not None and target.state in (ALIVE, SUSPECT):
+        # a suspect already: this failed probe is one more confirmation
+        st = _apply(st, replace(target.update(st.me.id), state=SUSPECT), config, now, out)
+    return st
+
+
+def _gossip(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    if st.me.state is LEFT and not st.queue:
+        return st  # the goodbye is spent: the loop ends
+    out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
+    if not st.queue:
+        return st
+    st, targets = _sample(st, _gossip_targets(st, config, now), config.gossip_nodes)
+    for m in targets:
+        st, ups = _piggyback(st, config)
+        if not ups:
+            break
+        out.append(Send(m.addr, Gossip(st.me.id, st.me.addr, ups)))
+    return st
+
+
+def _gossip_targets(st: Membership, config: MembershipConfig, now: float) -> list[Member]:
+    """Live members, and the recently dead (so that a wrongly dead one can refute)."""
+    return [
+        m
+        for m in st.view()
+        if m.state in (ALIVE, SUSPECT)
+        or (m.state is DEAD and now - m.since < config.gossip_to_the_dead_time)
+    ]
+
+
+def _push_pull(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    interval = push_pull_scale(config.push_pull_interval, _n(st))
+    out.append(SetTimer(now + interval, PushPullTick(st.loop)))
+    st, peers = _sample(st, [m for m in st.view() if m.state is ALIVE], 1)
+    for peer in peers:
+        out.append(Send(peer.addr, Sync(st.me.id, st.me.addr, _states(st), reply=True)))
+    return st
+
+
+def _states(st: Membership) -> tuple[Update, ...]:
+    me = st.me.update(st.me.id)
+    return (me, *(m.update(m.id if m.state is LEFT else st.me.id) for m in st.view()))
+
+
+# Messages ---------------------------------------------------------------------
+
+
+def _receive(
+    st: Membership, msg: Message, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    if isinstance(msg, Sync):
+        for u in msg.states:
+            # memberlist's mergeState: a death said by push-pull is only a suspicion
+            st = _apply(st, replace(u, state=SUSPECT) if u.state is DEAD else u, config, now, out)
+        if msg.reply:
+            out.append(Send(msg.src_addr, Sync(st.me.id, st.me.addr, _states(st), reply=False)))
+        return st
+    for u in msg.updates:
+        st = _apply(st, u, config, now, out)
+    match msg:
+        case Ping(seq=seq, target=target) if target == st.me.id:
+            st, ups = _piggyback(st, config)
+            out.append(Send(msg.src_addr, Ack(st.me.id, st.me.addr, seq, ups)))
+        case Ack(seq=seq):
+            if st.probe is not None and st.probe.seq == seq and not st.probe.acked:
+                st = _health(replace(st, probe=replace(st.probe, acked=True)), -1, config)
+            elif seq in st.relays:
+                relay = st.relays[seq]
+                st, ups = _piggyback(_drop_relay(st, seq), config)
+                out.append(Send(relay.addr, Ack(st.me.id, st.me.addr, relay.seq, ups)))
+        case Nack(seq=seq) if st.probe is not None and st.probe.seq == seq:
+            st = replace(st, probe=replace(st.probe, nacks=st.probe.nacks + 1))
+        case PingReq(seq=seq, target=target, target_addr=target_addr):
+            st = replace(st, seq=st.seq + 1)
+            st = replace(st, relays={**st.relays, st.seq: Relay(msg.src_addr, seq)})
+            st, ups = _piggyback(st, config)
+            out.append(Send(target_addr, Ping(st.me.id, st.me.addr, st.seq, target, ups)))
+            # memberlist nacks at 80 % of the probe timeout, so the nack is in time
+            out.append(SetTimer(now + config.probe_timeout * 0.8, RelayTimeout(st.seq)))
+    return st
+
+
+def _drop_relay(st: Membership, seq: int) -> Membership:
+    return replace(st, relays={k: v for k, v in st.relays.items() if k != seq})
+
+
+def _apply(
+    st: Membership, u: Update, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    """Merge one rumour into the view (the SWIM override rules, plus epochs)."""
+    if u.id == st.me.id:
+        return _about_me(st, u, config)
+    cur = st.members.get(u.id)
+    if cur is None:
+        if u.state in _GONE:
+            return st  # never learn a member only to bury it
+        st, pos = _below(st, len(st.order) + 1)
+        st = replace(st, order=(*st.order[:pos], u.id, *st.order[pos:]))
+        if pos < st.index:
+            st = replace(st, index=st.index + 1)
+        return _set(st, u, config, now, out)
+    if u.epoch < cur.epoch or (u.epoch == cur.epoch and cur.state is LEFT):
+        return st
+    if u.epoch > cur.epoch:  # a restarted branch: its new run replaces the old at once
+        return _set(st, u, config, now, out)
+    if u.state is SUSPECT and cur.state is SUSPECT and u.incarnation == cur.incarnation:
+        return _confirm(st, cur, u, config, now, out)
+    if (u.incarnation, RANK[u.state]) <= (cur.incarnation, RANK[cur.state]):
+        return st
+    return _set(st, u, config, now, out)
+
+
+def _about_me(st: Membership, u: Update, config: MembershipConfig) -> Membership:
+    """Refute a suspicion or a death of this run by raising our incarnation."""
+    me = st.me
+    if u.epoch != me.epoch or me.state is LEFT:
+        return st  # our old run's fate, or a goodbye already said
+    if u.incarnation < me.incarnation or (u.state is ALIVE and u.incarnation == me.incarnation):
+        return st
+    me = replace(me, incarnation=u.incarnation + 1)
+    st = _health(replace(st, me=me), 1, config)  # Lifeguard: being accused is a hint
+    return _enqueue(st, me.update(me.id))
+
+
+def _set(
+    st: Membership, u: Update, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    """Make member ``u.id`` what ``u`` says; arm its timers; spread the news."""
+    cur = st.members.get(u.id)
+    token = st.tokens + 1
+    changed = cur is None or cur.state is not u.state or cur.epoch != u.epoch
+    since = now if changed or cur is None else cur.since
+    m = Member(u.id, u.addr, u.epoch, u.incarnation, u.state, since, token)
+    if u.state is SUSPECT:
+        m = replace(m, suspicion=_suspicion(st, u.origin, config, now))
+        assert m.suspicion is not None
+        out.append(SetTimer(m.suspicion.deadline(), SuspicionTimeout(m.id, token)))
+    elif u.state in _GONE:
+        out.append(SetTimer(now + config.reap_after, Reap(m.id, token)))
+    st = replace(st, members={**st.members, m.id: m}, tokens=token)
+    if changed:
+        out.append(Notify(m, cur.state if cur is not None else None))
+    return _enqueue(st, u)
+
+
+def _suspicion(st: Membership, origin: str, config: MembershipConfig, now: float) -> Suspicion:
+    n = _n(st)
+    # memberlist: k confirmations reach the minimum two probe periods early;
+    # with too few others to confirm (us and the suspect aside), wait for none.
+    k = config.suspicion_mult - 2
+    if n - 2 < k:
+        k = 0
+    lo = suspicion_timeout(config.suspicion_mult, n, config.probe_interval)
+    hi = config.suspicion_max_timeout_mult * lo
+    return Suspicion(now, k, lo, hi, frozenset({origin}))
+
+
+def _confirm(
+    st: Membership,
+    cur: Member,
+    u: Update,
+    config: MembershipConfig,
+    now: float,
+    out: list[Command],
+) -> Membership:
+    s = cur.suspicion
+    if s is None or s.n >= s.k or u.origin in s.seen:
+        return st
+    s = replace(s, n=s.n + 1, seen=s.seen | {u.origin})
+    token = st.tokens + 1
+    m = replace(cur, suspicion=s, token=token)
+    st = replace(st, members={**st.members, m.id: m}, tokens=token)
+    if s.deadline() <= now:  # overdue: dead now
+        return _set(st, replace(m.update(st.me.id), state=DEAD), config, now, out)
+    out.append(SetTimer(s.deadline(), SuspicionTimeout(m.id, token)))
+    return _enqueue(st, u)  # pass the confirmation on
+
+
+def _health(st: Membership, delta: int, config: MembershipConfig) -> Membership:
+    score = min(max(0, st.awareness + delta), config.awareness_max_multiplier - 1)
+    return replace(st, awareness=score)
+
+
+# Dissemination ----------------------------------------------------------------
+
+
+def _enqueue(st: Membership, u: Update) -> Membership:
+    """Queue a rumour; a newer one about the same member replaces the older."""
+    rest = tuple(b for b in st.queue if b.update.id != u.id)
+    return replace(st, queue=(*rest, Broadcast(u)))
+
+
+def _piggyback(st: Membership, config: MembershipConfig) -> tuple[Membership, tuple[Update, ...]]:
+    """The least-sent rumours for one message; each spent after the retransmit limit."""
+    if not st.queue:
+        return st, ()
+    limit = retransmit_limit(config.retransmit_mult, _n(st))
+    ranked = sorted(range(len(st.queue)), key=lambda i: st.queue[i].transmits)
+    chosen = set(ranked[: config.max_piggyback])
+    queue: list[Broadcast] = []
+    ups: list[Update] = []
+    for i, b in enumerate(st.queue):
+        if i in chosen:
+            ups.append(b.update)
+            b = replace(b, transmits=b.transmits + 1)
+            if b.transmits >= limit:
+                continue
+        queue.append(b)
+    return replace(st, queue=tuple(queue)), tuple(ups)
+
+
+# Randomness: splitmix64, its state held in Membership.rng ----------------------
+
+_MASK = (1 << 64) - 1
+
+
+def _next(st: Membership) -> tuple[Membership, int]:
+    x = (st.rng + 0x9E3779B97F4A7C15) & _MASK
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return replace(st, rng=x), z ^ (z >> 31)
+
+
+def _random(st: Membership) -> tuple[Membership, float]:
+    st, z = _next(st)
+    return st, (z >> 11) / float(1 << 53)
+
+
+def _below(st: Membership, n: int) -> tuple[Membership, int]:
+    st, z = _next(st)
+    return st, z % n
+
+
+def _shuffle(st: Membership, items: list[str]) -> tuple[Membership, list[str]]:
+    items = list(items)
+    for i in range(len(items) - 1, 0, -1):
+        st, j = _below(st, i + 1)
+        items[i], items[j] = items[j], items[i]
+    return st, items
+
+
+def _sample(st: Membership, items: list[Member], k: int) -> tuple[Membership, list[Member]]:
+    items = list(items)
+    k = min(k, len(items))
+    for i in range(k):
+        st, j = _below(st, len(items) - i)
+        items[i], items[i + j] = items[i + j], items[i]
+    return st, items[:k]
