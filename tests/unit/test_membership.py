@@ -15,20 +15,36 @@ import pytest
 
 from branchd.cluster.membership import (
     Command,
+    GossipTick,
+    IndirectTimeout,
+    Join,
     Leave,
     Member,
     Membership,
     Notify,
+    ProbeTimeout,
+    PushPullTick,
     Reap,
     Received,
+    RelayTimeout,
     Send,
     SetTimer,
     Suspicion,
     SuspicionTimeout,
+    Tick,
     new,
     step,
 )
-from branchd.cluster.messages import Gossip, MemberState, Update
+from branchd.cluster.messages import (
+    Ack,
+    Gossip,
+    MemberState,
+    Nack,
+    Ping,
+    PingReq,
+    Sync,
+    Update,
+)
 from branchd.cluster.timing import (
     MembershipConfig,
     push_pull_scale,
@@ -320,3 +336,174 @@ def test_left_never_refutes() -> None:
     st, _ = step(core(member(C, AL)), Leave(), CFG, NOW)
     after, _ = step(st, gossip(upd(A, DE, 0)), CFG, NOW + 1)
     assert after.me.state is LE and after.me.incarnation == 0
+
+
+# The probe cycle and the messages of the failure detector ---------------------
+
+
+def started(*others: Member, **changes: Any) -> Membership:
+    """A core that has joined (its loops run with token 1) and knows ``others``."""
+    return core(*others, **changes)
+
+
+def test_tick_pings_the_next_member_and_arms_its_timers() -> None:
+    st = started(member(B, AL))
+    st, cmds = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None and st.probe.target == B
+    seq = st.probe.seq
+    assert sends(cmds) == [Send(ADDR[B], Ping(A, ADDR[A], seq, B))]
+    assert timers(cmds) == [
+        SetTimer(NOW + 1.0, Tick(1)),
+        SetTimer(NOW + 0.5, ProbeTimeout(seq)),
+        SetTimer(NOW + 1.0, IndirectTimeout(seq)),
+    ]
+
+
+def test_a_stale_tick_does_nothing() -> None:
+    st = started(member(B, AL))
+    assert step(st, Tick(0), CFG, NOW) == (st, [])
+
+
+def test_ping_to_a_suspect_carries_its_suspicion() -> None:
+    st = started(member(B, SU))
+    _, cmds = step(st, Tick(1), CFG, NOW)
+    [ping] = sends(cmds)
+    assert isinstance(ping.message, Ping)
+    assert ping.message.updates == (Update(B, ADDR[B], 1, 2, SU, A),)
+
+
+def test_round_robin_probes_everyone_once_per_round() -> None:
+    others = [Member(f"m{i}", f"h{i}", 1, 0, AL, 0.0) for i in range(6)]
+    st = started(*others)
+    seen: list[str] = []
+    for i in range(12):
+        st, _ = step(st, Tick(1), CFG, NOW + i)
+        assert st.probe is not None
+        seen.append(st.probe.target)
+        st = replace(st, probe=replace(st.probe, acked=True))
+    assert sorted(seen[:6]) == sorted(seen[6:]) == [f"m{i}" for i in range(6)]
+
+
+def test_direct_ack_ends_the_probe_and_improves_health() -> None:
+    st = started(member(B, AL), awareness=2)
+    st, _ = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None
+    seq = st.probe.seq
+    st, cmds = step(st, Received(Ack(B, ADDR[B], seq)), CFG, NOW + 0.1)
+    assert cmds == [] and st.awareness == 1
+    # the timers of an answered probe are no-ops
+    assert step(st, ProbeTimeout(seq), CFG, NOW + 0.5) == (st, [])
+    st, cmds = step(st, IndirectTimeout(seq), CFG, NOW + 1.0)
+    assert st.members[B].state is AL and st.probe is None and cmds == []
+
+
+def test_no_ack_goes_indirect_then_suspects() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st = replace(st, order=(B, C), index=0)
+    st, _ = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None
+    seq = st.probe.seq
+    st, cmds = step(st, ProbeTimeout(seq), CFG, NOW + 0.5)
+    assert sends(cmds) == [Send(ADDR[C], PingReq(A, ADDR[A], seq, B, ADDR[B]))]
+    assert st.probe is not None and st.probe.expected_nacks == 1
+    # the relay answers Nack: the fault is b's, not ours
+    st, _ = step(st, Received(Nack(C, ADDR[C], seq)), CFG, NOW + 0.9)
+    st, cmds = step(st, IndirectTimeout(seq), CFG, NOW + 1.0)
+    assert st.members[B].state is SU
+    assert st.awareness == 0
+    assert Notify(st.members[B], AL) in cmds
+
+
+def test_missing_nacks_lower_our_health_bounded() -> None:
+    st = started(member(B, AL), member(C, AL))
+    for i in range(20):
+        st = replace(st, order=(B, C), index=0)
+        st = replace(st, members={**st.members, B: member(B, AL)})
+        st, _ = step(st, Tick(1), CFG, NOW + i)
+        assert st.probe is not None
+        st, _ = step(st, ProbeTimeout(st.probe.seq), CFG, NOW + i + 0.1)
+        st, _ = step(st, IndirectTimeout(st.probe.seq), CFG, NOW + i + 0.2)
+    assert st.awareness == CFG.awareness_max_multiplier - 1
+    # a sick branch probes less often and waits longer
+    st, cmds = step(st, Tick(1), CFG, NOW + 50)
+    assert st.probe is not None
+    assert SetTimer(NOW + 50 + 8 * CFG.probe_interval, Tick(1)) in cmds
+    assert SetTimer(NOW + 50 + 8 * CFG.probe_timeout, ProbeTimeout(st.probe.seq)) in cmds
+
+
+def test_a_silent_probe_without_relays_costs_one_point() -> None:
+    st = started(member(B, AL))
+    st, _ = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None
+    seq = st.probe.seq
+    st, cmds = step(st, ProbeTimeout(seq), CFG, NOW + 0.5)
+    assert sends(cmds) == []  # nobody to ask
+    st, _ = step(st, IndirectTimeout(seq), CFG, NOW + 1.0)
+    assert st.awareness == 1 and st.members[B].state is SU
+
+
+def test_ping_is_answered_only_for_its_target() -> None:
+    st = started(member(B, AL))
+    _, cmds = step(st, Received(Ping(B, ADDR[B], 9, A)), CFG, NOW)
+    assert cmds == [Send(ADDR[B], Ack(A, ADDR[A], 9))]
+    assert step(st, Received(Ping(B, ADDR[B], 9, "someone else")), CFG, NOW) == (st, [])
+
+
+def test_relay_forwards_the_ack_or_nacks() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, cmds = step(st, Received(PingReq(C, ADDR[C], 5, B, ADDR[B])), CFG, NOW)
+    mine = st.seq
+    assert sends(cmds) == [Send(ADDR[B], Ping(A, ADDR[A], mine, B))]
+    assert timers(cmds) == [SetTimer(NOW + 0.8 * CFG.probe_timeout, RelayTimeout(mine))]
+    acked, cmds = step(st, Received(Ack(B, ADDR[B], mine)), CFG, NOW + 0.1)
+    assert cmds == [Send(ADDR[C], Ack(A, ADDR[A], 5))]
+    assert step(acked, RelayTimeout(mine), CFG, NOW + 0.4) == (acked, [])
+    _, cmds = step(st, RelayTimeout(mine), CFG, NOW + 0.4)
+    assert cmds == [Send(ADDR[C], Nack(A, ADDR[A], 5))]
+
+
+def test_join_starts_the_loops_once_and_syncs_with_seeds() -> None:
+    st = new(A, ADDR[A], epoch=1, seed=1)
+    st, cmds = step(st, Join((ADDR[B], ADDR[A], ADDR[B])), CFG, NOW)
+    me = Update(A, ADDR[A], 1, 0, AL, A)
+    assert sends(cmds) == [Send(ADDR[B], Sync(A, ADDR[A], (me,), reply=True))]
+    assert [type(t.event) for t in timers(cmds)] == [Tick, GossipTick, PushPullTick]
+    loop = st.loop
+    st, cmds = step(st, Join((ADDR[C],)), CFG, NOW + 1)
+    assert st.loop == loop and timers(cmds) == []
+
+
+def test_sync_merges_and_answers_with_our_view() -> None:
+    st = started(member(C, AL))
+    states = (Update(B, ADDR[B], 1, 0, AL, B), Update(C, ADDR[C], 1, 2, DE, B))
+    st, cmds = step(st, Received(Sync(B, ADDR[B], states, reply=True)), CFG, NOW)
+    assert st.members[B].state is AL
+    assert st.members[C].state is SU  # a death by push-pull is only a suspicion
+    [reply] = sends(cmds)
+    assert reply.to == ADDR[B] and isinstance(reply.message, Sync)
+    assert not reply.message.reply
+    assert {u.id for u in reply.message.states} == {A, B, C}
+
+
+def test_leave_tells_a_few_and_stops_probing() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, cmds = step(st, Leave(), CFG, NOW)
+    assert st.me.state is LE
+    left = Update(A, ADDR[A], 1, 0, LE, A)
+    assert {s.to for s in sends(cmds)} == {ADDR[B], ADDR[C]}
+    assert all(isinstance(s.message, Gossip) and left in s.message.updates for s in sends(cmds))
+    assert step(st, Tick(1), CFG, NOW + 1) == (st, [])
+    assert step(st, Join(()), CFG, NOW + 1) == (st, [])
+
+
+def test_rumours_are_spent_after_the_retransmit_limit() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, _ = step(st, gossip(upd(B, SU, 2)), CFG, NOW)
+    limit = retransmit_limit(CFG.retransmit_mult, 3)  # 4 * ceil(log10(4)) = 4
+    carried = 0
+    for i in range(10):
+        st, cmds = step(st, GossipTick(1), CFG, NOW + i)
+        carried += sum(
+            1 for s in sends(cmds) if isinstance(s.message, Gossip) and s.message.updates
+        )
+    assert carried == limit and st.queue == ()
