@@ -421,8 +421,9 @@ def test_missing_nacks_lower_our_health_bounded() -> None:
         st = replace(st, members={**st.members, B: member(B, AL)})
         st, _ = step(st, Tick(1), CFG, NOW + i)
         assert st.probe is not None
-        st, _ = step(st, ProbeTimeout(st.probe.seq), CFG, NOW + i + 0.1)
-        st, _ = step(st, IndirectTimeout(st.probe.seq), CFG, NOW + i + 0.2)
+        seq = st.probe.seq
+        st, _ = step(st, ProbeTimeout(seq), CFG, NOW + i + 0.1)
+        st, _ = step(st, IndirectTimeout(seq), CFG, NOW + i + 0.2)
     assert st.awareness == CFG.awareness_max_multiplier - 1
     # a sick branch probes less often and waits longer
     st, cmds = step(st, Tick(1), CFG, NOW + 50)
