@@ -139,6 +139,7 @@ class Membership:
     seq: int = 0
     tokens: int = 0  # the last token handed out
     loop: int = 0  # the periodic timers' token; 0 until the first Join
+    seeds: tuple[str, ...] = ()  # the last Join's addresses, retried while we know no one
     rng: int = 0
 
     def view(self) -> tuple[Member, ...]:
@@ -336,10 +337,14 @@ def _join(
         out.append(SetTimer(now + config.probe_interval * r, Tick(st.loop)))
         out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
         out.append(SetTimer(now + config.push_pull_interval, PushPullTick(st.loop)))
-    for addr in dict.fromkeys(seeds):
-        if addr != st.me.addr:
-            out.append(Send(addr, Sync(st.me.id, st.me.addr, _states(st), reply=True)))
+    st = replace(st, seeds=tuple(a for a in dict.fromkeys(seeds) if a != st.me.addr))
+    _sync_seeds(st, out)
     return st
+
+
+def _sync_seeds(st: Membership, out: list[Command]) -> None:
+    for addr in st.seeds:
+        out.append(Send(addr, Sync(st.me.id, st.me.addr, _states(st), reply=True)))
 
 
 def _leave(
@@ -361,7 +366,8 @@ def _tick(st: Membership, config: MembershipConfig, now: float, out: list[Comman
     scale = st.awareness + 1
     out.append(SetTimer(now + config.probe_interval * scale, Tick(st.loop)))
     st, target = _next_target(st)
-    if target is None:
+    if target is None:  # alone: a lost join is tried again, once a period
+        _sync_seeds(st, out)
         return st
     st = replace(st, seq=st.seq + 1)
     st = replace(st, probe=Probe(target.id, st.seq, now))
