@@ -15,6 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from branchd.cluster.membership import (
     Command,
@@ -694,3 +696,97 @@ def test_sim_a_restart_replaces_the_old_run_at_once(n: int) -> None:
             assert (m.state, m.epoch) == (AL, 2), o
     sim.run(sim.now + 20.0)
     assert not sim.ever(phoenix, DE) and sim.everyone_sees(phoenix, AL)
+
+
+def test_sim_is_a_function_of_its_seed() -> None:
+    def run(seed: int) -> list[tuple[float, str, str, MemberState]]:
+        sim = Sim(10, seed, loss=0.05)
+        sim.join_all()
+        sim.run(5.0)
+        sim.kill(sim.ids[3])
+        sim.run(15.0)
+        return sim.seen
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_a_lone_joiner_retries_its_seeds() -> None:
+    st, _ = step(new(A, ADDR[A], epoch=1), Join((ADDR[B],)), CFG, NOW)
+    st, cmds = step(st, Tick(st.loop), CFG, NOW + 1)
+    me = Update(A, ADDR[A], 1, 0, AL, A)
+    assert sends(cmds) == [Send(ADDR[B], Sync(A, ADDR[A], (me,), reply=True))]
+    # once it knows someone, it probes instead
+    st, _ = step(st, gossip(upd(B, AL, 0)), CFG, NOW + 1.5)
+    st, cmds = step(st, Tick(st.loop), CFG, NOW + 2)
+    assert [type(s.message) for s in sends(cmds)] == [Ping]
+
+
+# Invariants over random event sequences ------------------------------------------
+
+IDS = hs.sampled_from([A, B, C])
+STATES = hs.sampled_from(list(MemberState))
+UPDATES = hs.builds(
+    Update,
+    id=IDS,
+    addr=hs.just("x"),
+    epoch=hs.integers(0, 2),
+    incarnation=hs.integers(0, 4),
+    state=STATES,
+    origin=IDS,
+)
+SMALL = hs.integers(0, 12)
+EVENTS = hs.one_of(
+    hs.builds(Tick, SMALL),
+    hs.builds(GossipTick, SMALL),
+    hs.builds(PushPullTick, SMALL),
+    hs.builds(ProbeTimeout, SMALL),
+    hs.builds(IndirectTimeout, SMALL),
+    hs.builds(RelayTimeout, SMALL),
+    hs.builds(SuspicionTimeout, IDS, hs.integers(0, 40)),
+    hs.builds(Reap, IDS, hs.integers(0, 40)),
+    hs.builds(Join, hs.just((ADDR[B],))),
+    hs.builds(lambda ups: gossip(*ups), hs.lists(UPDATES, max_size=3)),
+    hs.builds(lambda s, t: Received(Ping(B, ADDR[B], s, t)), SMALL, IDS),
+    hs.builds(lambda s: Received(Ack(B, ADDR[B], s)), SMALL),
+    hs.builds(lambda s: Received(Nack(C, ADDR[C], s)), SMALL),
+    hs.builds(lambda s, t: Received(PingReq(C, ADDR[C], s, t, "y")), SMALL, IDS),
+    hs.builds(
+        lambda ups, r: Received(Sync(B, ADDR[B], tuple(ups), reply=r)),
+        hs.lists(UPDATES, max_size=4),
+        hs.booleans(),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hs.lists(hs.tuples(EVENTS, hs.floats(0.0, 3.0)), max_size=40),
+    hs.integers(0, 20),
+)
+def test_invariants_hold_under_any_events(
+    events: list[tuple[Event, float]], leave_at: int
+) -> None:
+    core_ = new(A, ADDR[A], epoch=1, seed=3)
+    now = 0.0
+    for i, (event, dt) in enumerate(events):
+        now += dt
+        before = core_
+        core_, cmds = step(core_, Leave() if i == leave_at else event, CFG, now)
+        assert A not in core_.members
+        assert 0 <= core_.awareness < CFG.awareness_max_multiplier
+        assert core_.me.epoch == 1 and core_.me.incarnation >= before.me.incarnation
+        if before.me.state is LE:
+            assert core_.me.state is LE
+        for mid, m in core_.members.items():
+            assert (m.state is SU) == (m.suspicion is not None)
+            old = before.members.get(mid)
+            if old is not None:
+                assert (m.epoch, m.incarnation) >= (old.epoch, old.incarnation)
+                if old.state is LE and m.epoch == old.epoch:
+                    assert m == old  # nothing overrides a goodbye
+        for cmd in cmds:
+            if isinstance(cmd, SetTimer):
+                assert cmd.at >= now
+            if isinstance(cmd, Notify):
+                assert cmd.member.id != A
