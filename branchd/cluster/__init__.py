@@ -1,5 +1,6 @@
 """The cluster: membership (pure SWIM), transport, discovery and gossip loops.
 
-Empty until the membership issue; it exists so that the layer rules (no
-imports between ``process`` and ``cluster``) are checked from the start.
+So far the pure core only: ``membership`` (the SWIM/Lifeguard state machine),
+``messages`` (what branches say to each other) and ``timing`` (the timers and
+their scaling maths). ``process`` and ``cluster`` never import each other.
 """
