@@ -138,9 +138,7 @@ class Keyring:
         held = self.get(key.id)
         if held is not None:
             if held.secret != key.secret:
-                raise Conflict(
-                    f"another key with id {key.id} is installed: generate a new key"
-                )
+                raise Conflict(f"another key with id {key.id} is installed: generate a new key")
             return self
         return Keyring((*self.keys, key), self.primary)
 
