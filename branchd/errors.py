@@ -215,3 +215,12 @@ class BrokerMisconfigured(BrokerUnavailable):
     cannot help until the installation is fixed, and the message says so."""
 
     code = "broker_misconfigured"
+
+
+class BadMessage(BranchdError):
+    """Bytes from another branch that are not a message of this release's wire
+    form (truncated, corrupt, a field of the wrong type): dropped and counted
+    by the receiver, never an exception of the decoder's own."""
+
+    code = "bad_message"
+    status = 400

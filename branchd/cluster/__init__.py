@@ -1,6 +1,9 @@
 """The cluster: membership (pure SWIM), transport, discovery and gossip loops.
 
-So far the pure core only: ``membership`` (the SWIM/Lifeguard state machine),
-``messages`` (what branches say to each other) and ``timing`` (the timers and
-their scaling maths). ``process`` and ``cluster`` never import each other.
+So far the pure core: ``membership`` (the SWIM/Lifeguard state machine),
+``messages`` (what branches say to each other), ``timing`` (the timers and
+their scaling maths) and ``codec`` (the messages as bytes, in compound
+datagrams); and the edge: ``transport`` (the ``Transport`` Protocol, UDP)
+with its in-memory twin ``memnet`` (tests only). ``process`` and ``cluster``
+never import each other.
 """

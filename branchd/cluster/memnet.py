@@ -1,0 +1,176 @@
+"""The in-memory twin of the UDP transport: a network of branches in one process.
+
+Tests only: production code never imports it (an import-linter contract).
+Every datagram is delivered by a timer of the ``Scheduler`` it is given (a
+``FakeScheduler`` in tests, so a run is stepped, never slept), and what
+happens to it is drawn from one seeded ``random.Random``, so a run is a
+function of its seed and of the order of the sends:
+
+- ``loss``: the share of datagrams lost;
+- ``delay``: (min, max) seconds, uniform; a spread reorders datagrams
+  (equal delays keep the order they were sent in);
+- ``partition(a, b)``: no datagram between a member of ``a`` and one of
+  ``b``, either way, until ``heal()`` (checked when sent and when due, so a
+  datagram in flight across a new cut is lost too);
+- ``slow(addr)``: datagrams *to* ``addr`` arrive 0.5-2.5 s later than they
+  would (a reader that is paused, swapping, or behind a full queue).
+
+``MemoryNetwork.transport(addr, receiver)`` makes one branch's transport; it
+keeps the budget and counters of the UDP one (``TransportStats``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from branchd.clock import Scheduler
+from branchd.cluster.codec import DATAGRAM_BUDGET
+from branchd.cluster.transport import Counters, Receiver, TransportStats, hand_over
+
+log = logging.getLogger(__name__)
+
+#: The lateness of a slow reader's datagrams (seconds, uniform).
+SLOW = (0.5, 2.5)
+
+
+@dataclass(frozen=True)
+class NetworkStats:
+    """The network's own tally of the datagrams the transports sent."""
+
+    delivered: int = 0
+    lost: int = 0  # drawn by ``loss``
+    cut: int = 0  # across a partition
+    nowhere: int = 0  # no open transport at the address when due
+
+
+class MemoryNetwork:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        seed: int = 0,
+        loss: float = 0.0,
+        delay: tuple[float, float] = (0.0, 0.0),
+        budget: int = DATAGRAM_BUDGET,
+    ) -> None:
+        if not 0.0 <= loss <= 1.0 or not 0.0 <= delay[0] <= delay[1]:
+            raise ValueError(f"loss in [0, 1] and 0 <= min <= max delay, not {loss}, {delay}")
+        self._scheduler = scheduler
+        self._rng = random.Random(seed)
+        self.loss = loss
+        self.delay = delay
+        self.budget = budget
+        self._nodes: dict[str, MemoryTransport] = {}
+        self._cuts: list[tuple[frozenset[str], frozenset[str]]] = []
+        self._slow: set[str] = set()
+        self.hand_overed = self._lost = self._cut = self._nowhere = 0
+
+    def transport(self, addr: str, receiver: Receiver) -> MemoryTransport:
+        """A branch's transport at ``addr`` (any unique name, ``"b1:8401"`` say)."""
+        if addr in self._nodes:
+            raise ValueError(f"address {addr!r} is taken")
+        node = MemoryTransport(self, addr, receiver)
+        self._nodes[addr] = node
+        return node
+
+    # conditions ------------------------------------------------------------------
+
+    def partition(self, a: Iterable[str], b: Iterable[str]) -> None:
+        """No datagram between any of ``a`` and any of ``b`` until ``heal()``."""
+        self._cuts.append((frozenset(a), frozenset(b)))
+
+    def heal(self) -> None:
+        self._cuts.clear()
+
+    def slow(self, addr: str, slow: bool = True) -> None:
+        """Make ``addr`` a slow reader (or a normal one again)."""
+        if slow:
+            self._slow.add(addr)
+        else:
+            self._slow.discard(addr)
+
+    def reachable(self, src: str, dst: str) -> bool:
+        return not any((src in a and dst in b) or (src in b and dst in a) for a, b in self._cuts)
+
+    def stats(self) -> NetworkStats:
+        return NetworkStats(self.hand_overed, self._lost, self._cut, self._nowhere)
+
+    # the transports' side ----------------------------------------------------------
+
+    def _send(self, src: str, dst: str, data: bytes) -> None:
+        if not self.reachable(src, dst):
+            self._cut += 1
+            return
+        if self.loss and self._rng.random() < self.loss:
+            self._lost += 1
+            return
+        low, high = self.delay
+        delay = self._rng.uniform(low, high) if high > low else low
+        if dst in self._slow:
+            delay += self._rng.uniform(*SLOW)
+        when = self._scheduler.clock.monotonic() + delay
+        self._scheduler.call_at(when, lambda: self._arrive(src, dst, data))
+
+    def _arrive(self, src: str, dst: str, data: bytes) -> None:
+        if not self.reachable(src, dst):
+            self._cut += 1
+            return
+        node = self._nodes.get(dst)
+        if node is None:
+            self._nowhere += 1
+            return
+        self.hand_overed += 1
+        node._arrived(src, data)
+
+    def _forget(self, addr: str) -> None:
+        self._nodes.pop(addr, None)
+
+
+class MemoryTransport:
+    """One branch's end of a ``MemoryNetwork`` (the ``Transport`` Protocol)."""
+
+    def __init__(self, network: MemoryNetwork, addr: str, receiver: Receiver) -> None:
+        self._network = network
+        self._address = addr
+        self._receiver = receiver
+        self._counters = Counters(log)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def stats(self) -> TransportStats:
+        return self._counters.snapshot()
+
+    def send(self, addr: str, data: bytes) -> None:
+        c = self._counters
+        if self._closed:
+            c.closed += 1
+            c.once("closed", "datagram to %s dropped: the transport is closed", addr)
+            return
+        if len(data) > self._network.budget:
+            c.oversize += 1
+            c.once(
+                "oversize-out",
+                "datagram of %d bytes over the budget of %d dropped",
+                len(data),
+                self._network.budget,
+            )
+            return
+        c.sent += 1
+        self._network._send(self._address, addr, bytes(data))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._network._forget(self._address)
+
+    def _arrived(self, src: str, data: bytes) -> None:
+        if self._closed:
+            return
+        self._counters.received += 1
+        hand_over(self._receiver, src, data)

@@ -1,0 +1,208 @@
+"""How branches' datagrams travel: the ``Transport`` Protocol and its UDP edge.
+
+A transport carries opaque datagrams (the codec's compounds, later sealed)
+of at most ``budget`` bytes between addresses ``"host:port"``. What arrives
+is handed to the ``Receiver`` given when the transport is made, with the
+sender's address. A transport never raises on a send: a datagram over the
+budget, an unreachable peer or a send after ``close()`` is dropped and
+counted in ``stats()``, and each cause is logged once.
+
+``UdpTransport`` is the real one; its twin, the in-memory network with loss,
+delay, partitions and slow readers, is ``cluster/memnet.py`` (tests only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from branchd.cluster.codec import DATAGRAM_BUDGET
+
+log = logging.getLogger(__name__)
+
+#: Called with (sender's address, datagram) for each datagram that arrives.
+Receiver = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class TransportStats:
+    """What a transport did, since it was made."""
+
+    sent: int = 0
+    received: int = 0
+    oversize: int = 0  # dropped: over the budget (sent or arriving)
+    send_errors: int = 0  # dropped: the peer unreachable, a bad address
+    closed: int = 0  # dropped: sent after close()
+
+
+class Transport(Protocol):
+    @property
+    def address(self) -> str:
+        """Where this transport listens (the real port when bound to port 0)."""
+        ...
+
+    def send(self, addr: str, data: bytes) -> None:
+        """Send one datagram; never raises (drops are counted)."""
+        ...
+
+    def stats(self) -> TransportStats: ...
+
+    def close(self) -> None:
+        """Stop sending and receiving (twice is fine)."""
+        ...
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` → (host, port); ValueError if malformed."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not a host:port address: {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def join_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Counters:
+    """A transport's counters and its log-once memory (shared with the twin)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.sent = self.received = self.oversize = self.send_errors = self.closed = 0
+        self._log = logger
+        self._said: set[str] = set()
+
+    def snapshot(self) -> TransportStats:
+        return TransportStats(
+            self.sent, self.received, self.oversize, self.send_errors, self.closed
+        )
+
+    def once(self, cause: str, msg: str, *args: object) -> None:
+        """Log ``msg`` as a warning the first time ``cause`` is seen, then at debug."""
+        level = logging.DEBUG if cause in self._said else logging.WARNING
+        self._said.add(cause)
+        self._log.log(level, msg, *args)
+
+
+def _cause(exc: BaseException) -> str:
+    errno = getattr(exc, "errno", None)
+    return f"{type(exc).__name__}:{errno}"
+
+
+def hand_over(receiver: Receiver, addr: str, data: bytes) -> None:
+    try:
+        receiver(addr, data)
+    except Exception:  # the receiver's fault: said, and the transport goes on
+        log.exception("receiver of a datagram from %s failed", addr)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.owner: UdpTransport | None = None  # set as soon as the endpoint is made
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if self.owner is not None:
+            self.owner._arrived(data, join_addr(str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        if self.owner is not None:
+            self.owner._send_failed(exc, "?")
+
+
+class UdpTransport:
+    """UDP datagrams on an asyncio endpoint. Make it with ``await UdpTransport.open()``."""
+
+    def __init__(
+        self,
+        endpoint: asyncio.DatagramTransport,
+        receiver: Receiver,
+        budget: int,
+    ) -> None:
+        self._endpoint = endpoint
+        self._receiver = receiver
+        self._budget = budget
+        self._counters = Counters(log)
+        self._closed = False
+        host, port = endpoint.get_extra_info("sockname")[:2]
+        self._address = join_addr(str(host), int(port))
+
+    @classmethod
+    async def open(
+        cls, bind: str, receiver: Receiver, budget: int = DATAGRAM_BUDGET
+    ) -> UdpTransport:
+        """Bind ``bind`` (``"HOST:PORT"``, IP literals; port 0 picks a free one)."""
+        host, port = split_addr(bind)
+        loop = asyncio.get_running_loop()
+        endpoint, proto = await loop.create_datagram_endpoint(_Protocol, local_addr=(host, port))
+        transport = cls(endpoint, receiver, budget)
+        proto.owner = transport
+        return transport
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def stats(self) -> TransportStats:
+        return self._counters.snapshot()
+
+    def send(self, addr: str, data: bytes) -> None:
+        c = self._counters
+        if self._closed:
+            c.closed += 1
+            c.once("closed", "datagram to %s dropped: the transport is closed", addr)
+            return
+        if len(data) > self._budget:
+            c.oversize += 1
+            c.once(
+                "oversize-out",
+                "datagram of %d bytes over the budget of %d dropped",
+                len(data),
+                self._budget,
+            )
+            return
+        try:
+            host, port = split_addr(addr)
+            ipaddress.ip_address(host)  # never a name: sendto would resolve it, blocking
+        except ValueError:
+            c.send_errors += 1
+            c.once(f"address:{addr}", "datagram dropped: %r is not an IP:port address", addr)
+            return
+        try:
+            self._endpoint.sendto(data, (host, port))
+        except OSError as e:  # asyncio hands most to error_received; not all
+            self._send_failed(e, addr)
+            return
+        c.sent += 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._endpoint.close()
+
+    # from the endpoint ---------------------------------------------------------
+
+    def _arrived(self, data: bytes, addr: str) -> None:
+        if self._closed:
+            return
+        c = self._counters
+        if len(data) > self._budget:
+            c.oversize += 1
+            c.once(
+                "oversize-in",
+                "datagram of %d bytes from %s over the budget dropped",
+                len(data),
+                addr,
+            )
+            return
+        c.received += 1
+        hand_over(self._receiver, addr, data)
+
+    def _send_failed(self, exc: Exception, addr: str) -> None:
+        self._counters.send_errors += 1
+        self._counters.once(_cause(exc), "a datagram could not be sent (to %s): %s", addr, exc)
