@@ -60,7 +60,30 @@ class DeclarationChanged:
     deleted: bool = False
 
 
-Event = InstanceChanged | InstanceAdded | InstanceRemoved | RuntimeChanged | DeclarationChanged
+@dataclass(frozen=True)
+class MemberChanged:
+    """A cluster member appeared, changed state or run, or was forgotten.
+
+    ``state`` is the membership state's value (``alive``, ``suspect``,
+    ``dead`` or ``left``: this layer does not import the cluster's enum);
+    ``reaped`` says the member was forgotten (its last state given).
+    """
+
+    id: str
+    addr: str
+    state: str
+    incarnation: int
+    reaped: bool = False
+
+
+Event = (
+    InstanceChanged
+    | InstanceAdded
+    | InstanceRemoved
+    | RuntimeChanged
+    | DeclarationChanged
+    | MemberChanged
+)
 
 
 @dataclass

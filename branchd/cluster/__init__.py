@@ -4,6 +4,7 @@ So far the pure core: ``membership`` (the SWIM/Lifeguard state machine),
 ``messages`` (what branches say to each other), ``timing`` (the timers and
 their scaling maths) and ``codec`` (the messages as bytes, in compound
 datagrams); and the edge: ``transport`` (the ``Transport`` Protocol, UDP)
-with its in-memory twin ``memnet`` (tests only). ``process`` and ``cluster``
+with its in-memory twin ``memnet`` (tests only); and the service,
+``gossip``, which drives the core over a transport it is given. ``process`` and ``cluster``
 never import each other.
 """
