@@ -331,7 +331,9 @@ class Workers:
             async with deadline(self._sched, until):
                 await asyncio.gather(*casts)
         if not self._current(spec.name, pid, State.STOPPING):
+            log.debug("%s: gone before its warm stop's signal", spec.name)
             return  # it exited (or was killed) meanwhile: that pid is not ours now
+        log.debug("%s: signal %d to pid %d (warm stop)", spec.name, signum, pid)
         self._launcher.signal(pid, signum, False)
         # An idle worker notices TERM only when its loop wakes (1-10 s): a ping wakes it.
         with contextlib.suppress(BrokerUnavailable, TimeoutError):

@@ -148,18 +148,7 @@ class MemoryTransport:
 
     def send(self, addr: str, data: bytes) -> None:
         c = self._counters
-        if self._closed:
-            c.closed += 1
-            c.once("closed", "datagram to %s dropped: the transport is closed", addr)
-            return
-        if len(data) > self._network.budget:
-            c.oversize += 1
-            c.once(
-                "oversize-out",
-                "datagram of %d bytes over the budget of %d dropped",
-                len(data),
-                self._network.budget,
-            )
+        if c.refused(self._closed, addr, data, self._network.budget):
             return
         c.sent += 1
         self._network._send(self._address, addr, bytes(data))

@@ -89,6 +89,23 @@ class Counters:
         self._said.add(cause)
         self._log.log(level, msg, *args)
 
+    def refused(self, closed: bool, addr: str, data: bytes, budget: int) -> bool:
+        """Count and say why a datagram cannot go (closed, over the budget)."""
+        if closed:
+            self.closed += 1
+            self.once("closed", "datagram to %s dropped: the transport is closed", addr)
+            return True
+        if len(data) > budget:
+            self.oversize += 1
+            self.once(
+                "oversize-out",
+                "datagram of %d bytes over the budget of %d dropped",
+                len(data),
+                budget,
+            )
+            return True
+        return False
+
 
 def _cause(exc: BaseException) -> str:
     errno = getattr(exc, "errno", None)
@@ -153,18 +170,7 @@ class UdpTransport:
 
     def send(self, addr: str, data: bytes) -> None:
         c = self._counters
-        if self._closed:
-            c.closed += 1
-            c.once("closed", "datagram to %s dropped: the transport is closed", addr)
-            return
-        if len(data) > self._budget:
-            c.oversize += 1
-            c.once(
-                "oversize-out",
-                "datagram of %d bytes over the budget of %d dropped",
-                len(data),
-                self._budget,
-            )
+        if c.refused(self._closed, addr, data, self._budget):
             return
         try:
             host, port = split_addr(addr)
