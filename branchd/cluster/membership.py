@@ -20,7 +20,9 @@ What it does, in SWIM's terms:
   relays' nacks, and refutations, raise a score that stretches the probe
   interval and timeout; each ack lowers it;
 - every update rides piggybacked on pings, acks and gossip messages, each
-  sent at most ``retransmit_mult * ceil(log10(N + 1))`` times;
+  sent at most ``retransmit_mult * ceil(log10(N + 1))`` times, but for our
+  own suspicion of a member, re-armed while that member is still suspect
+  (so that a lost accusation still reaches the suspect, which refutes);
 - a graceful ``Leave`` is told as *left*, which nothing at that epoch
   overrides; a new epoch of the same id (a restarted branch) replaces the
   old run at once; dead and left members are forgotten after ``reap_after``;
@@ -626,7 +628,14 @@ def _enqueue(st: Membership, u: Update) -> Membership:
 
 
 def _piggyback(st: Membership, config: MembershipConfig) -> tuple[Membership, tuple[Update, ...]]:
-    """The least-sent rumours for one message; each spent after the retransmit limit."""
+    """The least-sent rumours for one message; each spent after the retransmit limit.
+
+    Our own suspicion of a member is the exception: it is re-armed (its count
+    starts again) for as long as that member is still suspect at that run and
+    incarnation, so that a rumour lost (in a short partition, say) still
+    reaches the suspect, which can then refute, instead of living on at its
+    accuser alone until the suspicion's maximum declares it dead.
+    """
     if not st.queue:
         return st, ()
     limit = retransmit_limit(config.retransmit_mult, _n(st))
@@ -639,9 +648,23 @@ def _piggyback(st: Membership, config: MembershipConfig) -> tuple[Membership, tu
             ups.append(b.update)
             b = replace(b, transmits=b.transmits + 1)
             if b.transmits >= limit:
-                continue
+                if not _still_our_suspicion(st, b.update):
+                    continue
+                b = replace(b, transmits=0)
         queue.append(b)
     return replace(st, queue=tuple(queue)), tuple(ups)
+
+
+def _still_our_suspicion(st: Membership, u: Update) -> bool:
+    """``u`` is our accusation of a member we still suspect, at that run and incarnation."""
+    if u.state is not SUSPECT or u.origin != st.me.id:
+        return False
+    m = st.members.get(u.id)
+    return (
+        m is not None
+        and m.state is SUSPECT
+        and (m.epoch, m.incarnation) == (u.epoch, u.incarnation)
+    )
 
 
 # Randomness: splitmix64, its state held in Membership.rng ----------------------

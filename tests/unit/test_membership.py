@@ -516,6 +516,42 @@ def test_rumours_are_spent_after_the_retransmit_limit() -> None:
     assert carried == limit and st.queue == ()
 
 
+def test_our_suspicion_is_re_armed_while_the_member_is_suspect() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st = replace(st, order=(B, C), index=0)
+    st, _ = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None
+    st, _ = step(st, IndirectTimeout(st.probe.seq), CFG, NOW + 1.0)
+    ours = Update(B, ADDR[B], 1, 2, SU, A)
+    assert st.members[B].state is SU and [b.update for b in st.queue] == [ours]
+    limit = retransmit_limit(CFG.retransmit_mult, 3)
+
+    def carried(st: Membership, ticks: int, t0: float) -> tuple[Membership, int]:
+        n = 0
+        for i in range(ticks):
+            st, cmds = step(st, GossipTick(1), CFG, t0 + 0.2 * i)
+            msgs = [s.message for s in sends(cmds)]
+            n += sum(1 for m in msgs if isinstance(m, Gossip) and ours in m.updates)
+        return st, n
+
+    # lost (say, in a partition): it is still told, well past the retransmit limit
+    st, n = carried(st, 10, NOW + 1.0)
+    assert n > limit and [b.update for b in st.queue] == [ours]
+    # once b refutes, our old accusation is spent like any rumour
+    st, _ = step(st, gossip(upd(B, AL, 3)), CFG, NOW + 3.5)
+    assert st.members[B].state is AL
+    st, n = carried(st, 10, NOW + 4.0)
+    assert n == 0 and st.queue == ()
+
+
+def test_a_suspicion_heard_from_others_is_not_re_armed() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, _ = step(st, gossip(upd(B, SU, 2)), CFG, NOW)  # c's accusation, not ours
+    for i in range(20):
+        st, _ = step(st, GossipTick(1), CFG, NOW + 0.2 * i)
+    assert st.members[B].state is SU and st.queue == ()
+
+
 # A deterministic simulator: cores in a dict, messages on a seeded lossy queue --------
 
 
