@@ -5,7 +5,7 @@ array (no keys at all: the position names the field), and a datagram is a
 *compound*: ``[1, message, message, ...]``, the leading 1 being the version
 of this form. A message is ``[kind, src, src_addr, <fields>..., updates]``,
 an update ``[id, addr, epoch, incarnation, state, origin]`` with the state
-as one letter.
+as one letter, and a seventh field, the member's meta, when it has one.
 
 Why JSON rather than a struct format: most of a message is strings (ids and
 addresses), which a struct format would carry as length-prefixed bytes anyway,
@@ -66,7 +66,10 @@ def _dump(value: object) -> bytes:
 
 
 def encode_update(u: Update) -> bytes:
-    return _dump([u.id, u.addr, u.epoch, u.incarnation, _STATE[u.state], u.origin])
+    fields: list[object] = [u.id, u.addr, u.epoch, u.incarnation, _STATE[u.state], u.origin]
+    if u.meta:
+        fields.append(u.meta)
+    return _dump(fields)
 
 
 def _fields(msg: Message) -> list[object]:
@@ -194,7 +197,9 @@ def _list(v: object, n: int | None, what: str) -> list[Any]:
 
 
 def _update(v: object) -> Update:
-    f = _list(v, 6, "update")
+    f = _list(v, None, "update")
+    if len(f) not in (6, 7):
+        raise BadMessage(f"update: 6 or 7 fields expected, not {len(f)}")
     state = _STATE_BACK.get(f[4]) if isinstance(f[4], str) else None
     if state is None:
         raise BadMessage(f"update: unknown state {f[4]!r:.20}")
@@ -205,6 +210,7 @@ def _update(v: object) -> Update:
         incarnation=_int(f[3], "update incarnation"),
         state=state,
         origin=_str(f[5], "update origin"),
+        meta=_str(f[6], "update meta") if len(f) == 7 else "",
     )
 
 

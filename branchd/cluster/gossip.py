@@ -18,6 +18,12 @@ What arrives is opened (a frame that will not open is counted by its
 and fed as ``Received``. A failure in any of it is logged once per cause
 and counted; the service carries on.
 
+Push-pull may go over HTTP: given a ``PushPull`` (the daemon's, which
+posts to the member's API), every ``Sync`` that asks for a reply is handed
+to it, and its answer fed back as a received message; :meth:`exchange` is
+the other side (the API's handler). Without one, or when it has no way to
+reach that member, the Sync goes out in datagrams like any message.
+
 One thing is the service's own: a *reconnect*, every push-pull interval, to
 one member believed dead (not left), by feeding the core a ``Join`` with its
 address, so that the two sides of a healed partition find each other again
@@ -66,6 +72,13 @@ log = logging.getLogger(__name__)
 #: Makes the transport, handed the service's receiver (may be a coroutine).
 TransportFactory = Callable[[Receiver], Transport | Awaitable[Transport]]
 
+#: Carries a push-pull to the member at a gossip address and returns its
+#: answer; None: no other way to that member than datagrams.
+PushPull = Callable[[str, Sync], Awaitable[Sync] | None]
+
+#: memberlist's MetaMaxSize: a member's meta rides on every alive rumour.
+META_MAX = 512
+
 #: How long ``leave()`` waits by default for its goodbye to be spent (s).
 LEAVE_TIMEOUT = 3.0
 
@@ -81,6 +94,7 @@ class MemberView:
     state: MemberState
     since: float
     is_self: bool = False
+    meta: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,8 @@ class Gossip:
         keyring: Keyring | None = None,
         bus: EventBus | None = None,
         seed: int | None = None,
+        push_pull: PushPull | None = None,
+        meta: str = "",
     ) -> None:
         """``addr`` is what the others dial (``None``: the transport's own
         address, once made); ``seed`` makes the run's choices repeatable."""
@@ -124,6 +140,9 @@ class Gossip:
         self._config = config
         self._keyring = keyring
         self._bus = bus
+        self._push_pull = push_pull
+        self._meta = _checked_meta(meta)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._seed = secrets.randbits(64) if seed is None else seed
         self._rng = random.Random(self._seed)
         self._state: Membership | None = None
@@ -171,9 +190,41 @@ class Gossip:
             made = self._factory(self._arrived)
             self._transport = await made if inspect.isawaitable(made) else made
             addr = self._addr or self._transport.address
-            self._state = membership.new(self._id, addr, self._epoch, seed=self._seed)
+            self._state = membership.new(
+                self._id, addr, self._epoch, seed=self._seed, meta=self._meta
+            )
             self._arm_reconnect()
         self._turn((Join(self._seeds),))
+
+    def set_meta(self, meta: str) -> None:
+        """Our meta is now ``meta`` (at most ``META_MAX`` bytes): spread with
+        a new incarnation if it changed."""
+        self._meta = _checked_meta(meta)
+        self._turn((membership.SetMeta(self._meta),))
+
+    def exchange(self, sync: Sync) -> Sync:
+        """The answering side of a push-pull carried by another way (HTTP):
+        merge ``sync`` and answer with our whole view."""
+        st = self._state
+        if st is None or self._closed:
+            raise RuntimeError("this gossip service is not running")
+        self._counts["messages_received"] += 1
+        self._turn((Received(replace(sync, reply=False)),))
+        st = self._state
+        assert st is not None
+        return Sync(st.me.id, st.me.addr, membership.states(st), reply=False)
+
+    def merge(self, sync: Sync) -> None:
+        """Take a view got by another way (a join's answer)."""
+        self._counts["messages_received"] += 1
+        self._turn((Received(replace(sync, reply=False)),))
+
+    def own_view(self) -> Sync:
+        """Our whole view as a push-pull that asks for the other's (a join)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("this gossip service is not started")
+        return Sync(st.me.id, st.me.addr, membership.states(st), reply=True)
 
     async def leave(self, timeout: float = LEAVE_TIMEOUT) -> bool:
         """Say goodbye and wait (at most ``timeout`` s) until it has gone out
@@ -199,6 +250,8 @@ class Gossip:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
         if self._transport is not None:
             self._transport.close()
 
@@ -246,7 +299,7 @@ class Gossip:
         except Exception as e:  # the state stays as the last good step left it
             self._failed("step", e)
         for addr, messages in sends.items():
-            self._send(addr, messages)
+            self._send(addr, self._pushed_over(addr, messages))
         self._check_goodbye()
 
     def _carry_out(self, command: Command, sends: dict[str, list[Message]]) -> None:
@@ -320,9 +373,42 @@ class Gossip:
 
     # out ---------------------------------------------------------------------------
 
+    def _pushed_over(self, addr: str, messages: list[Message]) -> list[Message]:
+        """Hand the push-pulls asking for a reply to ``self._push_pull`` (if
+        it can reach ``addr``); what is left goes out in datagrams."""
+        if self._push_pull is None:
+            return messages
+        rest: list[Message] = []
+        for m in messages:
+            carried = self._push_pull(addr, m) if isinstance(m, Sync) and m.reply else None
+            if carried is None:
+                rest.append(m)
+                continue
+            self._counts["messages_sent"] += 1
+            task = asyncio.ensure_future(self._answered(addr, carried))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return rest
+
+    async def _answered(self, addr: str, answer: Awaitable[Sync]) -> None:
+        try:
+            sync = await answer
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # that member is away, or refused: the next period tries another
+            self._once(
+                f"push-pull:{type(e).__name__}",
+                logging.INFO,
+                "push-pull with %s failed: %s",
+                addr,
+                e,
+            )
+            return
+        self.merge(sync)
+
     def _send(self, addr: str, messages: list[Message]) -> None:
         transport = self._transport
-        if transport is None:
+        if transport is None or not messages:
             return
         budget = self.budget
         try:
@@ -399,7 +485,13 @@ class Gossip:
 
 
 def _view(m: membership.Member) -> MemberView:
-    return MemberView(m.id, m.addr, m.epoch, m.incarnation, m.state, m.since)
+    return MemberView(m.id, m.addr, m.epoch, m.incarnation, m.state, m.since, meta=m.meta)
+
+
+def _checked_meta(meta: str) -> str:
+    if len(meta.encode()) > META_MAX:
+        raise ValueError(f"a member's meta is {len(meta.encode())} bytes; at most {META_MAX}")
+    return meta
 
 
 #: What a compound adds around one message: ``[1,`` and ``]``.

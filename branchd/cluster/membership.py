@@ -26,7 +26,10 @@ What it does, in SWIM's terms:
 - a graceful ``Leave`` is told as *left*, which nothing at that epoch
   overrides; a new epoch of the same id (a restarted branch) replaces the
   old run at once; dead and left members are forgotten after ``reap_after``;
-- push-pull (``Sync``) exchanges whole views, on ``Join`` and periodically.
+- push-pull (``Sync``) exchanges whole views, on ``Join`` and periodically;
+- each member may carry a short ``meta`` (its branch record's compact
+  form): ``SetMeta`` changes ours with a new incarnation, so that it spreads
+  like any alive rumour and overrides the old one everywhere.
 
 Timer events carry a token (a probe's sequence number, the periodic loops'
 token, a member's token) so that a stale timer is a no-op: nothing is ever
@@ -96,9 +99,13 @@ class Member:
     since: float  # when it entered this state, on our clock
     token: int = 0  # its timers (suspicion, reap) carry it; any change makes them stale
     suspicion: Suspicion | None = None
+    meta: str = ""
 
     def update(self, origin: str) -> Update:
-        return Update(self.id, self.addr, self.epoch, self.incarnation, self.state, origin)
+        # Only an alive update carries the meta: the others never change it,
+        # and a suspicion or a death is smaller without it.
+        meta = self.meta if self.state is ALIVE else ""
+        return Update(self.id, self.addr, self.epoch, self.incarnation, self.state, origin, meta)
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,9 @@ class Membership:
         return m.state if m is not None else None
 
 
-def new(member_id: str, addr: str, epoch: int, seed: int = 0) -> Membership:
+def new(member_id: str, addr: str, epoch: int, seed: int = 0, meta: str = "") -> Membership:
     """A branch alone, alive at incarnation 0; ``Join`` starts its timers."""
-    me = Member(member_id, addr, epoch, 0, ALIVE, since=0.0)
+    me = Member(member_id, addr, epoch, 0, ALIVE, since=0.0, meta=meta)
     return Membership(me=me, rng=seed & _MASK)
 
 
@@ -172,6 +179,13 @@ class Join:
 @dataclass(frozen=True)
 class Leave:
     """Say goodbye: the others mark this branch left, never dead."""
+
+
+@dataclass(frozen=True)
+class SetMeta:
+    """Our meta is now this: told to all with a new incarnation (if it changed)."""
+
+    meta: str
 
 
 @dataclass(frozen=True)
@@ -239,7 +253,7 @@ TimerEvent = (
     | SuspicionTimeout
     | Reap
 )
-Event = Join | Leave | Received | TimerEvent
+Event = Join | Leave | SetMeta | Received | TimerEvent
 
 # Commands -------------------------------------------------------------------
 
@@ -281,6 +295,9 @@ def step(
             st = _join(st, seeds, config, now, out)
         case Leave() if alive:
             st = _leave(st, config, now, out)
+        case SetMeta(meta=meta) if alive and meta != st.me.meta:
+            me = replace(st.me, meta=meta, incarnation=st.me.incarnation + 1)
+            st = _enqueue(replace(st, me=me), me.update(me.id))
         case Tick(token=t) if t == st.loop and alive:
             st = _tick(st, config, now, out)
         case GossipTick(token=t) if t == st.loop:
@@ -297,7 +314,7 @@ def step(
             out.append(Send(relay.addr, Nack(st.me.id, st.me.addr, relay.seq, ups)))
         case SuspicionTimeout(member=mid, token=t) if _current(st, mid, t, (SUSPECT,)):
             m = st.members[mid]
-            st = _set(st, replace(m.update(st.me.id), state=DEAD), config, now, out)
+            st = _set(st, replace(m.update(st.me.id), state=DEAD, meta=""), config, now, out)
         case Reap(member=mid, token=t) if _current(st, mid, t, _GONE):
             m = st.members[mid]
             rest = {k: v for k, v in st.members.items() if k != mid}
@@ -432,7 +449,7 @@ def _conclude(
     target = st.members.get(probe.target)
     if target is not None and target.state in (ALIVE, SUSPECT):
         # a suspect already: this failed probe is one more confirmation
-        st = _apply(st, replace(target.update(st.me.id), state=SUSPECT), config, now, out)
+        st = _apply(st, replace(target.update(st.me.id), state=SUSPECT, meta=""), config, now, out)
     return st
 
 
@@ -472,6 +489,11 @@ def _push_pull(
     for peer in peers:
         out.append(Send(peer.addr, Sync(st.me.id, st.me.addr, _states(st), reply=True)))
     return st
+
+
+def states(st: Membership) -> tuple[Update, ...]:
+    """Our whole view as push-pull carries it: us first, then every member."""
+    return _states(st)
 
 
 def _states(st: Membership) -> tuple[Update, ...]:
@@ -567,7 +589,9 @@ def _set(
     token = st.tokens + 1
     changed = cur is None or cur.state is not u.state or cur.epoch != u.epoch
     since = now if changed or cur is None else cur.since
-    m = Member(u.id, u.addr, u.epoch, u.incarnation, u.state, since, token)
+    # A rumour without meta (a suspicion, a death) keeps what this run said.
+    meta = u.meta or (cur.meta if cur is not None and cur.epoch == u.epoch else "")
+    m = Member(u.id, u.addr, u.epoch, u.incarnation, u.state, since, token, meta=meta)
     if u.state is SUSPECT:
         m = replace(m, suspicion=_suspicion(st, u.origin, config, now))
         assert m.suspicion is not None
@@ -608,7 +632,7 @@ def _confirm(
     m = replace(cur, suspicion=s, token=token)
     st = replace(st, members={**st.members, m.id: m}, tokens=token)
     if s.deadline() <= now:  # overdue: dead now
-        return _set(st, replace(m.update(st.me.id), state=DEAD), config, now, out)
+        return _set(st, replace(m.update(st.me.id), state=DEAD, meta=""), config, now, out)
     out.append(SetTimer(s.deadline(), SuspicionTimeout(m.id, token)))
     return _enqueue(st, u)  # pass the confirmation on
 

@@ -39,6 +39,10 @@ class Update:
 
     ``origin`` is the branch that said so first (for a suspicion, the
     confirmations are counted by distinct origins; a leave has its own id).
+    ``meta`` is the member's own short record (its branch record's compact
+    form, memberlist's node meta): carried by alive updates only, since only
+    the member changes it, with a new incarnation; "" on the others, which
+    keep what is known.
     """
 
     id: str
@@ -47,6 +51,7 @@ class Update:
     incarnation: int
     state: MemberState
     origin: str
+    meta: str = ""
 
 
 @dataclass(frozen=True)

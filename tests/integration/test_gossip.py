@@ -408,3 +408,84 @@ async def test_three_branches_on_udp_find_each_other_and_see_one_closed_dead() -
         for g in nodes:
             g.close()
 
+
+
+# meta and push-pull by another way (HTTP in the daemon) ------------------------------
+
+
+async def test_a_members_meta_reaches_every_branch_and_a_change_overrides_it() -> None:
+    sim = Sim(10, seed=3)
+    await sim.join_all()
+    await sim.until(sim.converged, 5.0)
+    sim.nodes["b4"].set_meta('{"load":1}')
+    took = await sim.until(
+        lambda: all(
+            next(v.meta for v in sim.nodes[o].members() if v.id == "b4") == '{"load":1}'
+            for o in sim.ids
+        ),
+        3.0,
+    )
+    print(f"a meta change reached 10 branches in {took:.2f}s (simulated)")
+    sim.nodes["b4"].set_meta('{"load":2}')
+    await sim.until(
+        lambda: all(
+            next(v.meta for v in sim.nodes[o].members() if v.id == "b4") == '{"load":2}'
+            for o in sim.ids
+        ),
+        3.0,
+    )
+    with pytest.raises(ValueError, match="at most 512"):
+        sim.nodes["b4"].set_meta("x" * 513)
+    sim.close()
+
+
+async def test_push_pull_by_another_way_joins_and_its_failure_is_survived() -> None:
+    """Two services whose push-pulls go through a hook (the daemon's HTTP post),
+    which calls the other's ``exchange``: a join by ``merge(exchange(own_view))``
+    and the periodic push-pull both go that way, none in datagrams."""
+    clock = FakeClock()
+    scheduler = FakeScheduler(clock)
+    net = MemoryNetwork(scheduler, seed=5)
+    nodes: dict[str, Gossip] = {}
+    carried: list[str] = []
+    failing = {"on": False}
+
+    def hook(addr: str, sync: Sync) -> asyncio.Future[Sync] | None:
+        target = next(g for g in nodes.values() if g.address == addr)
+        carried.append(addr)
+        fut: asyncio.Future[Sync] = asyncio.get_running_loop().create_future()
+        if failing["on"]:
+            fut.set_exception(ConnectionRefusedError("refused"))
+        else:
+            fut.set_result(target.exchange(sync))
+        return fut
+
+    config = MembershipConfig.for_tests()
+    for mid in ("a", "b"):
+        addr = f"{mid}:8401"
+        nodes[mid] = Gossip(
+            mid,
+            addr,
+            1,
+            lambda r, addr=addr: net.transport(addr, r),
+            scheduler,
+            config,
+            KEYRING,
+            push_pull=hook,
+            meta=f"meta-{mid}",
+        )
+    a, b = nodes["a"], nodes["b"]
+    await a.start()
+    await b.start()
+    a.merge(b.exchange(a.own_view()))  # the join: one HTTP round trip
+    assert a.state_of("b") is AL and b.state_of("a") is AL
+    assert {v.id: v.meta for v in a.members()} == {"a": "meta-a", "b": "meta-b"}
+    await scheduler.advance(config.push_pull_interval + 1)
+    assert carried, "the periodic push-pull went through the hook"
+    failing["on"] = True
+    before = len(carried)
+    await scheduler.advance(config.push_pull_interval + 1)
+    assert len(carried) > before
+    assert a.state_of("b") is AL and a.stats().failures == 0
+    a.close()
+    b.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from branchd.cluster import codec
-from branchd.cluster.codec import DATAGRAM_BUDGET, decode, encode, pack, unpack
+from branchd.cluster.codec import DATAGRAM_BUDGET, decode, encode, encode_update, pack, unpack
 from branchd.cluster.messages import (
     Ack,
     Gossip,
@@ -50,6 +51,19 @@ def test_every_message_comes_back_as_itself(msg: Message) -> None:
     assert unpack(datagram) == [msg]
 
 
+def test_an_update_carries_its_meta_as_a_seventh_field_only_when_it_has_one() -> None:
+    plain = Update("b1", "a:1", 1, 0, MemberState.ALIVE, "b1")
+    with_meta = replace(plain, meta='{"u":"http://h:8400"}')
+    assert encode_update(plain) == b'["b1","a:1",1,0,"a","b1"]'
+    assert encode_update(with_meta) == b'["b1","a:1",1,0,"a","b1","{\\"u\\":\\"http://h:8400\\"}"]'
+    msg = Gossip("b1", "a:1", (plain, with_meta))
+    assert decode(encode(msg)) == msg
+    with pytest.raises(BadMessage, match="6 or 7 fields"):
+        decode(b'["g","b1","a:1",[["b1","a:1",1,0,"a","b1","m","extra"]]]')
+    with pytest.raises(BadMessage, match="meta"):
+        decode(b'["g","b1","a:1",[["b1","a:1",1,0,"a","b1",7]]]')
+
+
 def test_the_form_is_compact_and_readable() -> None:
     data = encode(Nack("b3", "10.0.0.4:8401", 2))
     assert data == b'["n","b3","10.0.0.4:8401",2,[]]'
@@ -61,7 +75,7 @@ def test_the_form_is_compact_and_readable() -> None:
 _text = hs.text(max_size=30)
 _int = hs.integers(min_value=0, max_value=codec.MAX_INT)
 _updates = hs.lists(
-    hs.builds(Update, _text, _text, _int, _int, hs.sampled_from(list(MemberState)), _text),
+    hs.builds(Update, _text, _text, _int, _int, hs.sampled_from(list(MemberState)), _text, _text),
     max_size=8,
 ).map(tuple)
 _messages: hs.SearchStrategy[Message] = hs.one_of(

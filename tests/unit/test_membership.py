@@ -34,6 +34,7 @@ from branchd.cluster.membership import (
     Received,
     RelayTimeout,
     Send,
+    SetMeta,
     SetTimer,
     Suspicion,
     SuspicionTimeout,
@@ -490,6 +491,51 @@ def test_sync_merges_and_answers_with_our_view() -> None:
     assert reply.to == ADDR[B] and isinstance(reply.message, Sync)
     assert not reply.message.reply
     assert {u.id for u in reply.message.states} == {A, B, C}
+
+
+# Meta: a member's own short record ------------------------------------------------
+
+
+def test_set_meta_raises_our_incarnation_and_spreads_it() -> None:
+    st = started(member(B, AL))
+    st, cmds = step(st, SetMeta('{"u":"http://a"}'), CFG, NOW)
+    assert (st.me.meta, st.me.incarnation) == ('{"u":"http://a"}', 1)
+    assert [b.update for b in st.queue] == [
+        Update(A, ADDR[A], 1, 1, AL, A, '{"u":"http://a"}')
+    ]
+    assert cmds == []
+    again, cmds = step(st, SetMeta('{"u":"http://a"}'), CFG, NOW)
+    assert again == st and cmds == []  # the same meta: nothing to say
+
+
+def test_a_member_meta_is_learned_and_survives_a_suspicion_and_a_refutation() -> None:
+    st = core(member(B, AL))
+    st, _ = step(st, gossip(replace(upd(B, AL, 3), meta="m3")), CFG, NOW)
+    assert st.members[B].meta == "m3"
+    st, _ = step(st, gossip(upd(B, SU, 3)), CFG, NOW)  # a suspicion carries no meta
+    assert st.members[B].state is SU and st.members[B].meta == "m3"
+    assert st.members[B].update(A).meta == ""  # nor does what we say of a suspect
+    st, _ = step(st, gossip(upd(B, AL, 4)), CFG, NOW)
+    assert st.members[B].meta == "m3"
+    st, _ = step(st, gossip(replace(upd(B, AL, 5), meta="m5")), CFG, NOW)
+    assert st.members[B].meta == "m5"
+    st, _ = step(st, gossip(replace(upd(B, AL, 5), meta="other")), CFG, NOW)
+    assert st.members[B].meta == "m5"  # same incarnation: the first word stands
+
+
+def test_a_new_run_starts_without_the_old_runs_meta() -> None:
+    st = core(replace(member(B, AL), meta="old"))
+    st, _ = step(st, gossip(upd(B, AL, 0, epoch=2)), CFG, NOW)
+    assert (st.members[B].epoch, st.members[B].meta) == (2, "")
+
+
+def test_our_view_in_a_sync_carries_the_alive_members_meta() -> None:
+    st = started(replace(member(B, AL), meta="mb"), replace(member(C, SU), meta="mc"))
+    st, _ = step(st, SetMeta("ma"), CFG, NOW)
+    st, cmds = step(st, Received(Sync(B, ADDR[B], (), reply=True)), CFG, NOW)
+    [reply] = sends(cmds)
+    assert isinstance(reply.message, Sync)
+    assert {u.id: u.meta for u in reply.message.states} == {A: "ma", B: "mb", C: ""}
 
 
 def test_leave_tells_a_few_and_stops_probing() -> None:
