@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
 
@@ -52,12 +52,17 @@ class BranchService:
         base: BranchRecord,
         probe: HostProbe,
         bus: EventBus,
-        instances: Iterable[str],
+        instances: Iterable[str],  # app/name of each held at start
         *,
         scheduler: Scheduler,
         interval: float = 5.0,
+        max_instances: int = 0,
     ) -> None:
         self._record = base
+        self._max = max_instances
+        #: Called after each change of the record (a refresh, an instance come
+        #: or gone): the cluster re-announces it. Set by whoever listens.
+        self.on_change: Callable[[], None] | None = None
         self._sched = scheduler
         self._clock = scheduler.clock
         self._probe = probe
@@ -68,22 +73,40 @@ class BranchService:
         self.refresh()
 
     def record(self) -> BranchRecord:
-        return replace(
-            self._record, capacity=replace(self._record.capacity, instances=len(self._names))
+        capacity = replace(
+            self._record.capacity, instances=len(self._names), max_instances=self._max
         )
+        return replace(self._record, capacity=capacity, instances=tuple(sorted(self._names)))
+
+    def with_address(self, **fields: str) -> None:
+        """Set where this branch is reached (its API URL and gossip address,
+        known once the cluster's sockets are bound)."""
+        self._record = replace(self._record, **fields)  # type: ignore[arg-type]
 
     def refresh(self) -> None:
         """One step of the timer: the host's figures now."""
         total, free = self._probe.memory()
         capacity = Capacity(self._probe.cpus(), self._probe.load(), total, free, len(self._names))
-        self._record = replace(self._record, capacity=capacity)
+        self._record = replace(self._record, capacity=capacity, refreshed=self._clock.wall())
+        self._changed()
 
     def seen(self, event: events.Event) -> None:
         """One event of the bus: instances come and go."""
+        before = len(self._names)
         if isinstance(event, events.InstanceAdded):
-            self._names.add(event.name)
+            self._names.add(f"{event.app}/{event.name}")
         elif isinstance(event, events.InstanceRemoved):
-            self._names.discard(event.name)
+            self._names.discard(f"{event.app}/{event.name}")
+        if len(self._names) != before:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception:  # a listener's failure is its own; the record stands
+            log.exception("a listener of the branch record failed")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())

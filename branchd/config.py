@@ -20,18 +20,33 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "branchd"
 
 
-def parse_bind(value: str) -> tuple[str, int]:
+def parse_bind(value: str, what: str = "bind") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host:
-        raise ConfigError(f"bind must be HOST:PORT, got {value!r}")
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
     host = host.strip("[]")
     try:
         p = int(port)
     except ValueError:
-        raise ConfigError(f"bind port must be a number, got {port!r}") from None
+        raise ConfigError(f"{what} port must be a number, got {port!r}") from None
     if not 0 <= p <= 65535:
-        raise ConfigError(f"bind port out of range: {p}")
+        raise ConfigError(f"{what} port out of range: {p}")
     return host, p
+
+
+def check_join_url(url: str) -> str:
+    """A ``--join`` URL: ``http(s)://host[:port]``, the API of a branch."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"join URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"join URL must be http://HOST:PORT (a branch's API), got {url!r}")
+    del port
+    return url
 
 
 def is_loopback(host: str) -> bool:
@@ -90,10 +105,72 @@ class LogsSection:
     check_interval: float = 5.0
 
 
+#: The presets of ``cluster.profile`` (memberlist's LAN, local and WAN configs).
+PROFILES = ("lan", "local", "wan")
+#: The timers of the membership core a user may set one by one ([cluster] table).
+TIMERS = (
+    "probe_interval",
+    "probe_timeout",
+    "indirect_checks",
+    "retransmit_mult",
+    "suspicion_mult",
+    "suspicion_max_timeout_mult",
+    "gossip_interval",
+    "gossip_nodes",
+    "push_pull_interval",
+    "reap_after",
+)
+
+
 @dataclass(frozen=True)
 class ClusterSection:
-    """Membership and gossip settings: the next issue fills it (with
-    memberlist-style ``lan()`` / ``local()`` presets)."""
+    """Membership: who this branch gossips with, how, and how it is seen.
+
+    A branch with no key and no join is a cluster of one, as a single box
+    always was (``enabled`` is False and no cluster code is loaded).
+    """
+
+    #: The cluster key (base64 of 32 bytes, ``branchctl cluster keys generate``).
+    key: str | None = None
+    #: A file holding it (read at start, like the token file).
+    key_file: Path | None = None
+    #: API URLs of branches to join through (``--join``, repeatable).
+    join: tuple[str, ...] = ()
+    #: HOST:PORT of the UDP gossip; None: the API host, its port + 1.
+    gossip: str | None = None
+    #: HOST:PORT of the API as the others dial it; None: the bind address
+    #: (or, bound to every address, this host's address on its default route).
+    advertise: str | None = None
+    #: Announce and browse ``_branchd._tcp.local.`` (non-loopback binds only).
+    zeroconf: bool = True
+    #: The timers' preset: lan, local or wan.
+    profile: str = "lan"
+    #: Instances this branch may run; its free slots are this minus running ones.
+    max_instances: int = 100
+    #: How often this branch's capacity is re-read and its record refreshed (s).
+    record_interval: float = 5.0
+    #: How often a join that has not reached anyone is retried, at most (s).
+    join_retry_max: float = 30.0
+    #: Each timer, when set, overrides the profile's (seconds, or counts).
+    probe_interval: float | None = None
+    probe_timeout: float | None = None
+    indirect_checks: int | None = None
+    retransmit_mult: int | None = None
+    suspicion_mult: int | None = None
+    suspicion_max_timeout_mult: int | None = None
+    gossip_interval: float | None = None
+    gossip_nodes: int | None = None
+    push_pull_interval: float | None = None
+    reap_after: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """A key or a join: this branch gossips. Otherwise, a cluster of one."""
+        return self.key is not None or bool(self.join)
+
+    def timers(self) -> dict[str, Any]:
+        """The timers set one by one (over the profile's)."""
+        return {k: v for k in TIMERS if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -132,9 +209,29 @@ class Config:
             raise ConfigError("--no-auth and a token are both given: give one")
         if self.api.listings_at_once < 0:
             raise ConfigError("listings_at_once must be 0 (no limit) or more")
+        self._validate_cluster()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"unknown log level {self.log_level!r}")
         return replace(self, log_level=self.log_level.upper())
+
+    def _validate_cluster(self) -> None:
+        c = self.cluster
+        if c.profile not in PROFILES:
+            raise ConfigError(f"unknown cluster profile {c.profile!r} (lan, local or wan)")
+        for url in c.join:
+            check_join_url(url)
+        for what, value in (("gossip", c.gossip), ("advertise", c.advertise)):
+            if value is not None:
+                parse_bind(value, what=what)
+        if c.enabled and c.key is None and not is_loopback(self.api.host):
+            raise ConfigError(
+                f"refusing to cluster on {self.api.host} without a cluster key "
+                "(--cluster-key or --cluster-key-file; a loopback bind may go without)"
+            )
+        if c.max_instances < 1:
+            raise ConfigError("max_instances must be 1 or more")
+        if c.record_interval <= 0 or c.join_retry_max <= 0:
+            raise ConfigError("record_interval and join_retry_max must be more than 0")
 
     @classmethod
     def for_tests(cls, state_dir: Path) -> Config:
@@ -162,6 +259,14 @@ _FLAT: dict[str, tuple[str, str]] = {
     "ready_ping_every": ("celery", "ready_ping_every"),
     "warm_stop_cancel_wait": ("celery", "warm_stop_cancel_wait"),
     "log_check_interval": ("logs", "check_interval"),
+    "cluster_key": ("cluster", "key"),
+    "cluster_key_file": ("cluster", "key_file"),
+    "join": ("cluster", "join"),
+    "gossip": ("cluster", "gossip"),
+    "advertise": ("cluster", "advertise"),
+    "zeroconf": ("cluster", "zeroconf"),
+    "cluster_profile": ("cluster", "profile"),
+    "max_instances": ("cluster", "max_instances"),
 }
 _SECTIONS: dict[str, type[Any]] = {
     "api": ApiSection,
@@ -179,6 +284,14 @@ _ENV = {
     "BRANCHD_TOKEN_FILE": "token_file",
     "BRANCHD_NO_AUTH": "no_auth",
     "BRANCHD_LOG_LEVEL": "log_level",
+    "BRANCHD_CLUSTER_KEY": "cluster_key",
+    "BRANCHD_CLUSTER_KEY_FILE": "cluster_key_file",
+    "BRANCHD_JOIN": "join",  # several: separated by commas or spaces
+    "BRANCHD_GOSSIP": "gossip",
+    "BRANCHD_ADVERTISE": "advertise",
+    "BRANCHD_NO_ZEROCONF": "no_zeroconf",
+    "BRANCHD_CLUSTER_PROFILE": "cluster_profile",
+    "BRANCHD_MAX_INSTANCES": "max_instances",
 }
 
 
@@ -224,6 +337,11 @@ def _typed(where: str, hint: Any, value: Any) -> Any:
         if (hint is int or str(hint) == "int") and value != int(value):
             raise ConfigError(f"{where} must be a whole number, got {value!r}")
         return int(value) if hint is int or str(hint) == "int" else float(value)
+    if "tuple" in str(hint):
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where} must be a list of text, got {value!r}")
+        return tuple(items)
     if "str" in str(hint) and not isinstance(value, str | Path):
         raise ConfigError(f"{where} must be text, got {value!r}")
     return value
@@ -246,6 +364,23 @@ def _read_token_file(api: dict[str, Any]) -> None:
     if any(c.isspace() for c in token):
         raise ConfigError(f"token file {path} must hold one token (no spaces)")
     api["token"], api["token_file"] = token, path
+
+
+def _read_key_file(cluster: dict[str, Any]) -> None:
+    """``key_file`` into ``key``, as the token file is read."""
+    if cluster.get("key_file") is None:
+        return
+    if cluster.get("key") is not None:
+        raise ConfigError("give the cluster key or a cluster key file, not both")
+    path = Path(str(cluster["key_file"])).expanduser()
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read cluster key file {path}: {reason}") from None
+    if not key:
+        raise ConfigError(f"cluster key file {path} is empty")
+    cluster["key"], cluster["key_file"] = key, path
 
 
 def load(
@@ -275,7 +410,7 @@ def load(
         if value is not None and key != "config":
             merged[key] = value
 
-    known = {"state_dir", "log_level", "bind", "no_auth", *_FLAT, *_SECTIONS}
+    known = {"state_dir", "log_level", "bind", "no_auth", "no_zeroconf", *_FLAT, *_SECTIONS}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
@@ -293,7 +428,15 @@ def load(
         parts["api"]["host"], parts["api"]["port"] = parse_bind(str(merged.pop("bind")))
     if "no_auth" in merged:
         parts["api"]["auth"] = not _boolean("no_auth", merged.pop("no_auth"))
+    if "no_zeroconf" in merged:
+        parts["cluster"]["zeroconf"] = not _boolean("no_zeroconf", merged.pop("no_zeroconf"))
+    if isinstance(parts["cluster"].get("max_instances"), str):  # (from the environment)
+        text = parts["cluster"]["max_instances"]
+        if not text.strip().isdigit():
+            raise ConfigError(f"max_instances must be a whole number, got {text!r}")
+        parts["cluster"]["max_instances"] = int(text)
     _read_token_file(parts["api"])
+    _read_key_file(parts["cluster"])
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:
         sections = {name: _section(name, values) for name, values in parts.items()}

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
 from aiohttp import web
@@ -23,7 +23,7 @@ from branchd.api.forward import LocalDirectory, NoForwarder
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
-from branchd.config import Config, is_loopback, load
+from branchd.config import Config, is_loopback, load, parse_bind
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
 from branchd.local import build as build_local
@@ -31,6 +31,9 @@ from branchd.process.launcher import ProcessLauncher
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
+
+if TYPE_CHECKING:  # loaded only by a branch that clusters
+    from branchd.cluster.service import ClusterService
 
 log = logging.getLogger("branchd")
 
@@ -80,21 +83,27 @@ class Daemon:
             )
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
+            started = clock.wall()
             branch = BranchService(
                 BranchRecord(
                     id=local.branch_id,
                     hostname=socket.gethostname(),
                     version=__version__,
-                    started_at=clock.wall(),
+                    started_at=started,
                     address=f"{cfg.api.host}:{cfg.api.port}",
                     capacity=empty,
+                    # a restart is a new run: a higher epoch replaces the old at once
+                    epoch=int(started * 1000),
                 ),
                 SystemProbe(),
                 bus,
-                local.instances.instance_names(),
+                [f"{s.app}/{s.name}" for s in local.instances.specs()],
                 scheduler=scheduler,
+                interval=cfg.cluster.record_interval,
+                max_instances=cfg.cluster.max_instances,
             )
             branch.start()
+            cluster = _cluster(cfg, branch, scheduler, bus) if cfg.cluster.enabled else None
             runner = web.AppRunner(
                 make_app(
                     local,
@@ -106,6 +115,7 @@ class Daemon:
                     # a cluster of one, until membership: everything is answered here
                     directory=LocalDirectory(),
                     forwarder=NoForwarder(),
+                    cluster=cluster,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
@@ -123,6 +133,14 @@ class Daemon:
                 ) from None
             host, port = runner.addresses[0][:2]
             self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+            if cluster is not None:
+                try:
+                    await self._start_cluster(cluster, branch, port)
+                except BranchdError:
+                    await runner.cleanup()
+                    await branch.close()
+                    await local.shutdown(keep=True)
+                    raise
             (cfg.state_dir / "branchd.url").write_text(self.url + "\n")
             for sig, how in (
                 (signal.SIGTERM, Exit.STOP),
@@ -144,11 +162,118 @@ class Daemon:
                 how.value,
                 "stopping instances" if how == Exit.STOP else "instances keep running",
             )
+            if cluster is not None:
+                # goodbye first, while the API still answers push-pulls: the
+                # others see "left" (never dead) within a second
+                await cluster.leave(timeout=2.0)
+                await cluster.close()
             await runner.cleanup()
             await branch.close()
             await local.shutdown(keep=how == Exit.KEEP)
         finally:
             store.close()
+
+
+    async def _start_cluster(
+        self, cluster: ClusterService, branch: BranchService, api_port: int
+    ) -> None:
+        cfg = self.config
+        adv_host, adv_port = _advertised(cfg, api_port)
+        branch.with_address(
+            api_url=f"http://{_bracketed(adv_host)}:{adv_port}",
+            address=f"{_bracketed(adv_host)}:{adv_port}",
+        )
+        try:
+            await cluster.start()
+        except BranchdError as exc:
+            await cluster.close()
+            raise ConfigError(exc.message) from None
+        branch.with_address(gossip_addr=cluster.gossip_addr or "")
+        branch.on_change = cluster.announce
+        cluster.announce()
+        log.info(
+            "clustering: gossip on %s (advertised %s), API advertised as %s%s",
+            cfg.cluster.gossip or "the API port + 1",
+            cluster.gossip_addr,
+            branch.record().api_url,
+            f", joining via {', '.join(cfg.cluster.join)}" if cfg.cluster.join else "",
+        )
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _default_address() -> str:
+    """This host's address on its default route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def _advertised(cfg: Config, api_port: int) -> tuple[str, int]:
+    """The API's HOST:PORT as the other branches dial it."""
+    if cfg.cluster.advertise:
+        return parse_bind(cfg.cluster.advertise, what="advertise")
+    host = cfg.api.host
+    return (_default_address() if _wildcard(host) else host), api_port
+
+
+def _gossip_bind(cfg: Config) -> tuple[str, int]:
+    if cfg.cluster.gossip:
+        return parse_bind(cfg.cluster.gossip, what="gossip")
+    # the API port + 1; a free one when the API's is picked by the system (tests)
+    return cfg.api.host, (cfg.api.port + 1 if cfg.api.port else 0)
+
+
+def _cluster(
+    cfg: Config, branch: BranchService, scheduler: LoopScheduler, bus: EventBus
+) -> ClusterService:
+    """The cluster service of a branch that clusters (not started yet)."""
+    from branchd.cluster.service import ClusterService, HttpPeerClient, Settings, load_keyring
+    from branchd.cluster.timing import MembershipConfig
+
+    keys_path = cfg.state_dir / "cluster-keys"
+    try:
+        keyring = load_keyring(keys_path, cfg.cluster.key)
+    except BranchdError as exc:
+        raise ConfigError(exc.message) from None
+    if keyring is not None and not keys_path.exists():
+        from branchd.cluster.service import save_keyring
+
+        save_keyring(keys_path, keyring)
+    membership = replace(MembershipConfig.profile(cfg.cluster.profile), **cfg.cluster.timers())
+    host, port = _gossip_bind(cfg)
+    adv_host, _ = _advertised(cfg, cfg.api.port)
+    advertise = f"{_bracketed(adv_host)}:{port}" if port and (
+        cfg.cluster.advertise or _wildcard(host)
+    ) else None
+    settings = Settings(
+        branch_id=branch.record().id,
+        epoch=branch.record().epoch,
+        gossip_bind=f"{_bracketed(host)}:{port}",
+        gossip_advertise=advertise,
+        join=cfg.cluster.join,
+        membership=membership,
+        join_retry_max=cfg.cluster.join_retry_max,
+        keys_path=keys_path,
+    )
+    return ClusterService(
+        settings,
+        scheduler=scheduler,
+        bus=bus,
+        record=branch.record,
+        keyring=keyring,
+        # without a key (loopback only) the peer calls carry this branch's token
+        client=HttpPeerClient(None if keyring is not None else cfg.api.token),
+    )
 
 
 def _lock(state_dir: Path) -> IO[str]:
@@ -222,6 +347,44 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     default=None,
     help="Require no token (development only; loopback binds only) [env BRANCHD_NO_AUTH]",
 )
+@click.option(
+    "--cluster-key",
+    help="The cluster key (base64 of 32 bytes): gossip and peer calls are sealed with it "
+    "[env BRANCHD_CLUSTER_KEY]; visible in the process list: prefer --cluster-key-file",
+)
+@click.option(
+    "--cluster-key-file", help="File holding the cluster key [env BRANCHD_CLUSTER_KEY_FILE]"
+)
+@click.option(
+    "--join",
+    multiple=True,
+    help="API URL of a branch to join through (repeatable; retried with backoff) "
+    "[env BRANCHD_JOIN, comma-separated]",
+)
+@click.option(
+    "--gossip", help="HOST:PORT of the UDP gossip [env BRANCHD_GOSSIP; default the API port + 1]"
+)
+@click.option(
+    "--advertise",
+    help="HOST:PORT of the API as other branches dial it [env BRANCHD_ADVERTISE; "
+    "default the bind address]",
+)
+@click.option(
+    "--no-zeroconf",
+    is_flag=True,
+    default=None,
+    help="Do not announce or browse _branchd._tcp.local. [env BRANCHD_NO_ZEROCONF]",
+)
+@click.option(
+    "--cluster-profile",
+    type=click.Choice(["lan", "local", "wan"]),
+    help="Membership timers preset [env BRANCHD_CLUSTER_PROFILE; default lan]",
+)
+@click.option(
+    "--max-instances",
+    type=int,
+    help="Instances this branch may hold [env BRANCHD_MAX_INSTANCES; default 100]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -231,6 +394,14 @@ def cli(
     token: str | None,
     token_file: str | None,
     no_auth: bool | None,
+    cluster_key: str | None,
+    cluster_key_file: str | None,
+    join: tuple[str, ...],
+    gossip: str | None,
+    advertise: str | None,
+    no_zeroconf: bool | None,
+    cluster_profile: str | None,
+    max_instances: int | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -245,6 +416,14 @@ def cli(
         "token": token,
         "token_file": token_file,
         "no_auth": True if no_auth else None,
+        "cluster_key": cluster_key,
+        "cluster_key_file": cluster_key_file,
+        "join": join or None,
+        "gossip": gossip,
+        "advertise": advertise,
+        "no_zeroconf": True if no_zeroconf else None,
+        "cluster_profile": cluster_profile,
+        "max_instances": max_instances,
         "config": config_file,
         "log_level": log_level,
     }
@@ -266,6 +445,11 @@ def cli(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _say_how_auth_works(cfg, token_on_command_line=token is not None)
+    if cluster_key is not None:
+        log.warning(
+            "the cluster key was given with --cluster-key: every local user sees it in "
+            "the process list; use --cluster-key-file or BRANCHD_CLUSTER_KEY_FILE instead"
+        )
     try:
         asyncio.run(Daemon(cfg).run())
     except BranchdError as exc:

@@ -161,6 +161,14 @@ class Capacity:
     memory_total: int
     memory_free: int
     instances: int
+    #: The instances this branch may hold (``cluster.max_instances``).
+    max_instances: int = 0
+    #: Taking no new instance (placement skips it); its own keep running.
+    draining: bool = False
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_instances - self.instances)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -169,6 +177,9 @@ class Capacity:
             "memory_total": self.memory_total,
             "memory_free": self.memory_free,
             "instances": self.instances,
+            "max_instances": self.max_instances,
+            "free_slots": self.free_slots,
+            "draining": self.draining,
         }
 
 
@@ -180,8 +191,17 @@ class BranchRecord:
     hostname: str
     version: str
     started_at: float
-    address: str
+    address: str  # HOST:PORT of the API as others dial it
     capacity: Capacity
+    #: This run of the branch (a restart has a higher one).
+    epoch: int = 0
+    #: The API's URL and the gossip's HOST:PORT ("": not in a cluster).
+    api_url: str = ""
+    gossip_addr: str = ""
+    #: ``app/name`` of every instance it holds, sorted.
+    instances: tuple[str, ...] = ()
+    #: When this record was last read from the host (wall clock, s).
+    refreshed: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,7 +210,11 @@ class BranchRecord:
             "version": self.version,
             "started_at": self.started_at,
             "address": self.address,
+            "epoch": self.epoch,
+            "api_url": self.api_url,
+            "gossip_addr": self.gossip_addr,
             "capacity": self.capacity.to_json(),
+            "instances": list(self.instances),
         }
 
 

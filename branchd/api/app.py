@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Local
+from branchd.api.backend import Cluster, Local
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -25,10 +25,12 @@ from branchd.api.forward import (
 )
 from branchd.api.routes import (
     BRANCH,
+    CLUSTER,
     EXIT,
     LISTINGS,
     LOCAL,
     OPENAPI,
+    PEER_PATH,
     ROUTES,
     Handler,
     not_found,
@@ -123,6 +125,10 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def json_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A request body must be declared JSON: ``text/plain`` and forms are what
     a page can send cross-origin without a preflight."""
+    if request.path == PEER_PATH:
+        # sealed bytes: the cluster key speaks (or, with no key, the token);
+        # a page cannot seal, and without a cluster the route answers 409
+        return await handler(request)
     if request.body_exists and request.content_type not in JSON_TYPES:
         raise UnsupportedMediaType(
             f"a request body must be Content-Type: application/json, not {request.content_type!r}"
@@ -133,6 +139,12 @@ async def json_only_middleware(request: web.Request, handler: Handler) -> web.St
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app.get(TOKEN)
+    cluster = request.app.get(CLUSTER)
+    if request.path == PEER_PATH and cluster is not None and cluster.sealed:
+        # A peer call is sealed with the cluster key (AES-GCM, timestamped,
+        # replay-checked): that is its authentication, since branches need
+        # not share a token. One that does not open is refused (403) there.
+        return await handler(request)
     if token and request.path != "/v1/ping":
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -179,6 +191,7 @@ def make_app(
     on_exit: Callable[[bool], None] | None = None,
     directory: Directory | None = None,
     forwarder: Forwarder | None = None,
+    cluster: Cluster | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -199,6 +212,8 @@ def make_app(
     app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
     app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
+    if cluster is not None:
+        app[CLUSTER] = cluster
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token

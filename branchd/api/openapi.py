@@ -31,6 +31,10 @@ def _operation_id(route: Route) -> str:
     return route.method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", words).strip("_")
 
 
+#: A sealed body (the peer channel between branches).
+_BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
+
+
 def build(routes: tuple[Route, ...]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -50,6 +54,8 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": "OK"}
         if route.text:
             ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        elif route.binary:
+            ok["content"] = {"application/octet-stream": {"schema": _BINARY}}
         elif route.response is not None:
             ok["content"] = {"application/json": {"schema": route.response}}
         responses: dict[str, Any] = {str(route.ok): ok}
@@ -68,6 +74,11 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
             "parameters": params,
             "responses": responses,
         }
+        if route.binary:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": _BINARY}},
+            }
         if route.body is not None:
             # Optional: an empty body means {} (e.g. an instance made from its
             # app's defaults, an app with no env or defaults).

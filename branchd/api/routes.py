@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from branchd.api import precheck, schemas
-from branchd.api.backend import Local
+from branchd.api.backend import Cluster, Local
 from branchd.errors import BadRequest, Conflict, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
@@ -41,6 +41,10 @@ BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 OPENAPI = web.AppKey("openapi", dict)
 #: Instance listings built at once (none: no limit; see ApiSection.listings_at_once).
 LISTINGS = web.AppKey("listings", asyncio.Semaphore)
+#: Membership; absent on a cluster of one.
+CLUSTER = web.AppKey("cluster", Cluster)
+#: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
+PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
 EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
 
@@ -59,6 +63,7 @@ class Route:
     response: schemas.Schema | None = None  # None: no body (204) or not JSON
     body: schemas.Schema | None = None
     text: bool = False  # text/plain answer
+    binary: bool = False  # application/octet-stream body and answer (sealed)
     query: tuple[tuple[str, schemas.Schema], ...] = field(default_factory=tuple)
     #: 202 with this body: answered before the work ended (``wait=false``).
     accepted: schemas.Schema | None = None
@@ -199,8 +204,77 @@ async def get_branch(request: web.Request) -> web.Response:
     return _json(branch_info(request))
 
 
+def _solo(request: web.Request, *, names: bool) -> dict[str, Any]:
+    """This branch as a cluster of one lists it."""
+    rec = request.app[BRANCH]()
+    body = rec.to_json()
+    if not names:
+        body.pop("instances")
+    return {
+        **body,
+        "state": "alive",
+        "incarnation": 0,
+        "self": True,
+        "age": 0.0,
+        "since": 0.0,
+    }
+
+
+def _cluster(request: web.Request) -> Cluster:
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        raise Conflict(
+            "this branch is not in a cluster (start it with --cluster-key or --join)"
+        )
+    return cluster
+
+
 async def list_branches(request: web.Request) -> web.Response:
-    return _json({"items": [branch_info(request)]})
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        return _json({"items": [_solo(request, names=False)]})
+    return _json({"items": cluster.branches()})
+
+
+async def get_branch_by_id(request: web.Request) -> web.Response:
+    branch_id = request.match_info["id"]
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None:
+        return _json(cluster.branch(branch_id))
+    me = _solo(request, names=True)
+    if branch_id not in ("self", me["id"]):
+        raise NotFound(f"no branch {branch_id!r} is known here (a cluster of one)")
+    return _json(me)
+
+
+async def leave(request: web.Request) -> web.Response:
+    """Say goodbye to the cluster (the others see "left"); the daemon runs on
+    alone, answering for itself."""
+    spent = await _cluster(request).leave()
+    return _json({"left": True, "told": spent}, status=202)
+
+
+async def peer(request: web.Request) -> web.Response:
+    body = await request.read()
+    answer = _cluster(request).peer(body)
+    return web.Response(body=answer, content_type="application/octet-stream")
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    return _json(await _cluster(request).keys())
+
+
+async def install_key(request: web.Request) -> web.Response:
+    body = await _body(request, schemas.KEY_IN)
+    return _json(await _cluster(request).install_key(body["key"]))
+
+
+async def use_key(request: web.Request) -> web.Response:
+    return _json(await _cluster(request).use_key(request.match_info["id"]))
+
+
+async def remove_key(request: web.Request) -> web.Response:
+    return _json(await _cluster(request).remove_key(request.match_info["id"]))
 
 
 async def daemon_exit(request: web.Request) -> web.Response:
@@ -480,7 +554,58 @@ ROUTES: tuple[Route, ...] = (
         "/v1/branches",
         list_branches,
         "Known branches",
-        response=schemas.items(schemas.BRANCH),
+        response=schemas.items(schemas.BRANCH_ENTRY),
+    ),
+    Route(
+        "GET",
+        "/v1/branches/{id}",
+        get_branch_by_id,
+        "One branch's whole record (``self``: the answering one)",
+        response=schemas.BRANCH_ENTRY,
+    ),
+    Route(
+        "POST",
+        "/v1/branches/self/leave",
+        leave,
+        "Leave the cluster gracefully: the others see this branch \"left\", never dead",
+        ok=202,
+        response={"type": "object"},
+    ),
+    Route(
+        "GET",
+        "/v1/cluster/keys",
+        list_keys,
+        "The cluster keys (by id, never the key) and how many live branches hold each",
+        response=schemas.KEYS,
+    ),
+    Route(
+        "POST",
+        "/v1/cluster/keys",
+        install_key,
+        "Rotation step 1: install a key on every live branch (each still seals with its primary)",
+        response=schemas.KEY_STEP,
+        body=schemas.KEY_IN,
+    ),
+    Route(
+        "POST",
+        "/v1/cluster/keys/{id}/use",
+        use_key,
+        "Rotation step 2: every live branch seals with this key from now on",
+        response=schemas.KEY_STEP,
+    ),
+    Route(
+        "DELETE",
+        "/v1/cluster/keys/{id}",
+        remove_key,
+        "Rotation step 3: remove a key (not the primary) from every live branch",
+        response=schemas.KEY_STEP,
+    ),
+    Route(
+        "POST",
+        PEER_PATH,
+        peer,
+        "Between branches: push-pull, records, key steps (sealed with the cluster key)",
+        binary=True,
     ),
     Route("GET", "/v1/openapi.json", openapi, "This document", response={"type": "object"}),
     Route(

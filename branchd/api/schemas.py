@@ -319,6 +319,94 @@ BRANCH: Schema = {
                 "memory_total": {"type": "integer"},
                 "memory_free": {"type": "integer"},
                 "instances": {"type": "integer"},
+                "max_instances": {"type": "integer"},
+                "free_slots": {"type": "integer"},
+                "draining": {"type": "boolean"},
+            },
+        },
+        "epoch": {"type": "integer"},
+        "api_url": {"type": "string"},
+        "gossip_addr": {"type": "string"},
+        "instances": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+#: One branch as the membership knows it (``GET /v1/branches``): its state in
+#: the cluster beside its record (``capacity`` is null until its record came).
+BRANCH_ENTRY: Schema = {
+    "type": "object",
+    "required": ["id", "state", "incarnation", "self", "age", "api_url", "gossip_addr"],
+    "properties": {
+        "id": {"type": "string"},
+        "state": {"type": "string", "enum": ["alive", "suspect", "dead", "left"]},
+        "incarnation": {"type": "integer"},
+        "epoch": {"type": "integer"},
+        "self": {"type": "boolean"},
+        "age": {"type": "number", "description": "seconds since its record was refreshed"},
+        "since": {"type": "number", "description": "seconds in this state"},
+        "api_url": {"type": "string"},
+        "gossip_addr": {"type": "string"},
+        "hostname": {"type": "string"},
+        "version": {"type": "string"},
+        "address": {"type": "string"},
+        "started_at": {"type": "number"},
+        "capacity": {"anyOf": [{"type": "null"}, BRANCH["properties"]["capacity"]]},
+        "instances": {"type": "array", "items": {"type": "string"}},
+        "instances_stale": {"type": "boolean"},
+    },
+}
+
+KEY_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{8}$"}
+
+KEYS: Schema = {
+    "type": "object",
+    "required": ["items", "branches", "errors"],
+    "properties": {
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "installed", "primary"],
+                "properties": {
+                    "id": KEY_ID,
+                    "installed": {"type": "integer", "description": "live branches holding it"},
+                    "primary": {"type": "integer", "description": "live branches sealing with it"},
+                },
+            },
+        },
+        "branches": {"type": "integer", "description": "live branches that answered"},
+        "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+KEY_IN: Schema = {
+    "type": "object",
+    "required": ["key"],
+    "additionalProperties": False,
+    "properties": {
+        "key": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 200,
+            "description": "base64 of 32 random bytes (branchctl cluster keys generate)",
+        }
+    },
+}
+
+KEY_STEP: Schema = {
+    "type": "object",
+    "required": ["branches", "keys"],
+    "properties": {
+        "branches": {
+            "type": "object",
+            "description": "each live branch: ok, or why not",
+            "additionalProperties": {"type": "string"},
+        },
+        "keys": {
+            "type": "object",
+            "properties": {
+                "primary": KEY_ID,
+                "keys": {"type": "array", "items": KEY_ID},
             },
         },
     },

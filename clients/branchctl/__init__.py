@@ -2,7 +2,17 @@
 
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
-from branchctl.models import App, Autoscale, Branch, Capacity, Consumer, Instance, Queue, Stats
+from branchctl.models import (
+    App,
+    Autoscale,
+    Branch,
+    Capacity,
+    Consumer,
+    Instance,
+    Member,
+    Queue,
+    Stats,
+)
 
 __all__ = [
     "DEFAULT_URL",
@@ -16,6 +26,7 @@ __all__ = [
     "ConnectionFailed",
     "Consumer",
     "Instance",
+    "Member",
     "NoAnswer",
     "Queue",
     "Stats",

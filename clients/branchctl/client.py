@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
-from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Queue, Stats
+from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Member, Queue, Stats
 
 __all__ = [
     "DEFAULT_URL",
@@ -302,10 +302,36 @@ class AsyncClient:
         _, data = await self._json("GET", "/v1/branch")
         return self._parse(Branch.from_json, data)
 
-    async def branches(self) -> list[Branch]:
+    async def branches(self) -> list[Member]:
         """The branches this daemon knows (itself, on a branch that is not in a cluster)."""
         _, data = await self._json("GET", "/v1/branches")
-        return self._items(Branch.from_json, data)
+        return self._items(Member.from_json, data)
+
+    async def member(self, branch_id: str = "self") -> Member:
+        """One branch's whole record as the cluster knows it (``self``: this one)."""
+        _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}")
+        return self._parse(Member.from_json, data)
+
+    async def leave(self) -> None:
+        """Make this branch leave its cluster gracefully (the others see it "left")."""
+        await self._json("POST", "/v1/branches/self/leave")
+
+    async def cluster_keys(self) -> dict[str, Any]:
+        """The cluster keys by id, with how many live branches hold and use each."""
+        _, data = await self._json("GET", "/v1/cluster/keys")
+        return dict(data)
+
+    async def install_key(self, key: str) -> dict[str, Any]:
+        _, data = await self._json("POST", "/v1/cluster/keys", {"key": key})
+        return dict(data)
+
+    async def use_key(self, key_id: str) -> dict[str, Any]:
+        _, data = await self._json("POST", f"/v1/cluster/keys/{_seg(key_id)}/use")
+        return dict(data)
+
+    async def remove_key(self, key_id: str) -> dict[str, Any]:
+        _, data = await self._json("DELETE", f"/v1/cluster/keys/{_seg(key_id)}")
+        return dict(data)
 
     async def exit_daemon(self, keep: bool = False) -> None:
         """Make the daemon exit: it first stops every instance, or with ``keep``
@@ -624,8 +650,26 @@ class Client:
     def branch(self) -> Branch:
         return self._run(self._async.branch())
 
-    def branches(self) -> list[Branch]:
+    def branches(self) -> list[Member]:
         return self._run(self._async.branches())
+
+    def member(self, branch_id: str = "self") -> Member:
+        return self._run(self._async.member(branch_id))
+
+    def leave(self) -> None:
+        self._run(self._async.leave())
+
+    def cluster_keys(self) -> dict[str, Any]:
+        return self._run(self._async.cluster_keys())
+
+    def install_key(self, key: str) -> dict[str, Any]:
+        return self._run(self._async.install_key(key))
+
+    def use_key(self, key_id: str) -> dict[str, Any]:
+        return self._run(self._async.use_key(key_id))
+
+    def remove_key(self, key_id: str) -> dict[str, Any]:
+        return self._run(self._async.remove_key(key_id))
 
     def exit_daemon(self, keep: bool = False) -> None:
         self._run(self._async.exit_daemon(keep))

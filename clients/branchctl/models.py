@@ -211,6 +211,9 @@ class Capacity:
     memory_total: int | None = None
     memory_free: int | None = None
     instances: int | None = None
+    max_instances: int | None = None
+    free_slots: int | None = None
+    draining: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -220,14 +223,48 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Branch:
+    """The branch answering (``GET /v1/branch``): its record."""
+
     id: str
     hostname: str | None = None
     version: str | None = None
     started_at: float | None = None
     address: str | None = None
     capacity: Capacity = field(default_factory=Capacity)
+    epoch: int | None = None
+    api_url: str | None = None
+    gossip_addr: str | None = None
+    instances: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Any) -> Branch:
-        return _build(cls, data, {"capacity": Capacity.from_json})
+        return _build(cls, data, {"capacity": Capacity.from_json, "instances": _str_tuple})
+
+
+@dataclass(frozen=True)
+class Member:
+    """A branch as the cluster's membership knows it (``GET /v1/branches``):
+    its state (alive, suspect, dead, left) beside its record."""
+
+    id: str
+    state: str
+    incarnation: int
+    self: bool
+    age: float
+    api_url: str
+    gossip_addr: str
+    epoch: int | None = None
+    since: float | None = None
+    hostname: str | None = None
+    version: str | None = None
+    address: str | None = None
+    started_at: float | None = None
+    capacity: Capacity = field(default_factory=Capacity)
+    instances: tuple[str, ...] = ()
+    instances_stale: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Member:
+        return _build(cls, data, {"capacity": Capacity.from_json, "instances": _str_tuple})

@@ -115,10 +115,22 @@ def test_ping_branch_and_branches(api: Api) -> None:
     assert cap["instances"] == 0
     branches = api.ok("GET", "/v1/branches")["items"]
     assert len(branches) == 1 and branches[0]["id"] == branch["id"]
-    assert set(branches[0]) == set(branch)
+    # a cluster of one lists itself, with the membership's fields beside its record
+    assert set(branches[0]) == (set(branch) - {"instances"}) | {
+        "state", "incarnation", "self", "age", "since"
+    }
+    assert branches[0]["state"] == "alive" and branches[0]["self"] is True
     make_app(api)
     make_instance(api, "w1", autostart=False)
     assert api.ok("GET", "/v1/branch")["capacity"]["instances"] == 1
+    me = api.ok("GET", "/v1/branches/self")
+    assert me["id"] == branch["id"] and me["instances"] == ["web/w1"]
+    assert api.ok("GET", f"/v1/branches/{branch['id']}") == me
+    assert api.call("GET", "/v1/branches/nobody").status == 404
+    # no cluster: leaving it, and its keys, are a conflict that says why
+    left = api.call("POST", "/v1/branches/self/leave")
+    assert left.status == 409 and "not in a cluster" in left.body["error"]["message"]
+    assert api.call("GET", "/v1/cluster/keys").status == 409
     doc = api.ok("GET", "/v1/openapi.json")
     assert doc["openapi"].startswith("3.1")
 

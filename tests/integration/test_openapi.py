@@ -17,6 +17,8 @@ import schemathesis
 
 from branchd.api.app import make_app
 from branchd.api.backend import Local
+from branchd.cluster import seal
+from branchd.cluster.keyring import Keyring, generate_key, parse_key
 from branchd.views import BranchRecord
 from tests.conftest import SLEEPER, Branchd, Reply, wait_for
 
@@ -125,7 +127,10 @@ class Validating:
         raise AssertionError(f"{path} is not in the document")
 
 
-def test_answers_match_the_document(branchd: Branchd) -> None:
+def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> None:
+    # a cluster of one with a key, so that the cluster's routes answer too
+    key = generate_key()
+    branchd = branchd_factory("--cluster-key", key)
     v = Validating(branchd, branchd.ok("GET", "/v1/openapi.json"))
     inst = "/v1/apps/web/instances/w1"
     for method, path in [("GET", "/v1/ping"), ("GET", "/v1/branch"), ("GET", "/v1/branches")]:
@@ -222,6 +227,23 @@ def test_answers_match_the_document(branchd: Branchd) -> None:
     assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 404
+    me = v.call("GET", "/v1/branches/self").body
+    assert v.call("GET", f"/v1/branches/{me['id']}").status == 200
+    assert v.call("GET", "/v1/branches/nobody").status == 404
+    assert v.call("GET", "/v1/cluster/keys").status == 200
+    new = generate_key()
+    assert v.call("POST", "/v1/cluster/keys", {"key": "nope"}).status == 422
+    assert v.call("POST", "/v1/cluster/keys", {"key": new}).status == 200
+    new_id = parse_key(new).id
+    assert v.call("POST", f"/v1/cluster/keys/{new_id}/use").status == 200
+    assert v.call("DELETE", f"/v1/cluster/keys/{new_id}").status == 409  # the primary
+    assert v.call("DELETE", f"/v1/cluster/keys/{parse_key(key).id}").status == 200
+    assert v.call("DELETE", "/v1/cluster/keys/00000000").status == 404
+    ring = Keyring.of(parse_key(new))
+    sealed = seal.seal(ring, b'{"op":"record","args":{}}', time.time(), os.urandom(12))
+    assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 200
+    assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 403  # a replay
+    assert v.call("POST", "/v1/branches/self/leave").status == 202
     assert v.call("POST", "/v1/daemon/exit", {"keep": "yes"}).status == 422
     assert v.call("POST", "/v1/daemon/exit", {"keep": True}).status == 202
     assert branchd.wait_exit() == 0

@@ -32,7 +32,7 @@ class Probe:
 def test_the_record_is_read_once_per_step_not_per_request() -> None:
     probe = Probe()
     sched = FakeScheduler(FakeClock())
-    service = BranchService(BASE, probe, EventBus(), ["w1", "w2"], scheduler=sched)
+    service = BranchService(BASE, probe, EventBus(), ["a/w1", "a/w2"], scheduler=sched)
     first = service.record()
     assert first.capacity == Capacity(8, (0.5, 0.25, 0.125), 8192, 4096, 2)
     assert first.to_json()["capacity"]["instances"] == 2
@@ -46,7 +46,7 @@ def test_the_record_is_read_once_per_step_not_per_request() -> None:
 async def test_instances_come_and_go_with_the_bus() -> None:
     bus = EventBus()
     real = LoopScheduler(SystemClock())
-    service = BranchService(BASE, Probe(), bus, ["w1"], scheduler=real, interval=3600.0)
+    service = BranchService(BASE, Probe(), bus, ["web/w1"], scheduler=real, interval=3600.0)
     service.start()
     try:
         await asyncio.sleep(0)  # let the loop subscribe
@@ -58,6 +58,7 @@ async def test_instances_come_and_go_with_the_bus() -> None:
                 break
             await asyncio.sleep(0)
         assert service.record().capacity.instances == 2
+        assert service.record().instances == ("web/w2", "web/w3")
     finally:
         await service.close()
     assert bus.subscribers == 0

@@ -572,7 +572,7 @@ def _commands(
 GLOBAL_OPTIONS = ("--url", "--token", "--timeout")
 #: No --json after these: 'celery' passes every word after APP to Celery (its
 #: inspect has a --json of its own), 'daemon' is only a group of 'exit'.
-WITHOUT_JSON = {("celery",), ("daemon",)}
+WITHOUT_JSON = {("celery",), ("daemon",), ("cluster",), ("cluster", "keys")}
 
 
 def test_every_command_gets_the_shared_options_from_its_class() -> None:

@@ -24,6 +24,7 @@ ANSWERS: dict[type[Any], tuple[str, str]] = {
     models.Autoscale: (INST + "/autoscale", "get"),
     models.Stats: (INST + "/stats", "get"),
     models.Branch: ("/v1/branch", "get"),
+    models.Member: ("/v1/branches/{id}", "get"),
 }
 
 

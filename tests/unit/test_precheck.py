@@ -28,6 +28,7 @@ REQUEST_SCHEMAS: dict[str, schemas.Schema] = {
     "AUTOSCALE_IN": schemas.AUTOSCALE_IN,
     "EMPTY": schemas.EMPTY,
     "EXIT_IN": schemas.EXIT_IN,
+    "KEY_IN": schemas.KEY_IN,
 }
 
 WILD: list[Any] = [

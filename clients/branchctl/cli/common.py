@@ -18,7 +18,7 @@ import click
 from branchctl import render
 from branchctl.client import Client, token_file
 from branchctl.errors import ApiError, ConnectionFailed
-from branchctl.models import App, Branch, Consumer, Instance, Queue
+from branchctl.models import App, Branch, Consumer, Instance, Member, Queue
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 AUTORESTART = ("always", "on-failure", "never")
@@ -232,7 +232,9 @@ def _emit(opts: Options, data: Any, text: str) -> None:
         click.echo(text)
 
 
-def _items(objs: Iterable[App | Branch | Instance | Queue | Consumer]) -> dict[str, Any]:
+def _items(
+    objs: Iterable[App | Branch | Member | Instance | Queue | Consumer],
+) -> dict[str, Any]:
     return {"items": [dict(o.raw) for o in objs]}
 
 

@@ -1,5 +1,5 @@
 """The root group (global options) and the daemon's own commands: ping,
-branch, branches, daemon exit."""
+branch, branches (list, show, leave), cluster keys, daemon exit."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from branchctl.cli.common import (
     Options,
     _emit,
     _items,
+    _ListingGroup,
     _Root,
 )
 from branchctl.client import DEFAULT_URL, find_token, find_url
@@ -138,27 +139,158 @@ def branch(opts: Options) -> None:
     _emit(opts, b.raw, _branch_text(b))
 
 
-@main.command()
-def branches(opts: Options) -> None:
-    """List the branches this daemon knows."""
+@main.group(cls=_ListingGroup, invoke_without_command=True)
+@click.pass_context
+def branches(ctx: click.Context) -> None:
+    """List the branches this daemon knows (bare), or show one, or leave."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(branches_list)
+
+
+@branches.command("list")
+def branches_list(opts: Options) -> None:
+    """List the branches: their state in the cluster and their capacity."""
     with opts.client() as c:
         bs = c.branches()
     rows = [
         (
-            b.id,
+            b.id + (" *" if b.self else ""),
             b.hostname,
+            b.state,
+            render.duration(b.age),
             b.address,
-            b.version,
-            b.capacity.instances,
+            b.capacity.cpus,
             f"{b.capacity.load[0]:.2f}" if b.capacity.load else None,
+            render.size(b.capacity.memory_free) if b.capacity.memory_free is not None else None,
+            b.capacity.instances,
+            b.version,
         )
         for b in bs
     ]
+    headers = ("ID", "HOST", "STATE", "AGE", "ADDRESS", "CPU", "LOAD", "FREE-MEM")
     _emit(
         opts,
         _items(bs),
-        render.table(("ID", "HOSTNAME", "ADDRESS", "VERSION", "INST", "LOAD"), rows),
+        render.table((*headers, "INSTANCES", "VERSION"), rows),
     )
+
+
+@branches.command("show")
+@click.argument("branch_id", metavar="ID", default="self")
+def branches_show(opts: Options, branch_id: str) -> None:
+    """One branch's whole record (ID: as listed; default self)."""
+    with opts.client() as c:
+        m = c.member(branch_id)
+    cap = m.capacity
+    _emit(
+        opts,
+        dict(m.raw),
+        render.record(
+            {
+                "id": m.id + (" (this branch)" if m.self else ""),
+                "state": f"{m.state} (incarnation {m.incarnation}, "
+                f"for {render.duration(m.since)})",
+                "hostname": m.hostname,
+                "api": m.api_url,
+                "gossip": m.gossip_addr,
+                "version": m.version,
+                "epoch": m.epoch,
+                "started": render.timestamp(m.started_at),
+                "record age": render.duration(m.age),
+                "cpus": cap.cpus,
+                "load": " ".join(f"{x:.2f}" for x in cap.load) or None,
+                "memory": f"{render.size(cap.memory_free)} free of "
+                f"{render.size(cap.memory_total)}",
+                "instances": f"{cap.instances} of {cap.max_instances} "
+                f"({cap.free_slots} free){', draining' if cap.draining else ''}",
+                "names": (", ".join(m.instances) or "-")
+                + (" (not fetched yet)" if m.instances_stale else ""),
+            }
+        ),
+    )
+
+
+@branches.command("leave")
+def branches_leave(opts: Options) -> None:
+    """Make this branch leave its cluster gracefully (the others see "left")."""
+    with opts.client() as c:
+        c.leave()
+    _emit(opts, {"left": True}, "left the cluster")
+
+
+@main.group()
+def cluster() -> None:
+    """The cluster: its keys."""
+
+
+@cluster.group()
+def keys() -> None:
+    """The cluster keys: list, generate, install, use, remove (cluster-wide,
+    no restart). A rotation: install the new key, use it, remove the old."""
+
+
+@keys.command("list")
+def keys_list(opts: Options) -> None:
+    """Every key by id, and how many live branches hold it and seal with it."""
+    with opts.client() as c:
+        data = c.cluster_keys()
+    rows = [(k["id"], k["installed"], k["primary"]) for k in data["items"]]
+    text = render.table(("KEY ID", "INSTALLED ON", "PRIMARY ON"), rows)
+    text += f"\n{data['branches']} live branch(es) answered"
+    for b, why in sorted(data.get("errors", {}).items()):
+        text += f"\n{b}: {why}"
+    _emit(opts, data, text)
+
+
+@keys.command("generate")
+def keys_generate(opts: Options) -> None:
+    """Print a new random key (nothing is sent: install it next)."""
+    import base64
+    import secrets
+
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    _emit(opts, {"key": key}, key)
+
+
+def _step_text(data: dict[str, object]) -> str:
+    answers = data["branches"]
+    assert isinstance(answers, dict)
+    lines = [f"{b}: {a}" for b, a in sorted(answers.items())]
+    return "\n".join(lines)
+
+
+def _key_step(opts: Options, data: dict[str, object]) -> None:
+    answers = data["branches"]
+    _emit(opts, data, _step_text(data))
+    if isinstance(answers, dict) and any(a != "ok" for a in answers.values()):
+        raise Failed("not every live branch took the step (see above); run it again")
+
+
+@keys.command("install")
+@click.argument("key")
+def keys_install(opts: Options, key: str) -> None:
+    """Step 1: install KEY on every live branch (each still seals with its primary)."""
+    with opts.client() as c:
+        data = c.install_key(key)
+    _key_step(opts, data)
+
+
+@keys.command("use")
+@click.argument("key_id")
+def keys_use(opts: Options, key_id: str) -> None:
+    """Step 2: every live branch seals with KEY_ID from now on."""
+    with opts.client() as c:
+        data = c.use_key(key_id)
+    _key_step(opts, data)
+
+
+@keys.command("remove")
+@click.argument("key_id")
+def keys_remove(opts: Options, key_id: str) -> None:
+    """Step 3: remove KEY_ID (not the primary) from every live branch."""
+    with opts.client() as c:
+        data = c.remove_key(key_id)
+    _key_step(opts, data)
 
 
 @main.group()
