@@ -139,11 +139,12 @@ def decode(txt: bytes) -> Announcement:
         if key in fields:
             raise BadMessage(f"TXT key {key!r} twice")
         fields[key] = value
+    # the layout first: a later one may have other keys, and that is the news
+    if fields.get("v", TXT_VERSION) != TXT_VERSION:
+        raise BadMessage(f"TXT layout v={fields['v']!r}, this release reads v={TXT_VERSION}")
     missing = [k for k in _REQUIRED if k not in fields]
     if missing:
         raise BadMessage(f"TXT record without {', '.join(missing)}")
-    if fields["v"] != TXT_VERSION:
-        raise BadMessage(f"TXT layout v={fields['v']!r}, this release reads v={TXT_VERSION}")
     if not _ID.fullmatch(fields["id"]):
         raise BadMessage(f"TXT id not a branch id: {fields['id']!r:.80}")
     if not _VERSION.fullmatch(fields["ver"]):
@@ -242,7 +243,7 @@ class ZeroconfDiscovery:
             self._name,
             port=self._me.api_port,
             properties=self._txt,
-            server=f"branchd-{self._me.id}.local.",
+            server=f"{self._me.id}.local.",  # the id is one label, at most 63 bytes
             parsed_addresses=[self._ip],
         )
         # QM: answers come back multicast, so each branch's cache learns from
@@ -350,6 +351,7 @@ class ZeroconfDiscovery:
         try:
             self._found(peer)
         except Exception:
+            self._seen.pop(name, None)  # told again on its next announcement
             self._once("found", "the found() callback failed for %s", peer.id, exc_info=True)
 
 

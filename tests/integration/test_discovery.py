@@ -2,7 +2,8 @@
 three branches, each running ``ZeroconfDiscovery`` on its namespace's
 address (tests/integration/discovery_node.py), find each other and never
 themselves; one that closes is only logged by the others, and found again
-when it comes back as a new run. Skips without root or ``ip``."""
+when it comes back as a new run; a malformed announcement and a failing
+callback are said once and survived. Skips without root or ``ip``."""
 
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ DEADLINE = 20.0
 class Node:
     """discovery_node.py running in one namespace, its output gathered."""
 
-    def __init__(self, ns: Netns, branch_id: str, epoch: int = 1) -> None:
+    def __init__(
+        self, ns: Netns, branch_id: str, epoch: int = 1, refused: tuple[str, ...] = ()
+    ) -> None:
         self.ns, self.id = ns, branch_id
         argv = [sys.executable, "-m", "tests.integration.discovery_node"]
-        argv += [branch_id, ns.addr, str(API), str(GOSSIP), str(epoch)]
+        argv += [branch_id, ns.addr, str(API), str(GOSSIP), str(epoch), *refused]
         self.proc = ns.exec(
             argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -61,6 +64,9 @@ class Node:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def warned(self, *words: str) -> int:
+        return sum(x.startswith("WARNING") and all(w in x for w in words) for x in self.log)
 
 
 def expect(node: Node, others: list[Node]) -> None:
@@ -107,3 +113,41 @@ def test_a_branch_that_closes_is_only_logged_and_found_again_as_its_new_run(
     for node in (a, b):
         wait_for(lambda n=node: n.found()["branch2"]["epoch"] == 2, timeout=DEADLINE)
     expect(again, [a, b])
+
+
+#: Announces a branchd service whose TXT record is of a later layout (v=9).
+ROGUE = """
+import asyncio, sys
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+async def main():
+    zc = AsyncZeroconf(interfaces=[sys.argv[1]], ip_version=IPVersion.V4Only)
+    info = AsyncServiceInfo(
+        "_branchd._tcp.local.", "rogue._branchd._tcp.local.", port=1, properties=b"\\x03v=9",
+        server="rogue.local.", parsed_addresses=[sys.argv[1]],
+    )
+    await (await zc.async_register_service(info))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_malformed_announcement_and_a_failing_callback_are_said_once_and_survived(
+    lan: Callable[..., Lan],
+) -> None:
+    net = lan(4)
+    rogue = net[3].exec([sys.executable, "-c", ROGUE, net[3].addr], stdout=subprocess.PIPE)
+    a = Node(net[0], "branch0", refused=("branch1",))
+    b, c = Node(net[1], "branch1"), Node(net[2], "branch2")
+    assert rogue.stdout is not None and rogue.stdout.readline() == b"ready\n"
+    expect(b, [a, c])
+    expect(c, [a, b])
+    wait_for(lambda: set(a.found()) == {"branch2"}, timeout=DEADLINE)
+    for node in (a, b, c):
+        wait_for(lambda n=node: n.warned("malformed", "v='9'"), timeout=DEADLINE)
+    wait_for(lambda: a.warned("found() callback failed for branch1"))
+    for node in (a, b, c):
+        assert node.alive() and node.warned("malformed") == 1, node.log

@@ -88,6 +88,8 @@ def with_(key: bytes, value: bytes | None) -> bytes:
         (txt(*GOOD, b"x=\xff"), "not ASCII"),
         (with_(b"gossip", None), "without gossip"),
         (with_(b"v", b"2"), "v='2', this release reads v=1"),
+        (txt(b"v=9", b"who=b1"), "v='9', this release reads v=1"),  # before what is missing
+        (with_(b"v", None), "without v"),
         (with_(b"id", b"a b"), "id not a branch id"),
         (with_(b"ver", b""), "ver not a version"),
         (with_(b"api", b"0"), "api not a number in 1-65535"),
