@@ -21,7 +21,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -212,6 +211,7 @@ class ZeroconfDiscovery:
         self._txt = encode(me)
         self._name = instance_name(me.id)
         self._found = found
+        self._link = ipaddress.IPv4Network(self._ip)  # its interface's, once started
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,7 +233,7 @@ class ZeroconfDiscovery:
             raise RuntimeError("this discovery service is closed")
         if self._zc is not None:
             return
-        _check_local(self._ip)
+        self._link = _link_of(self._ip)
         from zeroconf import DNSQuestionType, IPVersion
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -335,12 +335,17 @@ class ZeroconfDiscovery:
             except BadMessage as e:
                 self._once("malformed", "%s announces a malformed record: %s", name, e)
                 return
-            ips = info.parsed_addresses(IPVersion.V4Only)
-            if a.id == self._me.id or not ips:
-                if not ips:
-                    self._once("no-address", "%s announces no IPv4 address", name)
+            if a.id == self._me.id:
                 return
-            peer = Peer.of(a, ips[0])
+            ips = info.parsed_addresses(IPVersion.V4Only)
+            # The mDNS socket hears the group on every interface where anyone
+            # on this host joined it (Linux's IP_MULTICAST_ALL): a branch
+            # heard from another interface is not ours to join.
+            ours = [ip for ip in ips if ipaddress.IPv4Address(ip) in self._link]
+            if not ours:
+                self._once("off-link", "%s announces %s, not on %s: ignored", name, ips, self._link)
+                return
+            peer = Peer.of(a, ours[0])
             if self._seen.get(name) == peer:
                 return
             self._seen[name] = peer
@@ -355,11 +360,13 @@ class ZeroconfDiscovery:
             self._once("found", "the found() callback failed for %s", peer.id, exc_info=True)
 
 
-def _check_local(ip: str) -> None:
-    """ConfigError unless ``ip`` is an address of this host: zeroconf would
-    otherwise start with no interface at all and find nothing, silently."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError as e:
-            raise ConfigError(f"zeroconf: {ip} is not an address of this host ({e})") from None
+def _link_of(ip: str) -> ipaddress.IPv4Network:
+    """The network of the interface that has ``ip``; ConfigError if none has
+    it (zeroconf would start with no interface at all and find nothing)."""
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for a in adapter.ips:
+            if a.ip == ip:
+                return ipaddress.IPv4Network(f"{ip}/{a.network_prefix}", strict=False)
+    raise ConfigError(f"zeroconf: {ip} is not an address of this host")

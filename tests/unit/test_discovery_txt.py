@@ -133,8 +133,9 @@ def test_zeroconf_refuses_a_name_and_takes_a_lan_address() -> None:
 
 
 async def test_start_refuses_an_address_that_is_not_this_host_s() -> None:
-    # TEST-NET-1: never an address of this host; refused before any socket opens
-    service = ZeroconfDiscovery(ME, "192.0.2.77", lambda peer: None)
+    # a documentation address (TEST-NET-3), no interface's here: refused before
+    # any socket opens
+    service = ZeroconfDiscovery(ME, "203.0.113.77", lambda peer: None)
     with pytest.raises(ConfigError, match="not an address of this host"):
         await service.start()
     await service.close()
