@@ -266,13 +266,16 @@ class ZeroconfDiscovery:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            if self._browser is not None:
+        if self._browser is not None:
+            try:
                 await self._browser.async_cancel()
-            if self._zc is not None:
+            except Exception:
+                log.warning("the zeroconf browser did not stop cleanly", exc_info=True)
+        if self._zc is not None:
+            try:
                 await self._zc.async_close()  # unregisters: goodbyes for our records
-        except Exception:
-            log.warning("zeroconf did not close cleanly", exc_info=True)
+            except Exception:
+                log.warning("zeroconf did not close cleanly", exc_info=True)
 
     # background ------------------------------------------------------------------
 
