@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from branchd.process.launcher import MARK_VAR
+from tests import netns
 from tests.brokers import redis_db_session
 
 
@@ -250,6 +251,28 @@ def branchd_factory(tmp_path: Path) -> Iterator[Callable[..., Branchd]]:
 @pytest.fixture
 def branchd(branchd_factory: Callable[..., Branchd]) -> Branchd:
     return branchd_factory()
+
+
+@pytest.fixture(scope="session")
+def _netns_unavailable() -> str | None:
+    return netns.unavailable()
+
+
+@pytest.fixture
+def lan(_netns_unavailable: str | None) -> Iterator[Callable[..., netns.Lan]]:
+    """Makes ``netns.Lan(size, subnet=0)``s, all removed at the end; skips
+    without root or ``ip``."""
+    if _netns_unavailable:
+        pytest.skip(_netns_unavailable)
+    made: list[netns.Lan] = []
+
+    def create(size: int, subnet: int = 0) -> netns.Lan:
+        made.append(netns.Lan(size, subnet))
+        return made[-1]
+
+    yield create
+    for each in made:
+        each.close()
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]

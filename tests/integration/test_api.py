@@ -997,9 +997,7 @@ def test_one_concurrency_setting_and_names_that_say_who_has_them(branchd: Branch
     assert reply.status == 422 and "give one" in reply.text, reply.text
     fixed = {"name": "w1", "kind": "celery", "concurrency": 2, "autostart": False}
     branchd.ok("POST", "/v1/apps/shop/instances", fixed, status=201)
-    ranged = branchd.ok(
-        "PATCH", "/v1/apps/shop/instances/w1", {"autoscale": {"min": 2, "max": 4}}
-    )
+    ranged = branchd.ok("PATCH", "/v1/apps/shop/instances/w1", {"autoscale": {"min": 2, "max": 4}})
     assert (ranged["concurrency"], ranged["autoscale"]) == (None, {"min": 2, "max": 4})
     again = branchd.ok("PATCH", "/v1/apps/shop/instances/w1", {"concurrency": 3})
     assert (again["concurrency"], again["autoscale"]) == (3, None)

@@ -258,8 +258,10 @@ async def test_a_healed_partition_converges() -> None:
     sim.net.partition([sim.addr(i) for i in left], [sim.addr(i) for i in right])
     # each side finds the other dead
     await sim.until(
-        lambda: all(sim.nodes[o].state_of(m) is DE for o in left for m in right)
-        and all(sim.nodes[o].state_of(m) is DE for o in right for m in left),
+        lambda: (
+            all(sim.nodes[o].state_of(m) is DE for o in left for m in right)
+            and all(sim.nodes[o].state_of(m) is DE for o in right for m in left)
+        ),
         limit=40.0,
     )
     sim.net.heal()

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Loaded when the first Celery app talks to a broker (celery/remote.py's
 #: _kombu, celery/urls.py), never by a branch without one. celery itself runs
-#: in the workers only; zeroconf is not a dependency at all.
-CELERY_ONLY = ("kombu", "amqp", "yaml", "billiard", "vine", "celery", "zeroconf")
+#: in the workers only.
+CELERY_ONLY = ("kombu", "amqp", "yaml", "billiard", "vine", "celery")
+#: Loaded when zeroconf discovery starts (cluster/discovery.py), never by a
+#: branch on one box: ifaddr comes with zeroconf.
+ON_DISCOVERY = ("zeroconf", "ifaddr")
 #: Loaded for the first body precheck cannot vouch for (api/routes.py's _validator).
 ON_FIRST_BODY = ("jsonschema", "referencing", "rpds", "jsonschema_specifications")
 #: Loaded where they are used: a config file, an unknown transport's message.
@@ -89,7 +92,7 @@ def _loaded_by_a_daemon(tmp_path: Path, watched: tuple[str, ...]) -> dict[str, l
 def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_needed(
     tmp_path: Path,
 ) -> None:
-    seen = _loaded_by_a_daemon(tmp_path, CELERY_ONLY + ON_FIRST_BODY + ON_USE)
+    seen = _loaded_by_a_daemon(tmp_path, CELERY_ONLY + ON_DISCOVERY + ON_FIRST_BODY + ON_USE)
     # started, served reads: none of them
     assert seen["reads"] == []
     # a plain app and a process declared (valid bodies): still none of them
@@ -98,4 +101,41 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
     # works), and still nothing of Celery's
     tops = {m.partition(".")[0] for m in seen["invalid"]}
     assert "jsonschema" in tops, seen["invalid"]
-    assert not tops & set(CELERY_ONLY + ON_USE), seen["invalid"]
+    assert not tops & set(CELERY_ONLY + ON_DISCOVERY + ON_USE), seen["invalid"]
+
+
+def test_the_discovery_module_loads_zeroconf_only_when_its_service_starts() -> None:
+    script = """
+import asyncio, json, sys
+from branchd.cluster.discovery import Announcement, ZeroconfDiscovery
+from branchd.errors import ConfigError
+
+def loaded():
+    return sorted(m for m in sys.modules if m.partition(".")[0] in sys.argv[1:])
+
+async def main():
+    me = Announcement("b1", "0.1.0", 8080, 7946, 1)
+    service = ZeroconfDiscovery(me, "203.0.113.77", print)
+    made = loaded()
+    try:
+        await service.start()
+    except ConfigError:
+        pass
+    await service.close()
+    return {"made": made, "refused": loaded()}
+
+print(json.dumps(asyncio.run(main())))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *ON_DISCOVERY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout)
+    assert seen["made"] == []
+    # refused to start on an address no interface has (ifaddr said so)
+    assert not any(m.startswith("zeroconf") for m in seen["refused"]), seen
