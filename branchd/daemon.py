@@ -33,6 +33,7 @@ from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
 
 if TYPE_CHECKING:  # loaded only by a branch that clusters
+    from branchd.cluster.discovery import Discovery
     from branchd.cluster.service import ClusterService
 
 log = logging.getLogger("branchd")
@@ -57,6 +58,7 @@ class Daemon:
         self.url: str | None = None
         self._signals: list[Exit] = []
         self._wake = asyncio.Event()
+        self._discovery: Discovery | None = None
 
     def request_exit(self, how: Exit) -> None:
         # Only record it (uvicorn's way); run() decides what to do.
@@ -163,6 +165,8 @@ class Daemon:
                 "stopping instances" if how == Exit.STOP else "instances keep running",
             )
             if cluster is not None:
+                if self._discovery is not None:
+                    await self._discovery.close()
                 # goodbye first, while the API still answers push-pulls: the
                 # others see "left" (never dead) within a second
                 await cluster.leave(timeout=2.0)
@@ -191,6 +195,8 @@ class Daemon:
         branch.with_address(gossip_addr=cluster.gossip_addr or "")
         branch.on_change = cluster.announce
         cluster.announce()
+        if cfg.cluster.zeroconf and not is_loopback(adv_host):
+            self._discovery = await _discover(cluster, branch, adv_host, adv_port)
         log.info(
             "clustering: gossip on %s (advertised %s), API advertised as %s%s",
             cfg.cluster.gossip or "the API port + 1",
@@ -198,6 +204,31 @@ class Daemon:
             branch.record().api_url,
             f", joining via {', '.join(cfg.cluster.join)}" if cfg.cluster.join else "",
         )
+
+
+async def _discover(
+    cluster: ClusterService, branch: BranchService, host: str, api_port: int
+) -> Discovery | None:
+    """Announce this branch and join whoever zeroconf finds (a LAN address
+    only). A failure to start is said once; the branch clusters without it."""
+    from branchd.cluster.discovery import Announcement, Peer, ZeroconfDiscovery
+    from branchd.cluster.transport import split_addr
+
+    rec = branch.record()
+    try:
+        _, gossip_port = split_addr(rec.gossip_addr)
+        me = Announcement(rec.id, rec.version, api_port, gossip_port, rec.epoch)
+
+        def found(peer: Peer) -> None:
+            cluster.join([peer.api_url])
+
+        discovery = ZeroconfDiscovery(me, host, found)
+        await discovery.start()
+    except (BranchdError, OSError, ValueError) as exc:
+        log.warning("zeroconf discovery is off: %s", exc)
+        return None
+    log.info("zeroconf: announcing %s on %s", discovery.name, host)
+    return discovery
 
 
 def _wildcard(host: str) -> bool:

@@ -185,6 +185,7 @@ class ClusterService:
         self._pending_urls: list[str] = []
         self._join_wake = asyncio.Event()
         self._dropped = 0
+        self._started = self._clock.monotonic()
         self.gossip = Gossip(
             settings.branch_id,
             settings.gossip_advertise,
@@ -210,6 +211,7 @@ class ClusterService:
         return self._keyring is not None
 
     async def start(self) -> None:
+        self._started = self._clock.monotonic()
         try:
             await self.gossip.start(())
         except OSError as exc:
@@ -232,7 +234,7 @@ class ClusterService:
         for url in urls:
             if url != self._record().api_url and url not in self._pending_urls:
                 self._pending_urls.append(url)
-        self._join_wake.set()
+                self._join_wake.set()
 
     async def leave(self, timeout: float = 3.0) -> bool:
         return await self.gossip.leave(timeout)
@@ -315,7 +317,8 @@ class ClusterService:
             "gossip_addr": m.addr,
             "self": m.is_self,
             "age": round(age, 1),
-            "since": round(now - m.since, 1),
+            # (our own run's start is this service's: the core's clock starts at 0)
+            "since": round(now - (self._started if m.is_self else m.since), 1),
         }
         if rec is not None:
             body = rec.to_json()
@@ -433,18 +436,38 @@ class ClusterService:
             if not m.is_self
         )
 
+    def _known(self, url: str) -> bool:
+        """A live member already answers at this API URL."""
+        for m in self.gossip.members():
+            meta = self._meta(m) if not m.is_self else None
+            if m.is_self and url == self._record().api_url:
+                return True
+            if meta is not None and meta.api_url == url and m.state is MemberState.ALIVE:
+                return True
+        return False
+
     async def _join_loop(self) -> None:
+        """The ``--join`` URLs while alone (at the start, and whenever all the
+        others are gone), and each URL discovery found that is not a member."""
         backoff = 1.0
         while True:
-            urls = [*self._s.join, *self._pending_urls]
-            if urls and self._alone():
+            found, self._pending_urls = self._pending_urls, []
+            urls = [u for u in found if not self._known(u)]
+            if self._alone():
+                urls += [u for u in self._s.join if u not in urls]
+            wait = self._s.join_retry_max
+            if urls:
                 joined = await self._join_once(urls)
-                backoff = 1.0 if joined else min(backoff * 2, self._s.join_retry_max)
-                wait = self._s.join_retry_max if joined else backoff
-            else:
-                self._pending_urls.clear()
-                wait = self._s.join_retry_max
+                if not joined and self._alone():
+                    # nobody answered: try again soon, the found ones too
+                    self._pending_urls[:0] = [u for u in found if u not in self._pending_urls]
+                    backoff = min(backoff * 2, self._s.join_retry_max)
+                    wait = backoff
+                else:
+                    backoff = 1.0
             self._join_wake.clear()
+            if self._pending_urls and wait == self._s.join_retry_max:
+                continue  # found while we were joining
             await _first(sleep(self._sched, wait), self._join_wake.wait())
 
     # the names of other branches' instances -------------------------------------------
