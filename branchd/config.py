@@ -326,6 +326,10 @@ def _section(name: str, values: Mapping[str, Any]) -> Any:
 def _typed(where: str, hint: Any, value: Any) -> Any:
     if value is None and "None" in str(hint):
         return None
+    if isinstance(hint, str) and hint.endswith(" | None"):
+        hint = hint.removesuffix(" | None")  # an optional setting, given: its type
+    elif "| None" in str(hint) and str(hint).count("|") == 1:
+        hint = str(hint).replace(" | None", "").replace("None | ", "")
     if hint is bool or hint == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

@@ -93,3 +93,72 @@ def test_the_token_file_is_read(tmp_path: Path) -> None:
     secret.write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         load({"state_dir": str(tmp_path), "token_file": str(secret)}, {})
+
+
+# the cluster section -------------------------------------------------------------------
+
+KEY = "A" * 43 + "="  # base64 of 32 bytes
+
+
+def test_a_branch_without_key_or_join_is_a_cluster_of_one(tmp_path: Path) -> None:
+    cfg = load({"state_dir": str(tmp_path), "bind": "0.0.0.0:8400"}, {})
+    assert not cfg.cluster.enabled and cfg.cluster.zeroconf and cfg.cluster.profile == "lan"
+
+
+def test_cluster_settings_from_flags_environment_and_file(tmp_path: Path) -> None:
+    flags = _file(
+        tmp_path,
+        '[cluster]\nprofile = "wan"\nprobe_interval = 2.5\njoin = ["http://m1:8400"]\n'
+        "max_instances = 7\n",
+    )
+    env = {"BRANCHD_JOIN": "http://m2:8400, http://m3:8400", "BRANCHD_NO_ZEROCONF": "1"}
+    cfg = load({**flags, "state_dir": str(tmp_path), "cluster_key": KEY}, env)
+    c = cfg.cluster
+    assert c.enabled and c.key == KEY and c.profile == "wan" and c.max_instances == 7
+    assert c.join == ("http://m2:8400", "http://m3:8400")  # the environment over the file
+    assert not c.zeroconf and c.timers() == {"probe_interval": 2.5}
+    cfg = load(
+        {"state_dir": str(tmp_path), "join": ("http://a:1", "http://b:2"), "gossip": "1.2.3.4:9"},
+        {"BRANCHD_MAX_INSTANCES": "12", "BRANCHD_CLUSTER_PROFILE": "local"},
+    )
+    assert cfg.cluster.join == ("http://a:1", "http://b:2") and cfg.cluster.gossip == "1.2.3.4:9"
+    assert cfg.cluster.max_instances == 12 and cfg.cluster.profile == "local"
+
+
+def test_the_cluster_key_file_is_read(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    cfg = load({"state_dir": str(tmp_path), "cluster_key_file": str(key_file)}, {})
+    assert cfg.cluster.key == KEY and cfg.cluster.enabled
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        ({"bind": "0.0.0.0:8400", "join": ("http://m1:8400",)}, "without a cluster key"),
+        ({"join": ("m1:8400",)}, "join URL must be http://HOST:PORT"),
+        ({"join": ("http://m1:x",)}, "join URL"),
+        ({"cluster_profile": "moon"}, "unknown cluster profile 'moon'"),
+        ({"gossip": "nohost"}, "gossip must be HOST:PORT"),
+        ({"advertise": "h:99999"}, "advertise port out of range"),
+        ({"max_instances": 0}, "max_instances must be 1 or more"),
+        ({"cluster_key": KEY, "cluster_key_file": "/x"}, "not both"),
+        ({"cluster_key_file": "/nonexistent/key"}, "cannot read cluster key file"),
+    ],
+)
+def test_bad_cluster_settings_are_one_clear_error(
+    tmp_path: Path, flags: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load({"state_dir": str(tmp_path), **flags}, {})
+
+
+def test_bad_cluster_settings_in_the_file(tmp_path: Path) -> None:
+    for text, error in [
+        ("[cluster]\njoin = 3\n", "must be a list of text"),
+        ("[cluster]\nprobe_interval = 'x'\n", "must be a number"),
+        ("[cluster]\nbogus = 1\n", "unknown setting"),
+        ("[cluster]\nzeroconf = 'no'\n", "must be true or false"),
+    ]:
+        with pytest.raises(ConfigError, match=error):
+            load({**_file(tmp_path, text), "state_dir": str(tmp_path)}, {})
