@@ -322,14 +322,17 @@ class AsyncClient:
         return dict(data)
 
     async def install_key(self, key: str) -> dict[str, Any]:
+        """Rotation step 1: install ``key`` on every live branch (what each answered)."""
         _, data = await self._json("POST", "/v1/cluster/keys", {"key": key})
         return dict(data)
 
     async def use_key(self, key_id: str) -> dict[str, Any]:
+        """Rotation step 2: every live branch seals with ``key_id`` from now on."""
         _, data = await self._json("POST", f"/v1/cluster/keys/{_seg(key_id)}/use")
         return dict(data)
 
     async def remove_key(self, key_id: str) -> dict[str, Any]:
+        """Rotation step 3: remove ``key_id`` (not the primary) from every live branch."""
         _, data = await self._json("DELETE", f"/v1/cluster/keys/{_seg(key_id)}")
         return dict(data)
 
