@@ -144,6 +144,37 @@ def save_keyring(path: Path, ring: Keyring) -> None:
     write_private(path, json.dumps(body) + "\n")
 
 
+#: A record is told again at least this often (s), changed or not much.
+TELL_AT_LEAST_EVERY = 60.0
+
+
+def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
+    """Whether ``now`` differs enough from the record last ``told`` (``since``
+    seconds ago) to be a new rumour: where it is reached, what it holds, a
+    draining flag, a load moved by a quarter or a tenth, free memory by 5 %
+    of the total; and, whatever it is, once every ``TELL_AT_LEAST_EVERY``."""
+    a, b = told.capacity, now.capacity
+    if since >= TELL_AT_LEAST_EVERY:
+        return True
+    if (told.api_url, told.gossip_addr, told.instances, told.version) != (
+        now.api_url,
+        now.gossip_addr,
+        now.instances,
+        now.version,
+    ):
+        return True
+    if (a.instances, a.max_instances, a.draining, a.cpus) != (
+        b.instances,
+        b.max_instances,
+        b.draining,
+        b.cpus,
+    ):
+        return True
+    if abs(a.load[0] - b.load[0]) > max(0.25, 0.1 * a.load[0]):
+        return True
+    return abs(a.memory_free - b.memory_free) > 0.05 * max(a.memory_total, b.memory_total, 1)
+
+
 async def sleep(scheduler: Scheduler, seconds: float) -> None:
     """Wait on the scheduler (a fake one in tests)."""
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -186,6 +217,7 @@ class ClusterService:
         self._join_wake = asyncio.Event()
         self._dropped = 0
         self._started = self._clock.monotonic()
+        self._announced: tuple[BranchRecord, float] | None = None
         self.gossip = Gossip(
             settings.branch_id,
             settings.gossip_advertise,
@@ -223,9 +255,18 @@ class ClusterService:
         self._tasks.append(asyncio.create_task(self._names_loop(), name="cluster-names"))
 
     def announce(self) -> None:
-        """Our record changed: put its meta on the gossip (a no-op if the same)."""
+        """Our record changed: put its meta on the gossip when the change
+        matters (``worth_telling``), since each new meta is a rumour every
+        member hears: a load that moves by a hundredth every 5 s would cost
+        each branch a burst of gossip packets per refresh for nothing."""
         try:
-            self.gossip.set_meta(to_meta(self._record()))
+            rec = self._record()
+            now = self._clock.monotonic()
+            last = self._announced
+            if last is not None and not worth_telling(last[0], rec, now - last[1]):
+                return
+            self.gossip.set_meta(to_meta(rec))
+            self._announced = (rec, now)
         except Exception as exc:
             self._once("announce", exc)
 

@@ -98,3 +98,20 @@ def test_the_keyring_file_outlives_a_restart_and_takes_a_new_given_key(tmp_path:
     path.write_text("garbage")
     with pytest.raises(BadMessage, match="not a keyring"):
         load_keyring(path, first)
+
+
+def test_a_record_is_told_again_only_when_it_changed_enough() -> None:
+    from branchd.cluster.service import TELL_AT_LEAST_EVERY, worth_telling
+
+    def w(**cap: object) -> BranchRecord:
+        return BranchRecord(**{**REC.__dict__, "capacity": Capacity(**{**CAP.__dict__, **cap})})
+
+    assert not worth_telling(REC, REC, 5.0)
+    assert not worth_telling(REC, w(load=(0.6, 0.3, 0.1)), 5.0)  # a tenth of a point
+    assert worth_telling(REC, w(load=(0.9, 0.3, 0.1)), 5.0)
+    assert worth_telling(REC, w(instances=4), 0.1)
+    assert worth_telling(REC, w(draining=True), 0.1)
+    assert not worth_telling(REC, w(memory_free=(9 << 30) - (100 << 20)), 5.0)
+    assert worth_telling(REC, w(memory_free=8 << 30), 5.0)
+    assert worth_telling(REC, BranchRecord(**{**REC.__dict__, "instances": ("x/y",)}), 0.1)
+    assert worth_telling(REC, REC, TELL_AT_LEAST_EVERY)
