@@ -19,7 +19,13 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
-from branchd.api.forward import LocalDirectory, NoForwarder
+from branchd.api.forward import (
+    ClusterDirectory,
+    Directory,
+    Forwarder,
+    LocalDirectory,
+    NoForwarder,
+)
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
@@ -106,6 +112,13 @@ class Daemon:
             )
             branch.start()
             cluster = _cluster(cfg, branch, scheduler, bus) if cfg.cluster.enabled else None
+            directory: Directory = LocalDirectory()
+            forwarder: Forwarder = NoForwarder()
+            if cluster is not None:
+                from branchd.api.proxy import HttpForwarder
+
+                # a named instance's routes go to the branch that holds it
+                directory, forwarder = ClusterDirectory(cluster), HttpForwarder(cluster)
             runner = web.AppRunner(
                 make_app(
                     local,
@@ -114,9 +127,8 @@ class Daemon:
                     max_body=cfg.api.max_body,
                     listings_at_once=cfg.api.listings_at_once,
                     branch=branch.record,
-                    # a cluster of one, until membership: everything is answered here
-                    directory=LocalDirectory(),
-                    forwarder=NoForwarder(),
+                    directory=directory,
+                    forwarder=forwarder,
                     cluster=cluster,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
@@ -171,6 +183,9 @@ class Daemon:
                 # others see "left" (never dead) within a second
                 await cluster.leave(timeout=2.0)
                 await cluster.close()
+            close = getattr(forwarder, "close", None)
+            if close is not None:
+                await close()
             await runner.cleanup()
             await branch.close()
             await local.shutdown(keep=how == Exit.KEEP)

@@ -244,3 +244,15 @@ def hide_env(env: Mapping[str, str]) -> dict[str, str]:
     listing, which dashboards poll and show, names the variables only; the
     answer about one app or instance, which a token holder asks for, has them."""
     return dict.fromkeys(env, HIDDEN)
+
+
+# Between branches: the headers of a forwarded request --------------------------
+
+#: Set on a request one branch forwards to another: it is answered there,
+#: never forwarded again (a forward never loops).
+HOP_HEADER = "X-Branchd-Hop"
+#: The forwarding branch's proof, sealed with the cluster key (method, path,
+#: a digest of the body, a timestamp and a nonce): the caller's token was
+#: checked at the first branch, and branches need not share one.
+PROOF_HEADER = "X-Branchd-Forwarded"
+

@@ -36,7 +36,7 @@ from branchd.api.routes import (
     not_found,
 )
 from branchd.errors import BranchdError, Forbidden, Misdirected, UnsupportedMediaType
-from branchd.views import BranchRecord
+from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # replay-checked): that is its authentication, since branches need
         # not share a token. One that does not open is refused (403) there.
         return await handler(request)
+    proof = request.headers.get(PROOF_HEADER)
+    if proof is not None and cluster is not None:
+        # Forwarded by a member, which checked its caller's token; the proof
+        # (sealed with the cluster key) names this method, path and body.
+        body = await request.read()
+        if cluster.verify(proof, request.method, request.path_qs, body):
+            return await handler(request)
+        raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
     if token and request.path != "/v1/ping":
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -171,7 +179,8 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Forward first: the directory says which branch answers this route's target."""
     resource = request.match_info.route.resource
     scope = request.app[SCOPES].get((request.method, resource.canonical if resource else ""))
-    if scope is None:  # no route: answered here (404, 405)
+    if scope is None or HOP_HEADER in request.headers:
+        # no route: answered here (404, 405); forwarded once: answered here
         return await handler(request)
     info = request.match_info
     owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))

@@ -81,3 +81,29 @@ class NoForwarder:
 
     async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
         raise BranchUnreachable(f"branch {branch!r} answers this; no other branch can be reached")
+
+
+
+
+class Owners(Protocol):
+    """Who holds what, as the cluster knows it (``ClusterService``)."""
+
+    @property
+    def self_id(self) -> str: ...
+    def owner_of(self, app: str, name: str) -> str | None: ...
+
+
+class ClusterDirectory:
+    """The owner of a named instance is the live branch whose record lists
+    it; everything else is answered here (declarations are everyone's;
+    placement and gathered listings come with the next steps)."""
+
+    def __init__(self, owners: Owners) -> None:
+        self._owners = owners
+
+    def owner(self, target: Target) -> str | None:
+        if target.scope is not Scope.INSTANCE or not target.app or not target.name:
+            return None
+        owner = self._owners.owner_of(target.app, target.name)
+        return None if owner in (None, self._owners.self_id) else owner
+

@@ -28,7 +28,9 @@ The API reads it through the ``Cluster`` Protocol of ``api/backend.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -47,7 +49,7 @@ from branchd.cluster.timing import MembershipConfig
 from branchd.cluster.transport import UdpTransport
 from branchd.errors import BadMessage, BadRequest, BranchdError, Forbidden, NotFound
 from branchd.events import EventBus
-from branchd.views import BranchRecord
+from branchd.views import PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +375,57 @@ class ClusterService:
         else:
             entry.update({"api_url": "", "hostname": "", "version": "", "capacity": None})
         return entry
+
+    # forwarding: who answers, and the proof that a member asks ---------------------
+
+    @property
+    def self_id(self) -> str:
+        return self._s.branch_id
+
+    def api_url_of(self, branch: str) -> tuple[str | None, str]:
+        for m in self.gossip.members():
+            if m.id == branch:
+                meta = self._meta(m) if not m.is_self else None
+                url = self._record().api_url if m.is_self else (meta.api_url if meta else None)
+                return url or None, m.state.value
+        return None, "unknown"
+
+    def prove(self, method: str, path: str, body: bytes) -> dict[str, str]:
+        """``X-Branchd-Forwarded``: the request's method, path and body digest
+        sealed with the cluster key (timestamped, with a nonce); none without
+        a key (the branches then share the token)."""
+        if self._keyring is None:
+            return {}
+        claim = json.dumps(
+            {"m": method, "p": path, "b": hashlib.sha256(body).hexdigest(), "f": self.self_id},
+            separators=(",", ":"),
+        ).encode()
+        frame = seal.seal(self._keyring, claim, self._clock.wall(), secrets.token_bytes(12))
+        return {PROOF_HEADER: base64.b64encode(frame).decode()}
+
+    def verify(self, proof: str, method: str, path: str, body: bytes) -> bool:
+        """A forwarded request's proof opens with a key held here, is fresh
+        and unseen, and names this very request."""
+        if self._keyring is None:
+            return False
+        try:
+            frame = base64.b64decode(proof, validate=True)
+        except ValueError:
+            return False
+        opened = seal.unseal(self._keyring, frame, self._clock.wall(), self._seen)
+        if isinstance(opened, seal.Dropped):
+            self._dropped += 1
+            return False
+        payload, self._seen = opened
+        try:
+            claim = json.loads(payload)
+        except ValueError:
+            return False
+        return isinstance(claim, dict) and (claim.get("m"), claim.get("p"), claim.get("b")) == (
+            method,
+            path,
+            hashlib.sha256(body).hexdigest(),
+        )
 
     # the peer channel: the answering side ------------------------------------------
 

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from branchd.api.app import make_app
 from branchd.api.backend import Local
-from branchd.api.forward import NoForwarder, Scope, Target, scope_of
+from branchd.api.forward import ClusterDirectory, NoForwarder, Scope, Target, scope_of
 from branchd.api.routes import ROUTES
 from branchd.errors import BranchUnreachable
 from branchd.views import BranchRecord, Capacity
@@ -90,3 +90,28 @@ def test_every_route_has_the_scope_its_path_says() -> None:
 async def test_a_cluster_of_one_cannot_forward() -> None:
     with pytest.raises(BranchUnreachable):
         await NoForwarder().forward(cast(web.Request, object()), "b9")
+
+
+class _Owners:
+    self_id = "me"
+
+    def owner_of(self, app: str, name: str) -> str | None:
+        return {("web", "w1"): "b2", ("web", "mine"): "me"}.get((app, name))
+
+
+@pytest.mark.parametrize(
+    ("target", "owner"),
+    [
+        (Target(Scope.INSTANCE, "web", "w1"), "b2"),  # held by another: forwarded there
+        (Target(Scope.INSTANCE, "web", "mine"), None),  # ours: answered here
+        (Target(Scope.INSTANCE, "web", "nobody"), None),  # nobody's: a 404 here
+        (Target(Scope.DECLARATION, "web"), None),
+        (Target(Scope.PLACEMENT, "web"), None),
+        (Target(Scope.GATHER, "web"), None),
+        (Target(Scope.BRANCH), None),
+    ],
+)
+def test_the_cluster_directory_sends_an_instance_to_its_holder(
+    target: Target, owner: str | None
+) -> None:
+    assert ClusterDirectory(_Owners()).owner(target) == owner

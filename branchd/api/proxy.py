@@ -1,0 +1,152 @@
+"""The forwarder of a cluster: the raw request, carried to the branch that
+must answer it, and that branch's answer streamed back unchanged.
+
+Nomad's forward-first pattern at the HTTP layer (``api/forward.py`` decides
+*whether*; this carries it). The target is always a member's own API URL,
+from the membership (a client cannot name it: no open proxy); the request
+carries ``X-Branchd-Hop`` (answered there, never forwarded twice) and a
+proof that a member sent it (``Peers.prove``: sealed with the cluster key).
+The answer's status, headers and body come back as they are, streamed (a
+``logs?follow=1`` goes on through the hop); a 422 of the owner reaches the
+caller as that 422. An owner that is dead, or that cannot be reached, is a
+503 naming the branch and its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from branchd.errors import BranchUnreachable
+from branchd.views import HOP_HEADER, PROOF_HEADER
+
+log = logging.getLogger(__name__)
+
+#: How long the owner may take to connect (s).
+CONNECT_TIMEOUT = 5.0
+#: How long it may take to start answering (s; a stop waits for the process,
+#: up to its stopwaitsecs): sooner when the membership finds it dead.
+ANSWER_TIMEOUT = 120.0
+#: How often the owner's state is looked at while its answer is awaited (s).
+_WATCH = 0.5
+
+#: Hop-by-hop headers, and those the hop sets itself.
+_DROPPED = frozenset(
+    h.lower()
+    for h in (
+        "Host",
+        "Authorization",
+        "Connection",
+        "Keep-Alive",
+        "Transfer-Encoding",
+        "Content-Length",
+        "TE",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Origin",
+        HOP_HEADER,
+        PROOF_HEADER,
+    )
+)
+
+
+class Peers(Protocol):
+    """What the forwarder needs of the membership."""
+
+    @property
+    def self_id(self) -> str: ...
+    def api_url_of(self, branch: str) -> tuple[str | None, str]:
+        """The member's API URL (None: not known) and its state's name."""
+        ...
+
+    def prove(self, method: str, path: str, body: bytes) -> dict[str, str]:
+        """The headers that prove to another member that this one sends it."""
+        ...
+
+
+class HttpForwarder:
+    def __init__(self, peers: Peers) -> None:
+        self._peers = peers
+        self._session: Any = None
+
+    async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
+        import aiohttp  # the client side: loaded by a clustering branch only
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(
+                f"branch {branch} answers this, and it is {state}"
+                + ("" if url else " (its address is not known)"),
+                branch=branch,
+                state=state,
+            )
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
+        headers[HOP_HEADER] = self._peers.self_id
+        proof = self._peers.prove(request.method, request.path_qs, body)
+        if not proof and "Authorization" in request.headers:
+            # a cluster without a key (loopback only): its branches share the
+            # token, which this branch has just checked
+            proof = {"Authorization": request.headers["Authorization"]}
+        headers.update(proof)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+                auto_decompress=False,
+            )
+        target = url.rstrip("/") + request.path_qs
+        sent = asyncio.ensure_future(
+            self._session.request(
+                request.method, target, data=body or None, headers=headers, allow_redirects=False
+            )
+        )
+        try:
+            resp = await self._answer(sent, branch)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            _, state = self._peers.api_url_of(branch)
+            raise BranchUnreachable(
+                f"branch {branch} ({state}) answers this and cannot be reached: "
+                f"{type(exc).__name__}: {exc}".rstrip(": "),
+                branch=branch,
+                state=state,
+            ) from None
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            for k, v in resp.headers.items():
+                if k.lower() not in _DROPPED:
+                    out.headers.add(k, v)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    async def _answer(self, sent: asyncio.Future[Any], branch: str) -> Any:
+        """The owner's answer (its head); TimeoutError if the owner is found
+        dead or gone while we wait (a stopped machine accepts the connection
+        and never answers), or if no answer starts within ``ANSWER_TIMEOUT``."""
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({sent}, timeout=_WATCH)
+                if done:
+                    return sent.result()
+                waited += _WATCH
+                _, state = self._peers.api_url_of(branch)
+                if state in ("dead", "left") or waited >= ANSWER_TIMEOUT:
+                    raise TimeoutError(f"no answer in {waited:.0f}s")
+        finally:
+            if not sent.done():
+                sent.cancel()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,116 @@
+"""Forward first across real branches: a named instance's routes, asked of
+any branch, are answered by the branch that holds it (issue 14, part 4, its
+first step: instances; placement and gathered listings come next).
+
+Two real branchd on loopback share a cluster key; each has its own token,
+so a forwarded request can only pass on the cluster key's proof.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from branchd.cluster.keyring import generate_key
+from tests.conftest import Branchd, wait_for
+
+TICK = "import time\nwhile True: print('tick', flush=True); time.sleep(0.2)"
+TICKER = [sys.executable, "-c", TICK]
+
+
+@pytest.fixture
+def pair(branchd_factory: Callable[..., Branchd], tmp_path: Path) -> tuple[Branchd, Branchd]:
+    key = tmp_path / "cluster.key"
+    key.write_text(generate_key() + "\n")
+    key.chmod(0o600)
+    a = branchd_factory("--cluster-key-file", str(key), state_dir=tmp_path / "a")
+    port = a.url.rsplit(":", 1)[1]
+    join = f"http://127.0.0.1:{port}"
+    b = branchd_factory("--cluster-key-file", str(key), "--join", join, state_dir=tmp_path / "b")
+    for x in (a, b):
+        wait_for(lambda x=x: len(alive(x)) == 2, 15)
+    return a, b
+
+
+def alive(b: Branchd) -> list[str]:
+    return [m["id"] for m in b.ok("GET", "/v1/branches")["items"] if m["state"] == "alive"]
+
+
+def test_an_instance_is_reached_through_either_branch(pair: tuple[Branchd, Branchd]) -> None:
+    a, b = pair
+    assert a.token != b.token  # a forward passes on the cluster key, not a shared token
+    b.ok("PUT", "/v1/apps/web", {}, status=201)
+    b.ok("POST", "/v1/apps/web/instances", {"name": "t1", "command": TICKER, "startsecs": 0}, 201)
+    inst = "/v1/apps/web/instances/t1"
+    me_b = b.ok("GET", "/v1/branch")["id"]
+    # A learns that B holds it (the digest of B's names, then the names)
+    got = wait_for(lambda: (r := a.call("GET", inst)).status == 200 and r.body, 10)
+    assert got["branch"] == me_b and got["state"] in ("starting", "running")
+    # every instance operation through A, answered by B unchanged
+    assert a.call("PATCH", inst, {"startsecs": -1}).status == 422  # B's own 422
+    assert a.call("PATCH", inst, {"stopwaitsecs": 3}).body["stopwaitsecs"] == 3
+    assert a.call("GET", inst + "/stats").status == 200
+    wait_for(lambda: "tick" in a.call("GET", inst + "/logs?tail=5").text)
+    assert a.call("POST", inst + "/stop").body["state"] == "stopped"
+    assert a.call("POST", inst + "/start").status == 200
+    assert a.call("POST", inst + "/restart").status == 200
+    # a follow streams through the hop
+    req = urllib.request.Request(a.url + inst + "/logs?follow=1&tail=0")
+    req.add_header("Authorization", f"Bearer {a.token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.readline().strip() == b"tick"
+    assert b.instance("web", "t1")["stopwaitsecs"] == 3
+    assert a.call("DELETE", inst).status == 204
+    assert b.call("GET", inst).status == 404
+    # gone from B's record: A answers itself again (no such app here)
+    wait_for(lambda: a.call("GET", inst).body["error"]["message"] == "no app 'web'", 10)
+
+
+def test_a_forward_never_loops_and_needs_a_members_proof(pair: tuple[Branchd, Branchd]) -> None:
+    a, b = pair
+    b.ok("PUT", "/v1/apps/web", {}, status=201)
+    b.ok("POST", "/v1/apps/web/instances", {"name": "t2", "command": TICKER}, 201)
+    inst = "/v1/apps/web/instances/t2"
+    wait_for(lambda: a.call("GET", inst).status == 200, 10)
+    # the hop header: answered where it lands, never forwarded again
+    req = urllib.request.Request(a.url + inst)
+    req.add_header("Authorization", f"Bearer {a.token}")
+    req.add_header("X-Branchd-Hop", "somebody")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 404
+    # a proof that is not a member's is refused, even with the token
+    for proof in ("AAAA", base64.b64encode(b"x" * 80).decode(), "not base64!"):
+        req = urllib.request.Request(b.url + inst)
+        req.add_header("X-Branchd-Forwarded", proof)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 403, proof
+        assert "not from a member" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_an_owner_gone_is_a_503_naming_it(pair: tuple[Branchd, Branchd]) -> None:
+    a, b = pair
+    b.ok("PUT", "/v1/apps/web", {}, status=201)
+    b.ok("POST", "/v1/apps/web/instances", {"name": "t3", "command": TICKER}, 201)
+    inst = "/v1/apps/web/instances/t3"
+    wait_for(lambda: a.call("GET", inst).status == 200, 10)
+    me_b = b.ok("GET", "/v1/branch")["id"]
+    b.proc.send_signal(signal.SIGSTOP)  # unreachable, not yet dead
+    try:
+        started = time.monotonic()
+        reply = wait_for(lambda: (r := a.call("GET", inst, timeout=60)).status == 503 and r, 60)
+        err = reply.body["error"]
+        assert err["code"] == "branch_unreachable" and err["branch"] == me_b
+        assert me_b in err["message"] and err["state"] in ("alive", "suspect", "dead")
+        print(f"503 after {time.monotonic() - started:.1f}s: {err['message']}")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
