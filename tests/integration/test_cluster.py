@@ -33,6 +33,8 @@ from branchd.cluster.keyring import Keyring, generate_key, parse_key
 from branchd.cluster.messages import Sync
 from tests.conftest import Branchd, _kill_leftovers, start_branchd, wait_for
 
+pytestmark = pytest.mark.slow
+
 SIZE = 5
 #: kill -9 -> dead on all the others: the LAN profile's suspicion lasts 4 s at
 #: five members once confirmed (24 s unconfirmed); 15 s is the issue's bound,
