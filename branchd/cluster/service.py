@@ -303,8 +303,23 @@ class ClusterService:
     def branch(self, branch_id: str) -> dict[str, Any]:
         for m in self.gossip.members():
             if m.id == branch_id or (branch_id == "self" and m.is_self):
-                return self._entry(m, names=True)
+                entry = self._entry(m, names=True)
+                if m.is_self:
+                    entry["gossip"] = self.counters()
+                return entry
         raise NotFound(f"no branch {branch_id!r} is known here")
+
+    def counters(self) -> dict[str, Any]:
+        """What this branch's gossip sent, got and dropped, and the peer calls
+        it refused (not sealed with a key held here): its own entry shows it."""
+        st = self.gossip.stats()
+        return {
+            "datagrams_sent": st.datagrams_sent,
+            "datagrams_received": st.datagrams_received,
+            "dropped": dict(st.dropped),
+            "bad_messages": st.bad_messages,
+            "peer_calls_dropped": self._dropped,
+        }
 
     def alive(self) -> list[BranchRecord]:
         """The live branches' records, this one included (placement reads it)."""
