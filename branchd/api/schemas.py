@@ -353,6 +353,18 @@ BRANCH_ENTRY: Schema = {
         "capacity": {"anyOf": [{"type": "null"}, BRANCH["properties"]["capacity"]]},
         "instances": {"type": "array", "items": {"type": "string"}},
         "instances_stale": {"type": "boolean"},
+        "gossip": {
+            "type": "object",
+            "description": "this branch's own entry only: what its gossip sent, got and "
+            "dropped (by reason), and the peer calls it refused",
+            "properties": {
+                "datagrams_sent": {"type": "integer"},
+                "datagrams_received": {"type": "integer"},
+                "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "bad_messages": {"type": "integer"},
+                "peer_calls_dropped": {"type": "integer"},
+            },
+        },
     },
 }
 

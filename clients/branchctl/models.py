@@ -263,6 +263,8 @@ class Member:
     capacity: Capacity = field(default_factory=Capacity)
     instances: tuple[str, ...] = ()
     instances_stale: bool = False
+    #: This branch's own entry only: its gossip's counters (sent, got, dropped).
+    gossip: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

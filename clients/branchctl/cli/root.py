@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -205,8 +206,20 @@ def branches_show(opts: Options, branch_id: str) -> None:
                 f"({cap.free_slots} free){', draining' if cap.draining else ''}",
                 "names": (", ".join(m.instances) or "-")
                 + (" (not fetched yet)" if m.instances_stale else ""),
+                "counters": _gossip_text(m.gossip),
             }
         ),
+    )
+
+
+def _gossip_text(g: Any) -> str | None:
+    if not isinstance(g, dict):
+        return None
+    dropped = {k: v for k, v in g.get("dropped", {}).items() if v}
+    return (
+        f"{g.get('datagrams_sent')} datagrams sent, {g.get('datagrams_received')} received; "
+        f"dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items())) or 'none'}; "
+        f"peer calls refused: {g.get('peer_calls_dropped')}"
     )
 
 
