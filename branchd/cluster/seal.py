@@ -6,8 +6,9 @@ installed key the frame names, so frames sealed with any installed key open
 and a key rotation (``keyring.py``) never splits the cluster. AES-GCM is an
 AEAD: it authenticates *and* encrypts, so a branch without the key is never
 admitted and never reads a member's address (an HMAC would authenticate but
-show the addresses). It comes from the ``cryptography`` package, which only
-cluster code imports.
+show the addresses). It comes from the OpenSSL the interpreter already runs,
+or from the ``cryptography`` package where that cannot be reached
+(``aead.py`` says why); only cluster code loads either.
 
 A frame, big-endian::
 
@@ -35,9 +36,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from branchd.cluster import aead
 from branchd.cluster.keyring import KEY_ID_BYTES, Keyring
 
 VERSION = 1
@@ -126,7 +125,7 @@ def seal(keyring: Keyring, payload: bytes, now: float, nonce: bytes) -> bytes:
         raise ValueError(f"a nonce is {NONCE_BYTES} bytes, not {len(nonce)}")
     key = keyring.primary_key
     header = _HEADER.pack(VERSION, key.id_bytes, _ms(now), nonce)
-    return header + AESGCM(key.secret).encrypt(nonce, payload, header)
+    return header + aead.default().encrypt(key.secret, nonce, payload, header)
 
 
 def unseal(
@@ -152,10 +151,10 @@ def unseal(
     if key is None:
         return Dropped(DropReason.UNKNOWN_KEY)
     header = frame[:HEADER_BYTES]
-    try:
-        payload = AESGCM(key.secret).decrypt(nonce, frame[HEADER_BYTES:], header)
-    except InvalidTag:
+    opened = aead.default().decrypt(key.secret, nonce, frame[HEADER_BYTES:], header)
+    if opened is None:
         return Dropped(DropReason.BAD_TAG)
+    payload = opened
     now_ms, window_ms = _ms(now), _ms(window)
     if stamp_ms < now_ms - window_ms or stamp_ms <= seen.floor_ms:
         return Dropped(DropReason.TOO_OLD)
