@@ -147,7 +147,9 @@ class Daemon:
                 ) from None
             host, port = runner.addresses[0][:2]
             self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-            if cluster is not None:
+            if cluster is None:
+                branch.with_address(api_url=self.url)  # (a cluster of one: as bound)
+            else:
                 try:
                     await self._start_cluster(cluster, branch, port)
                 except BranchdError:
