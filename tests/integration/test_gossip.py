@@ -610,3 +610,4 @@ async def test_three_branches_on_udp_find_each_other_and_see_one_closed_dead() -
     finally:
         for g in nodes:
             g.close()
+
