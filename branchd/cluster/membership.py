@@ -696,12 +696,18 @@ def _still_our_suspicion(st: Membership, u: Update) -> bool:
 _MASK = (1 << 64) - 1
 
 
-def _next(st: Membership) -> tuple[Membership, int]:
-    x = (st.rng + 0x9E3779B97F4A7C15) & _MASK
+def _splitmix(rng: int) -> tuple[int, int]:
+    """One step of splitmix64 on a bare state: (the next state, the draw)."""
+    x = (rng + 0x9E3779B97F4A7C15) & _MASK
     z = x
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return replace(st, rng=x), z ^ (z >> 31)
+    return x, z ^ (z >> 31)
+
+
+def _next(st: Membership) -> tuple[Membership, int]:
+    x, z = _splitmix(st.rng)
+    return replace(st, rng=x), z
 
 
 def _random(st: Membership) -> tuple[Membership, float]:
@@ -714,18 +720,28 @@ def _below(st: Membership, n: int) -> tuple[Membership, int]:
     return st, z % n
 
 
+# _shuffle and _sample draw on the bare state and replace the Membership once:
+# the same draws as one _below each, but a shuffle of N members is not N
+# dataclass replaces of the state (at N = 1000, each branch's reshuffle was
+# 1,000 of them: the simulator's top cost).
+
+
 def _shuffle(st: Membership, items: list[str]) -> tuple[Membership, list[str]]:
     items = list(items)
+    rng = st.rng
     for i in range(len(items) - 1, 0, -1):
-        st, j = _below(st, i + 1)
+        rng, z = _splitmix(rng)
+        j = z % (i + 1)
         items[i], items[j] = items[j], items[i]
-    return st, items
+    return replace(st, rng=rng), items
 
 
 def _sample(st: Membership, items: list[Member], k: int) -> tuple[Membership, list[Member]]:
     items = list(items)
     k = min(k, len(items))
+    rng = st.rng
     for i in range(k):
-        st, j = _below(st, len(items) - i)
+        rng, z = _splitmix(rng)
+        j = z % (len(items) - i)
         items[i], items[i + j] = items[i + j], items[i]
-    return st, items[:k]
+    return replace(st, rng=rng), items[:k]

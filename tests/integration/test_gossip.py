@@ -10,13 +10,16 @@ clustered daemon's are. The figures each test measures are printed
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from branchd.clock import FakeClock, FakeScheduler, LoopScheduler, SystemClock
+from branchd.cluster import membership
 from branchd.cluster.gossip import Gossip, _fitted
 from branchd.cluster.keyring import ClusterKey, Keyring, generate_key, parse_key
 from branchd.cluster.memnet import MemoryNetwork
@@ -95,6 +98,25 @@ class Sim:
             await self.scheduler.advance(stagger)
             await self.nodes[mid].start((self.addr(first),))
 
+    async def start_converged(self) -> None:
+        """Start every branch with a view in which every other is alive, as if
+        they had all joined long ago: a converged cluster of 1,000 without
+        simulating its joins (each of which is a rumour to all, N² merges).
+        The round-robin starts empty, so each branch shuffles it at its first
+        probe, as after a join. The starts are spread over one gossip interval,
+        so that the branches' gossip rounds are out of step, as after joins
+        (all at one instant, every rumour would move in lockstep rounds); a
+        ping to one not started yet is answered through the indirect probe."""
+        now = self.now
+        alive = {i: membership.Member(i, self.addr(i), 1, 0, AL, now) for i in self.ids}
+        for mid in self.ids:
+            g = self.nodes[mid]
+            await g.start(())
+            assert g._state is not None
+            view = {i: m for i, m in alive.items() if i != mid}
+            g._state = replace(g._state, members=view)
+            await self.run(self.config.gossip_interval / len(self.ids))
+
     async def run(self, seconds: float) -> None:
         await self.scheduler.advance(seconds)
 
@@ -121,6 +143,23 @@ class Sim:
                 raise AssertionError(f"not done within {limit}s (simulated)")
             await self.run(step)
         return self.now - t0
+
+    def told(self, mid: str, state: MemberState) -> int:
+        """How many other live branches see ``mid`` in ``state``."""
+        return sum(1 for o in self.live() if o != mid and self.nodes[o].state_of(mid) is state)
+
+    def first_told(self, mid: str, state: MemberState, since: float) -> dict[str, float]:
+        """When each branch first saw ``mid`` in ``state`` after ``since``."""
+        first: dict[str, float] = {}
+        for o, bus in self.buses.items():
+            for t, e in bus.log:
+                if (
+                    t >= since
+                    and isinstance(e, MemberChanged)
+                    and (e.id, e.state, e.reaped) == (mid, state.value, False)
+                ):
+                    first.setdefault(o, t)
+        return first
 
     def deaths(self, of: str | None = None) -> list[tuple[float, str]]:
         """(time, member) of every death any branch was told of."""
@@ -168,6 +207,53 @@ async def test_every_branch_knows_every_member_after_joining_through_one_seed(n:
     sim.close()
 
 
+@pytest.mark.parametrize("n", [3, 10, 100])
+async def test_a_joiner_knows_every_member_after_one_push_pull(n: int) -> None:
+    sim = Sim(n, seed=2)
+    await sim.start_converged()
+    await sim.run(1.0)
+    joiner = sim.add("new")
+    await joiner.start((sim.addr("b0"),))
+    # one round trip: its Sync to the seed, the seed's answer (split in
+    # datagrams at N = 100); the network's delay is at most 5 ms each way
+    await sim.run(0.011)
+    assert {v.id for v in joiner.members() if v.state is AL} == {*sim.ids, "new"}
+    sim.close()
+
+
+# a rumour ----------------------------------------------------------------------------
+
+#: memberlist's published LAN figure is a rumour at 99.9 % of 1,000 branches
+#: in 2.0 s (200 ms gossip interval, 3 nodes a turn); our bounds. Measured
+#: (seed 1, simulated): a join at 99.9 % of 100 in 0.5 s, of 1,000 in 0.9 s;
+#: a leave in 0.5 s and 0.85 s (bench/gossip_sim.py has more seeds).
+RUMOUR_BOUND = {100: 2.0, 1000: 2.5}
+
+
+def reached(sim: Sim, mid: str, state: MemberState, share: float = 0.999) -> bool:
+    """``mid`` in ``state`` at ``share`` of the other live branches (rounded up)."""
+    return sim.told(mid, state) >= math.ceil(share * (len(sim.live()) - 1))
+
+
+@pytest.mark.parametrize("n", [100, pytest.param(1000, marks=pytest.mark.slow)])
+async def test_a_rumour_reaches_99_9_percent_within_the_bound(n: int) -> None:
+    sim = Sim(n, seed=1)
+    await sim.start_converged()
+    await sim.run(2.0)  # past everyone's first probe
+    joiner = sim.add("new")
+    await joiner.start((sim.addr("b0"),))
+    # the new member's alive, told by its seed to the 99.9 % of the n others
+    took = await sim.until(lambda: reached(sim, "new", AL), RUMOUR_BOUND[n], step=0.05)
+    await sim.run(5.0)  # the join's rumours spent
+    leaver = sim.nodes[sim.ids[n // 2]]
+    leaving = asyncio.ensure_future(leaver.leave())
+    gone = await sim.until(lambda: reached(sim, leaver.id, LE), RUMOUR_BOUND[n], step=0.05)
+    await sim.until(leaving.done, limit=5.0)
+    print(f"rumour N={n}: a join at 99.9 % in {took:.2f}s, a leave in {gone:.2f}s")
+    assert sim.deaths() == []
+    sim.close()
+
+
 def test_a_sync_too_big_for_a_datagram_is_split_and_asks_once() -> None:
     states = tuple(Update(f"b{i:03}", f"b{i:03}:8401", 1, 0, AL, "b000") for i in range(100))
     parts = _fitted(Sync("b000", "b000:8401", states, reply=True), 1359)
@@ -178,32 +264,102 @@ def test_a_sync_too_big_for_a_datagram_is_split_and_asks_once() -> None:
 
 # a killed branch --------------------------------------------------------------------
 
-#: Measured (LAN profile, no loss, simulated seconds from the close until every
-#: survivor says dead; median / max): over seeds 1-30, N = 3 5.55 / 6.75 s and
-#: N = 10 5.75 / 8.00 s; over seeds 1-5, N = 100 10.80 / 11.35 s (the test runs
-#: seeds 1-10, 1-10 and 1-2 to stay fast, and prints its own). The bounds leave
-#: room over the worst seen: the suspicion alone is 4 s (N = 3: none of the
-#: others confirms, so the minimum from the start) to 24 s at N = 10, 8 s to
-#: 48 s at N = 100.
-DETECTION_BOUND = {3: 10.0, 10: 12.0, 100: 20.0}
-DETECTION_SEEDS = {3: range(1, 11), 10: range(1, 11), 100: range(1, 3)}
+#: Why a death takes what it takes (LAN profile, N = 10): the first survivor
+#: to probe the victim after its close suspects it at the end of that probe's
+#: period (1 s); its suspicion runs the minimum (4 s) once two others confirm
+#: it by their own failed probes, which they do well within those 4 s; the
+#: death then reaches everyone in 0.1-0.25 s. So a death is seen by all about
+#: 5.2 s after the first probe of the victim, and that probe is the spread:
+#: nine survivors, each on its own round-robin of nine, reach the victim
+#: within 1 s in only about 65 % of runs ((8/9)^9 = 35 % of runs wait
+#: longer, about 10 % over 2 s). Measured over seeds 1-30 (no loss): N = 3
+#: median 5.5 s, max 6.75 s; N = 10 median 5.7 s, max 8.0 s, where the first
+#: suspicion came 1.0-3.9 s after the close and the first death exactly 4 s
+#: after it in every run (so confirmations are never what is late). Probing
+#: a suspect out of turn on hearing of it (so that confirmations come within
+#: a period) left these figures as they were, and it half as often again
+#: suspected a slow reader (52,700 suspicions against 34,100 over 30 runs of
+#: the false-death test below), so the core does not do it.
+DETECTION_BOUND = {3: 7.0, 10: 9.0}
+DETECTION_SEEDS = range(1, 31)
+#: The target: every survivor within 6 s at N <= 10, at the max over 30 seeds.
+DETECTION_GOAL = 6.0
+#: N = 100, seeds 1-10: the p99 of the survivors' own detection times. The
+#: suspicion is 8 s at the least, so the same sum is 9.2 s plus the wait for
+#: the first probe; measured p50 9.7 s, p99 12.7 s (over seeds 1-40: 9.8 s
+#: and 12.6 s), so the target (12.5 s) is missed by the worst seeds' waits.
+DETECTION_100_SEEDS = range(1, 11)
+DETECTION_100_BOUND = 13.5
+DETECTION_100_GOAL = 12.5
+
+_detected: dict[tuple[int, int], list[float]] = {}
 
 
-@pytest.mark.parametrize("n", [3, 10, pytest.param(100, marks=pytest.mark.slow)])
-async def test_a_killed_branch_is_dead_on_every_survivor_within_a_bound(n: int) -> None:
-    took: list[float] = []
-    for seed in DETECTION_SEEDS[n]:
-        sim = Sim(n, seed)
+async def detection(n: int, seed: int) -> list[float]:
+    """Each survivor's time from the victim's close to its own "dead" (a run
+    is a function of its seed, so each is simulated once per session)."""
+    if (n, seed) not in _detected:
+        _detected[n, seed] = await _detection(n, seed)
+    return _detected[n, seed]
+
+
+async def _detection(n: int, seed: int) -> list[float]:
+    sim = Sim(n, seed)
+    if n > 10:
+        await sim.start_converged()
+    else:
         await sim.join_all()
         await sim.until(sim.converged, limit=JOIN_BOUND[n])
-        await sim.run(2.0)
-        victim = sim.ids[-1]
-        sim.nodes[victim].close()  # no leave: its transport closed, nothing said
-        gone = lambda sim=sim, victim=victim: sim.everyone_sees(victim, DE)  # noqa: E731
-        took.append(await sim.until(gone, DETECTION_BOUND[n]))
-        assert {m for _, m in sim.deaths()} == {victim}, seed  # nobody else, ever
-        sim.close()
+    await sim.run(2.0)
+    victim = sim.ids[-1]
+    t0 = sim.now
+    sim.nodes[victim].close()  # no leave: its transport closed, nothing said
+    await sim.until(lambda: sim.everyone_sees(victim, DE), limit=30.0)
+    first = sim.first_told(victim, DE, since=t0)
+    assert {m for _, m in sim.deaths()} == {victim}, seed  # nobody else, ever
+    sim.close()
+    return sorted(t - t0 for o, t in first.items() if o != victim)
+
+
+@pytest.mark.parametrize("n", [3, 10])
+async def test_a_killed_branch_is_dead_on_every_survivor_within_a_bound(n: int) -> None:
+    took = [max(await detection(n, seed)) for seed in DETECTION_SEEDS]
     figures(f"detection N={n}", took)
+    assert max(took) <= DETECTION_BOUND[n]
+    assert statistics.median(took) <= DETECTION_GOAL
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the first probe of the victim comes >1 s after its close in ~35 % of runs; "
+    "1 s probe period + 4 s minimum suspicion leave <1 s for it (see DETECTION_BOUND)",
+)
+async def test_a_killed_branch_is_dead_on_all_within_6s_in_every_one_of_30_runs() -> None:
+    took = [max(await detection(10, seed)) for seed in DETECTION_SEEDS]
+    assert max(took) <= DETECTION_GOAL
+
+
+async def survivors_p99_at_100() -> float:
+    times = [t for seed in DETECTION_100_SEEDS for t in await detection(100, seed)]
+    p99 = statistics.quantiles(times, n=100)[98]
+    print(
+        f"detection N=100: p50 {statistics.median(times):.2f}s p99 {p99:.2f}s, "
+        f"max {max(times):.2f}s over {len(times)} survivors of {len(DETECTION_100_SEEDS)} runs"
+    )
+    return p99
+
+
+async def test_a_killed_branch_is_dead_on_99_percent_of_100_within_a_bound() -> None:
+    assert await survivors_p99_at_100() <= DETECTION_100_BOUND
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="as at N = 10: the wait for the first probe of the victim (over 3 s in ~5 % "
+    "of runs) on top of 1 s + 8 s (see DETECTION_100_SEEDS)",
+)
+async def test_a_killed_branch_is_dead_on_99_percent_of_100_within_12_5s() -> None:
+    assert await survivors_p99_at_100() <= DETECTION_100_GOAL
 
 
 # a leave ----------------------------------------------------------------------------
@@ -239,19 +395,36 @@ async def test_a_lone_branch_leaves_at_once() -> None:
 # loss, slow readers, partitions -----------------------------------------------------
 
 
-async def test_no_false_death_at_one_percent_loss_with_slow_readers() -> None:
-    for seed in (1, 2, 3):
-        sim = Sim(10, seed, loss=0.01)
-        sim.net.slow(sim.addr("b7"))  # 10 % of the branches read 0.5-2.5 s late
-        await sim.join_all()
-        await sim.run(60.0)
-        assert sim.deaths() == [], seed
-        assert sim.converged() or await sim.until(sim.converged, limit=10.0) >= 0
-        sim.close()
+#: 30 runs of 5 simulated minutes each (about 2.5 s of CPU a run): at N = 10
+#: one slow reader is the 10 %. It is suspected over and over (a probe fails
+#: when its ping is more than about 1 s late, i.e. most of them), refutes each
+#: time, and must never be declared dead.
+FALSE_DEATH_SEEDS = range(1, 31)
 
 
-async def test_a_healed_partition_converges() -> None:
-    sim = Sim(10, seed=4)
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", FALSE_DEATH_SEEDS)
+async def test_no_false_death_at_one_percent_loss_with_slow_readers(seed: int) -> None:
+    sim = Sim(10, seed, loss=0.01)
+    sim.net.slow(sim.addr("b7"))  # 10 % of the branches read 0.5-2.5 s late
+    await sim.join_all()
+    await sim.run(300.0)
+    assert sim.deaths() == []
+    await sim.until(sim.converged, limit=10.0)
+    sim.close()
+
+
+#: After the heal, each branch's reconnect (one push-pull a push-pull interval
+#: with a member it believes dead) comes within that interval; the views then
+#: merge and the wrongly dead refute within a few gossip rounds. Measured over
+#: seeds 1-8 (each heals at another point of the reconnects' period): one view
+#: again 0.7-24.6 s after the heal.
+HEAL_BOUND = LAN.push_pull_interval + 2.0
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+async def test_a_healed_partition_converges(seed: int) -> None:
+    sim = Sim(10, seed)
     await sim.join_all()
     await sim.until(sim.converged, limit=JOIN_BOUND[10])
     left, right = sim.ids[:5], sim.ids[5:]
@@ -264,11 +437,12 @@ async def test_a_healed_partition_converges() -> None:
         ),
         limit=40.0,
     )
+    # heal at a different point of the reconnect timers' period each seed
+    await sim.run(seed * 3.7 % LAN.push_pull_interval)
     sim.net.heal()
     # the reconnect (every push-pull interval) brings the views together
-    took = await sim.until(sim.converged, limit=LAN.push_pull_interval + 10.0)
-    print(f"partition healed: one view again after {took:.2f}s")
-    assert took <= LAN.push_pull_interval + 10.0
+    took = await sim.until(sim.converged, limit=HEAL_BOUND, step=0.01)
+    print(f"partition healed (seed {seed}): one view again after {took:.2f}s")
     sim.close()
 
 
@@ -324,6 +498,33 @@ async def test_a_branch_with_a_wrong_key_is_never_admitted() -> None:
     assert sim.nodes["b0"].stats().dropped["unknown_key"] > 0
     assert sim.nodes["b1"].stats().dropped["bad_tag"] > 0
     assert stranger.stats().dropped["unknown_key"] == 0  # nobody answered it
+    sim.close()
+
+
+async def test_a_key_rotation_mid_run_loses_no_member() -> None:
+    sim = Sim(10, seed=9, loss=0.01)
+    await sim.join_all()
+    await sim.until(sim.converged, limit=JOIN_BOUND[10])
+    rings = dict.fromkeys(sim.ids, KEYRING)
+    new = parse_key(generate_key())
+
+    async def on_each(change: Callable[[Keyring], Keyring]) -> None:
+        for mid in sim.ids:  # one branch at a time, as an operator would
+            rings[mid] = change(rings[mid])
+            sim.nodes[mid].use_keyring(rings[mid])
+            await sim.run(1.0)
+
+    await on_each(lambda r: r.install(new))
+    await on_each(lambda r: r.use(new.id))  # a switched one seals for the new key
+    await sim.run(5.0)
+    await on_each(lambda r: r.remove(KEY.id))
+    await sim.run(30.0)
+    assert sim.deaths() == [] and sim.converged()
+    for g in sim.nodes.values():
+        assert {v.id for v in g.members()} == set(sim.ids)
+        assert g.stats().dropped["bad_tag"] == 0
+        # every frame opened: no branch sealed for a key another had not yet installed
+        assert g.stats().dropped["unknown_key"] == 0
     sim.close()
 
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from branchd.cluster import membership
 from branchd.cluster.membership import (
     Command,
     Event,
@@ -791,6 +792,29 @@ def test_sim_is_a_function_of_its_seed() -> None:
 
     assert run(11) == run(11)
     assert run(11) != run(12)
+
+
+def test_a_shuffle_and_a_sample_draw_as_one_below_each() -> None:
+    """They draw on the bare generator (one state copy, not one a draw); the
+    draws, and so every seeded run, are those of one ``_below`` at a time."""
+    st = new(A, ADDR[A], epoch=1, seed=7)
+    ids = [f"m{i}" for i in range(50)]
+    others = [Member(i, f"h{i}", 1, 0, AL, 0.0) for i in ids]
+
+    def by_below(st: Membership, items: list[Any], k: int) -> tuple[Membership, list[Any]]:
+        items = list(items)
+        for i in range(k):
+            st, j = membership._below(st, len(items) - i)
+            items[i], items[i + j] = items[i + j], items[i]
+        return st, items[:k]
+
+    after, sample = membership._sample(st, others, 3)
+    assert (after, sample) == by_below(st, others, 3)
+    expected, items = st, list(ids)
+    for i in range(len(items) - 1, 0, -1):
+        expected, j = membership._below(expected, i + 1)
+        items[i], items[j] = items[j], items[i]
+    assert membership._shuffle(st, ids) == (expected, items)
 
 
 def test_a_lone_joiner_retries_its_seeds() -> None:
