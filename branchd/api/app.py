@@ -8,7 +8,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -228,8 +227,7 @@ def make_app(
         app[TOKEN] = token
     if on_exit is not None:
         app[EXIT] = on_exit
-    doc: dict[str, Any] = openapi.build(ROUTES)
-    app[OPENAPI] = doc
+    app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.router.add_route("*", "/{tail:.*}", not_found)

@@ -4,7 +4,8 @@ resident memory, jsonschema about 3 MiB more until a body comes that
 api/precheck.py cannot vouch for.
 
 Each check runs a real daemon (``Daemon.run``, port 0, its own state dir) in a
-fresh interpreter and reads that interpreter's ``sys.modules``.
+fresh interpreter and reads that interpreter's ``sys.modules``; the last one
+runs ``python -m branchd`` and reads the libraries it maps.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+
+from tests.conftest import Branchd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,3 +145,15 @@ print(json.dumps(asyncio.run(main())))
     assert seen["made"] == []
     # refused to start on an address no interface has (ifaddr said so)
     assert not any(m.startswith("zeroconf") for m in seen["refused"]), seen
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_the_daemon_maps_no_cplusplus_runtime(branchd_factory: Callable[..., Branchd]) -> None:
+    # frozenlist's compiled FrozenList (aiohttp's signal lists) is C++: it
+    # mapped libstdc++ and libgcc_s, 0.8 MiB of the daemon's resident memory;
+    # branchd/__main__.py asks for the pure Python one.
+    b = branchd_factory()
+    assert b.ok("GET", "/v1/ping") == {"ok": True}  # up, and answering through aiohttp
+    maps = Path(f"/proc/{b.pid}/maps").read_text()
+    mapped = {line.split()[-1].rpartition("/")[2] for line in maps.splitlines() if "/" in line}
+    assert not {m for m in mapped if m.startswith(("libstdc++", "_frozenlist"))}, sorted(mapped)
