@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -395,11 +396,13 @@ async def test_a_lone_branch_leaves_at_once() -> None:
 # loss, slow readers, partitions -----------------------------------------------------
 
 
-#: 30 runs of 5 simulated minutes each (about 2.5 s of CPU a run): at N = 10
-#: one slow reader is the 10 %. It is suspected over and over (a probe fails
-#: when its ping is more than about 1 s late, i.e. most of them), refutes each
-#: time, and must never be declared dead.
-FALSE_DEATH_SEEDS = range(1, 31)
+#: Runs of 5 simulated minutes each (about 3 s of CPU a run): at N = 10 one
+#: slow reader is the 10 %. It is suspected over and over (a probe fails when
+#: its ping is more than about 1 s late, i.e. most of them), refutes each
+#: time, and must never be declared dead. The issue's proof is 30 runs
+#: (``BRANCHD_SIM_RUNS=30``: 0 false deaths, 2026-12-01); the suite runs 10 of
+#: them, to keep within its 10 minutes on 2 cores.
+FALSE_DEATH_SEEDS = range(1, 1 + int(os.environ.get("BRANCHD_SIM_RUNS", "10")))
 
 
 @pytest.mark.slow
