@@ -351,40 +351,25 @@ def _typed(where: str, hint: Any, value: Any) -> Any:
     return value
 
 
-def _read_token_file(api: dict[str, Any]) -> None:
-    """``token_file`` (a path) into ``token``; one of the two, never both."""
-    if api.get("token_file") is None:
+def _read_secret_file(section: dict[str, Any], key: str, what: str) -> None:
+    """``<key>_file`` (a path) into ``<key>``, one of the two, never both: the
+    token file and the cluster key file are read the same way."""
+    file_key = f"{key}_file"
+    if section.get(file_key) is None:
         return
-    if api.get("token") is not None:
-        raise ConfigError("give the token or a token file, not both")
-    path = Path(str(api["token_file"])).expanduser()
+    if section.get(key) is not None:
+        raise ConfigError(f"give the {what} or a {what} file, not both")
+    path = Path(str(section[file_key])).expanduser()
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        secret = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read token file {path}: {reason}") from None
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
-    if any(c.isspace() for c in token):
-        raise ConfigError(f"token file {path} must hold one token (no spaces)")
-    api["token"], api["token_file"] = token, path
-
-
-def _read_key_file(cluster: dict[str, Any]) -> None:
-    """``key_file`` into ``key``, as the token file is read."""
-    if cluster.get("key_file") is None:
-        return
-    if cluster.get("key") is not None:
-        raise ConfigError("give the cluster key or a cluster key file, not both")
-    path = Path(str(cluster["key_file"])).expanduser()
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read cluster key file {path}: {reason}") from None
-    if not key:
-        raise ConfigError(f"cluster key file {path} is empty")
-    cluster["key"], cluster["key_file"] = key, path
+        raise ConfigError(f"cannot read {what} file {path}: {reason}") from None
+    if not secret:
+        raise ConfigError(f"{what} file {path} is empty")
+    if any(c.isspace() for c in secret):
+        raise ConfigError(f"{what} file {path} must hold one {what} (no spaces)")
+    section[key], section[file_key] = secret, path
 
 
 def load(
@@ -439,8 +424,8 @@ def load(
         if not text.strip().isdigit():
             raise ConfigError(f"max_instances must be a whole number, got {text!r}")
         parts["cluster"]["max_instances"] = int(text)
-    _read_token_file(parts["api"])
-    _read_key_file(parts["cluster"])
+    _read_secret_file(parts["api"], "token", "token")
+    _read_secret_file(parts["cluster"], "key", "cluster key")
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:
         sections = {name: _section(name, values) for name, values in parts.items()}

@@ -158,19 +158,15 @@ def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
     a, b = told.capacity, now.capacity
     if since >= TELL_AT_LEAST_EVERY:
         return True
-    if (told.api_url, told.gossip_addr, told.instances, told.version) != (
-        now.api_url,
-        now.gossip_addr,
-        now.instances,
-        now.version,
-    ):
-        return True
-    if (a.instances, a.max_instances, a.draining, a.cpus) != (
-        b.instances,
-        b.max_instances,
-        b.draining,
-        b.cpus,
-    ):
+    def where_and_what(r: BranchRecord) -> tuple[object, ...]:
+        c = r.capacity
+        return (r.api_url, r.gossip_addr, r.instances, r.version) + (
+            c.max_instances,
+            c.draining,
+            c.cpus,
+        )
+
+    if where_and_what(told) != where_and_what(now) or a.instances != b.instances:
         return True
     if abs(a.load[0] - b.load[0]) > max(0.25, 0.1 * a.load[0]):
         return True
