@@ -160,11 +160,8 @@ def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
         return True
     def where_and_what(r: BranchRecord) -> tuple[object, ...]:
         c = r.capacity
-        return (r.api_url, r.gossip_addr, r.instances, r.version) + (
-            c.max_instances,
-            c.draining,
-            c.cpus,
-        )
+        where = (r.api_url, r.gossip_addr, r.version)
+        return (*where, r.instances, c.max_instances, c.draining, c.cpus)
 
     if where_and_what(told) != where_and_what(now) or a.instances != b.instances:
         return True
