@@ -381,10 +381,12 @@ class Store:
         """Delete ``app`` and all its instances and queues (each leaves its
         tombstone); False if there was no such app.
 
-        ``version``: the delete was another branch's, and its tombstones keep
+        ``version``: the delete was another branch's, and its tombstone keeps
         that version (a fresh one here would be a later write, and would undo
-        a declaration made again in between); then only what is older than it
-        goes."""
+        a declaration made again in between); nothing is done if ours is as
+        new. The queues are then left alone: the deleting branch's tombstones
+        of them come as records of their own (tombstoned here too, they
+        would be other writes, and the branches would differ on them)."""
         with self._write() as db:
             row = db.execute(
                 f"SELECT version FROM apps WHERE name = ? AND {_LIVE}", (name,)
@@ -403,10 +405,10 @@ class Store:
                     "UPDATE instances SET deleted = 1, version = ? WHERE name = ?",
                     (stamp(), instance),
                 )
-            for queue, queue_version in db.execute(
-                f"SELECT name, version FROM queues WHERE app = ? AND {_LIVE}", (name,)
+            for (queue,) in db.execute(
+                f"SELECT name FROM queues WHERE app = ? AND {_LIVE}", (name,)
             ).fetchall():
-                if given is None or queue_version < given:
+                if given is None:
                     db.execute(
                         "UPDATE queues SET deleted = 1, version = ? WHERE app = ? AND name = ?",
                         (stamp(), name, queue),
