@@ -40,6 +40,7 @@ from branchd.views import BranchRecord, Capacity
 
 if TYPE_CHECKING:  # loaded only by a branch that clusters
     from branchd.cluster.discovery import Discovery
+    from branchd.cluster.replica import Declared
     from branchd.cluster.service import ClusterService
 
 log = logging.getLogger("branchd")
@@ -111,7 +112,9 @@ class Daemon:
                 max_instances=cfg.cluster.max_instances,
             )
             branch.start()
-            cluster = _cluster(cfg, branch, scheduler, bus) if cfg.cluster.enabled else None
+            cluster = (
+                _cluster(cfg, branch, scheduler, bus, local.apps) if cfg.cluster.enabled else None
+            )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
             if cluster is not None:
@@ -282,7 +285,11 @@ def _gossip_bind(cfg: Config) -> tuple[str, int]:
 
 
 def _cluster(
-    cfg: Config, branch: BranchService, scheduler: LoopScheduler, bus: EventBus
+    cfg: Config,
+    branch: BranchService,
+    scheduler: LoopScheduler,
+    bus: EventBus,
+    declarations: Declared,
 ) -> ClusterService:
     """The cluster service of a branch that clusters (not started yet)."""
     from branchd.cluster.service import ClusterService, HttpPeerClient, Settings, load_keyring
@@ -321,6 +328,7 @@ def _cluster(
         keyring=keyring,
         # without a key (loopback only) the peer calls carry this branch's token
         client=HttpPeerClient(None if keyring is not None else cfg.api.token),
+        declarations=declarations,  # apps and queues on every branch
     )
 
 

@@ -1,15 +1,18 @@
 """Declarations: apps and their queue declarations (validation, storage, the
 embedded broker's rule).
 
-This is what the cluster will replicate: records a user declares, checked
-here once and kept in the store, with a ``DeclarationChanged`` on the bus for
-each change. Nothing here runs a process or talks to a worker: the engine and
-the Celery runtime read declarations through this service.
+This is what the cluster replicates: records a user declares, checked here
+once and kept in the store, with a ``DeclarationChanged`` on the bus for each
+change. Another branch's copies come in through ``apply_remote`` and win by
+the rule of ``branchd/replication.py``. Nothing here runs a process or talks
+to a worker: the engine and the Celery runtime read declarations through this
+service (and the engine ends an app deleted elsewhere, see ``on_remote_delete``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from branchd import events
@@ -17,6 +20,7 @@ from branchd.celery.urls import embedded_exchange_problem
 from branchd.clock import Clock
 from branchd.errors import Invalid, NotFound
 from branchd.events import EventBus
+from branchd.hlc import Version
 from branchd.model import (
     CELERY_FIELDS,
     NAME_RULE,
@@ -28,7 +32,10 @@ from branchd.model import (
     valid_queue_name,
 )
 from branchd.process.specs import build_spec, celery_settings
+from branchd.replication import Outcome, Record, decide
 from branchd.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Declarations:
@@ -38,6 +45,7 @@ class Declarations:
         self._store = store
         self._clock = clock
         self._bus = bus
+        self._end_app: Callable[[str, Version], None] | None = None
 
     # apps -------------------------------------------------------------------
 
@@ -99,10 +107,13 @@ class Declarations:
         new, _created = await self.put_app(name, env, defaults, celery)
         return new
 
-    def forget_app(self, name: str) -> None:
-        """The last step of an app's delete (its instances are gone): it and its queues."""
-        self._store.delete_app(name)
-        self._bus.publish(events.DeclarationChanged("app", name, name, deleted=True))
+    def forget_app(self, name: str, version: Version | None = None) -> None:
+        """The last step of an app's delete (its instances are gone): it and its
+        queues. ``version``: another branch's delete, whose version it keeps."""
+        if self._store.delete_app(name, version) or version is None:
+            self._bus.publish(
+                events.DeclarationChanged("app", name, name, deleted=True, remote=bool(version))
+            )
 
     # queues -------------------------------------------------------------------
 
@@ -143,6 +154,63 @@ class Declarations:
         """The last step of a queue's delete (no worker consumes it any more)."""
         self._store.delete_queue(app, name)
         self._bus.publish(events.DeclarationChanged("queue", app, name, deleted=True))
+
+    # replication ---------------------------------------------------------------
+
+    def on_remote_delete(self, end_app: Callable[[str, Version], None]) -> None:
+        """Who ends an app that another branch deleted while it has instances
+        here (the engine: they stop, then ``forget_app`` with that version)."""
+        self._end_app = end_app
+
+    def records(self, app: str | None = None) -> list[Record]:
+        """Every declaration (of ``app`` alone: it and its queues), tombstones included."""
+        return self._store.declaration_records(app)
+
+    def digest(self) -> str:
+        return self._store.declaration_digest()
+
+    def purge(self, before_ms: int) -> int:
+        return self._store.purge_tombstones(before_ms)
+
+    def apply_remote(self, records: Sequence[Record]) -> int:
+        """Another branch's copies, each taken if newer than ours (a bad one is
+        skipped and said: one branch's bug must not stop the others'); how
+        many were taken."""
+        taken = 0
+        for rec in records:
+            try:
+                taken += self._apply(rec)
+            except (ValueError, KeyError, TypeError, Invalid) as exc:
+                log.warning("a %s record from another branch is refused: %s", rec.kind, exc)
+        return taken
+
+    def _apply(self, rec: Record) -> bool:
+        if rec.kind == "app":
+            app = App.from_wire(rec.body)
+            check_name(app.name, "app")
+            name, queue = app.name, app.name
+        else:
+            q = Queue.from_wire(rec.body)
+            check_name(q.app, "app")
+            check_name(q.name, "queue")
+            name, queue = q.app, q.name
+        outcome = decide(self._store.stamp_of(rec.kind, rec.key), rec.stamp)
+        if outcome is Outcome.KEEP:
+            self._store.hlc.observe(rec.version)
+            return False
+        if outcome is Outcome.END and rec.kind == "app":
+            self._store.hlc.observe(rec.version)
+            if self._end_app is not None and self._store.list_instances(name):
+                self._end_app(name, rec.version)  # its instances stop first
+            else:
+                self.forget_app(name, rec.version)
+            return True
+        if not self._store.apply_remote(rec):
+            return False
+        self._bus.publish(
+            events.DeclarationChanged(rec.kind, name, queue, deleted=rec.deleted, remote=True)
+        )
+        return True
 
     def check_queues(self, app: App, queues: Sequence[str]) -> None:
         """Refuse ``queues`` if the app's broker cannot carry them."""

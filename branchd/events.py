@@ -58,6 +58,8 @@ class DeclarationChanged:
     app: str
     name: str
     deleted: bool = False
+    #: Another branch's write, applied here: the cluster does not tell it again.
+    remote: bool = False
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ def build(
         bus=bus,
         scheduler=scheduler,
     )
+    # an app deleted on another branch: its instances here stop, then it goes
+    declarations.on_remote_delete(engine.end_app)
     return LocalBranch(
         apps=declarations,
         instances=engine,

@@ -43,6 +43,7 @@ from branchd.model import (
     State,
     StopStep,
 )
+from branchd.replication import KEYS, Outcome, Record, Stamp, decide, digest
 
 #: Schema scripts; ``PRAGMA user_version`` is how many have been applied.
 #: Append only: never edit a released entry.
@@ -376,31 +377,131 @@ class Store:
         ).fetchall()
         return [App.from_wire(_wire(row)) for row in rows]
 
-    def delete_app(self, name: str) -> bool:
+    def delete_app(self, name: str, version: Version | None = None) -> bool:
         """Delete ``app`` and all its instances and queues (each leaves its
-        tombstone); False if there was no such app."""
+        tombstone); False if there was no such app.
+
+        ``version``: the delete was another branch's, and its tombstone keeps
+        that version (a fresh one here would be a later write, and would undo
+        a declaration made again in between); nothing is done if ours is as
+        new. The queues are then left alone: the deleting branch's tombstones
+        of them come as records of their own (tombstoned here too, they
+        would be other writes, and the branches would differ on them)."""
         with self._write() as db:
-            if not db.execute(f"SELECT 1 FROM apps WHERE name = ? AND {_LIVE}", (name,)).fetchone():
+            row = db.execute(
+                f"SELECT version FROM apps WHERE name = ? AND {_LIVE}", (name,)
+            ).fetchone()
+            given = version.to_wire() if version is not None else None
+            if row is None or (given is not None and row[0] >= given):
                 return False
+
+            def stamp() -> str:
+                return given if given is not None else self.hlc.now().to_wire()
+
             for (instance,) in db.execute(
                 f"SELECT name FROM instances WHERE app = ? AND {_LIVE}", (name,)
             ).fetchall():
                 db.execute(
                     "UPDATE instances SET deleted = 1, version = ? WHERE name = ?",
-                    (self.hlc.now().to_wire(), instance),
+                    (stamp(), instance),
                 )
             for (queue,) in db.execute(
                 f"SELECT name FROM queues WHERE app = ? AND {_LIVE}", (name,)
             ).fetchall():
-                db.execute(
-                    "UPDATE queues SET deleted = 1, version = ? WHERE app = ? AND name = ?",
-                    (self.hlc.now().to_wire(), name, queue),
-                )
+                if given is None:
+                    db.execute(
+                        "UPDATE queues SET deleted = 1, version = ? WHERE app = ? AND name = ?",
+                        (stamp(), name, queue),
+                    )
             db.execute(
-                "UPDATE apps SET deleted = 1, version = ? WHERE name = ?",
-                (self.hlc.now().to_wire(), name),
+                "UPDATE apps SET deleted = 1, version = ? WHERE name = ?", (stamp(), name)
             )
         return True
+
+    # -- replication (branchd/replication.py) --------------------------------
+
+    def declaration_records(self, app: str | None = None) -> list[Record]:
+        """Every app and queue declaration, tombstones included (of ``app`` alone
+        if given: it and its queues), as the branches exchange them."""
+        where, args = ("WHERE name = ?", (app,)) if app is not None else ("", ())
+        out = [
+            Record("app", _wire(row[:3]), bool(row[3]))
+            for row in self._db.execute(
+                f"SELECT {_RECORD_COLUMNS}, deleted FROM apps {where} ORDER BY name", args
+            ).fetchall()
+        ]
+        where = "WHERE app = ?" if app is not None else ""
+        out += [
+            Record("queue", _wire(row[:3]), bool(row[3]))
+            for row in self._db.execute(
+                f"SELECT {_RECORD_COLUMNS}, deleted FROM queues {where} ORDER BY app, name", args
+            ).fetchall()
+        ]
+        return out
+
+    def declaration_digest(self) -> str:
+        """``replication.digest`` of every declaration: equal on two branches
+        that hold the same writes."""
+        rows = [
+            ("app", (name,), version, deleted)
+            for name, version, deleted in self._db.execute(
+                "SELECT name, version, deleted FROM apps"
+            ).fetchall()
+        ] + [
+            ("queue", (app, name), version, deleted)
+            for app, name, version, deleted in self._db.execute(
+                "SELECT app, name, version, deleted FROM queues"
+            ).fetchall()
+        ]
+        return digest((k, key, Version.from_wire(v), bool(d)) for k, key, v, d in rows)
+
+    def stamp_of(self, kind: str, key: tuple[str, ...]) -> Stamp | None:
+        """The version of our copy of a declaration, and whether it is a delete."""
+        table = {"app": "apps", "queue": "queues"}[kind]
+        where = " AND ".join(f"{k} = ?" for k in KEYS[kind])
+        row = self._db.execute(
+            f"SELECT version, deleted FROM {table} WHERE {where}", key
+        ).fetchone()
+        return Stamp(Version.from_wire(row[0]), bool(row[1])) if row else None
+
+    def apply_remote(self, record: Record) -> bool:
+        """Write another branch's copy as it is (its version, its origin: never
+        stamped again here) if it is newer than ours; True if written. The
+        hybrid clock moves past its version either way, so a later local
+        write is a later version. Nothing cascades: a queue may come before
+        its app, and an app's queues come as records of their own."""
+        self.hlc.observe(record.version)
+        table = {"app": "apps", "queue": "queues"}[record.kind]
+        cols = ", ".join(KEYS[record.kind])
+        marks = ", ".join("?" for _ in KEYS[record.kind])
+        body = dict(record.body)
+        with self._write() as db:
+            if decide(self.stamp_of(record.kind, record.key), record.stamp) is Outcome.KEEP:
+                return False
+            db.execute(
+                f"INSERT OR REPLACE INTO {table} ({cols}, record, version, origin, deleted)"
+                f" VALUES ({marks}, ?, ?, ?, ?)",
+                (
+                    *record.key,
+                    _record_json(body),
+                    str(body["version"]),
+                    str(body["origin"]),
+                    int(record.deleted),
+                ),
+            )
+        return True
+
+    def purge_tombstones(self, before_ms: int) -> int:
+        """Forget the deletes of declarations older than ``before_ms`` (wall
+        milliseconds of their version); how many went."""
+        bound = f"{max(before_ms, 0):012x}"
+        gone = 0
+        with self._write() as db:
+            for table in ("apps", "queues"):
+                gone += db.execute(
+                    f"DELETE FROM {table} WHERE deleted = 1 AND version < ?", (bound,)
+                ).rowcount
+        return gone
 
     # -- instances ---------------------------------------------------------
 

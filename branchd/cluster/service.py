@@ -10,8 +10,9 @@ It owns:
   view of a thousand members does not fit a datagram;
 - the *peer channel*: one route, every body sealed with the cluster key
   (AES-GCM, timestamped, replay-checked, like every datagram), carrying
-  ``sync`` (push-pull), ``record`` (a branch's whole record) and the key
-  operations; without a key (loopback only) it is plain and needs the token;
+  ``sync`` (push-pull), ``record`` (a branch's whole record), the key
+  operations and the declarations' ``decl.*`` (``replica.py``); without a
+  key (loopback only) it is plain and needs the token;
 - joins: ``--join`` URLs (and what discovery finds) are tried with backoff
   until one answers, and again whenever this branch finds itself alone
   (DNS names are re-resolved at each try);
@@ -45,6 +46,8 @@ from branchd.cluster.gossip import Gossip, MemberView
 from branchd.cluster.keyring import Keyring, parse_key
 from branchd.cluster.messages import MemberState, Sync
 from branchd.cluster.record import Meta, from_meta, names_digest, record_from_json, to_meta
+from branchd.cluster.replica import OPS as DECL_OPS
+from branchd.cluster.replica import DeclarationSync, Declared
 from branchd.cluster.timing import MembershipConfig
 from branchd.cluster.transport import UdpTransport
 from branchd.errors import BadMessage, BadRequest, BranchdError, Forbidden, NotFound
@@ -195,6 +198,7 @@ class ClusterService:
         record: Callable[[], BranchRecord],
         keyring: Keyring | None,
         client: PeerClient,
+        declarations: Declared | None = None,
     ) -> None:
         self._s = settings
         self._sched = scheduler
@@ -225,6 +229,14 @@ class ClusterService:
             push_pull=self._push_pull,
             meta=to_meta(record()),
         )
+        #: Apps and queues on every branch (none: a test's cluster of records alone).
+        self.declarations = (
+            DeclarationSync(
+                declarations, call=self.call, peers=self._peers, scheduler=scheduler, bus=bus
+            )
+            if declarations is not None
+            else None
+        )
 
     # life ------------------------------------------------------------------------
 
@@ -248,6 +260,8 @@ class ClusterService:
         self.announce()
         self._tasks.append(asyncio.create_task(self._join_loop(), name="cluster-join"))
         self._tasks.append(asyncio.create_task(self._names_loop(), name="cluster-names"))
+        if self.declarations is not None:
+            self.declarations.start()
 
     def announce(self) -> None:
         """Our record changed: put its meta on the gossip when the change
@@ -281,6 +295,8 @@ class ClusterService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.declarations is not None:
+            await self.declarations.close()
         self.gossip.close()
         await self._client.close()
 
@@ -331,6 +347,17 @@ class ClusterService:
             if key in rec.instances:
                 return rec.id
         return None
+
+    def _peers(self) -> list[tuple[str, str]]:
+        """The live members but this one whose API is known: (id, API URL)."""
+        out = []
+        for m in self.gossip.members():
+            if m.is_self or m.state is not MemberState.ALIVE:
+                continue
+            meta = self._meta(m)
+            if meta is not None and meta.api_url:
+                out.append((m.id, meta.api_url))
+        return out
 
     def _record_of(self, m: MemberView) -> BranchRecord | None:
         if m.is_self:
@@ -452,6 +479,8 @@ class ClusterService:
                 answer = {"message": json.loads(codec.encode(self.gossip.exchange(msg)))}
             case "record":
                 answer = {"record": self._record().to_json()}
+            case op if op in DECL_OPS and self.declarations is not None:
+                answer = self.declarations.answer(op, args)
             case "keys":
                 answer = self.local_keys()
             case "keys.install":

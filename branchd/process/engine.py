@@ -37,6 +37,7 @@ from branchd.errors import (
     StorageFailure,
 )
 from branchd.events import EventBus
+from branchd.hlc import Version
 from branchd.model import (
     App,
     Desired,
@@ -301,11 +302,21 @@ class Engine:
             await asyncio.shield(task)
         return app
 
-    def _begin_app_removal(self, name: str) -> asyncio.Task[None]:
-        self._deleting_apps.add(name)
-        return _tracked(self._app_removals, name, self._remove_app(name), "removing app")
+    def end_app(self, name: str, version: Version) -> None:
+        """Another branch deleted app ``name`` (its tombstone has ``version``):
+        its instances here stop and go, then it is forgotten with that version,
+        not a later one of ours (which would undo a declaration made since)."""
+        if name in self._app_removals:
+            return
+        self._store.set_mark(f"{_REMOVING_APP}{name}", True)
+        self._begin_app_removal(name, version)
 
-    async def _remove_app(self, name: str) -> None:
+    def _begin_app_removal(self, name: str, version: Version | None = None) -> asyncio.Task[None]:
+        self._deleting_apps.add(name)
+        removal = self._remove_app(name, version)
+        return _tracked(self._app_removals, name, removal, "removing app")
+
+    async def _remove_app(self, name: str, version: Version | None = None) -> None:
         try:
             # every instance stops at once: the delete lasts the longest stop, not their sum
             for spec in [s for s in self._specs.values() if s.app == name]:
@@ -319,7 +330,9 @@ class Engine:
                 # new app of that name must not run the old one's leftover tasks)
                 await asyncio.to_thread(self._workers.remove_embedded, name)
             mark = f"{_REMOVING_APP}{name}"
-            await self._until_stored(lambda: self._decls.forget_app(name), f"remove app {name}")
+            await self._until_stored(
+                lambda: self._decls.forget_app(name, version), f"remove app {name}"
+            )
             await self._until_stored(lambda: self._store.set_mark(mark, False), f"end {mark}")
         finally:
             self._deleting_apps.discard(name)
