@@ -382,14 +382,15 @@ def _cpu(pid: int) -> float:
 
 def test_idle_cost_of_a_clustered_branch(settled: Cluster, tmp_path: Path) -> None:
     """Measured, printed, bounded only generously: idle CPU per branch over
-    10 s, and the RSS of a clustered branch beside a single one."""
+    3 s (bench/cluster_loopback.py measures 10 s), and the RSS of a clustered
+    branch beside a single one."""
     c = settled
     single = start_branchd(tmp_path / "single")
     try:
         wait_for(lambda: single.ok("GET", "/v1/branches")["items"], 5.0)
         pids = [b.pid for b in c.nodes] + [single.pid]
         cpu0, wall0 = [_cpu(p) for p in pids], time.monotonic()
-        time.sleep(10.0)  # the measuring window, not a wait for a state
+        time.sleep(3.0)  # the measuring window, not a wait for a state
         cpu1, wall1 = [_cpu(p) for p in pids], time.monotonic()
         pct = [100 * (b - a) / (wall1 - wall0) for a, b in zip(cpu0, cpu1, strict=True)]
         rss = [psutil.Process(p).memory_info().rss / 2**20 for p in pids]
@@ -402,6 +403,8 @@ def test_idle_cost_of_a_clustered_branch(settled: Cluster, tmp_path: Path) -> No
             f"growth {clustered - rss[-1]:+.1f} MiB"
         )
         assert max(pct[:-1]) < 25.0  # generous: idle gossip of five is a fraction of that
+        # +1.9 MiB measured; importing cryptography for the seal made it +9.5
+        assert clustered - rss[-1] < 8.0
     finally:
         stop(single)
     assert c.all_alive()
