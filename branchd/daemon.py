@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
@@ -117,11 +118,20 @@ class Daemon:
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
+            gatherer = None
             if cluster is not None:
-                from branchd.api.proxy import HttpForwarder
+                from branchd.api.proxy import HttpForwarder, gather
 
                 # a named instance's routes go to the branch that holds it
-                directory, forwarder = ClusterDirectory(cluster), HttpForwarder(cluster)
+                proxy = HttpForwarder(cluster)
+                directory, forwarder = ClusterDirectory(cluster), proxy
+
+                peers = cluster
+
+                def gatherer(
+                    request: web.Request, local: web.StreamResponse
+                ) -> Awaitable[web.StreamResponse]:
+                    return gather(proxy, peers, request, local)
             runner = web.AppRunner(
                 make_app(
                     local,
@@ -133,6 +143,7 @@ class Daemon:
                     directory=directory,
                     forwarder=forwarder,
                     cluster=cluster,
+                    gatherer=gatherer,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,

@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -168,6 +168,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
+#: Gathers a listing from every live branch, given this branch's own answer.
+Gatherer = Callable[[web.Request, web.StreamResponse], Awaitable[web.StreamResponse]]
+GATHERER: web.AppKey[Gatherer] = web.AppKey("gatherer")
 DIRECTORY = web.AppKey("directory", Directory)
 #: Each route's scope, by (method, path template).
 SCOPES: web.AppKey[dict[tuple[str, str], Scope]] = web.AppKey("scopes")
@@ -182,6 +185,9 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
         # no route: answered here (404, 405); forwarded once: answered here
         return await handler(request)
     info = request.match_info
+    if scope is Scope.GATHER and GATHERER in request.app:
+        # a listing: this branch's items and every other live branch's
+        return await request.app[GATHERER](request, await handler(request))
     owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))
     if owner is None:
         return await handler(request)
@@ -200,6 +206,7 @@ def make_app(
     directory: Directory | None = None,
     forwarder: Forwarder | None = None,
     cluster: Cluster | None = None,
+    gatherer: Gatherer | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -222,6 +229,8 @@ def make_app(
     app[BRANCH] = branch
     if cluster is not None:
         app[CLUSTER] = cluster
+    if gatherer is not None:
+        app[GATHERER] = gatherer
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token

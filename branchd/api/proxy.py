@@ -66,6 +66,10 @@ class Peers(Protocol):
         """The headers that prove to another member that this one sends it."""
         ...
 
+    def others_alive(self) -> list[str]:
+        """The ids of the other live members (a listing gathers from them)."""
+        ...
+
 
 class HttpForwarder:
     def __init__(self, peers: Peers) -> None:
@@ -92,14 +96,9 @@ class HttpForwarder:
             # token, which this branch has just checked
             proof = {"Authorization": request.headers["Authorization"]}
         headers.update(proof)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
-                auto_decompress=False,
-            )
         target = url.rstrip("/") + request.path_qs
         sent = asyncio.ensure_future(
-            self._session.request(
+            self._client().request(
                 request.method, target, data=body or None, headers=headers, allow_redirects=False
             )
         )
@@ -128,6 +127,42 @@ class HttpForwarder:
         finally:
             resp.release()
 
+    async def fetch(
+        self, request: web.Request, branch: str, timeout: float
+    ) -> tuple[int, Any]:
+        """``request`` (a GET) answered by ``branch`` as (status, JSON body),
+        within ``timeout`` s; BranchUnreachable if it is not."""
+        import aiohttp
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
+        headers = {HOP_HEADER: self._peers.self_id}
+        proof = self._peers.prove(request.method, request.path_qs, b"")
+        if not proof and "Authorization" in request.headers:
+            proof = {"Authorization": request.headers["Authorization"]}
+        headers.update(proof)
+        session = self._client()
+        try:
+            async with asyncio.timeout(timeout):
+                async with session.get(url.rstrip("/") + request.path_qs, headers=headers) as resp:
+                    return resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise BranchUnreachable(
+                f"branch {branch} ({state}): {why}", branch=branch, state=state
+            ) from None
+
+    def _client(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+                auto_decompress=False,
+            )
+        return self._session
+
     async def _answer(self, sent: asyncio.Future[Any], branch: str) -> Any:
         """The owner's answer (its head); TimeoutError if the owner is found
         dead or gone while we wait (a stopped machine accepts the connection
@@ -150,3 +185,49 @@ class HttpForwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+#: How long a gathered listing waits for the other branches (s).
+GATHER_DEADLINE = 1.0
+
+
+async def gather(
+    forwarder: HttpForwarder,
+    peers: Peers,
+    request: web.Request,
+    local: web.StreamResponse,
+    deadline: float = GATHER_DEADLINE,
+) -> web.StreamResponse:
+    """A listing of every live branch: this one's answer (``local``) and the
+    others', asked at once and awaited ``deadline`` s, as ``{"items": [...],
+    "unreachable": [{"branch", "state", "error"}]}``. A branch that does not
+    answer in time is named, never hidden, and never fails the listing."""
+    others = peers.others_alive()
+    results = await asyncio.gather(
+        *(forwarder.fetch(request, b, deadline) for b in others), return_exceptions=True
+    )
+    items: list[Any] = []
+    unreachable: list[dict[str, Any]] = []
+    statuses: list[int] = []
+    if isinstance(local, web.Response) and local.body is not None:
+        import json
+
+        statuses.append(local.status)
+        if local.status == 200:
+            items += json.loads(bytes(local.body))["items"]  # type: ignore[arg-type]
+    for branch, result in zip(others, results, strict=True):
+        if isinstance(result, BranchUnreachable):
+            state = str(result.details.get("state", "unknown"))
+            unreachable.append({"branch": branch, "state": state, "error": result.message})
+        elif isinstance(result, BaseException):
+            unreachable.append({"branch": branch, "state": "unknown", "error": repr(result)})
+        else:
+            status, body = result
+            statuses.append(status)
+            if status == 200 and isinstance(body, dict):
+                items += body.get("items", [])
+    if 200 not in statuses and not unreachable:
+        return local  # nobody has it: this branch's own answer (a 404, a 422) says why
+    items.sort(key=lambda i: (str(i.get("app", "")), str(i.get("name", ""))))
+    return web.json_response({"items": items, "unreachable": unreachable})
+

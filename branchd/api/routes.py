@@ -660,8 +660,10 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/apps/{app}/instances",
         list_instances,
-        "Instances of an app",
-        response=schemas.items(schemas.INSTANCE),
+        "Instances of an app; in a cluster, gathered from every live branch (each "
+        "instance names its branch; those that did not answer within 1 s are listed "
+        "in unreachable)",
+        response=schemas.gathered(schemas.INSTANCE),
     ),
     Route(
         "POST",

@@ -459,3 +459,25 @@ def items(schema: Schema) -> Schema:
         "required": ["items"],
         "properties": {"items": {"type": "array", "items": schema}},
     }
+
+
+#: A branch a gathered listing could not reach in time (named, never hidden).
+UNREACHABLE: Schema = {
+    "type": "object",
+    "required": ["branch", "state", "error"],
+    "properties": {
+        "branch": {"type": "string"},
+        "state": {"type": "string"},
+        "error": {"type": "string"},
+    },
+}
+
+
+def gathered(schema: Schema) -> Schema:
+    """A listing gathered from every live branch of a cluster."""
+    out = items(schema)
+    out["properties"] = {
+        **out["properties"],
+        "unreachable": {"type": "array", "items": UNREACHABLE},
+    }
+    return out

@@ -425,6 +425,10 @@ class ClusterService:
                 return url or None, m.state.value
         return None, "unknown"
 
+    def others_alive(self) -> list[str]:
+        members = self.gossip.members()
+        return [m.id for m in members if m.state is MemberState.ALIVE and not m.is_self]
+
     def prove(self, method: str, path: str, body: bytes) -> dict[str, str]:
         """``X-Branchd-Forwarded``: the request's method, path and body digest
         sealed with the cluster key (timestamped, with a nonce); none without

@@ -180,6 +180,9 @@ class AsyncClient:
         self.token = token or find_token(os.environ, self.url)
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        #: The branches the last listing could not reach in time (a cluster's
+        #: listing names them rather than failing): ``{"branch", "state", "error"}``.
+        self.unreachable: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Self:
         return self
@@ -430,10 +433,17 @@ class AsyncClient:
         """The instances of ``app``, or of every app when ``app`` is None."""
         if app is not None:
             _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/instances")
+            self._note_unreachable(data)
             return self._items(Instance.from_json, data)
+        self.unreachable = []
         apps = await self.apps()
         lists = await asyncio.gather(*(self._instances_if_any(a.name) for a in apps))
         return [instance for items in lists for instance in items]
+
+    def _note_unreachable(self, data: Any) -> None:
+        for u in data.get("unreachable", ()) if isinstance(data, dict) else ():
+            if isinstance(u, dict) and u not in self.unreachable:
+                self.unreachable.append(u)
 
     async def _instances_if_any(self, app: str) -> list[Instance]:
         try:
@@ -621,6 +631,11 @@ class Client:
     @property
     def url(self) -> str:
         return self._async.url
+
+    @property
+    def unreachable(self) -> list[dict[str, Any]]:
+        """The branches the last listing could not reach in time."""
+        return self._async.unreachable
 
     def __enter__(self) -> Self:
         return self

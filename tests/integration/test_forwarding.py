@@ -116,3 +116,32 @@ def test_an_owner_gone_is_a_503_naming_it(pair: tuple[Branchd, Branchd]) -> None
         print(f"503 after {time.monotonic() - started:.1f}s: {err['message']}")
     finally:
         b.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_listing_gathers_every_branch_and_names_the_silent_one(
+    pair: tuple[Branchd, Branchd],
+) -> None:
+    a, b = pair
+    a.ok("PUT", "/v1/apps/web", {}, status=201)
+    wait_for(lambda: b.call("GET", "/v1/apps/web").status == 200, 10)  # replicated
+    a.ok("POST", "/v1/apps/web/instances", {"name": "on-a", "command": TICKER}, 201)
+    b.ok("POST", "/v1/apps/web/instances", {"name": "on-b", "command": TICKER}, 201)
+    id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    for x in (a, b):
+        listing = x.ok("GET", "/v1/apps/web/instances")
+        assert {(i["name"], i["branch"]) for i in listing["items"]} == {
+            ("on-a", id_a),
+            ("on-b", id_b),
+        }
+        assert listing["unreachable"] == []
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listing = a.ok("GET", "/v1/apps/web/instances")
+        took = time.monotonic() - started
+        print(f"a listing with one branch silent answered in {took:.2f}s")
+        assert [i["name"] for i in listing["items"]] == ["on-a"]
+        [silent] = listing["unreachable"]
+        assert silent["branch"] == id_b and silent["state"] in ("alive", "suspect")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)

@@ -158,7 +158,21 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     """List the instances of APP, or of every app."""
     with opts.client() as c:
         items = c.instances(app)
-    _emit(opts, _items(items), render.table(INSTANCE_COLUMNS, map(_instance_row, items)))
+        unreachable = list(c.unreachable)
+    branches = {i.branch for i in items}
+    if len(branches) > 1 or unreachable:  # a cluster's listing: which branch holds each
+        rows = [(*_instance_row(i), (i.branch or "")[:12]) for i in items]
+        text = render.table((*INSTANCE_COLUMNS, "BRANCH"), rows)
+    else:
+        text = render.table(INSTANCE_COLUMNS, map(_instance_row, items))
+    data = _items(items)
+    if unreachable:
+        data["unreachable"] = unreachable
+    _emit(opts, data, text)
+    for u in unreachable:
+        click.echo(
+            f"branchctl: warning: {u.get('error')}; its instances are not listed", err=True
+        )
 
 
 @instances.command("add")
