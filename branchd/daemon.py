@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
@@ -118,9 +118,11 @@ class Daemon:
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
-            gatherer = None
+            gatherer = placer = None
             if cluster is not None:
-                from branchd.api.proxy import HttpForwarder, gather
+                import random
+
+                from branchd.api.proxy import HttpForwarder, gather, place
 
                 # a named instance's routes go to the branch that holds it
                 proxy = HttpForwarder(cluster)
@@ -132,6 +134,14 @@ class Daemon:
                     request: web.Request, local: web.StreamResponse
                 ) -> Awaitable[web.StreamResponse]:
                     return gather(proxy, peers, request, local)
+
+                rng = random.Random()
+
+                async def placer(
+                    request: web.Request, here: Callable[[], Awaitable[web.StreamResponse]]
+                ) -> web.StreamResponse:
+                    app = await local.apps.get_app(request.match_info["app"])  # (404: none)
+                    return await place(proxy, peers, request, here, app, rng)
             runner = web.AppRunner(
                 make_app(
                     local,
@@ -144,6 +154,7 @@ class Daemon:
                     forwarder=forwarder,
                     cluster=cluster,
                     gatherer=gatherer,
+                    placer=placer,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,

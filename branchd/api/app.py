@@ -171,6 +171,11 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 #: Gathers a listing from every live branch, given this branch's own answer.
 Gatherer = Callable[[web.Request, web.StreamResponse], Awaitable[web.StreamResponse]]
 GATHERER: web.AppKey[Gatherer] = web.AppKey("gatherer")
+#: Places a new instance on the branch with room, given how to make it here.
+Placer = Callable[
+    [web.Request, Callable[[], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
+]
+PLACER: web.AppKey[Placer] = web.AppKey("placer")
 DIRECTORY = web.AppKey("directory", Directory)
 #: Each route's scope, by (method, path template).
 SCOPES: web.AppKey[dict[tuple[str, str], Scope]] = web.AppKey("scopes")
@@ -188,6 +193,9 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
     if scope is Scope.GATHER and GATHERER in request.app:
         # a listing: this branch's items and every other live branch's
         return await request.app[GATHERER](request, await handler(request))
+    if scope is Scope.PLACEMENT and PLACER in request.app:
+        # a new instance: the branch with room makes it (this one, maybe)
+        return await request.app[PLACER](request, lambda: handler(request))
     owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))
     if owner is None:
         return await handler(request)
@@ -207,6 +215,7 @@ def make_app(
     forwarder: Forwarder | None = None,
     cluster: Cluster | None = None,
     gatherer: Gatherer | None = None,
+    placer: Placer | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -231,6 +240,8 @@ def make_app(
         app[CLUSTER] = cluster
     if gatherer is not None:
         app[GATHERER] = gatherer
+    if placer is not None:
+        app[PLACER] = placer
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token

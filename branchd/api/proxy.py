@@ -15,13 +15,18 @@ caller as that 422. An owner that is dead, or that cannot be reached, is a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from branchd.errors import BranchUnreachable
-from branchd.views import HOP_HEADER, PROOF_HEADER
+from branchd.errors import BranchUnreachable, Conflict, Full, Invalid
+from branchd.model import App
+from branchd.placement import Need, pick, pick_pinned
+from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +158,37 @@ class HttpForwarder:
                 f"branch {branch} ({state}): {why}", branch=branch, state=state
             ) from None
 
+    async def send(
+        self, request: web.Request, branch: str, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """``request`` (with ``body``) answered by ``branch``, whole: its
+        status, headers and body (a create: it may be handed on if "full")."""
+        import aiohttp
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
+        headers[HOP_HEADER] = self._peers.self_id
+        proof = self._peers.prove(request.method, request.path_qs, body)
+        if not proof and "Authorization" in request.headers:
+            proof = {"Authorization": request.headers["Authorization"]}
+        headers.update(proof)
+        target = url.rstrip("/") + request.path_qs
+        sent = asyncio.ensure_future(
+            self._client().request(request.method, target, data=body or None, headers=headers)
+        )
+        try:
+            resp = await self._answer(sent, branch)
+            async with resp:
+                return resp.status, dict(resp.headers), await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise BranchUnreachable(
+                f"branch {branch} ({state}): {type(exc).__name__}: {exc}".rstrip(": "),
+                branch=branch,
+                state=state,
+            ) from None
+
     def _client(self) -> Any:
         import aiohttp
 
@@ -231,3 +267,79 @@ async def gather(
     items.sort(key=lambda i: (str(i.get("app", "")), str(i.get("name", ""))))
     return web.json_response({"items": items, "unreachable": unreachable})
 
+
+class Placing(Peers, Protocol):
+    """What placing a new instance needs of the membership."""
+
+    def alive(self) -> list[BranchRecord]: ...
+    def owner_of(self, app: str, name: str) -> str | None: ...
+
+
+async def place(
+    forwarder: HttpForwarder,
+    peers: Placing,
+    request: web.Request,
+    here: Callable[[], Awaitable[web.StreamResponse]],
+    app: App,
+    rng: random.Random,
+) -> web.StreamResponse:
+    """A new instance of ``app``, created on the branch with spare capacity
+    (``placement.pick``: better of two on free slots, the app's instances
+    spread), or where ``?branch=`` pins it. A branch that answers ``full``
+    (its live figures said no) hands it to the next choice; when all are
+    full, 503 ``full`` naming the branches tried. An app on the embedded
+    broker lives on the branch that declared it (its workers and producers
+    share that machine's folder): its instances go there."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return await here()  # this branch's own answer says what is wrong with it
+    name = body.get("name") if isinstance(body, dict) else None
+    if isinstance(name, str) and name:
+        holder = peers.owner_of(app.name, name)
+        if holder is not None and holder != peers.self_id:
+            raise Conflict(
+                f"instance {name!r} of app {app.name!r} exists on branch {holder}",
+                branch=holder,
+            )
+    live = peers.alive()
+    pin = request.query.get("branch")
+    embedded = app.celery.broker is None and app.origin
+    home = (app.origin, *(r.hostname for r in live if r.id == app.origin))
+    if embedded and pin and pin not in home:
+        raise Invalid(
+            f"app {app.name!r} is on the embedded broker of branch {app.origin}: its "
+            "instances run there (its workers and producers share that machine's folder)"
+        )
+    need = Need()
+    if embedded:
+        order: tuple[BranchRecord, ...] = (pick_pinned(live, str(app.origin), need),)
+    elif pin:
+        order = (pick_pinned(live, pin, need),)
+    else:
+        order = pick(live, need, rng, app=app.name)
+    tried: list[str] = []
+    for choice in order:
+        if choice.id == peers.self_id:
+            answer = await here()
+            if not _full(answer):
+                return answer
+        else:
+            try:
+                status, headers, data = await forwarder.send(request, choice.id, raw)
+            except BranchUnreachable as exc:
+                tried.append(f"{choice.id} ({exc.message})")
+                continue
+            if not (status == 503 and b'"full"' in data):
+                out = web.Response(status=status, body=data, content_type="application/json")
+                if "Location" in headers:
+                    out.headers["Location"] = headers["Location"]
+                return out
+        tried.append(f"{choice.id} (full)")
+    raise Full(f"no branch has room for an instance of {app.name!r}: tried {', '.join(tried)}")
+
+
+def _full(answer: web.StreamResponse) -> bool:
+    body = answer.body if isinstance(answer, web.Response) else None
+    return answer.status == 503 and isinstance(body, bytes) and b'"full"' in body

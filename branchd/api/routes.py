@@ -14,7 +14,7 @@ from aiohttp import web
 
 from branchd.api import precheck, schemas
 from branchd.api.backend import Cluster, Local
-from branchd.errors import BadRequest, Conflict, Invalid, NotFound
+from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
     NAME_RE,
@@ -420,6 +420,15 @@ async def list_instances(request: web.Request) -> web.Response:
 async def create_instance(request: web.Request) -> web.Response:
     app = _name(request, "app")
     body = await _body(request, schemas.INSTANCE_IN)
+    if CLUSTER in request.app:
+        # admission control: this branch's own live figures have the last word
+        # (the sender chose on gossiped ones); "full" sends it to the next choice
+        cap = request.app[BRANCH]().capacity
+        if cap.draining or cap.free_slots < 1:
+            raise Full(
+                f"branch {request.app[BRANCH]().id} has no room: "
+                + ("draining" if cap.draining else f"{cap.instances} of {cap.max_instances}")
+            )
     if "name" in body and not _strict_name(body["name"]):
         raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
     view = await _local(request).instances.create_instance(app, body)

@@ -122,11 +122,14 @@ def test_a_listing_gathers_every_branch_and_names_the_silent_one(
     pair: tuple[Branchd, Branchd],
 ) -> None:
     a, b = pair
-    a.ok("PUT", "/v1/apps/web", {}, status=201)
-    wait_for(lambda: b.call("GET", "/v1/apps/web").status == 200, 10)  # replicated
-    a.ok("POST", "/v1/apps/web/instances", {"name": "on-a", "command": TICKER}, 201)
-    b.ok("POST", "/v1/apps/web/instances", {"name": "on-b", "command": TICKER}, 201)
     id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    # a broker of its own (an app on the embedded one runs where it was declared)
+    a.ok("PUT", "/v1/apps/web", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
+    wait_for(lambda: b.call("GET", "/v1/apps/web").status == 200, 10)  # replicated
+    for x, name, here in ((a, "on-a", id_a), (b, "on-b", id_b)):
+        where = f"/v1/apps/web/instances?branch={here}"
+        made = x.ok("POST", where, {"name": name, "command": TICKER}, 201)
+        assert made["branch"] == here
     for x in (a, b):
         listing = x.ok("GET", "/v1/apps/web/instances")
         assert {(i["name"], i["branch"]) for i in listing["items"]} == {
@@ -145,3 +148,53 @@ def test_a_listing_gathers_every_branch_and_names_the_silent_one(
         assert silent["branch"] == id_b and silent["state"] in ("alive", "suspect")
     finally:
         b.proc.send_signal(signal.SIGCONT)
+
+
+def test_creates_through_one_branch_are_placed_where_there_is_room(
+    branchd_factory: Callable[..., Branchd], tmp_path: Path
+) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text(generate_key() + "\n")
+    key.chmod(0o600)
+    a = branchd_factory("--cluster-key-file", str(key), state_dir=tmp_path / "a")
+    join = f"http://127.0.0.1:{a.url.rsplit(':', 1)[1]}"
+    b = branchd_factory(
+        "--cluster-key-file", str(key), "--join", join, "--max-instances", "3",
+        state_dir=tmp_path / "b",
+    )  # fmt: skip
+    for x in (a, b):
+        wait_for(lambda x=x: len(alive(x)) == 2, 15)
+    id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    # an app on a broker of its own: its instances may run on any branch
+    a.ok("PUT", "/v1/apps/shop", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, 201)
+    wait_for(lambda: b.call("GET", "/v1/apps/shop").status == 200, 10)
+    placed = []
+    for i in range(8):
+        made = a.call("POST", "/v1/apps/shop/instances", {"name": f"p{i}", "command": TICKER})
+        assert made.status == 201, made.text
+        assert made.headers["Location"] == f"/v1/apps/shop/instances/p{i}"
+        placed.append(made.body["branch"])
+        # the next choice reads B's new count from its gossip: let it arrive
+        on_b = placed.count(id_b)
+        wait_for(lambda n=on_b: n == b.ok("GET", "/v1/branch")["capacity"]["instances"])
+    print(f"8 creates through A: {placed.count(id_a)} on A, {placed.count(id_b)} on B (3 slots)")
+    assert 1 <= placed.count(id_b) <= 3 and placed.count(id_a) >= 5
+    # a name taken on another branch is a 409 from any branch
+    taken = next(f"p{i}" for i, br in enumerate(placed) if br == id_b)
+    wait_for(lambda: a.call("GET", f"/v1/apps/shop/instances/{taken}").status == 200, 10)
+    again = a.call("POST", "/v1/apps/shop/instances", {"name": taken, "command": TICKER})
+    assert again.status == 409 and id_b in again.body["error"]["message"]
+    # pinned: there, or a 503 full that says why
+    pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_a}", {"command": TICKER})
+    assert pinned.status == 201 and pinned.body["branch"] == id_a
+    if placed.count(id_b) == 3:
+        full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
+        assert full.status == 503 and full.body["error"]["code"] == "full"
+    # an app on the embedded broker: its instances run on the branch that declared it
+    b.ok("PUT", "/v1/apps/local", {}, 201)
+    wait_for(lambda: a.call("GET", "/v1/apps/local").status == 200, 10)
+    if placed.count(id_b) < 3:
+        home = a.call("POST", "/v1/apps/local/instances", {"command": TICKER})
+        assert home.status == 201 and home.body["branch"] == id_b
+    elsewhere = a.call("POST", f"/v1/apps/local/instances?branch={id_a}", {"command": TICKER})
+    assert elsewhere.status == 422 and "embedded broker" in elsewhere.body["error"]["message"]

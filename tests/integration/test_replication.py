@@ -112,9 +112,15 @@ def alive_id(b: Branchd) -> str:
 
 def test_a_delete_on_one_branch_stops_the_apps_instances_on_every_branch(trio: Trio) -> None:
     a, b, c = trio.all
-    a.ok("PUT", "/v1/apps/web", {}, status=201)
+    # a broker of its own (an app on the embedded one runs where it was declared)
+    a.ok("PUT", "/v1/apps/web", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
     everywhere(trio, lambda x: env_of(x, "web") == {}, REACH)
-    made = c.ok("POST", "/v1/apps/web/instances", {"name": "t1", "command": TICKER}, status=201)
+    made = c.ok(
+        "POST",
+        f"/v1/apps/web/instances?branch={alive_id(c)}",
+        {"name": "t1", "command": TICKER},
+        status=201,
+    )
     assert made["branch"] == alive_id(c)
     pid = c.wait_state("web", "t1", "running")["pid"]
     assert psutil.pid_exists(pid)
