@@ -93,14 +93,7 @@ class HttpForwarder:
                 state=state,
             )
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
-        headers[HOP_HEADER] = self._peers.self_id
-        proof = self._peers.prove(request.method, request.path_qs, body)
-        if not proof and "Authorization" in request.headers:
-            # a cluster without a key (loopback only): its branches share the
-            # token, which this branch has just checked
-            proof = {"Authorization": request.headers["Authorization"]}
-        headers.update(proof)
+        headers = self._hop_headers(request, body, keep=True)
         target = url.rstrip("/") + request.path_qs
         sent = asyncio.ensure_future(
             self._client().request(
@@ -142,11 +135,7 @@ class HttpForwarder:
         url, state = self._peers.api_url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
-        headers = {HOP_HEADER: self._peers.self_id}
-        proof = self._peers.prove(request.method, request.path_qs, b"")
-        if not proof and "Authorization" in request.headers:
-            proof = {"Authorization": request.headers["Authorization"]}
-        headers.update(proof)
+        headers = self._hop_headers(request, b"", keep=False)
         session = self._client()
         try:
             async with asyncio.timeout(timeout):
@@ -168,12 +157,7 @@ class HttpForwarder:
         url, state = self._peers.api_url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
-        headers[HOP_HEADER] = self._peers.self_id
-        proof = self._peers.prove(request.method, request.path_qs, body)
-        if not proof and "Authorization" in request.headers:
-            proof = {"Authorization": request.headers["Authorization"]}
-        headers.update(proof)
+        headers = self._hop_headers(request, body, keep=True)
         target = url.rstrip("/") + request.path_qs
         sent = asyncio.ensure_future(
             self._client().request(request.method, target, data=body or None, headers=headers)
@@ -188,6 +172,21 @@ class HttpForwarder:
                 branch=branch,
                 state=state,
             ) from None
+
+    def _hop_headers(self, request: web.Request, body: bytes, *, keep: bool) -> dict[str, str]:
+        """The headers of one hop: the caller's own (``keep``; never the
+        hop-by-hop ones), this branch as the hop, and its proof."""
+        headers = {}
+        if keep:
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
+        headers[HOP_HEADER] = self._peers.self_id
+        proof = self._peers.prove(request.method, request.path_qs, body)
+        if not proof and "Authorization" in request.headers:
+            # a cluster without a key (loopback only): its branches share the
+            # token, which this branch has just checked
+            proof = {"Authorization": request.headers["Authorization"]}
+        headers.update(proof)
+        return headers
 
     def _client(self) -> Any:
         import aiohttp
