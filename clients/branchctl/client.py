@@ -458,9 +458,12 @@ class AsyncClient:
         _, data = await self._json("GET", _instance_path(app, name))
         return self._parse(Instance.from_json, data)
 
-    async def add_instance(self, app: str, **fields: Any) -> Instance:
-        """Create an instance from InstanceIn ``fields`` (``command=[...]``, ...)."""
-        status, data = await self._json("POST", f"/v1/apps/{_seg(app)}/instances", fields)
+    async def add_instance(self, app: str, *, branch: str | None = None, **fields: Any) -> Instance:
+        """Create an instance from InstanceIn ``fields`` (``command=[...]``, ...); in a
+        cluster it is placed where there is room, or on ``branch`` (an id or host name)."""
+        params = {"branch": branch} if branch else None
+        path = f"/v1/apps/{_seg(app)}/instances"
+        status, data = await self._json("POST", path, fields, params)
         return self._parse(Instance.from_json, data, status)
 
     async def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
@@ -746,8 +749,8 @@ class Client:
     def get_instance(self, app: str, name: str) -> Instance:
         return self._run(self._async.get_instance(app, name))
 
-    def add_instance(self, app: str, **fields: Any) -> Instance:
-        return self._run(self._async.add_instance(app, **fields))
+    def add_instance(self, app: str, *, branch: str | None = None, **fields: Any) -> Instance:
+        return self._run(self._async.add_instance(app, branch=branch, **fields))
 
     def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
         return self._run(self._async.update_instance(app, name, **fields))

@@ -184,8 +184,15 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     help="celery (a worker built from the app) or process (runs COMMAND); "
     "default: process with a COMMAND, celery without.",
 )
+@click.option(
+    "--branch",
+    help="In a cluster: the branch (id or host name) to run it on [default: the one "
+    "with room].",
+)
 @instance_fields
-def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) -> None:
+def instances_add(
+    opts: Options, /, app: str, kind: str | None, branch: str | None, **options: Any
+) -> None:
     """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
     \b
@@ -201,7 +208,7 @@ def instances_add(opts: Options, /, app: str, kind: str | None, **options: Any) 
     if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
         body = {"kind": kind, **body}
     with opts.client() as c:
-        instance = c.add_instance(app, **body)
+        instance = c.add_instance(app, branch=branch, **body)
     _emit(opts, instance.raw, _instance_text(instance))
 
 
