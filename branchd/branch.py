@@ -83,10 +83,24 @@ class BranchService:
         known once the cluster's sockets are bound)."""
         self._record = replace(self._record, **fields)  # type: ignore[arg-type]
 
+    def set_draining(self, on: bool) -> None:
+        """Take no new instance (``on``), or take them again: told at once."""
+        if self._record.capacity.draining == on:
+            return
+        self._record = replace(self._record, capacity=replace(self._record.capacity, draining=on))
+        self._changed()
+
     def refresh(self) -> None:
         """One step of the timer: the host's figures now."""
         total, free = self._probe.memory()
-        capacity = Capacity(self._probe.cpus(), self._probe.load(), total, free, len(self._names))
+        capacity = Capacity(
+            self._probe.cpus(),
+            self._probe.load(),
+            total,
+            free,
+            len(self._names),
+            draining=self._record.capacity.draining,
+        )
         self._record = replace(self._record, capacity=capacity, refreshed=self._clock.wall())
         self._changed()
 

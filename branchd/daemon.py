@@ -46,6 +46,9 @@ if TYPE_CHECKING:  # loaded only by a branch that clusters
 
 log = logging.getLogger("branchd")
 
+#: The store's mark of a drained branch (``POST /v1/branches/{id}/drain``).
+DRAINING_MARK = "branch:draining"
+
 #: Named exit codes of the entry point.
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -118,7 +121,7 @@ class Daemon:
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
-            gatherer = placer = None
+            gatherer = placer = drain = None
             if cluster is not None:
                 import random
 
@@ -136,6 +139,14 @@ class Daemon:
                     return gather(proxy, peers, request, local)
 
                 rng = random.Random()
+
+                def drain(on: bool) -> None:
+                    # kept across a restart: a drained machine stays drained
+                    store.set_mark(DRAINING_MARK, on)
+                    branch.set_draining(on)
+                    log.info("branch %s %s", branch.record().id, "drains" if on else "undrained")
+
+                branch.set_draining(bool(store.marks(DRAINING_MARK)))
 
                 async def placer(
                     request: web.Request, here: Callable[[], Awaitable[web.StreamResponse]]
@@ -155,6 +166,7 @@ class Daemon:
                     cluster=cluster,
                     gatherer=gatherer,
                     placer=placer,
+                    drain=drain,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,

@@ -25,6 +25,7 @@ from branchd.api.forward import (
 from branchd.api.routes import (
     BRANCH,
     CLUSTER,
+    DRAIN,
     EXIT,
     LISTINGS,
     LOCAL,
@@ -196,7 +197,8 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
     if scope is Scope.PLACEMENT and PLACER in request.app:
         # a new instance: the branch with room makes it (this one, maybe)
         return await request.app[PLACER](request, lambda: handler(request))
-    owner = request.app[DIRECTORY].owner(Target(scope, info.get("app"), info.get("name")))
+    target = Target(scope, info.get("app"), info.get("name"), info.get("id"))
+    owner = request.app[DIRECTORY].owner(target)
     if owner is None:
         return await handler(request)
     return await request.app[FORWARDER].forward(request, owner)
@@ -216,6 +218,7 @@ def make_app(
     cluster: Cluster | None = None,
     gatherer: Gatherer | None = None,
     placer: Placer | None = None,
+    drain: Callable[[bool], None] | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -242,6 +245,8 @@ def make_app(
         app[GATHERER] = gatherer
     if placer is not None:
         app[PLACER] = placer
+    if drain is not None:
+        app[DRAIN] = drain
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token

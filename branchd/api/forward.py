@@ -35,6 +35,8 @@ class Scope(StrEnum):
     INSTANCE = "instance"
     #: A listing of instances: gathered from the branches that own them.
     GATHER = "gather"
+    #: One named branch's own switch (drain, undrain): that branch.
+    MEMBER = "member"
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,13 @@ class Target:
     scope: Scope
     app: str | None = None
     name: str | None = None
+    branch: str | None = None
 
 
 def scope_of(method: str, path: str) -> Scope:
     """A route's scope, from its method and path template."""
+    if path.startswith("/v1/branches/{id}/"):
+        return Scope.MEMBER
     if not path.startswith("/v1/apps"):
         return Scope.BRANCH
     if path.startswith("/v1/apps/{app}/instances/{name}"):
@@ -102,6 +107,9 @@ class ClusterDirectory:
         self._owners = owners
 
     def owner(self, target: Target) -> str | None:
+        if target.scope is Scope.MEMBER:
+            mine = (None, "self", self._owners.self_id)
+            return None if target.branch in mine else target.branch
         if target.scope is not Scope.INSTANCE or not target.app or not target.name:
             return None
         owner = self._owners.owner_of(target.app, target.name)

@@ -45,6 +45,8 @@ OPENAPI: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("openapi")
 LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 #: Membership; absent on a cluster of one.
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Sets this branch's draining flag (kept across restarts); absent: no cluster.
+DRAIN: web.AppKey[Callable[[bool], None]] = web.AppKey("drain")
 #: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
@@ -254,6 +256,28 @@ async def leave(request: web.Request) -> web.Response:
     alone, answering for itself."""
     spent = await _cluster(request).leave()
     return _json({"left": True, "told": spent}, status=202)
+
+
+async def drain(request: web.Request) -> web.Response:
+    return _draining(request, True)
+
+
+async def undrain(request: web.Request) -> web.Response:
+    return _draining(request, False)
+
+
+def _draining(request: web.Request, on: bool) -> web.Response:
+    """This branch takes no new instance (``on``) or takes them again; its
+    own keep running. Another branch's id was forwarded to it already."""
+    branch_id = request.match_info["id"]
+    me = request.app[BRANCH]()
+    if branch_id not in ("self", me.id):
+        raise NotFound(f"no branch {branch_id!r} is known here")
+    setter = request.app.get(DRAIN)
+    if setter is None:
+        raise Conflict("this branch cannot be drained (not in a cluster)")
+    setter(on)
+    return _json({"id": me.id, "draining": on})
 
 
 async def peer(request: web.Request) -> web.Response:
@@ -581,6 +605,21 @@ ROUTES: tuple[Route, ...] = (
         "Leave the cluster gracefully: the others see this branch \"left\", never dead",
         ok=202,
         response={"type": "object"},
+    ),
+    Route(
+        "POST",
+        "/v1/branches/{id}/drain",
+        drain,
+        "Drain a branch: it takes no new instance (placement skips it, and it answers "
+        "full); its own keep running",
+        response=schemas.DRAINING,
+    ),
+    Route(
+        "POST",
+        "/v1/branches/{id}/undrain",
+        undrain,
+        "Take new instances again",
+        response=schemas.DRAINING,
     ),
     Route(
         "GET",

@@ -370,6 +370,12 @@ BRANCH_ENTRY: Schema = {
 
 KEY_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{8}$"}
 
+DRAINING: Schema = {
+    "type": "object",
+    "required": ["id", "draining"],
+    "properties": {"id": {"type": "string"}, "draining": {"type": "boolean"}},
+}
+
 KEYS: Schema = {
     "type": "object",
     "required": ["items", "branches", "errors"],

@@ -315,6 +315,13 @@ class AsyncClient:
         _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}")
         return self._parse(Member.from_json, data)
 
+    async def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
+        """Drain a branch (no new instance placed there; its own keep running),
+        or with ``on=False`` take new instances there again."""
+        verb = "drain" if on else "undrain"
+        _, data = await self._json("POST", f"/v1/branches/{_seg(branch_id)}/{verb}")
+        return dict(data)
+
     async def leave(self) -> None:
         """Make this branch leave its cluster gracefully (the others see it "left")."""
         await self._json("POST", "/v1/branches/self/leave")
@@ -676,6 +683,9 @@ class Client:
 
     def member(self, branch_id: str = "self") -> Member:
         return self._run(self._async.member(branch_id))
+
+    def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
+        return self._run(self._async.drain(branch_id, on))
 
     def leave(self) -> None:
         self._run(self._async.leave())

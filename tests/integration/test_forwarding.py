@@ -198,3 +198,25 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
         assert home.status == 201 and home.body["branch"] == id_b
     elsewhere = a.call("POST", f"/v1/apps/local/instances?branch={id_a}", {"command": TICKER})
     assert elsewhere.status == 422 and "embedded broker" in elsewhere.body["error"]["message"]
+
+
+def test_a_drained_branch_takes_no_new_instance_until_undrained(
+    pair: tuple[Branchd, Branchd],
+) -> None:
+    a, b = pair
+    id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    a.ok("PUT", "/v1/apps/shop", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
+    wait_for(lambda: b.call("GET", "/v1/apps/shop").status == 200, 10)
+    # drained through A: forwarded to B
+    assert a.ok("POST", f"/v1/branches/{id_b}/drain") == {"id": id_b, "draining": True}
+    wait_for(lambda: a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
+    for i in range(4):
+        made = b.ok("POST", "/v1/apps/shop/instances", {"name": f"d{i}", "command": TICKER}, 201)
+        assert made["branch"] == id_a  # through B itself too
+    full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
+    assert full.status == 503 and "draining" in full.body["error"]["message"]
+    assert a.call("POST", "/v1/branches/nobody/drain").status in (404, 503)
+    assert b.ok("POST", "/v1/branches/self/undrain") == {"id": id_b, "draining": False}
+    wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
+    pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
+    assert pinned.status == 201 and pinned.body["branch"] == id_b

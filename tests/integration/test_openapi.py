@@ -243,6 +243,8 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     sealed = seal.seal(ring, b'{"op":"record","args":{}}', time.time(), os.urandom(12))
     assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 200
     assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 403  # a replay
+    assert v.call("POST", "/v1/branches/self/drain").body == {"id": me["id"], "draining": True}
+    assert v.call("POST", f"/v1/branches/{me['id']}/undrain").status == 200
     assert v.call("POST", "/v1/branches/self/leave").status == 202
     assert v.call("POST", "/v1/daemon/exit", {"keep": "yes"}).status == 422
     assert v.call("POST", "/v1/daemon/exit", {"keep": True}).status == 202

@@ -223,6 +223,24 @@ def _gossip_text(g: Any) -> str | None:
     )
 
 
+@branches.command("drain")
+@click.argument("branch_id", metavar="ID")
+def branches_drain(opts: Options, branch_id: str) -> None:
+    """No new instance is placed on branch ID (id, or self); its own keep running."""
+    with opts.client() as c:
+        data = c.drain(branch_id, True)
+    _emit(opts, data, f"branch {data['id']} drains: no new instances")
+
+
+@branches.command("undrain")
+@click.argument("branch_id", metavar="ID")
+def branches_undrain(opts: Options, branch_id: str) -> None:
+    """Branch ID takes new instances again."""
+    with opts.client() as c:
+        data = c.drain(branch_id, False)
+    _emit(opts, data, f"branch {data['id']} takes new instances again")
+
+
 @branches.command("leave")
 def branches_leave(opts: Options) -> None:
     """Make this branch leave its cluster gracefully (the others see "left")."""
