@@ -272,6 +272,9 @@ class Placing(Peers, Protocol):
 
     def alive(self) -> list[BranchRecord]: ...
     def owner_of(self, app: str, name: str) -> str | None: ...
+    async def reserve(self, app: str, name: str) -> None:
+        """Reserve a new instance's name cluster-wide (``Conflict`` if taken)."""
+        ...
 
 
 async def place(
@@ -302,6 +305,8 @@ async def place(
                 f"instance {name!r} of app {app.name!r} exists on branch {holder}",
                 branch=holder,
             )
+        # two creates of one name through two branches: one 201, one 409
+        await peers.reserve(app.name, name)
     live = peers.alive()
     pin = request.query.get("branch")
     embedded = app.celery.broker is None and app.origin

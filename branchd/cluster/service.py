@@ -50,7 +50,7 @@ from branchd.cluster.replica import OPS as DECL_OPS
 from branchd.cluster.replica import DeclarationSync, Declared
 from branchd.cluster.timing import MembershipConfig
 from branchd.cluster.transport import UdpTransport
-from branchd.errors import BadMessage, BadRequest, BranchdError, Forbidden, NotFound
+from branchd.errors import BadMessage, BadRequest, BranchdError, Conflict, Forbidden, NotFound
 from branchd.events import EventBus
 from branchd.views import PROOF_HEADER, BranchRecord
 
@@ -151,6 +151,17 @@ def save_keyring(path: Path, ring: Keyring) -> None:
 
 #: A record is told again at least this often (s), changed or not much.
 TELL_AT_LEAST_EVERY = 60.0
+#: How long a reserved instance name is held for the branch creating it (s):
+#: past that its record (names gossiped as a digest, then fetched) says it.
+RESERVE_TTL = 30.0
+
+
+def reserver(key: str, branches: Iterable[str]) -> str:
+    """The branch that decides who may create instance ``key`` (``app/name``):
+    the highest rendezvous hash of the key and a branch id. Every branch that
+    sees the same live members picks the same one, so two creates of one name
+    through two branches ask the same branch, which says yes to one only."""
+    return max(branches, key=lambda b: hashlib.sha256(f"{key}\x00{b}".encode()).digest())
 
 
 def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
@@ -217,6 +228,7 @@ class ClusterService:
         self._dropped = 0
         self._started = self._clock.monotonic()
         self._announced: tuple[BranchRecord, float] | None = None
+        self._reserved: dict[str, tuple[str, float]] = {}  # app/name: (by, until)
         self.gossip = Gossip(
             settings.branch_id,
             settings.gossip_advertise,
@@ -347,6 +359,47 @@ class ClusterService:
             if key in rec.instances:
                 return rec.id
         return None
+
+    def reserve_here(self, app: str, name: str, by: str) -> bool:
+        """This branch, as the name's reserver: may ``by`` create ``app/name``?
+        Not if a live branch holds it, nor while another branch holds it reserved."""
+        key, now = f"{app}/{name}", self._clock.monotonic()
+        self._reserved = {k: v for k, v in self._reserved.items() if v[1] > now}
+        if self.owner_of(app, name) is not None:
+            return False
+        held = self._reserved.get(key)
+        if held is not None and held[0] != by:
+            return False
+        self._reserved[key] = (by, now + RESERVE_TTL)
+        return True
+
+    async def reserve(self, app: str, name: str) -> None:
+        """Reserve ``app/name`` for a create through this branch, with its
+        reserver (``reserver()``); ``Conflict`` when another create has it or
+        a branch holds it. A reserver that cannot be reached does not stop the
+        create (the membership will find it gone; a name created twice is then
+        found by the records, as on a partition)."""
+        ids = [m.id for m in self.gossip.members() if m.state is MemberState.ALIVE]
+        key = f"{app}/{name}"
+        chosen = reserver(key, ids or [self.self_id])
+        if chosen == self.self_id:
+            ok = self.reserve_here(app, name, self.self_id)
+        else:
+            url, _ = self.api_url_of(chosen)
+            try:
+                if url is None:
+                    raise PeerRefused(f"no API known for {chosen}")
+                asked = {"app": app, "name": name, "by": self.self_id}
+                ok = bool((await self.call(url, "reserve", asked)).get("ok"))
+            except Exception as exc:  # (aiohttp's errors, a refusal, a bad answer)
+                self._once(f"reserve:{type(exc).__name__}", exc, f"cannot reserve at {chosen}")
+                return
+        if not ok:
+            raise Conflict(
+                f"instance {name!r} of app {app!r} exists or is being created "
+                f"(reserved at branch {chosen})",
+                branch=chosen,
+            )
 
     def _peers(self) -> list[tuple[str, str]]:
         """The live members but this one whose API is known: (id, API URL)."""
@@ -483,6 +536,9 @@ class ClusterService:
                 answer = {"message": json.loads(codec.encode(self.gossip.exchange(msg)))}
             case "record":
                 answer = {"record": self._record().to_json()}
+            case "reserve":
+                app, name, by = (str(args.get(k, "")) for k in ("app", "name", "by"))
+                answer = {"ok": self.reserve_here(app, name, by)}
             case op if op in DECL_OPS and self.declarations is not None:
                 answer = self.declarations.answer(op, args)
             case "keys":

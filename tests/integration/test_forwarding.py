@@ -12,6 +12,7 @@ import base64
 import json
 import signal
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -220,3 +221,37 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_b
+
+
+def test_concurrent_creates_of_one_name_through_two_branches_make_one(
+    pair: tuple[Branchd, Branchd],
+) -> None:
+    a, b = pair
+    a.ok("PUT", "/v1/apps/shop", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
+    wait_for(lambda: b.call("GET", "/v1/apps/shop").status == 200, 10)
+    rounds, codes = 50, []
+    for i in range(rounds):
+        codes.append(_race(a, b, f"same{i}"))
+        # never two: the gathered listing (both branches') holds it once
+        names = [x["name"] for x in a.ok("GET", "/v1/apps/shop/instances")["items"]]
+        assert names.count(f"same{i}") == 1, (i, codes[-1], names)
+    print(f"{rounds} rounds of two concurrent creates: {sorted(set(codes))}")
+    assert all(c == (201, 409) for c in codes), codes
+
+
+def _race(a: Branchd, b: Branchd, name: str) -> tuple[int, ...]:
+    """Two creates of ``name`` at once, one through each branch: their statuses."""
+    go = threading.Barrier(2)
+    got: dict[str, int] = {}
+
+    def create(x: Branchd, who: str) -> None:
+        go.wait()
+        body = {"name": name, "command": ["true"], "autostart": False}
+        got[who] = x.call("POST", "/v1/apps/shop/instances", body).status
+
+    threads = [threading.Thread(target=create, args=(x, w)) for x, w in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return tuple(sorted(got.values()))

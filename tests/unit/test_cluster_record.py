@@ -115,3 +115,13 @@ def test_a_record_is_told_again_only_when_it_changed_enough() -> None:
     assert worth_telling(REC, w(memory_free=8 << 30), 5.0)
     assert worth_telling(REC, BranchRecord(**{**REC.__dict__, "instances": ("x/y",)}), 0.1)
     assert worth_telling(REC, REC, TELL_AT_LEAST_EVERY)
+
+
+def test_every_branch_picks_the_same_reserver_for_a_name() -> None:
+    from branchd.cluster.service import reserver
+
+    ids = [f"b{i}" for i in range(5)]
+    picks = {reserver("shop/w1", order) for order in (ids, ids[::-1], sorted(ids, key=hash))}
+    assert len(picks) == 1
+    spread = {reserver(f"shop/w{i}", ids) for i in range(200)}
+    assert spread == set(ids)  # the names' reservers spread over the branches
