@@ -106,6 +106,7 @@ class Cluster:
         self.nodes: list[Daemon] = []
         self.ids: list[str] = []
         self.n = n
+        self.extra: list[str] = []  # more flags for every branch
 
     def form(self) -> None:
         for i in range(self.n):
@@ -113,7 +114,7 @@ class Cluster:
         self.ids = [d.get("/v1/branches/self")["id"] for d in self.nodes]
 
     def start(self, i: int) -> Daemon:
-        args = ["--cluster-key-file", str(self.key_file)]
+        args = ["--cluster-key-file", str(self.key_file), *self.extra]
         if i:
             args += ["--join", self.nodes[0].url]
         return Daemon(self.python, self.work / f"b{i}", *args)

@@ -77,6 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-requests-"))
     c = Cluster(args.python, work, 5)
+    c.extra = ["--max-instances", str(args.per_branch + 10)]
     try:
         log(f"starting 5 branches in {work}")
         c.form()
