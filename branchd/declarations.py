@@ -90,7 +90,9 @@ class Declarations:
         check_carried(app, list(queues), decls)
         created = self._store.put_app(app)
         self._bus.publish(events.DeclarationChanged("app", name, name))
-        return app, created
+        # the record as stored: with its version and origin (the branch that
+        # declared it, which an app on the embedded broker is bound to)
+        return self._store.get_app(name) or app, created
 
     async def patch_app(self, name: str, patch: Mapping[str, Any]) -> App:
         """Change what ``patch`` names and keep the rest (JSON merge patch:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from branchd.errors import BranchUnreachable, Conflict, Full, Invalid
+from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
 from branchd.placement import Need, pick, pick_pinned
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
@@ -85,6 +85,8 @@ class HttpForwarder:
         import aiohttp  # the client side: loaded by a clustering branch only
 
         url, state = self._peers.api_url_of(branch)
+        if state == "unknown":  # (a branch named in the path that is no member)
+            raise NotFound(f"no branch {branch!r} is known here")
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(
                 f"branch {branch} answers this, and it is {state}"

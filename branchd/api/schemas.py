@@ -153,6 +153,13 @@ APP: Schema = {
         **_APP_CELERY,
         "broker": {"type": "string"},
         "embedded_broker": {"type": "boolean"},
+        "scope": {
+            "type": "string",
+            "enum": ["branch", "cluster"],
+            "description": "branch: its instances run on the branch that declared it "
+            "(an app on the embedded broker); cluster: on any branch",
+        },
+        "branch": {"type": ["string", "null"], "description": "that branch's id"},
     },
 }
 

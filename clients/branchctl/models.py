@@ -69,6 +69,10 @@ class App:
     autoscale: Mapping[str, Any] | None = None
     mingle_gossip: bool | None = None
     result_backend: str | None = None
+    #: "branch": its instances run on the branch that declared it (``branch``);
+    #: "cluster": on any branch.
+    scope: str | None = None
+    branch: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -244,6 +244,9 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
             "args": ["-E"],
             "autoscale": {"min": 1, "max": 2},
             "mingle_gossip": False,
+            # new: where its instances run (the embedded broker: where declared)
+            "scope": "branch",
+            "branch": None,
         }.items()
     )
     remote = App("p", celery=CelerySettings(broker="redis://h/0", result_backend="redis://h/1"))
@@ -261,6 +264,8 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
         "args": [],
         "autoscale": None,
         "mingle_gossip": False,
+        "scope": "cluster",
+        "branch": None,
     }
     assert queue_answer(Queue("shop", "q", version=V)) == {
         "app": "shop",
