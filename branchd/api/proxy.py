@@ -82,36 +82,9 @@ class HttpForwarder:
         self._session: Any = None
 
     async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
-        import aiohttp  # the client side: loaded by a clustering branch only
-
-        url, state = self._peers.api_url_of(branch)
-        if state == "unknown":  # (a branch named in the path that is no member)
+        if self._peers.api_url_of(branch)[1] == "unknown":  # (a path naming no member)
             raise NotFound(f"no branch {branch!r} is known here")
-        if url is None or state in ("dead", "left"):
-            raise BranchUnreachable(
-                f"branch {branch} answers this, and it is {state}"
-                + ("" if url else " (its address is not known)"),
-                branch=branch,
-                state=state,
-            )
-        body = await request.read()
-        headers = self._hop_headers(request, body, keep=True)
-        target = url.rstrip("/") + request.path_qs
-        sent = asyncio.ensure_future(
-            self._client().request(
-                request.method, target, data=body or None, headers=headers, allow_redirects=False
-            )
-        )
-        try:
-            resp = await self._answer(sent, branch)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            _, state = self._peers.api_url_of(branch)
-            raise BranchUnreachable(
-                f"branch {branch} ({state}) answers this and cannot be reached: "
-                f"{type(exc).__name__}: {exc}".rstrip(": "),
-                branch=branch,
-                state=state,
-            ) from None
+        resp = await self._request(request, branch, await request.read())
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             for k, v in resp.headers.items():
@@ -156,24 +129,49 @@ class HttpForwarder:
         status, headers and body (a create: it may be handed on if "full")."""
         import aiohttp
 
-        url, state = self._peers.api_url_of(branch)
-        if url is None or state in ("dead", "left"):
-            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
-        headers = self._hop_headers(request, body, keep=True)
-        target = url.rstrip("/") + request.path_qs
-        sent = asyncio.ensure_future(
-            self._client().request(request.method, target, data=body or None, headers=headers)
-        )
+        resp = await self._request(request, branch, body)
         try:
-            resp = await self._answer(sent, branch)
             async with resp:
                 return resp.status, dict(resp.headers), await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._unreachable(branch, exc) from None
+
+    async def _request(self, request: web.Request, branch: str, body: bytes) -> Any:
+        """The head of ``branch``'s answer to ``request`` (its body to read);
+        BranchUnreachable when that member is gone, or silent (``_answer``)."""
+        import aiohttp  # the client side: loaded by a clustering branch only
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
             raise BranchUnreachable(
-                f"branch {branch} ({state}): {type(exc).__name__}: {exc}".rstrip(": "),
+                f"branch {branch} answers this, and it is {state}"
+                + ("" if url else " (its address is not known)"),
                 branch=branch,
                 state=state,
-            ) from None
+            )
+        headers = self._hop_headers(request, body, keep=True)
+        sent = asyncio.ensure_future(
+            self._client().request(
+                request.method,
+                url.rstrip("/") + request.path_qs,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+            )
+        )
+        try:
+            return await self._answer(sent, branch)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._unreachable(branch, exc) from None
+
+    def _unreachable(self, branch: str, exc: BaseException) -> BranchUnreachable:
+        _, state = self._peers.api_url_of(branch)  # (as it is now: dead, maybe)
+        return BranchUnreachable(
+            f"branch {branch} ({state}) answers this and cannot be reached: "
+            f"{type(exc).__name__}: {exc}".rstrip(": "),
+            branch=branch,
+            state=state,
+        )
 
     def _hop_headers(self, request: web.Request, body: bytes, *, keep: bool) -> dict[str, str]:
         """The headers of one hop: the caller's own (``keep``; never the
@@ -247,8 +245,6 @@ async def gather(
     unreachable: list[dict[str, Any]] = []
     statuses: list[int] = []
     if isinstance(local, web.Response) and local.body is not None:
-        import json
-
         statuses.append(local.status)
         if local.status == 200:
             items += json.loads(bytes(local.body))["items"]  # type: ignore[arg-type]

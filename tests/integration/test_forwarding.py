@@ -186,6 +186,8 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
     again = a.call("POST", "/v1/apps/shop/instances", {"name": taken, "command": TICKER})
     assert again.status == 409 and id_b in again.body["error"]["message"]
     # pinned: there, or a 503 full that says why
+    nowhere = a.call("POST", "/v1/apps/shop/instances?branch=nobody", {"command": TICKER})
+    assert nowhere.status == 404 and "nobody" in nowhere.body["error"]["message"]
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_a}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_a
     if placed.count(id_b) == 3:
