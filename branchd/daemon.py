@@ -30,10 +30,12 @@ from branchd.api.forward import (
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
-from branchd.config import Config, is_loopback, load, parse_bind
+from branchd.config import SLOTS_PER_CPU, Config, is_loopback, load, parse_bind
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
+from branchd.local import LocalBranch
 from branchd.local import build as build_local
+from branchd.placement import need_for
 from branchd.process.launcher import ProcessLauncher
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
@@ -96,6 +98,7 @@ class Daemon:
             )
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
+            cpus = os.cpu_count() or 1
             started = clock.wall()
             branch = BranchService(
                 BranchRecord(
@@ -114,6 +117,8 @@ class Daemon:
                 scheduler=scheduler,
                 interval=cfg.cluster.record_interval,
                 max_instances=cfg.cluster.max_instances,
+                slots=cfg.cluster.slots or SLOTS_PER_CPU * cpus,
+                slots_used=lambda: slots_used(local, cpus),
             )
             branch.start()
             cluster = (
@@ -318,6 +323,13 @@ def _gossip_bind(cfg: Config) -> tuple[str, int]:
     return cfg.api.host, (cfg.api.port + 1 if cfg.api.port else 0)
 
 
+def slots_used(local: LocalBranch, cpus: int) -> int:
+    """What this branch's instances take of its slots (``placement.need_for``)."""
+    specs = local.instances.specs()
+    apps = {name: local.apps.find_app(name) for name in {s.app for s in specs}}
+    return sum(need_for(s, apps[s.app], cpus=cpus).slots for s in specs)
+
+
 def _cluster(
     cfg: Config,
     branch: BranchService,
@@ -475,6 +487,11 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     type=int,
     help="Instances this branch may hold [env BRANCHD_MAX_INSTANCES; default 100]",
 )
+@click.option(
+    "--slots",
+    type=int,
+    help="Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -492,6 +509,7 @@ def cli(
     no_zeroconf: bool | None,
     cluster_profile: str | None,
     max_instances: int | None,
+    slots: int | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -514,6 +532,7 @@ def cli(
         "no_zeroconf": True if no_zeroconf else None,
         "cluster_profile": cluster_profile,
         "max_instances": max_instances,
+        "slots": slots,
         "config": config_file,
         "log_level": log_level,
     }

@@ -82,9 +82,11 @@ def build(
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)
+    celery = CeleryRuntime(engine, declarations, workers, bus)
+    declarations.on_remote_queue_delete(celery.drop_queue)
     return LocalBranch(
         apps=declarations,
         instances=engine,
-        celery=CeleryRuntime(engine, declarations, workers, bus),
+        celery=celery,
         logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
     )

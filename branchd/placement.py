@@ -22,12 +22,13 @@ two random ones among those left, never a sort of all of them by stale data.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from branchd.errors import Full, Invalid, NotFound
 from branchd.model import App, InstanceSpec, Kind
+from branchd.process.specs import build_spec
 from branchd.views import BranchRecord
 
 
@@ -46,7 +47,7 @@ Spare = tuple[int, int, int, float]
 class Need:
     """What an instance takes from the branch that runs it."""
 
-    #: Free instance slots it takes (``need_for``: its largest concurrency).
+    #: Free slots it takes (``need_for``: its largest concurrency).
     slots: int = 1
     #: Free memory it takes (bytes; 0: nothing declared, nothing checked).
     memory: int = 0
@@ -56,13 +57,21 @@ class Need:
         return text + (f" and {_mib(self.memory)} of memory" if self.memory else "")
 
 
-def need_for(spec: InstanceSpec, app: App | None = None, memory_estimate: int = 0) -> Need:
+def need_for(
+    spec: InstanceSpec,
+    app: App | None = None,
+    memory_estimate: int = 0,
+    *,
+    cpus: int = 1,
+) -> Need:
     """What ``spec`` declares it needs.
 
     Slots: the most pool processes it may run (its autoscale max, else its
     fixed concurrency, else the app's autoscale max), 1 for a plain process.
-    A worker that says none of these runs Celery's default (the host's CPU
-    count), unknown before the host is chosen: counted as 1.
+    A worker that says none of these runs Celery's default, the host's CPU
+    count: ``cpus`` (the branch that runs it knows its own; a sender placing
+    it does not know the host yet and counts 1, the host's admission check
+    then counts its own).
     Memory: its ``memory_limit`` (the most it is let grow to), else
     ``memory_estimate`` (what the caller knows of the app's instances).
     """
@@ -74,8 +83,21 @@ def need_for(spec: InstanceSpec, app: App | None = None, memory_estimate: int = 
             slots = spec.concurrency
         elif app is not None and app.celery.autoscale is not None:
             slots = app.celery.autoscale.max
+        else:
+            slots = cpus
     memory = spec.memory_limit if spec.memory_limit is not None else memory_estimate
     return Need(slots=max(1, slots), memory=max(0, memory))
+
+
+def need_of(fields: Mapping[str, Any], app: App, *, cpus: int = 1) -> Need:
+    """What a create's body (``fields``, over ``app``'s defaults) needs; a
+    body that makes no valid instance needs the least (its create then says
+    what is wrong with it)."""
+    try:
+        spec = build_spec(app, "placed", fields, "", 0.0)
+    except (Invalid, ValueError, TypeError, KeyError):
+        return Need()
+    return need_for(spec, app, cpus=cpus)
 
 
 def why_not(record: BranchRecord, need: Need) -> str | None:
@@ -83,6 +105,8 @@ def why_not(record: BranchRecord, need: Need) -> str | None:
     c = record.capacity
     if c.draining:
         return "draining"
+    if c.free_instances < 1:
+        return f"{c.instances} of {c.max_instances} instances"
     if c.free_slots < need.slots:
         return f"{c.free_slots} free slot{'s' if c.free_slots != 1 else ''}"
     if c.memory_free < need.memory:

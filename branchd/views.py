@@ -170,9 +170,18 @@ class Capacity:
     max_instances: int = 0
     #: Taking no new instance (placement skips it); its own keep running.
     draining: bool = False
+    #: The pool processes this branch may run (``cluster.slots``): a Celery
+    #: instance takes its largest concurrency, a plain process one.
+    slots: int = 0
+    #: What its instances take of them (``placement.need_for``).
+    slots_used: int = 0
 
     @property
     def free_slots(self) -> int:
+        return max(0, self.slots - self.slots_used)
+
+    @property
+    def free_instances(self) -> int:
         return max(0, self.max_instances - self.instances)
 
     def to_json(self) -> dict[str, Any]:
@@ -183,6 +192,8 @@ class Capacity:
             "memory_free": self.memory_free,
             "instances": self.instances,
             "max_instances": self.max_instances,
+            "slots": self.slots,
+            "slots_used": self.slots_used,
             "free_slots": self.free_slots,
             "draining": self.draining,
         }

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
-from branchd.placement import Need, pick, pick_pinned
+from branchd.placement import Need, need_of, pick, pick_pinned
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,9 @@ async def place(
             f"app {app.name!r} is on the embedded broker of branch {app.origin}: its "
             "instances run there (its workers and producers share that machine's folder)"
         )
-    need = Need()
+    # (the host's CPU count is not known yet: a worker of Celery's default
+    # concurrency counts 1 here, and its host's admission counts its own)
+    need = need_of(body, app) if isinstance(body, dict) else Need()
     if embedded:
         order: tuple[BranchRecord, ...] = (pick_pinned(live, str(app.origin), need),)
     elif pin:

@@ -25,6 +25,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
+from branchd.placement import need_of, why_not
 from branchd.views import BranchRecord, app_answer, queue_answer
 
 if TYPE_CHECKING:
@@ -447,12 +448,11 @@ async def create_instance(request: web.Request) -> web.Response:
     if CLUSTER in request.app:
         # admission control: this branch's own live figures have the last word
         # (the sender chose on gossiped ones); "full" sends it to the next choice
-        cap = request.app[BRANCH]().capacity
-        if cap.draining or cap.free_slots < 1:
-            raise Full(
-                f"branch {request.app[BRANCH]().id} has no room: "
-                + ("draining" if cap.draining else f"{cap.instances} of {cap.max_instances}")
-            )
+        me = request.app[BRANCH]()
+        need = need_of(body, await _local(request).apps.get_app(app), cpus=me.capacity.cpus)
+        reason = why_not(me, need)
+        if reason is not None:
+            raise Full(f"branch {me.id} has no room for {need}: {reason}")
     if "name" in body and not _strict_name(body["name"]):
         raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
     view = await _local(request).instances.create_instance(app, body)

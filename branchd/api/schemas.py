@@ -327,6 +327,8 @@ BRANCH: Schema = {
                 "memory_free": {"type": "integer"},
                 "instances": {"type": "integer"},
                 "max_instances": {"type": "integer"},
+                "slots": {"type": "integer"},
+                "slots_used": {"type": "integer"},
                 "free_slots": {"type": "integer"},
                 "draining": {"type": "boolean"},
             },

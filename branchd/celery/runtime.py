@@ -9,6 +9,8 @@ goes on the bus once the worker has it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +24,8 @@ from branchd.model import App, InstanceSpec, Queue
 from branchd.process.engine import Engine
 from branchd.process.specs import autoscale_from
 
+log = logging.getLogger(__name__)
+
 
 class CeleryRuntime:
     def __init__(
@@ -31,6 +35,7 @@ class CeleryRuntime:
         self._decls = declarations
         self._workers = workers
         self._bus = bus
+        self._drops: set[asyncio.Task[None]] = set()
 
     # what a producer needs ------------------------------------------------------
 
@@ -53,6 +58,25 @@ class CeleryRuntime:
         for spec in [s for s in self._engine.specs(app) if name in s.queues]:
             await self.remove_consumer(app, spec.name, name)
         self._decls.forget_queue(app, name)
+
+    def drop_queue(self, app: str, name: str) -> None:
+        """Another branch deleted queue ``name``: cancel it on this branch's
+        instances of ``app`` that consume it (in the background: a worker's
+        confirm takes a while, and the declaration is already gone)."""
+        specs = [s.name for s in self._engine.specs(app) if name in s.queues]
+        if specs:
+            task = asyncio.ensure_future(self._drop(app, specs, name))
+            self._drops.add(task)
+            task.add_done_callback(self._drops.discard)
+
+    async def _drop(self, app: str, instances: list[str], queue: str) -> None:
+        for instance in instances:
+            try:
+                await self.remove_consumer(app, instance, queue)
+            except Exception as exc:  # (gone meanwhile, a worker that does not answer)
+                # the spec no longer wants it: a worker that missed the cancel
+                # drops the queue at its next start
+                log.warning("cannot cancel queue %r on %s/%s: %s", queue, app, instance, exc)
 
     # consumers ------------------------------------------------------------------------
 

@@ -175,7 +175,7 @@ def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
     def where_and_what(r: BranchRecord) -> tuple[object, ...]:
         c = r.capacity
         where = (r.api_url, r.gossip_addr, r.version)
-        return (*where, r.instances, c.max_instances, c.draining, c.cpus)
+        return (*where, r.instances, c.max_instances, c.slots, c.slots_used, c.draining, c.cpus)
 
     if where_and_what(told) != where_and_what(now) or a.instances != b.instances:
         return True

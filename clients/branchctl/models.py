@@ -216,6 +216,9 @@ class Capacity:
     memory_free: int | None = None
     instances: int | None = None
     max_instances: int | None = None
+    #: Pool processes the branch may run, what its instances take of them, the rest.
+    slots: int | None = None
+    slots_used: int | None = None
     free_slots: int | None = None
     draining: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)

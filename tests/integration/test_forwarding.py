@@ -160,7 +160,7 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
     a = branchd_factory("--cluster-key-file", str(key), state_dir=tmp_path / "a")
     join = f"http://127.0.0.1:{a.url.rsplit(':', 1)[1]}"
     b = branchd_factory(
-        "--cluster-key-file", str(key), "--join", join, "--max-instances", "3",
+        "--cluster-key-file", str(key), "--join", join, "--slots", "3",
         state_dir=tmp_path / "b",
     )  # fmt: skip
     for x in (a, b):
@@ -193,6 +193,12 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
     if placed.count(id_b) == 3:
         full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
         assert full.status == 503 and full.body["error"]["code"] == "full"
+    # a slot is a pool process: a worker of concurrency 4 does not fit in B's 3
+    worker = {"kind": "celery", "concurrency": 4, "autostart": False}
+    big = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", worker)
+    assert big.status == 503 and big.body["error"]["code"] == "full", big.text
+    assert "4 slots" in big.body["error"]["message"]
+    assert b.ok("GET", "/v1/branch")["capacity"]["slots"] == 3
     # an app on the embedded broker: its instances run on the branch that declared it
     b.ok("PUT", "/v1/apps/local", {}, 201)
     wait_for(lambda: a.call("GET", "/v1/apps/local").status == 200, 10)

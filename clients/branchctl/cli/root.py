@@ -164,6 +164,7 @@ def branches_list(opts: Options) -> None:
             f"{b.capacity.load[0]:.2f}" if b.capacity.load else None,
             render.size(b.capacity.memory_free) if b.capacity.memory_free is not None else None,
             b.capacity.instances,
+            b.capacity.free_slots,
             b.version,
         )
         for b in bs
@@ -172,7 +173,7 @@ def branches_list(opts: Options) -> None:
     _emit(
         opts,
         _items(bs),
-        render.table((*headers, "INSTANCES", "VERSION"), rows),
+        render.table((*headers, "INSTANCES", "FREE-SLOTS", "VERSION"), rows),
     )
 
 
@@ -202,8 +203,9 @@ def branches_show(opts: Options, branch_id: str) -> None:
                 "load": " ".join(f"{x:.2f}" for x in cap.load) or None,
                 "memory": f"{render.size(cap.memory_free)} free of "
                 f"{render.size(cap.memory_total)}",
-                "instances": f"{cap.instances} of {cap.max_instances} "
-                f"({cap.free_slots} free){', draining' if cap.draining else ''}",
+                "instances": f"{cap.instances} of {cap.max_instances}"
+                f"{', draining' if cap.draining else ''}",
+                "slots": f"{cap.slots_used} of {cap.slots} taken ({cap.free_slots} free)",
                 "names": (", ".join(m.instances) or "-")
                 + (" (not fetched yet)" if m.instances_stale else ""),
                 "counters": _gossip_text(m.gossip),
