@@ -33,7 +33,7 @@ from branchd.clock import LoopScheduler, SystemClock
 from branchd.config import SLOTS_PER_CPU, Config, is_loopback, load, parse_bind
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
-from branchd.local import LocalBranch
+from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
 from branchd.placement import need_for
 from branchd.process.launcher import ProcessLauncher
@@ -122,7 +122,9 @@ class Daemon:
             )
             branch.start()
             cluster = (
-                _cluster(cfg, branch, scheduler, bus, local.apps) if cfg.cluster.enabled else None
+                _cluster(cfg, branch, scheduler, bus, local.apps, local.holdings)
+                if cfg.cluster.enabled
+                else None
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
@@ -336,6 +338,7 @@ def _cluster(
     scheduler: LoopScheduler,
     bus: EventBus,
     declarations: Declared,
+    holdings: Holdings,
 ) -> ClusterService:
     """The cluster service of a branch that clusters (not started yet)."""
     from branchd.cluster.service import ClusterService, HttpPeerClient, Settings, load_keyring
@@ -375,6 +378,7 @@ def _cluster(
         # without a key (loopback only) the peer calls carry this branch's token
         client=HttpPeerClient(None if keyring is not None else cfg.api.token),
         declarations=declarations,  # apps and queues on every branch
+        holdings=holdings,  # this branch's instances, for the names across the cluster
     )
 
 

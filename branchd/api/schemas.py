@@ -372,6 +372,8 @@ BRANCH_ENTRY: Schema = {
                 "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "bad_messages": {"type": "integer"},
                 "peer_calls_dropped": {"type": "integer"},
+                "name_collisions": {"type": "integer"},
+                "copies_given_up": {"type": "integer"},
             },
         },
     },

@@ -122,7 +122,7 @@ def test_a_record_is_told_again_only_when_it_changed_enough() -> None:
 
 
 def test_every_branch_picks_the_same_reserver_for_a_name() -> None:
-    from branchd.cluster.service import reserver
+    from branchd.cluster.names import reserver
 
     ids = [f"b{i}" for i in range(5)]
     picks = {reserver("shop/w1", order) for order in (ids, ids[::-1], sorted(ids, key=hash))}
