@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from branchd import events
-from branchd.celery.ops import autoscaler_range, fixed_concurrency
+from branchd.celery.ops import autoscaler_range, broker_url, fixed_concurrency
 from branchd.celery.workers import Workers
 from branchd.declarations import Declarations, check_name
 from branchd.errors import RestartRequired
@@ -42,7 +42,7 @@ class CeleryRuntime:
     def effective_broker(self, app: App) -> str:
         """The URL a producer uses (the embedded broker's is ``filesystem://``:
         its folders ride in the transport options of ``celery_config``)."""
-        return self._workers.broker(app).url
+        return broker_url(app)
 
     def effective_backend(self, app: App) -> str | None:
         return self._workers.result_backend(app)
