@@ -128,14 +128,14 @@ class Daemon:
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
-            gatherer = placer = drain = None
+            gatherer = placer = drain = moves = None
             if cluster is not None:
                 import random
 
                 from branchd.api.proxy import HttpForwarder, gather, place
 
                 # a named instance's routes go to the branch that holds it
-                proxy = HttpForwarder(cluster)
+                proxy = HttpForwarder(cluster, cfg.api.token)
                 directory, forwarder = ClusterDirectory(cluster), proxy
 
                 peers = cluster
@@ -154,6 +154,17 @@ class Daemon:
                     log.info("branch %s %s", branch.record().id, "drains" if on else "undrained")
 
                 branch.set_draining(bool(store.marks(DRAINING_MARK)))
+
+                from branchd.api.move import Mover
+
+                moves = Mover(
+                    proxy,
+                    cluster,
+                    local,
+                    local.holdings,
+                    scheduler,
+                    draining=lambda: branch.record().capacity.draining,
+                )
 
                 async def placer(
                     request: web.Request, here: Callable[[], Awaitable[web.StreamResponse]]
@@ -174,6 +185,7 @@ class Daemon:
                     gatherer=gatherer,
                     placer=placer,
                     drain=drain,
+                    moves=moves,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
                 ),
                 access_log=None,
@@ -222,6 +234,8 @@ class Daemon:
                 how.value,
                 "stopping instances" if how == Exit.STOP else "instances keep running",
             )
+            if moves is not None:
+                await moves.close()  # (a move under way ends; what it made stays)
             if cluster is not None:
                 if self._discovery is not None:
                     await self._discovery.close()

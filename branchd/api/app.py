@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Cluster, Local
+from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -29,6 +29,7 @@ from branchd.api.routes import (
     EXIT,
     LISTINGS,
     LOCAL,
+    MOVES,
     OPENAPI,
     PEER_PATH,
     ROUTES,
@@ -219,6 +220,7 @@ def make_app(
     gatherer: Gatherer | None = None,
     placer: Placer | None = None,
     drain: Callable[[bool], None] | None = None,
+    moves: Moves | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -247,6 +249,8 @@ def make_app(
         app[PLACER] = placer
     if drain is not None:
         app[DRAIN] = drain
+    if moves is not None:
+        app[MOVES] = moves
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token

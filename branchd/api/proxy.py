@@ -77,9 +77,12 @@ class Peers(Protocol):
 
 
 class HttpForwarder:
-    def __init__(self, peers: Peers) -> None:
+    def __init__(self, peers: Peers, token: str | None = None) -> None:
         self._peers = peers
         self._session: Any = None
+        #: This branch's own token, for its own calls in a cluster without a
+        #: key (loopback only: there its branches share the token).
+        self._token = token
 
     async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
         if self._peers.api_url_of(branch)[1] == "unknown":  # (a path naming no member)
@@ -121,6 +124,31 @@ class HttpForwarder:
             raise BranchUnreachable(
                 f"branch {branch} ({state}): {why}", branch=branch, state=state
             ) from None
+
+    async def own(
+        self, method: str, branch: str, path: str, body: Any = None, timeout: float = 30.0
+    ) -> tuple[int, Any]:
+        """A request of this branch's own (not a client's) answered by
+        ``branch``: (status, JSON body); BranchUnreachable if it is not."""
+        import aiohttp
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {HOP_HEADER: self._peers.self_id, **self._peers.prove(method, path, data)}
+        if PROOF_HEADER not in headers and self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if data:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().request(
+                    method, url.rstrip("/") + path, data=data or None, headers=headers
+                ) as resp:
+                    return resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise self._unreachable(branch, exc) from None
 
     async def send(
         self, request: web.Request, branch: str, body: bytes

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from branchd.api import precheck, schemas
-from branchd.api.backend import Cluster, Local
+from branchd.api.backend import Cluster, Local, Moves
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
@@ -48,6 +48,8 @@ LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 CLUSTER = web.AppKey("cluster", Cluster)
 #: Sets this branch's draining flag (kept across restarts); absent: no cluster.
 DRAIN: web.AppKey[Callable[[bool], None]] = web.AppKey("drain")
+#: Moves this branch's instances elsewhere (``drain --move``); absent: no cluster.
+MOVES = web.AppKey("moves", Moves)
 #: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
@@ -260,16 +262,34 @@ async def leave(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    return _draining(request, True)
+    """``?move=1``: and move its instances elsewhere, one at a time (202:
+    the move goes on; ``GET .../drain`` says where it stands)."""
+    move = _flag(request.query.get("move", "0"), "move")
+    answer = _draining(request, True)
+    if move:
+        answer["move"] = request.app[MOVES].start()
+    return _json(answer, status=202 if move else 200)
 
 
 async def undrain(request: web.Request) -> web.Response:
-    return _draining(request, False)
+    return _json(_draining(request, False))
 
 
-def _draining(request: web.Request, on: bool) -> web.Response:
-    """This branch takes no new instance (``on``) or takes them again; its
-    own keep running. Another branch's id was forwarded to it already."""
+async def drain_status(request: web.Request) -> web.Response:
+    _draining(request, None)
+    me = request.app[BRANCH]()
+    return _json({"id": me.id, "draining": me.capacity.draining, "move": _moves(request)})
+
+
+def _moves(request: web.Request) -> dict[str, Any] | None:
+    moves = request.app.get(MOVES)
+    return moves.current() if moves is not None else None
+
+
+def _draining(request: web.Request, on: bool | None) -> dict[str, Any]:
+    """This branch takes no new instance (``on``) or takes them again (its
+    own keep running), or (None) is only looked at. Another branch's id was
+    forwarded to it already."""
     branch_id = request.match_info["id"]
     me = request.app[BRANCH]()
     if branch_id not in ("self", me.id):
@@ -277,8 +297,9 @@ def _draining(request: web.Request, on: bool) -> web.Response:
     setter = request.app.get(DRAIN)
     if setter is None:
         raise Conflict("this branch cannot be drained (not in a cluster)")
-    setter(on)
-    return _json({"id": me.id, "draining": on})
+    if on is not None:
+        setter(on)  # (an undrain stops a move after the instance under way)
+    return {"id": me.id, "draining": on, "move": _moves(request)}
 
 
 async def peer(request: web.Request) -> web.Response:
@@ -611,7 +632,17 @@ ROUTES: tuple[Route, ...] = (
         "/v1/branches/{id}/drain",
         drain,
         "Drain a branch: it takes no new instance (placement skips it, and it answers "
-        "full); its own keep running",
+        "full); its own keep running, or with ?move=1 are made again elsewhere one at a "
+        "time, each new one running before the old one stops (202)",
+        response=schemas.DRAINING,
+        query=(("move", {"type": "string", "enum": ["0", "1", "false", "true"]}),),
+        accepted=schemas.DRAINING,
+    ),
+    Route(
+        "GET",
+        "/v1/branches/{id}/drain",
+        drain_status,
+        "Whether a branch drains, and where its last move (drain ?move=1) stands",
         response=schemas.DRAINING,
     ),
     Route(

@@ -381,10 +381,41 @@ BRANCH_ENTRY: Schema = {
 
 KEY_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{8}$"}
 
+_MOVED: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"instance": {"type": "string"}, "to": {"type": "string"}},
+    },
+}
+_NOT_MOVED: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"instance": {"type": "string"}, "error": {"type": "string"}},
+    },
+}
+MOVE: Schema = {
+    "type": "object",
+    "description": "a move of a draining branch's instances: moving, done, or stopped "
+    "(undrained); left: app/name not moved yet (the one under way first)",
+    "required": ["state", "left", "moved", "failed"],
+    "properties": {
+        "state": {"type": "string", "enum": ["moving", "done", "stopped"]},
+        "left": {"type": "array", "items": {"type": "string"}},
+        "moved": _MOVED,
+        "failed": _NOT_MOVED,
+    },
+}
+
 DRAINING: Schema = {
     "type": "object",
     "required": ["id", "draining"],
-    "properties": {"id": {"type": "string"}, "draining": {"type": "boolean"}},
+    "properties": {
+        "id": {"type": "string"},
+        "draining": {"type": "boolean"},
+        "move": {"oneOf": [{"type": "null"}, MOVE]},
+    },
 }
 
 KEYS: Schema = {

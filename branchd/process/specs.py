@@ -16,6 +16,7 @@ from branchd.model import (
     Autorestart,
     Autoscale,
     CelerySettings,
+    Desired,
     InstanceSpec,
     Kind,
 )
@@ -52,6 +53,20 @@ def build_spec(
     return apply_fields(
         InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
     )
+
+
+def creation_fields(spec: InstanceSpec) -> dict[str, Any]:
+    """The create body that makes ``spec`` again, on another branch (a move):
+    its name and kind and every field a user may set, as the spec has them now
+    (the app's defaults it took included: a default changed since does not
+    change it on the way); created running only if it is wanted running."""
+    wire = spec.to_wire()
+    keys = [k for k in SETTABLE if spec.kind == Kind.CELERY or k not in CELERY_FIELDS]
+    if spec.kind == Kind.CELERY:
+        keys.remove("command")  # (built from the app)
+    body = {k: wire[k] for k in keys if wire.get(k) is not None}
+    body.update(name=spec.name, kind=spec.kind.value, autostart=spec.desired == Desired.RUNNING)
+    return body
 
 
 def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:

@@ -315,11 +315,22 @@ class AsyncClient:
         _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}")
         return self._parse(Member.from_json, data)
 
-    async def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
+    async def drain(
+        self, branch_id: str = "self", on: bool = True, *, move: bool = False
+    ) -> dict[str, Any]:
         """Drain a branch (no new instance placed there; its own keep running),
-        or with ``on=False`` take new instances there again."""
+        or with ``on=False`` take new instances there again. ``move``: and
+        make its instances again elsewhere, one at a time, each new one
+        running before the old one stops (``drain_status`` follows it)."""
         verb = "drain" if on else "undrain"
-        _, data = await self._json("POST", f"/v1/branches/{_seg(branch_id)}/{verb}")
+        query = "?move=1" if move and on else ""
+        _, data = await self._json("POST", f"/v1/branches/{_seg(branch_id)}/{verb}{query}")
+        return dict(data)
+
+    async def drain_status(self, branch_id: str = "self") -> dict[str, Any]:
+        """Whether a branch drains, and where its last move stands (``move``:
+        ``state`` moving/done/stopped, ``left``, ``moved``, ``failed``)."""
+        _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}/drain")
         return dict(data)
 
     async def leave(self) -> None:
@@ -684,8 +695,13 @@ class Client:
     def member(self, branch_id: str = "self") -> Member:
         return self._run(self._async.member(branch_id))
 
-    def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
-        return self._run(self._async.drain(branch_id, on))
+    def drain(
+        self, branch_id: str = "self", on: bool = True, *, move: bool = False
+    ) -> dict[str, Any]:
+        return self._run(self._async.drain(branch_id, on, move=move))
+
+    def drain_status(self, branch_id: str = "self") -> dict[str, Any]:
+        return self._run(self._async.drain_status(branch_id))
 
     def leave(self) -> None:
         self._run(self._async.leave())

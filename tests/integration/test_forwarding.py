@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,7 +219,8 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     a.ok("PUT", "/v1/apps/shop", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
     wait_for(lambda: b.call("GET", "/v1/apps/shop").status == 200, 10)
     # drained through A: forwarded to B
-    assert a.ok("POST", f"/v1/branches/{id_b}/drain") == {"id": id_b, "draining": True}
+    drained = a.ok("POST", f"/v1/branches/{id_b}/drain")
+    assert drained == {"id": id_b, "draining": True, "move": None}
     wait_for(lambda: a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     for i in range(4):
         made = b.ok("POST", "/v1/apps/shop/instances", {"name": f"d{i}", "command": TICKER}, 201)
@@ -225,7 +228,8 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert full.status == 503 and "draining" in full.body["error"]["message"]
     assert a.call("POST", "/v1/branches/nobody/drain").status == 404
-    assert b.ok("POST", "/v1/branches/self/undrain") == {"id": id_b, "draining": False}
+    undrained = b.ok("POST", "/v1/branches/self/undrain")
+    assert undrained == {"id": id_b, "draining": False, "move": None}
     wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_b
@@ -263,3 +267,92 @@ def _race(a: Branchd, b: Branchd, name: str) -> tuple[int, ...]:
     for t in threads:
         t.join()
     return tuple(sorted(got.values()))
+
+
+def test_a_worker_is_driven_through_another_branch_and_a_drain_moves_instances_away(
+    pair: tuple[Branchd, Branchd],
+) -> None:
+    """A Celery worker on B: its consumers, autoscale and stats through A.
+    Then ``drain --move`` of B: its instances are made again on A one at a
+    time, each new one running before the old one stops; one on B's own
+    embedded broker cannot move and says why."""
+    from branchctl.cli import main
+    from click.testing import CliRunner
+
+    from tests.brokers import REDIS_URL, reachable, unreachable
+
+    if not reachable(REDIS_URL):
+        unreachable(REDIS_URL)
+    a, b = pair
+    id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    tok = uuid.uuid4().hex[:8]
+    app, queue, extra = f"shop-{tok}", f"default-{tok}", f"extra-{tok}"
+    root = str(Path(__file__).resolve().parents[2])
+    a.ok("PUT", f"/v1/apps/{app}", {"broker": REDIS_URL, "celery_app": "tests.celery_app.tasks",
+                                     "env": {"PYTHONPATH": root}}, 201)  # fmt: skip
+    wait_for(lambda: b.call("GET", f"/v1/apps/{app}").status == 200, 10)
+    worker = {"name": "w1", "kind": "celery", "queues": [queue], "autoscale": {"min": 1, "max": 2}}
+    assert a.call("POST", f"/v1/apps/{app}/instances?branch={id_b}", worker).status == 201
+    inst = f"/v1/apps/{app}/instances/w1"
+    wait_for(lambda: b.instance(app, "w1")["state"] == "running", 60, 0.1)
+    wait_for(lambda: a.call("GET", inst).status == 200, 10)
+    # the runtime operations through A, answered by B's worker
+    added = a.ok("PUT", inst + f"/queues/{extra}")
+    assert {q["name"]: q["live"] for q in added["items"]} == {queue: True, extra: True}
+    assert [q["name"] for q in a.ok("GET", inst + "/queues")["items"]] == [queue, extra]
+    assert a.ok("DELETE", inst + f"/queues/{extra}")["items"][0]["name"] == queue
+    assert a.ok("PUT", inst + "/autoscale", {"min": 1, "max": 3})["live"] == {"min": 1, "max": 3}
+    assert a.ok("GET", inst + "/autoscale")["max"] == 3
+    assert a.ok("GET", inst + "/stats")["celery"]["node"].startswith("w1@")
+    assert a.call("DELETE", inst).status == 204
+    assert b.call("GET", f"/v1/apps/{app}/instances/w1").status == 404
+
+    # B drains with --move: its instances go to A, each new one running first
+    for name in ("p1", "p2"):
+        made = {"name": name, "command": TICKER, "startsecs": 1}
+        assert a.call("POST", f"/v1/apps/{app}/instances?branch={id_b}", made).status == 201
+    b.ok("POST", f"/v1/apps/{app}/instances/p2/stop")
+    b.ok("PUT", "/v1/apps/loc", {}, 201)  # on B's embedded broker: it stays on B
+    b.ok("POST", "/v1/apps/loc/instances", {"name": "l1", "command": TICKER}, 201)
+    wait_for(lambda: b.instance(app, "p1")["state"] == "running", 10)
+    old_pid = b.instance(app, "p1")["pid"]
+    started = b.ok("POST", "/v1/branches/self/drain?move=1", status=202)
+    assert started["draining"] is True and started["move"]["state"] == "moving"
+    gaps = []
+
+    def done() -> dict[str, Any] | None:
+        # at every look, p1 runs on one branch or the other (or both)
+        items = a.ok("GET", f"/v1/apps/{app}/instances")["items"]
+        if not any(i["name"] == "p1" and i["state"] == "running" for i in items):
+            gaps.append(items)
+        move = a.ok("GET", f"/v1/branches/{id_b}/drain")["move"]  # (forwarded to B)
+        return move if move["state"] != "moving" else None
+
+    move = wait_for(done, 30, 0.05)
+    assert gaps == []
+    assert move["moved"] == [{"instance": f"{app}/p1", "to": id_a},
+                             {"instance": f"{app}/p2", "to": id_a}]  # fmt: skip
+    assert [f["instance"] for f in move["failed"]] == ["loc/l1"]
+    assert "embedded broker" in move["failed"][0]["error"]
+    p1, p2 = a.instance(app, "p1"), a.instance(app, "p2")
+    assert p1["branch"] == id_a and p1["state"] == "running" and p1["pid"] != old_pid
+    assert p2["branch"] == id_a and p2["state"] == "stopped"  # made as it was
+    assert not _alive(old_pid)
+    wait_for(lambda: a.ok("GET", f"/v1/branches/{id_b}")["instances"] == ["loc/l1"], 10)
+    # the CLI: the one that cannot move is said, and the exit is 1
+    env = {"BRANCHD_STATE_DIR": str(b.state_dir.parent / "no-such-state")}
+    r = CliRunner().invoke(
+        main, ["--url", a.url, "--token", a.token, "branches", "drain", id_b, "--move"], env=env
+    )
+    assert r.exit_code == 1, r.output
+    assert "loc/l1: not moved: app 'loc' is on this branch's embedded broker" in r.output
+    assert "0 moved, 1 not moved" in r.output
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -243,7 +243,12 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     sealed = seal.seal(ring, b'{"op":"record","args":{}}', time.time(), os.urandom(12))
     assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 200
     assert v.call("POST", "/v1/cluster/peer", raw=sealed).status == 403  # a replay
-    assert v.call("POST", "/v1/branches/self/drain").body == {"id": me["id"], "draining": True}
+    drained = v.call("POST", "/v1/branches/self/drain").body
+    assert drained == {"id": me["id"], "draining": True, "move": None}
+    assert v.call("GET", "/v1/branches/self/drain").body["draining"] is True
+    assert v.call("POST", "/v1/branches/self/drain?move=maybe").status == 400
+    moving = v.call("POST", "/v1/branches/self/drain?move=1")  # (no other branch: none moves)
+    assert moving.status == 202 and moving.body["move"]["state"] == "moving"
     assert v.call("POST", f"/v1/branches/{me['id']}/undrain").status == 200
     assert v.call("POST", "/v1/branches/self/leave").status == 202
     assert v.call("POST", "/v1/daemon/exit", {"keep": "yes"}).status == 422

@@ -227,11 +227,47 @@ def _gossip_text(g: Any) -> str | None:
 
 @branches.command("drain")
 @click.argument("branch_id", metavar="ID")
-def branches_drain(opts: Options, branch_id: str) -> None:
-    """No new instance is placed on branch ID (id, or self); its own keep running."""
+@click.option(
+    "--move",
+    is_flag=True,
+    help="And make its instances again elsewhere, one at a time (each new one "
+    "running before the old one stops); waits for the move",
+)
+@click.option("--no-wait", is_flag=True, help="With --move: start it and say where it stands")
+def branches_drain(opts: Options, branch_id: str, move: bool, no_wait: bool) -> None:
+    """No new instance is placed on branch ID (id, or self); its own keep
+    running, or with --move go elsewhere."""
     with opts.client() as c:
-        data = c.drain(branch_id, True)
-    _emit(opts, data, f"branch {data['id']} drains: no new instances")
+        data = c.drain(branch_id, True, move=move)
+        if not move:
+            _emit(opts, data, f"branch {data['id']} drains: no new instances")
+            return
+        said: set[str] = set()
+        status = data.get("move") or {}
+        while not no_wait and status.get("state") == "moving":
+            _say_moves(status, said)
+            time.sleep(0.5)
+            status = c.drain_status(data["id"]).get("move") or {}
+        _say_moves(status, said)
+    data["move"] = status
+    moved, failed = len(status.get("moved", ())), len(status.get("failed", ()))
+    left = len(status.get("left", ()))
+    text = f"branch {data['id']} drains: {moved} moved, {failed} not moved" + (
+        f", {left} left ({status.get('state')})" if left else ""
+    )
+    _emit(opts, data, text)
+    if failed:
+        raise SystemExit(1)
+
+
+def _say_moves(status: dict[str, Any], said: set[str]) -> None:
+    """One line on stderr for each instance moved or not moved, once."""
+    lines = [f"{m['instance']}: moved to {m['to']}" for m in status.get("moved", ())]
+    lines += [f"{f['instance']}: not moved: {f['error']}" for f in status.get("failed", ())]
+    for line in lines:
+        if line not in said:
+            said.add(line)
+            click.echo(line, err=True)
 
 
 @branches.command("undrain")
