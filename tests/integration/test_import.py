@@ -109,3 +109,21 @@ def test_a_bad_file_creates_nothing(daemon: Branchd, tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == [f"branchctl: {bad}:4: [program:broken] has no command"]
     assert "fine" not in {a["name"] for a in daemon.ok("GET", "/v1/apps")["items"]}
+
+
+def test_import_celerys_sample_as_a_celery_instance_twice(daemon: Branchd) -> None:
+    celeryd = ZULIP.parent.parent.parent / "celery" / "celeryd.conf"
+    r = run(daemon, "import", str(celeryd), "--celery")
+    assert r.exit_code == 0, r.output
+    assert "instance celery: create [celery]" in r.output
+    app = daemon.ok("GET", "/v1/apps/celery")
+    assert app["celery_app"] == "proj" and app["embedded_broker"] is True
+    inst = daemon.ok("GET", "/v1/apps/celery/instances/celery")
+    assert inst["kind"] == "celery" and inst["loglevel"] == "INFO"
+    assert inst["stopwaitsecs"] == 600 and inst["user"] == "nobody"
+    r = run(daemon, "import", str(celeryd), "--celery")
+    assert r.exit_code == 0, r.output
+    assert "apps: 0 created, 0 updated, 1 unchanged" in r.output
+    assert "instances: 0 created, 0 updated, 1 unchanged" in r.output
+    r = run(daemon, "import", str(celeryd))  # without --celery: a process, refused
+    assert r.exit_code == 1 and "the kind cannot change" in r.stderr
