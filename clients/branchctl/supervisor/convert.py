@@ -401,8 +401,17 @@ def convert(path: str, reader: Reader, opts: ImportOptions) -> Conversion:
         run.note(where, "[include]", text, NoteKind.NOTE)
     apps = _convert(loaded, names, opts, run)
     if run.problems:
-        raise BadConfig(run.problems)
+        raise BadConfig(sorted(run.problems, key=_by_place))
     return Conversion(apps, tuple(run.notes))
+
+
+_PLACE = re.compile(r"^(?P<file>[^:]*):(?P<line>\d+):")
+
+
+def _by_place(problem: str) -> tuple[str, int]:
+    """file, then line: the order a reader fixes them in (stable otherwise)."""
+    match = _PLACE.match(problem)
+    return (match["file"], int(match["line"])) if match else (problem.split(":")[0], 0)
 
 
 def _kind(section: Section) -> tuple[str, str]:
