@@ -35,7 +35,7 @@ from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
 from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
-from branchd.placement import need_for
+from branchd.placement import Recent, need_for
 from branchd.process.launcher import ProcessLauncher
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
@@ -146,6 +146,7 @@ class Daemon:
                     return gather(proxy, peers, request, local)
 
                 rng = random.Random()
+                recent = Recent()  # what this branch placed that records may not say yet
 
                 def drain(on: bool) -> None:
                     # kept across a restart: a drained machine stays drained
@@ -170,7 +171,7 @@ class Daemon:
                     request: web.Request, here: Callable[[], Awaitable[web.StreamResponse]]
                 ) -> web.StreamResponse:
                     app = await local.apps.get_app(request.match_info["app"])  # (404: none)
-                    return await place(proxy, peers, request, here, app, rng)
+                    return await place(proxy, peers, request, here, app, rng, recent)
             runner = web.AppRunner(
                 make_app(
                     local,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from branchd.errors import Full, Invalid, NotFound
@@ -98,6 +98,46 @@ def need_of(fields: Mapping[str, Any], app: App, *, cpus: int = 1) -> Need:
     except (Invalid, ValueError, TypeError, KeyError):
         return Need()
     return need_for(spec, app, cpus=cpus)
+
+
+@dataclass
+class Recent:
+    """The creates this branch placed on others whose records may not say so
+    yet (a record's names travel as a digest, fetched within about a second):
+    counted on top of those records, so that a burst of creates through one
+    branch spreads instead of piling onto whichever branch looked emptiest a
+    second ago. An entry goes once the branch's record holds the name, or
+    after ``ttl`` seconds."""
+
+    ttl: float = 10.0
+    _by: dict[str, list[tuple[str, int, float]]] = field(default_factory=dict)
+
+    def add(self, branch: str, key: str, slots: int, now: float) -> None:
+        """``key`` (``app/name``, taking ``slots``) was made on ``branch`` at ``now``."""
+        self._by.setdefault(branch, []).append((key, slots, now))
+
+    def apply(self, records: Iterable[BranchRecord], now: float) -> list[BranchRecord]:
+        out = []
+        for r in records:
+            held = set(r.instances)
+            pending = [
+                e for e in self._by.get(r.id, ()) if e[0] not in held and now - e[2] < self.ttl
+            ]
+            if pending:
+                self._by[r.id] = pending
+            else:
+                self._by.pop(r.id, None)
+                out.append(r)
+                continue
+            c = r.capacity
+            cap = replace(
+                c,
+                instances=c.instances + len(pending),
+                slots_used=c.slots_used + sum(e[1] for e in pending),
+            )
+            names = tuple(sorted((*r.instances, *(e[0] for e in pending))))
+            out.append(replace(r, capacity=cap, instances=names))
+        return out
 
 
 def why_not(record: BranchRecord, need: Need) -> str | None:

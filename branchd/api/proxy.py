@@ -25,7 +25,7 @@ from aiohttp import web
 
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
-from branchd.placement import Need, need_of, pick, pick_pinned
+from branchd.placement import Need, Recent, need_of, pick, pick_pinned
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,7 @@ async def place(
     here: Callable[[], Awaitable[web.StreamResponse]],
     app: App,
     rng: random.Random,
+    recent: Recent | None = None,
 ) -> web.StreamResponse:
     """A new instance of ``app``, created on the branch with spare capacity
     (``placement.pick``: better of two on free slots, the app's instances
@@ -333,7 +334,8 @@ async def place(
             )
         # two creates of one name through two branches: one 201, one 409
         await peers.reserve(app.name, name)
-    live = peers.alive()
+    now = asyncio.get_running_loop().time()
+    live = recent.apply(peers.alive(), now) if recent is not None else peers.alive()
     pin = request.query.get("branch")
     embedded = app.celery.broker is None and app.origin
     home = (app.origin, *(r.hostname for r in live if r.id == app.origin))
@@ -364,6 +366,9 @@ async def place(
                 tried.append(f"{choice.id} ({exc.message})")
                 continue
             if not (status == 503 and b'"full"' in data):
+                if status == 201 and recent is not None:
+                    made = json.loads(data)  # (its name: given, or made up there)
+                    recent.add(choice.id, f"{app.name}/{made.get('name')}", need.slots, now)
                 out = web.Response(status=status, body=data, content_type="application/json")
                 if "Location" in headers:
                     out.headers["Location"] = headers["Location"]

@@ -332,3 +332,21 @@ def test_the_ranking_is_a_permutation_of_the_feasible_set(
     for r in ranking:
         c = r.capacity
         assert not c.draining and c.free_slots >= slots and c.memory_free >= mem
+
+
+def test_creates_placed_a_moment_ago_count_until_the_records_say_so() -> None:
+    from branchd.placement import Recent
+
+    b0, b1 = branch("b0", free=10), branch("b1", free=10)
+    recent = Recent(ttl=10.0)
+    recent.add("id-b1", "shop/w1", 4, now=100.0)
+    got = {r.id: r for r in recent.apply([b0, b1], now=101.0)}
+    assert got["id-b0"] == b0  # (untouched)
+    assert got["id-b1"].instances == ("shop/w1",) and got["id-b1"].capacity.free_slots == 6
+    assert same_app(got["id-b1"], "shop") == 1  # the app's spread sees it
+    # once b1's record holds it, it is not counted twice
+    told = _with_one_more(b1, "shop")
+    told = replace(told, instances=("shop/w1",))
+    assert recent.apply([told], now=102.0) == [told]
+    recent.add("id-b0", "shop/w2", 1, now=100.0)
+    assert recent.apply([b0], now=110.0) == [b0]  # too old: its record must say by now
