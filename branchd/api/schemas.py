@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from branchd.model import (
+    FOREVER,
     NAME_PATTERN,
     POOLS,
     QUEUE_NAME_PATTERN,
@@ -20,6 +21,7 @@ from branchd.model import (
 Schema = dict[str, Any]
 
 _STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+_ENV_FILE: Schema = {"type": "string", "minLength": 2, "maxLength": 4096}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
 
 #: The fields of an instance a user may set; also an app's instance defaults.
@@ -34,6 +36,24 @@ _SETTABLE: dict[str, Schema] = {
     "env": _STR_MAP,
     "cwd": {"type": ["string", "null"], "minLength": 1},
     "user": {"type": ["string", "null"], "minLength": 1},
+    "env_file": {
+        "anyOf": [
+            _ENV_FILE,
+            {"type": "array", "items": _ENV_FILE, "maxItems": 100},
+            {"type": "null"},
+        ],
+        "description": "absolute path(s) of files in systemd's EnvironmentFile syntax, "
+        "read at each start (a leading '-': skipped when missing); between the app's env "
+        "and the instance's own",
+    },
+    "umask": {
+        "anyOf": [
+            {"type": "string", "pattern": "^(0[oO])?[0-7]{1,4}$"},
+            {"type": "integer", "minimum": 0, "maximum": 0o777},
+            {"type": "null"},
+        ],
+        "description": "the child's umask: an octal string (022) or its value; null: the daemon's",
+    },
     "autorestart": {"type": "string", "enum": [a.value for a in Autorestart]},
     "exitcodes": {
         "type": "array",
@@ -41,7 +61,14 @@ _SETTABLE: dict[str, Schema] = {
         "maxItems": 256,
     },
     "startsecs": {"type": "number", "minimum": 0, "maximum": 3600},
-    "startretries": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "startretries": {
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": 1000},
+            {"type": "string", "enum": [FOREVER]},
+        ],
+        "description": "failed starts in a row before fatal; forever: never fatal "
+        "(the backoff stays capped)",
+    },
     "stopsignal": {"type": "string", "enum": list(STOP_SIGNALS)},
     "stopwaitsecs": {"type": "number", "minimum": 0, "maximum": 86400},
     "autostart": {"type": "boolean"},
