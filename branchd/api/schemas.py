@@ -362,6 +362,27 @@ BRANCH: Schema = {
         "api_url": {"type": "string"},
         "gossip_addr": {"type": "string"},
         "instances": {"type": "array", "items": {"type": "string"}},
+        # GET /v1/branch only (the daemon answering; branchctl daemon status)
+        "pid": {"type": "integer", "description": "the daemon's process id"},
+        "state_dir": {"type": "string", "description": "where it keeps its state"},
+        "supervision": {
+            "type": "string",
+            "description": "how an instance's process tree is kept and ended: "
+            "process-group (its own session and group; SIGKILL to the group)",
+        },
+        "instance_states": {
+            "type": "object",
+            "description": "this branch's instances by state (every state, 0 included)",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
+        "cluster": {
+            "type": ["object", "null"],
+            "description": "null: not in a cluster; else its members by state "
+            "(this branch included)",
+            "properties": {
+                "members": {"type": "object", "additionalProperties": {"type": "integer"}}
+            },
+        },
     },
 }
 

@@ -245,6 +245,15 @@ class Branch:
     api_url: str | None = None
     gossip_addr: str | None = None
     instances: tuple[str, ...] = ()
+    # the daemon answering (absent from a daemon older than issue 15)
+    pid: int | None = None
+    state_dir: str | None = None
+    #: How instance process trees are kept and ended ("process-group").
+    supervision: str | None = None
+    #: This branch's instances by state.
+    instance_states: Mapping[str, int] = field(default_factory=dict)
+    #: None: not in a cluster; else {"members": {state: count}}.
+    cluster: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
