@@ -73,10 +73,12 @@ def startretries_wire(value: int | None) -> int | str:
 UMASK_RULE = 'an octal string ("022", "0o027") or its value as an integer (0-511)'
 
 
-def umask_from(value: int | str) -> int:
+def umask_from(value: object) -> int:
     """A umask as a user gives it: an octal string ("022", "0o022"), as
     supervisord's ``umask=022``, or the number itself (18 == 0o022)."""
-    if isinstance(value, bool):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # (JSON's 18.0 is JSON Schema's integer 18)
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"bad umask {value!r}: {UMASK_RULE}")
     if isinstance(value, int):
         mask = value

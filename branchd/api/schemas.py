@@ -48,8 +48,9 @@ _SETTABLE: dict[str, Schema] = {
     },
     "umask": {
         "anyOf": [
-            {"type": "string", "pattern": "^(0[oO])?[0-7]{1,4}$"},
+            # (the integer first: the body's 18.0 is made an int by its schema)
             {"type": "integer", "minimum": 0, "maximum": 0o777},
+            {"type": "string", "pattern": "^(0[oO])?[0-7]{1,4}$"},
             {"type": "null"},
         ],
         "description": "the child's umask: an octal string (022) or its value; null: the daemon's",

@@ -19,6 +19,8 @@ import pytest
 from branchctl.cli import main
 from click.testing import CliRunner, Result
 
+from branchd.errors import SpawnError
+from branchd.process.launcher import ENV_FILE_MAX, read_env_files
 from tests.conftest import Branchd, _kill_leftovers, start_branchd, wait_for
 
 #: Writes the variables named in argv[2:] to the file argv[1] (as JSON), then sleeps.
@@ -177,3 +179,24 @@ def test_daemon_status_then_an_exit_through_the_api_leaves_the_instances_to_the_
     daemon.b = again = start_branchd(daemon.state_dir)
     for name, pid in running.items():
         assert again.wait_state("web", name, "running")["pid"] == pid  # adopted, not doubled
+
+
+def test_read_env_files(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.env", tmp_path / "two.env"
+    one.write_text("A=1\nB=1\n2BAD=x\n")
+    two.write_text("B=2\n")
+    env, warnings = read_env_files((str(one), f"-{tmp_path}/missing.env", str(two)))
+    assert env == {"A": "1", "B": "2"}  # a later file wins
+    assert warnings == [f"{one}:3: '2BAD' is not a variable name; skipped"]
+    latin = tmp_path / "latin.env"
+    latin.write_bytes(b"A=caf\xe9\n")
+    big = tmp_path / "big.env"
+    big.write_text("A=" + "x" * ENV_FILE_MAX + "\n")
+    for paths, message in [
+        ((str(tmp_path / "missing.env"),), "does not exist"),
+        ((str(tmp_path),), "cannot read env file"),  # a directory
+        ((str(latin),), "is not UTF-8 (byte 5)"),
+        ((str(big),), "is larger than 1024 KiB"),
+    ]:
+        with pytest.raises(SpawnError, match=re.escape(message)):
+            read_env_files(paths)

@@ -397,12 +397,36 @@ def test_no_url_file_means_the_default_url(tmp_path: Path) -> None:
         ["logs", "web", "w1", "--lines", "many"],
         ["instances", "add", "web", "--autorestart", "sometimes"],
         ["apps", "add", "web", "--env", "NOEQUALS"],
+        ["instances", "add", "web", "--startretries", "0", "--", "x"],
+        ["instances", "add", "web", "--startretries", "never", "--", "x"],
+        ["instances", "add", "web", "--umask", "9", "--", "x"],
+        ["instances", "add", "web", "--umask", "1000", "--", "x"],
+        ["instances", "set", "web", "w1", "--no-env-file", "--env-file", "/a.env"],
+        ["instances", "set", "web", "w1"],
     ],
 )
 def test_usage_errors_are_exit_2(daemon: FakeDaemon, args: list[str]) -> None:
     result = run(daemon, *args)
     assert result.exit_code == 2
     assert daemon.seen == []
+
+
+def test_add_instance_with_env_files_umask_and_retries_forever(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "instances", "add", "web", "--name", "api", "--env-file", "/etc/api.env",
+        "--env-file", "-/etc/local.env", "--umask", "0027", "--startretries", "FOREVER",
+        "--", "./api",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (seen,) = daemon.seen
+    assert seen.body == {
+        "name": "api",
+        "command": ["./api"],
+        "env_file": ["/etc/api.env", "-/etc/local.env"],
+        "umask": "0027",
+        "startretries": "forever",
+    }
 
 
 def test_add_instance_sends_the_argv_after_double_dash(daemon: FakeDaemon) -> None:

@@ -15,9 +15,10 @@ from branchd.process.specs import apply_fields, build_spec
 UMASKS: list[tuple[Any, int]] = [
     ("022", 0o022), ("0022", 0o022), ("22", 0o022), ("0o027", 0o027), ("0O077", 0o077),
     ("0", 0), ("000", 0), ("777", 0o777), (" 027 ", 0o027), (18, 0o022), (0, 0), (511, 0o777),
+    (18.0, 0o022),
 ]
 BAD_UMASKS: list[Any] = ["", "0o", "8", "09", "1000", "0o1000", "abc", "-22", "0x12", "٢٢",
-                         512, -1, True]
+                         512, -1, True, 18.5, None, ["022"]]
 # fmt: on
 
 
