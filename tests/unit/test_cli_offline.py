@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ from aiohttp import web
 from branchctl.cli import instances as cli_instances
 from branchctl.cli import main
 from branchctl.cli.common import BranchctlCommand, BranchctlGroup, Options
+from branchctl.cli.root import _status_text
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
-from branchctl.models import Instance
+from branchctl.models import Branch, Instance
 from branchctl.render import duration, table
 from click.testing import CliRunner, Result
 
@@ -785,3 +787,27 @@ def test_remove_waits_until_it_is_gone(daemon: FakeDaemon) -> None:
     deletes = [s for s in daemon.seen if s.method == "DELETE"]
     assert [s.query for s in deletes] == [{"wait": "false"}]
     assert run(daemon, "instances", "show", "web", "w1").exit_code == 1
+
+
+def test_daemon_status_of_a_branch_in_a_cluster() -> None:
+    b = Branch.from_json(
+        {
+            "id": "b1",
+            "hostname": "m1",
+            "version": "0.1.0",
+            "started_at": time.time() - 3600,
+            "api_url": "http://10.0.0.1:8400",
+            "pid": 4242,
+            "state_dir": "/var/lib/branchd",
+            "supervision": "process-group",
+            "instance_states": {"stopped": 0, "running": 3, "fatal": 1},
+            "cluster": {"members": {"alive": 2, "suspect": 1}},
+        }
+    )
+    text = _status_text(b, "http://127.0.0.1:8400")
+    lines = dict(line.split(None, 1) if " " in line else (line, "") for line in text.splitlines())
+    assert lines["pid"].strip() == "4242"
+    assert lines["url"].strip() == "http://10.0.0.1:8400"
+    assert lines["instances"].strip() == "4: 3 running, 1 fatal"
+    assert lines["cluster"].strip() == "3 branch(es): 2 alive, 1 suspect"
+    assert lines["uptime"].strip().startswith("1h")
