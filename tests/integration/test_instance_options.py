@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 from branchd.errors import SpawnError
 from branchd.process.launcher import ENV_FILE_MAX, read_env_files
 from tests.conftest import Branchd, _kill_leftovers, start_branchd, wait_for
+from tests.integration.test_openapi import Validating
 
 #: Writes the variables named in argv[2:] to the file argv[1] (as JSON), then sleeps.
 SHOW_ENV = (
@@ -171,8 +172,12 @@ def test_daemon_status_then_an_exit_through_the_api_leaves_the_instances_to_the_
     assert sum(status["instance_states"].values()) == len(views) >= 1
     running = {v["name"]: v["pid"] for v in views if v["state"] == "running"}
     assert running
-    assert b.call("POST", "/v1/branch/exit?keep=maybe").status == 400
-    reply = b.call("POST", "/v1/branch/exit?keep=1")
+    v = Validating(b, b.ok("GET", "/v1/openapi.json"))  # each answer as documented
+    assert v.call("GET", "/v1/branch").body["instance_states"] == status["instance_states"]
+    assert v.call("POST", "/v1/branch/exit?keep=maybe").status == 400
+    assert v.call("POST", "/v1/branch/exit", {"keep": True}).status == 422  # (the query's)
+    assert v.call("POST", "/v1/branch/exit?keep=1", token="wrong").status == 401
+    reply = v.call("POST", "/v1/branch/exit?keep=1")
     assert (reply.status, reply.body) == (202, {"exiting": True, "keep": True})
     assert b.wait_exit() == 0
     assert all(psutil.pid_exists(pid) for pid in running.values())
