@@ -51,6 +51,9 @@ log = logging.getLogger("branchd")
 #: The store's mark of a drained branch (``POST /v1/branches/{id}/drain``).
 DRAINING_MARK = "branch:draining"
 
+#: How instance process trees are kept and ended (``GET /v1/branch``).
+SUPERVISION = "process-group"
+
 #: Named exit codes of the entry point.
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -188,6 +191,11 @@ class Daemon:
                     drain=drain,
                     moves=moves,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
+                    daemon={
+                        "pid": os.getpid(),
+                        "state_dir": str(cfg.state_dir),
+                        "supervision": SUPERVISION,
+                    },
                 ),
                 access_log=None,
                 shutdown_timeout=2.0,

@@ -74,6 +74,8 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "env",
     "cwd",
     "user",
+    "env_file",
+    "umask",
     "autorestart",
     "exitcodes",
     "startsecs",

@@ -7,7 +7,8 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from branchd.api.forward import (
 from branchd.api.routes import (
     BRANCH,
     CLUSTER,
+    DAEMON,
     DRAIN,
     EXIT,
     LISTINGS,
@@ -221,6 +223,7 @@ def make_app(
     placer: Placer | None = None,
     drain: Callable[[bool], None] | None = None,
     moves: Moves | None = None,
+    daemon: Mapping[str, Any] | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -256,6 +259,8 @@ def make_app(
         app[TOKEN] = token
     if on_exit is not None:
         app[EXIT] = on_exit
+    if daemon is not None:
+        app[DAEMON] = daemon
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from branchd.model import (
     QUEUE_NAME_PATTERN,
     QUEUE_NAME_RULE,
     App,
+    State,
     valid_name,
     valid_queue_name,
 )
@@ -54,6 +56,9 @@ MOVES = web.AppKey("moves", Moves)
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
 EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
+#: What the process answering is (pid, state dir, supervision mode), for
+#: ``GET /v1/branch``; absent: a server that is no daemon (tests).
+DAEMON: web.AppKey[Mapping[str, Any]] = web.AppKey("daemon")
 
 MAX_TAIL = 10_000
 #: How often a follow=1 answer checks that its client is still there.
@@ -208,7 +213,24 @@ def branch_info(request: web.Request) -> dict[str, Any]:
 
 
 async def get_branch(request: web.Request) -> web.Response:
-    return _json(branch_info(request))
+    """Its record and, from a daemon, what ``branchctl daemon status`` shows
+    beside it: the process, its instances by state, its cluster's members by
+    state."""
+    body = branch_info(request)
+    daemon = request.app.get(DAEMON)
+    if daemon is None:
+        return _json(body)
+    body.update(daemon)
+    views = await _local(request).instances.list_instances()
+    states = Counter(v.runtime.state.value for v in views)
+    body["instance_states"] = {s.value: states[s.value] for s in State}
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        body["cluster"] = None
+    else:
+        members = Counter(str(m.get("state")) for m in cluster.branches())
+        body["cluster"] = {"members": dict(sorted(members.items()))}
+    return _json(body)
 
 
 def _solo(request: web.Request, *, names: bool) -> dict[str, Any]:
@@ -325,15 +347,29 @@ async def remove_key(request: web.Request) -> web.Response:
     return _json(await _cluster(request).remove_key(request.match_info["id"]))
 
 
-async def daemon_exit(request: web.Request) -> web.Response:
+async def daemon_exit(request: web.Request) -> web.StreamResponse:
     body = await _body(request, schemas.EXIT_IN)
-    keep = bool(body.get("keep", False))
+    return await _exit(request, bool(body.get("keep", False)))
+
+
+async def branch_exit(request: web.Request) -> web.StreamResponse:
+    """``?keep=1``: the upgrade path without signals (as SIGUSR2); without
+    it every instance stops first (as SIGTERM)."""
+    await _body(request, schemas.EMPTY)
+    return await _exit(request, _flag(request.query.get("keep", "0"), "keep"))
+
+
+async def _exit(request: web.Request, keep: bool) -> web.StreamResponse:
     on_exit = request.app.get(EXIT)
     if on_exit is None:
         raise Conflict("this server cannot be told to exit")
-    # After this answer is on its way: the exit closes the listener.
+    # The answer is written out before the exit begins: the exit closes the
+    # listener, and a client must learn that its request was taken.
+    response = _json({"exiting": True, "keep": keep}, status=202)
+    await response.prepare(request)
+    await response.write_eof()
     asyncio.get_running_loop().call_soon(on_exit, keep)
-    return _json({"exiting": True, "keep": keep}, status=202)
+    return response
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -698,6 +734,17 @@ ROUTES: tuple[Route, ...] = (
         ok=202,
         response=schemas.EXITING,
         body=schemas.EXIT_IN,
+    ),
+    Route(
+        "POST",
+        "/v1/branch/exit",
+        branch_exit,
+        "Exit the daemon (the upgrade path without signals): keep=1 leaves every "
+        "instance running for the next branchd on this state dir to adopt (as SIGUSR2); "
+        "without it every instance is stopped first (as SIGTERM). Answered before the exit",
+        ok=202,
+        response=schemas.EXITING,
+        query=(("keep", {"type": "string", "enum": ["0", "1", "false", "true"]}),),
     ),
     Route("GET", "/v1/apps", list_apps, "List apps", response=schemas.items(schemas.APP)),
     Route(

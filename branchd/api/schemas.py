@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from branchd.model import (
+    FOREVER,
     NAME_PATTERN,
     POOLS,
     QUEUE_NAME_PATTERN,
@@ -20,6 +21,7 @@ from branchd.model import (
 Schema = dict[str, Any]
 
 _STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+_ENV_FILE: Schema = {"type": "string", "minLength": 2, "maxLength": 4096}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
 
 #: The fields of an instance a user may set; also an app's instance defaults.
@@ -34,6 +36,25 @@ _SETTABLE: dict[str, Schema] = {
     "env": _STR_MAP,
     "cwd": {"type": ["string", "null"], "minLength": 1},
     "user": {"type": ["string", "null"], "minLength": 1},
+    "env_file": {
+        "anyOf": [
+            _ENV_FILE,
+            {"type": "array", "items": _ENV_FILE, "maxItems": 100},
+            {"type": "null"},
+        ],
+        "description": "absolute path(s) of files in systemd's EnvironmentFile syntax, "
+        "read at each start (a leading '-': skipped when missing); between the app's env "
+        "and the instance's own",
+    },
+    "umask": {
+        "anyOf": [
+            # (the integer first: the body's 18.0 is made an int by its schema)
+            {"type": "integer", "minimum": 0, "maximum": 0o777},
+            {"type": "string", "pattern": "^(0[oO])?[0-7]{1,4}$"},
+            {"type": "null"},
+        ],
+        "description": "the child's umask: an octal string (022) or its value; null: the daemon's",
+    },
     "autorestart": {"type": "string", "enum": [a.value for a in Autorestart]},
     "exitcodes": {
         "type": "array",
@@ -41,7 +62,14 @@ _SETTABLE: dict[str, Schema] = {
         "maxItems": 256,
     },
     "startsecs": {"type": "number", "minimum": 0, "maximum": 3600},
-    "startretries": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "startretries": {
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": 1000},
+            {"type": "string", "enum": [FOREVER]},
+        ],
+        "description": "failed starts in a row before fatal; forever: never fatal "
+        "(the backoff stays capped)",
+    },
     "stopsignal": {"type": "string", "enum": list(STOP_SIGNALS)},
     "stopwaitsecs": {"type": "number", "minimum": 0, "maximum": 86400},
     "autostart": {"type": "boolean"},
@@ -337,6 +365,27 @@ BRANCH: Schema = {
         "api_url": {"type": "string"},
         "gossip_addr": {"type": "string"},
         "instances": {"type": "array", "items": {"type": "string"}},
+        # GET /v1/branch only (the daemon answering; branchctl daemon status)
+        "pid": {"type": "integer", "description": "the daemon's process id"},
+        "state_dir": {"type": "string", "description": "where it keeps its state"},
+        "supervision": {
+            "type": "string",
+            "description": "how an instance's process tree is kept and ended: "
+            "process-group (its own session and group; SIGKILL to the group)",
+        },
+        "instance_states": {
+            "type": "object",
+            "description": "this branch's instances by state (every state, 0 included)",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
+        "cluster": {
+            "type": ["object", "null"],
+            "description": "null: not in a cluster; else its members by state "
+            "(this branch included)",
+            "properties": {
+                "members": {"type": "object", "additionalProperties": {"type": "integer"}}
+            },
+        },
     },
 }
 

@@ -56,6 +56,7 @@ from branchd.process.launcher import (
     Marked,
     base_env,
     make_mark,
+    read_env_files,
     user_env,
 )
 from branchd.process.machine import (
@@ -634,16 +635,22 @@ class Engine:
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
         app = self._decls.find_app(spec.app)
-        # A clean environment: the documented base, then the app's and the
-        # instance's (never the daemon's own, which holds its token).
-        env = {
-            **base_env(self._env, spec.user),
-            **user_env(app.env if app else {}),
-            **user_env(spec.env),
-        }
         argv = spec.command
         out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         try:
+            # Read at each start: an edited env file applies at the next one.
+            files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
+            for warning in skipped:
+                log.warning("%s: env file %s", name, warning)
+            # A clean environment: the documented base, then the app's, the
+            # env files' and the instance's (never the daemon's own, which
+            # holds its token).
+            env = {
+                **base_env(self._env, spec.user),
+                **user_env(app.env if app else {}),
+                **user_env(files),
+                **user_env(spec.env),
+            }
             if spec.kind == Kind.CELERY:
                 argv, env = self._workers.prepare_spawn(spec, env)
             launched = self._launcher.spawn(
@@ -655,6 +662,7 @@ class Engine:
                     stdout_path=out,
                     stderr_path=err,
                     mark=make_mark(self.branch_id, name),
+                    umask=spec.umask,
                 )
             )
         except Exception as exc:  # any failure to start is a failed start, never a crash

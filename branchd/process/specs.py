@@ -19,10 +19,22 @@ from branchd.model import (
     Desired,
     InstanceSpec,
     Kind,
+    startretries_from,
+    umask_from,
 )
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
-SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
+SPEC_FIELDS = (
+    "command",
+    "env",
+    "cwd",
+    "user",
+    "env_file",
+    "umask",
+    "autostart",
+    "log_max_bytes",
+    "log_backups",
+)
 SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS
 
 #: Celery workers take time to start and must be given time to finish their
@@ -111,6 +123,11 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
     for key in ("startsecs", "stopwaitsecs"):
         if key in pol:
             pol[key] = float(pol[key])
+    if "startretries" in pol:
+        try:
+            pol["startretries"] = startretries_from(pol["startretries"])
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     policy = replace(spec.policy, **pol)
     plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields}
     for key in ("command", "queues", "args"):
@@ -118,6 +135,13 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             plain[key] = tuple(plain[key])
     if "env" in plain:
         plain["env"] = dict(plain["env"])
+    if "env_file" in plain:
+        plain["env_file"] = env_files_from(plain["env_file"])
+    if plain.get("umask") is not None:
+        try:
+            plain["umask"] = umask_from(plain["umask"])
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     if "autoscale" in plain:
         plain["autoscale"] = autoscale_from(plain["autoscale"])
     _one_concurrency({}, fields)
@@ -137,9 +161,23 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             raise Invalid(f"pool must be one of {', '.join(POOLS)}")
         if len(set(out.queues)) != len(out.queues):
             raise Invalid("queues must not repeat")
-    if policy.startretries < 1:
-        raise Invalid("startretries must be at least 1")
+    if policy.startretries is not None and policy.startretries < 1:
+        raise Invalid('startretries must be at least 1 (or "forever")')
     return out
+
+
+def env_files_from(value: Any) -> tuple[str, ...]:
+    """``env_file`` as given (one path, a list, or null for none) as the spec
+    holds it; each path absolute (a relative one would depend on the daemon's
+    own directory), after an optional "-" (skipped when missing)."""
+    paths = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+    for path in paths:
+        if not isinstance(path, str) or not path.removeprefix("-").startswith("/"):
+            raise Invalid(
+                f"env_file {path!r}: give an absolute path (with a leading '-': "
+                "skipped when the file is missing)"
+            )
+    return paths
 
 
 def celery_settings(body: Mapping[str, Any]) -> CelerySettings:

@@ -301,7 +301,9 @@ class AsyncClient:
         return isinstance(data, dict) and data.get("ok") is True
 
     async def branch(self) -> Branch:
-        """The branch this client talks to: id, host, version, capacity."""
+        """The branch this client talks to: id, host, version, capacity; and
+        the daemon's pid, state dir, supervision mode, instances by state and
+        cluster members by state (what ``branchctl daemon status`` shows)."""
         _, data = await self._json("GET", "/v1/branch")
         return self._parse(Branch.from_json, data)
 
@@ -361,6 +363,12 @@ class AsyncClient:
         """Make the daemon exit: it first stops every instance, or with ``keep``
         leaves them running for the next branchd to adopt (an upgrade)."""
         await self._json("POST", "/v1/daemon/exit", {"keep": keep})
+
+    async def exit_branch(self, keep: bool = False) -> dict[str, Any]:
+        """The same through ``POST /v1/branch/exit?keep=1`` (a daemon of issue 15
+        or later); answers ``{"exiting": true, "keep": ...}``, sent before it goes."""
+        _, data = await self._json("POST", "/v1/branch/exit", params={"keep": str(int(keep))})
+        return dict(data)
 
     # -- apps ----------------------------------------------------------------
 
@@ -720,6 +728,9 @@ class Client:
 
     def exit_daemon(self, keep: bool = False) -> None:
         self._run(self._async.exit_daemon(keep))
+
+    def exit_branch(self, keep: bool = False) -> dict[str, Any]:
+        return self._run(self._async.exit_branch(keep))
 
     def apps(self) -> list[App]:
         return self._run(self._async.apps())

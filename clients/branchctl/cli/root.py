@@ -367,6 +367,42 @@ def daemon() -> None:
     """The daemon itself."""
 
 
+def _status_text(b: Branch, url: str) -> str:
+    uptime = None if b.started_at is None else max(0.0, time.time() - b.started_at)
+    counts = {k: v for k, v in b.instance_states.items() if v}
+    total = sum(b.instance_states.values())
+    if b.cluster is None:
+        cluster = "none (a branch on its own)"
+    else:
+        members = b.cluster.get("members") or {}
+        cluster = f"{sum(members.values())} branch(es): " + ", ".join(
+            f"{n} {state}" for state, n in sorted(members.items())
+        )
+    return render.record(
+        {
+            "branchd": b.version,
+            "pid": b.pid,
+            "uptime": f"{render.duration(uptime)} (since {render.timestamp(b.started_at)})",
+            "url": b.api_url or url,
+            "state dir": b.state_dir,
+            "branch": f"{b.id} on {b.hostname}",
+            "instances": f"{total}"
+            + (": " + ", ".join(f"{n} {s}" for s, n in counts.items()) if counts else ""),
+            "cluster": cluster,
+            "supervision": b.supervision,
+        }
+    )
+
+
+@daemon.command("status")
+def daemon_status(opts: Options) -> None:
+    """One screen about the daemon: version, pid, uptime, URL, state dir, its
+    instances by state, its cluster, how it supervises."""
+    with opts.client() as c:
+        b = c.branch()
+    _emit(opts, b.raw, _status_text(b, opts.url))
+
+
 @daemon.command("exit")
 @click.option(
     "--keep",
@@ -375,8 +411,17 @@ def daemon() -> None:
     "(an upgrade). Without it, every instance is stopped first.",
 )
 def daemon_exit(opts: Options, keep: bool) -> None:
-    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
+    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep).
+
+    \b
+    The upgrade, without signals:
+      pip install -U branchd        # the running daemon is not touched
+      branchctl daemon exit --keep  # it goes; its instances keep running
+      branchd                       # (or systemd's Restart=) adopts them
+    """
     with opts.client() as c:
+        # (POST /v1/daemon/exit, which the daemon being upgraded, older than
+        # this client maybe, already has; /v1/branch/exit?keep=1 is its twin)
         c.exit_daemon(keep)
     _emit(
         opts,
