@@ -85,6 +85,9 @@ class SupervisionSection:
     backoff_max: float = 60.0
     #: After SIGKILL the kernel needs a moment; a stop never waits forever.
     kill_grace: float = 5.0
+    #: Each instance in a cgroup of its own when the machine allows (root and
+    #: a writable cgroup2 hierarchy); false: process groups only.
+    cgroups: bool = True
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ _FLAT: dict[str, tuple[str, str]] = {
     "backoff_base": ("supervision", "backoff_base"),
     "backoff_max": ("supervision", "backoff_max"),
     "kill_grace": ("supervision", "kill_grace"),
+    "cgroups": ("supervision", "cgroups"),
     "health_interval": ("celery", "health_interval"),
     "reconcile_interval": ("celery", "reconcile_interval"),
     "ready_ping_every": ("celery", "ready_ping_every"),

@@ -36,6 +36,7 @@ from branchd.events import EventBus
 from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
 from branchd.placement import Recent, need_for
+from branchd.process.cgroups import CgroupTree
 from branchd.process.launcher import ProcessLauncher
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
@@ -50,9 +51,6 @@ log = logging.getLogger("branchd")
 
 #: The store's mark of a drained branch (``POST /v1/branches/{id}/drain``).
 DRAINING_MARK = "branch:draining"
-
-#: How instance process trees are kept and ended (``GET /v1/branch``).
-SUPERVISION = "process-group"
 
 #: Named exit codes of the entry point.
 EXIT_OK = 0
@@ -89,12 +87,16 @@ class Daemon:
         try:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
+            branch_id = store.branch_id()
+            cgroups = CgroupTree.probe(branch_id) if cfg.supervision.cgroups else None
+            launcher = ProcessLauncher(loop, cgroups)
+            log.info("instances are kept in %s mode", launcher.supervision.value)
             local = build_local(
                 store,
-                ProcessLauncher(loop),
+                launcher,
                 clock,
                 cfg,
-                store.branch_id(),
+                branch_id,
                 scheduler=scheduler,
                 remote=KombuRemoteControl(),
                 bus=bus,
@@ -194,7 +196,7 @@ class Daemon:
                     daemon={
                         "pid": os.getpid(),
                         "state_dir": str(cfg.state_dir),
-                        "supervision": SUPERVISION,
+                        "supervision": launcher.supervision.value,
                     },
                 ),
                 access_log=None,

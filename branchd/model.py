@@ -340,6 +340,12 @@ class InstanceSpec:
     env_file: tuple[str, ...] = ()
     #: The child's umask, set before exec (None: the daemon's).
     umask: int | None = None
+    #: cgroup limits of its whole tree (None: none): bytes of memory (swap
+    #: included), a share of one core, a number of processes. Enforced by the
+    #: kernel, unlike the Celery kind's memory_limit (an RSS check, a restart).
+    memory_max: int | None = None
+    cpu_max: float | None = None
+    pids_max: int | None = None
     policy: Policy = Policy()
     autostart: bool = True
     desired: Desired = Desired.RUNNING
@@ -383,6 +389,9 @@ class InstanceSpec:
             "user": self.user,
             "env_file": list(self.env_file),
             "umask": None if self.umask is None else umask_text(self.umask),
+            "memory_max": self.memory_max,
+            "cpu_max": self.cpu_max,
+            "pids_max": self.pids_max,
             "autorestart": p.autorestart.value,
             "exitcodes": list(p.exitcodes),
             "startsecs": p.startsecs,
@@ -474,6 +483,9 @@ _SPEC_PLAIN = (
     "user",
     "env_file",
     "umask",
+    "memory_max",
+    "cpu_max",
+    "pids_max",
     "autostart",
     "log_max_bytes",
     "log_backups",

@@ -16,12 +16,30 @@ from branchd.model import CELERY_FIELDS, RECORD_KEYS, App, InstanceSpec, Kind, Q
 
 
 @dataclass(frozen=True)
+class CgroupStats:
+    """What an instance's cgroup counts (a figure its machine lacks: None)."""
+
+    memory_current: int | None = None  # bytes charged to it (page cache included)
+    cpu_usage_usec: int | None = None  # cpu time of every process it ever held
+    oom_kills: int = 0  # processes its OOM killer ended (memory_max)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "memory_current": self.memory_current,
+            "cpu_usage_usec": self.cpu_usage_usec,
+            "oom_kills": self.oom_kills,
+        }
+
+
+@dataclass(frozen=True)
 class TreeStats:
-    """Resource use of a process and all its descendants."""
+    """Resource use of a process and all its descendants (with cgroups: of
+    every process in its instance's cgroup, those that left its tree too)."""
 
     cpu_percent: float = 0.0  # sum over the tree; 100.0 is one core
     memory_rss: int = 0  # bytes, sum over the tree
     processes: int = 0  # live (non-zombie) processes in the tree
+    cgroup: CgroupStats | None = None  # None: the branch runs without cgroups
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,9 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "user",
     "env_file",
     "umask",
+    "memory_max",
+    "cpu_max",
+    "pids_max",
     "autorestart",
     "exitcodes",
     "startsecs",
@@ -153,6 +174,7 @@ class Stats:
             "cpu_percent": self.tree.cpu_percent,
             "memory_rss": self.tree.memory_rss,
             "processes": self.tree.processes,
+            "cgroup": self.tree.cgroup.to_json() if self.tree.cgroup is not None else None,
         }
         if self.view.spec.kind == Kind.CELERY:
             out["celery"] = dict(self.celery) if self.celery is not None else None
@@ -273,4 +295,3 @@ HOP_HEADER = "X-Branchd-Hop"
 #: a digest of the body, a timestamp and a nonce): the caller's token was
 #: checked at the first branch, and branches need not share one.
 PROOF_HEADER = "X-Branchd-Forwarded"
-

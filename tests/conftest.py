@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from branchd.process.cgroups import CgroupTree, decide, locate
 from branchd.process.launcher import MARK_VAR
 from tests import netns
 from tests.brokers import redis_db_session
@@ -195,6 +196,32 @@ def _kill_leftovers(state_dir: Path) -> None:
     for pid in marked_pids(state_dir):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+    remove_branch_cgroups(state_dir)
+
+
+def branch_cgroups(state_dir: Path) -> CgroupTree | None:
+    """The cgroups of this state dir's branch, as its daemon made them (None:
+    it has no id yet, or this machine no cgroup2 mount)."""
+    branch = branch_id_of(state_dir)
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        located = locate(mountinfo, Path("/proc/self/cgroup").read_text())
+        if branch is None or located.unified is None:
+            return None
+        controllers = Path(located.unified, "cgroup.controllers").read_text()
+    except OSError:
+        return None
+    return CgroupTree(decide(located, controllers), branch)
+
+
+def remove_branch_cgroups(state_dir: Path) -> None:
+    """What a killed daemon of this state dir left in its cgroups, and them (as root)."""
+    tree = branch_cgroups(state_dir)
+    if tree is None or os.geteuid() != 0:
+        return
+    for instance in tree.instances():
+        tree.remove(instance)
+    tree.remove_parents()
 
 
 def branch_id_of(state_dir: Path) -> str | None:

@@ -55,6 +55,26 @@ _SETTABLE: dict[str, Schema] = {
         ],
         "description": "the child's umask: an octal string (022) or its value; null: the daemon's",
     },
+    "memory_max": {
+        "type": ["integer", "null"],
+        "minimum": 1024 * 1024,
+        "maximum": 2**50,
+        "description": "cgroup limit of the whole tree's memory, swap included (bytes): the "
+        "kernel's OOM killer ends it there; null: none",
+    },
+    "cpu_max": {
+        "type": ["number", "null"],
+        "minimum": 0.01,
+        "maximum": 4096,
+        "description": "cgroup limit of the whole tree's cpu, a share of one core (0.5); "
+        "null: none",
+    },
+    "pids_max": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 4194304,
+        "description": "cgroup limit of the whole tree's processes and threads; null: none",
+    },
     "autorestart": {"type": "string", "enum": [a.value for a in Autorestart]},
     "exitcodes": {
         "type": "array",
@@ -327,6 +347,16 @@ STATS: Schema = {
         "cpu_percent": {"type": "number", "minimum": 0},
         "memory_rss": {"type": "integer", "minimum": 0},
         "processes": {"type": "integer", "minimum": 0},
+        "cgroup": {
+            "type": ["object", "null"],
+            "description": "what the instance's cgroup counts; null: the branch runs without "
+            "cgroups",
+            "properties": {
+                "memory_current": _NULLABLE_INT,
+                "cpu_usage_usec": _NULLABLE_INT,
+                "oom_kills": {"type": "integer", "minimum": 0},
+            },
+        },
         "celery": {"type": ["object", "null"]},
     },
 }
@@ -370,8 +400,11 @@ BRANCH: Schema = {
         "state_dir": {"type": "string", "description": "where it keeps its state"},
         "supervision": {
             "type": "string",
-            "description": "how an instance's process tree is kept and ended: "
-            "process-group (its own session and group; SIGKILL to the group)",
+            "enum": ["cgroup-v2", "cgroup-v1-hybrid", "process-group"],
+            "description": "how an instance's process tree is kept and ended: cgroup-v2 (a "
+            "cgroup of its own, limits by v2 controllers), cgroup-v1-hybrid (tracked in a v2 "
+            "cgroup, limits by v1 controllers), process-group (its own session and group; "
+            "SIGKILL to the group)",
         },
         "instance_states": {
             "type": "object",

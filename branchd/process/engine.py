@@ -50,6 +50,7 @@ from branchd.model import (
     signal_number,
 )
 from branchd.process import logs
+from branchd.process.cgroups import Limits
 from branchd.process.launcher import (
     Launcher,
     LaunchSpec,
@@ -186,6 +187,7 @@ class Engine:
                     # group still has members). No orphans, ever.
                     with contextlib.suppress(OSError, ValueError):
                         self._launcher.signal(rt.pid, _signal.SIGKILL, True)
+                    self._launcher.release(name)  # (and all its cgroup holds)
                 if spec.desired == Desired.RUNNING and rt.state == State.FATAL:
                     # it gave up before we went: it starts again only when a
                     # user starts it, as with no daemon restart in between
@@ -207,6 +209,7 @@ class Engine:
             for m in found:  # spawned for an instance that is no more: no orphans
                 log.warning("killing pid %d: spawned for %s, which is no more", m.pid, m.instance)
                 self._kill_group(m.pid)
+        self._launcher.prune(set(self._specs))
         for app in self._store.marks(_REMOVING_APP):
             # an app delete was under way when the daemon went: it ends now
             if self._store.get_app(app) is None:
@@ -449,6 +452,7 @@ class Engine:
                 handle.cancel()
             app = self._specs[name].app
             del self._specs[name], self._procs[name], self._runtime[name]
+            self._launcher.release(name)  # (its cgroup)
             self._bus.publish(events.InstanceRemoved(app, name))
         finally:
             self._deleting.discard(name)
@@ -663,6 +667,8 @@ class Engine:
                     stderr_path=err,
                     mark=make_mark(self.branch_id, name),
                     umask=spec.umask,
+                    cgroup=name,
+                    limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max),
                 )
             )
         except Exception as exc:  # any failure to start is a failed start, never a crash
@@ -686,7 +692,8 @@ class Engine:
             if proc is not None and proc.pid == pid:
                 how = "code unknown: adopted, not our child" if code is None else code
                 log.info("%s (pid %d) exited (%s)", name, pid, how)
-                self._feed(name, Exited(code, self._start_crash_line(name, proc, code)))
+                crash = self._start_crash_line(name, proc, code)
+                self._feed(name, Exited(code, crash, cause=self._launcher.exit_cause(pid)))
 
         self._launcher.watch(pid, on_exit)
 

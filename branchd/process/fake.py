@@ -72,6 +72,11 @@ class FakeLauncher:
         self.stubborn: set[int] = set()
         self._failures: deque[str] = deque()
         self.closed = False
+        #: pid -> the cause its next exit reports (exit_cause), as a cgroup's OOM kill.
+        self.causes: dict[int, str] = {}
+        #: Instances released (removed), in order; the names the last prune kept.
+        self.released: list[str] = []
+        self.kept: set[str] | None = None
 
     # scripting (test side) ----------------------------------------------
 
@@ -169,6 +174,15 @@ class FakeLauncher:
             and p.spec.mark is not None
             and (instance := marked_instance(p.spec.mark, branch)) is not None
         ]
+
+    def exit_cause(self, pid: int) -> str | None:
+        return self.causes.pop(pid, None)
+
+    def release(self, instance: str) -> None:
+        self.released.append(instance)
+
+    def prune(self, keep: set[str]) -> None:
+        self.kept = set(keep)
 
     def close(self) -> None:
         self.closed = True

@@ -8,7 +8,10 @@ Each child runs in its own session (so its pid is also its process group id,
 and a group signal reaches its grandchildren) and writes straight into its
 log files: no pipe to the daemon, so output keeps landing there while the
 daemon is down. Death is noticed through a pidfd in the event loop, not by
-polling.
+polling. Where the machine allows, each child also joins its instance's
+cgroup before it execs (``branchd.process.cgroups``): its whole tree is then
+signalled, killed, counted and adopted through the cgroup, so a grandchild
+that left the session with setsid goes with it too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pwd
 import secrets
 import stat
 import subprocess
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,8 +33,9 @@ from typing import Protocol
 import psutil
 
 from branchd.errors import SpawnError
+from branchd.process.cgroups import CgroupTree, Limits, Mode, Prepared
 from branchd.process.envfile import parse_env_file
-from branchd.views import TreeStats
+from branchd.views import CgroupStats, TreeStats
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RESERVED_PREFIX = "BRANCHD_"
 #: Instance log files: the instance's user may read its own output (group too).
 LOG_MODE = 0o640
+
+#: The instance field of each cgroup controller's limit, for error messages.
+LIMIT_FIELDS = {"memory": "memory_max", "cpu": "cpu_max", "pids": "pids_max"}
 
 #: Two create_time readings of the same process agree within this (seconds).
 #: psutil derives it from the boot time in whole seconds, which moves when the
@@ -82,6 +90,11 @@ class LaunchSpec:
     mark: str | None = None
     #: Set in the child before exec (None: the daemon's own).
     umask: int | None = None
+    #: The instance whose cgroup the child joins before exec, when the
+    #: launcher has cgroups (None: none).
+    cgroup: str | None = None
+    #: Its cgroup's limits; refused by a launcher without cgroups.
+    limits: Limits = field(default_factory=Limits)
 
     def child_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -134,6 +147,21 @@ class Launcher(Protocol):
         """The live main processes (session leaders) that ``branch`` spawned."""
         ...
 
+    def exit_cause(self, pid: int) -> str | None:
+        """Why pid, which has just died, was ended, when the launcher knows
+        more than its exit code (its cgroup's OOM killer); else None."""
+        ...
+
+    def release(self, instance: str) -> None:
+        """The instance is removed: what is left of its processes goes, and
+        so does what the launcher keeps for it (its cgroup)."""
+        ...
+
+    def prune(self, keep: set[str]) -> None:
+        """Release what the launcher keeps for instances not in ``keep``
+        (a daemon that went before a delete ended)."""
+        ...
+
     def close(self) -> None:
         """Stop watching everything (pending callbacks are never called)."""
         ...
@@ -151,8 +179,14 @@ class ProcessLauncher:
     All methods must be called from the thread running ``loop``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, cgroups: CgroupTree | None = None) -> None:
         self._loop = loop
+        self._cgroups = cgroups
+        #: pid -> the instance whose cgroup it was spawned (or adopted) in;
+        #: kept after its death, for the Reap of what it left.
+        self._cgroup_of: dict[int, str] = {}
+        #: cgroup pid -> (cpu usage_usec, monotonic) at the last sample.
+        self._cpu_samples: dict[int, tuple[int, float]] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watches: dict[int, _Watch] = {}
         #: root pid -> {pid: psutil.Process} of its tree at the last sample,
@@ -170,11 +204,19 @@ class ProcessLauncher:
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             raise SpawnError(f"working directory {spec.cwd!r} does not exist")
         uid, gid, groups = _user_ids(spec.user)
-        out = _open_log(spec.stdout_path, uid, gid)
+        prepared = self._prepare_cgroup(spec)
+        try:
+            out = _open_log(spec.stdout_path, uid, gid)
+        except BaseException:
+            if prepared is not None:
+                prepared.close()
+            raise
         try:
             err = _open_log(spec.stderr_path, uid, gid)
         except BaseException:
             os.close(out)
+            if prepared is not None:
+                prepared.close()
             raise
         try:
             popen = subprocess.Popen(
@@ -191,23 +233,74 @@ class ProcessLauncher:
                 extra_groups=groups,
                 # (in the forked child, before exec: subprocess's own umask(2))
                 umask=-1 if spec.umask is None else spec.umask,
+                # Into its cgroup in the child itself, before exec: it cannot
+                # fork a process the cgroup misses (see _prepare_cgroup).
+                preexec_fn=None if prepared is None else prepared.join,
             )
         except FileNotFoundError as e:
             raise SpawnError(f"executable {spec.argv[0]!r} not found") from e
         except PermissionError as e:
             raise SpawnError(f"cannot execute {spec.argv[0]!r}: permission denied") from e
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
+        except subprocess.SubprocessError as e:
+            if prepared is not None:  # (the only preexec_fn is the join)
+                raise SpawnError(
+                    f"cannot start {spec.argv[0]!r}: it could not join its cgroup"
+                ) from e
+            raise SpawnError(f"cannot start {spec.argv[0]!r}: {e}") from e
+        except (OSError, ValueError) as e:
             raise SpawnError(f"cannot start {spec.argv[0]!r}: {e}") from e
         finally:
             os.close(out)
             os.close(err)
+            if prepared is not None:
+                prepared.close()
         self._children[popen.pid] = popen
+        if prepared is not None and spec.cgroup is not None:
+            for old in [p for p, name in self._cgroup_of.items() if name == spec.cgroup]:
+                del self._cgroup_of[old]
+            self._cgroup_of[popen.pid] = spec.cgroup
         try:
             create_time = psutil.Process(popen.pid).create_time()
         except psutil.Error:  # not reaped yet, so this should not happen
             create_time = 0.0
         log.debug("spawned %s as pid %d", spec.argv[0], popen.pid)
         return Launched(pid=popen.pid, create_time=create_time)
+
+    def _prepare_cgroup(self, spec: LaunchSpec) -> Prepared | None:
+        """The instance's cgroups, made and limited, with their cgroup.procs
+        open: the child writes itself into them after the fork, before exec.
+
+        Why there: the parent writing the child's pid after the fork leaves
+        a window in which the child may already have forked; clone3's
+        CLONE_INTO_CGROUP has no Python binding, and subprocess takes no
+        cgroup. The files are opened here, by the daemon (root), because
+        Linux checks a cgroup.procs write against the opener's credentials
+        (5.16+), and the child writes after it has become ``spec.user``.
+        """
+        wanted = spec.limits.controllers()
+        if self._cgroups is None or spec.cgroup is None:
+            if wanted:
+                raise SpawnError(
+                    f"{', '.join(LIMIT_FIELDS[c] for c in wanted)} needs cgroups, and this "
+                    f"branch runs in {Mode.PROCESS_GROUP.value} mode (it needs root and a "
+                    "writable cgroup2 hierarchy; under systemd, Delegate=yes)"
+                )
+            return None
+        missing = self._cgroups.unsupported(spec.limits)
+        if missing:
+            raise SpawnError(
+                f"{', '.join(LIMIT_FIELDS[c] for c in missing)}: this machine has no "
+                f"{'/'.join(missing)} controller this branch can use "
+                f"(it runs in {self._cgroups.mode.value} mode)"
+            )
+        try:
+            return self._cgroups.prepare(spec.cgroup, spec.limits)
+        except OSError as e:
+            raise SpawnError(f"cannot make the cgroup of {spec.cgroup!r}: {e.strerror or e}") from e
+
+    @property
+    def supervision(self) -> Mode:
+        return Mode.PROCESS_GROUP if self._cgroups is None else self._cgroups.mode
 
     # watch ---------------------------------------------------------------
 
@@ -218,6 +311,10 @@ class ProcessLauncher:
         if existing is not None:
             existing.callbacks.append(on_exit)
             return
+        if self._cgroups is not None and pid not in self._cgroup_of:
+            adopted = self._cgroups.instance_of(pid)  # (a daemon before us spawned it)
+            if adopted is not None:
+                self._cgroup_of[pid] = adopted
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:  # already gone (and, if ours, already reaped)
@@ -280,13 +377,28 @@ class ProcessLauncher:
             return False
 
     def signal(self, pid: int, sig: int, group: bool) -> None:
+        instance = self._cgroup_of.get(pid) if group else None
+        if instance is not None and self._cgroups is not None:
+            # every process of its cgroup: those that left its group too
+            self._cgroups.signal(instance, sig)
         _signal(pid, sig, group)
 
     def tree_stats(self, pid: int) -> TreeStats:
         previous = self._stats.get(pid, {})
+        instance = self._cgroup_of.get(pid)
+        cgroup: CgroupStats | None = None
         try:
             root = psutil.Process(pid)
-            tree = [root, *root.children(recursive=True)]
+            if instance is not None and self._cgroups is not None:
+                figures = self._cgroups.figures(instance)
+                tree = [root, *(psutil.Process(p) for p in figures.pids if p != pid)]
+                cgroup = CgroupStats(
+                    memory_current=figures.memory_current,
+                    cpu_usage_usec=figures.cpu_usage_usec,
+                    oom_kills=figures.oom_kills,
+                )
+            else:
+                tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             self._stats.pop(pid, None)
             return TreeStats()
@@ -308,7 +420,19 @@ class ProcessLauncher:
             current[proc.pid] = proc
             count += 1
         self._stats[pid] = current
-        return TreeStats(cpu_percent=cpu, memory_rss=rss, processes=count)
+        if cgroup is not None and cgroup.cpu_usage_usec is not None:
+            cpu = self._cgroup_cpu(pid, cgroup.cpu_usage_usec, cpu)
+        return TreeStats(cpu_percent=cpu, memory_rss=rss, processes=count, cgroup=cgroup)
+
+    def _cgroup_cpu(self, pid: int, usage_usec: int, fallback: float) -> float:
+        """The cgroup's cpu use since the last sample (processes that came
+        and went in between count too), in percent of a core."""
+        now = time.monotonic()
+        last = self._cpu_samples.get(pid)
+        self._cpu_samples[pid] = (usage_usec, now)
+        if last is None or now <= last[1]:
+            return fallback
+        return max(0.0, (usage_usec - last[0]) / 1e4 / (now - last[1]))
 
     def marked(self, branch: str) -> list[Marked]:
         found: list[Marked] = []
@@ -329,15 +453,62 @@ class ProcessLauncher:
             instance = marked_instance(mark, branch) if mark else None
             if instance is not None:
                 found.append(Marked(proc.pid, create_time, instance))
+        return found + self._in_cgroups({m.pid for m in found})
+
+    def _in_cgroups(self, known: set[int]) -> list[Marked]:
+        """The session leaders in this branch's instance cgroups that carry no
+        mark (one that cleared its environment is still the instance's)."""
+        found: list[Marked] = []
+        if self._cgroups is None:
+            return found
+        for instance in self._cgroups.instances():
+            for pid in self._cgroups.pids(instance):
+                try:
+                    proc = psutil.Process(pid)
+                    if pid in known or os.getsid(pid) != pid:
+                        continue
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        found.append(Marked(pid, proc.create_time(), instance))
+                except (psutil.Error, OSError):
+                    continue
         return found
+
+    def exit_cause(self, pid: int) -> str | None:
+        instance = self._cgroup_of.get(pid)
+        if instance is None or self._cgroups is None:
+            return None
+        return self._cgroups.exit_cause(instance)
+
+    def release(self, instance: str) -> None:
+        for pid in [p for p, name in self._cgroup_of.items() if name == instance]:
+            del self._cgroup_of[pid]
+            self._cpu_samples.pop(pid, None)
+        if self._cgroups is not None:
+            self._cgroups.remove(instance)
+
+    def prune(self, keep: set[str]) -> None:
+        if self._cgroups is None:
+            return
+        for instance in self._cgroups.instances():
+            if instance not in keep:
+                log.info("removing the cgroup of %s, which is no more", instance)
+                self.release(instance)
 
     def close(self) -> None:
         self._closed = True
+        watched = {self._cgroup_of.get(pid) for pid in self._watches}
         for watch in self._watches.values():
             self._loop.remove_reader(watch.fd)
             os.close(watch.fd)
         self._watches.clear()
         self._stats.clear()
+        if self._cgroups is not None:
+            # The cgroups of instances still running stay for the next daemon;
+            # those of the others go, with what dies in them yet (no orphans).
+            for instance in self._cgroups.instances():
+                if instance not in watched:
+                    self._cgroups.remove(instance)
+            self._cgroups.remove_parents()
         # Children still running outlive us (they are adopted after a restart).
         # Dropping their Popen hands them to subprocess's own reaping of
         # abandoned children; silence its "still running" warning.

@@ -77,6 +77,9 @@ class Exited:
     #: The last line it wrote to stderr, if the manager read one (the cause
     #: of a crash at start: "ModuleNotFoundError: No module named 'shop'").
     stderr: str | None = None
+    #: What ended it, when the launcher knows more than the code (the OOM
+    #: killer of its cgroup at memory_max): its reason.
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,9 @@ def step(
             return replace(proc, deadline=now + policy.startsecs), []
         case SpawnFailed(reason=reason) if s == State.STARTING and proc.pid is None:
             return _failed_start(replace(proc, pid=None), policy, now, backoff, reason)
-        case Exited(code=code, stderr=stderr) if s in _LIVE and proc.pid is not None:
+        case Exited(code=code, stderr=stderr, cause=cause) if s in _LIVE and proc.pid is not None:
+            if cause and not proc.killed_for:
+                proc = replace(proc, killed_for=cause)
             return _exited(proc, code, policy, now, backoff, stderr)
         case Timeout() if proc.deadline is not None and now >= proc.deadline:
             return _timeout(proc, policy, now, backoff)

@@ -31,6 +31,9 @@ SPEC_FIELDS = (
     "user",
     "env_file",
     "umask",
+    "memory_max",
+    "cpu_max",
+    "pids_max",
     "autostart",
     "log_max_bytes",
     "log_backups",
@@ -149,6 +152,8 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
         plain["concurrency"] = None  # a range replaces a fixed size...
     if plain.get("concurrency") is not None and "autoscale" not in fields:
         plain["autoscale"] = None  # ...and the other way round
+    if plain.get("cpu_max") is not None:
+        plain["cpu_max"] = float(plain["cpu_max"])
     if "hung_after" in plain:
         plain["hung_after"] = float(plain["hung_after"])
     out = replace(spec, kind=kind, policy=policy, **plain)

@@ -99,6 +99,11 @@ class Instance:
     env_file: tuple[str, ...] = ()
     #: The child's umask in octal ("022"); None: the daemon's.
     umask: str | None = None
+    #: cgroup limits of its whole tree: bytes (swap included), a share of
+    #: one core, processes; None: none.
+    memory_max: int | None = None
+    cpu_max: float | None = None
+    pids_max: int | None = None
     autorestart: str = "on-failure"
     exitcodes: tuple[int, ...] = (0,)
     startsecs: float = 1.0
@@ -159,13 +164,16 @@ class Stats:
     cpu_percent: float | None = None
     memory_rss: int | None = None
     processes: int = 0
+    #: What its cgroup counts ({"memory_current", "cpu_usage_usec", "oom_kills"});
+    #: None when the branch runs without cgroups.
+    cgroup: Mapping[str, Any] | None = None
     # kind "celery": {"node", "stats", "active"} (Celery's replies); None when not running
     celery: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Any) -> Stats:
-        return _build(cls, data, {"celery": dict})
+        return _build(cls, data, {"celery": dict, "cgroup": dict})
 
 
 @dataclass(frozen=True)
@@ -251,7 +259,8 @@ class Branch:
     # the daemon answering (absent from a daemon older than issue 15)
     pid: int | None = None
     state_dir: str | None = None
-    #: How instance process trees are kept and ended ("process-group").
+    #: How instance process trees are kept and ended: "cgroup-v2",
+    #: "cgroup-v1-hybrid" or "process-group".
     supervision: str | None = None
     #: This branch's instances by state.
     instance_states: Mapping[str, int] = field(default_factory=dict)

@@ -170,6 +170,9 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "user": None,
             "env_file": [],  # (new in issue 15: keys are added, none changed)
             "umask": None,
+            "memory_max": None,  # (issue 15, part 5: cgroup limits)
+            "cpu_max": None,
+            "pids_max": None,
             "autorestart": "on-failure",
             "exitcodes": [0],
             "startsecs": 1.0,
@@ -216,6 +219,9 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "user": None,
             "env_file": [],
             "umask": None,
+            "memory_max": None,  # (issue 15, part 5: cgroup limits)
+            "cpu_max": None,
+            "pids_max": None,
             "autorestart": "on-failure",
             "exitcodes": [0],
             "startsecs": 1.0,

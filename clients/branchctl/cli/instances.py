@@ -52,8 +52,9 @@ def _instance_text(i: Instance) -> str:
         fields["uptime"] = render.duration(fields["uptime"])
     if fields.get("autoscale"):
         fields["autoscale"] = _bounds_text(i.autoscale)
-    if fields.get("memory_limit") is not None:
-        fields["memory_limit"] = render.size(i.memory_limit)
+    for key in ("memory_limit", "memory_max"):
+        if fields.get(key) is not None:
+            fields[key] = render.size(fields[key])
     return render.record(fields)
 
 
@@ -95,6 +96,23 @@ def instance_fields(f: _F) -> _F:
             "--umask",
             type=Umask(),
             help="The process's umask, in octal (022) [default: the daemon's].",
+        ),
+        click.option(
+            "--memory-max",
+            type=ByteSize(),
+            help="cgroup memory limit of the whole tree, swap included (512MiB, 2G): the "
+            "kernel's OOM killer ends it there. Needs cgroups (root).",
+        ),
+        click.option(
+            "--cpu-max",
+            type=click.FloatRange(min=0.01),
+            metavar="CORES",
+            help="cgroup cpu limit of the whole tree, a share of one core (0.5, 2).",
+        ),
+        click.option(
+            "--pids-max",
+            type=click.IntRange(min=1),
+            help="cgroup limit of the whole tree's processes and threads.",
         ),
         click.option("--autorestart", type=click.Choice(AUTORESTART)),
         click.option(
