@@ -20,7 +20,14 @@ import psutil
 import pytest
 
 from branchd.process.cgroups import CgroupTree, Located, locate
-from tests.conftest import Branchd, _kill_leftovers, branch_id_of, start_branchd, wait_for
+from tests.conftest import (
+    Branchd,
+    _kill_leftovers,
+    branch_cgroups,
+    branch_id_of,
+    start_branchd,
+    wait_for,
+)
 
 
 def _unavailable() -> str | None:
@@ -97,12 +104,15 @@ def _gone(proc: psutil.Process) -> bool:
 
 
 def _add_escaper(b: Branchd, name: str, pid_file: Path) -> tuple[dict[str, object], psutil.Process]:
-    body = {"name": name, "command": [sys.executable, "-c", ESCAPE, str(pid_file)]}
+    argv = [sys.executable, "-c", ESCAPE, str(pid_file)]
+    body = {"name": name, "command": argv, "startsecs": 0}
     assert b.call("POST", "/v1/apps/web/instances", body).status == 201
     view = b.wait_state("web", name, "running")
     escapee = _escapee(pid_file)
-    assert escapee.pid not in {p.pid for p in psutil.Process(int(view["pid"])).children(True)}
-    assert psutil.Process(escapee.pid).ppid() != view["pid"]
+    main = psutil.Process(int(view["pid"]))
+    # (once the middle one has exited, the escapee is no descendant of main)
+    assert wait_for(lambda: escapee.pid not in {p.pid for p in main.children(True)})
+    assert os.getsid(escapee.pid) != main.pid
     return view, escapee
 
 
@@ -145,6 +155,45 @@ def test_a_memory_hog_is_killed_at_memory_max_with_the_reason(daemon: Daemon) ->
     view = b.wait_state("web", "hog", "exited")
     assert view["reason"] == "killed: memory_max 64MiB reached (oom_kill)", view
     assert view["exit_code"] == -signal.SIGKILL
+
+
+def test_a_child_of_another_user_joins_its_cgroup_with_its_limits(
+    daemon: Daemon, state_dir: Path
+) -> None:
+    # (it joins after it became that user: through files the daemon opened)
+    b = daemon.b
+    body = {
+        "name": "lim",
+        "command": ["sleep", "1000"],
+        "user": "nobody",
+        "cpu_max": 0.5,
+        "pids_max": 16,
+        "startsecs": 0,
+    }
+    assert b.call("POST", "/v1/apps/web/instances", body).status == 201
+    pid = b.wait_state("web", "lim", "running")["pid"]
+    assert psutil.Process(pid).uids().real != 0
+    own = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(",") if names else [""]:
+            own[name] = path
+    leaf = f"branchd-{branch_id_of(state_dir)}/i-lim"
+    assert own[""].endswith(leaf) and own["cpu"].endswith(leaf) and own["pids"].endswith(leaf)
+    tree = branch_cgroups(state_dir)
+    assert tree is not None
+    for controller, name, value in [
+        ("cpu", "cpu.cfs_quota_us", "50000"),
+        ("cpu", "cpu.max", "50000 100000"),
+        ("pids", "pids.max", "16"),
+    ]:
+        where = tree.layout.limits[controller]
+        base = Path(_located().unified or "/") if where == "v2" else Path(where)
+        path = base / leaf / name
+        if path.exists():  # (cpu.max in v2, cpu.cfs_quota_us in v1)
+            assert path.read_text().strip() == value
+    assert b.call("DELETE", "/v1/apps/web/instances/lim").status == 204
+    assert wait_for(lambda: not psutil.pid_exists(pid) or _gone(psutil.Process(pid)))
 
 
 def test_adoption_after_a_restart_finds_the_processes_through_the_cgroup(
