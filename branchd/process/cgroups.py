@@ -292,9 +292,8 @@ class CgroupTree:
         self._name = f"branchd-{branch}"
         self._v2_parent = Path(layout.unified, self._name)
         self._v1_parents = {c: Path(base, self._name) for c, base in layout.v1_bases().items()}
-        #: Instance -> its memory_max at the last prepare (for the OOM reason).
-        self._memory_max: dict[str, int | None] = {}
-        #: Instance -> OOM kills its cgroup had counted when its child started.
+        #: Instance -> OOM kills its cgroup had counted when its child started
+        #: (or was adopted): a cgroup outlives the runs of its instance.
         self._oom_base: dict[str, int] = {}
 
     @property
@@ -321,9 +320,22 @@ class CgroupTree:
         v2 = [c for c, where in self.layout.limits.items() if where == "v2"]
         self._v2_parent.mkdir(exist_ok=True)
         if v2:
-            # Our parent's children may have them only if our parent has them on.
-            _enable(Path(self.layout.unified or "/"), v2)
-            _enable(self._v2_parent, v2)
+            try:
+                # Our parent's children may have them only if our parent has them
+                # on: the one write to a cgroup branchd did not make (the daemon's
+                # own, delegated to it), refused while that one holds processes
+                # (the daemon itself, unless it runs in a "supervisor" leaf).
+                _enable(Path(self.layout.unified or "/"), v2)
+                _enable(self._v2_parent, v2)
+            except OSError as exc:
+                log.warning(
+                    "cannot turn on the %s controller(s) for instances (%s); "
+                    "limits of those kinds are refused",
+                    "/".join(v2),
+                    exc.strerror or exc,
+                )
+                limits = {c: w for c, w in self.layout.limits.items() if w != "v2"}
+                self.layout = Layout(self.layout.unified, limits)
         for path in self._v1_parents.values():
             path.mkdir(exist_ok=True)
 
@@ -363,7 +375,6 @@ class CgroupTree:
         except BaseException:
             Prepared(tuple(fds)).close()
             raise
-        self._memory_max[instance] = limits.memory_max
         self._oom_base[instance] = self._oom_kills(instance)
         return Prepared(tuple(fds))
 
@@ -381,7 +392,11 @@ class CgroupTree:
         if posixpath.basename(parent) != self._name or not leaf.startswith(INSTANCE_PREFIX):
             return None
         instance = leaf[len(INSTANCE_PREFIX) :]
-        return instance if self._v2(instance).is_dir() else None
+        if not self._v2(instance).is_dir():
+            return None
+        # (adopted: only an OOM kill from now on is its own)
+        self._oom_base.setdefault(instance, self._oom_kills(instance))
+        return instance
 
     def instances(self) -> list[str]:
         """The instances that have a cgroup under the branch's parent."""
@@ -452,12 +467,31 @@ class CgroupTree:
             return 0
         return flat_keyed(text or "").get("oom_kill", 0)
 
-    def exit_cause(self, instance: str) -> str | None:
-        """Why the instance's main process ended, if its cgroup knows: its OOM killer."""
-        if self._oom_kills(instance) > self._oom_base.get(instance, 0):
-            self._oom_base[instance] = self._oom_kills(instance)
-            return oom_reason(self._memory_max.get(instance))
-        return None
+    def exit_cause(self, instance: str, code: int | None) -> str | None:
+        """Why the instance's main process ended (exit ``code``; None: not our
+        child), if its cgroup knows: its OOM killer, which ends with SIGKILL."""
+        kills = self._oom_kills(instance)
+        if kills <= self._oom_base.get(instance, 0):
+            return None
+        self._oom_base[instance] = kills
+        if code not in (None, -_signal.SIGKILL):
+            return None  # it killed another process of the tree; this one ended by itself
+        return oom_reason(self._memory_limit(instance))
+
+    def _memory_limit(self, instance: str) -> int | None:
+        where = self.layout.limits.get("memory")
+        if where == "v2":
+            text = _read(self._v2(instance) / "memory.max")
+        elif where is not None:
+            leaf = self._v1_parents["memory"] / f"{INSTANCE_PREFIX}{instance}"
+            text = _read(leaf / "memory.limit_in_bytes")
+        else:
+            return None
+        try:
+            value = int(text or "")
+        except ValueError:
+            return None  # "max"
+        return value if value < 1 << 62 else None  # (v1's "no limit" is a huge number)
 
     def remove(self, instance: str) -> bool:
         """Kill what is left of the instance and remove its cgroups (True: gone)."""
@@ -465,7 +499,6 @@ class CgroupTree:
         gone = True
         for path in self._dirs(instance):
             gone = _rmdir_when_empty(path) and gone
-        self._memory_max.pop(instance, None)
         self._oom_base.pop(instance, None)
         return gone
 

@@ -693,7 +693,7 @@ class Engine:
                 how = "code unknown: adopted, not our child" if code is None else code
                 log.info("%s (pid %d) exited (%s)", name, pid, how)
                 crash = self._start_crash_line(name, proc, code)
-                self._feed(name, Exited(code, crash, cause=self._launcher.exit_cause(pid)))
+                self._feed(name, Exited(code, crash, cause=self._launcher.exit_cause(pid, code)))
 
         self._launcher.watch(pid, on_exit)
 

@@ -175,7 +175,7 @@ class FakeLauncher:
             and (instance := marked_instance(p.spec.mark, branch)) is not None
         ]
 
-    def exit_cause(self, pid: int) -> str | None:
+    def exit_cause(self, pid: int, code: int | None) -> str | None:
         return self.causes.pop(pid, None)
 
     def release(self, instance: str) -> None:

@@ -147,9 +147,9 @@ class Launcher(Protocol):
         """The live main processes (session leaders) that ``branch`` spawned."""
         ...
 
-    def exit_cause(self, pid: int) -> str | None:
-        """Why pid, which has just died, was ended, when the launcher knows
-        more than its exit code (its cgroup's OOM killer); else None."""
+    def exit_cause(self, pid: int, code: int | None) -> str | None:
+        """Why pid, which has just died with ``code``, was ended, when the
+        launcher knows more than the code (its cgroup's OOM killer); else None."""
         ...
 
     def release(self, instance: str) -> None:
@@ -473,11 +473,11 @@ class ProcessLauncher:
                     continue
         return found
 
-    def exit_cause(self, pid: int) -> str | None:
+    def exit_cause(self, pid: int, code: int | None) -> str | None:
         instance = self._cgroup_of.get(pid)
         if instance is None or self._cgroups is None:
             return None
-        return self._cgroups.exit_cause(instance)
+        return self._cgroups.exit_cause(instance, code)
 
     def release(self, instance: str) -> None:
         for pid in [p for p, name in self._cgroup_of.items() if name == instance]:

@@ -14,6 +14,7 @@ import pytest
 from branchd.errors import SpawnError
 from branchd.model import Autorestart, Policy, State
 from branchd.process.cgroups import (
+    CgroupTree,
     Layout,
     Limits,
     Located,
@@ -251,3 +252,33 @@ def test_a_limit_without_cgroups_fails_the_start_with_the_reason(tmp_path: Path)
         assert not (tmp_path / "out").exists()  # nothing started
     finally:
         loop.close()
+
+
+def test_the_oom_cause_counts_only_kills_since_the_start_that_ended_the_main(
+    tmp_path: Path,
+) -> None:
+    # (plain files stand in for the cgroup's: only the reading is tested)
+    tree = CgroupTree(Layout(str(tmp_path), {"memory": "v2"}), "b1")
+    leaf = tmp_path / "branchd-b1" / "i-w1"
+    leaf.mkdir(parents=True)
+    (leaf / "memory.max").write_text("67108864\n")
+    (leaf / "memory.events").write_text("oom 2\noom_kill 2\n")
+    assert tree.instances() == ["w1"]
+    tree._oom_base["w1"] = 2  # (what prepare records: the kills before this start)
+    assert tree.exit_cause("w1", -9) is None  # killed, but not by the OOM killer
+    (leaf / "memory.events").write_text("oom 3\noom_kill 3\n")
+    assert tree.exit_cause("w1", -9) == "killed: memory_max 64MiB reached (oom_kill)"
+    assert tree.exit_cause("w1", -9) is None  # (counted once)
+    (leaf / "memory.events").write_text("oom 4\noom_kill 4\n")
+    assert tree.exit_cause("w1", 0) is None  # it killed another of the tree
+    (leaf / "memory.events").write_text("oom 5\noom_kill 5\n")
+    (leaf / "memory.max").write_text("max\n")
+    assert tree.exit_cause("w1", None) == "killed: the memory limit reached (oom_kill)"
+    # v1: memory.oom_control, and "no limit" is a huge number
+    v1 = CgroupTree(Layout(str(tmp_path), {"memory": str(tmp_path / "v1")}), "b2")
+    (tmp_path / "branchd-b2" / "i-w2").mkdir(parents=True)
+    leaf1 = tmp_path / "v1" / "branchd-b2" / "i-w2"
+    leaf1.mkdir(parents=True)
+    (leaf1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    (leaf1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert v1.exit_cause("w2", -9) == "killed: the memory limit reached (oom_kill)"
