@@ -403,6 +403,9 @@ def test_no_url_file_means_the_default_url(tmp_path: Path) -> None:
         ["instances", "add", "web", "--startretries", "never", "--", "x"],
         ["instances", "add", "web", "--umask", "9", "--", "x"],
         ["instances", "add", "web", "--umask", "1000", "--", "x"],
+        ["instances", "add", "web", "--memory-max", "lots", "--", "x"],
+        ["instances", "add", "web", "--cpu-max", "0", "--", "x"],
+        ["instances", "add", "web", "--pids-max", "0", "--", "x"],
         ["instances", "set", "web", "w1", "--no-env-file", "--env-file", "/a.env"],
         ["instances", "set", "web", "w1"],
     ],
@@ -428,6 +431,23 @@ def test_add_instance_with_env_files_umask_and_retries_forever(daemon: FakeDaemo
         "env_file": ["/etc/api.env", "-/etc/local.env"],
         "umask": "0027",
         "startretries": "forever",
+    }
+
+
+def test_set_cgroup_limits(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "instances", "add", "web", "--name", "api", "--memory-max", "512MiB", "--cpu-max",
+        "0.5", "--pids-max", "64", "--", "./api",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (seen,) = daemon.seen
+    assert seen.body == {
+        "name": "api",
+        "command": ["./api"],
+        "memory_max": 512 << 20,
+        "cpu_max": 0.5,
+        "pids_max": 64,
     }
 
 

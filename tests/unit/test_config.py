@@ -162,3 +162,12 @@ def test_bad_cluster_settings_in_the_file(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=error):
             load({**_file(tmp_path, text), "state_dir": str(tmp_path)}, {})
+
+
+def test_cgroups_are_on_unless_turned_off(tmp_path: Path) -> None:
+    base = {"state_dir": str(tmp_path)}
+    assert load(base, {}).supervision.cgroups is True
+    for text in ("cgroups = false\n", "[supervision]\ncgroups = false\n"):
+        assert load({**_file(tmp_path, text), **base}, {}).supervision.cgroups is False
+    with pytest.raises(ConfigError, match="cgroups"):
+        load({**_file(tmp_path, 'cgroups = "no"\n'), **base}, {})

@@ -522,6 +522,9 @@ def _stats_text(s: Stats) -> str:
         "memory": render.size(s.memory_rss),
         "processes": s.processes,
     }
+    if s.cgroup is not None:  # (a branch with cgroups: what the kernel counts)
+        fields["cgroup memory"] = render.size(s.cgroup.get("memory_current"))
+        fields["oom kills"] = s.cgroup.get("oom_kills")
     if s.celery is not None:
         fields.update(_celery_summary(s.celery))
     elif "celery" in s.raw:
