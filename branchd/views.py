@@ -220,6 +220,9 @@ class BranchRecord:
     instances: tuple[str, ...] = ()
     #: When this record was last read from the host (wall clock, s).
     refreshed: float = 0.0
+    #: The digest of its instance names its gossiped meta carries ("": not
+    #: from the gossip); it changes with each new set of names.
+    digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -327,7 +327,9 @@ async def place(
     name = body.get("name") if isinstance(body, dict) else None
     if isinstance(name, str) and name:
         holder = peers.owner_of(app.name, name)
-        if holder is not None and holder != peers.self_id:
+        if holder == peers.self_id:
+            return await here()  # (its own answer: the name is taken here)
+        if holder is not None:
             raise Conflict(
                 f"instance {name!r} of app {app.name!r} exists on branch {holder}",
                 branch=holder,
@@ -368,7 +370,7 @@ async def place(
             if not (status == 503 and b'"full"' in data):
                 if status == 201 and recent is not None:
                     made = json.loads(data)  # (its name: given, or made up there)
-                    recent.add(choice.id, f"{app.name}/{made.get('name')}", need.slots, now)
+                    recent.add(choice, f"{app.name}/{made.get('name')}", need.slots, now)
                 out = web.Response(status=status, body=data, content_type="application/json")
                 if "Location" in headers:
                     out.headers["Location"] = headers["Location"]
