@@ -153,9 +153,16 @@ class Stats:
             "cpu_percent": self.tree.cpu_percent,
             "memory_rss": self.tree.memory_rss,
             "processes": self.tree.processes,
+            "branch": self.view.spec.branch,
         }
         if self.view.spec.kind == Kind.CELERY:
             out["celery"] = dict(self.celery) if self.celery is not None else None
+        return out
+
+    def listed(self) -> dict[str, Any]:
+        """Its item in a listing of an app's instances' figures (no Celery part)."""
+        out = self.to_json()
+        out.pop("celery", None)
         return out
 
 

@@ -560,6 +560,25 @@ async def stats(request: web.Request) -> web.Response:
     return _json(result.to_json())
 
 
+async def app_stats(request: web.Request) -> web.Response:
+    """Every instance of an app with its figures (a cluster gathers them)."""
+    items = await _local(request).instances.app_stats(_name(request, "app"))
+    return _json({"items": [s.listed() for s in items]})
+
+
+async def queue_consumers(request: web.Request) -> web.Response:
+    """The instances of an app that consume a queue (a cluster gathers them)."""
+    app, queue = _name(request, "app"), request.match_info["queue"]
+    views = await _local(request).instances.list_instances(app)
+    items = [
+        {"app": v.spec.app, "name": v.spec.name, "branch": v.spec.branch,
+         "state": v.runtime.state.value}
+        for v in views
+        if queue in v.spec.queues
+    ]  # fmt: skip
+    return _json({"items": items})
+
+
 def _flag(value: str, key: str) -> bool:
     if value.lower() in ("1", "true", "yes"):
         return True
@@ -848,6 +867,20 @@ ROUTES: tuple[Route, ...] = (
         "Tail (and follow) an instance's output",
         text=True,
         query=_TAIL_Q,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/stats",
+        app_stats,
+        "Every instance of an app with its process-tree figures, from every live branch",
+        response=schemas.gathered(schemas.STATS_ITEM),
+    ),
+    Route(
+        "GET",
+        QUEUE + "/consumers",
+        queue_consumers,
+        "The instances of an app that consume a queue, from every live branch",
+        response=schemas.gathered(schemas.CONSUMER_ITEM),
     ),
     Route(
         "GET",

@@ -327,6 +327,7 @@ STATS: Schema = {
         "cpu_percent": {"type": "number", "minimum": 0},
         "memory_rss": {"type": "integer", "minimum": 0},
         "processes": {"type": "integer", "minimum": 0},
+        "branch": {"type": "string"},
         "celery": {"type": ["object", "null"]},
     },
 }
@@ -557,6 +558,25 @@ def items(schema: Schema) -> Schema:
         "properties": {"items": {"type": "array", "items": schema}},
     }
 
+
+#: An instance's figures in a listing of its app's (``GET /v1/apps/{app}/stats``).
+STATS_ITEM: Schema = {
+    "type": "object",
+    "required": [*STATS["required"], "branch"],
+    "properties": {k: v for k, v in STATS["properties"].items() if k != "celery"},
+}
+
+#: An instance that consumes a queue (``GET /v1/apps/{app}/queues/{queue}/consumers``).
+CONSUMER_ITEM: Schema = {
+    "type": "object",
+    "required": ["app", "name", "branch", "state"],
+    "properties": {
+        "app": NAME,
+        "name": NAME,
+        "branch": {"type": "string"},
+        "state": {"type": "string", "enum": [s.value for s in State]},
+    },
+}
 
 #: A branch a gathered listing could not reach in time (named, never hidden).
 UNREACHABLE: Schema = {

@@ -503,6 +503,19 @@ class Engine:
             celery = await self._workers.worker_stats(spec)
         return Stats(view, tree, celery)
 
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` here with its process-tree figures (no
+        Celery calls: a listing must not wait on each worker)."""
+        if self._decls.find_app(app) is None:
+            raise NotFound(f"no app {app!r}")
+        out = []
+        for spec in sorted(self.specs(app), key=lambda s: s.name):
+            view = self._view(spec.name)
+            pid = view.runtime.pid
+            tree = self._launcher.tree_stats(pid) if pid else TreeStats(0.0, 0, 0)
+            out.append(Stats(view, tree))
+        return out
+
     def instance_names(self) -> list[str]:
         return list(self._specs)
 

@@ -533,6 +533,15 @@ class AsyncClient:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
 
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` with its process-tree figures (CPU, RSS,
+        processes; no Celery part), from every live branch of a cluster (each
+        names its ``branch``; silent branches land in ``unreachable``)."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/stats")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return self._items(Stats.from_json, data)
+
     # -- queues (declarations of an app) -------------------------------------
 
     async def queues(self, app: str) -> list[Queue]:
@@ -544,6 +553,14 @@ class AsyncClient:
         """The declaration of ``queue`` in ``app``."""
         _, data = await self._json("GET", _queue_path(app, queue))
         return self._parse(Queue.from_json, data)
+
+    async def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        """The instances of ``app`` that consume ``queue`` (``app``, ``name``,
+        ``branch``, ``state``), from every live branch of a cluster."""
+        _, data = await self._json("GET", f"{_queue_path(app, queue)}/consumers")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return [dict(i) for i in data.get("items", ())]
 
     async def put_queue(
         self,
@@ -806,6 +823,12 @@ class Client:
 
     def stats(self, app: str, name: str) -> Stats:
         return self._run(self._async.stats(app, name))
+
+    def app_stats(self, app: str) -> list[Stats]:
+        return self._run(self._async.app_stats(app))
+
+    def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        return self._run(self._async.queue_consumers(app, queue))
 
     def queues(self, app: str) -> list[Queue]:
         return self._run(self._async.queues(app))

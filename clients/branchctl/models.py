@@ -159,6 +159,8 @@ class Stats:
     cpu_percent: float | None = None
     memory_rss: int | None = None
     processes: int = 0
+    #: The id of the branch that runs it.
+    branch: str | None = None
     # kind "celery": {"node", "stats", "active"} (Celery's replies); None when not running
     celery: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)

@@ -140,6 +140,15 @@ def test_a_listing_gathers_every_branch_and_names_the_silent_one(
             ("on-b", id_b),
         }
         assert listing["unreachable"] == []
+        # an app's figures are gathered too
+        stats = x.ok("GET", "/v1/apps/web/stats")
+        assert {(i["name"], i["branch"]) for i in stats["items"]} == {
+            ("on-a", id_a),
+            ("on-b", id_b),
+        }
+        assert all(i["memory_rss"] >= 0 for i in stats["items"]) and stats["unreachable"] == []
+    # and the instances that consume a queue (declared ones: none here)
+    assert a.ok("GET", "/v1/apps/web/queues/jobs/consumers") == {"items": [], "unreachable": []}
     b.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()

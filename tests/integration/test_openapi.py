@@ -223,6 +223,9 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("PUT", w + "/autoscale", {"min": 2, "max": 8}).status == 200
     assert v.call("PUT", w + "/autoscale", {"min": 9, "max": 8}).status == 422
     assert v.call("GET", w + "/stats").status == 200
+    consumers = v.call("GET", q + "/consumers")
+    assert consumers.status == 200 and [i["name"] for i in consumers.body["items"]] == ["w1"]
+    assert v.call("GET", shop + "/stats").body["items"][0]["name"] == "w1"
     assert v.call("DELETE", q).status == 204
     assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204

@@ -190,6 +190,10 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     if unreachable:
         data["unreachable"] = unreachable
     _emit(opts, data, text)
+    _warn_unreachable(unreachable)
+
+
+def _warn_unreachable(unreachable: list[dict[str, Any]]) -> None:
     for u in unreachable:
         click.echo(
             f"branchctl: warning: {u.get('error')}; its instances are not listed", err=True
@@ -513,13 +517,29 @@ def _stats_text(s: Stats) -> str:
 
 @instances.command("stats")
 @click.argument("app")
-@click.argument("name")
-def instances_stats(opts: Options, app: str, name: str) -> None:
-    """Show the resource use of instance NAME of APP (its whole process tree).
+@click.argument("name", required=False)
+def instances_stats(opts: Options, app: str, name: str | None) -> None:
+    """Show the resource use of instance NAME of APP (its whole process tree),
+    or without NAME of every instance of APP (on every branch of a cluster).
 
     For a running celery instance also a summary of Celery's own stats (pool,
     autoscaler, active tasks, tasks done by name); --json prints them all.
     """
+    if name is None:
+        with opts.client() as c:
+            items = c.app_stats(app)
+            unreachable = list(c.unreachable)
+        rows = [
+            (s.name, s.state, s.pid, f"{s.cpu_percent or 0:.1f}",
+             render.size(s.memory_rss) if s.memory_rss is not None else None,
+             s.processes, (s.branch or "")[:12])
+            for s in items
+        ]  # fmt: skip
+        headers = ("NAME", "STATE", "PID", "CPU%", "RSS", "PROCS", "BRANCH")
+        data = {"items": [dict(s.raw) for s in items], "unreachable": unreachable}
+        _emit(opts, data, render.table(headers, rows))
+        _warn_unreachable(unreachable)
+        return
     with opts.client() as c:
         s = c.stats(app, name)
     _emit(opts, s.raw, _stats_text(s))
