@@ -358,7 +358,11 @@ async def place(
     tried: list[str] = []
     for choice in order:
         if choice.id == peers.self_id:
-            answer = await here()
+            try:
+                answer = await here()
+            except Full:  # (its own admission: the record it was picked by was stale)
+                tried.append(f"{choice.id} (full)")
+                continue
             if not _full(answer):
                 return answer
         else:

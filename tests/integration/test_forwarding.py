@@ -264,17 +264,22 @@ def _race(a: Branchd, b: Branchd, name: str) -> tuple[int, ...]:
     """Two creates of ``name`` at once, one through each branch: their statuses."""
     go = threading.Barrier(2)
     got: dict[str, int] = {}
+    errors: list[str] = []
 
     def create(x: Branchd, who: str) -> None:
         go.wait()
         body = {"name": name, "command": ["true"], "autostart": False}
-        got[who] = x.call("POST", "/v1/apps/shop/instances", body).status
+        reply = x.call("POST", "/v1/apps/shop/instances", body)
+        got[who] = reply.status
+        if reply.status not in (201, 409):
+            errors.append(reply.text)  # (said when the test fails)
 
     threads = [threading.Thread(target=create, args=(x, w)) for x, w in ((a, "a"), (b, "b"))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     return tuple(sorted(got.values()))
 
 
