@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from branchctl.cli import main
+from click.testing import CliRunner, Result
 
 from tests.conftest import SLEEPER, Branchd, Reply, _kill_leftovers, start_branchd, wait_for
 
@@ -136,3 +138,34 @@ def test_a_rolling_restart_of_ten_in_batches_of_two_never_has_more_than_two_down
 
 def _items(b: Branchd, app: str) -> list[dict[str, Any]]:
     return b.ok("GET", f"{app}/instances")["items"]  # type: ignore[no-any-return]
+
+
+def _cli(b: Branchd, *args: str) -> Result:
+    env = {"BRANCHD_STATE_DIR": str(b.state_dir.parent / "no-such-state")}
+    argv = ["--url", b.url, "--token", b.token or "", *args]
+    return CliRunner().invoke(main, argv, env=env, catch_exceptions=False)
+
+
+def test_branchctl_count_create_and_app_actions(b: Branchd) -> None:
+    assert _cli(b, "apps", "add", "cli").exit_code == 0
+    r = _cli(b, "instances", "add", "cli", "--count", "3", "--name", "k_{n:02d}",
+             "--start-at", "1", "--startsecs", "0", "--", *SLEEPER)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [line.split()[1] for line in r.stdout.splitlines()[1:]] == ["k_01", "k_02", "k_03"]
+    r = _cli(b, "instances", "add", "cli", "--count", "2", "--name", "k_0{n}", "--", *SLEEPER)
+    assert r.exit_code == 1 and r.stderr.startswith("branchctl: conflict: ") and "k_01" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    r = _cli(b, "apps", "restart", "cli", "--rolling", "--batch", "1")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert [line.split(":")[1].strip().split()[0] for line in r.stdout.splitlines()] == [
+        "running"
+    ] * 3
+    assert "3 instance(s), 1 at a time" in r.stderr
+    r = _cli(b, "apps", "stop", "cli")
+    assert r.exit_code == 0 and r.stdout.count(": stopped") == 3
+    b.ok("PATCH", "/v1/apps/cli/instances/k_02", {"command": ["/nonexistent/x"], "startretries": 1})
+    r = _cli(b, "apps", "start", "cli")
+    assert r.exit_code == 1
+    assert "cli/k_02: failed:" in r.stdout and "not_started: 1 of 3" in r.stderr
+    assert _cli(b, "apps", "stop", "cli", "--batch", "2").exit_code == 2  # (no such option)
+    assert _cli(b, "apps", "start", "cli", "--batch", "2").exit_code == 2  # needs --rolling
