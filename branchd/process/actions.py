@@ -70,9 +70,12 @@ class AppActions:
             )
         made: list[InstanceView] = []
         try:
-            # (no await in here gives the loop away: no other request comes between)
-            for name in names:
-                made.append(await self._engine.create_instance(app, {**fields, "name": name}))
+            # (no await in here gives the loop away: no other request comes
+            # between, and the spawns held meanwhile are launched together)
+            with self._engine.spawning_together():
+                for name in names:
+                    made.append(await self._engine.create_instance(app, {**fields, "name": name}))
+            made = [await self._engine.get_instance(app, v.spec.name) for v in made]
         except BranchdError as exc:
             if made:
                 log.warning("count create of %s failed after %d: %s", app, len(made), exc.message)
@@ -146,13 +149,16 @@ class AppActions:
         errors: dict[str, str] = {}
         old: dict[str, int | None] = {}
         with self._bus.subscribe(lambda e: isinstance(e, events.InstanceChanged)) as changes:
-            for name in names:
-                proc = self._engine.proc(name)
-                old[name] = proc.pid if proc is not None else None
-                try:
-                    await self._one(app, name, action)
-                except BranchdError as exc:
-                    errors[name] = exc.message
+            # (no await in here gives the loop away: the spawns the starts ask
+            # for are held and launched together, see Engine.spawning_together)
+            with self._engine.spawning_together():
+                for name in names:
+                    proc = self._engine.proc(name)
+                    old[name] = proc.pid if proc is not None else None
+                    try:
+                        await self._one(app, name, action)
+                    except BranchdError as exc:
+                        errors[name] = exc.message
             results: dict[str, tuple[Outcome, str | None]] = {
                 n: (Outcome.FAILED, e) for n, e in errors.items()
             }
