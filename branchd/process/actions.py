@@ -190,9 +190,11 @@ class AppActions:
         limit = max((self._wait(n).limit(action) for n in names), default=0.0)
         end = clock.monotonic() + limit
         out: dict[str, tuple[Outcome, str | None]] = {}
+        look = set(names)  # whose state to look at (at first all; then those that changed)
+        dropped = changes.dropped
         while True:
             for name in names:
-                if name in out:
+                if name in out or name not in look:
                     continue
                 proc = self._engine.proc(name)
                 if proc is None:
@@ -206,9 +208,14 @@ class AppActions:
                 return out
             if clock.monotonic() >= end:
                 break
+            look = set()
             with contextlib.suppress(TimeoutError):
                 async with deadline(self._sched, end):
-                    await changes.get()
+                    look.add(_about(await changes.get()))
+            while not changes.queue.empty():  # (the rest that came meanwhile, without waiting)
+                look.add(_about(changes.queue.get_nowait()))
+            if changes.dropped != dropped:  # some were lost: look at every one again
+                look, dropped = set(names), changes.dropped
         for name in names:
             if name not in out:
                 proc = self._engine.proc(name)
@@ -244,3 +251,8 @@ class AppActions:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _about(event: events.Event) -> str:
+    """The instance an event is about ("" for any other)."""
+    return str(getattr(event, "name", ""))
