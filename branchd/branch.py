@@ -57,9 +57,14 @@ class BranchService:
         scheduler: Scheduler,
         interval: float = 5.0,
         max_instances: int = 0,
+        slots: int = 0,
+        slots_used: Callable[[], int] | None = None,
     ) -> None:
         self._record = base
         self._max = max_instances
+        self._slots = slots
+        #: What this branch's instances take of its slots now (their specs say).
+        self._used = slots_used or (lambda: 0)
         #: Called after each change of the record (a refresh, an instance come
         #: or gone): the cluster re-announces it. Set by whoever listens.
         self.on_change: Callable[[], None] | None = None
@@ -74,7 +79,11 @@ class BranchService:
 
     def record(self) -> BranchRecord:
         capacity = replace(
-            self._record.capacity, instances=len(self._names), max_instances=self._max
+            self._record.capacity,
+            instances=len(self._names),
+            max_instances=self._max,
+            slots=self._slots,
+            slots_used=self._used(),
         )
         return replace(self._record, capacity=capacity, instances=tuple(sorted(self._names)))
 

@@ -122,6 +122,15 @@ TIMERS = (
 )
 
 
+
+#: A branch's slots per CPU when ``slots`` is not set. Celery runs one pool
+#: process per CPU by default, and a worker of I/O-bound tasks is commonly run
+#: with several times that (its processes mostly wait): 16 per CPU leaves room
+#: for that, and for many small plain processes, without piling a whole
+#: cluster's work on one machine.
+SLOTS_PER_CPU = 16
+
+
 @dataclass(frozen=True)
 class ClusterSection:
     """Membership: who this branch gossips with, how, and how it is seen.
@@ -145,8 +154,11 @@ class ClusterSection:
     zeroconf: bool = True
     #: The timers' preset: lan, local or wan.
     profile: str = "lan"
-    #: Instances this branch may run; its free slots are this minus running ones.
+    #: Instances this branch may hold.
     max_instances: int = 100
+    #: Pool processes its instances may run together (a Celery instance takes
+    #: its largest concurrency, a plain process one); 0: SLOTS_PER_CPU per CPU.
+    slots: int = 0
     #: How often this branch's capacity is re-read and its record refreshed (s).
     record_interval: float = 5.0
     #: How often a join that has not reached anyone is retried, at most (s).
@@ -230,6 +242,8 @@ class Config:
             )
         if c.max_instances < 1:
             raise ConfigError("max_instances must be 1 or more")
+        if c.slots < 0:
+            raise ConfigError("slots must be 0 (16 per CPU) or more")
         if c.record_interval <= 0 or c.join_retry_max <= 0:
             raise ConfigError("record_interval and join_retry_max must be more than 0")
 
@@ -267,6 +281,7 @@ _FLAT: dict[str, tuple[str, str]] = {
     "zeroconf": ("cluster", "zeroconf"),
     "cluster_profile": ("cluster", "profile"),
     "max_instances": ("cluster", "max_instances"),
+    "slots": ("cluster", "slots"),
 }
 _SECTIONS: dict[str, type[Any]] = {
     "api": ApiSection,
@@ -292,6 +307,7 @@ _ENV = {
     "BRANCHD_NO_ZEROCONF": "no_zeroconf",
     "BRANCHD_CLUSTER_PROFILE": "cluster_profile",
     "BRANCHD_MAX_INSTANCES": "max_instances",
+    "BRANCHD_SLOTS": "slots",
 }
 
 
@@ -419,11 +435,12 @@ def load(
         parts["api"]["auth"] = not _boolean("no_auth", merged.pop("no_auth"))
     if "no_zeroconf" in merged:
         parts["cluster"]["zeroconf"] = not _boolean("no_zeroconf", merged.pop("no_zeroconf"))
-    if isinstance(parts["cluster"].get("max_instances"), str):  # (from the environment)
-        text = parts["cluster"]["max_instances"]
-        if not text.strip().isdigit():
-            raise ConfigError(f"max_instances must be a whole number, got {text!r}")
-        parts["cluster"]["max_instances"] = int(text)
+    for key in ("max_instances", "slots"):
+        if isinstance(parts["cluster"].get(key), str):  # (from the environment)
+            text = parts["cluster"][key]
+            if not text.strip().isdigit():
+                raise ConfigError(f"{key} must be a whole number, got {text!r}")
+            parts["cluster"][key] = int(text)
     _read_secret_file(parts["api"], "token", "token")
     _read_secret_file(parts["cluster"], "key", "cluster key")
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()

@@ -30,10 +30,12 @@ from branchd.api.forward import (
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
-from branchd.config import Config, is_loopback, load, parse_bind
+from branchd.config import SLOTS_PER_CPU, Config, is_loopback, load, parse_bind
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
+from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
+from branchd.placement import Recent, need_for
 from branchd.process.launcher import ProcessLauncher
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
@@ -48,6 +50,9 @@ log = logging.getLogger("branchd")
 
 #: The store's mark of a drained branch (``POST /v1/branches/{id}/drain``).
 DRAINING_MARK = "branch:draining"
+
+#: How instance process trees are kept and ended (``GET /v1/branch``).
+SUPERVISION = "process-group"
 
 #: Named exit codes of the entry point.
 EXIT_OK = 0
@@ -96,6 +101,7 @@ class Daemon:
             )
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
+            cpus = os.cpu_count() or 1
             started = clock.wall()
             branch = BranchService(
                 BranchRecord(
@@ -114,21 +120,25 @@ class Daemon:
                 scheduler=scheduler,
                 interval=cfg.cluster.record_interval,
                 max_instances=cfg.cluster.max_instances,
+                slots=cfg.cluster.slots or SLOTS_PER_CPU * cpus,
+                slots_used=lambda: slots_used(local, cpus),
             )
             branch.start()
             cluster = (
-                _cluster(cfg, branch, scheduler, bus, local.apps) if cfg.cluster.enabled else None
+                _cluster(cfg, branch, scheduler, bus, local.apps, local.holdings)
+                if cfg.cluster.enabled
+                else None
             )
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
-            gatherer = placer = drain = None
+            gatherer = placer = drain = moves = None
             if cluster is not None:
                 import random
 
                 from branchd.api.proxy import HttpForwarder, gather, place
 
                 # a named instance's routes go to the branch that holds it
-                proxy = HttpForwarder(cluster)
+                proxy = HttpForwarder(cluster, cfg.api.token)
                 directory, forwarder = ClusterDirectory(cluster), proxy
 
                 peers = cluster
@@ -139,6 +149,7 @@ class Daemon:
                     return gather(proxy, peers, request, local)
 
                 rng = random.Random()
+                recent = Recent()  # what this branch placed that records may not say yet
 
                 def drain(on: bool) -> None:
                     # kept across a restart: a drained machine stays drained
@@ -148,11 +159,22 @@ class Daemon:
 
                 branch.set_draining(bool(store.marks(DRAINING_MARK)))
 
+                from branchd.api.move import Mover
+
+                moves = Mover(
+                    proxy,
+                    cluster,
+                    local,
+                    local.holdings,
+                    scheduler,
+                    draining=lambda: branch.record().capacity.draining,
+                )
+
                 async def placer(
                     request: web.Request, here: Callable[[], Awaitable[web.StreamResponse]]
                 ) -> web.StreamResponse:
                     app = await local.apps.get_app(request.match_info["app"])  # (404: none)
-                    return await place(proxy, peers, request, here, app, rng)
+                    return await place(proxy, peers, request, here, app, rng, recent)
             runner = web.AppRunner(
                 make_app(
                     local,
@@ -167,7 +189,13 @@ class Daemon:
                     gatherer=gatherer,
                     placer=placer,
                     drain=drain,
+                    moves=moves,
                     on_exit=lambda keep: self.request_exit(Exit.KEEP if keep else Exit.STOP),
+                    daemon={
+                        "pid": os.getpid(),
+                        "state_dir": str(cfg.state_dir),
+                        "supervision": SUPERVISION,
+                    },
                 ),
                 access_log=None,
                 shutdown_timeout=2.0,
@@ -215,6 +243,8 @@ class Daemon:
                 how.value,
                 "stopping instances" if how == Exit.STOP else "instances keep running",
             )
+            if moves is not None:
+                await moves.close()  # (a move under way ends; what it made stays)
             if cluster is not None:
                 if self._discovery is not None:
                     await self._discovery.close()
@@ -318,12 +348,20 @@ def _gossip_bind(cfg: Config) -> tuple[str, int]:
     return cfg.api.host, (cfg.api.port + 1 if cfg.api.port else 0)
 
 
+def slots_used(local: LocalBranch, cpus: int) -> int:
+    """What this branch's instances take of its slots (``placement.need_for``)."""
+    specs = local.instances.specs()
+    apps = {name: local.apps.find_app(name) for name in {s.app for s in specs}}
+    return sum(need_for(s, apps[s.app], cpus=cpus).slots for s in specs)
+
+
 def _cluster(
     cfg: Config,
     branch: BranchService,
     scheduler: LoopScheduler,
     bus: EventBus,
     declarations: Declared,
+    holdings: Holdings,
 ) -> ClusterService:
     """The cluster service of a branch that clusters (not started yet)."""
     from branchd.cluster.service import ClusterService, HttpPeerClient, Settings, load_keyring
@@ -363,6 +401,7 @@ def _cluster(
         # without a key (loopback only) the peer calls carry this branch's token
         client=HttpPeerClient(None if keyring is not None else cfg.api.token),
         declarations=declarations,  # apps and queues on every branch
+        holdings=holdings,  # this branch's instances, for the names across the cluster
     )
 
 
@@ -475,6 +514,11 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     type=int,
     help="Instances this branch may hold [env BRANCHD_MAX_INSTANCES; default 100]",
 )
+@click.option(
+    "--slots",
+    type=int,
+    help="Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -492,6 +536,7 @@ def cli(
     no_zeroconf: bool | None,
     cluster_profile: str | None,
     max_instances: int | None,
+    slots: int | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -514,6 +559,7 @@ def cli(
         "no_zeroconf": True if no_zeroconf else None,
         "cluster_profile": cluster_profile,
         "max_instances": max_instances,
+        "slots": slots,
         "config": config_file,
         "log_level": log_level,
     }

@@ -46,6 +46,7 @@ class Declarations:
         self._clock = clock
         self._bus = bus
         self._end_app: Callable[[str, Version], None] | None = None
+        self._end_queue: Callable[[str, str], None] | None = None
 
     # apps -------------------------------------------------------------------
 
@@ -164,6 +165,11 @@ class Declarations:
         here (the engine: they stop, then ``forget_app`` with that version)."""
         self._end_app = end_app
 
+    def on_remote_queue_delete(self, end_queue: Callable[[str, str], None]) -> None:
+        """Who cancels a queue that another branch deleted on this branch's
+        workers that consume it (the Celery runtime)."""
+        self._end_queue = end_queue
+
     def records(self, app: str | None = None) -> list[Record]:
         """Every declaration (of ``app`` alone: it and its queues), tombstones included."""
         return self._store.declaration_records(app)
@@ -209,6 +215,9 @@ class Declarations:
             return True
         if not self._store.apply_remote(rec):
             return False
+        if rec.kind == "queue" and rec.deleted and self._end_queue is not None:
+            # deleted there: its consumers here go too, as they did there
+            self._end_queue(name, queue)
         self._bus.publish(
             events.DeclarationChanged(rec.kind, name, queue, deleted=rec.deleted, remote=True)
         )

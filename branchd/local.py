@@ -8,8 +8,10 @@ Protocols of ``api/backend.py``; none of them builds another.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from branchd.celery.ops import CeleryOps
 from branchd.celery.remote import RemoteControl
@@ -25,6 +27,8 @@ from branchd.process.launcher import Launcher
 from branchd.process.logs import LogService
 from branchd.store import Store
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class LocalBranch:
@@ -32,6 +36,7 @@ class LocalBranch:
     instances: Engine
     celery: CeleryRuntime
     logs: LogService
+    holdings: Holdings
     #: Count creates and app-wide start, stop, restart (rolling too).
     groups: AppActions
 
@@ -49,6 +54,36 @@ class LocalBranch:
         await self.logs.close()
         await self.groups.close()
         await self.instances.shutdown(keep=keep)
+
+
+@dataclass
+class Holdings:
+    """This branch's instances as the cluster's names see them
+    (``cluster.names.Holdings``): when each was made, which are being moved
+    away, and the giving up of a copy another branch's copy beat."""
+
+    engine: Engine
+    #: ``app/name`` of the instances a ``drain --move`` is moving away.
+    moving_away: set[str] = field(default_factory=set)
+    _tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def created_at(self, app: str, name: str) -> float | None:
+        spec = next((s for s in self.engine.specs(app) if s.name == name), None)
+        return spec.created_at if spec is not None else None
+
+    def moving(self, app: str, name: str) -> bool:
+        return f"{app}/{name}" in self.moving_away
+
+    def give_up(self, app: str, name: str, why: str) -> None:
+        task = asyncio.ensure_future(self._give_up(app, name, why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _give_up(self, app: str, name: str, why: str) -> None:
+        try:
+            await self.engine.delete_instance(app, name, wait=False)
+        except Exception as exc:  # (gone meanwhile: nothing left to give up)
+            log.info("%s/%s: not given up (%s): %s", app, name, why, exc)
 
 
 def build(
@@ -86,10 +121,13 @@ def build(
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)
+    celery = CeleryRuntime(engine, declarations, workers, bus)
+    declarations.on_remote_queue_delete(celery.drop_queue)
     return LocalBranch(
         apps=declarations,
         instances=engine,
-        celery=CeleryRuntime(engine, declarations, workers, bus),
+        celery=celery,
+        holdings=Holdings(engine),
         logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
         groups=AppActions(engine, bus, scheduler, config.supervision),
     )

@@ -48,6 +48,55 @@ def signal_number(name: str) -> int:
     return int(getattr(signal, "SIG" + name))
 
 
+#: ``startretries`` of an instance that never gives up (supervisord#487): its
+#: failed starts back off up to the cap, and it never goes fatal.
+FOREVER = "forever"
+
+
+def startretries_from(value: int | str | None) -> int | None:
+    """A ``startretries`` as given (a count, or "forever") as the policy holds it."""
+    if value is None or value == FOREVER:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"startretries must be a count or {FOREVER!r}, not {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"startretries must be a count or {FOREVER!r}, not {value!r}") from None
+
+
+def startretries_wire(value: int | None) -> int | str:
+    return FOREVER if value is None else value
+
+
+#: What a umask may be given as, in words (for every error about one).
+UMASK_RULE = 'an octal string ("022", "0o027") or its value as an integer (0-511)'
+
+
+def umask_from(value: object) -> int:
+    """A umask as a user gives it: an octal string ("022", "0o022"), as
+    supervisord's ``umask=022``, or the number itself (18 == 0o022)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # (JSON's 18.0 is JSON Schema's integer 18)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"bad umask {value!r}: {UMASK_RULE}")
+    if isinstance(value, int):
+        mask = value
+    else:
+        digits = value.strip().lower().removeprefix("0o")
+        if not digits or not digits.isascii() or any(c not in "01234567" for c in digits):
+            raise ValueError(f"bad umask {value!r}: {UMASK_RULE}")
+        mask = int(digits, 8)
+    if not 0 <= mask <= 0o777:
+        raise ValueError(f"bad umask {value!r}: {UMASK_RULE}")
+    return mask
+
+
+def umask_text(mask: int) -> str:
+    """A umask as shown: three octal digits, as ``umask`` prints them."""
+    return f"{mask:03o}"
+
+
 class State(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
@@ -90,7 +139,8 @@ class Policy:
     autorestart: Autorestart = Autorestart.ON_FAILURE
     exitcodes: tuple[int, ...] = (0,)
     startsecs: float = 1.0
-    startretries: int = 3
+    #: Failed starts in a row before it goes fatal; None: never (``FOREVER``).
+    startretries: int | None = 3
     stopsignal: str = "TERM"
     stopwaitsecs: float = 10.0
     #: Celery kind: running once it answers a ping (startsecs is then the
@@ -284,6 +334,12 @@ class InstanceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     user: str | None = None
+    #: Environment files read at each start (systemd's ``EnvironmentFile=``
+    #: syntax; a leading "-": skipped when missing), between the app's env
+    #: and the instance's own.
+    env_file: tuple[str, ...] = ()
+    #: The child's umask, set before exec (None: the daemon's).
+    umask: int | None = None
     policy: Policy = Policy()
     autostart: bool = True
     desired: Desired = Desired.RUNNING
@@ -325,10 +381,12 @@ class InstanceSpec:
             "env": dict(self.env),
             "cwd": self.cwd,
             "user": self.user,
+            "env_file": list(self.env_file),
+            "umask": None if self.umask is None else umask_text(self.umask),
             "autorestart": p.autorestart.value,
             "exitcodes": list(p.exitcodes),
             "startsecs": p.startsecs,
-            "startretries": p.startretries,
+            "startretries": startretries_wire(p.startretries),
             "stopsignal": p.stopsignal,
             "stopwaitsecs": p.stopwaitsecs,
             "autostart": self.autostart,
@@ -356,16 +414,18 @@ class InstanceSpec:
             autorestart=Autorestart(d.get("autorestart", base.autorestart)),
             exitcodes=tuple(d.get("exitcodes", base.exitcodes)),
             startsecs=float(d.get("startsecs", base.startsecs)),
-            startretries=int(d.get("startretries", base.startretries)),
+            startretries=startretries_from(d.get("startretries", base.startretries)),
             stopsignal=d.get("stopsignal", base.stopsignal),
             stopwaitsecs=float(d.get("stopwaitsecs", base.stopwaitsecs)),
         )
         plain = {k: d[k] for k in _SPEC_PLAIN if k in d}
-        for key in ("command", "queues", "args"):
+        for key in ("command", "queues", "args", "env_file"):
             if key in plain:
                 plain[key] = tuple(plain[key])
         if "env" in plain:
             plain["env"] = dict(plain["env"])
+        if plain.get("umask") is not None:
+            plain["umask"] = umask_from(plain["umask"])
         if "kind" in plain:
             plain["kind"] = Kind(plain["kind"])
         if "desired" in plain:
@@ -412,6 +472,8 @@ _SPEC_PLAIN = (
     "env",
     "cwd",
     "user",
+    "env_file",
+    "umask",
     "autostart",
     "log_max_bytes",
     "log_backups",

@@ -22,12 +22,13 @@ two random ones among those left, never a sort of all of them by stale data.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from branchd.errors import Full, Invalid, NotFound
 from branchd.model import App, InstanceSpec, Kind
+from branchd.process.specs import build_spec
 from branchd.views import BranchRecord
 
 
@@ -46,7 +47,7 @@ Spare = tuple[int, int, int, float]
 class Need:
     """What an instance takes from the branch that runs it."""
 
-    #: Free instance slots it takes (``need_for``: its largest concurrency).
+    #: Free slots it takes (``need_for``: its largest concurrency).
     slots: int = 1
     #: Free memory it takes (bytes; 0: nothing declared, nothing checked).
     memory: int = 0
@@ -56,13 +57,21 @@ class Need:
         return text + (f" and {_mib(self.memory)} of memory" if self.memory else "")
 
 
-def need_for(spec: InstanceSpec, app: App | None = None, memory_estimate: int = 0) -> Need:
+def need_for(
+    spec: InstanceSpec,
+    app: App | None = None,
+    memory_estimate: int = 0,
+    *,
+    cpus: int = 1,
+) -> Need:
     """What ``spec`` declares it needs.
 
     Slots: the most pool processes it may run (its autoscale max, else its
     fixed concurrency, else the app's autoscale max), 1 for a plain process.
-    A worker that says none of these runs Celery's default (the host's CPU
-    count), unknown before the host is chosen: counted as 1.
+    A worker that says none of these runs Celery's default, the host's CPU
+    count: ``cpus`` (the branch that runs it knows its own; a sender placing
+    it does not know the host yet and counts 1, the host's admission check
+    then counts its own).
     Memory: its ``memory_limit`` (the most it is let grow to), else
     ``memory_estimate`` (what the caller knows of the app's instances).
     """
@@ -74,8 +83,67 @@ def need_for(spec: InstanceSpec, app: App | None = None, memory_estimate: int = 
             slots = spec.concurrency
         elif app is not None and app.celery.autoscale is not None:
             slots = app.celery.autoscale.max
+        else:
+            slots = cpus
     memory = spec.memory_limit if spec.memory_limit is not None else memory_estimate
     return Need(slots=max(1, slots), memory=max(0, memory))
+
+
+def need_of(fields: Mapping[str, Any], app: App, *, cpus: int = 1) -> Need:
+    """What a create's body (``fields``, over ``app``'s defaults) needs; a
+    body that makes no valid instance needs the least (its create then says
+    what is wrong with it)."""
+    fields = {k: v for k, v in fields.items() if k != "name"}  # (not a field of the spec)
+    try:
+        spec = build_spec(app, "placed", fields, "", 0.0)
+    except (Invalid, ValueError, TypeError, KeyError):
+        return Need()
+    return need_for(spec, app, cpus=cpus)
+
+
+@dataclass
+class Recent:
+    """The creates this branch placed on others whose records may not say so
+    yet (a record's names travel as a digest, fetched within about a second):
+    counted on top of those records, so that a burst of creates through one
+    branch spreads instead of piling onto whichever branch looked emptiest a
+    second ago. An entry goes once the branch's record holds the name, or
+    after ``ttl`` seconds."""
+
+    ttl: float = 10.0
+    _by: dict[str, list[tuple[str, int, float, str]]] = field(default_factory=dict)
+
+    def add(self, record: BranchRecord, key: str, slots: int, now: float) -> None:
+        """``key`` (``app/name``, taking ``slots``) was made at ``now`` on the
+        branch of ``record`` (the record it was placed by)."""
+        self._by.setdefault(record.id, []).append((key, slots, now, record.digest))
+
+    def apply(self, records: Iterable[BranchRecord], now: float) -> list[BranchRecord]:
+        out = []
+        for r in records:
+            # counted while the branch's record is the one it was placed by: a
+            # new record (its names' digest changed) counts it itself, with the
+            # same meta that says how many it holds and the slots they take
+            pending = [
+                e
+                for e in self._by.get(r.id, ())
+                if e[3] == r.digest and e[0] not in r.instances and now - e[2] < self.ttl
+            ]
+            if pending:
+                self._by[r.id] = pending
+            else:
+                self._by.pop(r.id, None)
+                out.append(r)
+                continue
+            c = r.capacity
+            cap = replace(
+                c,
+                instances=c.instances + len(pending),
+                slots_used=c.slots_used + sum(e[1] for e in pending),
+            )
+            names = tuple(sorted((*r.instances, *(e[0] for e in pending))))
+            out.append(replace(r, capacity=cap, instances=names))
+        return out
 
 
 def why_not(record: BranchRecord, need: Need) -> str | None:
@@ -83,6 +151,8 @@ def why_not(record: BranchRecord, need: Need) -> str | None:
     c = record.capacity
     if c.draining:
         return "draining"
+    if c.free_instances < 1:
+        return f"{c.instances} of {c.max_instances} instances"
     if c.free_slots < need.slots:
         return f"{c.free_slots} free slot{'s' if c.free_slots != 1 else ''}"
     if c.memory_free < need.memory:

@@ -110,3 +110,25 @@ def digest(entries: Iterable[tuple[str, tuple[str, ...], Version, bool]]) -> str
     for kind, key, version, deleted in sorted(entries):
         h.update(f"{kind}\0{chr(31).join(key)}\0{version.to_wire()}\0{int(deleted)}\n".encode())
     return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One branch's copy of an instance name that two branches hold (made on
+    both while they could not see each other, or being moved)."""
+
+    branch: str
+    #: When it was created there (wall clock, s).
+    created_at: float
+    #: Its branch drains: its instances are on their way out.
+    draining: bool = False
+
+
+def collision_winner(a: Copy, b: Copy) -> Copy:
+    """The copy that stays of a name two branches hold; the other is stopped
+    and removed by its own branch. In order: the one on a branch that is not
+    draining (a drained branch's instances are leaving: a move made the
+    other); the one created first (first come, first served: the one the
+    name's reservation would have let through had the branches seen each
+    other); the lower branch id. Both branches compute the same answer."""
+    return min((a, b), key=lambda c: (c.draining, c.created_at, c.branch))

@@ -74,6 +74,8 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "env",
     "cwd",
     "user",
+    "env_file",
+    "umask",
     "autorestart",
     "exitcodes",
     "startsecs",
@@ -151,9 +153,16 @@ class Stats:
             "cpu_percent": self.tree.cpu_percent,
             "memory_rss": self.tree.memory_rss,
             "processes": self.tree.processes,
+            "branch": self.view.spec.branch,
         }
         if self.view.spec.kind == Kind.CELERY:
             out["celery"] = dict(self.celery) if self.celery is not None else None
+        return out
+
+    def listed(self) -> dict[str, Any]:
+        """Its item in a listing of an app's instances' figures (no Celery part)."""
+        out = self.to_json()
+        out.pop("celery", None)
         return out
 
 
@@ -170,9 +179,18 @@ class Capacity:
     max_instances: int = 0
     #: Taking no new instance (placement skips it); its own keep running.
     draining: bool = False
+    #: The pool processes this branch may run (``cluster.slots``): a Celery
+    #: instance takes its largest concurrency, a plain process one.
+    slots: int = 0
+    #: What its instances take of them (``placement.need_for``).
+    slots_used: int = 0
 
     @property
     def free_slots(self) -> int:
+        return max(0, self.slots - self.slots_used)
+
+    @property
+    def free_instances(self) -> int:
         return max(0, self.max_instances - self.instances)
 
     def to_json(self) -> dict[str, Any]:
@@ -183,6 +201,8 @@ class Capacity:
             "memory_free": self.memory_free,
             "instances": self.instances,
             "max_instances": self.max_instances,
+            "slots": self.slots,
+            "slots_used": self.slots_used,
             "free_slots": self.free_slots,
             "draining": self.draining,
         }
@@ -207,6 +227,9 @@ class BranchRecord:
     instances: tuple[str, ...] = ()
     #: When this record was last read from the host (wall clock, s).
     refreshed: float = 0.0
+    #: The digest of its instance names its gossiped meta carries ("": not
+    #: from the gossip); it changes with each new set of names.
+    digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {

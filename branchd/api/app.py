@@ -7,12 +7,13 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
 from branchd.api import openapi
-from branchd.api.backend import Cluster, Local
+from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -25,10 +26,12 @@ from branchd.api.forward import (
 from branchd.api.routes import (
     BRANCH,
     CLUSTER,
+    DAEMON,
     DRAIN,
     EXIT,
     LISTINGS,
     LOCAL,
+    MOVES,
     OPENAPI,
     PEER_PATH,
     ROUTES,
@@ -219,6 +222,8 @@ def make_app(
     gatherer: Gatherer | None = None,
     placer: Placer | None = None,
     drain: Callable[[bool], None] | None = None,
+    moves: Moves | None = None,
+    daemon: Mapping[str, Any] | None = None,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
@@ -247,11 +252,15 @@ def make_app(
         app[PLACER] = placer
     if drain is not None:
         app[DRAIN] = drain
+    if moves is not None:
+        app[MOVES] = moves
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token
     if on_exit is not None:
         app[EXIT] = on_exit
+    if daemon is not None:
+        app[DAEMON] = daemon
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

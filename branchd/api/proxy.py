@@ -25,7 +25,7 @@ from aiohttp import web
 
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
-from branchd.placement import Need, pick, pick_pinned
+from branchd.placement import Need, Recent, need_of, pick, pick_pinned
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,12 @@ class Peers(Protocol):
 
 
 class HttpForwarder:
-    def __init__(self, peers: Peers) -> None:
+    def __init__(self, peers: Peers, token: str | None = None) -> None:
         self._peers = peers
         self._session: Any = None
+        #: This branch's own token, for its own calls in a cluster without a
+        #: key (loopback only: there its branches share the token).
+        self._token = token
 
     async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
         if self._peers.api_url_of(branch)[1] == "unknown":  # (a path naming no member)
@@ -121,6 +124,31 @@ class HttpForwarder:
             raise BranchUnreachable(
                 f"branch {branch} ({state}): {why}", branch=branch, state=state
             ) from None
+
+    async def own(
+        self, method: str, branch: str, path: str, body: Any = None, timeout: float = 30.0
+    ) -> tuple[int, Any]:
+        """A request of this branch's own (not a client's) answered by
+        ``branch``: (status, JSON body); BranchUnreachable if it is not."""
+        import aiohttp
+
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {HOP_HEADER: self._peers.self_id, **self._peers.prove(method, path, data)}
+        if PROOF_HEADER not in headers and self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if data:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().request(
+                    method, url.rstrip("/") + path, data=data or None, headers=headers
+                ) as resp:
+                    return resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise self._unreachable(branch, exc) from None
 
     async def send(
         self, request: web.Request, branch: str, body: bytes
@@ -282,6 +310,7 @@ async def place(
     here: Callable[[], Awaitable[web.StreamResponse]],
     app: App,
     rng: random.Random,
+    recent: Recent | None = None,
 ) -> web.StreamResponse:
     """A new instance of ``app``, created on the branch with spare capacity
     (``placement.pick``: better of two on free slots, the app's instances
@@ -302,14 +331,17 @@ async def place(
     name = body.get("name") if isinstance(body, dict) else None
     if isinstance(name, str) and name:
         holder = peers.owner_of(app.name, name)
-        if holder is not None and holder != peers.self_id:
+        if holder == peers.self_id:
+            return await here()  # (its own answer: the name is taken here)
+        if holder is not None:
             raise Conflict(
                 f"instance {name!r} of app {app.name!r} exists on branch {holder}",
                 branch=holder,
             )
         # two creates of one name through two branches: one 201, one 409
         await peers.reserve(app.name, name)
-    live = peers.alive()
+    now = asyncio.get_running_loop().time()
+    live = recent.apply(peers.alive(), now) if recent is not None else peers.alive()
     pin = request.query.get("branch")
     embedded = app.celery.broker is None and app.origin
     home = (app.origin, *(r.hostname for r in live if r.id == app.origin))
@@ -318,7 +350,9 @@ async def place(
             f"app {app.name!r} is on the embedded broker of branch {app.origin}: its "
             "instances run there (its workers and producers share that machine's folder)"
         )
-    need = Need()
+    # (the host's CPU count is not known yet: a worker of Celery's default
+    # concurrency counts 1 here, and its host's admission counts its own)
+    need = need_of(body, app) if isinstance(body, dict) else Need()
     if embedded:
         order: tuple[BranchRecord, ...] = (pick_pinned(live, str(app.origin), need),)
     elif pin:
@@ -338,6 +372,9 @@ async def place(
                 tried.append(f"{choice.id} ({exc.message})")
                 continue
             if not (status == 503 and b'"full"' in data):
+                if status == 201 and recent is not None:
+                    made = json.loads(data)  # (its name: given, or made up there)
+                    recent.add(choice, f"{app.name}/{made.get('name')}", need.slots, now)
                 out = web.Response(status=status, body=data, content_type="application/json")
                 if "Location" in headers:
                     out.headers["Location"] = headers["Location"]

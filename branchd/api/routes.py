@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from branchd.api import precheck, schemas
-from branchd.api.backend import Cluster, Local
+from branchd.api.backend import Cluster, Local, Moves
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
@@ -22,9 +23,11 @@ from branchd.model import (
     QUEUE_NAME_PATTERN,
     QUEUE_NAME_RULE,
     App,
+    State,
     valid_name,
     valid_queue_name,
 )
+from branchd.placement import need_of, why_not
 from branchd.process.groups import MAX_BATCH, Action
 from branchd.views import BranchRecord, app_answer, queue_answer
 
@@ -48,10 +51,15 @@ LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 CLUSTER = web.AppKey("cluster", Cluster)
 #: Sets this branch's draining flag (kept across restarts); absent: no cluster.
 DRAIN: web.AppKey[Callable[[bool], None]] = web.AppKey("drain")
+#: Moves this branch's instances elsewhere (``drain --move``); absent: no cluster.
+MOVES = web.AppKey("moves", Moves)
 #: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
 EXIT: web.AppKey[Callable[[bool], None]] = web.AppKey("exit")
+#: What the process answering is (pid, state dir, supervision mode), for
+#: ``GET /v1/branch``; absent: a server that is no daemon (tests).
+DAEMON: web.AppKey[Mapping[str, Any]] = web.AppKey("daemon")
 
 MAX_TAIL = 10_000
 #: How often a follow=1 answer checks that its client is still there.
@@ -215,7 +223,24 @@ def branch_info(request: web.Request) -> dict[str, Any]:
 
 
 async def get_branch(request: web.Request) -> web.Response:
-    return _json(branch_info(request))
+    """Its record and, from a daemon, what ``branchctl daemon status`` shows
+    beside it: the process, its instances by state, its cluster's members by
+    state."""
+    body = branch_info(request)
+    daemon = request.app.get(DAEMON)
+    if daemon is None:
+        return _json(body)
+    body.update(daemon)
+    views = await _local(request).instances.list_instances()
+    states = Counter(v.runtime.state.value for v in views)
+    body["instance_states"] = {s.value: states[s.value] for s in State}
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        body["cluster"] = None
+    else:
+        members = Counter(str(m.get("state")) for m in cluster.branches())
+        body["cluster"] = {"members": dict(sorted(members.items()))}
+    return _json(body)
 
 
 def _solo(request: web.Request, *, names: bool) -> dict[str, Any]:
@@ -269,16 +294,34 @@ async def leave(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    return _draining(request, True)
+    """``?move=1``: and move its instances elsewhere, one at a time (202:
+    the move goes on; ``GET .../drain`` says where it stands)."""
+    move = _flag(request.query.get("move", "0"), "move")
+    answer = _draining(request, True)
+    if move:
+        answer["move"] = request.app[MOVES].start()
+    return _json(answer, status=202 if move else 200)
 
 
 async def undrain(request: web.Request) -> web.Response:
-    return _draining(request, False)
+    return _json(_draining(request, False))
 
 
-def _draining(request: web.Request, on: bool) -> web.Response:
-    """This branch takes no new instance (``on``) or takes them again; its
-    own keep running. Another branch's id was forwarded to it already."""
+async def drain_status(request: web.Request) -> web.Response:
+    _draining(request, None)
+    me = request.app[BRANCH]()
+    return _json({"id": me.id, "draining": me.capacity.draining, "move": _moves(request)})
+
+
+def _moves(request: web.Request) -> dict[str, Any] | None:
+    moves = request.app.get(MOVES)
+    return moves.current() if moves is not None else None
+
+
+def _draining(request: web.Request, on: bool | None) -> dict[str, Any]:
+    """This branch takes no new instance (``on``) or takes them again (its
+    own keep running), or (None) is only looked at. Another branch's id was
+    forwarded to it already."""
     branch_id = request.match_info["id"]
     me = request.app[BRANCH]()
     if branch_id not in ("self", me.id):
@@ -286,8 +329,9 @@ def _draining(request: web.Request, on: bool) -> web.Response:
     setter = request.app.get(DRAIN)
     if setter is None:
         raise Conflict("this branch cannot be drained (not in a cluster)")
-    setter(on)
-    return _json({"id": me.id, "draining": on})
+    if on is not None:
+        setter(on)  # (an undrain stops a move after the instance under way)
+    return {"id": me.id, "draining": on, "move": _moves(request)}
 
 
 async def peer(request: web.Request) -> web.Response:
@@ -313,15 +357,29 @@ async def remove_key(request: web.Request) -> web.Response:
     return _json(await _cluster(request).remove_key(request.match_info["id"]))
 
 
-async def daemon_exit(request: web.Request) -> web.Response:
+async def daemon_exit(request: web.Request) -> web.StreamResponse:
     body = await _body(request, schemas.EXIT_IN)
-    keep = bool(body.get("keep", False))
+    return await _exit(request, bool(body.get("keep", False)))
+
+
+async def branch_exit(request: web.Request) -> web.StreamResponse:
+    """``?keep=1``: the upgrade path without signals (as SIGUSR2); without
+    it every instance stops first (as SIGTERM)."""
+    await _body(request, schemas.EMPTY)
+    return await _exit(request, _flag(request.query.get("keep", "0"), "keep"))
+
+
+async def _exit(request: web.Request, keep: bool) -> web.StreamResponse:
     on_exit = request.app.get(EXIT)
     if on_exit is None:
         raise Conflict("this server cannot be told to exit")
-    # After this answer is on its way: the exit closes the listener.
+    # The answer is written out before the exit begins: the exit closes the
+    # listener, and a client must learn that its request was taken.
+    response = _json({"exiting": True, "keep": keep}, status=202)
+    await response.prepare(request)
+    await response.write_eof()
     asyncio.get_running_loop().call_soon(on_exit, keep)
-    return _json({"exiting": True, "keep": keep}, status=202)
+    return response
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -460,12 +518,11 @@ async def create_instance(request: web.Request) -> web.Response:
     if CLUSTER in request.app:
         # admission control: this branch's own live figures have the last word
         # (the sender chose on gossiped ones); "full" sends it to the next choice
-        cap = request.app[BRANCH]().capacity
-        if cap.draining or cap.free_slots < 1:
-            raise Full(
-                f"branch {request.app[BRANCH]().id} has no room: "
-                + ("draining" if cap.draining else f"{cap.instances} of {cap.max_instances}")
-            )
+        me = request.app[BRANCH]()
+        need = need_of(body, await _local(request).apps.get_app(app), cpus=me.capacity.cpus)
+        reason = why_not(me, need)
+        if reason is not None:
+            raise Full(f"branch {me.id} has no room for {need}: {reason}")
     if "name" in body and not _strict_name(body["name"]):
         raise Invalid(f"name: bad instance name {body['name']!r}: {NAME_RULE}")
     view = await _local(request).instances.create_instance(app, body)
@@ -560,6 +617,25 @@ async def stats(request: web.Request) -> web.Response:
     instances = _local(request).instances
     result = await instances.instance_stats(_name(request, "app"), _name(request, "name"))
     return _json(result.to_json())
+
+
+async def app_stats(request: web.Request) -> web.Response:
+    """Every instance of an app with its figures (a cluster gathers them)."""
+    items = await _local(request).instances.app_stats(_name(request, "app"))
+    return _json({"items": [s.listed() for s in items]})
+
+
+async def queue_consumers(request: web.Request) -> web.Response:
+    """The instances of an app that consume a queue (a cluster gathers them)."""
+    app, queue = _name(request, "app"), request.match_info["queue"]
+    views = await _local(request).instances.list_instances(app)
+    items = [
+        {"app": v.spec.app, "name": v.spec.name, "branch": v.spec.branch,
+         "state": v.runtime.state.value}
+        for v in views
+        if queue in v.spec.queues
+    ]  # fmt: skip
+    return _json({"items": items})
 
 
 def _flag(value: str, key: str) -> bool:
@@ -676,7 +752,17 @@ ROUTES: tuple[Route, ...] = (
         "/v1/branches/{id}/drain",
         drain,
         "Drain a branch: it takes no new instance (placement skips it, and it answers "
-        "full); its own keep running",
+        "full); its own keep running, or with ?move=1 are made again elsewhere one at a "
+        "time, each new one running before the old one stops (202)",
+        response=schemas.DRAINING,
+        query=(("move", {"type": "string", "enum": ["0", "1", "false", "true"]}),),
+        accepted=schemas.DRAINING,
+    ),
+    Route(
+        "GET",
+        "/v1/branches/{id}/drain",
+        drain_status,
+        "Whether a branch drains, and where its last move (drain ?move=1) stands",
         response=schemas.DRAINING,
     ),
     Route(
@@ -732,6 +818,17 @@ ROUTES: tuple[Route, ...] = (
         ok=202,
         response=schemas.EXITING,
         body=schemas.EXIT_IN,
+    ),
+    Route(
+        "POST",
+        "/v1/branch/exit",
+        branch_exit,
+        "Exit the daemon (the upgrade path without signals): keep=1 leaves every "
+        "instance running for the next branchd on this state dir to adopt (as SIGUSR2); "
+        "without it every instance is stopped first (as SIGTERM). Answered before the exit",
+        ok=202,
+        response=schemas.EXITING,
+        query=(("keep", {"type": "string", "enum": ["0", "1", "false", "true"]}),),
     ),
     Route("GET", "/v1/apps", list_apps, "List apps", response=schemas.items(schemas.APP)),
     Route(
@@ -854,6 +951,20 @@ ROUTES: tuple[Route, ...] = (
         "Tail (and follow) an instance's output",
         text=True,
         query=_TAIL_Q,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/stats",
+        app_stats,
+        "Every instance of an app with its process-tree figures, from every live branch",
+        response=schemas.gathered(schemas.STATS_ITEM),
+    ),
+    Route(
+        "GET",
+        QUEUE + "/consumers",
+        queue_consumers,
+        "The instances of an app that consume a queue, from every live branch",
+        response=schemas.gathered(schemas.CONSUMER_ITEM),
     ),
     Route(
         "GET",

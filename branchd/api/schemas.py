@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from branchd.model import (
+    FOREVER,
     NAME_PATTERN,
     POOLS,
     QUEUE_NAME_PATTERN,
@@ -21,6 +22,7 @@ from branchd.process.groups import MAX_COUNT, TEMPLATE_RULE, Outcome
 Schema = dict[str, Any]
 
 _STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+_ENV_FILE: Schema = {"type": "string", "minLength": 2, "maxLength": 4096}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
 
 #: The fields of an instance a user may set; also an app's instance defaults.
@@ -35,6 +37,25 @@ _SETTABLE: dict[str, Schema] = {
     "env": _STR_MAP,
     "cwd": {"type": ["string", "null"], "minLength": 1},
     "user": {"type": ["string", "null"], "minLength": 1},
+    "env_file": {
+        "anyOf": [
+            _ENV_FILE,
+            {"type": "array", "items": _ENV_FILE, "maxItems": 100},
+            {"type": "null"},
+        ],
+        "description": "absolute path(s) of files in systemd's EnvironmentFile syntax, "
+        "read at each start (a leading '-': skipped when missing); between the app's env "
+        "and the instance's own",
+    },
+    "umask": {
+        "anyOf": [
+            # (the integer first: the body's 18.0 is made an int by its schema)
+            {"type": "integer", "minimum": 0, "maximum": 0o777},
+            {"type": "string", "pattern": "^(0[oO])?[0-7]{1,4}$"},
+            {"type": "null"},
+        ],
+        "description": "the child's umask: an octal string (022) or its value; null: the daemon's",
+    },
     "autorestart": {"type": "string", "enum": [a.value for a in Autorestart]},
     "exitcodes": {
         "type": "array",
@@ -42,7 +63,14 @@ _SETTABLE: dict[str, Schema] = {
         "maxItems": 256,
     },
     "startsecs": {"type": "number", "minimum": 0, "maximum": 3600},
-    "startretries": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "startretries": {
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": 1000},
+            {"type": "string", "enum": [FOREVER]},
+        ],
+        "description": "failed starts in a row before fatal; forever: never fatal "
+        "(the backoff stays capped)",
+    },
     "stopsignal": {"type": "string", "enum": list(STOP_SIGNALS)},
     "stopwaitsecs": {"type": "number", "minimum": 0, "maximum": 86400},
     "autostart": {"type": "boolean"},
@@ -331,6 +359,7 @@ STATS: Schema = {
         "cpu_percent": {"type": "number", "minimum": 0},
         "memory_rss": {"type": "integer", "minimum": 0},
         "processes": {"type": "integer", "minimum": 0},
+        "branch": {"type": "string"},
         "celery": {"type": ["object", "null"]},
     },
 }
@@ -359,6 +388,8 @@ BRANCH: Schema = {
                 "memory_free": {"type": "integer"},
                 "instances": {"type": "integer"},
                 "max_instances": {"type": "integer"},
+                "slots": {"type": "integer"},
+                "slots_used": {"type": "integer"},
                 "free_slots": {"type": "integer"},
                 "draining": {"type": "boolean"},
             },
@@ -367,6 +398,27 @@ BRANCH: Schema = {
         "api_url": {"type": "string"},
         "gossip_addr": {"type": "string"},
         "instances": {"type": "array", "items": {"type": "string"}},
+        # GET /v1/branch only (the daemon answering; branchctl daemon status)
+        "pid": {"type": "integer", "description": "the daemon's process id"},
+        "state_dir": {"type": "string", "description": "where it keeps its state"},
+        "supervision": {
+            "type": "string",
+            "description": "how an instance's process tree is kept and ended: "
+            "process-group (its own session and group; SIGKILL to the group)",
+        },
+        "instance_states": {
+            "type": "object",
+            "description": "this branch's instances by state (every state, 0 included)",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
+        "cluster": {
+            "type": ["object", "null"],
+            "description": "null: not in a cluster; else its members by state "
+            "(this branch included)",
+            "properties": {
+                "members": {"type": "object", "additionalProperties": {"type": "integer"}}
+            },
+        },
     },
 }
 
@@ -402,6 +454,8 @@ BRANCH_ENTRY: Schema = {
                 "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "bad_messages": {"type": "integer"},
                 "peer_calls_dropped": {"type": "integer"},
+                "name_collisions": {"type": "integer"},
+                "copies_given_up": {"type": "integer"},
             },
         },
     },
@@ -409,10 +463,41 @@ BRANCH_ENTRY: Schema = {
 
 KEY_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{8}$"}
 
+_MOVED: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"instance": {"type": "string"}, "to": {"type": "string"}},
+    },
+}
+_NOT_MOVED: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"instance": {"type": "string"}, "error": {"type": "string"}},
+    },
+}
+MOVE: Schema = {
+    "type": "object",
+    "description": "a move of a draining branch's instances: moving, done, or stopped "
+    "(undrained); left: app/name not moved yet (the one under way first)",
+    "required": ["state", "left", "moved", "failed"],
+    "properties": {
+        "state": {"type": "string", "enum": ["moving", "done", "stopped"]},
+        "left": {"type": "array", "items": {"type": "string"}},
+        "moved": _MOVED,
+        "failed": _NOT_MOVED,
+    },
+}
+
 DRAINING: Schema = {
     "type": "object",
     "required": ["id", "draining"],
-    "properties": {"id": {"type": "string"}, "draining": {"type": "boolean"}},
+    "properties": {
+        "id": {"type": "string"},
+        "draining": {"type": "boolean"},
+        "move": {"oneOf": [{"type": "null"}, MOVE]},
+    },
 }
 
 KEYS: Schema = {
@@ -505,6 +590,25 @@ def items(schema: Schema) -> Schema:
         "properties": {"items": {"type": "array", "items": schema}},
     }
 
+
+#: An instance's figures in a listing of its app's (``GET /v1/apps/{app}/stats``).
+STATS_ITEM: Schema = {
+    "type": "object",
+    "required": [*STATS["required"], "branch"],
+    "properties": {k: v for k, v in STATS["properties"].items() if k != "celery"},
+}
+
+#: An instance that consumes a queue (``GET /v1/apps/{app}/queues/{queue}/consumers``).
+CONSUMER_ITEM: Schema = {
+    "type": "object",
+    "required": ["app", "name", "branch", "state"],
+    "properties": {
+        "app": NAME,
+        "name": NAME,
+        "branch": {"type": "string"},
+        "state": {"type": "string", "enum": [s.value for s in State]},
+    },
+}
 
 #: A branch a gathered listing could not reach in time (named, never hidden).
 UNREACHABLE: Schema = {

@@ -59,6 +59,13 @@ def broker_for(app: App, state_dir: Path, hook: str | None = None) -> BrokerSpec
     return BrokerSpec(app.celery.broker or "")
 
 
+def broker_url(app: App) -> str:
+    """The URL of the app's broker, as ``broker_for`` gives it, without making
+    the embedded broker's folders: an app's view must not bring back the
+    folders of an app whose delete just removed them."""
+    return "filesystem://" if is_embedded_url(app.celery.broker) else app.celery.broker or ""
+
+
 def check_broker(app: App) -> None:
     """Raise Invalid if the app's broker URL is bad (an app from an older
     database may hold one): its workers then fail to start, saying why."""

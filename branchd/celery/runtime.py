@@ -9,11 +9,13 @@ goes on the bus once the worker has it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
 from branchd import events
-from branchd.celery.ops import autoscaler_range, fixed_concurrency
+from branchd.celery.ops import autoscaler_range, broker_url, fixed_concurrency
 from branchd.celery.workers import Workers
 from branchd.declarations import Declarations, check_name
 from branchd.errors import RestartRequired
@@ -21,6 +23,8 @@ from branchd.events import EventBus
 from branchd.model import App, InstanceSpec, Queue
 from branchd.process.engine import Engine
 from branchd.process.specs import autoscale_from
+
+log = logging.getLogger(__name__)
 
 
 class CeleryRuntime:
@@ -31,13 +35,14 @@ class CeleryRuntime:
         self._decls = declarations
         self._workers = workers
         self._bus = bus
+        self._drops: set[asyncio.Task[None]] = set()
 
     # what a producer needs ------------------------------------------------------
 
     def effective_broker(self, app: App) -> str:
         """The URL a producer uses (the embedded broker's is ``filesystem://``:
         its folders ride in the transport options of ``celery_config``)."""
-        return self._workers.broker(app).url
+        return broker_url(app)
 
     def effective_backend(self, app: App) -> str | None:
         return self._workers.result_backend(app)
@@ -53,6 +58,25 @@ class CeleryRuntime:
         for spec in [s for s in self._engine.specs(app) if name in s.queues]:
             await self.remove_consumer(app, spec.name, name)
         self._decls.forget_queue(app, name)
+
+    def drop_queue(self, app: str, name: str) -> None:
+        """Another branch deleted queue ``name``: cancel it on this branch's
+        instances of ``app`` that consume it (in the background: a worker's
+        confirm takes a while, and the declaration is already gone)."""
+        specs = [s.name for s in self._engine.specs(app) if name in s.queues]
+        if specs:
+            task = asyncio.ensure_future(self._drop(app, specs, name))
+            self._drops.add(task)
+            task.add_done_callback(self._drops.discard)
+
+    async def _drop(self, app: str, instances: list[str], queue: str) -> None:
+        for instance in instances:
+            try:
+                await self.remove_consumer(app, instance, queue)
+            except Exception as exc:  # (gone meanwhile, a worker that does not answer)
+                # the spec no longer wants it: a worker that missed the cancel
+                # drops the queue at its next start
+                log.warning("cannot cancel queue %r on %s/%s: %s", queue, app, instance, exc)
 
     # consumers ------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ mt    memory total (bytes)
 mf    memory free (bytes)
 n     instances held
 x     max instances
+sl    slots (pool processes it may run)
+su    slots taken by its instances
 d     draining (1) or not (absent)
 i     digest of the instance names (8 hex digits)
 ====  ====================================================
@@ -59,6 +61,8 @@ def to_meta(record: BranchRecord) -> str:
         "mf": c.memory_free,
         "n": c.instances,
         "x": c.max_instances,
+        "sl": c.slots,
+        "su": c.slots_used,
         "i": names_digest(record.instances),
     }
     if c.draining:
@@ -92,6 +96,7 @@ class Meta:
             api_url=self.api_url,
             gossip_addr=gossip_addr,
             instances=names,
+            digest=self.digest,
         )
 
 
@@ -115,6 +120,8 @@ def from_meta(text: str) -> Meta:
             instances=_int(v["n"]),
             max_instances=_int(v["x"]),
             draining=bool(v.get("d", 0)),
+            slots=_int(v.get("sl", 0)),
+            slots_used=_int(v.get("su", 0)),
         )
         return Meta(
             api_url=_str(v["u"]),
@@ -162,6 +169,8 @@ def record_from_json(v: Any) -> BranchRecord:
                 instances=_int(c["instances"]),
                 max_instances=_int(c.get("max_instances", 0)),
                 draining=bool(c.get("draining", False)),
+                slots=_int(c.get("slots", 0)),
+                slots_used=_int(c.get("slots_used", 0)),
             ),
             epoch=_int(v.get("epoch", 0)),
             api_url=_str(v.get("api_url", "")),

@@ -17,8 +17,10 @@ It owns:
   until one answers, and again whenever this branch finds itself alone
   (DNS names are re-resolved at each try);
 - this branch's record on the gossip: its meta (``record.to_meta``) is set
-  on every refresh of the branch service and on every instance change; the
-  names of another branch's instances are fetched when its digest changes;
+  on every refresh of the branch service and on every instance change;
+- the instance names across the cluster (``names.py``): another branch's
+  fetched when its digest changes, a new name's reservation, a name found
+  on two branches;
 - the keyring, kept in ``<state dir>/cluster-keys`` (0600) so that a
   rotation outlives a restart; each key operation is carried out here and
   on every live member, one call per step.
@@ -45,12 +47,13 @@ from branchd.cluster import codec, seal
 from branchd.cluster.gossip import Gossip, MemberView
 from branchd.cluster.keyring import Keyring, parse_key
 from branchd.cluster.messages import MemberState, Sync
-from branchd.cluster.record import Meta, from_meta, names_digest, record_from_json, to_meta
+from branchd.cluster.names import Holder, Holdings, Names
+from branchd.cluster.record import Meta, from_meta, to_meta
 from branchd.cluster.replica import OPS as DECL_OPS
 from branchd.cluster.replica import DeclarationSync, Declared
 from branchd.cluster.timing import MembershipConfig
 from branchd.cluster.transport import UdpTransport
-from branchd.errors import BadMessage, BadRequest, BranchdError, Conflict, Forbidden, NotFound
+from branchd.errors import BadMessage, BadRequest, BranchdError, Forbidden, NotFound
 from branchd.events import EventBus
 from branchd.views import PROOF_HEADER, BranchRecord
 
@@ -151,19 +154,6 @@ def save_keyring(path: Path, ring: Keyring) -> None:
 
 #: A record is told again at least this often (s), changed or not much.
 TELL_AT_LEAST_EVERY = 60.0
-#: How long a reserved instance name is held for the branch creating it (s):
-#: past that its record (names gossiped as a digest, then fetched) says it.
-RESERVE_TTL = 30.0
-
-
-def reserver(key: str, branches: Iterable[str]) -> str:
-    """The branch that decides who may create instance ``key`` (``app/name``):
-    the highest rendezvous hash of the key and a branch id. Every branch that
-    sees the same live members picks the same one, so two creates of one name
-    through two branches ask the same branch, which says yes to one only."""
-    return max(branches, key=lambda b: hashlib.sha256(f"{key}\x00{b}".encode()).digest())
-
-
 def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
     """Whether ``now`` differs enough from the record last ``told`` (``since``
     seconds ago) to be a new rumour: where it is reached, what it holds, a
@@ -175,7 +165,7 @@ def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
     def where_and_what(r: BranchRecord) -> tuple[object, ...]:
         c = r.capacity
         where = (r.api_url, r.gossip_addr, r.version)
-        return (*where, r.instances, c.max_instances, c.draining, c.cpus)
+        return (*where, r.instances, c.max_instances, c.slots, c.slots_used, c.draining, c.cpus)
 
     if where_and_what(told) != where_and_what(now) or a.instances != b.instances:
         return True
@@ -210,6 +200,7 @@ class ClusterService:
         keyring: Keyring | None,
         client: PeerClient,
         declarations: Declared | None = None,
+        holdings: Holdings | None = None,
     ) -> None:
         self._s = settings
         self._sched = scheduler
@@ -219,7 +210,6 @@ class ClusterService:
         self._keyring = keyring
         self._client = client
         self._seen = seal.Seen()  # the peer channel's replay window
-        self._names: dict[str, tuple[str, tuple[str, ...]]] = {}  # id: (digest, names)
         self._seen_meta: dict[str, tuple[str, float]] = {}  # id: (meta, when it came)
         self._said: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -228,7 +218,8 @@ class ClusterService:
         self._dropped = 0
         self._started = self._clock.monotonic()
         self._announced: tuple[BranchRecord, float] | None = None
-        self._reserved: dict[str, tuple[str, float]] = {}  # app/name: (by, until)
+        #: Who holds which instance name; reservations; collisions.
+        self.names = Names(self, scheduler.clock, holdings)
         self.gossip = Gossip(
             settings.branch_id,
             settings.gossip_advertise,
@@ -340,6 +331,9 @@ class ClusterService:
             "dropped": dict(st.dropped),
             "bad_messages": st.bad_messages,
             "peer_calls_dropped": self._dropped,
+            # instance names found on this branch and another, and copies given up here
+            "name_collisions": self.names.collisions,
+            "copies_given_up": self.names.given_up,
         }
 
     def alive(self) -> list[BranchRecord]:
@@ -360,46 +354,30 @@ class ClusterService:
                 return rec.id
         return None
 
-    def reserve_here(self, app: str, name: str, by: str) -> bool:
-        """This branch, as the name's reserver: may ``by`` create ``app/name``?
-        Not if a live branch holds it, nor while another branch holds it reserved."""
-        key, now = f"{app}/{name}", self._clock.monotonic()
-        self._reserved = {k: v for k, v in self._reserved.items() if v[1] > now}
-        if self.owner_of(app, name) is not None:
-            return False
-        held = self._reserved.get(key)
-        if held is not None and held[0] != by:
-            return False
-        self._reserved[key] = (by, now + RESERVE_TTL)
-        return True
-
     async def reserve(self, app: str, name: str) -> None:
-        """Reserve ``app/name`` for a create through this branch, with its
-        reserver (``reserver()``); ``Conflict`` when another create has it or
-        a branch holds it. A reserver that cannot be reached does not stop the
-        create (the membership will find it gone; a name created twice is then
-        found by the records, as on a partition)."""
-        ids = [m.id for m in self.gossip.members() if m.state is MemberState.ALIVE]
-        key = f"{app}/{name}"
-        chosen = reserver(key, ids or [self.self_id])
-        if chosen == self.self_id:
-            ok = self.reserve_here(app, name, self.self_id)
-        else:
-            url, _ = self.api_url_of(chosen)
-            try:
-                if url is None:
-                    raise PeerRefused(f"no API known for {chosen}")
-                asked = {"app": app, "name": name, "by": self.self_id}
-                ok = bool((await self.call(url, "reserve", asked)).get("ok"))
-            except Exception as exc:  # (aiohttp's errors, a refusal, a bad answer)
-                self._once(f"reserve:{type(exc).__name__}", exc, f"cannot reserve at {chosen}")
-                return
-        if not ok:
-            raise Conflict(
-                f"instance {name!r} of app {app!r} exists or is being created "
-                f"(reserved at branch {chosen})",
-                branch=chosen,
-            )
+        """Reserve ``app/name`` for a create through this branch (``names.py``)."""
+        await self.names.reserve(app, name)
+
+    # what the names need of the membership (names.Members) ---------------------------
+
+    def holders(self) -> list[Holder]:
+        out = []
+        for m in self.gossip.members():
+            if m.is_self or m.state is not MemberState.ALIVE:
+                continue
+            meta = self._meta(m)
+            if meta is not None and meta.api_url:
+                out.append(Holder(m.id, meta.api_url, meta.digest))
+        return out
+
+    def live_ids(self) -> list[str]:
+        return [m.id for m in self.gossip.members() if m.state is MemberState.ALIVE]
+
+    def own_names(self) -> tuple[str, ...]:
+        return self._record().instances
+
+    def draining(self) -> bool:
+        return self._record().capacity.draining
 
     def _peers(self) -> list[tuple[str, str]]:
         """The live members but this one whose API is known: (id, API URL)."""
@@ -418,8 +396,8 @@ class ClusterService:
         meta = self._meta(m)
         if meta is None:
             return None
-        names = self._names.get(m.id, ("", ()))
-        return meta.record(m.id, m.epoch, m.addr, names[1] if names[0] == meta.digest else ())
+        names = self.names.names_of(m.id, meta.digest)
+        return meta.record(m.id, m.epoch, m.addr, names or ())
 
     def _meta(self, m: MemberView) -> Meta | None:
         if not m.meta:
@@ -457,7 +435,7 @@ class ClusterService:
             body.pop("epoch", None)
             if not names:
                 body.pop("instances", None)
-            elif not m.is_self and self._names.get(m.id, ("",))[0] != from_meta(m.meta).digest:
+            elif not m.is_self and self.names.names_of(m.id, from_meta(m.meta).digest) is None:
                 body["instances_stale"] = True  # not fetched yet
             entry.update(body)
         else:
@@ -538,7 +516,9 @@ class ClusterService:
                 answer = {"record": self._record().to_json()}
             case "reserve":
                 app, name, by = (str(args.get(k, "")) for k in ("app", "name", "by"))
-                answer = {"ok": self.reserve_here(app, name, by)}
+                answer = {"ok": self.names.reserve_here(app, name, by)}
+            case "copy":
+                answer = self.names.copy(str(args.get("app", "")), str(args.get("name", "")))
             case op if op in DECL_OPS and self.declarations is not None:
                 answer = self.declarations.answer(op, args)
             case "keys":
@@ -666,32 +646,26 @@ class ClusterService:
     async def _names_loop(self) -> None:
         while True:
             try:
-                await self._fetch_names()
+                await self._names_step()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._once("names", exc)
             await sleep(self._sched, NAMES_EVERY)
 
-    async def _fetch_names(self) -> None:
-        for m in self.gossip.members():
-            if m.is_self or m.state is not MemberState.ALIVE:
-                continue
-            meta = self._meta(m)
-            if meta is None or self._names.get(m.id, ("",))[0] == meta.digest:
-                continue
+    async def _names_step(self) -> None:
+        """Fetch the names of those whose digest changed, then look for names
+        held twice."""
+        for holder in self.holders():
             try:
-                answer = await self.call(meta.api_url, "record", {})
-                rec = record_from_json(answer["record"])
+                await self.names.fetch(holder)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._once(f"record:{m.id}:{type(exc).__name__}", exc, f"cannot fetch {m.id}")
-                continue
-            self._names[m.id] = (names_digest(rec.instances), rec.instances)
-        known = {m.id for m in self.gossip.members()}
-        for gone in set(self._names) - known:
-            del self._names[gone]
+                cause = f"record:{holder.id}:{type(exc).__name__}"
+                self._once(cause, exc, f"cannot fetch {holder.id}")
+        self.names.forget_others_than({m.id for m in self.gossip.members()})
+        await self.names.check()
 
     # keys ----------------------------------------------------------------------------
 

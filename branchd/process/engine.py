@@ -58,6 +58,7 @@ from branchd.process.launcher import (
     Marked,
     base_env,
     make_mark,
+    read_env_files,
     user_env,
 )
 from branchd.process.machine import (
@@ -509,6 +510,19 @@ class Engine:
             celery = await self._workers.worker_stats(spec)
         return Stats(view, tree, celery)
 
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` here with its process-tree figures (no
+        Celery calls: a listing must not wait on each worker)."""
+        if self._decls.find_app(app) is None:
+            raise NotFound(f"no app {app!r}")
+        out = []
+        for spec in sorted(self.specs(app), key=lambda s: s.name):
+            view = self._view(spec.name)
+            pid = view.runtime.pid
+            tree = self._launcher.tree_stats(pid) if pid else TreeStats(0.0, 0, 0)
+            out.append(Stats(view, tree))
+        return out
+
     def instance_names(self) -> list[str]:
         return list(self._specs)
 
@@ -689,15 +703,21 @@ class Engine:
 
     def _launch_spec(self, name: str, spec: InstanceSpec) -> LaunchSpec:
         app = self._decls.find_app(spec.app)
-        # A clean environment: the documented base, then the app's and the
-        # instance's (never the daemon's own, which holds its token).
+        argv = spec.command
+        out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
+        # Read at each start: an edited env file applies at the next one.
+        files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
+        for warning in skipped:
+            log.warning("%s: env file %s", name, warning)
+        # A clean environment: the documented base, then the app's, the
+        # env files' and the instance's (never the daemon's own, which
+        # holds its token).
         env = {
             **base_env(self._env, spec.user),
             **user_env(app.env if app else {}),
+            **user_env(files),
             **user_env(spec.env),
         }
-        argv = spec.command
-        out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
         if spec.kind == Kind.CELERY:
             argv, env = self._workers.prepare_spawn(spec, env)
         return LaunchSpec(
@@ -708,6 +728,7 @@ class Engine:
             stdout_path=out,
             stderr_path=err,
             mark=make_mark(self.branch_id, name),
+            umask=spec.umask,
         )
 
     def _spawn_failed(self, name: str, exc: BaseException) -> None:

@@ -29,6 +29,7 @@ from typing import Protocol
 import psutil
 
 from branchd.errors import SpawnError
+from branchd.process.envfile import parse_env_file
 from branchd.views import TreeStats
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class LaunchSpec:
     stderr_path: Path
     #: The spawn's mark (``make_mark``), added to the child's environment.
     mark: str | None = None
+    #: Set in the child before exec (None: the daemon's own).
+    umask: int | None = None
 
     def child_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -189,6 +192,8 @@ class ProcessLauncher:
                 user=uid,
                 group=gid,
                 extra_groups=groups,
+                # (in the forked child, before exec: subprocess's own umask(2))
+                umask=-1 if spec.umask is None else spec.umask,
             )
         except FileNotFoundError as e:
             raise SpawnError(f"executable {spec.argv[0]!r} not found") from e
@@ -397,6 +402,41 @@ def base_env(daemon_env: Mapping[str, str], user: str | None) -> dict[str, str]:
         return env  # an unknown user: the spawn says so
     env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
     return env
+
+
+#: An env file larger than this is refused (it is read at every start).
+ENV_FILE_MAX = 1024 * 1024
+
+
+def read_env_files(paths: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """The variables of ``paths`` in order (a later file wins), and a warning
+    for each line skipped. A path with a leading "-" is skipped when the file
+    does not exist, as systemd does; any other file that cannot be read
+    raises SpawnError, which fails this start with the reason."""
+    env: dict[str, str] = {}
+    warnings_: list[str] = []
+    for given in paths:
+        optional = given.startswith("-")
+        path = given.removeprefix("-")
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(ENV_FILE_MAX + 1)
+        except FileNotFoundError:
+            if optional:
+                continue
+            raise SpawnError(f"env file {path!r} does not exist") from None
+        except OSError as e:
+            raise SpawnError(f"cannot read env file {path!r}: {e.strerror or e}") from None
+        if len(raw) > ENV_FILE_MAX:
+            raise SpawnError(f"env file {path!r} is larger than {ENV_FILE_MAX // 1024} KiB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpawnError(f"env file {path!r} is not UTF-8 (byte {e.start})") from None
+        parsed = parse_env_file(text)
+        env.update(parsed.values)
+        warnings_ += [f"{path}:{line}: {why}; skipped" for line, why in parsed.ignored]
+    return env, warnings_
 
 
 def user_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -37,7 +37,10 @@ class Backoff:
     cap: float = 60.0
 
     def delay(self, retries: int) -> float:
-        return float(min(self.cap, self.base * (2 ** max(0, retries - 1))))
+        # The exponent stops at 60 (2**60 s is past any cap): an instance that
+        # retries forever counts past 1,024 failed starts, where base * 2**n
+        # no longer fits in a float (OverflowError, in the engine's loop).
+        return float(min(self.cap, self.base * 2.0 ** min(60, max(0, retries - 1))))
 
 
 # Events -----------------------------------------------------------------
@@ -230,7 +233,7 @@ def _failed_start(
     proc: Proc, policy: Policy, now: float, backoff: Backoff, reason: str
 ) -> tuple[Proc, list[Command]]:
     retries = proc.retries + 1
-    if retries >= policy.startretries:
+    if policy.startretries is not None and retries >= policy.startretries:
         msg = f"{reason}; gave up after {retries} failed start(s)"
         return (
             replace(proc, state=State.FATAL, pid=None, retries=retries, deadline=None, reason=msg),

@@ -16,12 +16,25 @@ from branchd.model import (
     Autorestart,
     Autoscale,
     CelerySettings,
+    Desired,
     InstanceSpec,
     Kind,
+    startretries_from,
+    umask_from,
 )
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
-SPEC_FIELDS = ("command", "env", "cwd", "user", "autostart", "log_max_bytes", "log_backups")
+SPEC_FIELDS = (
+    "command",
+    "env",
+    "cwd",
+    "user",
+    "env_file",
+    "umask",
+    "autostart",
+    "log_max_bytes",
+    "log_backups",
+)
 SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS
 
 #: Celery workers take time to start and must be given time to finish their
@@ -52,6 +65,20 @@ def build_spec(
     return apply_fields(
         InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
     )
+
+
+def creation_fields(spec: InstanceSpec) -> dict[str, Any]:
+    """The create body that makes ``spec`` again, on another branch (a move):
+    its name and kind and every field a user may set, as the spec has them now
+    (the app's defaults it took included: a default changed since does not
+    change it on the way); created running only if it is wanted running."""
+    wire = spec.to_wire()
+    keys = [k for k in SETTABLE if spec.kind == Kind.CELERY or k not in CELERY_FIELDS]
+    if spec.kind == Kind.CELERY:
+        keys.remove("command")  # (built from the app)
+    body = {k: wire[k] for k in keys if wire.get(k) is not None}
+    body.update(name=spec.name, kind=spec.kind.value, autostart=spec.desired == Desired.RUNNING)
+    return body
 
 
 def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:
@@ -96,6 +123,11 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
     for key in ("startsecs", "stopwaitsecs"):
         if key in pol:
             pol[key] = float(pol[key])
+    if "startretries" in pol:
+        try:
+            pol["startretries"] = startretries_from(pol["startretries"])
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     policy = replace(spec.policy, **pol)
     plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields}
     for key in ("command", "queues", "args"):
@@ -103,6 +135,13 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             plain[key] = tuple(plain[key])
     if "env" in plain:
         plain["env"] = dict(plain["env"])
+    if "env_file" in plain:
+        plain["env_file"] = env_files_from(plain["env_file"])
+    if plain.get("umask") is not None:
+        try:
+            plain["umask"] = umask_from(plain["umask"])
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
     if "autoscale" in plain:
         plain["autoscale"] = autoscale_from(plain["autoscale"])
     _one_concurrency({}, fields)
@@ -122,9 +161,23 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             raise Invalid(f"pool must be one of {', '.join(POOLS)}")
         if len(set(out.queues)) != len(out.queues):
             raise Invalid("queues must not repeat")
-    if policy.startretries < 1:
-        raise Invalid("startretries must be at least 1")
+    if policy.startretries is not None and policy.startretries < 1:
+        raise Invalid('startretries must be at least 1 (or "forever")')
     return out
+
+
+def env_files_from(value: Any) -> tuple[str, ...]:
+    """``env_file`` as given (one path, a list, or null for none) as the spec
+    holds it; each path absolute (a relative one would depend on the daemon's
+    own directory), after an optional "-" (skipped when missing)."""
+    paths = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+    for path in paths:
+        if not isinstance(path, str) or not path.removeprefix("-").startswith("/"):
+            raise Invalid(
+                f"env_file {path!r}: give an absolute path (with a leading '-': "
+                "skipped when the file is missing)"
+            )
+    return paths
 
 
 def celery_settings(body: Mapping[str, Any]) -> CelerySettings:

@@ -327,7 +327,9 @@ class AsyncClient:
         return isinstance(data, dict) and data.get("ok") is True
 
     async def branch(self) -> Branch:
-        """The branch this client talks to: id, host, version, capacity."""
+        """The branch this client talks to: id, host, version, capacity; and
+        the daemon's pid, state dir, supervision mode, instances by state and
+        cluster members by state (what ``branchctl daemon status`` shows)."""
         _, data = await self._json("GET", "/v1/branch")
         return self._parse(Branch.from_json, data)
 
@@ -341,11 +343,22 @@ class AsyncClient:
         _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}")
         return self._parse(Member.from_json, data)
 
-    async def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
+    async def drain(
+        self, branch_id: str = "self", on: bool = True, *, move: bool = False
+    ) -> dict[str, Any]:
         """Drain a branch (no new instance placed there; its own keep running),
-        or with ``on=False`` take new instances there again."""
+        or with ``on=False`` take new instances there again. ``move``: and
+        make its instances again elsewhere, one at a time, each new one
+        running before the old one stops (``drain_status`` follows it)."""
         verb = "drain" if on else "undrain"
-        _, data = await self._json("POST", f"/v1/branches/{_seg(branch_id)}/{verb}")
+        query = "?move=1" if move and on else ""
+        _, data = await self._json("POST", f"/v1/branches/{_seg(branch_id)}/{verb}{query}")
+        return dict(data)
+
+    async def drain_status(self, branch_id: str = "self") -> dict[str, Any]:
+        """Whether a branch drains, and where its last move stands (``move``:
+        ``state`` moving/done/stopped, ``left``, ``moved``, ``failed``)."""
+        _, data = await self._json("GET", f"/v1/branches/{_seg(branch_id)}/drain")
         return dict(data)
 
     async def leave(self) -> None:
@@ -376,6 +389,12 @@ class AsyncClient:
         """Make the daemon exit: it first stops every instance, or with ``keep``
         leaves them running for the next branchd to adopt (an upgrade)."""
         await self._json("POST", "/v1/daemon/exit", {"keep": keep})
+
+    async def exit_branch(self, keep: bool = False) -> dict[str, Any]:
+        """The same through ``POST /v1/branch/exit?keep=1`` (a daemon of issue 15
+        or later); answers ``{"exiting": true, "keep": ...}``, sent before it goes."""
+        _, data = await self._json("POST", "/v1/branch/exit", params={"keep": str(int(keep))})
+        return dict(data)
 
     # -- apps ----------------------------------------------------------------
 
@@ -606,6 +625,15 @@ class AsyncClient:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
 
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` with its process-tree figures (CPU, RSS,
+        processes; no Celery part), from every live branch of a cluster (each
+        names its ``branch``; silent branches land in ``unreachable``)."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/stats")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return self._items(Stats.from_json, data)
+
     # -- queues (declarations of an app) -------------------------------------
 
     async def queues(self, app: str) -> list[Queue]:
@@ -617,6 +645,14 @@ class AsyncClient:
         """The declaration of ``queue`` in ``app``."""
         _, data = await self._json("GET", _queue_path(app, queue))
         return self._parse(Queue.from_json, data)
+
+    async def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        """The instances of ``app`` that consume ``queue`` (``app``, ``name``,
+        ``branch``, ``state``), from every live branch of a cluster."""
+        _, data = await self._json("GET", f"{_queue_path(app, queue)}/consumers")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return [dict(i) for i in data.get("items", ())]
 
     async def put_queue(
         self,
@@ -776,8 +812,13 @@ class Client:
     def member(self, branch_id: str = "self") -> Member:
         return self._run(self._async.member(branch_id))
 
-    def drain(self, branch_id: str = "self", on: bool = True) -> dict[str, Any]:
-        return self._run(self._async.drain(branch_id, on))
+    def drain(
+        self, branch_id: str = "self", on: bool = True, *, move: bool = False
+    ) -> dict[str, Any]:
+        return self._run(self._async.drain(branch_id, on, move=move))
+
+    def drain_status(self, branch_id: str = "self") -> dict[str, Any]:
+        return self._run(self._async.drain_status(branch_id))
 
     def leave(self) -> None:
         self._run(self._async.leave())
@@ -796,6 +837,9 @@ class Client:
 
     def exit_daemon(self, keep: bool = False) -> None:
         self._run(self._async.exit_daemon(keep))
+
+    def exit_branch(self, keep: bool = False) -> dict[str, Any]:
+        return self._run(self._async.exit_branch(keep))
 
     def apps(self) -> list[App]:
         return self._run(self._async.apps())
@@ -907,6 +951,12 @@ class Client:
 
     def stats(self, app: str, name: str) -> Stats:
         return self._run(self._async.stats(app, name))
+
+    def app_stats(self, app: str) -> list[Stats]:
+        return self._run(self._async.app_stats(app))
+
+    def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        return self._run(self._async.queue_consumers(app, queue))
 
     def queues(self, app: str) -> list[Queue]:
         return self._run(self._async.queues(app))

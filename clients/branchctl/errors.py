@@ -70,3 +70,13 @@ class NoAnswer(ApiError):
         )
         self.url = url
         self.timeout = timeout
+
+
+class BadConfig(Exception):
+    """A file given to ``branchctl import`` cannot be read as a supervisord
+    config: no daemon was asked. ``problems`` holds one line each, ``file:line:
+    what is wrong`` where the line is known."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)

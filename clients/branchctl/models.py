@@ -95,10 +95,15 @@ class Instance:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     user: str | None = None
+    #: Env files read at each start (a leading "-": skipped when missing).
+    env_file: tuple[str, ...] = ()
+    #: The child's umask in octal ("022"); None: the daemon's.
+    umask: str | None = None
     autorestart: str = "on-failure"
     exitcodes: tuple[int, ...] = (0,)
     startsecs: float = 1.0
-    startretries: int = 3
+    #: A count, or "forever" (never fatal).
+    startretries: int | str = 3
     stopsignal: str = "TERM"
     stopwaitsecs: float = 10.0
     autostart: bool = True
@@ -134,6 +139,7 @@ class Instance:
                 "command": tuple,
                 "exitcodes": tuple,
                 "env": _strings,
+                "env_file": _str_tuple,
                 "queues": _str_tuple,
                 "args": _str_tuple,
                 "autoscale": _bounds,
@@ -175,6 +181,8 @@ class Stats:
     cpu_percent: float | None = None
     memory_rss: int | None = None
     processes: int = 0
+    #: The id of the branch that runs it.
+    branch: str | None = None
     # kind "celery": {"node", "stats", "active"} (Celery's replies); None when not running
     celery: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -238,6 +246,9 @@ class Capacity:
     memory_free: int | None = None
     instances: int | None = None
     max_instances: int | None = None
+    #: Pool processes the branch may run, what its instances take of them, the rest.
+    slots: int | None = None
+    slots_used: int | None = None
     free_slots: int | None = None
     draining: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -261,6 +272,15 @@ class Branch:
     api_url: str | None = None
     gossip_addr: str | None = None
     instances: tuple[str, ...] = ()
+    # the daemon answering (absent from a daemon older than issue 15)
+    pid: int | None = None
+    state_dir: str | None = None
+    #: How instance process trees are kept and ended ("process-group").
+    supervision: str | None = None
+    #: This branch's instances by state.
+    instance_states: Mapping[str, int] = field(default_factory=dict)
+    #: None: not in a cluster; else {"members": {state: count}}.
+    cluster: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -116,13 +116,20 @@ def test_ping_branch_and_branches(api: Api) -> None:
     branches = api.ok("GET", "/v1/branches")["items"]
     assert len(branches) == 1 and branches[0]["id"] == branch["id"]
     # a cluster of one lists itself, with the membership's fields beside its record
-    assert set(branches[0]) == (set(branch) - {"instances"}) | {
+    # (less what the answering daemon says of itself: GET /v1/branch only)
+    daemon_only = {"pid", "state_dir", "supervision", "instance_states", "cluster"}
+    assert set(branches[0]) == (set(branch) - {"instances"} - daemon_only) | {
         "state", "incarnation", "self", "age", "since"
+    }
+    assert branch["cluster"] is None and branch["supervision"] == "process-group"
+    assert set(branch["instance_states"]) == {
+        "stopped", "starting", "running", "backoff", "stopping", "exited", "fatal"
     }
     assert branches[0]["state"] == "alive" and branches[0]["self"] is True
     make_app(api)
     make_instance(api, "w1", autostart=False)
     assert api.ok("GET", "/v1/branch")["capacity"]["instances"] == 1
+    assert api.ok("GET", "/v1/branch")["instance_states"]["stopped"] == 1
     me = api.ok("GET", "/v1/branches/self")
     assert me["id"] == branch["id"] and me["instances"] == ["web/w1"]
     assert api.ok("GET", f"/v1/branches/{branch['id']}") == me

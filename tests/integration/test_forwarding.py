@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +140,15 @@ def test_a_listing_gathers_every_branch_and_names_the_silent_one(
             ("on-b", id_b),
         }
         assert listing["unreachable"] == []
+        # an app's figures are gathered too
+        stats = x.ok("GET", "/v1/apps/web/stats")
+        assert {(i["name"], i["branch"]) for i in stats["items"]} == {
+            ("on-a", id_a),
+            ("on-b", id_b),
+        }
+        assert all(i["memory_rss"] >= 0 for i in stats["items"]) and stats["unreachable"] == []
+    # and the instances that consume a queue (declared ones: none here)
+    assert a.ok("GET", "/v1/apps/web/queues/jobs/consumers") == {"items": [], "unreachable": []}
     b.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
@@ -160,7 +171,7 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
     a = branchd_factory("--cluster-key-file", str(key), state_dir=tmp_path / "a")
     join = f"http://127.0.0.1:{a.url.rsplit(':', 1)[1]}"
     b = branchd_factory(
-        "--cluster-key-file", str(key), "--join", join, "--max-instances", "3",
+        "--cluster-key-file", str(key), "--join", join, "--slots", "3",
         state_dir=tmp_path / "b",
     )  # fmt: skip
     for x in (a, b):
@@ -193,6 +204,12 @@ def test_creates_through_one_branch_are_placed_where_there_is_room(
     if placed.count(id_b) == 3:
         full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
         assert full.status == 503 and full.body["error"]["code"] == "full"
+    # a slot is a pool process: a worker of concurrency 4 does not fit in B's 3
+    worker = {"kind": "celery", "concurrency": 4, "autostart": False}
+    big = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", worker)
+    assert big.status == 503 and big.body["error"]["code"] == "full", big.text
+    assert "4 slots" in big.body["error"]["message"]
+    assert b.ok("GET", "/v1/branch")["capacity"]["slots"] == 3
     # an app on the embedded broker: its instances run on the branch that declared it
     b.ok("PUT", "/v1/apps/local", {}, 201)
     wait_for(lambda: a.call("GET", "/v1/apps/local").status == 200, 10)
@@ -211,7 +228,8 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     a.ok("PUT", "/v1/apps/shop", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
     wait_for(lambda: b.call("GET", "/v1/apps/shop").status == 200, 10)
     # drained through A: forwarded to B
-    assert a.ok("POST", f"/v1/branches/{id_b}/drain") == {"id": id_b, "draining": True}
+    drained = a.ok("POST", f"/v1/branches/{id_b}/drain")
+    assert drained == {"id": id_b, "draining": True, "move": None}
     wait_for(lambda: a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     for i in range(4):
         made = b.ok("POST", "/v1/apps/shop/instances", {"name": f"d{i}", "command": TICKER}, 201)
@@ -219,7 +237,8 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     full = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert full.status == 503 and "draining" in full.body["error"]["message"]
     assert a.call("POST", "/v1/branches/nobody/drain").status == 404
-    assert b.ok("POST", "/v1/branches/self/undrain") == {"id": id_b, "draining": False}
+    undrained = b.ok("POST", "/v1/branches/self/undrain")
+    assert undrained == {"id": id_b, "draining": False, "move": None}
     wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_b
@@ -263,3 +282,92 @@ def _race(a: Branchd, b: Branchd, name: str) -> tuple[int, ...]:
     for t in threads:
         t.join()
     return tuple(sorted(got.values()))
+
+
+def test_a_worker_is_driven_through_another_branch_and_a_drain_moves_instances_away(
+    pair: tuple[Branchd, Branchd],
+) -> None:
+    """A Celery worker on B: its consumers, autoscale and stats through A.
+    Then ``drain --move`` of B: its instances are made again on A one at a
+    time, each new one running before the old one stops; one on B's own
+    embedded broker cannot move and says why."""
+    from branchctl.cli import main
+    from click.testing import CliRunner
+
+    from tests.brokers import REDIS_URL, reachable, unreachable
+
+    if not reachable(REDIS_URL):
+        unreachable(REDIS_URL)
+    a, b = pair
+    id_a, id_b = (x.ok("GET", "/v1/branch")["id"] for x in (a, b))
+    tok = uuid.uuid4().hex[:8]
+    app, queue, extra = f"shop-{tok}", f"default-{tok}", f"extra-{tok}"
+    root = str(Path(__file__).resolve().parents[2])
+    a.ok("PUT", f"/v1/apps/{app}", {"broker": REDIS_URL, "celery_app": "tests.celery_app.tasks",
+                                     "env": {"PYTHONPATH": root}}, 201)  # fmt: skip
+    wait_for(lambda: b.call("GET", f"/v1/apps/{app}").status == 200, 10)
+    worker = {"name": "w1", "kind": "celery", "queues": [queue], "autoscale": {"min": 1, "max": 2}}
+    assert a.call("POST", f"/v1/apps/{app}/instances?branch={id_b}", worker).status == 201
+    inst = f"/v1/apps/{app}/instances/w1"
+    wait_for(lambda: b.instance(app, "w1")["state"] == "running", 60, 0.1)
+    wait_for(lambda: a.call("GET", inst).status == 200, 10)
+    # the runtime operations through A, answered by B's worker
+    added = a.ok("PUT", inst + f"/queues/{extra}")
+    assert {q["name"]: q["live"] for q in added["items"]} == {queue: True, extra: True}
+    assert [q["name"] for q in a.ok("GET", inst + "/queues")["items"]] == [queue, extra]
+    assert a.ok("DELETE", inst + f"/queues/{extra}")["items"][0]["name"] == queue
+    assert a.ok("PUT", inst + "/autoscale", {"min": 1, "max": 3})["live"] == {"min": 1, "max": 3}
+    assert a.ok("GET", inst + "/autoscale")["max"] == 3
+    assert a.ok("GET", inst + "/stats")["celery"]["node"].startswith("w1@")
+    assert a.call("DELETE", inst).status == 204
+    assert b.call("GET", f"/v1/apps/{app}/instances/w1").status == 404
+
+    # B drains with --move: its instances go to A, each new one running first
+    for name in ("p1", "p2"):
+        made = {"name": name, "command": TICKER, "startsecs": 1}
+        assert a.call("POST", f"/v1/apps/{app}/instances?branch={id_b}", made).status == 201
+    b.ok("POST", f"/v1/apps/{app}/instances/p2/stop")
+    b.ok("PUT", "/v1/apps/loc", {}, 201)  # on B's embedded broker: it stays on B
+    b.ok("POST", "/v1/apps/loc/instances", {"name": "l1", "command": TICKER}, 201)
+    wait_for(lambda: b.instance(app, "p1")["state"] == "running", 10)
+    old_pid = b.instance(app, "p1")["pid"]
+    started = b.ok("POST", "/v1/branches/self/drain?move=1", status=202)
+    assert started["draining"] is True and started["move"]["state"] == "moving"
+    gaps = []
+
+    def done() -> dict[str, Any] | None:
+        # at every look, p1 runs on one branch or the other (or both)
+        items = a.ok("GET", f"/v1/apps/{app}/instances")["items"]
+        if not any(i["name"] == "p1" and i["state"] == "running" for i in items):
+            gaps.append(items)
+        move = a.ok("GET", f"/v1/branches/{id_b}/drain")["move"]  # (forwarded to B)
+        return move if move["state"] != "moving" else None
+
+    move = wait_for(done, 30, 0.05)
+    assert gaps == []
+    assert move["moved"] == [{"instance": f"{app}/p1", "to": id_a},
+                             {"instance": f"{app}/p2", "to": id_a}]  # fmt: skip
+    assert [f["instance"] for f in move["failed"]] == ["loc/l1"]
+    assert "embedded broker" in move["failed"][0]["error"]
+    p1, p2 = a.instance(app, "p1"), a.instance(app, "p2")
+    assert p1["branch"] == id_a and p1["state"] == "running" and p1["pid"] != old_pid
+    assert p2["branch"] == id_a and p2["state"] == "stopped"  # made as it was
+    assert not _alive(old_pid)
+    wait_for(lambda: a.ok("GET", f"/v1/branches/{id_b}")["instances"] == ["loc/l1"], 10)
+    # the CLI: the one that cannot move is said, and the exit is 1
+    env = {"BRANCHD_STATE_DIR": str(b.state_dir.parent / "no-such-state")}
+    r = CliRunner().invoke(
+        main, ["--url", a.url, "--token", a.token, "branches", "drain", id_b, "--move"], env=env
+    )
+    assert r.exit_code == 1, r.output
+    assert "loc/l1: not moved: app 'loc' is on this branch's embedded broker" in r.output
+    assert "0 moved, 1 not moved" in r.output
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

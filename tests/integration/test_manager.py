@@ -760,3 +760,16 @@ async def test_fake_clock_stop_kills_at_stopwaitsecs(timed: Timed) -> None:
     assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
     assert view.runtime.exit_code == -signal.SIGKILL
     assert (pid, signal.SIGKILL, True) in timed.fake.signals
+
+
+async def test_fake_clock_forever_never_goes_fatal_and_stays_capped(timed: Timed) -> None:
+    # backoff_base 0.1, backoff_max 0.5 (Config.for_tests): 200 failed starts
+    await timed.add("loop", CRASH, startsecs=2.0, startretries="forever")
+    await timed.sched.advance(0.1 + 0.2 + 0.4 + 0.5 * 197)
+    view = await timed.m.instances.get_instance(APP, "loop")
+    assert view.runtime.state in (State.BACKOFF, State.STARTING)
+    assert view.spec.policy.startretries is None and view.to_json()["startretries"] == "forever"
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(timed.fake.spawned_at)]
+    assert len(gaps) >= 199 and gaps[:3] == [0.1, 0.2, 0.4] and set(gaps[3:]) == {0.5}
+    assert view.runtime.retries >= 199  # (persisted: a daemon restart resumes the backoff)
+    assert view.runtime.reason == "exited too quickly (code 3)"

@@ -113,7 +113,8 @@ def alive_id(b: Branchd) -> str:
 def test_a_delete_on_one_branch_stops_the_apps_instances_on_every_branch(trio: Trio) -> None:
     a, b, c = trio.all
     # a broker of its own (an app on the embedded one runs where it was declared)
-    a.ok("PUT", "/v1/apps/web", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, status=201)
+    broker = {"broker": "amqp://guest:guest@127.0.0.1:5672//", "celery_app": "tests.x"}
+    a.ok("PUT", "/v1/apps/web", broker, status=201)
     everywhere(trio, lambda x: env_of(x, "web") == {}, REACH)
     made = c.ok(
         "POST",
@@ -124,6 +125,18 @@ def test_a_delete_on_one_branch_stops_the_apps_instances_on_every_branch(trio: T
     assert made["branch"] == alive_id(c)
     pid = c.wait_state("web", "t1", "running")["pid"]
     assert psutil.pid_exists(pid)
+    # a queue deleted on B is cancelled on C's worker that consumes it (this
+    # one is not started: its declared queues are what a start would consume)
+    a.ok("PUT", "/v1/apps/web/queues/jobs", {}, status=201)
+    everywhere(trio, lambda x: x.call("GET", "/v1/apps/web/queues/jobs").status == 200, REACH)
+    c.ok(
+        "POST",
+        f"/v1/apps/web/instances?branch={alive_id(c)}",
+        {"name": "w2", "kind": "celery", "queues": ["jobs", "other"], "autostart": False},
+        status=201,
+    )
+    b.ok("DELETE", "/v1/apps/web/queues/jobs", status=204)
+    wait_for(lambda: c.ok("GET", "/v1/apps/web/instances/w2")["queues"] == ["other"], REACH)
     b.ok("DELETE", "/v1/apps/web", status=204)
     took = everywhere(trio, lambda x: x.call("GET", "/v1/apps/web").status == 404, 10)
     print(f"a DELETE on B: gone on all three in {took * 1000:.0f} ms")

@@ -386,6 +386,10 @@ def test_an_app_delete_under_way_ends_after_a_daemon_restart(
     pids = [add(b, name, SLOW_STOP, app="dx", startsecs=0)["pid"] for name in ("d1", "d2")]
     for name in ("d1", "d2"):
         wait_for(lambda n=name: "up" in b.call("GET", f"/v1/apps/dx/instances/{n}/logs").text)
+    # an app's view makes no broker folders: polled during a delete, it brought
+    # back those the delete had just removed
+    b.ok("GET", "/v1/apps/dx")
+    assert not (b.state_dir / "broker" / "apps" / "dx").exists()
     b.ok("GET", "/v1/apps/dx/celery-config")  # (this makes its embedded broker's folders)
     assert (b.state_dir / "broker" / "apps" / "dx").is_dir()
     reply = b.call("DELETE", "/v1/apps/dx?wait=false")

@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ from aiohttp import web
 from branchctl.cli import instances as cli_instances
 from branchctl.cli import main
 from branchctl.cli.common import BranchctlCommand, BranchctlGroup, Options
+from branchctl.cli.root import _status_text
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed
-from branchctl.models import Instance
+from branchctl.models import Branch, Instance
 from branchctl.render import duration, table
 from click.testing import CliRunner, Result
 
@@ -397,12 +399,36 @@ def test_no_url_file_means_the_default_url(tmp_path: Path) -> None:
         ["logs", "web", "w1", "--lines", "many"],
         ["instances", "add", "web", "--autorestart", "sometimes"],
         ["apps", "add", "web", "--env", "NOEQUALS"],
+        ["instances", "add", "web", "--startretries", "0", "--", "x"],
+        ["instances", "add", "web", "--startretries", "never", "--", "x"],
+        ["instances", "add", "web", "--umask", "9", "--", "x"],
+        ["instances", "add", "web", "--umask", "1000", "--", "x"],
+        ["instances", "set", "web", "w1", "--no-env-file", "--env-file", "/a.env"],
+        ["instances", "set", "web", "w1"],
     ],
 )
 def test_usage_errors_are_exit_2(daemon: FakeDaemon, args: list[str]) -> None:
     result = run(daemon, *args)
     assert result.exit_code == 2
     assert daemon.seen == []
+
+
+def test_add_instance_with_env_files_umask_and_retries_forever(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "instances", "add", "web", "--name", "api", "--env-file", "/etc/api.env",
+        "--env-file", "-/etc/local.env", "--umask", "0027", "--startretries", "FOREVER",
+        "--", "./api",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (seen,) = daemon.seen
+    assert seen.body == {
+        "name": "api",
+        "command": ["./api"],
+        "env_file": ["/etc/api.env", "-/etc/local.env"],
+        "umask": "0027",
+        "startretries": "forever",
+    }
 
 
 def test_add_instance_sends_the_argv_after_double_dash(daemon: FakeDaemon) -> None:
@@ -761,3 +787,27 @@ def test_remove_waits_until_it_is_gone(daemon: FakeDaemon) -> None:
     deletes = [s for s in daemon.seen if s.method == "DELETE"]
     assert [s.query for s in deletes] == [{"wait": "false"}]
     assert run(daemon, "instances", "show", "web", "w1").exit_code == 1
+
+
+def test_daemon_status_of_a_branch_in_a_cluster() -> None:
+    b = Branch.from_json(
+        {
+            "id": "b1",
+            "hostname": "m1",
+            "version": "0.1.0",
+            "started_at": time.time() - 3600,
+            "api_url": "http://10.0.0.1:8400",
+            "pid": 4242,
+            "state_dir": "/var/lib/branchd",
+            "supervision": "process-group",
+            "instance_states": {"stopped": 0, "running": 3, "fatal": 1},
+            "cluster": {"members": {"alive": 2, "suspect": 1}},
+        }
+    )
+    text = _status_text(b, "http://127.0.0.1:8400")
+    lines = dict(line.split(None, 1) if " " in line else (line, "") for line in text.splitlines())
+    assert lines["pid"].strip() == "4242"
+    assert lines["url"].strip() == "http://10.0.0.1:8400"
+    assert lines["instances"].strip() == "4: 3 running, 1 fatal"
+    assert lines["cluster"].strip() == "3 branch(es): 2 alive, 1 suspect"
+    assert lines["uptime"].strip().startswith("1h")

@@ -14,7 +14,9 @@ from branchd.cluster.service import load_keyring, save_keyring
 from branchd.errors import BadMessage
 from branchd.views import BranchRecord, Capacity
 
-CAP = Capacity(8, (0.51234, 0.25, 0.125), 16 << 30, 9 << 30, 3, max_instances=100)
+CAP = Capacity(
+    8, (0.51234, 0.25, 0.125), 16 << 30, 9 << 30, 3, max_instances=100, slots=128, slots_used=9
+)
 REC = BranchRecord(
     id="b" * 32,
     hostname="m1.example",
@@ -33,8 +35,10 @@ def test_the_meta_carries_what_placement_reads_and_a_digest_of_the_names() -> No
     meta = to_meta(REC)
     back = from_meta(meta)
     assert back.api_url == REC.api_url and back.hostname == "m1.example"
-    assert back.capacity == Capacity(8, (0.51, 0.25, 0.12), 16 << 30, 9 << 30, 3, 100)
-    assert back.capacity.free_slots == 97
+    assert back.capacity == Capacity(
+        8, (0.51, 0.25, 0.12), 16 << 30, 9 << 30, 3, 100, slots=128, slots_used=9
+    )
+    assert back.capacity.free_slots == 119 and back.capacity.free_instances == 97
     assert back.digest == names_digest(REC.instances)
     rec = back.record(REC.id, REC.epoch, REC.gossip_addr, REC.instances)
     assert rec.address == "10.0.0.1:8400" and rec.instances == REC.instances
@@ -118,7 +122,7 @@ def test_a_record_is_told_again_only_when_it_changed_enough() -> None:
 
 
 def test_every_branch_picks_the_same_reserver_for_a_name() -> None:
-    from branchd.cluster.service import reserver
+    from branchd.cluster.names import reserver
 
     ids = [f"b{i}" for i in range(5)]
     picks = {reserver("shop/w1", order) for order in (ids, ids[::-1], sorted(ids, key=hash))}

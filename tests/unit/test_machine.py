@@ -389,6 +389,58 @@ def test_backoff_delays_between_failed_starts_grow_and_are_capped() -> None:
     assert sim.proc.deadline is None and sim.proc.pid is None
 
 
+def test_backoff_delay_of_a_huge_retry_count_is_the_cap() -> None:
+    # (2 ** n as a float overflows past n = 1023: an instance retrying forever gets there)
+    b = Backoff(base=1.0, cap=60.0)
+    assert [b.delay(n) for n in (7, 8, 1024, 1025, 10**6)] == [60.0] * 5
+    assert Backoff(base=0.0, cap=60.0).delay(10**6) == 0.0
+
+
+FOREVER = replace(POLICY, startretries=None)
+
+
+def test_forever_never_goes_fatal_and_its_backoff_is_capped() -> None:
+    sim = Sim(FOREVER, Backoff(base=1.0, cap=8.0))
+    sim.feed(Start())
+    delays = []
+    for attempt in range(1, 2001):  # past 1,024: where 2.0 ** n overflowed
+        sim.advance(0.1)
+        sim.crash()
+        assert sim.state() == State.BACKOFF and sim.proc.retries == attempt
+        delays.append(sim.wait())
+        assert sim.state() == State.STARTING
+    assert delays[:6] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert max(delays) == 8.0 and delays[-1] == 8.0
+    assert sim.proc.reason == QUICK  # the last failure's own words, no "gave up"
+    sim.wait()  # this one stays up startsecs: running, and the count starts over
+    assert sim.state() == State.RUNNING and sim.proc.retries == 0
+
+
+def test_forever_spawn_failures_back_off_and_never_go_fatal() -> None:
+    proc, now = step(Proc(), Start(), FOREVER, 0.0, BACKOFF)[0], 0.0
+    for attempt in range(1, 1101):
+        proc, cmds = step(proc, SpawnFailed("no such file"), FOREVER, now, BACKOFF)
+        assert (proc.state, proc.retries, cmds) == (State.BACKOFF, attempt, [])
+        assert proc.deadline is not None and proc.deadline - now <= BACKOFF.cap
+        now = proc.deadline
+        proc, cmds = step(proc, Timeout(), FOREVER, now, BACKOFF)
+        assert cmds == [Spawn()]
+    assert proc.reason == "no such file"
+
+
+def test_forever_resumes_after_a_stop_and_start_like_any_other() -> None:
+    sim = Sim(FOREVER)
+    sim.feed(Start())
+    for _ in range(5):
+        sim.crash()
+        sim.wait()
+    sim.crash()
+    sim.feed(Stop())  # in backoff: nothing to signal
+    assert sim.state() == State.STOPPED and sim.proc.retries == 6
+    sim.feed(Start())
+    assert sim.state() == State.STARTING and sim.proc.retries == 0
+
+
 def test_spawn_failures_count_like_quick_exits() -> None:
     sim = Sim()
     sim.proc, _ = step(Proc(), Start(), POLICY, 0.0, BACKOFF)
@@ -621,7 +673,7 @@ POLICIES = st.builds(
     autorestart=st.sampled_from(list(Autorestart)),
     exitcodes=st.sampled_from([(0,), (0, 2)]),
     startsecs=st.sampled_from([0.0, 1.0]),
-    startretries=st.integers(1, 4),
+    startretries=st.one_of(st.integers(1, 4), st.none()),  # None: forever
     stopwaitsecs=st.sampled_from([0.5, 2.0]),
     # the Celery kind: running once it answers a ping, within startsecs
     ready_by_ping=st.booleans(),
@@ -647,7 +699,10 @@ def check_invariants(old: Proc, new: Proc, cmds: list[Command], policy: Policy) 
     if new.state == State.RUNNING:
         assert new.retries == 0, new
     if new.state == State.BACKOFF:
-        assert 1 <= new.retries < policy.startretries, new
+        assert new.retries >= 1, new
+        assert policy.startretries is None or new.retries < policy.startretries, new
+    if policy.startretries is None and old.state != State.FATAL:
+        assert new.state != State.FATAL, (old, new)  # forever never gives up
     if new.then_start:
         assert new.state == State.STOPPING, new
     assert new.restarts >= old.restarts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,17 @@ from hypothesis import strategies as hs
 
 from branchd.errors import Full, Invalid, NotFound
 from branchd.model import App, Autoscale, CelerySettings, InstanceSpec, Kind
-from branchd.placement import Need, choices, need_for, pick, pick_pinned, same_app, spare, why_not
+from branchd.placement import (
+    Need,
+    choices,
+    need_for,
+    need_of,
+    pick,
+    pick_pinned,
+    same_app,
+    spare,
+    why_not,
+)
 from branchd.views import BranchRecord, Capacity
 
 GIB = 1 << 30
@@ -27,7 +38,7 @@ def branch(
     draining: bool = False,
     instances: tuple[str, ...] = (),
 ) -> BranchRecord:
-    """A live branch with ``free`` slots of 10 + len(instances)."""
+    """A live branch with ``free`` free slots (each instance held takes one)."""
     held = len(instances)
     cap = Capacity(
         cpus=cpus,
@@ -35,8 +46,10 @@ def branch(
         memory_total=16 * GIB,
         memory_free=mem,
         instances=held,
-        max_instances=held + free,
+        max_instances=held + 100,
         draining=draining,
+        slots=held + free,
+        slots_used=held,
     )
     return BranchRecord(
         id=f"id-{name}",
@@ -86,6 +99,40 @@ def test_the_need_is_the_largest_concurrency_and_the_memory_limit_or_estimate(
     s: InstanceSpec, app: App | None, estimate: int, need: Need
 ) -> None:
     assert need_for(s, app, estimate) == need
+
+
+def test_a_worker_of_celerys_default_concurrency_takes_its_hosts_cpus() -> None:
+    # the host knows its CPU count; a sender placing it does not yet (1)
+    assert need_for(spec(kind=Kind.CELERY), App("shop"), cpus=8) == Need(8, 0)
+    assert need_for(spec(command=("x",)), App("shop"), cpus=8) == Need(1, 0)
+    assert need_for(spec(kind=Kind.CELERY, concurrency=2), App("shop"), cpus=8) == Need(2, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "defaults", "need"),
+    [
+        ({"command": ["x"]}, {}, Need(1, 0)),
+        ({"kind": "celery", "autoscale": {"min": 1, "max": 6}}, {}, Need(6, 0)),
+        ({"kind": "celery"}, {"concurrency": 3}, Need(3, 0)),  # the app's default
+        ({"kind": "celery", "concurrency": 5}, {"concurrency": 3}, Need(5, 0)),
+        ({"name": "w9", "kind": "celery", "concurrency": 8}, {}, Need(8, 0)),  # (named)
+        ({"kind": "celery", "concurrency": 1, "memory_limit": GIB}, {}, Need(1, GIB)),
+        ({"kind": "celery", "command": ["x"]}, {}, Need()),  # invalid: its create says why
+        ({"kind": "nope"}, {}, Need()),
+    ],
+)
+def test_a_create_body_needs_what_its_instance_would(
+    body: dict[str, object], defaults: dict[str, object], need: Need
+) -> None:
+    assert need_of(body, App("shop", defaults=defaults), cpus=4) == need
+
+
+def test_a_branch_at_its_instance_limit_takes_none_whatever_its_slots() -> None:
+    b = branch("b", free=50)
+    at_limit = replace(b, capacity=replace(b.capacity, max_instances=b.capacity.instances))
+    assert why_not(at_limit, Need()) == "0 of 0 instances"
+    with pytest.raises(Full, match="0 of 0 instances"):
+        pick([at_limit], Need(), random.Random(1))
 
 
 # --- feasibility ------------------------------------------------------------
@@ -173,9 +220,7 @@ def test_a_branch_with_fewer_free_slots_gets_fewer_placements_over_many_picks() 
 
 def _with_one_more(r: BranchRecord, app: str = "x") -> BranchRecord:
     c = r.capacity
-    cap = Capacity(
-        c.cpus, c.load, c.memory_total, c.memory_free, c.instances + 1, c.max_instances, c.draining
-    )
+    cap = replace(c, instances=c.instances + 1, slots_used=c.slots_used + 1)
     name = f"{app}/{len(r.instances)}-{r.id}"
     return BranchRecord(
         r.id, r.hostname, r.version, r.started_at, r.address, cap,
@@ -288,3 +333,21 @@ def test_the_ranking_is_a_permutation_of_the_feasible_set(
     for r in ranking:
         c = r.capacity
         assert not c.draining and c.free_slots >= slots and c.memory_free >= mem
+
+
+def test_creates_placed_a_moment_ago_count_until_the_records_say_so() -> None:
+    from branchd.placement import Recent
+
+    b0, b1 = (replace(branch(n, free=10), digest="d1") for n in ("b0", "b1"))
+    recent = Recent(ttl=10.0)
+    recent.add(b1, "shop/w1", 4, now=100.0)
+    got = {r.id: r for r in recent.apply([b0, b1], now=101.0)}
+    assert got["id-b0"] == b0  # (untouched)
+    assert got["id-b1"].instances == ("shop/w1",) and got["id-b1"].capacity.free_slots == 6
+    assert same_app(got["id-b1"], "shop") == 1  # the app's spread sees it
+    # a new record of b1 (its names changed) counts it itself: not twice, even
+    # before its names are fetched (its meta's figures came with the digest)
+    told = replace(_with_one_more(b1, "shop"), digest="d2", instances=())
+    assert recent.apply([told], now=102.0) == [told]
+    recent.add(b0, "shop/w2", 1, now=100.0)
+    assert recent.apply([b0], now=110.0) == [b0]  # too old: its record must say by now

@@ -7,6 +7,7 @@ The expected answers were printed by the release before the wire forms (its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -78,6 +79,16 @@ QUEUE = Queue("shop", "images", "media", "topic", "image.#", {"durable": True}, 
 RECORDS: list[App | Queue | InstanceSpec] = [
     SPEC,
     InstanceSpec(app="a", name="n", command=("x",), branch="b"),
+    # issue 15, part 4: env files, a umask, retries forever
+    InstanceSpec(
+        app="a",
+        name="n",
+        command=("x",),
+        branch="b",
+        env_file=("/etc/a.env", "-/etc/b.env"),
+        umask=0o027,
+        policy=Policy(startretries=None),
+    ),
     APP,
     App("bare"),
     QUEUE,
@@ -97,6 +108,17 @@ def test_an_instance_wire_form_is_flat_with_the_users_names() -> None:
     assert wire["autorestart"] == "always" and wire["exitcodes"] == [0, 2]
     assert "policy" not in wire
     assert wire["version"] == "018bcfe5687b.0004.b2" and wire["origin"] == "b1"
+
+
+def test_the_new_instance_fields_on_the_wire() -> None:
+    spec = InstanceSpec(
+        app="a", name="n", command=("x",), branch="b", umask=0o22, policy=Policy(startretries=None)
+    )
+    wire = spec.to_wire()
+    assert (wire["umask"], wire["startretries"], wire["env_file"]) == ("022", "forever", [])
+    # a row of the release before has none of them: the defaults
+    old = {k: v for k, v in wire.items() if k not in ("umask", "env_file", "startretries")}
+    assert InstanceSpec.from_wire(old) == replace(spec, umask=None, policy=Policy())
 
 
 def test_missing_keys_take_the_defaults() -> None:
@@ -146,6 +168,8 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "env": {"A": "1"},
             "cwd": "/srv",
             "user": None,
+            "env_file": [],  # (new in issue 15: keys are added, none changed)
+            "umask": None,
             "autorestart": "on-failure",
             "exitcodes": [0],
             "startsecs": 1.0,
@@ -190,6 +214,8 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "env": {},
             "cwd": None,
             "user": None,
+            "env_file": [],
+            "umask": None,
             "autorestart": "on-failure",
             "exitcodes": [0],
             "startsecs": 1.0,

@@ -317,6 +317,38 @@ class ByteSize(_ParamType):
         return n
 
 
+class StartRetries(_ParamType):
+    """A count of failed starts (1 or more) or 'forever' (never fatal)."""
+
+    name = "N|forever"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | str:
+        if isinstance(value, int) or str(value).lower() == "forever":
+            return value if isinstance(value, int) else "forever"
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = 0
+        if count < 1:
+            self.fail(f"expected a count of 1 or more, or 'forever', got {value!r}", param, ctx)
+        return count
+
+
+class Umask(_ParamType):
+    """A umask in octal, as supervisord and the shell write it: 022, 0027, 0o077."""
+
+    name = "OCTAL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        digits = text.lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+            self.fail(f"expected an octal umask like 022 or 0027, got {value!r}", param, ctx)
+        return text
+
+
 def _bounds_text(bounds: Mapping[str, Any] | None) -> str | None:
     """{"min": 1, "max": 4} -> '1..4' (min..max)."""
     if not bounds:

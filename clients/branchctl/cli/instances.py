@@ -22,6 +22,8 @@ from branchctl.cli.common import (
     MinMax,
     NameList,
     Options,
+    StartRetries,
+    Umask,
     _bounds_text,
     _emit,
     _items,
@@ -80,12 +82,31 @@ def instance_fields(f: _F) -> _F:
         click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable."),
         click.option("--cwd", help="Working directory."),
         click.option("--user", help="Run as this user."),
+        click.option(
+            "--env-file",
+            "env_file",
+            multiple=True,
+            metavar="PATH",
+            help="Environment file (systemd EnvironmentFile syntax), read at each start; "
+            "repeat it for several (a later one wins). A leading '-': skipped when missing. "
+            "Its variables go over the app's env, under the instance's own --env.",
+        ),
+        click.option(
+            "--umask",
+            type=Umask(),
+            help="The process's umask, in octal (022) [default: the daemon's].",
+        ),
         click.option("--autorestart", type=click.Choice(AUTORESTART)),
         click.option(
             "--exitcode", "exitcodes", type=int, multiple=True, help="Expected exit code."
         ),
         click.option("--startsecs", type=click.FloatRange(min=0)),
-        click.option("--startretries", type=click.IntRange(min=1)),
+        click.option(
+            "--startretries",
+            type=StartRetries(),
+            help="Failed starts in a row before it is fatal, or 'forever' (it keeps "
+            "retrying, the backoff capped).",
+        ),
         click.option(
             "--stopsignal", metavar="SIGNAL", callback=_signal, help=f"One of {', '.join(SIGNALS)}."
         ),
@@ -169,6 +190,10 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     if unreachable:
         data["unreachable"] = unreachable
     _emit(opts, data, text)
+    _warn_unreachable(unreachable)
+
+
+def _warn_unreachable(unreachable: list[dict[str, Any]]) -> None:
     for u in unreachable:
         click.echo(
             f"branchctl: warning: {u.get('error')}; its instances are not listed", err=True
@@ -244,21 +269,41 @@ def instances_add(
     _emit(opts, instance.raw, _instance_text(instance))
 
 
-@instances.command("update")
+@instances.command("set")
 @click.argument("app")
 @click.argument("name")
+@click.option(
+    "--no-env-file",
+    "no_env_file",
+    is_flag=True,
+    help="Read no env file any more.",
+)
 @instance_fields
-def instances_update(opts: Options, /, app: str, name: str, **options: Any) -> None:
-    """Change instance NAME of APP (a new COMMAND goes after '--').
+def instances_update(
+    opts: Options, /, app: str, name: str, no_env_file: bool, **options: Any
+) -> None:
+    """Change instance NAME of APP (a new COMMAND goes after '--'); also
+    'instances update'.
 
     Takes effect at its next start.
+
+    \b
+    Example:
+      branchctl instances set web api --startretries forever --umask 027
     """
     body = _fields(options)
+    if no_env_file:
+        if "env_file" in body:
+            raise click.UsageError("--no-env-file and --env-file: give one")
+        body["env_file"] = []
     if not body:
         raise click.UsageError("nothing to change: give at least one option or a COMMAND")
     with opts.client() as c:
         instance = c.update_instance(app, name, **body)
     _emit(opts, instance.raw, _instance_text(instance))
+
+
+instances.add_command(instances_update, "update")  # (its first name; scripts use it)
 
 
 @instances.command("show")
@@ -504,13 +549,29 @@ def _stats_text(s: Stats) -> str:
 
 @instances.command("stats")
 @click.argument("app")
-@click.argument("name")
-def instances_stats(opts: Options, app: str, name: str) -> None:
-    """Show the resource use of instance NAME of APP (its whole process tree).
+@click.argument("name", required=False)
+def instances_stats(opts: Options, app: str, name: str | None) -> None:
+    """Show the resource use of instance NAME of APP (its whole process tree),
+    or without NAME of every instance of APP (on every branch of a cluster).
 
     For a running celery instance also a summary of Celery's own stats (pool,
     autoscaler, active tasks, tasks done by name); --json prints them all.
     """
+    if name is None:
+        with opts.client() as c:
+            items = c.app_stats(app)
+            unreachable = list(c.unreachable)
+        rows = [
+            (s.name, s.state, s.pid, f"{s.cpu_percent or 0:.1f}",
+             render.size(s.memory_rss) if s.memory_rss is not None else None,
+             s.processes, (s.branch or "")[:12])
+            for s in items
+        ]  # fmt: skip
+        headers = ("NAME", "STATE", "PID", "CPU%", "RSS", "PROCS", "BRANCH")
+        data = {"items": [dict(s.raw) for s in items], "unreachable": unreachable}
+        _emit(opts, data, render.table(headers, rows))
+        _warn_unreachable(unreachable)
+        return
     with opts.client() as c:
         s = c.stats(app, name)
     _emit(opts, s.raw, _stats_text(s))

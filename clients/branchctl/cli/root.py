@@ -164,6 +164,7 @@ def branches_list(opts: Options) -> None:
             f"{b.capacity.load[0]:.2f}" if b.capacity.load else None,
             render.size(b.capacity.memory_free) if b.capacity.memory_free is not None else None,
             b.capacity.instances,
+            b.capacity.free_slots,
             b.version,
         )
         for b in bs
@@ -172,7 +173,7 @@ def branches_list(opts: Options) -> None:
     _emit(
         opts,
         _items(bs),
-        render.table((*headers, "INSTANCES", "VERSION"), rows),
+        render.table((*headers, "INSTANCES", "FREE-SLOTS", "VERSION"), rows),
     )
 
 
@@ -202,8 +203,9 @@ def branches_show(opts: Options, branch_id: str) -> None:
                 "load": " ".join(f"{x:.2f}" for x in cap.load) or None,
                 "memory": f"{render.size(cap.memory_free)} free of "
                 f"{render.size(cap.memory_total)}",
-                "instances": f"{cap.instances} of {cap.max_instances} "
-                f"({cap.free_slots} free){', draining' if cap.draining else ''}",
+                "instances": f"{cap.instances} of {cap.max_instances}"
+                f"{', draining' if cap.draining else ''}",
+                "slots": f"{cap.slots_used} of {cap.slots} taken ({cap.free_slots} free)",
                 "names": (", ".join(m.instances) or "-")
                 + (" (not fetched yet)" if m.instances_stale else ""),
                 "counters": _gossip_text(m.gossip),
@@ -225,11 +227,47 @@ def _gossip_text(g: Any) -> str | None:
 
 @branches.command("drain")
 @click.argument("branch_id", metavar="ID")
-def branches_drain(opts: Options, branch_id: str) -> None:
-    """No new instance is placed on branch ID (id, or self); its own keep running."""
+@click.option(
+    "--move",
+    is_flag=True,
+    help="And make its instances again elsewhere, one at a time (each new one "
+    "running before the old one stops); waits for the move",
+)
+@click.option("--no-wait", is_flag=True, help="With --move: start it and say where it stands")
+def branches_drain(opts: Options, branch_id: str, move: bool, no_wait: bool) -> None:
+    """No new instance is placed on branch ID (id, or self); its own keep
+    running, or with --move go elsewhere."""
     with opts.client() as c:
-        data = c.drain(branch_id, True)
-    _emit(opts, data, f"branch {data['id']} drains: no new instances")
+        data = c.drain(branch_id, True, move=move)
+        if not move:
+            _emit(opts, data, f"branch {data['id']} drains: no new instances")
+            return
+        said: set[str] = set()
+        status = data.get("move") or {}
+        while not no_wait and status.get("state") == "moving":
+            _say_moves(status, said)
+            time.sleep(0.5)
+            status = c.drain_status(data["id"]).get("move") or {}
+        _say_moves(status, said)
+    data["move"] = status
+    moved, failed = len(status.get("moved", ())), len(status.get("failed", ()))
+    left = len(status.get("left", ()))
+    text = f"branch {data['id']} drains: {moved} moved, {failed} not moved" + (
+        f", {left} left ({status.get('state')})" if left else ""
+    )
+    _emit(opts, data, text)
+    if failed:
+        raise SystemExit(1)
+
+
+def _say_moves(status: dict[str, Any], said: set[str]) -> None:
+    """One line on stderr for each instance moved or not moved, once."""
+    lines = [f"{m['instance']}: moved to {m['to']}" for m in status.get("moved", ())]
+    lines += [f"{f['instance']}: not moved: {f['error']}" for f in status.get("failed", ())]
+    for line in lines:
+        if line not in said:
+            said.add(line)
+            click.echo(line, err=True)
 
 
 @branches.command("undrain")
@@ -329,6 +367,42 @@ def daemon() -> None:
     """The daemon itself."""
 
 
+def _status_text(b: Branch, url: str) -> str:
+    uptime = None if b.started_at is None else max(0.0, time.time() - b.started_at)
+    counts = {k: v for k, v in b.instance_states.items() if v}
+    total = sum(b.instance_states.values())
+    if b.cluster is None:
+        cluster = "none (a branch on its own)"
+    else:
+        members = b.cluster.get("members") or {}
+        cluster = f"{sum(members.values())} branch(es): " + ", ".join(
+            f"{n} {state}" for state, n in sorted(members.items())
+        )
+    return render.record(
+        {
+            "branchd": b.version,
+            "pid": b.pid,
+            "uptime": f"{render.duration(uptime)} (since {render.timestamp(b.started_at)})",
+            "url": b.api_url or url,
+            "state dir": b.state_dir,
+            "branch": f"{b.id} on {b.hostname}",
+            "instances": f"{total}"
+            + (": " + ", ".join(f"{n} {s}" for s, n in counts.items()) if counts else ""),
+            "cluster": cluster,
+            "supervision": b.supervision,
+        }
+    )
+
+
+@daemon.command("status")
+def daemon_status(opts: Options) -> None:
+    """One screen about the daemon: version, pid, uptime, URL, state dir, its
+    instances by state, its cluster, how it supervises."""
+    with opts.client() as c:
+        b = c.branch()
+    _emit(opts, b.raw, _status_text(b, opts.url))
+
+
 @daemon.command("exit")
 @click.option(
     "--keep",
@@ -337,8 +411,17 @@ def daemon() -> None:
     "(an upgrade). Without it, every instance is stopped first.",
 )
 def daemon_exit(opts: Options, keep: bool) -> None:
-    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep)."""
+    """Make the daemon exit (like SIGTERM, or SIGUSR2 with --keep).
+
+    \b
+    The upgrade, without signals:
+      pip install -U branchd        # the running daemon is not touched
+      branchctl daemon exit --keep  # it goes; its instances keep running
+      branchd                       # (or systemd's Restart=) adopts them
+    """
     with opts.client() as c:
+        # (POST /v1/daemon/exit, which the daemon being upgraded, older than
+        # this client maybe, already has; /v1/branch/exit?keep=1 is its twin)
         c.exit_daemon(keep)
     _emit(
         opts,
