@@ -136,6 +136,28 @@ def test_a_rolling_restart_of_ten_in_batches_of_two_never_has_more_than_two_down
     assert most_down == 2  # (seen: the polls caught a batch; never more)
 
 
+def test_a_rolling_restart_stops_at_a_batch_that_does_not_run_again(b: Branchd) -> None:
+    app = _app(b, "halt")
+    b.ok("POST", f"{app}/instances", {**FAST, "count": 4, "name": "h{n}"}, status=201)
+    wait_for(lambda: all(i["state"] == "running" for i in _items(b, app)), timeout=15)
+    before = {i["name"]: i["pid"] for i in _items(b, app)}
+    # h1's next start fails (its new command cannot run): the roll must stop there
+    b.ok("PATCH", f"{app}/instances/h1", {"command": ["/nonexistent/prog"], "startretries": 1})
+    items = b.ok("POST", f"{app}/restart?rolling=1&batch=1")["items"]
+    got = {i["name"]: i for i in items}
+    assert [got[n]["outcome"] for n in ("h0", "h1", "h2", "h3")] == [
+        "running", "failed", "skipped", "skipped"
+    ]
+    assert "nonexistent" in got["h1"]["error"]
+    assert "stopped at batch 2" in got["h2"]["error"]
+    assert got["h0"]["instance"]["pid"] != before["h0"]
+    # the rest keep their old process, running
+    assert [(got[n]["instance"]["state"], got[n]["instance"]["pid"]) for n in ("h2", "h3")] == [
+        ("running", before["h2"]),
+        ("running", before["h3"]),
+    ]
+
+
 def _items(b: Branchd, app: str) -> list[dict[str, Any]]:
     return b.ok("GET", f"{app}/instances")["items"]  # type: ignore[no-any-return]
 
