@@ -110,6 +110,18 @@ class Supervised(ABC):
         """Ask for the N sleepers to run (returns once the requests are done)."""
 
     @abstractmethod
+    def stop_all(self) -> None:
+        """Stop every sleeper, returning once all have stopped."""
+
+    @abstractmethod
+    def start_all_again(self) -> None:
+        """Start every (stopped) sleeper in one call, returning once all run."""
+
+    @abstractmethod
+    def rolling_restart(self, names: list[str]) -> None:
+        """Restart every sleeper one at a time, each running again before the next."""
+
+    @abstractmethod
     def states(self) -> dict[str, tuple[bool, int | None]]:
         """name -> (running, pid) of every sleeper."""
 
@@ -214,6 +226,48 @@ class Branchd(Supervised):
                 },
                 expect=(201,),
             )
+
+    def stop_all(self) -> None:
+        self._all_came_out(self.call("POST", f"/v1/apps/{APP}/stop"), "stopped")
+
+    def start_all_again(self) -> None:
+        # the app action (issue 15): one call, answered once every instance runs
+        self._all_came_out(self.call("POST", f"/v1/apps/{APP}/start"), "running")
+
+    def rolling_restart(self, names: list[str]) -> None:
+        answer = self.call("POST", f"/v1/apps/{APP}/restart?rolling=1&batch=1")
+        self._all_came_out(answer, "running")
+
+    def count_create(self, n: int) -> float:
+        """Seconds of one count create of N more sleepers (app bench2) until all
+        run; then that app goes (so the other measures are unchanged)."""
+        body = {
+            "count": n,
+            "name": "c{n:04d}",
+            "command": self.sleep_cmd,
+            "startsecs": 0,
+            "autorestart": "always",
+            "stopwaitsecs": 10,
+        }
+        self.call("PUT", f"/v1/apps/{APP}2", {}, expect=(200, 201))
+        t0 = time.perf_counter()
+        made = self.call("POST", f"/v1/apps/{APP}2/instances", body, expect=(201,))["items"]
+
+        def all_running() -> bool:
+            items = self.call("GET", f"/v1/apps/{APP}2/instances")["items"]
+            return len(items) == n and all(i["state"] == "running" for i in items)
+
+        if len(made) != n or not all(i["state"] == "running" for i in made):
+            wait_for(all_running, 120, f"{n} count-created sleepers running", interval=0.01)
+        spent = time.perf_counter() - t0
+        self.call("DELETE", f"/v1/apps/{APP}2", expect=(204,))
+        return spent
+
+    @staticmethod
+    def _all_came_out(answer: Any, outcome: str) -> None:
+        bad = [i for i in answer["items"] if i["outcome"] != outcome]
+        if bad:
+            raise RuntimeError(f"not {outcome}: {bad[:3]}")
 
     def states(self) -> dict[str, tuple[bool, int | None]]:
         items = self.call("GET", f"/v1/apps/{APP}/instances")["items"]
@@ -346,6 +400,20 @@ class Supervisord(Supervised):
     def start_all(self, n: int) -> None:
         self.rpc.supervisor.startAllProcesses(False)
 
+    def stop_all(self) -> None:
+        self.rpc.supervisor.stopAllProcesses(True)
+
+    def start_all_again(self) -> None:
+        # what `supervisorctl start all` sends: answered once all are started
+        self.rpc.supervisor.startAllProcesses(True)
+
+    def rolling_restart(self, names: list[str]) -> None:
+        # supervisord has no rolling restart: a script (or supervisorctl
+        # restart, one name at a time) stops and starts each in turn
+        for name in names:
+            self.rpc.supervisor.stopProcess(f"s:{name}", True)
+            self.rpc.supervisor.startProcess(f"s:{name}", True)
+
     def states(self) -> dict[str, tuple[bool, int | None]]:
         infos = self.rpc.supervisor.getAllProcessInfo()
         return {i["name"]: (i["statename"] == "RUNNING", i["pid"] or None) for i in infos}
@@ -388,6 +456,9 @@ class Sample:
     status_qa_cps: float | None = None
     rss_mib: float = 0.0
     idle_cpu_pct: float | None = None
+    start_app_s: float | None = None  # all N stopped, then one start-all call
+    count_create_s: float | None = None  # branchd: N more made and started in one call
+    rolling_s: float | None = None  # a rolling restart of all N, one at a time
     problems: list[str] = field(default_factory=list)
     error: str | None = None  # the sample failed; it is left out of the medians
 
@@ -402,6 +473,9 @@ NUMERIC = (
     "status_qa_cps",
     "rss_mib",
     "idle_cpu_pct",
+    "start_app_s",
+    "count_create_s",
+    "rolling_s",
 )
 
 
@@ -415,6 +489,36 @@ def measure_start(d: Supervised, n: int) -> float:
 
     wait_for(all_running, 120, f"{n} sleepers running under {d.label}", interval=0.01)
     return time.perf_counter() - t0
+
+
+def measure_start_again(d: Supervised, n: int) -> float:
+    """Seconds of one start-all call of the N sleepers, all stopped before
+    (the call answers once all run; a status call then checks it)."""
+    d.stop_all()
+    if any(running for running, _ in d.states().values()):
+        raise RuntimeError(f"{d.label}: not all stopped")
+    t0 = time.perf_counter()
+    d.start_all_again()
+    spent = time.perf_counter() - t0
+    st = d.states()
+    if len(st) != n or not all(running for running, _ in st.values()):
+        raise RuntimeError(f"{d.label}: start-all answered before all ran")
+    return spent
+
+
+def measure_rolling(d: Supervised, n: int, limit: int) -> float | None:
+    """Seconds of a rolling restart (one at a time) of the N sleepers, when N <= limit."""
+    if n > limit:
+        return None
+    before = d.states()
+    t0 = time.perf_counter()
+    d.rolling_restart(sorted(before))
+    spent = time.perf_counter() - t0
+    after = d.states()
+    same = [k for k, (running, pid) in after.items() if not running or pid == before[k][1]]
+    if same:
+        raise RuntimeError(f"{d.label}: not restarted, or not running: {same[:3]}")
+    return spent
 
 
 def measure_restart(d: Supervised, names: list[str], kills: int, poll: float) -> list[float]:
@@ -495,6 +599,7 @@ class Options:
     json_out: Path | None
     branchd_python: str
     sleep_cmd: list[str]
+    rolling_max: int = 50
 
 
 def bench_one(d: Supervised, n: int, run: int, opts: Options, with_idle: bool) -> Sample:
@@ -522,6 +627,14 @@ def bench_one(d: Supervised, n: int, run: int, opts: Options, with_idle: bool) -
             log(f"  {d.label} N={n}: idle CPU {s.idle_cpu_pct:.3f} % over {opts.idle_secs:.0f} s")
         s.rss_mib = psutil.Process(d.pid).memory_info().rss / MiB
         log(f"  {d.label} N={n}: RSS {s.rss_mib:.1f} MiB")
+        s.start_app_s = measure_start_again(d, n)
+        log(f"  {d.label} N={n}: start all (stopped, one call) {s.start_app_s:.3f} s")
+        if isinstance(d, Branchd):
+            s.count_create_s = d.count_create(n)
+            log(f"  {d.label} N={n}: count create of {n} more {s.count_create_s:.3f} s")
+        s.rolling_s = measure_rolling(d, n, opts.rolling_max)
+        if s.rolling_s is not None:
+            log(f"  {d.label} N={n}: rolling restart, one at a time {s.rolling_s:.3f} s")
         if len(d.states()) != n:
             raise RuntimeError(f"{d.label} lost instances")
     except Exception as exc:  # one failed sample must not lose the others
@@ -656,6 +769,27 @@ def table(samples: list[Sample], counts: list[int]) -> str:
             f"| daemon RSS (MiB) | {n} | {cell(b['rss_mib'], '.1f')} | "
             f"{cell(s['rss_mib'], '.1f')} | {ratio('rss_mib')} | {rss_target} | {rss_met} |"
         )
+        if b["start_app_s"]:
+            sa = med(b["start_app_s"])
+            rows.append(
+                f"| start all N stopped, one call²: app action vs startAllProcesses (s) | {n} | "
+                f"{cell(b['start_app_s'], '.3f')} | {cell(s['start_app_s'], '.3f')} | "
+                f"{ratio('start_app_s')} | ≤ supervisord | "
+                f"{ok(bool(s['start_app_s']) and sa <= med(s['start_app_s']))} |"
+            )
+        if b["count_create_s"]:
+            cc = med(b["count_create_s"])
+            rows.append(
+                f"| create and start N in one call⁴: count create vs startAllProcesses (s) | {n} | "
+                f"{cell(b['count_create_s'], '.3f')} | {cell(s['start_app_s'], '.3f')} | "
+                f"{cc / med(s['start_app_s']):.2f}x | ≤ supervisord | "
+                f"{ok(bool(s['start_app_s']) and cc <= med(s['start_app_s']))} |"
+            )
+        if b["rolling_s"]:
+            rows.append(
+                f"| rolling restart, one at a time³ (s) | {n} | {cell(b['rolling_s'], '.3f')} | "
+                f"{cell(s['rolling_s'], '.3f')} | {ratio('rolling_s')} | — | — |"
+            )
         if b["idle_cpu_pct"]:
             idle = med(b["idle_cpu_pct"])
             rows.append(
@@ -720,6 +854,22 @@ def section(
         "suffer. The ¹ rows take the same call, same window, through a minimal XML-RPC "
         "client that sets TCP_QUICKACK before every recv(), i.e. supervisord's own cost "
         "without that stall. The target is judged on the stock-client row, as specified.",
+        "- ² start all N stopped, one call (issue 15): after the other measures, every "
+        "sleeper is stopped (branchd `POST /v1/apps/bench/stop`, supervisord "
+        "`stopAllProcesses(True)`), then one call starts them all and answers once all run: "
+        "branchd `POST /v1/apps/bench/start` (the app action), supervisord "
+        "`startAllProcesses(True)` (what `supervisorctl start all` sends). Timed from the "
+        "call to its answer; a status call then checks that all N run.",
+        "- ⁴ count create (branchd only; supervisord's figure is its startAllProcesses "
+        "above, since its N are declared in its config): one `POST "
+        "/v1/apps/bench2/instances` with `count` N and a name template makes and starts N "
+        "more sleepers, timed until all run (the answer says so, else the listing is polled); "
+        "then that app is removed.",
+        f"- ³ rolling restart (N ≤ {opts.rolling_max}): branchd one `POST "
+        "/v1/apps/bench/restart?rolling=1&batch=1` (each one running again before the "
+        "next); supervisord has none, so a script does `stopProcess(name, True)` then "
+        "`startProcess(name, True)` for each. Timed from the first call to the last answer; "
+        "then every sleeper runs with a new pid.",
         "- RSS: resident set of the daemon process alone (psutil), after the idle window. "
         "Idle CPU: user+system CPU time of the daemon process alone over the window, "
         f"no client talking to it, after a {opts.settle_secs:g} s settle.",
@@ -747,6 +897,12 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--settle-secs", type=float, default=3.0, help="pause before idle (default 3)")
     p.add_argument(
         "--poll", type=float, default=0.001, help="pause between restart polls, s (default 0.001)"
+    )
+    p.add_argument(
+        "--rolling-max",
+        type=int,
+        default=50,
+        help="rolling restart measured for counts up to this (default 50)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp state dirs")
     p.add_argument(
@@ -781,6 +937,7 @@ def parse_args(argv: list[str]) -> Options:
         json_out=a.json,
         branchd_python=a.branchd_python,
         sleep_cmd=[sleep, "100000"],
+        rolling_max=a.rolling_max,
     )
 
 

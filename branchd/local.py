@@ -2,7 +2,7 @@
 
 The daemon builds this (tests build it over the twins): the declarations
 (apps and queues), the supervision engine (instances), the Celery runtime
-operations and the logs. The HTTP edge calls these services, through the
+operations, the logs and the app-wide actions. The HTTP edge calls these services, through the
 Protocols of ``api/backend.py``; none of them builds another.
 """
 
@@ -21,6 +21,7 @@ from branchd.clock import Clock, Scheduler
 from branchd.config import Config
 from branchd.declarations import Declarations
 from branchd.events import EventBus
+from branchd.process.actions import AppActions
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
 from branchd.process.logs import LogService
@@ -36,6 +37,8 @@ class LocalBranch:
     celery: CeleryRuntime
     logs: LogService
     holdings: Holdings
+    #: Count creates and app-wide start, stop, restart (rolling too).
+    groups: AppActions
 
     @property
     def branch_id(self) -> str:
@@ -49,6 +52,7 @@ class LocalBranch:
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
         await self.logs.close()
+        await self.groups.close()
         await self.instances.shutdown(keep=keep)
 
 
@@ -125,4 +129,5 @@ def build(
         celery=celery,
         holdings=Holdings(engine),
         logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
+        groups=AppActions(engine, bus, scheduler, config.supervision),
     )

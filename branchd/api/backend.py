@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from branchd.model import App, Queue
+from branchd.process.groups import Action, Item
 from branchd.views import InstanceView, Stats
 
 
@@ -71,6 +72,17 @@ class Logs(Protocol):
     def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]: ...
 
 
+class Groups(Protocol):
+    """An app's instances together: count creates, app-wide actions."""
+
+    async def create_instances(
+        self, app: str, fields: Mapping[str, Any], count: int, template: str, start_at: int = 0
+    ) -> list[InstanceView]: ...
+    async def act(
+        self, app: str, action: Action, *, rolling: bool = False, batch: int = 1, wait: bool = True
+    ) -> list[Item]: ...
+
+
 class Local(Protocol):
     """This branch's services, as the routes see them."""
 
@@ -82,6 +94,8 @@ class Local(Protocol):
     def celery(self) -> CeleryRuntime: ...
     @property
     def logs(self) -> Logs: ...
+    @property
+    def groups(self) -> Groups: ...
 
 
 class Cluster(Protocol):

@@ -324,6 +324,10 @@ async def place(
         body = json.loads(raw) if raw.strip() else {}
     except ValueError:
         return await here()  # this branch's own answer says what is wrong with it
+    if isinstance(body, dict) and "count" in body:
+        # a count create (a name template) is refused by this branch's own
+        # handler, before any name is reserved: it is not placed
+        return await here()
     name = body.get("name") if isinstance(body, dict) else None
     if isinstance(name, str) and name:
         holder = peers.owner_of(app.name, name)

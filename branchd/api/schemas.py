@@ -17,6 +17,7 @@ from branchd.model import (
     State,
     StopStep,
 )
+from branchd.process.groups import MAX_COUNT, TEMPLATE_RULE, Outcome
 
 Schema = dict[str, Any]
 
@@ -164,6 +165,25 @@ INSTANCE_IN: Schema = {
     "additionalProperties": False,
 }
 
+#: A count create (supervisord's numprocs): ``count`` instances from one set of
+#: fields, named by a template. The template's rule is checked by the handler,
+#: not by a pattern here: a generator of valid bodies would then make up to
+#: MAX_COUNT instances per request.
+INSTANCES_IN: Schema = {
+    "type": "object",
+    "required": ["count", "name"],
+    "properties": {
+        **INSTANCE_IN["properties"],
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "description": TEMPLATE_RULE},
+        "count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+        "start_at": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+    },
+    "additionalProperties": False,
+}
+
+#: The body of POST /v1/apps/{app}/instances: one instance, or a count of them.
+INSTANCE_CREATE: Schema = {"anyOf": [INSTANCE_IN, INSTANCES_IN]}
+
 INSTANCE_PATCH: Schema = {
     "type": "object",
     "properties": _SETTABLE,
@@ -310,6 +330,18 @@ INSTANCE: Schema = {
         "branch": {"type": "string"},
         "created_at": {"type": "number"},
         "node": {"type": ["string", "null"]},
+    },
+}
+
+#: One instance's part of an app action (start, stop, restart of every instance).
+ACTION_ITEM: Schema = {
+    "type": "object",
+    "required": ["name", "outcome", "error", "instance"],
+    "properties": {
+        "name": NAME,
+        "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+        "error": _NULLABLE_STR,
+        "instance": INSTANCE,
     },
 }
 
@@ -598,3 +630,8 @@ def gathered(schema: Schema) -> Schema:
         "unreachable": {"type": "array", "items": UNREACHABLE},
     }
     return out
+
+
+#: What POST /v1/apps/{app}/instances answers: the instance, or a count create's.
+INSTANCE_CREATED: Schema = {"anyOf": [INSTANCE, items(INSTANCE)]}
+APP_ACTION: Schema = items(ACTION_ITEM)

@@ -17,7 +17,8 @@ import logging
 import os
 import secrets
 import signal as _signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from branchd.model import (
 )
 from branchd.process import logs
 from branchd.process.launcher import (
+    Launched,
     Launcher,
     LaunchSpec,
     Marked,
@@ -92,6 +94,9 @@ _LOOPING = (State.BACKOFF, State.STARTING)
 
 #: The store's note of an app delete under way (``removing_app:<app>``).
 _REMOVING_APP = "removing_app:"
+
+#: Threads that launch held spawns at once (``spawning_together``).
+_SPAWNERS = 4
 
 
 class Engine:
@@ -138,6 +143,8 @@ class Engine:
         #: (a full disk): memory is right, and the flusher writes them once it can.
         self._dirty: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
+        #: Spawns held back to be launched together (``spawning_together``).
+        self._held: list[tuple[str, InstanceSpec]] | None = None
 
     # lifecycle ------------------------------------------------------------
 
@@ -634,6 +641,8 @@ class Engine:
     def _run(self, name: str, spec: InstanceSpec, old: Proc, command: Command) -> None:
         pid = self._procs[name].pid
         match command:
+            case Spawn() if self._held is not None:
+                self._held.append((name, spec))
             case Spawn():
                 self._spawn(name, spec)
             case Signal(name=sig) if pid and spec.kind == Kind.CELERY:
@@ -646,45 +655,90 @@ class Engine:
                 # No orphans: whatever the main process left in its group goes too.
                 self._launcher.signal(old.pid, _signal.SIGKILL, True)
 
+    @contextlib.contextmanager
+    def spawning_together(self) -> Iterator[None]:
+        """Hold the spawns that the starts inside ask for, and launch them
+        together at the end, on a few threads: a spawn mostly waits for its
+        child to exec, so N of them at once take a fraction of N in turn. The
+        body must not await (a held instance stays ``starting`` with no pid
+        until the end); each one's outcome is fed as a spawn alone feeds it."""
+        if self._held is not None:  # (already holding: the outer one launches)
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            self._launch_held(held)
+
+    def _launch_held(self, held: list[tuple[str, InstanceSpec]]) -> None:
+        prepared: list[tuple[str, InstanceSpec, LaunchSpec]] = []
+        for name, spec in held:
+            proc = self._procs.get(name)
+            if proc is None or proc.state != State.STARTING or proc.pid is not None:
+                continue  # stopped or deleted since: nothing to launch
+            try:
+                prepared.append((name, spec, self._launch_spec(name, spec)))
+            except Exception as exc:
+                self._spawn_failed(name, exc)
+        if not prepared:
+            return
+        with ThreadPoolExecutor(min(_SPAWNERS, len(prepared))) as pool:
+            futures = [pool.submit(self._launcher.spawn, ls) for _, _, ls in prepared]
+        for (name, spec, _), future in zip(prepared, futures, strict=True):
+            error = future.exception()
+            if error is not None:
+                self._spawn_failed(name, error)
+            else:
+                self._launched(name, spec, future.result())
+
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
+        try:
+            launched = self._launcher.spawn(self._launch_spec(name, spec))
+        except Exception as exc:  # any failure to start is a failed start, never a crash
+            self._spawn_failed(name, exc)
+            return
+        self._launched(name, spec, launched)
+
+    def _launch_spec(self, name: str, spec: InstanceSpec) -> LaunchSpec:
         app = self._decls.find_app(spec.app)
         argv = spec.command
         out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
-        try:
-            # Read at each start: an edited env file applies at the next one.
-            files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
-            for warning in skipped:
-                log.warning("%s: env file %s", name, warning)
-            # A clean environment: the documented base, then the app's, the
-            # env files' and the instance's (never the daemon's own, which
-            # holds its token).
-            env = {
-                **base_env(self._env, spec.user),
-                **user_env(app.env if app else {}),
-                **user_env(files),
-                **user_env(spec.env),
-            }
-            if spec.kind == Kind.CELERY:
-                argv, env = self._workers.prepare_spawn(spec, env)
-            launched = self._launcher.spawn(
-                LaunchSpec(
-                    argv=argv,
-                    env=env,
-                    cwd=spec.cwd,
-                    user=spec.user,
-                    stdout_path=out,
-                    stderr_path=err,
-                    mark=make_mark(self.branch_id, name),
-                    umask=spec.umask,
-                )
-            )
-        except Exception as exc:  # any failure to start is a failed start, never a crash
-            message = exc.message if isinstance(exc, BranchdError) else str(exc) or repr(exc)
-            if not isinstance(exc, BranchdError | OSError):
-                log.exception("unexpected failure starting %s", name)
-            log.warning("cannot start %s: %s", name, message)
-            self._feed(name, SpawnFailed(message))
-            return
+        # Read at each start: an edited env file applies at the next one.
+        files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
+        for warning in skipped:
+            log.warning("%s: env file %s", name, warning)
+        # A clean environment: the documented base, then the app's, the
+        # env files' and the instance's (never the daemon's own, which
+        # holds its token).
+        env = {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(files),
+            **user_env(spec.env),
+        }
+        if spec.kind == Kind.CELERY:
+            argv, env = self._workers.prepare_spawn(spec, env)
+        return LaunchSpec(
+            argv=argv,
+            env=env,
+            cwd=spec.cwd,
+            user=spec.user,
+            stdout_path=out,
+            stderr_path=err,
+            mark=make_mark(self.branch_id, name),
+            umask=spec.umask,
+        )
+
+    def _spawn_failed(self, name: str, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, BranchdError) else str(exc) or repr(exc)
+        if not isinstance(exc, BranchdError | OSError):
+            log.error("unexpected failure starting %s", name, exc_info=exc)
+        log.warning("cannot start %s: %s", name, message)
+        self._feed(name, SpawnFailed(message))
+
+    def _launched(self, name: str, spec: InstanceSpec, launched: Launched) -> None:
         self._runtime[name] = replace(
             self._runtime[name], create_time=launched.create_time, started_at=self._clock.wall()
         )

@@ -107,7 +107,10 @@ class Launched:
 
 class Launcher(Protocol):
     def spawn(self, spec: LaunchSpec) -> Launched:
-        """Start a process; raise SpawnError with a clear message if it cannot."""
+        """Start a process; raise SpawnError with a clear message if it cannot.
+
+        Unlike the other methods, it may be called from several threads at
+        once (the engine launches held spawns together): it touches no loop."""
         ...
 
     def watch(self, pid: int, on_exit: ExitCallback) -> None:
@@ -148,7 +151,7 @@ class _Watch:
 class ProcessLauncher:
     """The real launcher: ``subprocess.Popen`` children watched through pidfds.
 
-    All methods must be called from the thread running ``loop``.
+    All methods but ``spawn`` must be called from the thread running ``loop``.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

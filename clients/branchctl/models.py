@@ -148,6 +148,28 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class ActionItem:
+    """One instance's part of an app action (``start_app``, ``stop_app``,
+    ``restart_app``): ``outcome`` is ``running``, ``stopped``, ``failed``,
+    ``timeout``, ``pending`` (not waited for) or ``skipped`` (a rolling action
+    stopped before its batch); ``error`` says why when it is not done right."""
+
+    name: str
+    outcome: str
+    error: str | None = None
+    instance: Instance | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("running", "stopped", "pending")
+
+    @classmethod
+    def from_json(cls, data: Any) -> ActionItem:
+        return _build(cls, data, {"instance": Instance.from_json})
+
+
+@dataclass(frozen=True)
 class Stats:
     app: str
     name: str

@@ -242,6 +242,12 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_b
+    # a count create is not placed: refused in a cluster (422), before any name is reserved
+    count = {"count": 2, "name": "c{n}", "command": TICKER}
+    for x in (a, b):
+        refused = x.call("POST", f"/v1/apps/shop/instances?branch={id_b}", count)
+        assert refused.status == 422 and "one by one" in refused.body["error"]["message"]
+    assert a.ok("POST", "/v1/apps/shop/instances", {"name": "c0", "command": TICKER}, 201)
 
 
 def test_concurrent_creates_of_one_name_through_two_branches_make_one(

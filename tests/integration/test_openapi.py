@@ -173,6 +173,14 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     branchd.wait_state("web", "w1", "stopped")
     assert v.call("POST", inst + "/start").status == 200
     assert v.call("POST", inst).status == 405
+    # the app's instances together (a count create is for a single branch: 422 here)
+    count = {"count": 2, "name": "c{n}", "command": SLEEPER}
+    assert v.call("POST", "/v1/apps/web/instances", count).status == 422
+    assert v.call("POST", "/v1/apps/web/stop?wait=false").status == 202
+    assert v.call("POST", "/v1/apps/web/stop").status == 200
+    assert v.call("POST", "/v1/apps/web/start").status == 200
+    assert v.call("POST", "/v1/apps/web/restart?rolling=1&batch=1").status == 200
+    assert v.call("POST", "/v1/apps/web/restart?batch=0&rolling=1").status == 422
     assert v.call("DELETE", inst + "?wait=false").status == 202
     wait_for(lambda: branchd.call("GET", inst).status == 404)
     assert (
@@ -270,6 +278,12 @@ def test_answers_match_the_document_with_a_token(branchd_factory: Callable[..., 
     assert v.call("GET", "/v1/apps", token="wrong").status == 401
     assert v.call("PUT", "/v1/apps/web", {}, token="wrong").status == 401
     assert v.call("GET", "/v1/ping", token="wrong").status == 200
+    # a count create answers its instances as a list (a single branch)
+    assert v.call("PUT", "/v1/apps/web", {}).status == 201
+    count = {"count": 2, "name": "c{n:02d}", "command": SLEEPER, "autostart": False}
+    made = v.call("POST", "/v1/apps/web/instances", count)
+    assert made.status == 201 and [i["name"] for i in made.body["items"]] == ["c00", "c01"]
+    assert v.call("POST", "/v1/apps/web/instances", count).status == 409
 
 
 # Schemathesis' settings for the run below. Two deliberate exceptions:

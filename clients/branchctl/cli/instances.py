@@ -214,9 +214,26 @@ def _warn_unreachable(unreachable: list[dict[str, Any]]) -> None:
     help="In a cluster: the branch (id or host name) to run it on [default: the one "
     "with room].",
 )
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="Make this many from one template: --name holds {n} or {n:02d} (numprocs).",
+)
+@click.option(
+    "--start-at",
+    type=click.IntRange(min=0),
+    help="With --count: the first number [default: 0] (numprocs_start).",
+)
 @instance_fields
 def instances_add(
-    opts: Options, /, app: str, kind: str | None, branch: str | None, **options: Any
+    opts: Options,
+    /,
+    app: str,
+    kind: str | None,
+    branch: str | None,
+    count: int | None,
+    start_at: int | None,
+    **options: Any,
 ) -> None:
     """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
@@ -224,15 +241,30 @@ def instances_add(
     Examples:
       branchctl instances add shop --name w1 --queues default,images --autoscale 1,4
       branchctl instances add web --name p1 -- python -m http.server
+      branchctl instances add web --count 4 --name 'worker_{n:02d}' -- python worker.py
+
+    With --count all are made, or none (one line says which rule a name or
+    field broke); on a single branch (a cluster refuses it).
     """
     if kind is None and not options["command"]:
         kind = "celery"
     if kind == "celery" and options["command"]:
         raise click.UsageError("a celery instance takes no COMMAND: its argv is built from the app")
+    if start_at is not None and count is None:
+        raise click.UsageError("--start-at needs --count")
+    if count is not None and (not options["name"] or branch):
+        raise click.UsageError(
+            "--count needs --name with {n} (e.g. 'worker_{n:02d}'), and takes no --branch"
+        )
     body = _fields(options)
     if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
         body = {"kind": kind, **body}
     with opts.client() as c:
+        if count is not None:
+            template = body.pop("name")
+            made = c.add_instances(app, count, template, start_at=start_at or 0, **body)
+            _emit(opts, _items(made), render.table(INSTANCE_COLUMNS, map(_instance_row, made)))
+            return
         instance = c.add_instance(app, branch=branch, **body)
     _emit(opts, instance.raw, _instance_text(instance))
 
