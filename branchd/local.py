@@ -24,6 +24,7 @@ from branchd.events import EventBus
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
 from branchd.process.logs import LogService
+from branchd.process.prober import ProbeRunner
 from branchd.store import Store
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def build(
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
+    prober: ProbeRunner | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -114,6 +116,7 @@ def build(
         workers=workers,
         bus=bus,
         scheduler=scheduler,
+        prober=prober,  # (None: the real one)
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)

@@ -248,7 +248,8 @@ def step(
         case Hung(reason=reason) if s in (State.STARTING, State.RUNNING) and proc.pid is not None:
             return replace(proc, killed_for=reason), [Kill()]
         case DepsReady() if s == State.WAITING:
-            return _spawn(proc, now, restart=proc.spawned_once)
+            # (its reason said what it waited for: over now)
+            return _spawn(replace(proc, reason=None), now, restart=proc.spawned_once)
         case Waiting(reason=reason) if s == State.WAITING:
             return replace(proc, not_ready=reason, reason=reason), []
         case NotReady(reason=reason) if (

@@ -103,7 +103,9 @@ def test_precheck_agrees_with_jsonschema_on_generated_bodies(name: str) -> None:
     schema = REQUEST_SCHEMAS[name]
     rng = random.Random(name)
     verdicts = _judged(schema, [generate(schema, rng) for _ in range(3000)])
-    assert verdicts[True] > 100, verdicts  # the fast path is taken
+    # the fast path is taken (on 1% at least: each optional field a schema
+    # gains makes a random body of it likelier to break one rule)
+    assert verdicts[True] > 30, verdicts
 
 
 def test_every_request_schema_of_the_routes_is_covered() -> None:
