@@ -149,7 +149,7 @@ class Engine:
         self._probes = Probing(prober or NetProber(scheduler), NotifySockets(branch_id), scheduler)
         self._probes.bind(self)
         #: A look at the waiting instances is due (see ``_recheck_soon``).
-        self._recheck_due = False
+        self._recheck_timer: Timer | None = None
 
     # lifecycle ------------------------------------------------------------
 
@@ -311,6 +311,8 @@ class Engine:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -434,6 +436,8 @@ class Engine:
             self._check_after(new)
         self._store.update_instance(new)
         self._specs[name] = new
+        if "after" in fields:
+            self._recheck_soon()  # (a waiting one waits for its new list now)
         return self._view(name)
 
     async def delete_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
@@ -712,15 +716,14 @@ class Engine:
     def _recheck_soon(self) -> None:
         """Look at the waiting instances again at the next turn of the loop (not
         inside the feed that changed another: a spawn there would nest in it)."""
-        if self._recheck_due:
+        if self._recheck_timer is not None:
             return
         if not any(p.state == State.WAITING for p in self._procs.values()):
             return
-        self._recheck_due = True
-        self._sched.call_at(self._clock.monotonic(), self._recheck)
+        self._recheck_timer = self._sched.call_at(self._clock.monotonic(), self._recheck)
 
     def _recheck(self) -> None:
-        self._recheck_due = False
+        self._recheck_timer = None
         for name in [n for n, p in self._procs.items() if p.state == State.WAITING]:
             if self._procs.get(name) is not None and self._procs[name].state == State.WAITING:
                 self._await_after(name)

@@ -38,9 +38,10 @@ class ProbeRunner(Protocol):
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
     ) -> str | None:
         """One try of ``probe`` within ``timeout``: None if it passed, else why not.
-        An exec probe runs with ``env`` and in ``cwd`` (the instance's)."""
+        An exec probe runs with ``env``, in ``cwd`` and as ``user`` (the instance's)."""
         ...
 
 
@@ -57,6 +58,7 @@ class NetProber:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
     ) -> str | None:
         try:
             async with deadline(self._sched, self._sched.clock.monotonic() + timeout):
@@ -66,7 +68,7 @@ class NetProber:
                     case ProbeKind.HTTP:
                         return await _http(probe)
                     case ProbeKind.EXEC:
-                        return await _exec(probe, env, cwd)
+                        return await _exec(probe, env, cwd, user)
                 return None  # notify: not a probe that is run
         except TimeoutError:
             return f"{probe.label}: no answer within {timeout:g}s"
@@ -106,7 +108,11 @@ async def _http(probe: Probe) -> str | None:
         return f"{probe.url}: {exc or type(exc).__name__}"
 
 
-async def _exec(probe: Probe, env: Mapping[str, str] | None, cwd: str | None) -> str | None:
+async def _exec(
+    probe: Probe, env: Mapping[str, str] | None, cwd: str | None, user: str | None
+) -> str | None:
+    # (as the instance's user, when branchd may switch to it: as root)
+    as_user = user if user is not None and os.geteuid() == 0 else None
     try:
         proc = await asyncio.create_subprocess_exec(
             *probe.argv,
@@ -116,6 +122,7 @@ async def _exec(probe: Probe, env: Mapping[str, str] | None, cwd: str | None) ->
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,  # (so that a timeout kills what it started too)
+            user=as_user,
         )
     except FileNotFoundError:
         return f"{probe.label}: no such command"
@@ -154,6 +161,7 @@ class FakeProber:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
     ) -> str | None:
         self.tries.append(probe.text)
         return self.answers.get(probe.text, f"{probe.label}: not set")

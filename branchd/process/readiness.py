@@ -39,8 +39,8 @@ class Probing:
         self._host: Host | None = None
         #: The probe loop of each instance, with the pid and state it is for.
         self._loops: dict[str, tuple[int, State, asyncio.Task[None]]] = {}
-        #: What an exec probe runs with: the instance's environment and directory.
-        self._context: dict[str, tuple[Mapping[str, str], str | None]] = {}
+        #: What an exec probe runs with: the instance's environment, directory, user.
+        self._context: dict[str, tuple[Mapping[str, str], str | None, str | None]] = {}
 
     def bind(self, host: Host) -> None:
         self._host = host
@@ -52,7 +52,7 @@ class Probing:
         the context of its exec probes."""
         if spec.kind != Kind.PROCESS:
             return
-        self._context[spec.name] = (dict(env), spec.cwd)
+        self._context[spec.name] = (dict(env), spec.cwd, spec.user)
         if spec.ready is not None and parse_probe(spec.ready).kind == ProbeKind.NOTIFY:
             name = spec.name
             env["NOTIFY_SOCKET"] = self._notify.open(
@@ -121,8 +121,8 @@ class Probing:
             self._host.feed(name, event)
 
     async def _check(self, name: str, probe: Probe, timeout: float) -> str | None:
-        env, cwd = self._context.get(name, (None, None))
-        return await self._runner.check(probe, timeout, env=env, cwd=cwd)
+        env, cwd, user = self._context.get(name, (None, None, None))
+        return await self._runner.check(probe, timeout, env=env, cwd=cwd, user=user)
 
     async def _ready(self, name: str, pid: int, probe: Probe) -> None:
         """Try the readiness probe until it passes (the machine's deadline ends
@@ -181,9 +181,12 @@ def _wanted(spec: InstanceSpec, pid: int, state: State) -> tuple[int, State, Pro
     socket is read as datagrams come; a Celery worker has its pings instead)."""
     if spec.kind != Kind.PROCESS:
         return None
-    if state == State.STARTING and spec.ready is not None:
-        probe = parse_probe(spec.ready)
-        return None if probe.kind == ProbeKind.NOTIFY else (pid, state, probe)
-    if state == State.RUNNING and spec.live is not None:
-        return (pid, state, parse_probe(spec.live))
+    try:
+        if state == State.STARTING and spec.ready is not None:
+            probe = parse_probe(spec.ready)
+            return None if probe.kind == ProbeKind.NOTIFY else (pid, state, probe)
+        if state == State.RUNNING and spec.live is not None:
+            return (pid, state, parse_probe(spec.live))
+    except ValueError:  # (checked when declared: only a record gone bad gets here)
+        log.exception("%s: its probe cannot be read", spec.name)
     return None
