@@ -171,11 +171,20 @@ class Dep:
     reason: str | None = None
 
 
+#: The longest reason a waiting instance gives (each names its dependencies'
+#: own reasons, which may name theirs).
+WAITING_REASON_MAX = 500
+
+
 def waiting_for(deps: Iterable[Dep]) -> str | None:
     """None once every dependency is running (ready); else why it still waits:
     "waiting for db (not ready: tcp 127.0.0.1:5432 refused)"."""
     not_yet = [f"{d.name} ({_why_not(d)})" for d in deps if d.state != State.RUNNING]
-    return "waiting for " + ", ".join(not_yet) if not_yet else None
+    if not not_yet:
+        return None
+    why = "waiting for " + ", ".join(not_yet)
+    # (bounded: a chain of waits, or a cycle no declaration could make, stays short)
+    return why if len(why) <= WAITING_REASON_MAX else why[: WAITING_REASON_MAX - 3] + "..."
 
 
 def _why_not(dep: Dep) -> str:

@@ -139,6 +139,14 @@ def test_what_a_dependent_waits_for(deps: list[Dep], why: str | None) -> None:
     assert waiting_for(deps) == why
 
 
+def test_a_chain_of_waits_says_a_bounded_reason() -> None:
+    why = "not ready: x"
+    for n in range(100):
+        why = waiting_for([Dep(f"d{n}", State.WAITING, why)]) or ""
+    assert len(why) == 500 and why.startswith("waiting for d99 (waiting for d98 (")
+    assert why.endswith("...")
+
+
 @pytest.mark.parametrize(
     ("name", "after", "others", "problem"),
     [
