@@ -238,3 +238,23 @@ def test_a_liveness_failure_restarts_it_with_the_reason(b: Branchd, tmp_path: Pa
     i = wait_for(restarted, 10.0)
     assert i["reason"] == f"liveness probe failed 2 time(s) in a row: {url} answered 503"
     assert i["pid"] != first["pid"]
+
+
+def test_a_daemon_upgrade_adopts_a_starting_notify_instance_and_hears_it(
+    b: Branchd, tmp_path: Path
+) -> None:
+    # (last in the module: its daemon hands over to the next one)
+    go = tmp_path / "go"
+    add(b, {"name": "ntf2", "command": [PY, "-c", NOTIFY, str(go)], "ready": "notify"})
+    pid = seen(b, "ntf2", "starting", "not ready: no READY=1 yet (status: loading)")["pid"]
+    assert b.call("POST", "/v1/branch/exit?keep=1").status == 202
+    b.wait_exit()
+    nxt = start_branchd(b.state_dir)
+    try:
+        i = nxt.instance("web", "ntf2")
+        assert (i["state"], i["pid"]) == ("starting", pid)  # adopted, still to be ready
+        go.touch()  # its READY=1 goes to the same $NOTIFY_SOCKET, bound again
+        assert nxt.wait_state("web", "ntf2", "running")["pid"] == pid
+    finally:
+        nxt.proc.terminate()
+        nxt.proc.wait(30)
