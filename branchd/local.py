@@ -25,6 +25,7 @@ from branchd.process.actions import AppActions
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
 from branchd.process.logs import LogService
+from branchd.process.prober import ProbeRunner
 from branchd.store import Store
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def build(
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
+    prober: ProbeRunner | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -118,6 +120,7 @@ def build(
         workers=workers,
         bus=bus,
         scheduler=scheduler,
+        prober=prober,  # (None: the real one)
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)

@@ -12,7 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
-from branchd.model import CELERY_FIELDS, RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
+from branchd.model import (
+    CELERY_FIELDS,
+    ORDER_FIELDS,
+    PROBE_FIELDS,
+    RECORD_KEYS,
+    App,
+    InstanceSpec,
+    Kind,
+    Queue,
+    Runtime,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class InstanceView:
         if listing:
             out["env"] = hide_env(out["env"])
         keys = _INSTANCE_KEYS + (_CELERY_INSTANCE_KEYS if s.kind == Kind.CELERY else ())
+        if s.kind == Kind.CELERY:  # (a worker is ready by its ping: no probes)
+            keys = tuple(k for k in keys if k not in PROBE_FIELDS)
         return {k: out[k] for k in keys}
 
 
@@ -93,6 +105,7 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "reason",
     "branch",
     "created_at",
+    *ORDER_FIELDS,  # (issue 15, part 3)
 )
 _CELERY_INSTANCE_KEYS: tuple[str, ...] = ("node", *CELERY_FIELDS)
 

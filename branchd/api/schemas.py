@@ -79,6 +79,75 @@ _SETTABLE: dict[str, Schema] = {
 }
 
 NAME: Schema = {"type": "string", "pattern": NAME_PATTERN}
+
+_SECONDS: Schema = {"type": "number", "minimum": 0.01, "maximum": 86400}
+_PROBE: Schema = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": 4096},
+        {
+            "type": "object",
+            "required": ["exec"],
+            "properties": {
+                "exec": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": 1000,
+                }
+            },
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+    "description": "tcp:HOST:PORT (connects), http:URL or the URL (a 2xx answer), "
+    'exec:COMMAND ARGS or {"exec": [argv]} (exit 0), notify (READY=1 on $NOTIFY_SOCKET); '
+    "answered as text; null: none",
+}
+#: Start order and probes (issue 15, part 3).
+_SETTABLE.update(
+    {
+        "after": {
+            "type": "array",
+            "items": NAME,
+            "maxItems": 100,
+            "uniqueItems": True,
+            "description": "instances of the same app it starts after: each start waits "
+            "until they are running (ready, with a probe)",
+        },
+        "after_timeout": {
+            **_SECONDS,
+            "description": "how long a start waits for them; then it is a failed start",
+        },
+        "priority": {
+            "type": "integer",
+            "minimum": -(10**6),
+            "maximum": 10**6,
+            "description": "supervisord's: when the daemon starts (stops) everything, lower "
+            "starts first (stops last); default 999",
+        },
+        "ready": {
+            **_PROBE,
+            "description": "readiness probe: running means it passed; " + _PROBE["description"],
+        },
+        "ready_timeout": {
+            **_SECONDS,
+            "description": "how long a start may take to be ready; then it is a failed start",
+        },
+        "live": {
+            **_PROBE,
+            "description": "liveness probe, tried every live_period while running (notify "
+            "not allowed); " + _PROBE["description"],
+        },
+        "live_period": _SECONDS,
+        "live_timeout": {**_SECONDS, "description": "how long each try of a probe may take"},
+        "live_failures": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 1000,
+            "description": "liveness failures in a row that restart it",
+        },
+    }
+)
 QUEUE_NAME: Schema = {"type": "string", "pattern": QUEUE_NAME_PATTERN}
 
 _ARGV: Schema = {

@@ -226,9 +226,15 @@ class AppActions:
     def _wait(self, name: str) -> Wait:
         spec = self._engine.spec(name)
         policy = spec.policy if spec is not None else None
+        start = 0.0
+        if spec is not None and policy is not None:
+            # its own start, and what it may wait for first (the instances it
+            # starts after, a readiness probe)
+            up = max(policy.startsecs, policy.ready_timeout if spec.ready else 0.0)
+            start = up + (policy.after_timeout if spec.after else 0.0)
         return Wait(
             stopwaitsecs=policy.stopwaitsecs if policy else 0.0,
-            startsecs=policy.startsecs if policy else 0.0,
+            startsecs=start,
             kill_grace=self._settings.kill_grace,
         )
 

@@ -96,8 +96,8 @@ def outcome(action: Action, state: State, pid: int | None, old_pid: int | None) 
         # a restart is done when another process runs (not the one it stops)
         fresh = action is Action.START or old_pid is None or pid != old_pid
         return Outcome.RUNNING if fresh else None
-    if state in (State.STARTING, State.STOPPING):
-        return None
+    if state in (State.STARTING, State.STOPPING, State.WAITING):
+        return None  # (waiting: for the instances it starts after)
     return Outcome.FAILED  # backoff (a failed start), fatal, exited, stopped again
 
 

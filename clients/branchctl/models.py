@@ -106,6 +106,19 @@ class Instance:
     startretries: int | str = 3
     stopsignal: str = "TERM"
     stopwaitsecs: float = 10.0
+    #: Instances of its app it starts after (each start waits until they run).
+    after: tuple[str, ...] = ()
+    after_timeout: float = 60.0
+    #: Lower starts first (and stops last) when the daemon starts everything.
+    priority: int = 999
+    #: Readiness and liveness probes as text ("tcp:HOST:PORT", a URL, "exec:...",
+    #: "notify"); None: none (and always None for a celery instance).
+    ready: str | None = None
+    ready_timeout: float | None = None
+    live: str | None = None
+    live_period: float | None = None
+    live_timeout: float | None = None
+    live_failures: int | None = None
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
@@ -140,6 +153,7 @@ class Instance:
                 "exitcodes": tuple,
                 "env": _strings,
                 "env_file": _str_tuple,
+                "after": _str_tuple,
                 "queues": _str_tuple,
                 "args": _str_tuple,
                 "autoscale": _bounds,

@@ -123,7 +123,7 @@ def test_ping_branch_and_branches(api: Api) -> None:
     }
     assert branch["cluster"] is None and branch["supervision"] == "process-group"
     assert set(branch["instance_states"]) == {
-        "stopped", "starting", "running", "backoff", "stopping", "exited", "fatal"
+        "stopped", "waiting", "starting", "running", "backoff", "stopping", "exited", "fatal"
     }
     assert branches[0]["state"] == "alive" and branches[0]["self"] is True
     make_app(api)

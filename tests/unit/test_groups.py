@@ -97,6 +97,8 @@ NEW = 200
         (Action.START, S.RUNNING, P, None, Outcome.RUNNING),
         (Action.START, S.RUNNING, P, P, Outcome.RUNNING),  # it ran already: still done
         (Action.START, S.STARTING, P, None, None),
+        (Action.START, S.WAITING, None, None, None),  # (for the instances it starts after)
+        (Action.RESTART, S.WAITING, None, P, None),
         (Action.START, S.BACKOFF, None, None, Outcome.FAILED),
         (Action.START, S.FATAL, None, None, Outcome.FAILED),
         (Action.START, S.EXITED, None, None, Outcome.FAILED),

@@ -104,9 +104,10 @@ def test_precheck_agrees_with_jsonschema_on_generated_bodies(name: str) -> None:
     schema = REQUEST_SCHEMAS[name]
     rng = random.Random(name)
     verdicts = _judged(schema, [generate(schema, rng) for _ in range(3000)])
-    # the fast path is taken (INSTANCES_IN requires two fields, which the
-    # generator gives together, each in range, only now and then)
-    assert verdicts[True] > (30 if name == "INSTANCES_IN" else 100), verdicts
+    # the fast path is taken (on 1% at least: each optional field a schema
+    # gains makes a random body of it likelier to break one rule; INSTANCES_IN
+    # requires two fields, which the generator gives together only now and then)
+    assert verdicts[True] > 30, verdicts
 
 
 def test_every_request_schema_of_the_routes_is_covered() -> None:

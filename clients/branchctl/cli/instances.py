@@ -111,6 +111,54 @@ def instance_fields(f: _F) -> _F:
             "--stopsignal", metavar="SIGNAL", callback=_signal, help=f"One of {', '.join(SIGNALS)}."
         ),
         click.option("--stopwaitsecs", type=click.FloatRange(min=0)),
+        # start order and probes
+        click.option(
+            "--after",
+            "after",
+            type=NameList(),
+            multiple=True,
+            metavar="NAME",
+            help="Start only once instance NAME of the app runs (and is ready); repeat it "
+            "or give a,b.",
+        ),
+        click.option(
+            "--after-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long a start waits for them (then a failed start) [default: 60].",
+        ),
+        click.option(
+            "--priority",
+            type=int,
+            help="supervisord's: lower starts first and stops last when the daemon starts "
+            "or stops everything [default: 999].",
+        ),
+        click.option(
+            "--ready",
+            metavar="PROBE",
+            help="Readiness probe: tcp:HOST:PORT, http:URL, 'exec:COMMAND ARGS' or notify "
+            "(sd_notify READY=1); it is running once the probe passes.",
+        ),
+        click.option(
+            "--ready-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long a start may take to be ready (then a failed start) [default: 60].",
+        ),
+        click.option(
+            "--live",
+            metavar="PROBE",
+            help="Liveness probe (the forms of --ready but notify): a running process that "
+            "fails it --live-failures times in a row is restarted.",
+        ),
+        click.option("--live-period", type=_SECONDS, metavar="SECONDS", help="[default: 10]"),
+        click.option(
+            "--live-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long each try of a probe may take [default: 5].",
+        ),
+        click.option("--live-failures", type=click.IntRange(min=1), help="[default: 3]"),
         click.option("--autostart/--no-autostart", default=None, help="Start it now and at boot."),
         click.option("--log-max-bytes", type=click.IntRange(min=1024)),
         click.option("--log-backups", type=click.IntRange(min=0)),
@@ -143,6 +191,9 @@ def instance_fields(f: _F) -> _F:
     return f
 
 
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
     """The InstanceIn body of the given options: only what was given."""
     body: dict[str, Any] = {}
@@ -151,6 +202,8 @@ def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key == "env":
             value = _pairs(value, "--env")
+        elif key == "after":  # (repeated, each maybe a,b)
+            value = [name for names in value for name in names]
         elif isinstance(value, tuple):
             value = list(value)
         body[key] = value
@@ -278,9 +331,25 @@ def instances_add(
     is_flag=True,
     help="Read no env file any more.",
 )
+@click.option(
+    "--no-after",
+    "no_after",
+    is_flag=True,
+    help="Start after no other instance any more.",
+)
+@click.option("--no-ready", "no_ready", is_flag=True, help="No readiness probe any more.")
+@click.option("--no-live", "no_live", is_flag=True, help="No liveness probe any more.")
 @instance_fields
 def instances_update(
-    opts: Options, /, app: str, name: str, no_env_file: bool, **options: Any
+    opts: Options,
+    /,
+    app: str,
+    name: str,
+    no_env_file: bool,
+    no_after: bool,
+    no_ready: bool,
+    no_live: bool,
+    **options: Any,
 ) -> None:
     """Change instance NAME of APP (a new COMMAND goes after '--'); also
     'instances update'.
@@ -296,6 +365,16 @@ def instances_update(
         if "env_file" in body:
             raise click.UsageError("--no-env-file and --env-file: give one")
         body["env_file"] = []
+    cleared: list[tuple[bool, str, Any]] = [
+        (no_after, "after", []),
+        (no_ready, "ready", None),
+        (no_live, "live", None),
+    ]
+    for flag, key, none in cleared:
+        if flag:
+            if key in body:
+                raise click.UsageError(f"--no-{key} and --{key}: give one")
+            body[key] = none
     if not body:
         raise click.UsageError("nothing to change: give at least one option or a COMMAND")
     with opts.client() as c:
@@ -324,7 +403,7 @@ WAIT_GRACE = 10.0
 _POLL_FIRST = 0.05
 _POLL_MAX = 0.5
 #: States an instance passes through on its way to an outcome.
-_PASSING = ("stopping", "starting")
+_PASSING = ("stopping", "waiting", "starting")
 
 
 def _active_tasks(c: Client, i: Instance) -> int | None:
@@ -357,7 +436,7 @@ def _watch(
     """Poll the instance until its state leaves ``passing`` (None: until it is
     gone, then None), with a line on stderr each time its state or reason
     changes; bounded by its own stopwaitsecs and startsecs."""
-    limit = first.stopwaitsecs + (0 if passing is None else first.startsecs) + WAIT_GRACE
+    limit = first.stopwaitsecs + (0 if passing is None else _start_takes(first)) + WAIT_GRACE
     deadline = time.monotonic() + limit
     pause = _POLL_FIRST
     shown = None
@@ -381,6 +460,13 @@ def _watch(
                 return None
             raise
     return i
+
+
+def _start_takes(i: Instance) -> float:
+    """How long a start of ``i`` may take: its wait for what it starts after,
+    then its startsecs (or the time it may take to be ready)."""
+    ready = i.ready_timeout if i.ready is not None and i.ready_timeout else i.startsecs
+    return (i.after_timeout if i.after else 0.0) + ready
 
 
 def _started(opts: Options, i: Instance) -> None:
