@@ -23,6 +23,7 @@ from branchd.declarations import Declarations
 from branchd.events import EventBus
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
+from branchd.process.logpipes import LogPipes
 from branchd.process.logs import LogService
 from branchd.store import Store
 
@@ -93,6 +94,7 @@ def build(
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
+    log_pipes: LogPipes | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -124,5 +126,11 @@ def build(
         instances=engine,
         celery=celery,
         holdings=Holdings(engine),
-        logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
+        logs=LogService(
+            config.log_dir,
+            engine,
+            config.logs.check_interval,
+            scheduler=scheduler,
+            pipes=log_pipes,
+        ),
     )

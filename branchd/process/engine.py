@@ -663,6 +663,8 @@ class Engine:
                     stderr_path=err,
                     mark=make_mark(self.branch_id, name),
                     umask=spec.umask,
+                    log_max_bytes=spec.log_max_bytes,
+                    log_backups=spec.log_backups,
                 )
             )
         except Exception as exc:  # any failure to start is a failed start, never a crash
