@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -40,11 +41,18 @@ WRITER_LOG = "logwriter.log"
 CALL_TIMEOUT = 5.0
 
 
+def socket_name(log_dir: Path) -> str:
+    """The abstract socket of the writer of ``log_dir`` (one per branch),
+    without its leading NUL."""
+    digest = hashlib.sha256(os.path.realpath(log_dir).encode()).hexdigest()[:20]
+    return f"branchd-logwriter-{digest}"
+
+
 class LogPipes:
     def __init__(self, log_dir: Path, *, python: str = sys.executable) -> None:
         self._log_dir = log_dir
         self._python = python
-        self._name = logwriter.socket_name(str(log_dir))
+        self._name = socket_name(log_dir)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
@@ -151,7 +159,7 @@ class LogPipes:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(CALL_TIMEOUT)
         try:
-            sock.connect(self._name)
+            sock.connect("\0" + self._name)
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
             return None
@@ -167,7 +175,7 @@ class LogPipes:
                 # -I -S: no site-packages, no environment; the script needs
                 # only the standard library, so the process stays small.
                 done = subprocess.run(
-                    [self._python, "-I", "-S", logwriter.__file__, str(self._log_dir)],
+                    [self._python, "-I", "-S", logwriter.__file__, self._name, str(self._log_dir)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=errors,

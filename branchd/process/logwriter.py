@@ -13,11 +13,11 @@ daemon runs. It ends once no daemon is connected and every pipe it holds has
 reached its end (all the instances and their children have gone).
 
 This file imports nothing but the standard library and is run as a script
-(``python -I -S logwriter.py NAME``), so the process stays small (about
-9 MiB resident, half of it shared with every other Python on the machine:
-docs/benchmarks.md). The daemon's side is ``branchd.process.logpipes``.
+(``python -I -S logwriter.py NAME LOG_DIR``), so the process stays small
+(about 10 MiB resident, 6 MiB of it its own, nearly the same with 1 or 200
+instances: docs/benchmarks.md). The daemon's side is ``branchd.process.logpipes``.
 
-Protocol: an abstract unix SEQPACKET socket (``socket_name``); one JSON
+Protocol: an abstract unix SEQPACKET socket (``logpipes.socket_name``); one JSON
 request per message, with the read end of a pipe as SCM_RIGHTS for "add";
 one JSON answer per request. Only a peer of the writer's own uid (or root)
 is served.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import selectors
@@ -36,7 +35,6 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 #: One read from a pipe. 128 KiB: larger reads measured slower (a buffer
@@ -58,12 +56,6 @@ LONELY_START = 10.0
 #: writing must not hold the answer forever).
 DRAIN_MAX = 4 * 1024 * 1024
 LOG_MODE = 0o640
-
-
-def socket_name(log_dir: str) -> str:
-    """The abstract socket of the writer of ``log_dir`` (one per branch)."""
-    digest = hashlib.sha256(os.path.realpath(log_dir).encode()).hexdigest()[:20]
-    return f"\0branchd-logwriter-{digest}"
 
 
 def backup_name(path: str, n: int) -> str:
@@ -89,25 +81,33 @@ def room_split(size: int, chunk: bytes, max_bytes: int) -> int | None:
     return 0 if size > 0 else room
 
 
-@dataclass
 class LogFile:
     """One log file, opened by path, shared by every pipe that writes into it
-    (a restarted instance whose old child still writes, say)."""
+    (a restarted instance whose old child still writes, say).
 
-    path: str
-    max_bytes: int
-    backups: int
-    uid: int | None = None
-    gid: int | None = None
-    fd: int = -1
-    size: int = 0
-    regular: bool = True
-    refs: int = 0
-    lost: int = 0
-    checked: float = 0.0
-    #: the start of a line whose end has not come yet, and since when
-    pending: bytes = b""
-    pending_since: float = 0.0
+    (Plain classes here, not dataclasses: importing dataclasses costs the
+    process 2 MiB.)"""
+
+    def __init__(
+        self,
+        path: str,
+        max_bytes: int,
+        backups: int,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.uid, self.gid = uid, gid
+        self.fd = -1
+        self.size = 0
+        self.regular = True
+        self.refs = 0
+        self.lost = 0
+        self.checked = 0.0
+        #: the start of a line whose end has not come yet, and since when
+        self.pending = b""
+        self.pending_since = 0.0
 
     def open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
@@ -244,20 +244,18 @@ class LogFile:
                 self.reopen()
 
 
-@dataclass
 class Writer:
-    listener: socket.socket
-    sel: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
-    files: dict[str, LogFile] = field(default_factory=dict)
-    #: pipe read end -> its file
-    pipes: dict[int, LogFile] = field(default_factory=dict)
-    clients: set[socket.socket] = field(default_factory=set)
-    had_client: bool = False
-    started: float = field(default_factory=time.monotonic)
-    reopen_asked: bool = False
-
-    def __post_init__(self) -> None:
-        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.sel = selectors.DefaultSelector()
+        self.files: dict[str, LogFile] = {}
+        #: pipe read end -> its file
+        self.pipes: dict[int, LogFile] = {}
+        self.clients: set[socket.socket] = set()
+        self.had_client = False
+        self.started = time.monotonic()
+        self.reopen_asked = False
+        self.sel.register(listener, selectors.EVENT_READ, "listen")
 
     def done(self) -> bool:
         if self.pipes or self.clients:
@@ -418,12 +416,12 @@ def say(text: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``logwriter.py LOG_DIR``: bind, detach (the parent exits 0 once the
-    socket is bound, or 3 if another writer has it), then serve."""
-    log_dir = argv[1]
+    """``logwriter.py NAME LOG_DIR``: bind the abstract socket NAME, detach
+    (the parent exits 0 once the socket is bound, or 3 if another writer has
+    it), then serve. LOG_DIR is only there to be seen in ``ps``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(socket_name(log_dir))
+        sock.bind("\0" + argv[1])
     except OSError as e:
         return 3 if e.errno == errno.EADDRINUSE else 1
     sock.listen(64)
