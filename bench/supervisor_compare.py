@@ -362,7 +362,7 @@ autostart=false
 autorestart=true
 startsecs=0
 stopwaitsecs=10
-"""
+{program_extra}"""
 
 
 class Supervisord(Supervised):
@@ -373,6 +373,7 @@ class Supervisord(Supervised):
         self.venv = venv
         self.rpc: Any = None
         self.rpc_quick: QuickAckRpc | None = None
+        self.program_extra = ""  # more lines for [program:s]
 
     def launch(self, n: int) -> None:
         (self.dir / "logs").mkdir()
@@ -380,7 +381,11 @@ class Supervisord(Supervised):
         conf = self.dir / "supervisord.conf"
         conf.write_text(
             SUPERVISORD_CONF.format(
-                dir=self.dir, port=port, command=shlex.join(self.sleep_cmd), n=n
+                dir=self.dir,
+                port=port,
+                command=shlex.join(self.sleep_cmd),
+                n=n,
+                program_extra=self.program_extra,
             )
         )
         self._spawn([str(self.venv / "bin" / "supervisord"), "-n", "-c", str(conf)])
@@ -600,6 +605,8 @@ class Options:
     branchd_python: str
     sleep_cmd: list[str]
     rolling_max: int = 50
+    log_mb: int = 200
+    logs_only: bool = False
 
 
 def bench_one(d: Supervised, n: int, run: int, opts: Options, with_idle: bool) -> Sample:
@@ -879,6 +886,192 @@ def section(
     return "\n".join(lines) + "\n"
 
 
+# Log throughput (issue 15) --------------------------------------------------
+
+LOG_HEADING = "## Log throughput vs supervisord (issue 15)"
+LOG_MAX, LOG_BACKUPS = 10 * 1024 * 1024, 5
+#: Writes argv[1] bytes of numbered 100-byte lines as fast as it can (64 KiB
+#: writes), then its own seconds into argv[2], then idles.
+LOG_CHILD = """
+import os, sys, time
+total, result = int(sys.argv[1]), sys.argv[2]
+block = "".join("%09d %s\\n" % (j, "x" * 90) for j in range(655)).encode()  # 65,500 bytes
+start = time.perf_counter()
+for _ in range(total // len(block)):
+    os.write(1, block)
+os.write(1, b"%09d END\\n" % 0)
+took = time.perf_counter() - start
+with open(result + ".tmp", "w") as f:
+    f.write(repr(took))
+os.rename(result + ".tmp", result)
+time.sleep(1e9)
+"""
+
+
+@dataclass
+class LogSample:
+    daemon: str
+    run: int
+    write_mb_s: float | None = None  # what the child could write
+    landed_mb_s: float | None = None  # until its last line was in the file
+    cpu_s_per_gb: float | None = None  # of the process that reads the pipe
+    reader_rss_mib: float | None = None  # its resident set and its own (USS)
+    reader_uss_mib: float | None = None
+    error: str | None = None
+
+
+def _log_child(d: Supervised, python: str, total: int) -> tuple[list[str], Path]:
+    result, script = d.dir / "took", d.dir / "log_child.py"
+    script.write_text(LOG_CHILD)  # (a file: supervisord's command is one line)
+    return [python, str(script), str(total), str(result)], result
+
+
+def _last_line_in(path: Path) -> bool:
+    want = b" END\n"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 200))
+            return want in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def _pipe_reader(d: Supervised) -> psutil.Process:
+    """supervisord itself; for branchd its log writer (started by the create)."""
+    if not isinstance(d, Branchd):
+        return psutil.Process(d.pid)
+    logs = str(d.dir / "state" / "logs")
+
+    def find() -> psutil.Process | None:
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any(c.endswith("logwriter.py") for c in cmd) and logs in cmd:
+                return p
+        return None
+
+    found: psutil.Process = wait_for(find, 10, "the log writer")
+    return found
+
+
+def measure_log_throughput(d: Supervised, python: str, total: int, run: int) -> LogSample:
+    s = LogSample(daemon=d.label, run=run)
+    argv, result = _log_child(d, python, total)
+    try:
+        began = time.perf_counter()
+        if isinstance(d, Branchd):
+            d.launch(0)
+            # one quiet instance first, so that the log writer runs before the clock starts
+            d.call(
+                "POST",
+                f"/v1/apps/{APP}/instances",
+                {"name": "warm", "command": ["sleep", "100000"],
+                 "startsecs": 0},
+                expect=(201,),
+            )
+            reader = _pipe_reader(d)
+            cpu0 = cpu_seconds(reader.pid)
+            began = time.perf_counter()
+            d.call(
+                "POST",
+                f"/v1/apps/{APP}/instances",
+                {"name": "w", "command": argv, "startsecs": 0, "log_max_bytes": LOG_MAX,
+                 "log_backups": LOG_BACKUPS},
+                expect=(201,),
+            )
+            out = d.dir / "state" / "logs" / APP / "w.stdout.log"
+        else:
+            assert isinstance(d, Supervisord)
+            d.sleep_cmd = argv
+            out = d.dir / "logs" / "s.stdout.log"
+            d.program_extra = (
+                f"stdout_logfile={out}\nstdout_logfile_maxbytes={LOG_MAX}\n"
+                f"stdout_logfile_backups={LOG_BACKUPS}\n"
+            )
+            d.launch(1)
+            reader = _pipe_reader(d)
+            cpu0 = cpu_seconds(reader.pid)
+            began = time.perf_counter()
+            d.rpc.supervisor.startProcess("s:s0000", False)
+        wait_for(lambda: _last_line_in(out), 300, "the last line in the log")
+        landed = time.perf_counter() - began
+        wait_for(result.exists, 60, "the child's own figure")
+        s.write_mb_s = total / 1e6 / float(result.read_text())
+        s.landed_mb_s = total / 1e6 / landed
+        s.cpu_s_per_gb = (cpu_seconds(reader.pid) - cpu0) / (total / 1e9)
+        mem = reader.memory_full_info()
+        s.reader_rss_mib, s.reader_uss_mib = mem.rss / 2**20, mem.uss / 2**20
+        files = [out, *(out.with_name(f"{out.name}.{n}") for n in range(1, LOG_BACKUPS + 2))]
+        if sum(f.stat().st_size for f in files if f.exists()) > LOG_MAX * (LOG_BACKUPS + 1):
+            s.error = "the size bound was not held"
+    except Exception as e:  # a failed run is reported, never the end of the bench
+        s.error = f"{type(e).__name__}: {e}"
+    finally:
+        d.stop()
+        d.cleanup(keep=False)
+    return s
+
+
+def log_section(samples: list[LogSample], runs: int, total: int, info: dict[str, str],
+                versions: dict[str, str]) -> str:
+    rows = [
+        "| daemon | child writes, MB/s | landed in the file, MB/s | CPU s per GB "
+        "(pipe reader) | pipe reader RSS / USS, MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for daemon in ("branchd", "supervisord"):
+        mine = [x for x in samples if x.daemon == daemon and x.error is None]
+        rows.append(
+            f"| {daemon} | {cell([x.write_mb_s for x in mine if x.write_mb_s], '.0f')} "
+            f"| {cell([x.landed_mb_s for x in mine if x.landed_mb_s], '.0f')} "
+            f"| {cell([x.cpu_s_per_gb for x in mine if x.cpu_s_per_gb], '.2f')} "
+            f"| {cell([x.reader_rss_mib for x in mine if x.reader_rss_mib], '.1f')} / "
+            f"{cell([x.reader_uss_mib for x in mine if x.reader_uss_mib], '.1f')} |"
+        )
+    errors = [f"- run {x.run + 1}, {x.daemon}: {x.error}" for x in samples if x.error]
+    lines = [
+        LOG_HEADING,
+        "",
+        f"Measured {info['date']} with `python bench/supervisor_compare.py --logs-only "
+        f"--log-mb {total // 1_000_000} --runs {runs}`.",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
+        f"Python {info['python']}; {versions['branchd']}; {versions['supervisord']}.",
+        "",
+        f"One child writes {total / 1e6:.0f} MB of 100-byte lines as fast as it can "
+        f"(the same 64 KiB block again and again, so the child costs little) with rotation "
+        f"on for both: {LOG_MAX // 2**20} MiB files, "
+        f"{LOG_BACKUPS} backups. \"child writes\" is the child's own rate (its writes "
+        "return once the bytes are in the pipe); \"landed\" runs from the start request "
+        "until the last line is in the log file; CPU is the user+system time of the process "
+        "that reads the pipe and writes the files (branchd's log writer, supervisord itself) "
+        "over that time. Median of the runs, [min, max] after it. The machine is shared "
+        "(2 cores, other work on it): the rates are noisy, the CPU figure less so.",
+        "",
+        *rows,
+        "",
+        "branchd: the pipe goes to the branch's log writer, which rotates at write time by "
+        "rename (docs/guide.md, \"Logs and rotation\"); supervisord reads the pipe in its "
+        "own select loop and rotates its files the same way. The pipe reader's memory is "
+        "taken after the run: branchd's log writer (one per branch, whatever the number "
+        "of instances) against the whole supervisord daemon, for scale.",
+    ]
+    if errors:
+        lines += ["", "Problems:", "", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def run_log_bench(opts: Options, info: dict[str, str], versions: dict[str, str]) -> str:
+    total = opts.log_mb * 1_000_000
+    samples: list[LogSample] = []
+    for run in range(opts.runs):
+        for make in daemons(opts, run):
+            d = make()
+            log(f"log throughput run {run + 1}/{opts.runs}: {d.label}")
+            samples.append(measure_log_throughput(d, opts.branchd_python, total, run))
+            log(f"  {samples[-1]}")
+    return log_section(samples, opts.runs, total, info, versions)
+
+
 # Main -------------------------------------------------------------------------
 
 
@@ -916,6 +1109,10 @@ def parse_args(argv: list[str]) -> Options:
         default=str(default_py) if default_py.exists() else sys.executable,
         help="python that runs branchd (default: the project .venv)",
     )
+    p.add_argument(
+        "--log-mb", type=int, default=200, help="log throughput: MB a child writes (0: skip)"
+    )
+    p.add_argument("--logs-only", action="store_true", help="only the log throughput")
     a = p.parse_args(argv)
     sleep = shutil.which("sleep")
     if sleep is None:
@@ -938,6 +1135,8 @@ def parse_args(argv: list[str]) -> Options:
         branchd_python=a.branchd_python,
         sleep_cmd=[sleep, "100000"],
         rolling_max=a.rolling_max,
+        log_mb=a.log_mb,
+        logs_only=a.logs_only,
     )
 
 
@@ -963,6 +1162,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{versions['branchd']} vs {versions['supervisord']}; counts {opts.counts}, "
         f"{opts.runs} run(s), idle {opts.idle_secs:g} s"
     )
+    if opts.log_mb > 0:
+        text = run_log_bench(opts, info, versions)
+        print(text)
+        if opts.out != Path():
+            write_section(opts.out, LOG_HEADING, text)
+            log(f"wrote {opts.out}")
+    if opts.logs_only:
+        return 0
     samples: list[Sample] = []
     for run in range(opts.runs):
         for n in opts.counts:

@@ -37,6 +37,7 @@ from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
 from branchd.placement import Recent, need_for
 from branchd.process.launcher import ProcessLauncher
+from branchd.process.logpipes import LogPipes
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
@@ -86,18 +87,21 @@ class Daemon:
         loop = asyncio.get_running_loop()
         clock = SystemClock()
         store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
+        # the branch's log writer: it outlives us, and the next daemon finds it
+        pipes = LogPipes(cfg.log_dir)
         try:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
             local = build_local(
                 store,
-                ProcessLauncher(loop),
+                ProcessLauncher(loop, pipes),
                 clock,
                 cfg,
                 store.branch_id(),
                 scheduler=scheduler,
                 remote=KombuRemoteControl(),
                 bus=bus,
+                log_pipes=pipes,
             )
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
@@ -259,6 +263,7 @@ class Daemon:
             await branch.close()
             await local.shutdown(keep=how == Exit.KEEP)
         finally:
+            pipes.close()
             store.close()
 
 

@@ -24,6 +24,7 @@ from branchd.events import EventBus
 from branchd.process.actions import AppActions
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
+from branchd.process.logpipes import LogPipes
 from branchd.process.logs import LogService
 from branchd.process.prober import ProbeRunner
 from branchd.store import Store
@@ -99,6 +100,7 @@ def build(
     bus: EventBus,
     hostname: str | None = None,
     prober: ProbeRunner | None = None,
+    log_pipes: LogPipes | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -131,6 +133,12 @@ def build(
         instances=engine,
         celery=celery,
         holdings=Holdings(engine),
-        logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
+        logs=LogService(
+            config.log_dir,
+            engine,
+            config.logs.check_interval,
+            scheduler=scheduler,
+            pipes=log_pipes,
+        ),
         groups=AppActions(engine, bus, scheduler, config.supervision),
     )

@@ -681,6 +681,12 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def reopen_logs(request: web.Request) -> web.Response:
+    """This branch's log files reopened by path (after an external logrotate)."""
+    await _body(request, schemas.EMPTY)
+    return _json({"reopened": await _local(request).logs.reopen()})
+
+
 async def _pump(lines: AsyncIterator[str], response: web.StreamResponse) -> None:
     try:
         async for line in lines:
@@ -951,6 +957,14 @@ ROUTES: tuple[Route, ...] = (
         "Tail (and follow) an instance's output",
         text=True,
         query=_TAIL_Q,
+    ),
+    Route(
+        "POST",
+        "/v1/logs/reopen",
+        reopen_logs,
+        "Reopen this branch's instance log files by path, after an external logrotate "
+        "moved them (a child that writes its file directly keeps the one it has)",
+        response=schemas.REOPENED,
     ),
     Route(
         "GET",

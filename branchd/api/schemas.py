@@ -637,6 +637,12 @@ EXITING: Schema = {
     "properties": {"exiting": {"type": "boolean"}, "keep": {"type": "boolean"}},
 }
 
+REOPENED: Schema = {
+    "type": "object",
+    "required": ["reopened"],
+    "properties": {"reopened": {"type": "integer", "minimum": 0}},
+}
+
 PING: Schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
 
 ERROR: Schema = {

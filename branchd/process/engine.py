@@ -827,6 +827,8 @@ class Engine:
             stderr_path=err,
             mark=make_mark(self.branch_id, name),
             umask=spec.umask,
+            log_max_bytes=spec.log_max_bytes,
+            log_backups=spec.log_backups,
         )
 
     def _spawn_failed(self, name: str, exc: BaseException) -> None:

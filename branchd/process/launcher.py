@@ -5,10 +5,12 @@ a ``Launcher`` does it. ``ProcessLauncher`` is the real one; the in-memory
 twin is ``branchd.process.fake.FakeLauncher``.
 
 Each child runs in its own session (so its pid is also its process group id,
-and a group signal reaches its grandchildren) and writes straight into its
-log files: no pipe to the daemon, so output keeps landing there while the
-daemon is down. Death is noticed through a pidfd in the event loop, not by
-polling.
+and a group signal reaches its grandchildren). Its stdout and stderr go into
+pipes held by the branch's log writer (``logpipes``, ``logwriter``), a
+process of its own that rotates at write time; no pipe goes to the daemon,
+so output keeps landing while the daemon is down. Without a writer (none
+given, rotation off, or none to be had) the child writes straight into its
+files. Death is noticed through a pidfd in the event loop, not by polling.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Protocol
 
 import psutil
 
-from branchd.errors import SpawnError
+from branchd.errors import LogWriterUnavailable, SpawnError
 from branchd.process.envfile import parse_env_file
+from branchd.process.logpipes import LogPipes
 from branchd.views import TreeStats
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,10 @@ class LaunchSpec:
     mark: str | None = None
     #: Set in the child before exec (None: the daemon's own).
     umask: int | None = None
+    #: Rotation of the log files at write time, by the log writer (0: off,
+    #: and the child writes into its files directly).
+    log_max_bytes: int = 0
+    log_backups: int = 0
 
     def child_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -154,8 +161,11 @@ class ProcessLauncher:
     All methods but ``spawn`` must be called from the thread running ``loop``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pipes: LogPipes | None = None) -> None:
         self._loop = loop
+        self._pipes = pipes
+        #: pid -> its log files, when they are written through the log writer
+        self._piped: dict[int, tuple[Path, Path]] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watches: dict[int, _Watch] = {}
         #: root pid -> {pid: psutil.Process} of its tree at the last sample,
@@ -173,12 +183,7 @@ class ProcessLauncher:
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             raise SpawnError(f"working directory {spec.cwd!r} does not exist")
         uid, gid, groups = _user_ids(spec.user)
-        out = _open_log(spec.stdout_path, uid, gid)
-        try:
-            err = _open_log(spec.stderr_path, uid, gid)
-        except BaseException:
-            os.close(out)
-            raise
+        out, err, piped = self._log_fds(spec, uid, gid)
         try:
             popen = subprocess.Popen(
                 list(spec.argv),
@@ -205,12 +210,36 @@ class ProcessLauncher:
             os.close(out)
             os.close(err)
         self._children[popen.pid] = popen
+        if piped:
+            self._piped[popen.pid] = (spec.stdout_path, spec.stderr_path)
         try:
             create_time = psutil.Process(popen.pid).create_time()
         except psutil.Error:  # not reaped yet, so this should not happen
             create_time = 0.0
         log.debug("spawned %s as pid %d", spec.argv[0], popen.pid)
         return Launched(pid=popen.pid, create_time=create_time)
+
+    def _log_fds(self, spec: LaunchSpec, uid: int | None, gid: int | None) -> tuple[int, int, bool]:
+        """The child's (stdout, stderr) and whether they go through the writer."""
+        if self._pipes is not None and spec.log_max_bytes > 0:
+            limits = spec.log_max_bytes, spec.log_backups
+            try:
+                out = self._pipes.open(spec.stdout_path, *limits, uid, gid)
+                try:
+                    err = self._pipes.open(spec.stderr_path, *limits, uid, gid)
+                except BaseException:
+                    os.close(out)
+                    raise
+                return out, err, True
+            except LogWriterUnavailable as e:
+                log.warning("%s; %s is written directly", e.message, spec.stdout_path.name)
+        out = _open_log(spec.stdout_path, uid, gid)
+        try:
+            err = _open_log(spec.stderr_path, uid, gid)
+        except BaseException:
+            os.close(out)
+            raise
+        return out, err, False
 
     # watch ---------------------------------------------------------------
 
@@ -256,13 +285,25 @@ class ProcessLauncher:
         os.close(watch.fd)
         self._children.pop(pid, None)
         self._stats.pop(pid, None)
+        self._drain(pid)
         for callback in watch.callbacks:
             try:
                 callback(code)
             except Exception:
                 log.exception("exit callback for pid %d failed", pid)
 
+    def _drain(self, pid: int) -> None:
+        """What the child wrote is in its files before its exit is told (the
+        start-failure line is read from there)."""
+        paths = self._piped.pop(pid, None)
+        if paths is not None and self._pipes is not None:
+            try:
+                self._pipes.drain(paths)
+            except LogWriterUnavailable as e:
+                log.warning("%s", e.message)
+
     def _reap(self, pid: int) -> int | None:
+        self._drain(pid)
         popen = self._children.pop(pid, None)
         return popen.poll() if popen is not None else None
 
@@ -341,6 +382,7 @@ class ProcessLauncher:
             os.close(watch.fd)
         self._watches.clear()
         self._stats.clear()
+        self._piped.clear()
         # Children still running outlive us (they are adopted after a restart).
         # Dropping their Popen hands them to subprocess's own reaping of
         # abandoned children; silence its "still running" warning.

@@ -721,6 +721,12 @@ class AsyncClient:
         _, data = await self._call("GET", f"{_instance_path(app, name)}/logs", params=params)
         return data.decode("utf-8", errors="replace")
 
+    async def reopen_logs(self) -> int:
+        """Have the branch reopen its instances' log files by path (after an
+        external logrotate moved them); how many files it reopened."""
+        _, data = await self._json("POST", "/v1/logs/reopen")
+        return int(data["reopened"])
+
     async def follow_logs(
         self, app: str, name: str, stream: str = "stdout", tail: int = 100
     ) -> AsyncGenerator[str, None]:
@@ -997,6 +1003,9 @@ class Client:
 
     def logs(self, app: str, name: str, stream: str = "stdout", tail: int = 100) -> str:
         return self._run(self._async.logs(app, name, stream, tail))
+
+    def reopen_logs(self) -> int:
+        return self._run(self._async.reopen_logs())
 
     def follow_logs(
         self, app: str, name: str, stream: str = "stdout", tail: int = 100

@@ -163,6 +163,8 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("GET", inst + "/stats").status == 200
     assert v.call("GET", inst + "/logs?tail=5").status == 200
     assert v.call("GET", inst + "/logs?tail=x").status == 400
+    assert v.call("POST", "/v1/logs/reopen").status == 200
+    assert v.call("POST", "/v1/logs/reopen", raw=b"[]").status in (400, 422)
     assert v.call("POST", inst + "/restart").status == 200
     assert v.call("POST", inst + "/stop").status == 200
     assert v.call("GET", inst + "/stats").status == 200
