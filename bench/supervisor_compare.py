@@ -110,6 +110,18 @@ class Supervised(ABC):
         """Ask for the N sleepers to run (returns once the requests are done)."""
 
     @abstractmethod
+    def stop_all(self) -> None:
+        """Stop every sleeper, returning once all have stopped."""
+
+    @abstractmethod
+    def start_all_again(self) -> None:
+        """Start every (stopped) sleeper in one call, returning once all run."""
+
+    @abstractmethod
+    def rolling_restart(self, names: list[str]) -> None:
+        """Restart every sleeper one at a time, each running again before the next."""
+
+    @abstractmethod
     def states(self) -> dict[str, tuple[bool, int | None]]:
         """name -> (running, pid) of every sleeper."""
 
@@ -215,6 +227,48 @@ class Branchd(Supervised):
                 expect=(201,),
             )
 
+    def stop_all(self) -> None:
+        self._all_came_out(self.call("POST", f"/v1/apps/{APP}/stop"), "stopped")
+
+    def start_all_again(self) -> None:
+        # the app action (issue 15): one call, answered once every instance runs
+        self._all_came_out(self.call("POST", f"/v1/apps/{APP}/start"), "running")
+
+    def rolling_restart(self, names: list[str]) -> None:
+        answer = self.call("POST", f"/v1/apps/{APP}/restart?rolling=1&batch=1")
+        self._all_came_out(answer, "running")
+
+    def count_create(self, n: int) -> float:
+        """Seconds of one count create of N more sleepers (app bench2) until all
+        run; then that app goes (so the other measures are unchanged)."""
+        body = {
+            "count": n,
+            "name": "c{n:04d}",
+            "command": self.sleep_cmd,
+            "startsecs": 0,
+            "autorestart": "always",
+            "stopwaitsecs": 10,
+        }
+        self.call("PUT", f"/v1/apps/{APP}2", {}, expect=(200, 201))
+        t0 = time.perf_counter()
+        made = self.call("POST", f"/v1/apps/{APP}2/instances", body, expect=(201,))["items"]
+
+        def all_running() -> bool:
+            items = self.call("GET", f"/v1/apps/{APP}2/instances")["items"]
+            return len(items) == n and all(i["state"] == "running" for i in items)
+
+        if len(made) != n or not all(i["state"] == "running" for i in made):
+            wait_for(all_running, 120, f"{n} count-created sleepers running", interval=0.01)
+        spent = time.perf_counter() - t0
+        self.call("DELETE", f"/v1/apps/{APP}2", expect=(204,))
+        return spent
+
+    @staticmethod
+    def _all_came_out(answer: Any, outcome: str) -> None:
+        bad = [i for i in answer["items"] if i["outcome"] != outcome]
+        if bad:
+            raise RuntimeError(f"not {outcome}: {bad[:3]}")
+
     def states(self) -> dict[str, tuple[bool, int | None]]:
         items = self.call("GET", f"/v1/apps/{APP}/instances")["items"]
         return {i["name"]: (i["state"] == "running", i["pid"]) for i in items}
@@ -308,7 +362,7 @@ autostart=false
 autorestart=true
 startsecs=0
 stopwaitsecs=10
-"""
+{program_extra}"""
 
 
 class Supervisord(Supervised):
@@ -319,6 +373,7 @@ class Supervisord(Supervised):
         self.venv = venv
         self.rpc: Any = None
         self.rpc_quick: QuickAckRpc | None = None
+        self.program_extra = ""  # more lines for [program:s]
 
     def launch(self, n: int) -> None:
         (self.dir / "logs").mkdir()
@@ -326,7 +381,11 @@ class Supervisord(Supervised):
         conf = self.dir / "supervisord.conf"
         conf.write_text(
             SUPERVISORD_CONF.format(
-                dir=self.dir, port=port, command=shlex.join(self.sleep_cmd), n=n
+                dir=self.dir,
+                port=port,
+                command=shlex.join(self.sleep_cmd),
+                n=n,
+                program_extra=self.program_extra,
             )
         )
         self._spawn([str(self.venv / "bin" / "supervisord"), "-n", "-c", str(conf)])
@@ -345,6 +404,20 @@ class Supervisord(Supervised):
 
     def start_all(self, n: int) -> None:
         self.rpc.supervisor.startAllProcesses(False)
+
+    def stop_all(self) -> None:
+        self.rpc.supervisor.stopAllProcesses(True)
+
+    def start_all_again(self) -> None:
+        # what `supervisorctl start all` sends: answered once all are started
+        self.rpc.supervisor.startAllProcesses(True)
+
+    def rolling_restart(self, names: list[str]) -> None:
+        # supervisord has no rolling restart: a script (or supervisorctl
+        # restart, one name at a time) stops and starts each in turn
+        for name in names:
+            self.rpc.supervisor.stopProcess(f"s:{name}", True)
+            self.rpc.supervisor.startProcess(f"s:{name}", True)
 
     def states(self) -> dict[str, tuple[bool, int | None]]:
         infos = self.rpc.supervisor.getAllProcessInfo()
@@ -388,6 +461,9 @@ class Sample:
     status_qa_cps: float | None = None
     rss_mib: float = 0.0
     idle_cpu_pct: float | None = None
+    start_app_s: float | None = None  # all N stopped, then one start-all call
+    count_create_s: float | None = None  # branchd: N more made and started in one call
+    rolling_s: float | None = None  # a rolling restart of all N, one at a time
     problems: list[str] = field(default_factory=list)
     error: str | None = None  # the sample failed; it is left out of the medians
 
@@ -402,6 +478,9 @@ NUMERIC = (
     "status_qa_cps",
     "rss_mib",
     "idle_cpu_pct",
+    "start_app_s",
+    "count_create_s",
+    "rolling_s",
 )
 
 
@@ -415,6 +494,36 @@ def measure_start(d: Supervised, n: int) -> float:
 
     wait_for(all_running, 120, f"{n} sleepers running under {d.label}", interval=0.01)
     return time.perf_counter() - t0
+
+
+def measure_start_again(d: Supervised, n: int) -> float:
+    """Seconds of one start-all call of the N sleepers, all stopped before
+    (the call answers once all run; a status call then checks it)."""
+    d.stop_all()
+    if any(running for running, _ in d.states().values()):
+        raise RuntimeError(f"{d.label}: not all stopped")
+    t0 = time.perf_counter()
+    d.start_all_again()
+    spent = time.perf_counter() - t0
+    st = d.states()
+    if len(st) != n or not all(running for running, _ in st.values()):
+        raise RuntimeError(f"{d.label}: start-all answered before all ran")
+    return spent
+
+
+def measure_rolling(d: Supervised, n: int, limit: int) -> float | None:
+    """Seconds of a rolling restart (one at a time) of the N sleepers, when N <= limit."""
+    if n > limit:
+        return None
+    before = d.states()
+    t0 = time.perf_counter()
+    d.rolling_restart(sorted(before))
+    spent = time.perf_counter() - t0
+    after = d.states()
+    same = [k for k, (running, pid) in after.items() if not running or pid == before[k][1]]
+    if same:
+        raise RuntimeError(f"{d.label}: not restarted, or not running: {same[:3]}")
+    return spent
 
 
 def measure_restart(d: Supervised, names: list[str], kills: int, poll: float) -> list[float]:
@@ -495,6 +604,9 @@ class Options:
     json_out: Path | None
     branchd_python: str
     sleep_cmd: list[str]
+    rolling_max: int = 50
+    log_mb: int = 200
+    logs_only: bool = False
 
 
 def bench_one(d: Supervised, n: int, run: int, opts: Options, with_idle: bool) -> Sample:
@@ -522,6 +634,14 @@ def bench_one(d: Supervised, n: int, run: int, opts: Options, with_idle: bool) -
             log(f"  {d.label} N={n}: idle CPU {s.idle_cpu_pct:.3f} % over {opts.idle_secs:.0f} s")
         s.rss_mib = psutil.Process(d.pid).memory_info().rss / MiB
         log(f"  {d.label} N={n}: RSS {s.rss_mib:.1f} MiB")
+        s.start_app_s = measure_start_again(d, n)
+        log(f"  {d.label} N={n}: start all (stopped, one call) {s.start_app_s:.3f} s")
+        if isinstance(d, Branchd):
+            s.count_create_s = d.count_create(n)
+            log(f"  {d.label} N={n}: count create of {n} more {s.count_create_s:.3f} s")
+        s.rolling_s = measure_rolling(d, n, opts.rolling_max)
+        if s.rolling_s is not None:
+            log(f"  {d.label} N={n}: rolling restart, one at a time {s.rolling_s:.3f} s")
         if len(d.states()) != n:
             raise RuntimeError(f"{d.label} lost instances")
     except Exception as exc:  # one failed sample must not lose the others
@@ -656,6 +776,27 @@ def table(samples: list[Sample], counts: list[int]) -> str:
             f"| daemon RSS (MiB) | {n} | {cell(b['rss_mib'], '.1f')} | "
             f"{cell(s['rss_mib'], '.1f')} | {ratio('rss_mib')} | {rss_target} | {rss_met} |"
         )
+        if b["start_app_s"]:
+            sa = med(b["start_app_s"])
+            rows.append(
+                f"| start all N stopped, one call²: app action vs startAllProcesses (s) | {n} | "
+                f"{cell(b['start_app_s'], '.3f')} | {cell(s['start_app_s'], '.3f')} | "
+                f"{ratio('start_app_s')} | ≤ supervisord | "
+                f"{ok(bool(s['start_app_s']) and sa <= med(s['start_app_s']))} |"
+            )
+        if b["count_create_s"]:
+            cc = med(b["count_create_s"])
+            rows.append(
+                f"| create and start N in one call⁴: count create vs startAllProcesses (s) | {n} | "
+                f"{cell(b['count_create_s'], '.3f')} | {cell(s['start_app_s'], '.3f')} | "
+                f"{cc / med(s['start_app_s']):.2f}x | ≤ supervisord | "
+                f"{ok(bool(s['start_app_s']) and cc <= med(s['start_app_s']))} |"
+            )
+        if b["rolling_s"]:
+            rows.append(
+                f"| rolling restart, one at a time³ (s) | {n} | {cell(b['rolling_s'], '.3f')} | "
+                f"{cell(s['rolling_s'], '.3f')} | {ratio('rolling_s')} | — | — |"
+            )
         if b["idle_cpu_pct"]:
             idle = med(b["idle_cpu_pct"])
             rows.append(
@@ -720,6 +861,22 @@ def section(
         "suffer. The ¹ rows take the same call, same window, through a minimal XML-RPC "
         "client that sets TCP_QUICKACK before every recv(), i.e. supervisord's own cost "
         "without that stall. The target is judged on the stock-client row, as specified.",
+        "- ² start all N stopped, one call (issue 15): after the other measures, every "
+        "sleeper is stopped (branchd `POST /v1/apps/bench/stop`, supervisord "
+        "`stopAllProcesses(True)`), then one call starts them all and answers once all run: "
+        "branchd `POST /v1/apps/bench/start` (the app action), supervisord "
+        "`startAllProcesses(True)` (what `supervisorctl start all` sends). Timed from the "
+        "call to its answer; a status call then checks that all N run.",
+        "- ⁴ count create (branchd only; supervisord's figure is its startAllProcesses "
+        "above, since its N are declared in its config): one `POST "
+        "/v1/apps/bench2/instances` with `count` N and a name template makes and starts N "
+        "more sleepers, timed until all run (the answer says so, else the listing is polled); "
+        "then that app is removed.",
+        f"- ³ rolling restart (N ≤ {opts.rolling_max}): branchd one `POST "
+        "/v1/apps/bench/restart?rolling=1&batch=1` (each one running again before the "
+        "next); supervisord has none, so a script does `stopProcess(name, True)` then "
+        "`startProcess(name, True)` for each. Timed from the first call to the last answer; "
+        "then every sleeper runs with a new pid.",
         "- RSS: resident set of the daemon process alone (psutil), after the idle window. "
         "Idle CPU: user+system CPU time of the daemon process alone over the window, "
         f"no client talking to it, after a {opts.settle_secs:g} s settle.",
@@ -727,6 +884,192 @@ def section(
     if problems:
         lines += ["", "Problems during the run:", "", *[f"- {p}" for p in problems]]
     return "\n".join(lines) + "\n"
+
+
+# Log throughput (issue 15) --------------------------------------------------
+
+LOG_HEADING = "## Log throughput vs supervisord (issue 15)"
+LOG_MAX, LOG_BACKUPS = 10 * 1024 * 1024, 5
+#: Writes argv[1] bytes of numbered 100-byte lines as fast as it can (64 KiB
+#: writes), then its own seconds into argv[2], then idles.
+LOG_CHILD = """
+import os, sys, time
+total, result = int(sys.argv[1]), sys.argv[2]
+block = "".join("%09d %s\\n" % (j, "x" * 90) for j in range(655)).encode()  # 65,500 bytes
+start = time.perf_counter()
+for _ in range(total // len(block)):
+    os.write(1, block)
+os.write(1, b"%09d END\\n" % 0)
+took = time.perf_counter() - start
+with open(result + ".tmp", "w") as f:
+    f.write(repr(took))
+os.rename(result + ".tmp", result)
+time.sleep(1e9)
+"""
+
+
+@dataclass
+class LogSample:
+    daemon: str
+    run: int
+    write_mb_s: float | None = None  # what the child could write
+    landed_mb_s: float | None = None  # until its last line was in the file
+    cpu_s_per_gb: float | None = None  # of the process that reads the pipe
+    reader_rss_mib: float | None = None  # its resident set and its own (USS)
+    reader_uss_mib: float | None = None
+    error: str | None = None
+
+
+def _log_child(d: Supervised, python: str, total: int) -> tuple[list[str], Path]:
+    result, script = d.dir / "took", d.dir / "log_child.py"
+    script.write_text(LOG_CHILD)  # (a file: supervisord's command is one line)
+    return [python, str(script), str(total), str(result)], result
+
+
+def _last_line_in(path: Path) -> bool:
+    want = b" END\n"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 200))
+            return want in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def _pipe_reader(d: Supervised) -> psutil.Process:
+    """supervisord itself; for branchd its log writer (started by the create)."""
+    if not isinstance(d, Branchd):
+        return psutil.Process(d.pid)
+    logs = str(d.dir / "state" / "logs")
+
+    def find() -> psutil.Process | None:
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any(c.endswith("logwriter.py") for c in cmd) and logs in cmd:
+                return p
+        return None
+
+    found: psutil.Process = wait_for(find, 10, "the log writer")
+    return found
+
+
+def measure_log_throughput(d: Supervised, python: str, total: int, run: int) -> LogSample:
+    s = LogSample(daemon=d.label, run=run)
+    argv, result = _log_child(d, python, total)
+    try:
+        began = time.perf_counter()
+        if isinstance(d, Branchd):
+            d.launch(0)
+            # one quiet instance first, so that the log writer runs before the clock starts
+            d.call(
+                "POST",
+                f"/v1/apps/{APP}/instances",
+                {"name": "warm", "command": ["sleep", "100000"],
+                 "startsecs": 0},
+                expect=(201,),
+            )
+            reader = _pipe_reader(d)
+            cpu0 = cpu_seconds(reader.pid)
+            began = time.perf_counter()
+            d.call(
+                "POST",
+                f"/v1/apps/{APP}/instances",
+                {"name": "w", "command": argv, "startsecs": 0, "log_max_bytes": LOG_MAX,
+                 "log_backups": LOG_BACKUPS},
+                expect=(201,),
+            )
+            out = d.dir / "state" / "logs" / APP / "w.stdout.log"
+        else:
+            assert isinstance(d, Supervisord)
+            d.sleep_cmd = argv
+            out = d.dir / "logs" / "s.stdout.log"
+            d.program_extra = (
+                f"stdout_logfile={out}\nstdout_logfile_maxbytes={LOG_MAX}\n"
+                f"stdout_logfile_backups={LOG_BACKUPS}\n"
+            )
+            d.launch(1)
+            reader = _pipe_reader(d)
+            cpu0 = cpu_seconds(reader.pid)
+            began = time.perf_counter()
+            d.rpc.supervisor.startProcess("s:s0000", False)
+        wait_for(lambda: _last_line_in(out), 300, "the last line in the log")
+        landed = time.perf_counter() - began
+        wait_for(result.exists, 60, "the child's own figure")
+        s.write_mb_s = total / 1e6 / float(result.read_text())
+        s.landed_mb_s = total / 1e6 / landed
+        s.cpu_s_per_gb = (cpu_seconds(reader.pid) - cpu0) / (total / 1e9)
+        mem = reader.memory_full_info()
+        s.reader_rss_mib, s.reader_uss_mib = mem.rss / 2**20, mem.uss / 2**20
+        files = [out, *(out.with_name(f"{out.name}.{n}") for n in range(1, LOG_BACKUPS + 2))]
+        if sum(f.stat().st_size for f in files if f.exists()) > LOG_MAX * (LOG_BACKUPS + 1):
+            s.error = "the size bound was not held"
+    except Exception as e:  # a failed run is reported, never the end of the bench
+        s.error = f"{type(e).__name__}: {e}"
+    finally:
+        d.stop()
+        d.cleanup(keep=False)
+    return s
+
+
+def log_section(samples: list[LogSample], runs: int, total: int, info: dict[str, str],
+                versions: dict[str, str]) -> str:
+    rows = [
+        "| daemon | child writes, MB/s | landed in the file, MB/s | CPU s per GB "
+        "(pipe reader) | pipe reader RSS / USS, MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for daemon in ("branchd", "supervisord"):
+        mine = [x for x in samples if x.daemon == daemon and x.error is None]
+        rows.append(
+            f"| {daemon} | {cell([x.write_mb_s for x in mine if x.write_mb_s], '.0f')} "
+            f"| {cell([x.landed_mb_s for x in mine if x.landed_mb_s], '.0f')} "
+            f"| {cell([x.cpu_s_per_gb for x in mine if x.cpu_s_per_gb], '.2f')} "
+            f"| {cell([x.reader_rss_mib for x in mine if x.reader_rss_mib], '.1f')} / "
+            f"{cell([x.reader_uss_mib for x in mine if x.reader_uss_mib], '.1f')} |"
+        )
+    errors = [f"- run {x.run + 1}, {x.daemon}: {x.error}" for x in samples if x.error]
+    lines = [
+        LOG_HEADING,
+        "",
+        f"Measured {info['date']} with `python bench/supervisor_compare.py --logs-only "
+        f"--log-mb {total // 1_000_000} --runs {runs}`.",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
+        f"Python {info['python']}; {versions['branchd']}; {versions['supervisord']}.",
+        "",
+        f"One child writes {total / 1e6:.0f} MB of 100-byte lines as fast as it can "
+        f"(the same 64 KiB block again and again, so the child costs little) with rotation "
+        f"on for both: {LOG_MAX // 2**20} MiB files, "
+        f"{LOG_BACKUPS} backups. \"child writes\" is the child's own rate (its writes "
+        "return once the bytes are in the pipe); \"landed\" runs from the start request "
+        "until the last line is in the log file; CPU is the user+system time of the process "
+        "that reads the pipe and writes the files (branchd's log writer, supervisord itself) "
+        "over that time. Median of the runs, [min, max] after it. The machine is shared "
+        "(2 cores, other work on it): the rates are noisy, the CPU figure less so.",
+        "",
+        *rows,
+        "",
+        "branchd: the pipe goes to the branch's log writer, which rotates at write time by "
+        "rename (docs/guide.md, \"Logs and rotation\"); supervisord reads the pipe in its "
+        "own select loop and rotates its files the same way. The pipe reader's memory is "
+        "taken after the run: branchd's log writer (one per branch, whatever the number "
+        "of instances) against the whole supervisord daemon, for scale.",
+    ]
+    if errors:
+        lines += ["", "Problems:", "", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def run_log_bench(opts: Options, info: dict[str, str], versions: dict[str, str]) -> str:
+    total = opts.log_mb * 1_000_000
+    samples: list[LogSample] = []
+    for run in range(opts.runs):
+        for make in daemons(opts, run):
+            d = make()
+            log(f"log throughput run {run + 1}/{opts.runs}: {d.label}")
+            samples.append(measure_log_throughput(d, opts.branchd_python, total, run))
+            log(f"  {samples[-1]}")
+    return log_section(samples, opts.runs, total, info, versions)
 
 
 # Main -------------------------------------------------------------------------
@@ -748,6 +1091,12 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument(
         "--poll", type=float, default=0.001, help="pause between restart polls, s (default 0.001)"
     )
+    p.add_argument(
+        "--rolling-max",
+        type=int,
+        default=50,
+        help="rolling restart measured for counts up to this (default 50)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp state dirs")
     p.add_argument(
         "--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown to update"
@@ -760,6 +1109,10 @@ def parse_args(argv: list[str]) -> Options:
         default=str(default_py) if default_py.exists() else sys.executable,
         help="python that runs branchd (default: the project .venv)",
     )
+    p.add_argument(
+        "--log-mb", type=int, default=200, help="log throughput: MB a child writes (0: skip)"
+    )
+    p.add_argument("--logs-only", action="store_true", help="only the log throughput")
     a = p.parse_args(argv)
     sleep = shutil.which("sleep")
     if sleep is None:
@@ -781,6 +1134,9 @@ def parse_args(argv: list[str]) -> Options:
         json_out=a.json,
         branchd_python=a.branchd_python,
         sleep_cmd=[sleep, "100000"],
+        rolling_max=a.rolling_max,
+        log_mb=a.log_mb,
+        logs_only=a.logs_only,
     )
 
 
@@ -806,6 +1162,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{versions['branchd']} vs {versions['supervisord']}; counts {opts.counts}, "
         f"{opts.runs} run(s), idle {opts.idle_secs:g} s"
     )
+    if opts.log_mb > 0:
+        text = run_log_bench(opts, info, versions)
+        print(text)
+        if opts.out != Path():
+            write_section(opts.out, LOG_HEADING, text)
+            log(f"wrote {opts.out}")
+    if opts.logs_only:
+        return 0
     samples: list[Sample] = []
     for run in range(opts.runs):
         for n in opts.counts:

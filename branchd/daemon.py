@@ -38,6 +38,7 @@ from branchd.local import build as build_local
 from branchd.placement import Recent, need_for
 from branchd.process.cgroups import CgroupTree
 from branchd.process.launcher import ProcessLauncher
+from branchd.process.logpipes import LogPipes
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
@@ -84,12 +85,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         clock = SystemClock()
         store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
+        # the branch's log writer: it outlives us, and the next daemon finds it
+        pipes = LogPipes(cfg.log_dir)
         try:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
             branch_id = store.branch_id()
             cgroups = CgroupTree.probe(branch_id) if cfg.supervision.cgroups else None
-            launcher = ProcessLauncher(loop, cgroups)
+            launcher = ProcessLauncher(loop, pipes, cgroups=cgroups)
             log.info("instances are kept in %s mode", launcher.supervision.value)
             local = build_local(
                 store,
@@ -100,6 +103,7 @@ class Daemon:
                 scheduler=scheduler,
                 remote=KombuRemoteControl(),
                 bus=bus,
+                log_pipes=pipes,
             )
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
@@ -261,6 +265,7 @@ class Daemon:
             await branch.close()
             await local.shutdown(keep=how == Exit.KEEP)
         finally:
+            pipes.close()
             store.close()
 
 

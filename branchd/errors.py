@@ -224,3 +224,11 @@ class BadMessage(BranchdError):
 
     code = "bad_message"
     status = 400
+
+
+class LogWriterUnavailable(BranchdError):
+    """The branch's log writer process cannot be reached or started: a spawn
+    falls back to writing its files directly (copy-truncate rotation)."""
+
+    code = "log_writer_unavailable"
+    status = 503

@@ -2,7 +2,7 @@
 
 The daemon builds this (tests build it over the twins): the declarations
 (apps and queues), the supervision engine (instances), the Celery runtime
-operations and the logs. The HTTP edge calls these services, through the
+operations, the logs and the app-wide actions. The HTTP edge calls these services, through the
 Protocols of ``api/backend.py``; none of them builds another.
 """
 
@@ -21,9 +21,12 @@ from branchd.clock import Clock, Scheduler
 from branchd.config import Config
 from branchd.declarations import Declarations
 from branchd.events import EventBus
+from branchd.process.actions import AppActions
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
+from branchd.process.logpipes import LogPipes
 from branchd.process.logs import LogService
+from branchd.process.prober import ProbeRunner
 from branchd.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class LocalBranch:
     celery: CeleryRuntime
     logs: LogService
     holdings: Holdings
+    #: Count creates and app-wide start, stop, restart (rolling too).
+    groups: AppActions
 
     @property
     def branch_id(self) -> str:
@@ -49,6 +54,7 @@ class LocalBranch:
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
         await self.logs.close()
+        await self.groups.close()
         await self.instances.shutdown(keep=keep)
 
 
@@ -93,6 +99,8 @@ def build(
     remote: RemoteControl,
     bus: EventBus,
     hostname: str | None = None,
+    prober: ProbeRunner | None = None,
+    log_pipes: LogPipes | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -114,6 +122,7 @@ def build(
         workers=workers,
         bus=bus,
         scheduler=scheduler,
+        prober=prober,  # (None: the real one)
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)
@@ -124,5 +133,12 @@ def build(
         instances=engine,
         celery=celery,
         holdings=Holdings(engine),
-        logs=LogService(config.log_dir, engine, config.logs.check_interval, scheduler=scheduler),
+        logs=LogService(
+            config.log_dir,
+            engine,
+            config.logs.check_interval,
+            scheduler=scheduler,
+            pipes=log_pipes,
+        ),
+        groups=AppActions(engine, bus, scheduler, config.supervision),
     )

@@ -99,6 +99,9 @@ def umask_text(mask: int) -> str:
 
 class State(StrEnum):
     STOPPED = "stopped"
+    #: Before a spawn: until the instances it starts ``after`` are running
+    #: (ready), with the reason it still waits.
+    WAITING = "waiting"
     STARTING = "starting"
     RUNNING = "running"
     BACKOFF = "backoff"
@@ -149,6 +152,18 @@ class Policy:
     #: The stop signal goes to the whole group; Celery kind: the main process
     #: only, since TERM to pool children kills running tasks (celery#2700).
     stop_group: bool = True
+    # Start order and probes (the engine derives the two flags from the spec) --
+    #: It has ``after`` names: each spawn waits for them (WAITING) first ...
+    awaits: bool = False
+    #: ... this long at most; then it is a failed start.
+    after_timeout: float = 60.0
+    #: A readiness probe is set: running once it passes (``Ready``), not once
+    #: it stayed up startsecs ...
+    ready_by_probe: bool = False
+    #: ... within this long, else the start failed.
+    ready_timeout: float = 60.0
+    #: Liveness probe failures in a row that restart a running process.
+    live_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -363,6 +378,21 @@ class InstanceSpec:
     hung_after: float = 60.0
     #: Restart when the whole process tree's RSS passes this (bytes).
     memory_limit: int | None = None
+    # Start order and probes (issue 15, part 3) ----------------------------
+    #: Instances of the same app it starts after: each spawn waits until they
+    #: are running (ready, with a probe), up to ``policy.after_timeout``.
+    after: tuple[str, ...] = ()
+    #: supervisord's: when the daemon starts (stops) everything, lower starts
+    #: first (stops last).
+    priority: int = 999
+    #: Readiness probe, as text ("tcp:HOST:PORT", "http://...", "exec:ARGV",
+    #: "notify"; see ``process.probes``); running means it passed.
+    ready: str | None = None
+    #: Liveness probe (the same forms), run every ``live_period`` while running,
+    #: each given ``live_timeout``; ``policy.live_failures`` in a row restart it.
+    live: str | None = None
+    live_period: float = 10.0
+    live_timeout: float = 5.0
     version: Version | None = None  # as App's
     origin: str | None = None
 
@@ -411,7 +441,22 @@ class InstanceSpec:
             "loglevel": self.loglevel,
             "hung_after": self.hung_after,
             "memory_limit": self.memory_limit,
+            **self._order_wire(),
             **_record_wire(self.version, self.origin),
+        }
+
+    def _order_wire(self) -> dict[str, Any]:
+        p = self.policy
+        return {
+            "after": list(self.after),
+            "after_timeout": p.after_timeout,
+            "priority": self.priority,
+            "ready": self.ready,
+            "ready_timeout": p.ready_timeout,
+            "live": self.live,
+            "live_period": self.live_period,
+            "live_timeout": self.live_timeout,
+            "live_failures": p.live_failures,
         }
 
     @classmethod
@@ -426,8 +471,13 @@ class InstanceSpec:
             startretries=startretries_from(d.get("startretries", base.startretries)),
             stopsignal=d.get("stopsignal", base.stopsignal),
             stopwaitsecs=float(d.get("stopwaitsecs", base.stopwaitsecs)),
+            after_timeout=float(d.get("after_timeout", base.after_timeout)),
+            ready_timeout=float(d.get("ready_timeout", base.ready_timeout)),
+            live_failures=int(d.get("live_failures", base.live_failures)),
         )
         plain = {k: d[k] for k in _SPEC_PLAIN if k in d}
+        if "after" in plain:
+            plain["after"] = tuple(plain["after"])
         for key in ("command", "queues", "args", "env_file"):
             if key in plain:
                 plain[key] = tuple(plain[key])
@@ -461,6 +511,23 @@ POLICY_FIELDS = (
     "stopsignal",
     "stopwaitsecs",
 )
+#: Start order and probes, by wire key (fields a user may set); those in
+#: _ORDER_POLICY are the policy's (the machine's timers and threshold).
+ORDER_FIELDS = (
+    "after",
+    "after_timeout",
+    "priority",
+    "ready",
+    "ready_timeout",
+    "live",
+    "live_period",
+    "live_timeout",
+    "live_failures",
+)
+#: Those of ORDER_FIELDS that only a process instance has (a Celery worker is
+#: ready once it answers a ping, and watched by the health rounds).
+PROBE_FIELDS = ("ready", "ready_timeout", "live", "live_period", "live_timeout", "live_failures")
+_ORDER_POLICY = ("after_timeout", "ready_timeout", "live_failures")
 #: What only a Celery instance has, by wire key (fields a user may set).
 CELERY_FIELDS = (
     "queues",
@@ -472,7 +539,7 @@ CELERY_FIELDS = (
     "hung_after",
     "memory_limit",
 )
-_POLICY_KEYS = POLICY_FIELDS
+_POLICY_KEYS = (*POLICY_FIELDS, *_ORDER_POLICY)
 #: Wire keys that are fields of InstanceSpec under the same name.
 _SPEC_PLAIN = (
     "kind",
@@ -491,6 +558,7 @@ _SPEC_PLAIN = (
     "log_backups",
     "created_at",
     *CELERY_FIELDS,
+    *(k for k in ORDER_FIELDS if k not in _ORDER_POLICY),
 )
 _SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *RECORD_KEYS)
 

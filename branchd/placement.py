@@ -93,6 +93,7 @@ def need_of(fields: Mapping[str, Any], app: App, *, cpus: int = 1) -> Need:
     """What a create's body (``fields``, over ``app``'s defaults) needs; a
     body that makes no valid instance needs the least (its create then says
     what is wrong with it)."""
+    fields = {k: v for k, v in fields.items() if k != "name"}  # (not a field of the spec)
     try:
         spec = build_spec(app, "placed", fields, "", 0.0)
     except (Invalid, ValueError, TypeError, KeyError):
@@ -110,18 +111,23 @@ class Recent:
     after ``ttl`` seconds."""
 
     ttl: float = 10.0
-    _by: dict[str, list[tuple[str, int, float]]] = field(default_factory=dict)
+    _by: dict[str, list[tuple[str, int, float, str]]] = field(default_factory=dict)
 
-    def add(self, branch: str, key: str, slots: int, now: float) -> None:
-        """``key`` (``app/name``, taking ``slots``) was made on ``branch`` at ``now``."""
-        self._by.setdefault(branch, []).append((key, slots, now))
+    def add(self, record: BranchRecord, key: str, slots: int, now: float) -> None:
+        """``key`` (``app/name``, taking ``slots``) was made at ``now`` on the
+        branch of ``record`` (the record it was placed by)."""
+        self._by.setdefault(record.id, []).append((key, slots, now, record.digest))
 
     def apply(self, records: Iterable[BranchRecord], now: float) -> list[BranchRecord]:
         out = []
         for r in records:
-            held = set(r.instances)
+            # counted while the branch's record is the one it was placed by: a
+            # new record (its names' digest changed) counts it itself, with the
+            # same meta that says how many it holds and the slots they take
             pending = [
-                e for e in self._by.get(r.id, ()) if e[0] not in held and now - e[2] < self.ttl
+                e
+                for e in self._by.get(r.id, ())
+                if e[3] == r.digest and e[0] not in r.instances and now - e[2] < self.ttl
             ]
             if pending:
                 self._by[r.id] = pending

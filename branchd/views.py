@@ -12,7 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
-from branchd.model import CELERY_FIELDS, RECORD_KEYS, App, InstanceSpec, Kind, Queue, Runtime
+from branchd.model import (
+    CELERY_FIELDS,
+    ORDER_FIELDS,
+    PROBE_FIELDS,
+    RECORD_KEYS,
+    App,
+    InstanceSpec,
+    Kind,
+    Queue,
+    Runtime,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class InstanceView:
         if listing:
             out["env"] = hide_env(out["env"])
         keys = _INSTANCE_KEYS + (_CELERY_INSTANCE_KEYS if s.kind == Kind.CELERY else ())
+        if s.kind == Kind.CELERY:  # (a worker is ready by its ping: no probes)
+            keys = tuple(k for k in keys if k not in PROBE_FIELDS)
         return {k: out[k] for k in keys}
 
 
@@ -114,6 +126,7 @@ _INSTANCE_KEYS: tuple[str, ...] = (
     "reason",
     "branch",
     "created_at",
+    *ORDER_FIELDS,  # (issue 15, part 3)
 )
 _CELERY_INSTANCE_KEYS: tuple[str, ...] = ("node", *CELERY_FIELDS)
 
@@ -174,10 +187,17 @@ class Stats:
             "cpu_percent": self.tree.cpu_percent,
             "memory_rss": self.tree.memory_rss,
             "processes": self.tree.processes,
+            "branch": self.view.spec.branch,
             "cgroup": self.tree.cgroup.to_json() if self.tree.cgroup is not None else None,
         }
         if self.view.spec.kind == Kind.CELERY:
             out["celery"] = dict(self.celery) if self.celery is not None else None
+        return out
+
+    def listed(self) -> dict[str, Any]:
+        """Its item in a listing of an app's instances' figures (no Celery part)."""
+        out = self.to_json()
+        out.pop("celery", None)
         return out
 
 
@@ -242,6 +262,9 @@ class BranchRecord:
     instances: tuple[str, ...] = ()
     #: When this record was last read from the host (wall clock, s).
     refreshed: float = 0.0
+    #: The digest of its instance names its gossiped meta carries ("": not
+    #: from the gossip); it changes with each new set of names.
+    digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from branchd.model import App, Queue
+from branchd.process.groups import Action, Item
 from branchd.views import InstanceView, Stats
 
 
@@ -49,6 +50,7 @@ class Instances(Protocol):
     async def stop_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView: ...
     async def restart_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView: ...
     async def instance_stats(self, app: str, name: str) -> Stats: ...
+    async def app_stats(self, app: str) -> list[Stats]: ...
 
 
 class CeleryRuntime(Protocol):
@@ -68,6 +70,18 @@ class CeleryRuntime(Protocol):
 class Logs(Protocol):
     async def read_logs(self, app: str, name: str, stream: str, n: int) -> list[str]: ...
     def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]: ...
+    async def reopen(self) -> int: ...
+
+
+class Groups(Protocol):
+    """An app's instances together: count creates, app-wide actions."""
+
+    async def create_instances(
+        self, app: str, fields: Mapping[str, Any], count: int, template: str, start_at: int = 0
+    ) -> list[InstanceView]: ...
+    async def act(
+        self, app: str, action: Action, *, rolling: bool = False, batch: int = 1, wait: bool = True
+    ) -> list[Item]: ...
 
 
 class Local(Protocol):
@@ -81,6 +95,8 @@ class Local(Protocol):
     def celery(self) -> CeleryRuntime: ...
     @property
     def logs(self) -> Logs: ...
+    @property
+    def groups(self) -> Groups: ...
 
 
 class Cluster(Protocol):

@@ -49,6 +49,10 @@ class Target:
     branch: str | None = None
 
 
+#: The other listings of an app that a cluster gathers from every live branch.
+GATHERED = frozenset({"/v1/apps/{app}/stats", "/v1/apps/{app}/queues/{queue}/consumers"})
+
+
 def scope_of(method: str, path: str) -> Scope:
     """A route's scope, from its method and path template."""
     if path.startswith("/v1/branches/{id}/"):
@@ -59,6 +63,8 @@ def scope_of(method: str, path: str) -> Scope:
         return Scope.INSTANCE
     if path == "/v1/apps/{app}/instances":
         return Scope.PLACEMENT if method == "POST" else Scope.GATHER
+    if path in GATHERED:
+        return Scope.GATHER
     return Scope.DECLARATION
 
 

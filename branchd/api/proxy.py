@@ -324,10 +324,16 @@ async def place(
         body = json.loads(raw) if raw.strip() else {}
     except ValueError:
         return await here()  # this branch's own answer says what is wrong with it
+    if isinstance(body, dict) and "count" in body:
+        # a count create (a name template) is refused by this branch's own
+        # handler, before any name is reserved: it is not placed
+        return await here()
     name = body.get("name") if isinstance(body, dict) else None
     if isinstance(name, str) and name:
         holder = peers.owner_of(app.name, name)
-        if holder is not None and holder != peers.self_id:
+        if holder == peers.self_id:
+            return await here()  # (its own answer: the name is taken here)
+        if holder is not None:
             raise Conflict(
                 f"instance {name!r} of app {app.name!r} exists on branch {holder}",
                 branch=holder,
@@ -356,7 +362,11 @@ async def place(
     tried: list[str] = []
     for choice in order:
         if choice.id == peers.self_id:
-            answer = await here()
+            try:
+                answer = await here()
+            except Full:  # (its own admission: the record it was picked by was stale)
+                tried.append(f"{choice.id} (full)")
+                continue
             if not _full(answer):
                 return answer
         else:
@@ -368,7 +378,7 @@ async def place(
             if not (status == 503 and b'"full"' in data):
                 if status == 201 and recent is not None:
                     made = json.loads(data)  # (its name: given, or made up there)
-                    recent.add(choice.id, f"{app.name}/{made.get('name')}", need.slots, now)
+                    recent.add(choice, f"{app.name}/{made.get('name')}", need.slots, now)
                 out = web.Response(status=status, body=data, content_type="application/json")
                 if "Location" in headers:
                     out.headers["Location"] = headers["Location"]

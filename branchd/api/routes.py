@@ -28,6 +28,7 @@ from branchd.model import (
     valid_queue_name,
 )
 from branchd.placement import need_of, why_not
+from branchd.process.groups import MAX_BATCH, Action
 from branchd.views import BranchRecord, app_answer, queue_answer
 
 if TYPE_CHECKING:
@@ -107,6 +108,11 @@ def _name(request: web.Request, key: str) -> str:
 
 
 async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
+    return _checked(schema, await _json_object(request))
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (not yet checked against a schema)."""
     raw = await request.read()
     if not raw.strip():
         data: Any = {}
@@ -121,6 +127,10 @@ async def _body(request: web.Request, schema: schemas.Schema) -> dict[str, Any]:
             raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _checked(schema: schemas.Schema, data: dict[str, Any]) -> dict[str, Any]:
     # precheck vouches for most valid bodies; jsonschema judges (and words) the rest
     if precheck.check(schema, data) is not True:
         _validate(schema, data)
@@ -501,7 +511,10 @@ async def list_instances(request: web.Request) -> web.Response:
 
 async def create_instance(request: web.Request) -> web.Response:
     app = _name(request, "app")
-    body = await _body(request, schemas.INSTANCE_IN)
+    data = await _json_object(request)
+    if "count" in data:
+        return await _create_instances(request, app, _checked(schemas.INSTANCES_IN, data))
+    body = _checked(schemas.INSTANCE_IN, data)
     if CLUSTER in request.app:
         # admission control: this branch's own live figures have the last word
         # (the sender chose on gossiped ones); "full" sends it to the next choice
@@ -515,6 +528,52 @@ async def create_instance(request: web.Request) -> web.Response:
     view = await _local(request).instances.create_instance(app, body)
     location = f"/v1/apps/{app}/instances/{view.spec.name}"
     return _json(view.to_json(), status=201, headers={"Location": location})
+
+
+#: Why a count create is refused in a cluster.
+COUNT_IN_CLUSTER = (
+    "count: a count create makes its instances on one branch, and this one is in a "
+    "cluster, where each new instance is placed where there is room: create them one "
+    "by one (branchctl instances add APP --name NAME ...)"
+)
+
+
+async def _create_instances(request: web.Request, app: str, body: dict[str, Any]) -> web.Response:
+    """``count`` instances from one template: 201 with them all, or one error
+    naming the rule and nothing created."""
+    if CLUSTER in request.app:
+        raise Invalid(COUNT_IN_CLUSTER)
+    fields = {k: v for k, v in body.items() if k not in ("count", "name", "start_at")}
+    views = await _local(request).groups.create_instances(
+        app, fields, body["count"], body["name"], body.get("start_at", 0)
+    )
+    return _json({"items": [v.to_json() for v in views]}, status=201)
+
+
+def _app_action(action: Action) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        app, wait = _name(request, "app"), _wait(request)
+        rolling = _flag(request.query.get("rolling", "0"), "rolling")
+        batch = 1
+        if "batch" in request.query:
+            try:
+                batch = int(request.query["batch"])
+            except ValueError:
+                raise BadRequest("batch must be an integer") from None
+            if not rolling:
+                raise Invalid("batch: a batch size needs rolling=1 (without it all act at once)")
+            if not 1 <= batch <= MAX_BATCH:
+                raise Invalid(f"batch {batch} is out of range: 1 to {MAX_BATCH}")
+        if rolling and action is Action.STOP:
+            raise Invalid(
+                "rolling: a stop has no batch to wait for (rolling is for start and restart)"
+            )
+        items = await _local(request).groups.act(
+            app, action, rolling=rolling, batch=batch, wait=wait
+        )
+        return _json({"items": [i.to_json() for i in items]}, status=200 if wait else 202)
+
+    return handler
 
 
 async def get_instance(request: web.Request) -> web.Response:
@@ -560,6 +619,25 @@ async def stats(request: web.Request) -> web.Response:
     return _json(result.to_json())
 
 
+async def app_stats(request: web.Request) -> web.Response:
+    """Every instance of an app with its figures (a cluster gathers them)."""
+    items = await _local(request).instances.app_stats(_name(request, "app"))
+    return _json({"items": [s.listed() for s in items]})
+
+
+async def queue_consumers(request: web.Request) -> web.Response:
+    """The instances of an app that consume a queue (a cluster gathers them)."""
+    app, queue = _name(request, "app"), request.match_info["queue"]
+    views = await _local(request).instances.list_instances(app)
+    items = [
+        {"app": v.spec.app, "name": v.spec.name, "branch": v.spec.branch,
+         "state": v.runtime.state.value}
+        for v in views
+        if queue in v.spec.queues
+    ]  # fmt: skip
+    return _json({"items": items})
+
+
 def _flag(value: str, key: str) -> bool:
     if value.lower() in ("1", "true", "yes"):
         return True
@@ -603,6 +681,12 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def reopen_logs(request: web.Request) -> web.Response:
+    """This branch's log files reopened by path (after an external logrotate)."""
+    await _body(request, schemas.EMPTY)
+    return _json({"reopened": await _local(request).logs.reopen()})
+
+
 async def _pump(lines: AsyncIterator[str], response: web.StreamResponse) -> None:
     try:
         async for line in lines:
@@ -634,6 +718,12 @@ _TAIL_Q = (
 )
 
 _WAIT_Q = (("wait", {"type": "string", "enum": ["0", "1", "false", "true"]}),)
+
+_ACTION_Q = (
+    *_WAIT_Q,
+    ("rolling", {"type": "string", "enum": ["0", "1", "false", "true"]}),
+    ("batch", {"type": "integer", "minimum": 1, "maximum": MAX_BATCH}),
+)
 
 INST = "/v1/apps/{app}/instances/{name}"
 QUEUE = "/v1/apps/{app}/queues/{queue}"
@@ -795,10 +885,29 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/v1/apps/{app}/instances",
         create_instance,
-        "Create an instance",
+        "Create an instance; with count, that many from one name template, all or none "
+        "(on a single branch)",
         ok=201,
-        response=schemas.INSTANCE,
-        body=schemas.INSTANCE_IN,
+        response=schemas.INSTANCE_CREATED,
+        body=schemas.INSTANCE_CREATE,
+    ),
+    *(
+        Route(
+            "POST",
+            f"/v1/apps/{{app}}/{action.value}",
+            _app_action(action),
+            f"{action.value.capitalize()} every instance of the app on this branch, at once"
+            + (
+                " (waits until each stopped; wait=false: 202 at once)"
+                if action is Action.STOP
+                else " or rolling=1 with batch=N (the next batch once the one before runs "
+                "again); waits for each outcome (wait=false: 202 at once)"
+            ),
+            response=schemas.APP_ACTION,
+            query=_WAIT_Q if action is Action.STOP else _ACTION_Q,
+            accepted=schemas.APP_ACTION,
+        )
+        for action in Action
     ),
     Route("GET", INST, get_instance, "One instance", response=schemas.INSTANCE),
     Route(
@@ -848,6 +957,28 @@ ROUTES: tuple[Route, ...] = (
         "Tail (and follow) an instance's output",
         text=True,
         query=_TAIL_Q,
+    ),
+    Route(
+        "POST",
+        "/v1/logs/reopen",
+        reopen_logs,
+        "Reopen this branch's instance log files by path, after an external logrotate "
+        "moved them (a child that writes its file directly keeps the one it has)",
+        response=schemas.REOPENED,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/stats",
+        app_stats,
+        "Every instance of an app with its process-tree figures, from every live branch",
+        response=schemas.gathered(schemas.STATS_ITEM),
+    ),
+    Route(
+        "GET",
+        QUEUE + "/consumers",
+        queue_consumers,
+        "The instances of an app that consume a queue, from every live branch",
+        response=schemas.gathered(schemas.CONSUMER_ITEM),
     ),
     Route(
         "GET",

@@ -17,6 +17,7 @@ from branchd.model import (
     State,
     StopStep,
 )
+from branchd.process.groups import MAX_COUNT, TEMPLATE_RULE, Outcome
 
 Schema = dict[str, Any]
 
@@ -98,6 +99,75 @@ _SETTABLE: dict[str, Schema] = {
 }
 
 NAME: Schema = {"type": "string", "pattern": NAME_PATTERN}
+
+_SECONDS: Schema = {"type": "number", "minimum": 0.01, "maximum": 86400}
+_PROBE: Schema = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": 4096},
+        {
+            "type": "object",
+            "required": ["exec"],
+            "properties": {
+                "exec": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": 1000,
+                }
+            },
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+    "description": "tcp:HOST:PORT (connects), http:URL or the URL (a 2xx answer), "
+    'exec:COMMAND ARGS or {"exec": [argv]} (exit 0), notify (READY=1 on $NOTIFY_SOCKET); '
+    "answered as text; null: none",
+}
+#: Start order and probes (issue 15, part 3).
+_SETTABLE.update(
+    {
+        "after": {
+            "type": "array",
+            "items": NAME,
+            "maxItems": 100,
+            "uniqueItems": True,
+            "description": "instances of the same app it starts after: each start waits "
+            "until they are running (ready, with a probe)",
+        },
+        "after_timeout": {
+            **_SECONDS,
+            "description": "how long a start waits for them; then it is a failed start",
+        },
+        "priority": {
+            "type": "integer",
+            "minimum": -(10**6),
+            "maximum": 10**6,
+            "description": "supervisord's: when the daemon starts (stops) everything, lower "
+            "starts first (stops last); default 999",
+        },
+        "ready": {
+            **_PROBE,
+            "description": "readiness probe: running means it passed; " + _PROBE["description"],
+        },
+        "ready_timeout": {
+            **_SECONDS,
+            "description": "how long a start may take to be ready; then it is a failed start",
+        },
+        "live": {
+            **_PROBE,
+            "description": "liveness probe, tried every live_period while running (notify "
+            "not allowed); " + _PROBE["description"],
+        },
+        "live_period": _SECONDS,
+        "live_timeout": {**_SECONDS, "description": "how long each try of a probe may take"},
+        "live_failures": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 1000,
+            "description": "liveness failures in a row that restart it",
+        },
+    }
+)
 QUEUE_NAME: Schema = {"type": "string", "pattern": QUEUE_NAME_PATTERN}
 
 _ARGV: Schema = {
@@ -183,6 +253,25 @@ INSTANCE_IN: Schema = {
     },
     "additionalProperties": False,
 }
+
+#: A count create (supervisord's numprocs): ``count`` instances from one set of
+#: fields, named by a template. The template's rule is checked by the handler,
+#: not by a pattern here: a generator of valid bodies would then make up to
+#: MAX_COUNT instances per request.
+INSTANCES_IN: Schema = {
+    "type": "object",
+    "required": ["count", "name"],
+    "properties": {
+        **INSTANCE_IN["properties"],
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "description": TEMPLATE_RULE},
+        "count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+        "start_at": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+    },
+    "additionalProperties": False,
+}
+
+#: The body of POST /v1/apps/{app}/instances: one instance, or a count of them.
+INSTANCE_CREATE: Schema = {"anyOf": [INSTANCE_IN, INSTANCES_IN]}
 
 INSTANCE_PATCH: Schema = {
     "type": "object",
@@ -333,6 +422,18 @@ INSTANCE: Schema = {
     },
 }
 
+#: One instance's part of an app action (start, stop, restart of every instance).
+ACTION_ITEM: Schema = {
+    "type": "object",
+    "required": ["name", "outcome", "error", "instance"],
+    "properties": {
+        "name": NAME,
+        "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+        "error": _NULLABLE_STR,
+        "instance": INSTANCE,
+    },
+}
+
 STATS: Schema = {
     "type": "object",
     "required": ["app", "name", "state", "pid", "cpu_percent", "memory_rss", "processes"],
@@ -347,6 +448,7 @@ STATS: Schema = {
         "cpu_percent": {"type": "number", "minimum": 0},
         "memory_rss": {"type": "integer", "minimum": 0},
         "processes": {"type": "integer", "minimum": 0},
+        "branch": {"type": "string"},
         "cgroup": {
             "type": ["object", "null"],
             "description": "what the instance's cgroup counts; null: the branch runs without "
@@ -568,6 +670,12 @@ EXITING: Schema = {
     "properties": {"exiting": {"type": "boolean"}, "keep": {"type": "boolean"}},
 }
 
+REOPENED: Schema = {
+    "type": "object",
+    "required": ["reopened"],
+    "properties": {"reopened": {"type": "integer", "minimum": 0}},
+}
+
 PING: Schema = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
 
 ERROR: Schema = {
@@ -591,6 +699,25 @@ def items(schema: Schema) -> Schema:
     }
 
 
+#: An instance's figures in a listing of its app's (``GET /v1/apps/{app}/stats``).
+STATS_ITEM: Schema = {
+    "type": "object",
+    "required": [*STATS["required"], "branch"],
+    "properties": {k: v for k, v in STATS["properties"].items() if k != "celery"},
+}
+
+#: An instance that consumes a queue (``GET /v1/apps/{app}/queues/{queue}/consumers``).
+CONSUMER_ITEM: Schema = {
+    "type": "object",
+    "required": ["app", "name", "branch", "state"],
+    "properties": {
+        "app": NAME,
+        "name": NAME,
+        "branch": {"type": "string"},
+        "state": {"type": "string", "enum": [s.value for s in State]},
+    },
+}
+
 #: A branch a gathered listing could not reach in time (named, never hidden).
 UNREACHABLE: Schema = {
     "type": "object",
@@ -611,3 +738,8 @@ def gathered(schema: Schema) -> Schema:
         "unreachable": {"type": "array", "items": UNREACHABLE},
     }
     return out
+
+
+#: What POST /v1/apps/{app}/instances answers: the instance, or a count create's.
+INSTANCE_CREATED: Schema = {"anyOf": [INSTANCE, items(INSTANCE)]}
+APP_ACTION: Schema = items(ACTION_ITEM)

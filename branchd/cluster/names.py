@@ -110,6 +110,11 @@ class Names:
         got = self._names.get(branch)
         return got[1] if got is not None and got[0] == digest else None
 
+    def known(self, branch: str) -> tuple[str, ...]:
+        """``branch``'s instance names as last fetched (maybe for an older digest)."""
+        got = self._names.get(branch)
+        return got[1] if got is not None else ()
+
     async def fetch(self, holder: Holder) -> None:
         """``holder``'s names, if its digest changed since we fetched them."""
         if self.names_of(holder.id, holder.digest) is not None:

@@ -96,6 +96,7 @@ class Meta:
             api_url=self.api_url,
             gossip_addr=gossip_addr,
             instances=names,
+            digest=self.digest,
         )
 
 

@@ -63,8 +63,10 @@ log = logging.getLogger(__name__)
 PEER_PATH = "/v1/cluster/peer"
 #: How long a peer call may take (a push-pull of a large view included).
 PEER_TIMEOUT = 5.0
-#: How often the names of other branches' instances are checked.
-NAMES_EVERY = 1.0
+#: How often the names of other branches' instances are checked: a look at
+#: each member's meta (read once per new meta), a fetch only when its digest
+#: changed; so a new instance elsewhere is known here within about this.
+NAMES_EVERY = 0.2
 
 
 class PeerClient(Protocol):
@@ -211,6 +213,7 @@ class ClusterService:
         self._client = client
         self._seen = seal.Seen()  # the peer channel's replay window
         self._seen_meta: dict[str, tuple[str, float]] = {}  # id: (meta, when it came)
+        self._metas: dict[str, tuple[str, Meta | None]] = {}  # id: (meta, read)
         self._said: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._pending_urls: list[str] = []
@@ -347,8 +350,12 @@ class ClusterService:
         return out
 
     def owner_of(self, app: str, name: str) -> str | None:
-        """The id of the live branch that holds instance ``app/name``, if known."""
+        """The id of the live branch that holds instance ``app/name``, if known:
+        this branch first, whose own record is never stale (another's names
+        may still list an instance just moved here from it, or just removed)."""
         key = f"{app}/{name}"
+        if key in self._record().instances:
+            return self.self_id
         for rec in self.alive():
             if key in rec.instances:
                 return rec.id
@@ -396,17 +403,27 @@ class ClusterService:
         meta = self._meta(m)
         if meta is None:
             return None
+        # names fetched for an older digest are used until the new ones come
+        # (within one names step): all but the one just made or removed are
+        # right, and without them none of its instances would be found
         names = self.names.names_of(m.id, meta.digest)
-        return meta.record(m.id, m.epoch, m.addr, names or ())
+        return meta.record(m.id, m.epoch, m.addr, names or self.names.known(m.id))
 
     def _meta(self, m: MemberView) -> Meta | None:
+        """``m``'s meta, read once per new meta (every request and every names
+        step looks at every member's)."""
         if not m.meta:
             return None
+        known = self._metas.get(m.id)
+        if known is not None and known[0] == m.meta:
+            return known[1]
         try:
-            return from_meta(m.meta)
+            meta: Meta | None = from_meta(m.meta)
         except BadMessage as exc:
             self._once(f"meta:{m.id}", exc)
-            return None
+            meta = None
+        self._metas[m.id] = (m.meta, meta)
+        return meta
 
     def _entry(self, m: MemberView, *, names: bool) -> dict[str, Any]:
         now = self._clock.monotonic()
@@ -664,7 +681,10 @@ class ClusterService:
             except Exception as exc:
                 cause = f"record:{holder.id}:{type(exc).__name__}"
                 self._once(cause, exc, f"cannot fetch {holder.id}")
-        self.names.forget_others_than({m.id for m in self.gossip.members()})
+        known = {m.id for m in self.gossip.members()}
+        self.names.forget_others_than(known)
+        for gone in set(self._metas) - known:
+            del self._metas[gone]
         await self.names.check()
 
     # keys ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import logging
 import os
 import secrets
 import signal as _signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from branchd.model import (
 from branchd.process import logs
 from branchd.process.cgroups import Limits
 from branchd.process.launcher import (
+    Launched,
     Launcher,
     LaunchSpec,
     Marked,
@@ -62,8 +64,10 @@ from branchd.process.launcher import (
 )
 from branchd.process.machine import (
     Adopt,
+    Await,
     Backoff,
     Command,
+    DepsReady,
     Event,
     Exited,
     Kill,
@@ -77,8 +81,12 @@ from branchd.process.machine import (
     Start,
     Stop,
     Timeout,
+    Waiting,
     step,
 )
+from branchd.process.prober import NetProber, NotifySockets, ProbeRunner
+from branchd.process.probes import Dep, after_problem, start_order, stop_tiers, waiting_for
+from branchd.process.readiness import Probing
 from branchd.process.specs import apply_fields, build_spec, check_kind_fields
 from branchd.store import Store
 from branchd.views import InstanceView, Stats, TreeStats
@@ -89,10 +97,13 @@ log = logging.getLogger(__name__)
 _FLUSH_PAUSE_MAX = 5.0
 
 #: Recorded states of an instance that was failing to start when the daemon went.
-_LOOPING = (State.BACKOFF, State.STARTING)
+_LOOPING = (State.BACKOFF, State.STARTING, State.WAITING)
 
 #: The store's note of an app delete under way (``removing_app:<app>``).
 _REMOVING_APP = "removing_app:"
+
+#: Threads that launch held spawns at once (``spawning_together``).
+_SPAWNERS = 4
 
 
 class Engine:
@@ -111,6 +122,7 @@ class Engine:
         workers: Workers,
         bus: EventBus,
         scheduler: Scheduler,
+        prober: ProbeRunner | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -139,6 +151,13 @@ class Engine:
         #: (a full disk): memory is right, and the flusher writes them once it can.
         self._dirty: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
+        #: Spawns held back to be launched together (``spawning_together``).
+        self._held: list[tuple[str, InstanceSpec]] | None = None
+        #: Readiness and liveness probes, sd_notify sockets (process instances).
+        self._probes = Probing(prober or NetProber(scheduler), NotifySockets(branch_id), scheduler)
+        self._probes.bind(self)
+        #: A look at the waiting instances is due (see ``_recheck_soon``).
+        self._recheck_timer: Timer | None = None
 
     # lifecycle ------------------------------------------------------------
 
@@ -148,6 +167,7 @@ class Engine:
         marked: dict[str, list[Marked]] = {}
         for m in self._launcher.marked(self.branch_id):
             marked.setdefault(m.instance, []).append(m)
+        to_start: list[InstanceSpec] = []
         for spec in self._store.list_instances():
             name = spec.name
             rt = self._claim_marked(name, runtimes.get(name, Runtime()), marked.pop(name, []))
@@ -166,6 +186,7 @@ class Engine:
                     self._runtime[name], create_time=rt.create_time, started_at=rt.started_at
                 )
                 up_for = self._clock.wall() - (rt.started_at or rt.create_time)
+                self._adopt_probes(spec)
                 self._feed(name, Adopt(rt.pid, rt.state, up_for))
                 self._watch(name, rt.pid)
                 if spec.kind == Kind.CELERY:
@@ -198,13 +219,16 @@ class Engine:
                     # backoff go on (a restart of the daemon resets neither)
                     self._resume_backoff(name, rt)
                 elif spec.desired == Desired.RUNNING:
-                    self._feed(name, Start())
+                    to_start.append(spec)
                 else:
                     self._persist(name)
             if spec.desired == Desired.REMOVED:
                 # a delete was under way when the daemon went: it ends now
                 self._deleting.add(name)
                 self._begin_forget(name)
+        # supervisord's priority: lower first (and what others start after, first)
+        for name in start_order(to_start):
+            self._feed(name, Start())
         for found in marked.values():
             for m in found:  # spawned for an instance that is no more: no orphans
                 log.warning("killing pid %d: spawned for %s, which is no more", m.pid, m.instance)
@@ -219,11 +243,24 @@ class Engine:
                 self._begin_app_removal(app)
         self._workers.start()
 
+    def _adopt_probes(self, spec: InstanceSpec) -> None:
+        """An adopted instance's probes run as at its spawn: its notify socket
+        is bound again, its exec probes get its environment."""
+        if spec.ready is None and spec.live is None:
+            return
+        try:
+            self._probes.before_spawn(spec, self._child_env(spec))
+        except Exception:  # (its probes fail then, and say why: never the daemon's start)
+            log.exception("%s: cannot set up its probes again", spec.name)
+
     def _resume_backoff(self, name: str, rt: Runtime) -> None:
         wall = self._clock.wall()
         wait = max(0.0, (rt.backoff_until or wall) - wall)
         deadline = self._clock.monotonic() + wait
-        self._procs[name] = replace(self._procs[name], state=State.BACKOFF, deadline=deadline)
+        # (spawned before the daemon went: its next spawn is a restart)
+        self._procs[name] = replace(
+            self._procs[name], state=State.BACKOFF, deadline=deadline, spawned_once=True
+        )
         log.info("%s: backoff goes on (%d failed start(s), next in %.1fs)", name, rt.retries, wait)
         self._schedule(name, deadline)
         self._persist(name)
@@ -261,11 +298,14 @@ class Engine:
         """Stop every instance (or, with keep, leave them running) and let go."""
         if not keep:
             # (fatal and exited ones stay so: their state is what the next daemon shows)
-            live = (State.STARTING, State.RUNNING, State.STOPPING, State.BACKOFF)
+            live = (State.WAITING, State.STARTING, State.RUNNING, State.STOPPING, State.BACKOFF)
             names = [n for n, p in self._procs.items() if p.state in live]
-            for name in names:
-                self._feed(name, Stop())
-            await asyncio.gather(*(self._wait_stopped(n) for n in names))
+            # in tiers, the reverse of the start order: higher priority numbers
+            # first, and what starts after others before them
+            for tier in stop_tiers([self._specs[n] for n in names]):
+                for name in tier:
+                    self._feed(name, Stop())
+                await asyncio.gather(*(self._wait_stopped(n) for n in tier))
             # Deletes already under way end now that their instances stopped.
             await asyncio.gather(*self._forgetting.values(), return_exceptions=True)
             await asyncio.gather(*self._app_removals.values(), return_exceptions=True)
@@ -281,6 +321,8 @@ class Engine:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -288,6 +330,7 @@ class Engine:
             if self._dirty:
                 log.error("exiting with unsaved state of %s", ", ".join(sorted(self._dirty)))
         await self._workers.close()
+        await self._probes.close()
         self._launcher.close()
 
     # apps: their end (the declarations are the Declarations service's) ------
@@ -376,6 +419,7 @@ class Engine:
                 f"(branchctl instances add {app_name} -- COMMAND...), a worker an app with "
                 f"a module (branchctl apps set {app_name} --celery-app MODULE)"
             )
+        self._check_after(spec)
         if not spec.autostart:
             spec = replace(spec, desired=Desired.STOPPED)
         self._store.add_instance(spec)
@@ -398,8 +442,12 @@ class Engine:
         app_obj = self._decls.find_app(app)
         if new.kind == Kind.CELERY and app_obj is not None:
             self._decls.check_queues(app_obj, new.queues)
+        if "after" in fields:
+            self._check_after(new)
         self._store.update_instance(new)
         self._specs[name] = new
+        if "after" in fields:
+            self._recheck_soon()  # (a waiting one waits for its new list now)
         return self._view(name)
 
     async def delete_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
@@ -452,8 +500,10 @@ class Engine:
                 handle.cancel()
             app = self._specs[name].app
             del self._specs[name], self._procs[name], self._runtime[name]
+            self._probes.forget(name)
             self._launcher.release(name)  # (its cgroup)
             self._bus.publish(events.InstanceRemoved(app, name))
+            self._recheck_soon()  # (what started after it says so)
         finally:
             self._deleting.discard(name)
 
@@ -506,6 +556,19 @@ class Engine:
         if spec.kind == Kind.CELERY and view.runtime.state == State.RUNNING:
             celery = await self._workers.worker_stats(spec)
         return Stats(view, tree, celery)
+
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` here with its process-tree figures (no
+        Celery calls: a listing must not wait on each worker)."""
+        if self._decls.find_app(app) is None:
+            raise NotFound(f"no app {app!r}")
+        out = []
+        for spec in sorted(self.specs(app), key=lambda s: s.name):
+            view = self._view(spec.name)
+            pid = view.runtime.pid
+            tree = self._launcher.tree_stats(pid) if pid else TreeStats(0.0, 0, 0)
+            out.append(Stats(view, tree))
+        return out
 
     def instance_names(self) -> list[str]:
         return list(self._specs)
@@ -565,7 +628,13 @@ class Engine:
 
     def _policy(self, spec: InstanceSpec) -> Policy:
         celery = spec.kind == Kind.CELERY
-        return replace(spec.policy, ready_by_ping=celery, stop_group=not celery)
+        return replace(
+            spec.policy,
+            ready_by_ping=celery,
+            stop_group=not celery,
+            awaits=bool(spec.after),
+            ready_by_probe=not celery and spec.ready is not None,
+        )
 
     def _new_name(self, app: str) -> str:
         while True:
@@ -618,6 +687,9 @@ class Engine:
         self._schedule(name, proc.deadline)
         self._persist(name)
         if (proc.state, proc.pid, proc.reason) != (old.state, old.pid, old.reason):
+            if (proc.state, proc.pid) != (old.state, old.pid):
+                self._probes.changed(name)
+            self._recheck_soon()
             self._bus.publish(
                 events.InstanceChanged(spec.app, name, proc.state, proc.pid, proc.reason)
             )
@@ -625,6 +697,8 @@ class Engine:
     def _run(self, name: str, spec: InstanceSpec, old: Proc, command: Command) -> None:
         pid = self._procs[name].pid
         match command:
+            case Spawn() if self._held is not None:
+                self._held.append((name, spec))
             case Spawn():
                 self._spawn(name, spec)
             case Signal(name=sig) if pid and spec.kind == Kind.CELERY:
@@ -636,48 +710,141 @@ class Engine:
             case Reap() if old.pid:
                 # No orphans: whatever the main process left in its group goes too.
                 self._launcher.signal(old.pid, _signal.SIGKILL, True)
+            case Await():
+                self._await_after(name)
+
+    # start order (``after``) ------------------------------------------------------
+
+    def _check_after(self, spec: InstanceSpec) -> None:
+        """Refuse (422) an ``after`` naming no instance of the app, itself, or a cycle."""
+        if not spec.after:
+            return
+        app = [s for s in self._specs.values() if s.app == spec.app and s.name != spec.name]
+        others = {s.name: s.after for s in app}
+        problem = after_problem(spec.app, spec.name, spec.after, others)
+        if problem:
+            raise Invalid(problem)
+
+    def _await_after(self, name: str) -> None:
+        """Answer a waiting instance's Await: spawn it if all it starts after
+        are running (ready), else say what it still waits for."""
+        spec = self._specs[name]
+        deps = []
+        for dep in spec.after:
+            other = self._specs.get(dep)
+            if other is None or other.app != spec.app:
+                deps.append(Dep(dep, None))
+            else:
+                deps.append(Dep(dep, self._procs[dep].state, self._procs[dep].reason))
+        why = waiting_for(deps)
+        self._feed(name, DepsReady() if why is None else Waiting(why))
+
+    def _recheck_soon(self) -> None:
+        """Look at the waiting instances again at the next turn of the loop (not
+        inside the feed that changed another: a spawn there would nest in it)."""
+        if self._recheck_timer is not None:
+            return
+        if not any(p.state == State.WAITING for p in self._procs.values()):
+            return
+        self._recheck_timer = self._sched.call_at(self._clock.monotonic(), self._recheck)
+
+    def _recheck(self) -> None:
+        self._recheck_timer = None
+        for name in [n for n, p in self._procs.items() if p.state == State.WAITING]:
+            if self._procs.get(name) is not None and self._procs[name].state == State.WAITING:
+                self._await_after(name)
+
+    def _child_env(self, spec: InstanceSpec) -> dict[str, str]:
+        """A clean environment: the documented base, then the app's, the env
+        files' and the instance's (never the daemon's own, which holds its token).
+        The env files are read at each start: an edited one applies at the next."""
+        app = self._decls.find_app(spec.app)
+        files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
+        for warning in skipped:
+            log.warning("%s: env file %s", spec.name, warning)
+        return {
+            **base_env(self._env, spec.user),
+            **user_env(app.env if app else {}),
+            **user_env(files),
+            **user_env(spec.env),
+        }
+
+    @contextlib.contextmanager
+    def spawning_together(self) -> Iterator[None]:
+        """Hold the spawns that the starts inside ask for, and launch them
+        together at the end, on a few threads: a spawn mostly waits for its
+        child to exec, so N of them at once take a fraction of N in turn. The
+        body must not await (a held instance stays ``starting`` with no pid
+        until the end); each one's outcome is fed as a spawn alone feeds it."""
+        if self._held is not None:  # (already holding: the outer one launches)
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            self._launch_held(held)
+
+    def _launch_held(self, held: list[tuple[str, InstanceSpec]]) -> None:
+        prepared: list[tuple[str, InstanceSpec, LaunchSpec]] = []
+        for name, spec in held:
+            proc = self._procs.get(name)
+            if proc is None or proc.state != State.STARTING or proc.pid is not None:
+                continue  # stopped or deleted since: nothing to launch
+            try:
+                prepared.append((name, spec, self._launch_spec(name, spec)))
+            except Exception as exc:
+                self._spawn_failed(name, exc)
+        if not prepared:
+            return
+        with ThreadPoolExecutor(min(_SPAWNERS, len(prepared))) as pool:
+            futures = [pool.submit(self._launcher.spawn, ls) for _, _, ls in prepared]
+        for (name, spec, _), future in zip(prepared, futures, strict=True):
+            error = future.exception()
+            if error is not None:
+                self._spawn_failed(name, error)
+            else:
+                self._launched(name, spec, future.result())
 
     def _spawn(self, name: str, spec: InstanceSpec) -> None:
-        app = self._decls.find_app(spec.app)
+        try:
+            launched = self._launcher.spawn(self._launch_spec(name, spec))
+        except Exception as exc:  # any failure to start is a failed start, never a crash
+            self._spawn_failed(name, exc)
+            return
+        self._launched(name, spec, launched)
+
+    def _launch_spec(self, name: str, spec: InstanceSpec) -> LaunchSpec:
         argv = spec.command
         out, err = logs.log_paths(self._log_dir, spec.app, spec.name)
-        try:
-            # Read at each start: an edited env file applies at the next one.
-            files, skipped = read_env_files(spec.env_file) if spec.env_file else ({}, [])
-            for warning in skipped:
-                log.warning("%s: env file %s", name, warning)
-            # A clean environment: the documented base, then the app's, the
-            # env files' and the instance's (never the daemon's own, which
-            # holds its token).
-            env = {
-                **base_env(self._env, spec.user),
-                **user_env(app.env if app else {}),
-                **user_env(files),
-                **user_env(spec.env),
-            }
-            if spec.kind == Kind.CELERY:
-                argv, env = self._workers.prepare_spawn(spec, env)
-            launched = self._launcher.spawn(
-                LaunchSpec(
-                    argv=argv,
-                    env=env,
-                    cwd=spec.cwd,
-                    user=spec.user,
-                    stdout_path=out,
-                    stderr_path=err,
-                    mark=make_mark(self.branch_id, name),
-                    umask=spec.umask,
-                    cgroup=name,
-                    limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max),
-                )
-            )
-        except Exception as exc:  # any failure to start is a failed start, never a crash
-            message = exc.message if isinstance(exc, BranchdError) else str(exc) or repr(exc)
-            if not isinstance(exc, BranchdError | OSError):
-                log.exception("unexpected failure starting %s", name)
-            log.warning("cannot start %s: %s", name, message)
-            self._feed(name, SpawnFailed(message))
-            return
+        env = self._child_env(spec)
+        self._probes.before_spawn(spec, env)  # ($NOTIFY_SOCKET; what exec probes run with)
+        if spec.kind == Kind.CELERY:
+            argv, env = self._workers.prepare_spawn(spec, env)
+        return LaunchSpec(
+            argv=argv,
+            env=env,
+            cwd=spec.cwd,
+            user=spec.user,
+            stdout_path=out,
+            stderr_path=err,
+            mark=make_mark(self.branch_id, name),
+            umask=spec.umask,
+            log_max_bytes=spec.log_max_bytes,
+            log_backups=spec.log_backups,
+            cgroup=name,
+            limits=Limits(spec.memory_max, spec.cpu_max, spec.pids_max),
+        )
+
+    def _spawn_failed(self, name: str, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, BranchdError) else str(exc) or repr(exc)
+        if not isinstance(exc, BranchdError | OSError):
+            log.error("unexpected failure starting %s", name, exc_info=exc)
+        log.warning("cannot start %s: %s", name, message)
+        self._feed(name, SpawnFailed(message))
+
+    def _launched(self, name: str, spec: InstanceSpec, launched: Launched) -> None:
         self._runtime[name] = replace(
             self._runtime[name], create_time=launched.create_time, started_at=self._clock.wall()
         )

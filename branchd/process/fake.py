@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal as _signal_mod
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class FakeLauncher:
         #: pids that ignore every signal but SIGKILL.
         self.stubborn: set[int] = set()
         self._failures: deque[str] = deque()
+        self._spawning = threading.Lock()
         self.closed = False
         #: pid -> the cause its next exit reports (exit_cause), as a cgroup's OOM kill.
         self.causes: dict[int, str] = {}
@@ -128,12 +130,13 @@ class FakeLauncher:
     def spawn(self, spec: LaunchSpec) -> Launched:
         if not spec.argv:
             raise SpawnError("empty command")
-        if self._failures:
-            raise SpawnError(self._failures.popleft())
-        pid = self._new_pid()
-        proc = FakeProcess(pid, self._new_time(), spec=spec)
-        self.procs[pid] = proc
-        self.spawned.append(spec)
+        with self._spawning:  # (spawns may come from several threads at once)
+            if self._failures:
+                raise SpawnError(self._failures.popleft())
+            pid = self._new_pid()
+            proc = FakeProcess(pid, self._new_time(), spec=spec)
+            self.procs[pid] = proc
+            self.spawned.append(spec)
         return Launched(pid, proc.create_time)
 
     def watch(self, pid: int, on_exit: ExitCallback) -> None:

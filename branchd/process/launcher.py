@@ -5,13 +5,16 @@ a ``Launcher`` does it. ``ProcessLauncher`` is the real one; the in-memory
 twin is ``branchd.process.fake.FakeLauncher``.
 
 Each child runs in its own session (so its pid is also its process group id,
-and a group signal reaches its grandchildren) and writes straight into its
-log files: no pipe to the daemon, so output keeps landing there while the
-daemon is down. Death is noticed through a pidfd in the event loop, not by
-polling. Where the machine allows, each child also joins its instance's
-cgroup before it execs (``branchd.process.cgroups``): its whole tree is then
-signalled, killed, counted and adopted through the cgroup, so a grandchild
-that left the session with setsid goes with it too.
+and a group signal reaches its grandchildren). Its stdout and stderr go into
+pipes held by the branch's log writer (``logpipes``, ``logwriter``), a
+process of its own that rotates at write time; no pipe goes to the daemon,
+so output keeps landing while the daemon is down. Without a writer (none
+given, rotation off, or none to be had) the child writes straight into its
+files. Death is noticed through a pidfd in the event loop, not by polling.
+Where the machine allows, each child also joins its instance's cgroup before
+it execs (``branchd.process.cgroups``): its whole tree is then signalled,
+killed, counted and adopted through the cgroup, so a grandchild that left the
+session with setsid goes with it too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pwd
 import secrets
 import stat
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,9 +36,10 @@ from typing import Protocol
 
 import psutil
 
-from branchd.errors import SpawnError
+from branchd.errors import LogWriterUnavailable, SpawnError
 from branchd.process.cgroups import CgroupTree, Limits, Mode, Prepared
 from branchd.process.envfile import parse_env_file
+from branchd.process.logpipes import LogPipes
 from branchd.views import CgroupStats, TreeStats
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,10 @@ class LaunchSpec:
     mark: str | None = None
     #: Set in the child before exec (None: the daemon's own).
     umask: int | None = None
+    #: Rotation of the log files at write time, by the log writer (0: off,
+    #: and the child writes into its files directly).
+    log_max_bytes: int = 0
+    log_backups: int = 0
     #: The instance whose cgroup the child joins before exec, when the
     #: launcher has cgroups (None: none).
     cgroup: str | None = None
@@ -120,7 +129,10 @@ class Launched:
 
 class Launcher(Protocol):
     def spawn(self, spec: LaunchSpec) -> Launched:
-        """Start a process; raise SpawnError with a clear message if it cannot."""
+        """Start a process; raise SpawnError with a clear message if it cannot.
+
+        Unlike the other methods, it may be called from several threads at
+        once (the engine launches held spawns together): it touches no loop."""
         ...
 
     def watch(self, pid: int, on_exit: ExitCallback) -> None:
@@ -176,17 +188,28 @@ class _Watch:
 class ProcessLauncher:
     """The real launcher: ``subprocess.Popen`` children watched through pidfds.
 
-    All methods must be called from the thread running ``loop``.
+    All methods but ``spawn`` must be called from the thread running ``loop``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cgroups: CgroupTree | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pipes: LogPipes | None = None,
+        *,
+        cgroups: CgroupTree | None = None,
+    ) -> None:
         self._loop = loop
+        self._pipes = pipes
         self._cgroups = cgroups
         #: pid -> the instance whose cgroup it was spawned (or adopted) in;
-        #: kept after its death, for the Reap of what it left.
+        #: kept after its death, for the Reap of what it left. (spawn runs on
+        #: several threads: its changes hold the lock.)
         self._cgroup_of: dict[int, str] = {}
+        self._cgroup_lock = threading.Lock()
         #: cgroup pid -> (cpu usage_usec, monotonic) at the last sample.
         self._cpu_samples: dict[int, tuple[int, float]] = {}
+        #: pid -> its log files, when they are written through the log writer
+        self._piped: dict[int, tuple[Path, Path]] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._watches: dict[int, _Watch] = {}
         #: root pid -> {pid: psutil.Process} of its tree at the last sample,
@@ -206,15 +229,8 @@ class ProcessLauncher:
         uid, gid, groups = _user_ids(spec.user)
         prepared = self._prepare_cgroup(spec)
         try:
-            out = _open_log(spec.stdout_path, uid, gid)
+            out, err, piped = self._log_fds(spec, uid, gid)
         except BaseException:
-            if prepared is not None:
-                prepared.close()
-            raise
-        try:
-            err = _open_log(spec.stderr_path, uid, gid)
-        except BaseException:
-            os.close(out)
             if prepared is not None:
                 prepared.close()
             raise
@@ -256,15 +272,40 @@ class ProcessLauncher:
                 prepared.close()
         self._children[popen.pid] = popen
         if prepared is not None and spec.cgroup is not None:
-            for old in [p for p, name in self._cgroup_of.items() if name == spec.cgroup]:
-                del self._cgroup_of[old]
-            self._cgroup_of[popen.pid] = spec.cgroup
+            with self._cgroup_lock:
+                for old in [p for p, name in self._cgroup_of.items() if name == spec.cgroup]:
+                    del self._cgroup_of[old]
+                self._cgroup_of[popen.pid] = spec.cgroup
+        if piped:
+            self._piped[popen.pid] = (spec.stdout_path, spec.stderr_path)
         try:
             create_time = psutil.Process(popen.pid).create_time()
         except psutil.Error:  # not reaped yet, so this should not happen
             create_time = 0.0
         log.debug("spawned %s as pid %d", spec.argv[0], popen.pid)
         return Launched(pid=popen.pid, create_time=create_time)
+
+    def _log_fds(self, spec: LaunchSpec, uid: int | None, gid: int | None) -> tuple[int, int, bool]:
+        """The child's (stdout, stderr) and whether they go through the writer."""
+        if self._pipes is not None and spec.log_max_bytes > 0:
+            limits = spec.log_max_bytes, spec.log_backups
+            try:
+                out = self._pipes.open(spec.stdout_path, *limits, uid, gid)
+                try:
+                    err = self._pipes.open(spec.stderr_path, *limits, uid, gid)
+                except BaseException:
+                    os.close(out)
+                    raise
+                return out, err, True
+            except LogWriterUnavailable as e:
+                log.warning("%s; %s is written directly", e.message, spec.stdout_path.name)
+        out = _open_log(spec.stdout_path, uid, gid)
+        try:
+            err = _open_log(spec.stderr_path, uid, gid)
+        except BaseException:
+            os.close(out)
+            raise
+        return out, err, False
 
     def _prepare_cgroup(self, spec: LaunchSpec) -> Prepared | None:
         """The instance's cgroups, made and limited, with their cgroup.procs
@@ -314,7 +355,8 @@ class ProcessLauncher:
         if self._cgroups is not None and pid not in self._cgroup_of:
             adopted = self._cgroups.instance_of(pid)  # (a daemon before us spawned it)
             if adopted is not None:
-                self._cgroup_of[pid] = adopted
+                with self._cgroup_lock:
+                    self._cgroup_of[pid] = adopted
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:  # already gone (and, if ours, already reaped)
@@ -350,13 +392,25 @@ class ProcessLauncher:
         os.close(watch.fd)
         self._children.pop(pid, None)
         self._stats.pop(pid, None)
+        self._drain(pid)
         for callback in watch.callbacks:
             try:
                 callback(code)
             except Exception:
                 log.exception("exit callback for pid %d failed", pid)
 
+    def _drain(self, pid: int) -> None:
+        """What the child wrote is in its files before its exit is told (the
+        start-failure line is read from there)."""
+        paths = self._piped.pop(pid, None)
+        if paths is not None and self._pipes is not None:
+            try:
+                self._pipes.drain(paths)
+            except LogWriterUnavailable as e:
+                log.warning("%s", e.message)
+
     def _reap(self, pid: int) -> int | None:
+        self._drain(pid)
         popen = self._children.pop(pid, None)
         return popen.poll() if popen is not None else None
 
@@ -480,9 +534,10 @@ class ProcessLauncher:
         return self._cgroups.exit_cause(instance, code)
 
     def release(self, instance: str) -> None:
-        for pid in [p for p, name in self._cgroup_of.items() if name == instance]:
-            del self._cgroup_of[pid]
-            self._cpu_samples.pop(pid, None)
+        with self._cgroup_lock:
+            for pid in [p for p, name in self._cgroup_of.items() if name == instance]:
+                del self._cgroup_of[pid]
+                self._cpu_samples.pop(pid, None)
         if self._cgroups is not None:
             self._cgroups.remove(instance)
 
@@ -502,6 +557,7 @@ class ProcessLauncher:
             os.close(watch.fd)
         self._watches.clear()
         self._stats.clear()
+        self._piped.clear()
         if self._cgroups is not None:
             # The cgroups of instances still running stay for the next daemon;
             # those of the others go, with what dies in them yet (no orphans).

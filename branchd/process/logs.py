@@ -1,10 +1,13 @@
-"""Instance log files: where they live, copy-truncate rotation, tail and follow.
+"""Instance log files: where they live, tail and follow, and the rotation loop.
 
-A child holds its log files open with O_APPEND and writes into them directly,
-even while the daemon is down. So rotation cannot rename the file under it:
-it copies the newest bytes to ``<file>.1`` and truncates the file in place;
-the child's next write lands at offset 0. Bytes written between the copy and
-the truncation are lost; the window is one ``read()`` long.
+A child's output normally reaches its files through the branch's log writer
+(``logwriter``), which rotates at write time by rename, losing nothing. Some
+children write into their files directly: started with rotation off, or by
+an older daemon and adopted, or when no writer could be had. Rotation cannot
+rename a file under such a child, so for those files only the loop here
+copies the newest bytes to ``<file>.1`` and truncates the file in place
+(copy-truncate); the child's next write lands at offset 0, and bytes written
+between the copy and the truncation are lost (the window is one ``read()``).
 
 These functions do blocking file I/O; callers on the event loop should run
 ``rotate_if_needed`` and ``tail`` of big files in a thread. ``LogService`` is
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from branchd.clock import Scheduler
-from branchd.errors import Invalid
+from branchd.errors import Invalid, LogWriterUnavailable
 from branchd.model import InstanceSpec, valid_name
+from branchd.process.logpipes import LogPipes
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +227,12 @@ def follow(path: Path, poll_interval: float = 0.2) -> AsyncGenerator[str, None]:
     The starting offset is taken now, not at the first ``anext()``; use as
     ``async for line in follow(path)``, and ``aclose()`` it when done.
 
-    Survives copy-truncate rotation (the size drops below our offset: start
-    again at 0) and the file being replaced (new inode). A file that does not
-    exist yet is waited for. A truncation followed by growth past our old
-    offset within one poll goes unnoticed; keep the poll short.
+    Survives rotation by rename (a new inode at the path: the old file is
+    read to its end first, through the descriptor held on it, so no line
+    written before the rename is missed), copy-truncate rotation (the size
+    drops below our offset: start again at 0) and an external move. A file
+    that does not exist yet is waited for. A truncation followed by growth
+    past our old offset within one poll goes unnoticed; keep the poll short.
 
     What it holds is bounded whatever the reader's pace: it reads only when
     asked for the next line (a slow reader leaves the rest in the file), at
@@ -240,27 +246,55 @@ async def _follow(
     path: Path, offset: int, inode: int | None, poll_interval: float
 ) -> AsyncGenerator[str, None]:
     pending = b""
-    while True:
-        size, now_inode = _size_and_inode(path)
-        if now_inode != inode or size < offset:
-            offset, inode, pending = 0, now_inode, b""
-        if size <= offset:
+    held: BinaryIO | None = None  # the file at offset, once opened
+    try:
+        while True:
+            if held is None and inode is not None:
+                held = _open_inode(path, inode)
+                if held is None:  # gone before we held it: the next one from 0
+                    offset, inode = 0, None
+            if held is not None:
+                size = os.fstat(held.fileno()).st_size
+                if size < offset:  # truncated in place (copy-truncate)
+                    offset, pending = 0, b""
+                if size > offset:
+                    data = os.pread(held.fileno(), min(size - offset, _BLOCK * 16), offset)
+                    offset += len(data)
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    if len(pending) >= MAX_LINE:
+                        lines.append(pending)
+                        pending = b""
+                    for line in lines:
+                        yield line.decode("utf-8", errors="replace")
+                    continue  # read on to the end before looking at the path
+            _, now_inode = _size_and_inode(path)
+            if now_inode != inode:
+                # Rotated or moved: all of the old file was read just above.
+                if held is not None:
+                    held.close()
+                    held = None
+                offset, inode = 0, now_inode
+                if pending:
+                    yield pending.decode("utf-8", errors="replace")
+                    pending = b""
+                continue
             await asyncio.sleep(poll_interval)
-            continue
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(min(size - offset, _BLOCK * 16))
-        except FileNotFoundError:
-            continue
-        offset += len(data)
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        if len(pending) >= MAX_LINE:
-            lines.append(pending)
-            pending = b""
-        for line in lines:
-            yield line.decode("utf-8", errors="replace")
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _open_inode(path: Path, inode: int) -> BinaryIO | None:
+    """``path`` opened for reading if it still is that inode."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (held across polls; closed by the caller)
+    except FileNotFoundError:
+        return None
+    if os.fstat(f.fileno()).st_ino != inode:
+        f.close()
+        return None
+    return f
 
 
 def _size_and_inode(path: Path) -> tuple[int, int | None]:
@@ -282,9 +316,16 @@ class LogService:
     """Instances' log files: paths, tail, follow, and the rotation loop."""
 
     def __init__(
-        self, log_dir: Path, instances: Instances, check_interval: float, *, scheduler: Scheduler
+        self,
+        log_dir: Path,
+        instances: Instances,
+        check_interval: float,
+        *,
+        scheduler: Scheduler,
+        pipes: LogPipes | None = None,
     ) -> None:
         self._log_dir = log_dir
+        self._pipes = pipes
         self._sched = scheduler
         self._instances = instances
         self._interval = check_interval
@@ -300,6 +341,14 @@ class LogService:
 
     def follow_logs(self, app: str, name: str, stream: str) -> AsyncIterator[str]:
         return follow(self.path(app, name, stream))
+
+    async def reopen(self) -> int:
+        """Have the log writer reopen every file by its path (after an
+        external logrotate moved them); how many it reopened. A child that
+        writes into its file directly keeps the file it has."""
+        if self._pipes is None:
+            return 0
+        return await asyncio.to_thread(self._pipes.reopen)
 
     async def rotate_once(self) -> None:
         """One step of the rotation loop: every instance's files over their limit."""
@@ -321,8 +370,21 @@ class LogService:
             await self.rotate_once()
 
     def _rotate_all(self, specs: list[InstanceSpec]) -> None:
+        written: dict[str, tuple[int, int]] = {}
+        if self._pipes is not None:
+            try:
+                written = self._pipes.files()
+            except LogWriterUnavailable as e:
+                log.warning("%s", e.message)
         for spec in specs:
+            limits = spec.log_max_bytes, spec.log_backups
             for path in log_paths(self._log_dir, spec.app, spec.name):
+                if str(path) in written:
+                    # the writer rotates it as it writes; a changed limit applies now
+                    if written[str(path)] != limits and self._pipes is not None:
+                        with contextlib.suppress(LogWriterUnavailable):
+                            self._pipes.set_limits(path, *limits)
+                    continue
                 try:
                     rotate_if_needed(path, spec.log_max_bytes, spec.log_backups)
                 except OSError:

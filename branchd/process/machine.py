@@ -27,6 +27,10 @@ class Proc:
     reason: str | None = None
     spawned_once: bool = False
     killed_for: str | None = None  # why the supervisor itself killed the process
+    #: Why it is not ready yet, this spawn: its readiness probe's last failure
+    #: (starting), or what it still waits for (waiting).
+    not_ready: str | None = None
+    live_failed: int = 0  # liveness probe failures in a row, this spawn
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,37 @@ class Hung:
 
 
 @dataclass(frozen=True)
+class DepsReady:
+    """Every instance it starts after is running (ready): spawn it now."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """It still waits for the instances it starts after, for this reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """Its readiness probe failed (or said where it is): not running yet."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LiveFailed:
+    """Its liveness probe failed once."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LiveOk:
+    """Its liveness probe passed: the count of failures in a row starts over."""
+
+
+@dataclass(frozen=True)
 class Adopt:
     """A live process from before a daemon restart is ours again.
 
@@ -113,7 +148,23 @@ class Adopt:
     up_for: float = float("inf")
 
 
-Event = Start | Stop | Restart | Spawned | SpawnFailed | Exited | Timeout | Adopt | Ready | Hung
+Event = (
+    Start
+    | Stop
+    | Restart
+    | Spawned
+    | SpawnFailed
+    | Exited
+    | Timeout
+    | Adopt
+    | Ready
+    | Hung
+    | DepsReady
+    | Waiting
+    | NotReady
+    | LiveFailed
+    | LiveOk
+)
 
 # Commands ---------------------------------------------------------------
 
@@ -139,7 +190,12 @@ class Reap:
     """The main process is gone: SIGKILL whatever is left of its group."""
 
 
-Command = Spawn | Signal | Kill | Reap
+@dataclass(frozen=True)
+class Await:
+    """Look at the instances it starts after: answer DepsReady, or Waiting."""
+
+
+Command = Spawn | Signal | Kill | Reap | Await
 
 _LIVE = (State.STARTING, State.RUNNING, State.STOPPING)
 
@@ -155,7 +211,8 @@ def step(
     s = proc.state
     match event:
         case Start() | Restart() if s in (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF):
-            return _spawn(replace(proc, retries=0, reason=None), now, restart=proc.spawned_once)
+            fresh = replace(proc, retries=0, reason=None)
+            return _start(fresh, policy, now, restart=proc.spawned_once)
         case Start():
             if s == State.STOPPING:
                 return replace(proc, then_start=True), []
@@ -175,6 +232,8 @@ def step(
         # Only the answer to our own Spawn: a stray one never replaces a live pid.
         case Spawned(pid=pid) if s == State.STARTING and proc.pid is None:
             proc = replace(proc, pid=pid, started=now, stop_step=None)
+            if policy.ready_by_probe:
+                return replace(proc, deadline=now + policy.ready_timeout), []
             if policy.ready_by_ping:
                 deadline = now + policy.startsecs if policy.startsecs > 0 else None
                 return replace(proc, deadline=deadline), []
@@ -193,6 +252,23 @@ def step(
             return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
         case Hung(reason=reason) if s in (State.STARTING, State.RUNNING) and proc.pid is not None:
             return replace(proc, killed_for=reason), [Kill()]
+        case DepsReady() if s == State.WAITING:
+            # (its reason said what it waited for: over now)
+            return _spawn(replace(proc, reason=None), now, restart=proc.spawned_once)
+        case Waiting(reason=reason) if s == State.WAITING:
+            return replace(proc, not_ready=reason, reason=reason), []
+        case NotReady(reason=reason) if (
+            s == State.STARTING and proc.pid is not None and policy.ready_by_probe
+        ):
+            return replace(proc, not_ready=reason, reason=f"not ready: {reason}"), []
+        case LiveFailed(reason=reason) if s == State.RUNNING and proc.pid is not None:
+            failed = proc.live_failed + 1
+            if failed < policy.live_failures:
+                return replace(proc, live_failed=failed), []
+            why = f"liveness probe failed {failed} time(s) in a row: {reason}"
+            return _begin_stop(replace(proc, then_start=True, killed_for=why), policy, now)
+        case LiveOk() if s == State.RUNNING and proc.live_failed:
+            return replace(proc, live_failed=0), []
         case Adopt(pid=pid, was=was, up_for=up_for) if s not in _LIVE:
             return _adopt(proc, pid, was, up_for, policy, now), []
     return proc, []
@@ -201,6 +277,8 @@ def step(
 def _adopt(proc: Proc, pid: int, was: State, up_for: float, policy: Policy, now: float) -> Proc:
     live = replace(proc, pid=pid, started=now, spawned_once=True, reason=None)
     if was == State.STARTING:
+        if policy.ready_by_probe:  # as for a ping: a full window from now
+            return replace(live, state=State.STARTING, deadline=now + policy.ready_timeout)
         if policy.ready_by_ping:
             # running only once it answers a ping: a full window for that from now
             deadline = now + policy.startsecs if policy.startsecs > 0 else None
@@ -209,6 +287,24 @@ def _adopt(proc: Proc, pid: int, was: State, up_for: float, policy: Policy, now:
         if left > 0:
             return replace(live, state=State.STARTING, deadline=now + left)
     return replace(live, state=State.RUNNING, retries=0, deadline=None)
+
+
+def _start(proc: Proc, policy: Policy, now: float, *, restart: bool) -> tuple[Proc, list[Command]]:
+    """A spawn, or, for an instance that starts after others, the wait for them
+    first (the restart is counted at the spawn itself)."""
+    if not policy.awaits:
+        return _spawn(proc, now, restart=restart)
+    waiting = replace(
+        proc,
+        state=State.WAITING,
+        pid=None,
+        deadline=now + policy.after_timeout,
+        then_start=False,
+        not_ready=None,
+        # (what came up before is gone: it is counted again, as a restart, at its spawn)
+        spawned_once=proc.spawned_once or restart,
+    )
+    return waiting, [Await()]
 
 
 def _spawn(proc: Proc, now: float, *, restart: bool) -> tuple[Proc, list[Command]]:
@@ -222,6 +318,8 @@ def _spawn(proc: Proc, now: float, *, restart: bool) -> tuple[Proc, list[Command
             then_start=False,
             restarts=proc.restarts + (1 if restart else 0),
             spawned_once=True,
+            not_ready=None,
+            live_failed=0,
         ),
         [Spawn()],
     )
@@ -272,7 +370,9 @@ def _exited(
         step_ = proc.stop_step or StopStep.SIGNAL
         gone = replace(gone, stop_step=step_)
         if proc.then_start:
-            nxt, cmds = _spawn(replace(gone, retries=0, reason=None), now, restart=True)
+            # (a restart the supervisor decided keeps saying why, as a kill does)
+            anew = replace(gone, retries=0, reason=proc.killed_for)
+            nxt, cmds = _start(anew, policy, now, restart=True)
             return nxt, [Reap(), *cmds]
         return replace(gone, state=State.STOPPED), [Reap()]
     if proc.state == State.STARTING:
@@ -287,7 +387,7 @@ def _exited(
         policy.autorestart == Autorestart.ON_FAILURE and not expected
     )
     if again:
-        nxt, cmds = _spawn(replace(gone, retries=0), now, restart=True)
+        nxt, cmds = _start(replace(gone, retries=0), policy, now, restart=True)
         return nxt, [Reap(), *cmds]
     return replace(gone, state=State.EXITED), [Reap()]
 
@@ -295,6 +395,12 @@ def _exited(
 def _timeout(
     proc: Proc, policy: Policy, now: float, backoff: Backoff
 ) -> tuple[Proc, list[Command]]:
+    if proc.state == State.STARTING and proc.pid is not None and policy.ready_by_probe:
+        # Never ready in time: kill it; its exit counts as a failed start.
+        reason = f"not ready within {policy.ready_timeout:g}s"
+        if proc.not_ready:
+            reason = f"{reason}: {proc.not_ready}"
+        return replace(proc, deadline=None, killed_for=reason), [Kill()]
     if proc.state == State.STARTING and proc.pid is not None and policy.ready_by_ping:
         # No answer in time: kill it; its exit counts as a failed start.
         reason = f"no answer to ping within {policy.startsecs:g}s"
@@ -302,7 +408,16 @@ def _timeout(
     if proc.state == State.STARTING and proc.pid is not None:
         return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
     if proc.state == State.BACKOFF:
-        return _spawn(proc, now, restart=True)
+        return _start(proc, policy, now, restart=True)
+    if proc.state == State.WAITING:
+        why = proc.not_ready or "waiting for the instances it starts after"
+        return _failed_start(
+            replace(proc, deadline=None),
+            policy,
+            now,
+            backoff,
+            f"{why}; gave up waiting after {policy.after_timeout:g}s",
+        )
     if proc.state == State.STOPPING:
         return replace(proc, deadline=None, stop_step=StopStep.KILL), [Kill()]
     return replace(proc, deadline=None), []

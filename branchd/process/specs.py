@@ -10,8 +10,10 @@ from branchd.celery.urls import broker_url_problem, is_embedded_url, result_back
 from branchd.errors import Invalid
 from branchd.model import (
     CELERY_FIELDS,
+    ORDER_FIELDS,
     POLICY_FIELDS,
     POOLS,
+    PROBE_FIELDS,
     App,
     Autorestart,
     Autoscale,
@@ -21,7 +23,9 @@ from branchd.model import (
     Kind,
     startretries_from,
     umask_from,
+    valid_name,
 )
+from branchd.process.probes import probe_text
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
 SPEC_FIELDS = (
@@ -38,7 +42,7 @@ SPEC_FIELDS = (
     "log_max_bytes",
     "log_backups",
 )
-SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS
+SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS + ORDER_FIELDS
 
 #: Celery workers take time to start and must be given time to finish their
 #: tasks on a stop (supervisord's 10 s kills long tasks; Celery's own sample
@@ -64,7 +68,10 @@ def build_spec(
     kind = Kind(fields.get("kind", Kind.PROCESS))
     check_kind_fields(kind, fields)
     base = dict(CELERY_DEFAULTS) if kind == Kind.CELERY else {}
-    merged = {**base, **_one_concurrency(app.defaults, fields), **fields}
+    defaults = _one_concurrency(app.defaults, fields)
+    if kind == Kind.CELERY:  # (an app's probes are for its processes: a worker has its ping)
+        defaults = {k: v for k, v in defaults.items() if k not in PROBE_FIELDS}
+    merged = {**base, **defaults, **fields}
     return apply_fields(
         InstanceSpec(app=app.name, name=name, command=(), branch=branch, created_at=now), merged
     )
@@ -77,6 +84,8 @@ def creation_fields(spec: InstanceSpec) -> dict[str, Any]:
     change it on the way); created running only if it is wanted running."""
     wire = spec.to_wire()
     keys = [k for k in SETTABLE if spec.kind == Kind.CELERY or k not in CELERY_FIELDS]
+    if spec.kind == Kind.CELERY:
+        keys = [k for k in keys if k not in PROBE_FIELDS]
     if spec.kind == Kind.CELERY:
         keys.remove("command")  # (built from the app)
     body = {k: wire[k] for k in keys if wire.get(k) is not None}
@@ -93,6 +102,13 @@ def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:
             raise Invalid(
                 f"{', '.join(extra)}: only for a celery instance (this one is a process); "
                 "give kind celery, or leave them out"
+            )
+    if kind == Kind.CELERY:
+        probes = sorted(k for k in fields if k in PROBE_FIELDS)
+        if probes:
+            raise Invalid(
+                f"{', '.join(probes)}: only for a process instance (a celery worker is "
+                "ready once it answers a ping, and its health rounds restart a hung one)"
             )
 
 
@@ -131,8 +147,10 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             pol["startretries"] = startretries_from(pol["startretries"])
         except ValueError as exc:
             raise Invalid(str(exc)) from None
+    pol.update(_order_policy(fields))
     policy = replace(spec.policy, **pol)
     plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields}
+    plain.update(_order_plain(fields))
     for key in ("command", "queues", "args"):
         if key in plain:
             plain[key] = tuple(plain[key])
@@ -168,6 +186,50 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             raise Invalid("queues must not repeat")
     if policy.startretries is not None and policy.startretries < 1:
         raise Invalid('startretries must be at least 1 (or "forever")')
+    return out
+
+
+def _order_policy(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy's start order and probe fields among ``fields``."""
+    out: dict[str, Any] = {}
+    for key in ("after_timeout", "ready_timeout"):
+        if key in fields:
+            out[key] = float(fields[key])
+            if out[key] <= 0:
+                raise Invalid(f"{key} must be more than 0 seconds")
+    if "live_failures" in fields:
+        out["live_failures"] = int(fields["live_failures"])
+        if out["live_failures"] < 1:
+            raise Invalid("live_failures must be at least 1")
+    return out
+
+
+def _order_plain(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's own start order and probe fields among ``fields``."""
+    out: dict[str, Any] = {}
+    if "after" in fields:
+        names = () if fields["after"] is None else tuple(fields["after"])
+        bad = [n for n in names if not isinstance(n, str) or not valid_name(n)]
+        if bad:
+            raise Invalid(f"after: {bad[0]!r} is not an instance name")
+        if len(set(names)) != len(names):
+            raise Invalid("after: names must not repeat")
+        out["after"] = names
+    if "priority" in fields:
+        out["priority"] = int(fields["priority"])
+    for key in ("ready", "live"):
+        if key in fields:
+            try:
+                out[key] = probe_text(fields[key])
+            except ValueError as exc:
+                raise Invalid(f"{key}: {exc}") from None
+    if out.get("live") == "notify":
+        raise Invalid("live: notify says when a process is ready, not whether it lives on")
+    for key in ("live_period", "live_timeout"):
+        if key in fields:
+            out[key] = float(fields[key])
+            if out[key] <= 0:
+                raise Invalid(f"{key} must be more than 0 seconds")
     return out
 
 

@@ -3,6 +3,7 @@
 from branchctl.client import DEFAULT_URL, AsyncClient, Client, find_url
 from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
 from branchctl.models import (
+    ActionItem,
     App,
     Autoscale,
     Branch,
@@ -16,6 +17,7 @@ from branchctl.models import (
 
 __all__ = [
     "DEFAULT_URL",
+    "ActionItem",
     "ApiError",
     "App",
     "AsyncClient",

@@ -18,7 +18,17 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from branchctl.errors import ApiError, ConnectionFailed, NoAnswer
-from branchctl.models import App, Autoscale, Branch, Consumer, Instance, Member, Queue, Stats
+from branchctl.models import (
+    ActionItem,
+    App,
+    Autoscale,
+    Branch,
+    Consumer,
+    Instance,
+    Member,
+    Queue,
+    Stats,
+)
 
 __all__ = [
     "DEFAULT_URL",
@@ -238,26 +248,42 @@ class AsyncClient:
         path: str,
         body: Any = None,
         params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, bytes]:
-        """Send one request; answer (status, body) of a 2xx, raise otherwise."""
+        """Send one request; answer (status, body) of a 2xx, raise otherwise.
+        ``timeout``: this request's own bound (default: the client's)."""
         log.debug("%s %s", method, path)
         sent = {"sent": False}  # set by _mark_sent once the request went out
+        bound = aiohttp.ClientTimeout(total=self.timeout if timeout is None else timeout)
         try:
             async with self._get_session().request(
-                method, self.url + path, json=body, params=params, trace_request_ctx=sent
+                method,
+                self.url + path,
+                json=body,
+                params=params,
+                trace_request_ctx=sent,
+                timeout=bound,
             ) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._failed(exc, sent["sent"]) from exc
+            failed = self._failed(exc, sent["sent"])
+            if timeout is not None and isinstance(failed, NoAnswer):
+                failed = NoAnswer(self.url, timeout)
+            raise failed from exc
         if status >= 400:
             raise ApiError.from_body(status, data)
         return status, data
 
     async def _json(
-        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, Any]:
-        status, data = await self._call(method, path, body, params)
+        status, data = await self._call(method, path, body, params, timeout)
         try:
             return status, json.loads(data)
         except ValueError:
@@ -492,6 +518,72 @@ class AsyncClient:
         status, data = await self._json("POST", path, fields, params)
         return self._parse(Instance.from_json, data, status)
 
+    async def add_instances(
+        self, app: str, count: int, name: str, *, start_at: int = 0, **fields: Any
+    ) -> list[Instance]:
+        """Create ``count`` instances from one set of InstanceIn ``fields``, named by
+        the template ``name`` (``"worker_{n:02d}"``: ``{n}`` or ``{n:0Wd}``, numbered
+        from ``start_at``); all or none (``ApiError`` naming the rule). On a single
+        branch: a cluster refuses it (422), create them one by one there."""
+        body = {**fields, "count": count, "name": name, "start_at": start_at}
+        _, data = await self._json("POST", f"/v1/apps/{_seg(app)}/instances", body)
+        return self._items(Instance.from_json, data)
+
+    async def _app_action(
+        self,
+        app: str,
+        action: str,
+        rolling: bool,
+        batch: int | None,
+        wait: bool,
+        timeout: float | None,
+    ) -> list[ActionItem]:
+        params: dict[str, str] = {} if wait else {"wait": "false"}
+        if rolling:
+            params["rolling"] = "1"
+            if batch is not None:
+                params["batch"] = str(batch)
+        path = f"/v1/apps/{_seg(app)}/{action}"
+        _, data = await self._json("POST", path, params=params or None, timeout=timeout)
+        return self._items(ActionItem.from_json, data)
+
+    async def start_app(
+        self,
+        app: str,
+        *,
+        rolling: bool = False,
+        batch: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[ActionItem]:
+        """Start every instance of ``app`` (on the branch asked) at once, or with
+        ``rolling`` ``batch`` at a time (default 1); answers each one's outcome
+        once all got there (``wait=False``: at once, ``pending``). ``timeout``
+        bounds this call (default: the client's): a start waits for ``startsecs``."""
+        return await self._app_action(app, "start", rolling, batch, wait, timeout)
+
+    async def stop_app(
+        self, app: str, *, wait: bool = True, timeout: float | None = None
+    ) -> list[ActionItem]:
+        """Stop every instance of ``app`` at once (each drains as a stop alone does);
+        answers each one's outcome once all stopped (``wait=False``: at once)."""
+        return await self._app_action(app, "stop", False, None, wait, timeout)
+
+    async def restart_app(
+        self,
+        app: str,
+        *,
+        rolling: bool = False,
+        batch: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[ActionItem]:
+        """Restart every instance of ``app`` at once, or with ``rolling`` ``batch``
+        at a time (the next batch once the one before runs again; a batch that
+        does not stops the roll, the rest ``skipped``); answers each one's outcome
+        (``wait=False``: at once, the roll goes on in the daemon)."""
+        return await self._app_action(app, "restart", rolling, batch, wait, timeout)
+
     async def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
         """Patch an instance (InstancePatch fields); it takes effect at the next start."""
         _, data = await self._json("PATCH", _instance_path(app, name), fields)
@@ -533,6 +625,15 @@ class AsyncClient:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
 
+    async def app_stats(self, app: str) -> list[Stats]:
+        """Every instance of ``app`` with its process-tree figures (CPU, RSS,
+        processes; no Celery part), from every live branch of a cluster (each
+        names its ``branch``; silent branches land in ``unreachable``)."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/stats")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return self._items(Stats.from_json, data)
+
     # -- queues (declarations of an app) -------------------------------------
 
     async def queues(self, app: str) -> list[Queue]:
@@ -544,6 +645,14 @@ class AsyncClient:
         """The declaration of ``queue`` in ``app``."""
         _, data = await self._json("GET", _queue_path(app, queue))
         return self._parse(Queue.from_json, data)
+
+    async def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        """The instances of ``app`` that consume ``queue`` (``app``, ``name``,
+        ``branch``, ``state``), from every live branch of a cluster."""
+        _, data = await self._json("GET", f"{_queue_path(app, queue)}/consumers")
+        self.unreachable = []
+        self._note_unreachable(data)
+        return [dict(i) for i in data.get("items", ())]
 
     async def put_queue(
         self,
@@ -611,6 +720,12 @@ class AsyncClient:
         params = {"stream": stream, "tail": str(tail)}
         _, data = await self._call("GET", f"{_instance_path(app, name)}/logs", params=params)
         return data.decode("utf-8", errors="replace")
+
+    async def reopen_logs(self) -> int:
+        """Have the branch reopen its instances' log files by path (after an
+        external logrotate moved them); how many files it reopened."""
+        _, data = await self._json("POST", "/v1/logs/reopen")
+        return int(data["reopened"])
 
     async def follow_logs(
         self, app: str, name: str, stream: str = "stdout", tail: int = 100
@@ -789,6 +904,42 @@ class Client:
     def add_instance(self, app: str, *, branch: str | None = None, **fields: Any) -> Instance:
         return self._run(self._async.add_instance(app, branch=branch, **fields))
 
+    def add_instances(
+        self, app: str, count: int, name: str, *, start_at: int = 0, **fields: Any
+    ) -> list[Instance]:
+        return self._run(self._async.add_instances(app, count, name, start_at=start_at, **fields))
+
+    def start_app(
+        self,
+        app: str,
+        *,
+        rolling: bool = False,
+        batch: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[ActionItem]:
+        return self._run(
+            self._async.start_app(app, rolling=rolling, batch=batch, wait=wait, timeout=timeout)
+        )
+
+    def stop_app(
+        self, app: str, *, wait: bool = True, timeout: float | None = None
+    ) -> list[ActionItem]:
+        return self._run(self._async.stop_app(app, wait=wait, timeout=timeout))
+
+    def restart_app(
+        self,
+        app: str,
+        *,
+        rolling: bool = False,
+        batch: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[ActionItem]:
+        return self._run(
+            self._async.restart_app(app, rolling=rolling, batch=batch, wait=wait, timeout=timeout)
+        )
+
     def update_instance(self, app: str, name: str, **fields: Any) -> Instance:
         return self._run(self._async.update_instance(app, name, **fields))
 
@@ -806,6 +957,12 @@ class Client:
 
     def stats(self, app: str, name: str) -> Stats:
         return self._run(self._async.stats(app, name))
+
+    def app_stats(self, app: str) -> list[Stats]:
+        return self._run(self._async.app_stats(app))
+
+    def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
+        return self._run(self._async.queue_consumers(app, queue))
 
     def queues(self, app: str) -> list[Queue]:
         return self._run(self._async.queues(app))
@@ -846,6 +1003,9 @@ class Client:
 
     def logs(self, app: str, name: str, stream: str = "stdout", tail: int = 100) -> str:
         return self._run(self._async.logs(app, name, stream, tail))
+
+    def reopen_logs(self) -> int:
+        return self._run(self._async.reopen_logs())
 
     def follow_logs(
         self, app: str, name: str, stream: str = "stdout", tail: int = 100

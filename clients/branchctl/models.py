@@ -111,6 +111,19 @@ class Instance:
     startretries: int | str = 3
     stopsignal: str = "TERM"
     stopwaitsecs: float = 10.0
+    #: Instances of its app it starts after (each start waits until they run).
+    after: tuple[str, ...] = ()
+    after_timeout: float = 60.0
+    #: Lower starts first (and stops last) when the daemon starts everything.
+    priority: int = 999
+    #: Readiness and liveness probes as text ("tcp:HOST:PORT", a URL, "exec:...",
+    #: "notify"); None: none (and always None for a celery instance).
+    ready: str | None = None
+    ready_timeout: float | None = None
+    live: str | None = None
+    live_period: float | None = None
+    live_timeout: float | None = None
+    live_failures: int | None = None
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
@@ -145,11 +158,34 @@ class Instance:
                 "exitcodes": tuple,
                 "env": _strings,
                 "env_file": _str_tuple,
+                "after": _str_tuple,
                 "queues": _str_tuple,
                 "args": _str_tuple,
                 "autoscale": _bounds,
             },
         )
+
+
+@dataclass(frozen=True)
+class ActionItem:
+    """One instance's part of an app action (``start_app``, ``stop_app``,
+    ``restart_app``): ``outcome`` is ``running``, ``stopped``, ``failed``,
+    ``timeout``, ``pending`` (not waited for) or ``skipped`` (a rolling action
+    stopped before its batch); ``error`` says why when it is not done right."""
+
+    name: str
+    outcome: str
+    error: str | None = None
+    instance: Instance | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("running", "stopped", "pending")
+
+    @classmethod
+    def from_json(cls, data: Any) -> ActionItem:
+        return _build(cls, data, {"instance": Instance.from_json})
 
 
 @dataclass(frozen=True)
@@ -164,6 +200,8 @@ class Stats:
     cpu_percent: float | None = None
     memory_rss: int | None = None
     processes: int = 0
+    #: The id of the branch that runs it.
+    branch: str | None = None
     #: What its cgroup counts ({"memory_current", "cpu_usage_usec", "oom_kills"});
     #: None when the branch runs without cgroups.
     cgroup: Mapping[str, Any] | None = None

@@ -124,7 +124,7 @@ def test_ping_branch_and_branches(api: Api) -> None:
     assert branch["cluster"] is None  # (supervision: as root, cgroups; test_cgroups.py)
     assert branch["supervision"] in ("cgroup-v2", "cgroup-v1-hybrid", "process-group")
     assert set(branch["instance_states"]) == {
-        "stopped", "starting", "running", "backoff", "stopping", "exited", "fatal"
+        "stopped", "waiting", "starting", "running", "backoff", "stopping", "exited", "fatal"
     }
     assert branches[0]["state"] == "alive" and branches[0]["self"] is True
     make_app(api)

@@ -140,6 +140,15 @@ def test_a_listing_gathers_every_branch_and_names_the_silent_one(
             ("on-b", id_b),
         }
         assert listing["unreachable"] == []
+        # an app's figures are gathered too
+        stats = x.ok("GET", "/v1/apps/web/stats")
+        assert {(i["name"], i["branch"]) for i in stats["items"]} == {
+            ("on-a", id_a),
+            ("on-b", id_b),
+        }
+        assert all(i["memory_rss"] >= 0 for i in stats["items"]) and stats["unreachable"] == []
+    # and the instances that consume a queue (declared ones: none here)
+    assert a.ok("GET", "/v1/apps/web/queues/jobs/consumers") == {"items": [], "unreachable": []}
     b.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
@@ -233,6 +242,12 @@ def test_a_drained_branch_takes_no_new_instance_until_undrained(
     wait_for(lambda: not a.ok("GET", f"/v1/branches/{id_b}")["capacity"]["draining"], 10)
     pinned = a.call("POST", f"/v1/apps/shop/instances?branch={id_b}", {"command": TICKER})
     assert pinned.status == 201 and pinned.body["branch"] == id_b
+    # a count create is not placed: refused in a cluster (422), before any name is reserved
+    count = {"count": 2, "name": "c{n}", "command": TICKER}
+    for x in (a, b):
+        refused = x.call("POST", f"/v1/apps/shop/instances?branch={id_b}", count)
+        assert refused.status == 422 and "one by one" in refused.body["error"]["message"]
+    assert a.ok("POST", "/v1/apps/shop/instances", {"name": "c0", "command": TICKER}, 201)
 
 
 def test_concurrent_creates_of_one_name_through_two_branches_make_one(
@@ -255,17 +270,22 @@ def _race(a: Branchd, b: Branchd, name: str) -> tuple[int, ...]:
     """Two creates of ``name`` at once, one through each branch: their statuses."""
     go = threading.Barrier(2)
     got: dict[str, int] = {}
+    errors: list[str] = []
 
     def create(x: Branchd, who: str) -> None:
         go.wait()
         body = {"name": name, "command": ["true"], "autostart": False}
-        got[who] = x.call("POST", "/v1/apps/shop/instances", body).status
+        reply = x.call("POST", "/v1/apps/shop/instances", body)
+        got[who] = reply.status
+        if reply.status not in (201, 409):
+            errors.append(reply.text)  # (said when the test fails)
 
     threads = [threading.Thread(target=create, args=(x, w)) for x, w in ((a, "a"), (b, "b"))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     return tuple(sorted(got.values()))
 
 

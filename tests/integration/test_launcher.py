@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -20,6 +21,8 @@ import pytest
 from branchd.errors import SpawnError
 from branchd.process.fake import FakeLauncher
 from branchd.process.launcher import Launched, Launcher, LaunchSpec, ProcessLauncher
+from branchd.process.logpipes import LogPipes
+from branchd.process.logs import last_line
 
 PY = sys.executable
 DEADLINE = 5.0
@@ -248,6 +251,47 @@ async def test_output_keeps_landing_after_the_launcher_is_gone(
     other.watch(launched.pid, exits.callback(launched.pid))
     assert await exits.wait(launched.pid) in (None, 0)  # may have ended before the watch
     other.close()
+
+
+async def test_through_the_log_writer_output_lands_rotated_after_the_launcher_is_gone(
+    spec: Callable[..., LaunchSpec], tmp_path: Path
+) -> None:
+    pipes = LogPipes(tmp_path / "logs")
+    launcher = ProcessLauncher(asyncio.get_running_loop(), pipes)
+    script = "import time\nfor i in range(100):\n    print(i, flush=True)\n    time.sleep(0.01)\n"
+    launched = launcher.spawn(replace(spec(PY, "-c", script), log_max_bytes=100, log_backups=1))
+    pipes.close()
+    launcher.close()  # the daemon goes away; the writer holds the pipes
+    out = tmp_path / "logs/app/x.stdout.log"
+    await wait_until(lambda: out.exists() and out.read_text().endswith("99\n"))
+    kept = (tmp_path / "logs/app/x.stdout.log.1").read_text() + out.read_text()
+    numbers = [int(line) for line in kept.splitlines()]
+    assert numbers == list(range(numbers[0], 100)) and out.stat().st_size <= 100
+    assert launched.pid  # (exited; subprocess reaps the abandoned child)
+
+
+async def test_a_child_s_last_words_are_in_its_file_when_its_exit_is_told(
+    spec: Callable[..., LaunchSpec], tmp_path: Path
+) -> None:
+    pipes = LogPipes(tmp_path / "logs")
+    launcher = ProcessLauncher(asyncio.get_running_loop(), pipes)
+    try:
+        # (a grandchild keeps the pipe open: no end of pipe tells the writer)
+        script = (
+            "import subprocess, sys\nsubprocess.Popen(['sleep', '5'])\n"
+            "sys.stderr.write('x' * 300000 + '\\nError: the last line')\nsys.exit(3)"
+        )
+        launched = launcher.spawn(replace(spec(PY, "-c", script), log_max_bytes=10**6))
+        exits = Exits()
+        launcher.watch(launched.pid, exits.callback(launched.pid))
+        assert await exits.wait(launched.pid) == 3
+        # drained before the exit was told, the part line too (held back otherwise)
+        assert last_line(tmp_path / "logs/app/x.stderr.log") == "Error: the last line"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launched.pid, signal.SIGKILL)
+    finally:
+        launcher.close()
+        pipes.close()
 
 
 async def test_spawn_errors(real: Spawner, spec: Callable[..., LaunchSpec], tmp_path: Path) -> None:

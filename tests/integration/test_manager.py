@@ -324,6 +324,25 @@ async def test_created_instance_runs(sup: Supervision) -> None:
     assert sup.side.alive(pid)
 
 
+async def test_spawns_held_together_are_launched_at_the_end(sup: Supervision) -> None:
+    # (an app action's starts: their spawns run at once, on a few threads)
+    m = await sup.manager()
+    for name, command in (("a", UP), ("b", UP), ("c", MISSING), ("d", UP)):
+        await sup.add(m, name, command, startsecs=0, autostart=False)
+    with m.instances.spawning_together():
+        for name in "abcd":
+            view = await m.instances.start_instance(APP, name)
+            assert (view.runtime.state, view.runtime.pid) == (State.STARTING, None)
+        await m.instances.stop_instance(APP, "d", wait=False)  # stopped before its launch
+        assert sup.side.spawned == []
+    views = {v.spec.name: v for v in await m.instances.list_instances(APP)}
+    assert sorted(sup.side.spawned) == sorted(pid_of(views[n]) for n in "ab")
+    assert [views[n].runtime.state for n in "ab"] == [State.RUNNING, State.RUNNING]
+    assert views["c"].runtime.state in (State.BACKOFF, State.FATAL)
+    assert "not found" in (views["c"].runtime.reason or "")
+    assert (views["d"].runtime.state, views["d"].runtime.pid) == (State.STOPPED, None)
+
+
 async def test_crash_is_restarted(sup: Supervision) -> None:
     m = await sup.manager()
     first = await sup.running(m, "a")

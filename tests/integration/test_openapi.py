@@ -163,6 +163,8 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("GET", inst + "/stats").status == 200
     assert v.call("GET", inst + "/logs?tail=5").status == 200
     assert v.call("GET", inst + "/logs?tail=x").status == 400
+    assert v.call("POST", "/v1/logs/reopen").status == 200
+    assert v.call("POST", "/v1/logs/reopen", raw=b"[]").status in (400, 422)
     assert v.call("POST", inst + "/restart").status == 200
     assert v.call("POST", inst + "/stop").status == 200
     assert v.call("GET", inst + "/stats").status == 200
@@ -173,6 +175,14 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     branchd.wait_state("web", "w1", "stopped")
     assert v.call("POST", inst + "/start").status == 200
     assert v.call("POST", inst).status == 405
+    # the app's instances together (a count create is for a single branch: 422 here)
+    count = {"count": 2, "name": "c{n}", "command": SLEEPER}
+    assert v.call("POST", "/v1/apps/web/instances", count).status == 422
+    assert v.call("POST", "/v1/apps/web/stop?wait=false").status == 202
+    assert v.call("POST", "/v1/apps/web/stop").status == 200
+    assert v.call("POST", "/v1/apps/web/start").status == 200
+    assert v.call("POST", "/v1/apps/web/restart?rolling=1&batch=1").status == 200
+    assert v.call("POST", "/v1/apps/web/restart?batch=0&rolling=1").status == 422
     assert v.call("DELETE", inst + "?wait=false").status == 202
     wait_for(lambda: branchd.call("GET", inst).status == 404)
     assert (
@@ -223,6 +233,9 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("PUT", w + "/autoscale", {"min": 2, "max": 8}).status == 200
     assert v.call("PUT", w + "/autoscale", {"min": 9, "max": 8}).status == 422
     assert v.call("GET", w + "/stats").status == 200
+    consumers = v.call("GET", q + "/consumers")
+    assert consumers.status == 200 and [i["name"] for i in consumers.body["items"]] == ["w1"]
+    assert v.call("GET", shop + "/stats").body["items"][0]["name"] == "w1"
     assert v.call("DELETE", q).status == 204
     assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204
@@ -267,6 +280,12 @@ def test_answers_match_the_document_with_a_token(branchd_factory: Callable[..., 
     assert v.call("GET", "/v1/apps", token="wrong").status == 401
     assert v.call("PUT", "/v1/apps/web", {}, token="wrong").status == 401
     assert v.call("GET", "/v1/ping", token="wrong").status == 200
+    # a count create answers its instances as a list (a single branch)
+    assert v.call("PUT", "/v1/apps/web", {}).status == 201
+    count = {"count": 2, "name": "c{n:02d}", "command": SLEEPER, "autostart": False}
+    made = v.call("POST", "/v1/apps/web/instances", count)
+    assert made.status == 201 and [i["name"] for i in made.body["items"]] == ["c00", "c01"]
+    assert v.call("POST", "/v1/apps/web/instances", count).status == 409
 
 
 # Schemathesis' settings for the run below. Two deliberate exceptions:

@@ -142,6 +142,7 @@ class CeleryDaemon:
         r.add_get("/v1/apps/{app}", self._get_app)
         r.add_get("/v1/apps/{app}/queues", self._list_queues)
         r.add_get("/v1/apps/{app}/queues/{queue}", self._get_queue)
+        r.add_get("/v1/apps/{app}/queues/{queue}/consumers", self._queue_consumers)
         r.add_put("/v1/apps/{app}/queues/{queue}", self._put_queue)
         r.add_delete("/v1/apps/{app}/queues/{queue}", self._delete_queue)
         r.add_get("/v1/apps/{app}/instances", self._list_instances)
@@ -219,6 +220,15 @@ class CeleryDaemon:
         if queue is None:
             return _error(404, "not_found", f"no queue {name!r}")
         return web.json_response(queue)
+
+    async def _queue_consumers(self, request: web.Request) -> web.Response:
+        app, name = request.match_info["app"], request.match_info["queue"]
+        items = [
+            {"app": app, "name": i["name"], "branch": "b1", "state": "running"}
+            for i in self.instances.get(app, {}).values()
+            if name in i.get("queues", ())
+        ]
+        return web.json_response({"items": items})
 
     async def _put_queue(self, request: web.Request) -> web.Response:
         app = self._find_app(request)
@@ -736,7 +746,6 @@ def test_not_found_and_conflict_are_exit_1(daemon: CeleryDaemon) -> None:
         ["queues"],
         ["consumers", "add", "shop", "w1"],
         ["consumers"],
-        ["stats", "shop"],
     ],
 )
 def test_usage_errors_are_exit_2_and_send_nothing(daemon: CeleryDaemon, args: list[str]) -> None:

@@ -25,6 +25,7 @@ ANSWERS: dict[type[Any], tuple[str, str]] = {
     models.Stats: (INST + "/stats", "get"),
     models.Branch: ("/v1/branch", "get"),
     models.Member: ("/v1/branches/{id}", "get"),
+    models.ActionItem: ("/v1/apps/{app}/start", "post"),
 }
 
 

@@ -82,6 +82,8 @@ def test_every_route_has_the_scope_its_path_says() -> None:
     assert scopes[("DELETE", "/v1/apps/{app}/queues/{queue}")] == Scope.DECLARATION
     assert scopes[("POST", "/v1/apps/{app}/instances")] == Scope.PLACEMENT
     assert scopes[("GET", "/v1/apps/{app}/instances")] == Scope.GATHER
+    assert scopes[("GET", "/v1/apps/{app}/stats")] == Scope.GATHER
+    assert scopes[("GET", "/v1/apps/{app}/queues/{queue}/consumers")] == Scope.GATHER
     instance_routes = [p for m, p in scopes if p.startswith("/v1/apps/{app}/instances/{name}")]
     assert len(instance_routes) > 10
     assert all(scopes[(m, p)] == Scope.INSTANCE for m, p in scopes if p in instance_routes)

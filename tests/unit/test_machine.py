@@ -17,12 +17,17 @@ from hypothesis import strategies as st
 from branchd.model import Autorestart, Policy, State, StopStep
 from branchd.process.machine import (
     Adopt,
+    Await,
     Backoff,
     Command,
+    DepsReady,
     Event,
     Exited,
     Hung,
     Kill,
+    LiveFailed,
+    LiveOk,
+    NotReady,
     Proc,
     Ready,
     Reap,
@@ -34,6 +39,7 @@ from branchd.process.machine import (
     Start,
     Stop,
     Timeout,
+    Waiting,
     step,
 )
 
@@ -100,6 +106,16 @@ STATES: dict[str, Proc] = {
         reason=GAVE_UP,
         spawned_once=True,
     ),
+    # waiting for the instances it starts after (a policy with awaits put it there)
+    "waiting": Proc(
+        state=State.WAITING,
+        restarts=2,
+        started=90.0,
+        deadline=101.0,
+        reason="waiting for db (stopped)",
+        not_ready="waiting for db (stopped)",
+        spawned_once=True,
+    ),
 }
 
 EVENTS: dict[str, tuple[Event, float]] = {
@@ -118,6 +134,12 @@ EVENTS: dict[str, tuple[Event, float]] = {
     "Adopt(starting)": (Adopt(99, State.STARTING, 0.25), NOW),
     "Ready": (Ready(), NOW),
     "Hung": (Hung("silent"), NOW),
+    # start order and probes
+    "DepsReady": (DepsReady(), NOW),
+    "Waiting": (Waiting("waiting for db (starting)"), NOW),
+    "NotReady": (NotReady("tcp 127.0.0.1:5432 refused"), NOW),
+    "LiveFailed": (LiveFailed("http://127.0.0.1:8080/ answered 500"), NOW),
+    "LiveOk": (LiveOk(), NOW),
 }
 
 Changes = dict[str, Any]
@@ -295,6 +317,46 @@ TABLE: list[tuple[str, str, Changes, list[Command]]] = [
     ("fatal",         "Adopt(starting)", ADOPTED_STARTING,                      NONE),
     ("fatal",         "Ready",           SAME,                                  NONE),
     ("fatal",         "Hung",            SAME,                                  NONE),
+
+    # Only a policy with awaits gets here; what every event does to it.
+    ("waiting",       "Start",           SAME,                                  NONE),
+    ("waiting",       "Stop",            {"state": State.STOPPED, "deadline": None}, NONE),
+    ("waiting",       "Restart",         SAME,                                  NONE),
+    ("waiting",       "Spawned",         SAME,                                  NONE),
+    ("waiting",       "SpawnFailed",     SAME,                                  NONE),
+    ("waiting",       "Exited(0)",       SAME,                                  NONE),
+    ("waiting",       "Exited(1)",       SAME,                                  NONE),
+    ("waiting",       "Exited(None)",    SAME,                                  NONE),
+    ("waiting",       "Timeout(early)",  SAME,                                  NONE),
+    # never ready in time: a failed start (into backoff), saying what it waited for
+    ("waiting",       "Timeout(due)",    {"state": State.BACKOFF, "retries": 1,
+                                          "deadline": LATE + 1.0,
+                                          "reason": "waiting for db (stopped); gave up "
+                                                    "waiting after 60s"},    NONE),
+    ("waiting",       "Adopt",           {**ADOPTED, "deadline": None, "reason": None}, NONE),
+    ("waiting",       "Adopt(starting)", ADOPTED_STARTING,                      NONE),
+    ("waiting",       "Ready",           SAME,                                  NONE),
+    ("waiting",       "Hung",            SAME,                                  NONE),
+    ("waiting",       "DepsReady",       {**RESPAWN, "deadline": None, "not_ready": None,
+                                          "reason": None},
+                                                                                [Spawn()]),
+    ("waiting",       "Waiting",         {"reason": "waiting for db (starting)",
+                                          "not_ready": "waiting for db (starting)"}, NONE),
+    ("waiting",       "NotReady",        SAME,                                  NONE),
+    ("waiting",       "LiveFailed",      SAME,                                  NONE),
+    ("waiting",       "LiveOk",          SAME,                                  NONE),
+
+    # The new events in the other states: only a running process counts a
+    # liveness failure (one of POLICY's three); the rest is for other policies.
+    *[(state, event, SAME, NONE)
+      for state in ("stopped", "starting", "starting+pid", "backoff", "stopping", "exited",
+                    "fatal")
+      for event in ("DepsReady", "Waiting", "NotReady", "LiveFailed", "LiveOk")],
+    ("running",       "DepsReady",       SAME,                                  NONE),
+    ("running",       "Waiting",         SAME,                                  NONE),
+    ("running",       "NotReady",        SAME,                                  NONE),
+    ("running",       "LiveFailed",      {"live_failed": 1},                    NONE),
+    ("running",       "LiveOk",          SAME,                                  NONE),
 ]
 # fmt: on
 
@@ -316,6 +378,127 @@ def test_transition(state: str, event: str, changes: Changes, commands: list[Com
     after, cmds = step(before, ev, POLICY, now, BACKOFF)
     assert after == replace(before, **changes)
     assert cmds == commands
+
+
+# The same machine under a policy with ``after`` and probes ----------------
+
+PROBED = replace(
+    POLICY,
+    awaits=True,
+    after_timeout=20.0,
+    ready_by_probe=True,
+    ready_timeout=30.0,
+    live_failures=2,
+)
+PROBED_STATES: dict[str, Proc] = {
+    **STATES,
+    "starting+probed": replace(STATES["starting+pid"], deadline=NOW + 30.0, not_ready="refused"),
+    "running+1": replace(STATES["running"], live_failed=1),
+    "stopping+live": replace(
+        STATES["stopping"], then_start=True, killed_for="liveness probe failed 2 time(s) in a row"
+    ),
+}
+WAIT: Changes = {"state": State.WAITING, "deadline": NOW + 20.0}
+LIVE_WHY = "liveness probe failed 2 time(s) in a row: http://127.0.0.1:8080/ answered 500"
+
+# fmt: off
+PROBED_TABLE: list[tuple[str, str, Changes, list[Command]]] = [
+    # Every way to a spawn waits for the instances it starts after first...
+    ("stopped",         "Start",        WAIT,                                     [Await()]),
+    ("exited",          "Restart",      WAIT,                                     [Await()]),
+    ("fatal",           "Start",        {**WAIT, "retries": 0, "reason": None},   [Await()]),
+    ("backoff",         "Timeout(due)", {**WAIT, "deadline": LATE + 20.0},        [Await()]),
+    ("running",         "Exited(1)",    {**WAIT, "pid": None, "exit_code": 1},
+                                                                        [Reap(), Await()]),
+    ("stopping+live",   "Exited(None)", {**WAIT, "pid": None, "then_start": False,
+                                         "killed_for": None, "stop_step": StopStep.SIGNAL,
+                                         "reason": "liveness probe failed 2 time(s) in a row"},
+                                                                        [Reap(), Await()]),
+    # ...and the spawn is counted once, when it happens.
+    ("waiting",         "DepsReady",    {**RESPAWN, "deadline": None, "not_ready": None,
+                                         "reason": None},
+                                                                                  [Spawn()]),
+    ("waiting",         "Timeout(due)", {"state": State.BACKOFF, "retries": 1,
+                                         "deadline": LATE + 1.0,
+                                         "reason": "waiting for db (stopped); gave up waiting "
+                                                   "after 20s"},                  NONE),
+    # Running means ready: starting until the probe passes, within ready_timeout.
+    ("starting",        "Spawned",      {"pid": 77, "started": NOW, "deadline": NOW + 30.0}, NONE),
+    ("starting+pid",    "NotReady",     {"not_ready": "tcp 127.0.0.1:5432 refused",
+                                         "reason": "not ready: tcp 127.0.0.1:5432 refused"}, NONE),
+    ("starting+pid",    "Ready",        {"state": State.RUNNING, "deadline": None},  NONE),
+    ("starting+pid",    "Timeout(early)", SAME,                                   NONE),
+    ("starting+probed", "Timeout(30s)", {"deadline": None,
+                                         "killed_for": "not ready within 30s: refused"}, [Kill()]),
+    ("starting+probed", "Exited(-9)",   {"state": State.BACKOFF, "pid": None, "exit_code": -9,
+                                         "retries": 1, "deadline": NOW + 1.0,
+                                         "reason": "exited too quickly (code -9)"}, [Reap()]),
+    ("stopped",         "Adopt(starting)", {"state": State.STARTING, "pid": 99, "started": NOW,
+                                            "deadline": NOW + 30.0},              NONE),
+    ("running",         "NotReady",     SAME,                                     NONE),
+    # Liveness: failures in a row restart it (its stop first), saying why.
+    ("running",         "LiveFailed",   {"live_failed": 1},                       NONE),
+    ("running+1",       "LiveOk",       {"live_failed": 0},                       NONE),
+    ("running+1",       "LiveFailed",   {**STOPPING, "then_start": True, "killed_for": LIVE_WHY},
+                                                                                  TERM),
+    ("starting+pid",    "LiveFailed",   SAME,                                     NONE),
+    ("stopping",        "LiveFailed",   SAME,                                     NONE),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "changes", "commands"),
+    PROBED_TABLE,
+    ids=[f"{state}-{event}" for state, event, _, _ in PROBED_TABLE],
+)
+def test_transition_with_after_and_probes(
+    state: str, event: str, changes: Changes, commands: list[Command]
+) -> None:
+    before = PROBED_STATES[state]
+    more: dict[str, tuple[Event, float]] = {
+        "Exited(-9)": (Exited(-9), NOW),
+        "Timeout(30s)": (Timeout(), NOW + 30.0),
+    }
+    ev, now = {**EVENTS, **more}[event]
+    after, cmds = step(before, ev, PROBED, now, BACKOFF)
+    assert after == replace(before, **changes)
+    assert cmds == commands
+
+
+def test_a_dependency_never_ready_ends_fatal_with_its_reason() -> None:
+    policy = replace(PROBED, startretries=2)
+    proc, cmds = step(Proc(), Start(), policy, 0.0, BACKOFF)
+    assert (proc.state, cmds) == (State.WAITING, [Await()])
+    why = "waiting for db (not ready: tcp 127.0.0.1:5432 refused)"
+    proc, _ = step(proc, Waiting(why), policy, 1.0)
+    proc, _ = step(proc, Timeout(), policy, 20.0, BACKOFF)
+    assert proc.state == State.BACKOFF and proc.retries == 1
+    proc, cmds = step(proc, Timeout(), policy, 21.0, BACKOFF)
+    assert (proc.state, cmds) == (State.WAITING, [Await()])  # the retry waits again
+    assert proc.reason == why + "; gave up waiting after 20s"  # (until the engine answers)
+    proc, _ = step(proc, Waiting(why), policy, 21.0)
+    proc, _ = step(proc, Timeout(), policy, 41.0, BACKOFF)
+    assert proc.state == State.FATAL and proc.restarts == 0  # never spawned
+    assert proc.reason == (
+        "waiting for db (not ready: tcp 127.0.0.1:5432 refused); gave up waiting after 20s"
+        "; gave up after 2 failed start(s)"
+    )
+
+
+def test_a_probe_never_passing_is_a_failed_start_then_fatal() -> None:
+    policy = replace(PROBED, awaits=False, startretries=1)
+    proc, _ = step(Proc(), Start(), policy, 0.0, BACKOFF)
+    proc, _ = step(proc, Spawned(7), policy, 0.0, BACKOFF)
+    proc, _ = step(proc, NotReady("http://127.0.0.1:1/ answered 503"), policy, 1.0, BACKOFF)
+    assert proc.state == State.STARTING
+    proc, cmds = step(proc, Timeout(), policy, 30.0, BACKOFF)
+    assert cmds == [Kill()]
+    proc, _ = step(proc, Exited(-9), policy, 30.1, BACKOFF)
+    assert proc.state == State.FATAL
+    assert proc.reason == (
+        "not ready within 30s: http://127.0.0.1:1/ answered 503; gave up after 1 failed start(s)"
+    )
 
 
 # Scenarios on a simulated clock ------------------------------------------
@@ -660,6 +843,12 @@ EXTERNAL = st.one_of(
     ),
     st.just(Ready()),  # the Celery events: a first ping answered, a silent worker
     st.builds(Hung, st.just("silent")),
+    # start order and probes (DepsReady and Waiting are also the answers to Await)
+    st.just(DepsReady()),
+    st.builds(Waiting, st.just("waiting for db (stopped)")),
+    st.builds(NotReady, st.just("refused")),
+    st.builds(LiveFailed, st.just("refused")),
+    st.just(LiveOk()),
     st.builds(Spawned, st.integers(2, 99)),  # stray: the manager never sends these
     st.builds(SpawnFailed, st.just("stray")),
 )
@@ -678,9 +867,14 @@ POLICIES = st.builds(
     # the Celery kind: running once it answers a ping, within startsecs
     ready_by_ping=st.booleans(),
     stop_group=st.booleans(),
+    awaits=st.booleans(),
+    after_timeout=st.sampled_from([0.5, 5.0]),
+    ready_by_probe=st.booleans(),
+    ready_timeout=st.sampled_from([0.5, 5.0]),
+    live_failures=st.integers(1, 3),
 ).filter(lambda p: not (p.ready_by_ping and p.startsecs == 0))
 
-SETTLED = (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF)
+SETTLED = (State.STOPPED, State.WAITING, State.EXITED, State.FATAL, State.BACKOFF)
 
 
 def check_invariants(old: Proc, new: Proc, cmds: list[Command], policy: Policy) -> None:
@@ -689,13 +883,17 @@ def check_invariants(old: Proc, new: Proc, cmds: list[Command], policy: Policy) 
         assert new.pid is None, new
     else:
         assert new.pid is not None, new
-    timed = new.state in (State.STARTING, State.BACKOFF) or (
+    timed = new.state in (State.WAITING, State.STARTING, State.BACKOFF) or (
         new.state == State.STOPPING and new.stop_step != StopStep.KILL
     )
     if new.killed_for is None:  # (a process the supervisor killed waits for its exit)
         assert (new.deadline is not None) == timed, new
     if new.state == State.STARTING:
-        assert policy.startsecs > 0
+        assert policy.startsecs > 0 or policy.ready_by_probe
+    if new.state == State.WAITING:
+        assert policy.awaits and new.pid is None, new
+    if new.live_failed > old.live_failed:  # counted while running, short of a restart
+        assert new.state == State.RUNNING and new.live_failed < policy.live_failures, new
     if new.state == State.RUNNING:
         assert new.retries == 0, new
     if new.state == State.BACKOFF:
@@ -730,6 +928,11 @@ def test_random_event_sequences_keep_the_invariants(
         now += dt
         old = proc
         proc, cmds = step(proc, event, policy, now, BACKOFF)
+        if Await() in cmds:  # answered at once, as the engine does
+            verdict: Event = Waiting("waiting for db (stopped)") if spawn_fails else DepsReady()
+            proc, more = step(proc, verdict, policy, now, BACKOFF)
+            assert more in ([], [Spawn()])
+            cmds = [*cmds, *more]
         if Spawn() in cmds:  # answered at once, as the manager does
             pid += 1
             answer: Event = SpawnFailed("boom") if spawn_fails else Spawned(pid)

@@ -115,6 +115,7 @@ def test_a_worker_of_celerys_default_concurrency_takes_its_hosts_cpus() -> None:
         ({"kind": "celery", "autoscale": {"min": 1, "max": 6}}, {}, Need(6, 0)),
         ({"kind": "celery"}, {"concurrency": 3}, Need(3, 0)),  # the app's default
         ({"kind": "celery", "concurrency": 5}, {"concurrency": 3}, Need(5, 0)),
+        ({"name": "w9", "kind": "celery", "concurrency": 8}, {}, Need(8, 0)),  # (named)
         ({"kind": "celery", "concurrency": 1, "memory_limit": GIB}, {}, Need(1, GIB)),
         ({"kind": "celery", "command": ["x"]}, {}, Need()),  # invalid: its create says why
         ({"kind": "nope"}, {}, Need()),
@@ -337,16 +338,16 @@ def test_the_ranking_is_a_permutation_of_the_feasible_set(
 def test_creates_placed_a_moment_ago_count_until_the_records_say_so() -> None:
     from branchd.placement import Recent
 
-    b0, b1 = branch("b0", free=10), branch("b1", free=10)
+    b0, b1 = (replace(branch(n, free=10), digest="d1") for n in ("b0", "b1"))
     recent = Recent(ttl=10.0)
-    recent.add("id-b1", "shop/w1", 4, now=100.0)
+    recent.add(b1, "shop/w1", 4, now=100.0)
     got = {r.id: r for r in recent.apply([b0, b1], now=101.0)}
     assert got["id-b0"] == b0  # (untouched)
     assert got["id-b1"].instances == ("shop/w1",) and got["id-b1"].capacity.free_slots == 6
     assert same_app(got["id-b1"], "shop") == 1  # the app's spread sees it
-    # once b1's record holds it, it is not counted twice
-    told = _with_one_more(b1, "shop")
-    told = replace(told, instances=("shop/w1",))
+    # a new record of b1 (its names changed) counts it itself: not twice, even
+    # before its names are fetched (its meta's figures came with the digest)
+    told = replace(_with_one_more(b1, "shop"), digest="d2", instances=())
     assert recent.apply([told], now=102.0) == [told]
-    recent.add("id-b0", "shop/w2", 1, now=100.0)
+    recent.add(b0, "shop/w2", 1, now=100.0)
     assert recent.apply([b0], now=110.0) == [b0]  # too old: its record must say by now

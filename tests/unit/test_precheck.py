@@ -23,6 +23,7 @@ REQUEST_SCHEMAS: dict[str, schemas.Schema] = {
     "APP_IN": schemas.APP_IN,
     "APP_PATCH": schemas.APP_PATCH,
     "INSTANCE_IN": schemas.INSTANCE_IN,
+    "INSTANCES_IN": schemas.INSTANCES_IN,
     "INSTANCE_PATCH": schemas.INSTANCE_PATCH,
     "QUEUE_IN": schemas.QUEUE_IN,
     "AUTOSCALE_IN": schemas.AUTOSCALE_IN,
@@ -103,13 +104,17 @@ def test_precheck_agrees_with_jsonschema_on_generated_bodies(name: str) -> None:
     schema = REQUEST_SCHEMAS[name]
     rng = random.Random(name)
     verdicts = _judged(schema, [generate(schema, rng) for _ in range(3000)])
-    # the fast path is taken (each optional field a body may spoil makes valid
-    # bodies rarer: INSTANCE_IN's ~30 give about 90 of 3,000)
-    assert verdicts[True] > 50, verdicts
+    # the fast path is taken (on 1% at least: each optional field a schema
+    # gains makes a random body of it likelier to break one rule; INSTANCES_IN
+    # requires two fields, which the generator gives together only now and then;
+    # INSTANCE_IN has over 40 optional ones: 29 of 3,000 with the cgroup limits)
+    floors = {"INSTANCES_IN": 5, "INSTANCE_IN": 15}
+    assert verdicts[True] > floors.get(name, 30), verdicts
 
 
 def test_every_request_schema_of_the_routes_is_covered() -> None:
-    bodies = {id(r.body) for r in ROUTES if r.body is not None}
+    # (a body of either form is checked against its own: INSTANCE_CREATE's anyOf)
+    bodies = {id(s) for r in ROUTES if r.body is not None for s in r.body.get("anyOf", [r.body])}
     assert bodies <= {id(s) for s in REQUEST_SCHEMAS.values()}
 
 

@@ -190,6 +190,16 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "reason": "boom",
             "branch": "b1",
             "created_at": 5.0,
+            # (new in issue 15, part 3)
+            "after": [],
+            "after_timeout": 60.0,
+            "priority": 999,
+            "ready": None,
+            "ready_timeout": 60.0,
+            "live": None,
+            "live_period": 10.0,
+            "live_timeout": 5.0,
+            "live_failures": 3,
         }.items()
     )
     worker = InstanceSpec(
@@ -239,6 +249,9 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "reason": None,
             "branch": "b1",
             "created_at": 0.0,
+            "after": [],  # (a worker has no probes: its ping says it is ready)
+            "after_timeout": 60.0,
+            "priority": 999,
             "node": "w1@h",
             "queues": ["default"],
             "autoscale": {"min": 1, "max": 4},

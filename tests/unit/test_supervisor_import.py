@@ -56,8 +56,8 @@ def test_celery_sample_worker_without_celery_flag_is_a_process_with_a_note() -> 
     assert inst["autorestart"] == "always" and inst["startsecs"] == 10
     assert inst["stopwaitsecs"] == 600
     assert any("--celery would make it a celery instance" in n for n in notes(conv))
+    assert inst["priority"] == 1000  # (start order: issue 15, part 3)
     assert sorted(dropped(conv)) == [
-        "[program:celery] priority=1000",
         "[program:celery] stderr_logfile=/var/log/celery/worker.log",
         "[program:celery] stdout_logfile=/var/log/celery/worker.log",
     ]  # stopasgroup=true is what branchd does: nothing lost, nothing said
@@ -104,7 +104,8 @@ def test_zulip_groups_numprocs_and_fcgi() -> None:
     subjects = dropped(conv)
     assert "[fcgi-program:zulip-django]" in subjects
     assert "[unix_http_server]" in subjects
-    assert "[program:zulip-tornado] priority=200" in subjects
+    assert got["zulip-tornado"]["zulip-tornado"]["priority"] == 200
+    assert not any("priority" in subject for subject in subjects)
     assert "[program:zulip-tornado] redirect_stderr=true" in subjects
     assert not any("zulip-django" in a for a in got)
 

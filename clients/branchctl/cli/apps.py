@@ -28,7 +28,7 @@ from branchctl.cli.common import (
 )
 from branchctl.cli.root import main
 from branchctl.errors import ApiError
-from branchctl.models import App
+from branchctl.models import ActionItem, App, Instance
 
 # -- apps -------------------------------------------------------------------
 
@@ -328,6 +328,120 @@ def apps_remove(opts: Options, name: str, no_wait: bool) -> None:
             time.sleep(0.2)
     if not opts.json:
         click.echo(f"removed app {name!r}")
+
+
+# -- every instance of an app at once (or rolling) ---------------------------
+
+#: Beyond the instances' own stopwaitsecs and startsecs (per batch): the
+#: daemon's SIGKILL grace (5 s), its margin (10 s) and the round trip.
+_ACTION_GRACE = 20.0
+_DOING = {"start": "starting", "stop": "stopping", "restart": "restarting"}
+
+
+def _action_limit(items: list[Instance], action: str, batches: int) -> float:
+    """How long an app action may take: its slowest instance, once per batch."""
+    stop = max((i.stopwaitsecs or 0.0 for i in items), default=0.0)
+    start = max((i.startsecs or 0.0 for i in items), default=0.0)
+    per = (stop if action != "start" else 0.0) + (start if action != "stop" else 0.0)
+    return (per + _ACTION_GRACE) * max(1, batches)
+
+
+def _outcome_line(app: str, item: ActionItem) -> str:
+    i = item.instance
+    line = f"{app}/{item.name}: {item.outcome}"
+    if i is not None and i.pid is not None and item.outcome in ("running", "pending"):
+        line += f" (pid {i.pid})"
+    if item.error:
+        line += f": {item.error}"
+    return line
+
+
+def _app_action(
+    opts: Options, app: str, action: str, no_wait: bool, rolling: bool, batch: int | None
+) -> None:
+    if batch is not None and not rolling:
+        raise click.UsageError("--batch needs --rolling (without it all act at once)")
+    with opts.client() as c:
+        items = c.instances(app)
+        size = batch or 1
+        batches = -(-len(items) // size) if rolling else 1
+        if not no_wait:
+            how = f", {size} at a time" if rolling else ", all at once"
+            click.echo(f"{app}: {_DOING[action]} {len(items)} instance(s){how}", err=True)
+        limit = max(opts.timeout, _action_limit(items, action, batches))
+        if action == "stop":
+            done = c.stop_app(app, wait=not no_wait, timeout=limit)
+        else:
+            call = c.start_app if action == "start" else c.restart_app
+            done = call(app, rolling=rolling, batch=batch, wait=not no_wait, timeout=limit)
+    _emit(
+        opts, {"items": [dict(d.raw) for d in done]}, "\n".join(_outcome_line(app, d) for d in done)
+    )
+    bad = [d.name for d in done if not d.ok]
+    if bad:
+        raise Failed(
+            f"not_{'stopped' if action == 'stop' else 'started'}: {len(bad)} of {len(done)} "
+            f"instance(s) of {app} did not {action}: {', '.join(bad[:10])}"
+            + (" ..." if len(bad) > 10 else "")
+        )
+
+
+def _rolling_options(f: _F) -> _F:
+    f = click.option(
+        "--batch",
+        type=click.IntRange(min=1),
+        help="With --rolling: this many at a time [default: 1].",
+    )(f)
+    return click.option(
+        "--rolling",
+        is_flag=True,
+        help="A batch at a time, the next once the one before runs again; "
+        "a batch that does not stops the rest.",
+    )(f)
+
+
+@apps.command("start")
+@click.argument("name")
+@_rolling_options
+@no_wait_option
+def apps_start(opts: Options, name: str, rolling: bool, batch: int | None, no_wait: bool) -> None:
+    """Start every instance of app NAME (on the branch asked) and wait until they run.
+
+    Prints each one's outcome; exits 1 when any does not come up (in backoff,
+    fatal, or still starting when its time ran out). --no-wait answers at once.
+    """
+    _app_action(opts, name, "start", no_wait, rolling, batch)
+
+
+@apps.command("stop")
+@click.argument("name")
+@no_wait_option
+def apps_stop(opts: Options, name: str, no_wait: bool) -> None:
+    """Stop every instance of app NAME at once and wait until all stopped.
+
+    Each stop drains as 'instances stop' does (up to its stopwaitsecs, then
+    SIGKILL). --no-wait answers at once.
+    """
+    _app_action(opts, name, "stop", no_wait, False, None)
+
+
+@apps.command("restart")
+@click.argument("name")
+@_rolling_options
+@no_wait_option
+def apps_restart(opts: Options, name: str, rolling: bool, batch: int | None, no_wait: bool) -> None:
+    """Restart every instance of app NAME, at once or --rolling, and wait until they run.
+
+    \b
+    Examples:
+      branchctl apps restart web                       # all at once
+      branchctl apps restart web --rolling --batch 2   # never more than 2 down
+
+    Exits 1 when any does not come up again (a rolling restart then stops:
+    the rest are 'skipped', still running the old process). --no-wait answers
+    at once (a rolling restart goes on in the daemon).
+    """
+    _app_action(opts, name, "restart", no_wait, rolling, batch)
 
 
 def _python_config(name: str, config: Mapping[str, Any]) -> str:

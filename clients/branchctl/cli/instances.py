@@ -129,6 +129,54 @@ def instance_fields(f: _F) -> _F:
             "--stopsignal", metavar="SIGNAL", callback=_signal, help=f"One of {', '.join(SIGNALS)}."
         ),
         click.option("--stopwaitsecs", type=click.FloatRange(min=0)),
+        # start order and probes
+        click.option(
+            "--after",
+            "after",
+            type=NameList(),
+            multiple=True,
+            metavar="NAME",
+            help="Start only once instance NAME of the app runs (and is ready); repeat it "
+            "or give a,b.",
+        ),
+        click.option(
+            "--after-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long a start waits for them (then a failed start) [default: 60].",
+        ),
+        click.option(
+            "--priority",
+            type=int,
+            help="supervisord's: lower starts first and stops last when the daemon starts "
+            "or stops everything [default: 999].",
+        ),
+        click.option(
+            "--ready",
+            metavar="PROBE",
+            help="Readiness probe: tcp:HOST:PORT, http:URL, 'exec:COMMAND ARGS' or notify "
+            "(sd_notify READY=1); it is running once the probe passes.",
+        ),
+        click.option(
+            "--ready-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long a start may take to be ready (then a failed start) [default: 60].",
+        ),
+        click.option(
+            "--live",
+            metavar="PROBE",
+            help="Liveness probe (the forms of --ready but notify): a running process that "
+            "fails it --live-failures times in a row is restarted.",
+        ),
+        click.option("--live-period", type=_SECONDS, metavar="SECONDS", help="[default: 10]"),
+        click.option(
+            "--live-timeout",
+            type=_SECONDS,
+            metavar="SECONDS",
+            help="How long each try of a probe may take [default: 5].",
+        ),
+        click.option("--live-failures", type=click.IntRange(min=1), help="[default: 3]"),
         click.option("--autostart/--no-autostart", default=None, help="Start it now and at boot."),
         click.option("--log-max-bytes", type=click.IntRange(min=1024)),
         click.option("--log-backups", type=click.IntRange(min=0)),
@@ -161,6 +209,9 @@ def instance_fields(f: _F) -> _F:
     return f
 
 
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
     """The InstanceIn body of the given options: only what was given."""
     body: dict[str, Any] = {}
@@ -169,6 +220,8 @@ def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key == "env":
             value = _pairs(value, "--env")
+        elif key == "after":  # (repeated, each maybe a,b)
+            value = [name for names in value for name in names]
         elif isinstance(value, tuple):
             value = list(value)
         body[key] = value
@@ -208,6 +261,10 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     if unreachable:
         data["unreachable"] = unreachable
     _emit(opts, data, text)
+    _warn_unreachable(unreachable)
+
+
+def _warn_unreachable(unreachable: list[dict[str, Any]]) -> None:
     for u in unreachable:
         click.echo(
             f"branchctl: warning: {u.get('error')}; its instances are not listed", err=True
@@ -228,9 +285,26 @@ def instances_list(opts: Options, app: str | None = None) -> None:
     help="In a cluster: the branch (id or host name) to run it on [default: the one "
     "with room].",
 )
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="Make this many from one template: --name holds {n} or {n:02d} (numprocs).",
+)
+@click.option(
+    "--start-at",
+    type=click.IntRange(min=0),
+    help="With --count: the first number [default: 0] (numprocs_start).",
+)
 @instance_fields
 def instances_add(
-    opts: Options, /, app: str, kind: str | None, branch: str | None, **options: Any
+    opts: Options,
+    /,
+    app: str,
+    kind: str | None,
+    branch: str | None,
+    count: int | None,
+    start_at: int | None,
+    **options: Any,
 ) -> None:
     """Add an instance to APP: a Celery worker, or a process running COMMAND (after '--').
 
@@ -238,15 +312,30 @@ def instances_add(
     Examples:
       branchctl instances add shop --name w1 --queues default,images --autoscale 1,4
       branchctl instances add web --name p1 -- python -m http.server
+      branchctl instances add web --count 4 --name 'worker_{n:02d}' -- python worker.py
+
+    With --count all are made, or none (one line says which rule a name or
+    field broke); on a single branch (a cluster refuses it).
     """
     if kind is None and not options["command"]:
         kind = "celery"
     if kind == "celery" and options["command"]:
         raise click.UsageError("a celery instance takes no COMMAND: its argv is built from the app")
+    if start_at is not None and count is None:
+        raise click.UsageError("--start-at needs --count")
+    if count is not None and (not options["name"] or branch):
+        raise click.UsageError(
+            "--count needs --name with {n} (e.g. 'worker_{n:02d}'), and takes no --branch"
+        )
     body = _fields(options)
     if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
         body = {"kind": kind, **body}
     with opts.client() as c:
+        if count is not None:
+            template = body.pop("name")
+            made = c.add_instances(app, count, template, start_at=start_at or 0, **body)
+            _emit(opts, _items(made), render.table(INSTANCE_COLUMNS, map(_instance_row, made)))
+            return
         instance = c.add_instance(app, branch=branch, **body)
     _emit(opts, instance.raw, _instance_text(instance))
 
@@ -260,9 +349,25 @@ def instances_add(
     is_flag=True,
     help="Read no env file any more.",
 )
+@click.option(
+    "--no-after",
+    "no_after",
+    is_flag=True,
+    help="Start after no other instance any more.",
+)
+@click.option("--no-ready", "no_ready", is_flag=True, help="No readiness probe any more.")
+@click.option("--no-live", "no_live", is_flag=True, help="No liveness probe any more.")
 @instance_fields
 def instances_update(
-    opts: Options, /, app: str, name: str, no_env_file: bool, **options: Any
+    opts: Options,
+    /,
+    app: str,
+    name: str,
+    no_env_file: bool,
+    no_after: bool,
+    no_ready: bool,
+    no_live: bool,
+    **options: Any,
 ) -> None:
     """Change instance NAME of APP (a new COMMAND goes after '--'); also
     'instances update'.
@@ -278,6 +383,16 @@ def instances_update(
         if "env_file" in body:
             raise click.UsageError("--no-env-file and --env-file: give one")
         body["env_file"] = []
+    cleared: list[tuple[bool, str, Any]] = [
+        (no_after, "after", []),
+        (no_ready, "ready", None),
+        (no_live, "live", None),
+    ]
+    for flag, key, none in cleared:
+        if flag:
+            if key in body:
+                raise click.UsageError(f"--no-{key} and --{key}: give one")
+            body[key] = none
     if not body:
         raise click.UsageError("nothing to change: give at least one option or a COMMAND")
     with opts.client() as c:
@@ -306,7 +421,7 @@ WAIT_GRACE = 10.0
 _POLL_FIRST = 0.05
 _POLL_MAX = 0.5
 #: States an instance passes through on its way to an outcome.
-_PASSING = ("stopping", "starting")
+_PASSING = ("stopping", "waiting", "starting")
 
 
 def _active_tasks(c: Client, i: Instance) -> int | None:
@@ -339,7 +454,7 @@ def _watch(
     """Poll the instance until its state leaves ``passing`` (None: until it is
     gone, then None), with a line on stderr each time its state or reason
     changes; bounded by its own stopwaitsecs and startsecs."""
-    limit = first.stopwaitsecs + (0 if passing is None else first.startsecs) + WAIT_GRACE
+    limit = first.stopwaitsecs + (0 if passing is None else _start_takes(first)) + WAIT_GRACE
     deadline = time.monotonic() + limit
     pause = _POLL_FIRST
     shown = None
@@ -363,6 +478,13 @@ def _watch(
                 return None
             raise
     return i
+
+
+def _start_takes(i: Instance) -> float:
+    """How long a start of ``i`` may take: its wait for what it starts after,
+    then its startsecs (or the time it may take to be ready)."""
+    ready = i.ready_timeout if i.ready is not None and i.ready_timeout else i.startsecs
+    return (i.after_timeout if i.after else 0.0) + ready
 
 
 def _started(opts: Options, i: Instance) -> None:
@@ -534,13 +656,29 @@ def _stats_text(s: Stats) -> str:
 
 @instances.command("stats")
 @click.argument("app")
-@click.argument("name")
-def instances_stats(opts: Options, app: str, name: str) -> None:
-    """Show the resource use of instance NAME of APP (its whole process tree).
+@click.argument("name", required=False)
+def instances_stats(opts: Options, app: str, name: str | None) -> None:
+    """Show the resource use of instance NAME of APP (its whole process tree),
+    or without NAME of every instance of APP (on every branch of a cluster).
 
     For a running celery instance also a summary of Celery's own stats (pool,
     autoscaler, active tasks, tasks done by name); --json prints them all.
     """
+    if name is None:
+        with opts.client() as c:
+            items = c.app_stats(app)
+            unreachable = list(c.unreachable)
+        rows = [
+            (s.name, s.state, s.pid, f"{s.cpu_percent or 0:.1f}",
+             render.size(s.memory_rss) if s.memory_rss is not None else None,
+             s.processes, (s.branch or "")[:12])
+            for s in items
+        ]  # fmt: skip
+        headers = ("NAME", "STATE", "PID", "CPU%", "RSS", "PROCS", "BRANCH")
+        data = {"items": [dict(s.raw) for s in items], "unreachable": unreachable}
+        _emit(opts, data, render.table(headers, rows))
+        _warn_unreachable(unreachable)
+        return
     with opts.client() as c:
         s = c.stats(app, name)
     _emit(opts, s.raw, _stats_text(s))

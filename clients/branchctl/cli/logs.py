@@ -27,14 +27,27 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 @main.command()
 @click.argument("app")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option(
     "-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Last lines."
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until Ctrl-C.")
 @click.option("--stderr", is_flag=True, help="The stderr log instead of stdout.")
-def logs(opts: Options, app: str, name: str, lines: int, follow: bool, stderr: bool) -> None:
-    """Print the log of instance NAME of APP (plain text, even with --json)."""
+def logs(
+    opts: Options, app: str, name: str | None, lines: int, follow: bool, stderr: bool
+) -> None:
+    """Print the log of instance NAME of APP (plain text, even with --json).
+
+    `branchctl logs reopen`: the branch reopens its instances' log files by
+    path, after an external logrotate moved them.
+    """
+    if name is None:
+        if app != "reopen":
+            raise click.UsageError("missing argument NAME (or: branchctl logs reopen)")
+        with opts.client() as c:
+            count = c.reopen_logs()
+        click.echo(f"reopened {count} log files")
+        return
     stream = "stderr" if stderr else "stdout"
     try:
         with opts.client() as c:

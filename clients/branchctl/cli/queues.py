@@ -28,17 +28,20 @@ def _queue_row(q: Queue) -> tuple[Any, ...]:
     return (q.name, q.exchange, q.exchange_type, q.routing_key)
 
 
-def _queue_text(q: Queue) -> str:
-    return render.record(
-        {
-            "app": q.app,
-            "name": q.name,
-            "exchange": q.exchange,
-            "exchange_type": q.exchange_type,
-            "routing_key": q.routing_key,
-            "options": dict(q.options),
-        }
-    )
+def _queue_text(q: Queue, consumers: list[dict[str, Any]] | None = None) -> str:
+    fields: dict[str, Any] = {
+        "app": q.app,
+        "name": q.name,
+        "exchange": q.exchange,
+        "exchange_type": q.exchange_type,
+        "routing_key": q.routing_key,
+        "options": dict(q.options),
+    }
+    if consumers is not None:
+        fields["consumed by"] = (
+            ", ".join(f"{i['name']} ({i['state']})" for i in consumers) or "-"
+        )
+    return render.record(fields)
 
 
 @main.group(
@@ -113,7 +116,8 @@ def queues_show(opts: Options, app: str, name: str) -> None:
     """Show queue NAME of APP."""
     with opts.client() as c:
         queue = c.get_queue(app, name)
-    _emit(opts, queue.raw, _queue_text(queue))
+        consumers = c.queue_consumers(app, name)
+    _emit(opts, {**queue.raw, "consumers": consumers}, _queue_text(queue, consumers))
 
 
 @queues.command("remove")

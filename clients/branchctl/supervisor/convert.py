@@ -191,6 +191,13 @@ def backups(text: str) -> int:
     return n
 
 
+def priority(text: str) -> int:
+    n = _integer(text)
+    if abs(n) > 10**6:
+        raise Unsupported("branchd takes a priority from -1000000 to 1000000")
+    return n
+
+
 def text_value(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a value")
@@ -305,7 +312,7 @@ PROGRAM: Mapping[str, Rule] = {
     "killasgroup": Drop(
         "branchd always sends SIGKILL to the whole process group", frozenset(_TRUE)
     ),
-    "priority": Drop("no start order in branchd yet (issue 15, part 3)", frozenset({"999"})),
+    "priority": Field("priority", priority, "999"),
     "umask": Drop("no umask setting in branchd yet (issue 15, part 4): the daemon's umask"),
     "redirect_stderr": Drop(
         "branchd keeps stderr in a file of its own (branchctl logs APP NAME --stderr)",
@@ -327,7 +334,11 @@ PROGRAM: Mapping[str, Rule] = {
 
 GROUP: Mapping[str, Rule] = {
     "programs": Read("the app's instances"),
-    "priority": Drop("no start order in branchd yet (issue 15, part 3)", frozenset({"999"})),
+    "priority": Drop(
+        "an app has no priority: each instance has its program's (the daemon starts them "
+        "lowest first across apps)",
+        frozenset({"999"}),
+    ),
 }
 
 _DAEMON_LOG = "branchd logs to stderr (--log-level; the journal under systemd)"
