@@ -100,6 +100,8 @@ class CelerySection:
     ready_ping_every: float = 0.05
     #: How long a warm stop waits for its consumer cancels before the TERM.
     warm_stop_cancel_wait: float = 0.5
+    #: How often the apps with a ``scale`` policy have their queue depth read.
+    depth_poll_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ _FLAT: dict[str, tuple[str, str]] = {
     "reconcile_interval": ("celery", "reconcile_interval"),
     "ready_ping_every": ("celery", "ready_ping_every"),
     "warm_stop_cancel_wait": ("celery", "warm_stop_cancel_wait"),
+    "depth_poll_interval": ("celery", "depth_poll_interval"),
     "log_check_interval": ("logs", "check_interval"),
     "cluster_key": ("cluster", "key"),
     "cluster_key_file": ("cluster", "key_file"),

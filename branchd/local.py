@@ -13,9 +13,11 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
+from branchd.celery.depth import DepthReader, KombuDepthReader
 from branchd.celery.ops import CeleryOps
 from branchd.celery.remote import RemoteControl
 from branchd.celery.runtime import CeleryRuntime
+from branchd.celery.scaler import DepthScaler, DepthService
 from branchd.celery.workers import Workers
 from branchd.clock import Clock, Scheduler
 from branchd.config import Config
@@ -41,6 +43,10 @@ class LocalBranch:
     holdings: Holdings
     #: Count creates and app-wide start, stop, restart (rolling too).
     groups: AppActions
+    #: Queue depth reads (issue 16, part 4) ...
+    depth: DepthService
+    #: ... and the loop that scales workers on them (part 5).
+    scaler: DepthScaler
 
     @property
     def branch_id(self) -> str:
@@ -50,9 +56,12 @@ class LocalBranch:
         """Adopt the instances whose processes survived us, start the rest."""
         await self.instances.start()
         self.logs.start()
+        self.scaler.start()
 
     async def shutdown(self, *, keep: bool) -> None:
         """Stop every instance (or, with keep, leave them running) and let go."""
+        await self.scaler.close()
+        await self.depth.reader.close()
         await self.logs.close()
         await self.groups.close()
         await self.instances.shutdown(keep=keep)
@@ -101,6 +110,7 @@ def build(
     hostname: str | None = None,
     prober: ProbeRunner | None = None,
     log_pipes: LogPipes | None = None,
+    depth_reader: DepthReader | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -128,6 +138,9 @@ def build(
     declarations.on_remote_delete(engine.end_app)
     celery = CeleryRuntime(engine, declarations, workers, bus)
     declarations.on_remote_queue_delete(celery.drop_queue)
+    depth = DepthService(
+        engine, declarations, workers, depth_reader or KombuDepthReader(), scheduler
+    )
     return LocalBranch(
         apps=declarations,
         instances=engine,
@@ -141,4 +154,8 @@ def build(
             pipes=log_pipes,
         ),
         groups=AppActions(engine, bus, scheduler, config.supervision),
+        depth=depth,
+        scaler=DepthScaler(
+            depth, celery, declarations, scheduler, interval=config.celery.depth_poll_interval
+        ),
     )

@@ -181,6 +181,39 @@ class Autoscale:
         return cls(min=int(d["min"]), max=int(d["max"]))
 
 
+@dataclass(frozen=True)
+class ScalePolicy:
+    """Scaling on queue depth (issue 16, part 5): the pool size of the app's
+    workers on this branch follows ``ceil((ready + in flight) / per_worker)``
+    of queue ``on``, clamped to ``[min, max]``; down only after ``down_after``
+    seconds of lower readings (see ``branchd/scaling.py``)."""
+
+    on: str
+    per_worker: int
+    min: int
+    max: int
+    down_after: float = 60.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "on": self.on,
+            "per_worker": self.per_worker,
+            "min": self.min,
+            "max": self.max,
+            "down_after": self.down_after,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ScalePolicy:
+        return cls(
+            on=str(d["on"]),
+            per_worker=int(d["per_worker"]),
+            min=int(d["min"]),
+            max=int(d["max"]),
+            down_after=float(d.get("down_after", 60.0)),
+        )
+
+
 #: Celery pools a worker may run (``--pool``).
 POOLS: tuple[str, ...] = ("prefork", "solo", "threads", "gevent", "eventlet")
 
@@ -200,6 +233,8 @@ class CelerySettings:
     #: Where task results go (``--result-backend``). None: on the embedded
     #: broker, a ``file://`` store in the state dir; elsewhere the app module's.
     result_backend: str | None = None
+    #: Scaling on queue depth; None: the pool size is the declared one.
+    scale: ScalePolicy | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """Its fields, flat: an app's wire form (and its API body) carries them
@@ -213,11 +248,13 @@ class CelerySettings:
             "autoscale": self.autoscale.to_wire() if self.autoscale else None,
             "mingle_gossip": self.mingle_gossip,
             "result_backend": self.result_backend,
+            "scale": self.scale.to_wire() if self.scale else None,
         }
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> CelerySettings:
         auto = d.get("autoscale")
+        scale = d.get("scale")
         return cls(
             broker=d.get("broker"),
             celery_app=d.get("celery_app"),
@@ -227,6 +264,7 @@ class CelerySettings:
             autoscale=Autoscale.from_wire(auto) if auto else None,
             mingle_gossip=bool(d.get("mingle_gossip", False)),
             result_backend=d.get("result_backend"),
+            scale=ScalePolicy.from_wire(scale) if scale else None,
         )
 
 

@@ -151,6 +151,7 @@ def app_answer(
         "result_backend": redact_urls(effective_backend or app.celery.result_backend),
         **{k: wire[k] for k in ("celery_app", "python", "pool", "args", "autoscale")},
         "mingle_gossip": wire["mingle_gossip"],
+        "scale": wire["scale"],
         # An app on the embedded broker is bound to the branch that declared it
         # (its workers and producers share that machine's folder): its
         # instances run there. Any other app's may run on any branch.

@@ -450,6 +450,18 @@ async def delete_queue(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# queue depth (issue 16, part 4) ------------------------------------------------------
+
+
+async def queue_depth(request: web.Request) -> web.Response:
+    app, queue = _name(request, "app"), _name(request, "queue")
+    return _json(await _local(request).depth.queue_depth(app, queue))
+
+
+async def app_depth(request: web.Request) -> web.Response:
+    return _json({"items": await _local(request).depth.app_depth(_name(request, "app"))})
+
+
 # consumers and autoscale of a running worker --------------------------------------
 
 
@@ -995,6 +1007,22 @@ ROUTES: tuple[Route, ...] = (
         response=schemas.items(schemas.QUEUE),
     ),
     Route("GET", QUEUE, get_queue, "One queue declaration", response=schemas.QUEUE),
+    Route(
+        "GET",
+        QUEUE + "/depth",
+        queue_depth,
+        "A queue's depth: ready messages and consumers as the broker counts them, in "
+        "flight (running + reserved) as this branch's workers hold them",
+        response=schemas.DEPTH,
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/depth",
+        app_depth,
+        "The depth of every queue of an app (declared, consumed, or Celery's default), "
+        "read at once",
+        response=schemas.items(schemas.DEPTH),
+    ),
     Route(
         "PUT",
         QUEUE,

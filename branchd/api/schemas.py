@@ -207,6 +207,33 @@ INSTANCE_DEFAULTS: Schema = {
     "additionalProperties": False,
 }
 
+#: Scaling on queue depth (issue 16, part 5): ``scale`` of an app.
+SCALE_IN: Schema = {
+    "type": "object",
+    "required": ["on", "per_worker", "min", "max"],
+    "properties": {
+        "on": QUEUE_NAME,
+        "per_worker": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "min": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "max": {"type": "integer", "minimum": 1, "maximum": 10000},
+        "down_after": {"type": "number", "minimum": 0, "maximum": 86400},
+    },
+    "additionalProperties": False,
+}
+
+#: What ``GET /v1/apps/{app}/queues/{queue}/depth`` answers.
+DEPTH: Schema = {
+    "type": "object",
+    "required": ["ready", "in_flight", "consumers", "at"],
+    "properties": {
+        "queue": QUEUE_NAME,
+        "ready": {"type": "integer", "minimum": 0},
+        "in_flight": {"type": "integer", "minimum": 0},
+        "consumers": {"type": "integer", "minimum": 0},
+        "at": {"type": "number", "description": "wall time of the reading"},
+    },
+}
+
 _APP_CELERY: dict[str, Schema] = {
     "broker": {"type": ["string", "null"], "minLength": 1, "maxLength": 2000},
     "celery_app": {"type": ["string", "null"], "pattern": r"^[A-Za-z_][A-Za-z0-9_.:]*$"},
@@ -216,6 +243,7 @@ _APP_CELERY: dict[str, Schema] = {
     "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
     "mingle_gossip": {"type": "boolean"},
     "result_backend": {"type": ["string", "null"], "minLength": 1, "maxLength": 2000},
+    "scale": {"oneOf": [SCALE_IN, {"type": "null"}]},
 }
 
 APP_IN: Schema = {

@@ -21,6 +21,7 @@ from branchd.model import (
     Desired,
     InstanceSpec,
     Kind,
+    ScalePolicy,
     startretries_from,
     umask_from,
     valid_name,
@@ -59,6 +60,20 @@ def autoscale_from(value: Any) -> Autoscale | None:
     if auto.max < 1:
         raise Invalid("autoscale max must be at least 1")
     return auto
+
+
+def scale_from(value: Any) -> ScalePolicy | None:
+    """An app's depth scaling policy (issue 16, part 5), checked as a whole."""
+    if value is None:
+        return None
+    policy = ScalePolicy.from_wire(value)
+    if policy.min > policy.max:
+        raise Invalid(f"scale min ({policy.min}) is greater than max ({policy.max})")
+    if policy.max < 1 or policy.per_worker < 1:
+        raise Invalid("scale max and per_worker must be at least 1")
+    if policy.down_after < 0:
+        raise Invalid("scale down_after must not be negative")
+    return policy
 
 
 def build_spec(
@@ -273,4 +288,5 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
         autoscale=autoscale_from(body.get("autoscale")),
         mingle_gossip=bool(body.get("mingle_gossip", False)),
         result_backend=backend,
+        scale=scale_from(body.get("scale")),
     )
