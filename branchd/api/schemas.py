@@ -231,6 +231,17 @@ DEPTH: Schema = {
         "in_flight": {"type": "integer", "minimum": 0},
         "consumers": {"type": "integer", "minimum": 0},
         "at": {"type": "number", "description": "wall time of the reading"},
+        "running": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "of in_flight, the tasks executing now",
+        },
+        "unacked": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Redis only: messages delivered and not acked in the whole "
+            "database (kombu's unacked hash does not say which queue)",
+        },
     },
 }
 

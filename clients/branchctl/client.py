@@ -27,6 +27,7 @@ from branchctl.models import (
     Instance,
     Member,
     Queue,
+    QueueDepth,
     Stats,
 )
 
@@ -654,6 +655,38 @@ class AsyncClient:
         self._note_unreachable(data)
         return [dict(i) for i in data.get("items", ())]
 
+    async def queue_depth(self, app: str, queue: str) -> QueueDepth:
+        """How deep ``queue`` of ``app`` is now: ready on the broker, in flight in
+        this branch's workers, consumers."""
+        _, data = await self._json("GET", f"{_queue_path(app, queue)}/depth")
+        return self._parse(QueueDepth.from_json, data)
+
+    async def app_depth(self, app: str) -> list[QueueDepth]:
+        """The depth of every queue of ``app``, read at once."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/depth")
+        return self._items(QueueDepth.from_json, data)
+
+    async def set_scale(
+        self,
+        app: str,
+        on: str,
+        per_worker: int,
+        min: int,
+        max: int,
+        down_after: float | None = None,
+    ) -> App:
+        """Scale ``app``'s workers on the depth of queue ``on``: pool size
+        ``clamp(ceil((ready + in_flight) / per_worker), min, max)``, down only
+        after ``down_after`` seconds (60 by default)."""
+        scale: dict[str, Any] = {"on": on, "per_worker": per_worker, "min": min, "max": max}
+        if down_after is not None:
+            scale["down_after"] = down_after
+        return await self.patch_app(app, {"scale": scale})
+
+    async def clear_scale(self, app: str) -> App:
+        """Stop scaling ``app`` on depth (its workers keep their last range)."""
+        return await self.patch_app(app, {"scale": None})
+
     async def put_queue(
         self,
         app: str,
@@ -966,6 +999,26 @@ class Client:
 
     def queues(self, app: str) -> list[Queue]:
         return self._run(self._async.queues(app))
+
+    def queue_depth(self, app: str, queue: str) -> QueueDepth:
+        return self._run(self._async.queue_depth(app, queue))
+
+    def app_depth(self, app: str) -> list[QueueDepth]:
+        return self._run(self._async.app_depth(app))
+
+    def set_scale(
+        self,
+        app: str,
+        on: str,
+        per_worker: int,
+        min: int,
+        max: int,
+        down_after: float | None = None,
+    ) -> App:
+        return self._run(self._async.set_scale(app, on, per_worker, min, max, down_after))
+
+    def clear_scale(self, app: str) -> App:
+        return self._run(self._async.clear_scale(app))
 
     def get_queue(self, app: str, queue: str) -> Queue:
         return self._run(self._async.get_queue(app, queue))

@@ -69,6 +69,8 @@ class App:
     autoscale: Mapping[str, Any] | None = None
     mingle_gossip: bool | None = None
     result_backend: str | None = None
+    #: Scaling on queue depth: on, per_worker, min, max, down_after (None: off).
+    scale: Mapping[str, Any] | None = None
     #: "branch": its instances run on the branch that declared it (``branch``);
     #: "cluster": on any branch.
     scope: str | None = None
@@ -243,6 +245,26 @@ class Consumer:
 
     @classmethod
     def from_json(cls, data: Any) -> Consumer:
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """A queue's depth: ``ready`` (the broker's count), ``in_flight`` (held by
+    this branch's workers, ``running`` of them executing), ``consumers``, and
+    ``at`` (wall time of the reading); ``unacked``: Redis only, the database's."""
+
+    ready: int
+    in_flight: int
+    consumers: int
+    at: float
+    queue: str | None = None
+    running: int | None = None
+    unacked: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> QueueDepth:
         return _build(cls, data)
 
 

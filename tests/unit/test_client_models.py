@@ -22,6 +22,7 @@ ANSWERS: dict[type[Any], tuple[str, str]] = {
     models.Queue: ("/v1/apps/{app}/queues/{queue}", "get"),
     models.Consumer: (INST + "/queues", "get"),
     models.Autoscale: (INST + "/autoscale", "get"),
+    models.QueueDepth: ("/v1/apps/{app}/queues/{queue}/depth", "get"),
     models.Stats: (INST + "/stats", "get"),
     models.Branch: ("/v1/branch", "get"),
     models.Member: ("/v1/branches/{id}", "get"),

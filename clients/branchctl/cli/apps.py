@@ -33,6 +33,15 @@ from branchctl.models import ActionItem, App, Instance
 # -- apps -------------------------------------------------------------------
 
 
+def _scale_text(scale: Any) -> str | None:
+    if not isinstance(scale, dict):
+        return None
+    return (
+        f"on depth of {scale.get('on')}: 1 process per {scale.get('per_worker')} tasks, "
+        f"{scale.get('min')}..{scale.get('max')}, down after {scale.get('down_after')} s"
+    )
+
+
 def _app_text(app: App) -> str:
     fields: dict[str, Any] = {
         "name": app.name,
@@ -56,6 +65,7 @@ def _app_text(app: App) -> str:
         "autoscale": _bounds_text(app.autoscale),
         "mingle_gossip": app.mingle_gossip,
         "result_backend": app.result_backend,
+        "scale": _scale_text(app.scale),
     }
     fields.update({k: v for k, v in celery.items() if k in app.raw})
     return render.record(fields)
@@ -281,6 +291,63 @@ def apps_set(
     with opts.client() as c:
         app = c.patch_app(name, changes)
     _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
+
+
+@apps.command("autoscale")
+@click.argument("app")
+@click.option(
+    "--on-depth", "on", metavar="QUEUE", help="Scale on the depth of this queue of the app."
+)
+@click.option(
+    "--per-worker",
+    type=click.IntRange(min=1),
+    help="Tasks (ready + in flight) one pool process is for.",
+)
+@click.option("--min", "low", type=click.IntRange(min=0), help="Fewest pool processes.")
+@click.option("--max", "high", type=click.IntRange(min=1), help="Most pool processes.")
+@click.option(
+    "--down-after",
+    type=click.FloatRange(min=0),
+    help="Seconds of lower depth before a scale-down (default 60).",
+)
+@click.option("--off", is_flag=True, help="Stop scaling on depth.")
+def apps_autoscale(
+    opts: Options,
+    app: str,
+    on: str | None,
+    per_worker: int | None,
+    low: int | None,
+    high: int | None,
+    down_after: float | None,
+    off: bool,
+) -> None:
+    """Scale APP's workers on queue depth, show the policy (no option), or --off.
+
+    Every poll (2 s) the pool size of APP's running workers on this branch
+    that consume the queue becomes clamp(ceil((ready + in flight) /
+    PER_WORKER), MIN, MAX): up at once, down only after DOWN_AFTER seconds of
+    lower readings, through Celery's autoscale control (the worker must run
+    with an autoscale range; a shrink takes only idle processes).
+
+    Example: branchctl apps autoscale shop --on-depth default --per-worker 20 --min 1 --max 12
+    """
+    given = [v is not None for v in (on, per_worker, low, high)]
+    if off and (any(given) or down_after is not None):
+        raise click.UsageError("--off takes no other option")
+    if any(given) and not all(given):
+        raise click.UsageError("give --on-depth, --per-worker, --min and --max together")
+    if low is not None and high is not None and low > high:
+        raise click.UsageError(f"--min ({low}) is greater than --max ({high})")
+    with opts.client() as c:
+        if off:
+            a = c.clear_scale(app)
+        elif all(given):
+            assert on is not None and per_worker is not None
+            assert low is not None and high is not None
+            a = c.set_scale(app, on, per_worker, low, high, down_after)
+        else:
+            a = c.get_app(app)
+    _emit(opts, {"scale": a.scale}, _scale_text(a.scale) or "off")
 
 
 @apps.command("show")

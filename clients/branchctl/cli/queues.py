@@ -120,6 +120,27 @@ def queues_show(opts: Options, app: str, name: str) -> None:
     _emit(opts, {**queue.raw, "consumers": consumers}, _queue_text(queue, consumers))
 
 
+@queues.command("depth")
+@click.argument("app")
+@click.argument("queue", required=False)
+def queues_depth(opts: Options, app: str, queue: str | None) -> None:
+    """How deep APP's queues are (or QUEUE alone), read at once.
+
+    Columns: QUEUE READY (the broker's count) IN_FLIGHT (running + reserved
+    in this branch's workers) RUNNING CONSUMERS (the broker's on RabbitMQ,
+    else this branch's workers). On Redis a last line gives the unacked
+    messages of the whole database (kombu keeps them in one hash, not per queue).
+    """
+    with opts.client() as c:
+        items = [c.queue_depth(app, queue)] if queue else c.app_depth(app)
+    rows = [(d.queue, d.ready, d.in_flight, d.running, d.consumers) for d in items]
+    text = render.table(("QUEUE", "READY", "IN_FLIGHT", "RUNNING", "CONSUMERS"), rows)
+    unacked = next((d.unacked for d in items if d.unacked is not None), None)
+    if unacked is not None:
+        text += f"\nunacked (all queues of the Redis database): {unacked}"
+    _emit(opts, {"items": [dict(d.raw) for d in items]}, text)
+
+
 @queues.command("remove")
 @click.argument("app")
 @click.argument("name")

@@ -1,0 +1,153 @@
+"""The depth scaler as a scenario on the twins: a LocalBranch over a real Store,
+the FakeLauncher, the stub remote control, the in-memory depth reader and a
+fake clock that the test moves; ``scaler.step()`` is one poll."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from branchd.celery.depth import MemoryDepthReader
+from branchd.celery.stub import StubNode, StubRemoteControl
+from branchd.clock import FakeClock, FakeScheduler
+from branchd.config import Config
+from branchd.errors import BrokerUnavailable, NotFound
+from branchd.events import EventBus
+from branchd.local import LocalBranch, build
+from branchd.process.fake import FakeLauncher
+from branchd.store import Store
+
+APP = "shop"
+HOST = "testhost"
+POLICY = {"on": "default", "per_worker": 20, "min": 1, "max": 12, "down_after": 60}
+
+
+@dataclass
+class Rig:
+    m: LocalBranch
+    stub: StubRemoteControl
+    depth: MemoryDepthReader
+    sched: FakeScheduler
+
+    async def until(self, ok: Callable[[], bool]) -> None:
+        real = time.monotonic() + 5
+        while not ok():
+            assert time.monotonic() < real, "condition not met"
+            await self.sched.advance(0.01)
+
+    async def worker(self, name: str, autoscale: tuple[int, int] = (1, 1)) -> StubNode:
+        node = self.stub.add_node(f"{name}@{HOST}", queues=["default"], autoscale=autoscale)
+        await self.m.instances.create_instance(
+            APP,
+            {
+                "name": name,
+                "kind": "celery",
+                "queues": ["default"],
+                "autoscale": {"min": autoscale[1], "max": autoscale[0]},
+            },
+        )
+        spec = self.m.instances.specs(APP)[-1]
+        await self.until(lambda: self.m.instances.running(spec.name))
+        return node
+
+    async def poll(self, seconds: float = 2.0) -> None:
+        await self.sched.advance(seconds)
+        await self.m.scaler.step()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    base = Config.for_tests(tmp_path)
+    # the loop's own timer never comes due: the test polls with step()
+    config = replace(base, celery=replace(base.celery, depth_poll_interval=1e9))
+    store = Store(config.db_path)
+    clock = FakeClock()
+    sched = FakeScheduler(clock)
+    stub, depth = StubRemoteControl(), MemoryDepthReader()
+    m = build(
+        store,
+        FakeLauncher(),
+        clock,
+        config,
+        store.branch_id(),
+        scheduler=sched,
+        remote=stub,
+        bus=EventBus(),
+        hostname=HOST,
+        depth_reader=depth,
+    )
+    await m.start()
+    await m.apps.put_app(APP, {}, {}, {"celery_app": "tests.celery_app.tasks", "scale": POLICY})
+    yield Rig(m, stub, depth, sched)
+    await m.shutdown(keep=True)
+    store.close()
+
+
+def _tasks(n: int) -> dict[str, object]:
+    return {"ok": [{"id": str(i), "delivery_info": {"routing_key": "default"}} for i in range(n)]}
+
+
+async def test_up_within_one_poll_down_after_the_window(rig: Rig) -> None:
+    node = await rig.worker("w1")
+    rig.depth.set("default", 2000)
+    await rig.poll()
+    assert node.autoscale == (12, 12)  # (max, min): up in this one poll
+    assert rig.m.scaler.last[APP].target == 12
+    # persisted: the next start (and the reconcile) keeps it
+    spec = rig.m.instances.specs(APP)[0]
+    assert spec.autoscale is not None and (spec.autoscale.min, spec.autoscale.max) == (12, 12)
+
+    rig.depth.set("default", 0)
+    await rig.poll()
+    await rig.poll(50)
+    assert node.autoscale == (12, 12)  # within the window: held
+    await rig.poll(10)
+    assert node.autoscale == (1, 1)
+
+
+async def test_in_flight_holds_it_up_and_is_in_the_depth(rig: Rig) -> None:
+    node = await rig.worker("w1", (4, 4))
+    rig.stub.script(node.name, "active", _tasks(3))
+    rig.stub.script(node.name, "reserved", _tasks(5))
+    got = await rig.m.depth.queue_depth(APP, "default")
+    assert (got["ready"], got["in_flight"], got["running"], got["consumers"]) == (0, 8, 3, 1)
+    await rig.poll()
+    # 8 in flight / 20 -> 1 process, but 3 tasks run: never below them
+    assert rig.m.scaler.last[APP].target == 3
+    assert node.autoscale == (3, 3)
+
+
+async def test_split_over_the_branchs_workers(rig: Rig) -> None:
+    a = await rig.worker("w1")
+    b = await rig.worker("w2")
+    rig.depth.set("default", 100)  # 100 / 20 = 5 processes: 3 + 2
+    await rig.poll()
+    assert (a.autoscale, b.autoscale) == ((3, 3), (2, 2))
+
+
+async def test_a_broker_down_changes_nothing(rig: Rig) -> None:
+    node = await rig.worker("w1")
+    rig.depth.set("default", 400)
+    await rig.poll()
+    assert node.autoscale == (12, 12)
+    rig.depth.down = True
+    await rig.poll(120)
+    assert node.autoscale == (12, 12)
+    with pytest.raises(BrokerUnavailable):
+        await rig.m.depth.queue_depth(APP, "default")
+
+
+async def test_no_policy_no_scaling_and_unknown_queue(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"scale": None})
+    node = await rig.worker("w1")
+    rig.depth.set("default", 2000)
+    reads = rig.depth.reads
+    await rig.poll()
+    assert node.autoscale == (1, 1) and rig.depth.reads == reads
+    with pytest.raises(NotFound):
+        await rig.m.depth.queue_depth(APP, "nope")
+    assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
