@@ -56,10 +56,20 @@ def step(state: ScaleState, reading: Reading, policy: ScalePolicy, now: float) -
     return ScaleState(window=window, target=target)
 
 
-def split(total: int, parts: int) -> list[int]:
+def split(total: int, parts: int, floor: int = 1) -> list[int]:
     """``total`` pool processes over ``parts`` workers, the first ones taking
-    the remainder (each at least 1: a worker with no process consumes nothing)."""
+    the remainder, each at least ``floor`` (for a range's max, 1: a worker
+    with no process consumes nothing)."""
     if parts <= 0:
         return []
     base, extra = divmod(total, parts)
-    return [max(1, base + (1 if i < extra else 0)) for i in range(parts)]
+    return [max(floor, base + (1 if i < extra else 0)) for i in range(parts)]
+
+
+def ranges(target: int, low: int, parts: int) -> list[tuple[int, int]]:
+    """The autoscale range (min, max) of each of ``parts`` workers: the
+    target split as the max, the policy's min split as the min (never above
+    that max)."""
+    highs = split(target, parts)
+    lows = split(low, parts, floor=0)
+    return [(min(lo, hi), hi) for lo, hi in zip(lows, highs, strict=True)]

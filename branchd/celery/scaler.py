@@ -9,11 +9,19 @@ read for all the queues asked) plus what this branch's running workers hold
 scheduler, each app with a ``scale`` policy, feeds the reading to the pure
 core (``branchd/scaling.py``) and drives what there is to drive on this
 branch: the autoscale range of the app's running workers that consume the
-policy's queue, set to ``min = max = target`` (split across them), through
-the same path as ``PUT .../autoscale`` (persisted first, then Celery's
-``autoscale`` control). Celery grows the pool at once; it shrinks only idle
-processes (billiard's ``shrink``), so a scale-down never kills a running
-task: a busy process stays until it is idle, and the next poll asks again.
+policy's queue: its max is the target (split across them), its min the
+policy's min, through the same path as ``PUT .../autoscale`` (persisted
+first, then Celery's ``autoscale`` control).
+
+Why the target is the max and not min = max: Celery's ``autoscale`` control
+with a min above the pool only raises the pool's process count, and the
+processes come at the pool's next maintenance (a 5 s timer, later under
+load); Celery's own autoscaler, ticking every second, grows the pool to
+``min(reserved tasks, max)`` and starts the processes at once, and raising
+the max raises the prefetch with it, so a deep queue fills the new range
+within about a second. Lowering the max shrinks at once, but only idle
+processes (billiard's ``shrink``): a scale-down never kills a running task;
+a busy process stays until it is idle, and the next poll asks again.
 """
 
 from __future__ import annotations
@@ -244,6 +252,16 @@ class DepthScaler:
         state = scaling.step(self._states.get(app.name, scaling.ScaleState()), reading, policy, now)
         self._states[app.name] = state
         assert state.target is not None
+        log.debug(
+            "%s: %s ready %d, in flight %d (running %d): target %d, pools %s",
+            app.name,
+            policy.on,
+            depth.ready,
+            depth.in_flight,
+            depth.running,
+            state.target,
+            {h.spec.name: h.pool for h in held},
+        )
         # a worker with a fixed --concurrency has no autoscaler to drive (it
         # would need a restart): left as it is
         drive = [
@@ -252,14 +270,16 @@ class DepthScaler:
             if policy.on in h.queues and effective_autoscale(app, h.spec) is not None
         ]
         drive.sort(key=lambda h: h.spec.name)
-        for h, size in zip(drive, scaling.split(state.target, len(drive)), strict=True):
+        for h, (low, high) in zip(
+            drive, scaling.ranges(state.target, policy.min, len(drive)), strict=True
+        ):
             declared = effective_autoscale(app, h.spec)
             # a busy process outlives a shrink: ask again until the pool has come down
-            settled = h.pool is None or h.pool <= size
-            if declared is not None and (declared.min, declared.max) == (size, size) and settled:
+            settled = h.pool is None or h.pool <= high
+            if declared is not None and (declared.min, declared.max) == (low, high) and settled:
                 continue
             try:
-                await self._runtime.set_autoscale(app.name, h.spec.name, size, size)
+                await self._runtime.set_autoscale(app.name, h.spec.name, low, high)
             except BranchdError as exc:
-                log.info("%s/%s: autoscale %d not applied: %s", app.name, h.spec.name, size, exc)
+                log.info("%s/%s: autoscale %d not applied: %s", app.name, h.spec.name, high, exc)
         self.last[app.name] = ScaleView(depth, state.target, {h.spec.name: h.pool for h in held})

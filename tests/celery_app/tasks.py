@@ -39,3 +39,12 @@ def touch(path: str) -> str:
 def tsum(numbers: list[int]) -> int:
     """The body of a chord: adds up what its header returned."""
     return sum(numbers)
+
+
+@app.task(name="testapp.work")  # type: ignore[untyped-decorator]
+def work(folder: str, key: str, seconds: float) -> str:
+    """A short task that leaves ``folder/key`` once done: the side channel that
+    counts the tasks of a burst (none lost, none run twice)."""
+    time.sleep(seconds)
+    (Path(folder) / key).touch(exist_ok=False)
+    return key

@@ -95,16 +95,16 @@ async def test_up_within_one_poll_down_after_the_window(rig: Rig) -> None:
     node = await rig.worker("w1")
     rig.depth.set("default", 2000)
     await rig.poll()
-    assert node.autoscale == (12, 12)  # (max, min): up in this one poll
+    assert node.autoscale == (12, 1)  # (max, min): up in this one poll
     assert rig.m.scaler.last[APP].target == 12
     # persisted: the next start (and the reconcile) keeps it
     spec = rig.m.instances.specs(APP)[0]
-    assert spec.autoscale is not None and (spec.autoscale.min, spec.autoscale.max) == (12, 12)
+    assert spec.autoscale is not None and (spec.autoscale.min, spec.autoscale.max) == (1, 12)
 
     rig.depth.set("default", 0)
     await rig.poll()
     await rig.poll(50)
-    assert node.autoscale == (12, 12)  # within the window: held
+    assert node.autoscale == (12, 1)  # within the window: held
     await rig.poll(10)
     assert node.autoscale == (1, 1)
 
@@ -118,7 +118,7 @@ async def test_in_flight_holds_it_up_and_is_in_the_depth(rig: Rig) -> None:
     await rig.poll()
     # 8 in flight / 20 -> 1 process, but 3 tasks run: never below them
     assert rig.m.scaler.last[APP].target == 3
-    assert node.autoscale == (3, 3)
+    assert node.autoscale == (3, 1)
 
 
 async def test_split_over_the_branchs_workers(rig: Rig) -> None:
@@ -126,17 +126,17 @@ async def test_split_over_the_branchs_workers(rig: Rig) -> None:
     b = await rig.worker("w2")
     rig.depth.set("default", 100)  # 100 / 20 = 5 processes: 3 + 2
     await rig.poll()
-    assert (a.autoscale, b.autoscale) == ((3, 3), (2, 2))
+    assert (a.autoscale, b.autoscale) == ((3, 1), (2, 0))
 
 
 async def test_a_broker_down_changes_nothing(rig: Rig) -> None:
     node = await rig.worker("w1")
     rig.depth.set("default", 400)
     await rig.poll()
-    assert node.autoscale == (12, 12)
+    assert node.autoscale == (12, 1)
     rig.depth.down = True
     await rig.poll(120)
-    assert node.autoscale == (12, 12)
+    assert node.autoscale == (12, 1)
     with pytest.raises(BrokerUnavailable):
         await rig.m.depth.queue_depth(APP, "default")
 

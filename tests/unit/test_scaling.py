@@ -93,6 +93,20 @@ def test_split(total: int, parts: int, want: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("target", "low", "parts", "want"),
+    [
+        (12, 1, 1, [(1, 12)]),
+        (5, 1, 2, [(1, 3), (0, 2)]),
+        (5, 4, 2, [(2, 3), (2, 2)]),
+        (2, 2, 3, [(1, 1), (1, 1), (0, 1)]),
+        (1, 1, 1, [(1, 1)]),
+    ],
+)
+def test_ranges(target: int, low: int, parts: int, want: list[tuple[int, int]]) -> None:
+    assert scaling.ranges(target, low, parts) == want
+
+
+@pytest.mark.parametrize(
     ("body", "rule"),
     [
         ({"on": "q", "per_worker": 20, "min": 5, "max": 2}, "greater than max"),
