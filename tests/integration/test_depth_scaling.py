@@ -49,7 +49,9 @@ def _need(url: str) -> None:
 def _redis_clean(queue: str) -> None:
     client: Any = redis.Redis.from_url(REDIS_URL)
     try:
-        client.delete(*redis_keys(queue), f"_kombu.binding.{queue}")
+        client.delete(
+            *redis_keys(queue), f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
+        )
     finally:
         client.close()
 
