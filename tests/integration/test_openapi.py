@@ -236,6 +236,14 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     consumers = v.call("GET", q + "/consumers")
     assert consumers.status == 200 and [i["name"] for i in consumers.body["items"]] == ["w1"]
     assert v.call("GET", shop + "/stats").body["items"][0]["name"] == "w1"
+    # queue depth (the embedded broker: its files) and a scale policy
+    depth = v.call("GET", q + "/depth")
+    assert depth.status == 200 and (depth.body["ready"], depth.body["in_flight"]) == (0, 0)
+    assert v.call("GET", shop + "/depth").status == 200
+    assert v.call("GET", shop + "/queues/nope/depth").status == 404
+    scale = {"on": "images", "per_worker": 5, "min": 3, "max": 1}
+    assert v.call("PATCH", shop, {"scale": scale}).status == 422
+    assert v.call("PATCH", shop, {"scale": {**scale, "min": 1}}).body["scale"]["max"] == 1
     assert v.call("DELETE", q).status == 204
     assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204
