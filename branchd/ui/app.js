@@ -286,7 +286,9 @@ function say(text) {
 
 function fail(err) {
   if (err instanceof Unauthorized) {
-    login(token() ? "that token was refused" : "");
+    const refused = token() !== "";
+    sessionStorage.removeItem(TOKEN_KEY); // a refused token is not kept
+    login(refused ? "that token was refused" : "");
   } else {
     say(err.message);
   }
