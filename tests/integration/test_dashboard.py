@@ -6,17 +6,23 @@ through the API). The screenshot it takes is the one docs/guide.md shows
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
+from branchd.api import dashboard
 from tests import webdriver
 from tests.conftest import SLEEPER, Branchd, _kill_leftovers, start_branchd, wait_for
 
@@ -132,3 +138,101 @@ def test_stop_and_start_from_the_page(b: Branchd, tmp_path: Path) -> None:
     (tmp_path / "dashboard.png").write_bytes(png)
     if target := os.environ.get("BRANCHD_SCREENSHOT"):
         Path(target).write_bytes(png)
+
+
+def _listing(make: Callable[[], list[Any]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"items": make()})
+
+    return answer
+
+
+class _FakeEvents:
+    """A daemon with GET /v1/events, as branchd will have it (being built in
+    parallel): the page's own files, one app, and a stream the test feeds."""
+
+    def __init__(self) -> None:
+        self.state = "running"
+        self.events: asyncio.Queue[str | None] | None = None
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _instance(self) -> dict[str, object]:
+        return {
+            "name": "w1",
+            "app": "ev",
+            "state": self.state,
+            "desired": "running",
+            "restarts": 0,
+            "uptime": 1.0,
+            "reason": None,
+            "branch": "b1",
+        }
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b": hello\n\n")
+        assert self.events is not None
+        while (data := await self.events.get()) is not None:
+            await resp.write(f"id: 1\nevent: instance\ndata: {data}\n\n".encode())
+        return resp
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        dashboard.add_routes(app)
+        items = {
+            "/v1/branches": lambda: [{"id": "b1", "state": "alive", "self": True}],
+            "/v1/apps": lambda: [{"name": "ev"}],
+            "/v1/apps/ev/instances": lambda: [self._instance()],
+        }
+        for path, make in items.items():
+            app.router.add_get(path, _listing(make))
+        app.router.add_get("/v1/events", self._events)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.events = asyncio.Queue()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+        self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def emit(self, state: str) -> None:
+        self.state = state
+        assert self.events is not None
+        self.loop.call_soon_threadsafe(self.events.put_nowait, json.dumps({"state": state}))
+
+    def stop(self) -> None:
+        if self.events is not None:  # the stream ends, so the cleanup need not wait for it
+            self.loop.call_soon_threadsafe(self.events.put_nowait, None)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def test_the_page_follows_the_event_stream_when_the_daemon_has_one() -> None:
+    _browser_or_skip()
+    fake = _FakeEvents()
+    fake.start()
+    try:
+        with webdriver.chromium() as browser:
+            browser.get(fake.url + "/")
+            wait_for(
+                lambda: browser.run("return document.body.getAttribute('data-live');") == "events"
+            )
+            wait_for(lambda: _page_state(browser, "ev/w1") == "running")
+            # with a stream the page does not poll: only the event brings the change
+            fake.emit("backoff")
+            wait_for(lambda: _page_state(browser, "ev/w1") == "backoff")
+    finally:
+        fake.stop()
