@@ -190,3 +190,61 @@ def test_in_flight(
 ) -> None:
     held, running = in_flight(active, reserved, consumed, {"fast": "f"})
     assert (held, running) == (want_held, want_running)
+
+
+# the RabbitMQ reader's memory of missing queues ----------------------------------
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Channel:
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+
+    def queue_declare(self, queue: str, passive: bool) -> tuple[str, int, int]:
+        assert passive
+        self.conn.declares += 1
+        if queue not in self.conn.queues:
+            raise _NotFound(queue)  # the broker closes the channel
+        return queue, self.conn.queues[queue], 1
+
+
+class _Conn:
+    channel_errors = (_NotFound,)
+
+    def __init__(self) -> None:
+        self.queues = {"a": 3}
+        self.channels = 0
+        self.declares = 0
+
+    def ensure_connection(self, **_: object) -> None:
+        pass
+
+    def channel(self) -> _Channel:
+        self.channels += 1
+        return _Channel(self)
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_missing_rabbitmq_queue_is_asked_again_only_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from branchd.celery import depth
+    from branchd.celery.broker import BrokerSpec
+
+    conn = _Conn()
+    now = [100.0]
+    monkeypatch.setattr(depth.time, "monotonic", lambda: now[0])
+    link = depth._Link(BrokerSpec("amqp://x//"), 1.0, lambda spec, timeout: conn)
+    first = link.read(["a", "gone"])
+    assert (first.queues["a"].ready, first.queues["gone"].ready) == (3, 0)
+    assert (conn.declares, conn.channels) == (2, 1)
+    link.read(["a", "gone"])  # "gone" not asked: no channel lost
+    assert (conn.declares, conn.channels) == (3, 2)
+    conn.queues["gone"] = 5
+    now[0] += depth.MISSING_RECHECK
+    assert link.read(["gone"]).queues["gone"].ready == 5
