@@ -289,6 +289,8 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
             "args": ["-E"],
             "autoscale": {"min": 1, "max": 2},
             "mingle_gossip": False,
+            # new: scaling on queue depth (issue 16, part 5; None: off)
+            "scale": None,
             # new: where its instances run (the embedded broker: where declared)
             "scope": "branch",
             "branch": None,
@@ -309,6 +311,7 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
         "args": [],
         "autoscale": None,
         "mingle_gossip": False,
+        "scale": None,
         "scope": "cluster",
         "branch": None,
     }
