@@ -229,12 +229,17 @@ def burst(mode: str, opts: argparse.Namespace, seed: int) -> dict[str, Any]:
         sent = time.monotonic() - t0
         samples: list[tuple[float, int]] = []
         drained: float | None = None
+        last_file, last_count = 0.0, 0
         deadline = t0 + opts.tasks * 0.5 + 300
         while time.monotonic() < deadline:
             now = time.monotonic() - t0
             samples.append((round(now, 2), pool_of(pid)))
-            if drained is None and len(os.listdir(done)) >= opts.tasks:
-                drained = now
+            count = len(os.listdir(done))
+            if count != last_count:
+                last_file, last_count = now, count
+            # drained: every file made, or (a task lost) none new for 15 s
+            if drained is None and (count >= opts.tasks or now - last_file > 15):
+                drained = now if count >= opts.tasks else last_file
             if drained is not None and (
                 mode == "fixed"  # never comes down
                 or now > drained + opts.tail

@@ -20,8 +20,11 @@ load); Celery's own autoscaler, ticking every second, grows the pool to
 ``min(reserved tasks, max)`` and starts the processes at once, and raising
 the max raises the prefetch with it, so a deep queue fills the new range
 within about a second. Lowering the max shrinks at once, but only idle
-processes (billiard's ``shrink``): a scale-down never kills a running task;
-a busy process stays until it is idle, and the next poll asks again.
+processes (billiard's ``shrink``): a busy process stays until it is idle,
+and the next poll asks again. billiard also takes for idle a process that is
+being handed a reserved task (the race that makes Celery's own autoscaler
+lose tasks with ``WorkerLostError``), so the max is lowered only at a poll
+where the worker holds no reserved task: every task it has is running.
 """
 
 from __future__ import annotations
@@ -188,6 +191,11 @@ class ScaleView:
     pools: dict[str, int | None]
 
 
+def _dispatching(held: _Held) -> bool:
+    """The worker holds tasks it has not started yet (reserved, not active)."""
+    return sum(held.held.values()) > sum(held.running.values())
+
+
 class DepthScaler:
     """The polling loop; ``step()`` is one poll of every app with a policy."""
 
@@ -277,6 +285,12 @@ class DepthScaler:
             # a busy process outlives a shrink: ask again until the pool has come down
             settled = h.pool is None or h.pool <= high
             if declared is not None and (declared.min, declared.max) == (low, high) and settled:
+                continue
+            if declared is not None and high < declared.max and _dispatching(h):
+                # billiard's shrink takes the processes it sees idle, and a
+                # process being handed a reserved task still looks idle: it
+                # would be killed with that task (WorkerLostError, as under
+                # Celery's own autoscaler). Shrink once nothing waits.
                 continue
             try:
                 await self._runtime.set_autoscale(app.name, h.spec.name, low, high)

@@ -118,6 +118,9 @@ async def test_in_flight_holds_it_up_and_is_in_the_depth(rig: Rig) -> None:
     await rig.poll()
     # 8 in flight / 20 -> 1 process, but 3 tasks run: never below them
     assert rig.m.scaler.last[APP].target == 3
+    assert node.autoscale == (4, 4)  # (no shrink while 5 wait: see the test below)
+    rig.stub.script(node.name, "reserved", {"ok": []})
+    await rig.poll()
     assert node.autoscale == (3, 1)
 
 
@@ -151,3 +154,21 @@ async def test_no_policy_no_scaling_and_unknown_queue(rig: Rig) -> None:
     with pytest.raises(NotFound):
         await rig.m.depth.queue_depth(APP, "nope")
     assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
+
+
+async def test_no_shrink_while_the_worker_holds_reserved_tasks(rig: Rig) -> None:
+    """A process being handed a reserved task looks idle to billiard's shrink:
+    the max comes down only at a poll where every task held is running."""
+    node = await rig.worker("w1")
+    rig.depth.set("default", 400)
+    await rig.poll()
+    assert node.autoscale == (12, 1)
+    rig.depth.set("default", 0)
+    rig.stub.script(node.name, "active", _tasks(2))
+    rig.stub.script(node.name, "reserved", _tasks(3))
+    await rig.poll(61)  # the window is over: the target is 2 (the two running) ...
+    assert rig.m.scaler.last[APP].target == 2
+    assert node.autoscale == (12, 1)  # ... but 3 wait to be handed to a process
+    rig.stub.script(node.name, "reserved", {"ok": []})
+    await rig.poll()
+    assert node.autoscale == (2, 1)
