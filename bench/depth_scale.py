@@ -53,7 +53,8 @@ from branchd.celery.broker import BrokerSpec  # noqa: E402
 from branchd.celery.depth import KombuDepthReader, redis_keys  # noqa: E402
 
 AMQP = os.environ.get("BRANCHD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS = os.environ.get("BRANCHD_TEST_REDIS", "redis://127.0.0.1:6379/13")
+#: db 12: not the test suite's 13, which a test session flushes when it ends
+REDIS = os.environ.get("BRANCHD_BENCH_REDIS", "redis://127.0.0.1:6379/12")
 APP_MODULE = "tests.celery_app.tasks"
 MODES = ("depth", "fixed", "celery")
 
@@ -307,7 +308,8 @@ def report(reads: dict[str, list[float]], bursts: dict[str, list[dict[str, Any]]
         f"Measured {m['date']} with `python bench/depth_scale.py --runs {opts.runs} "
         f"--tasks {opts.tasks}` (took {took / 60:.1f} min). Machine: {m['nproc']} CPUs "
         f"({m['cpu']}), Linux {m['kernel']}, Python {m['python']}; RabbitMQ and Redis on "
-        "the same machine. Medians of the runs, [min, max] after them.",
+        "the same machine, which other test runs shared at the time. Medians of the runs, "
+        "[min, max] after them.",
         "",
         "Depth read cost, 100 queues, one connection reused (target <= 50 ms a poll):",
         "",
