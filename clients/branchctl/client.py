@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import types
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
@@ -107,6 +108,10 @@ def find_token(env: Mapping[str, str], url: str) -> str | None:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
+    if given and any(c.isspace() for c in text):
+        # the daemon's file of named tokens ([tokens.NAME] tables), not one
+        # token: the daemon's own, in its state dir, as without the variable
+        return find_token({k: v for k, v in env.items() if k != "BRANCHD_TOKEN_FILE"}, url)
     return text or None
 
 
@@ -181,7 +186,11 @@ class AsyncClient:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
         # No URL: the local daemon, found as branchctl finds it ($BRANCHD_URL,
         # then the branchd.url its state dir holds, then DEFAULT_URL).
@@ -189,6 +198,9 @@ class AsyncClient:
         # No token: the local daemon's, from the file it keeps (find_token).
         self.token = token or find_token(os.environ, self.url)
         self.timeout = timeout
+        #: The CA that signed an https daemon's certificate (a self-signed one's
+        #: own); None: $BRANCHD_TLS_CA, else the system's trust store.
+        self.ca = ca or os.environ.get("BRANCHD_TLS_CA") or None
         self._session: aiohttp.ClientSession | None = None
         #: The branches the last listing could not reach in time (a cluster's
         #: listing names them rather than failing): ``{"branch", "state", "error"}``.
@@ -220,7 +232,9 @@ class AsyncClient:
                 headers["Authorization"] = f"Bearer {self.token}"
             trace = aiohttp.TraceConfig()
             trace.on_request_headers_sent.append(_mark_sent)
+            tls = ssl.create_default_context(cafile=self.ca) if self.ca else None
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=tls) if tls is not None else None,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 trace_configs=[trace],
@@ -767,9 +781,13 @@ class Client:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
-        self._async = AsyncClient(url, token, timeout)
+        self._async = AsyncClient(url, token, timeout, ca)
         self._runner: asyncio.Runner | None = asyncio.Runner()
 
     @property

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import os
 import signal
 import socket
 import ssl
@@ -91,6 +92,7 @@ class Setup:
     ca: ssl.SSLContext
     tokens: Path
     notify: socket.socket
+    cert: Path
 
     def call(self, x: Branchd, method: str, path: str, token: str, body: Any = None) -> Reply:
         data = json.dumps(body).encode() if body is not None else None
@@ -143,7 +145,7 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     try:
         a = start_branchd(root / "a", *both, env=env)
         b = start_branchd(root / "b", *both, "--join", a.url)
-        setup = Setup(a, b, ca, tokens, notify)
+        setup = Setup(a, b, ca, tokens, notify, cert)
         for x in (a, b):
             wait_for(lambda x=x: len(_alive(setup, x)) == 2, 15)
         yield setup
@@ -243,6 +245,20 @@ def test_the_notify_protocol_says_ready_status_and_watchdog(s: Setup) -> None:
     wait_for(both, 10, 0)
     assert any(line.startswith("STATUS=listening on https://") for line in seen)
     assert f"MAINPID={s.a.pid}" in seen
+
+
+def test_branchctl_over_https_with_the_ca_says_the_role_needed(s: Setup, instance: str) -> None:
+    def branchctl(token: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "BRANCHD_URL": s.a.url, "BRANCHD_TOKEN": token}
+        env["BRANCHD_TLS_CA"] = str(s.cert)
+        cmd = [str(Path(sys.executable).with_name("branchctl")), *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+    shown = branchctl(READER, "instances", "show", "web", "w1")
+    assert shown.returncode == 0 and "running" in shown.stdout, shown.stderr
+    refused = branchctl(READER, "instances", "stop", "web", "w1")
+    assert refused.returncode != 0 and "needs role operate" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_sighup_rereads_the_token_file_and_keeps_it_when_bad(s: Setup, instance: str) -> None:

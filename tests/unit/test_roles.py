@@ -124,3 +124,17 @@ def test_token_file_of_either_kind_and_tls_options(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=says):
             load({**base, **flags}, {})
+
+
+def test_the_client_takes_the_daemons_own_token_beside_a_file_of_named_ones(
+    tmp_path: Path,
+) -> None:
+    from branchctl.client import find_token
+
+    (tmp_path / "token").write_text("own-token\n")
+    table = tmp_path / "tokens.toml"
+    table.write_text(GOOD)
+    env = {"BRANCHD_STATE_DIR": str(tmp_path), "BRANCHD_TOKEN_FILE": str(table)}
+    assert find_token(env, "http://127.0.0.1:8400") == "own-token"
+    (tmp_path / "one").write_text("given-token\n")
+    assert find_token({**env, "BRANCHD_TOKEN_FILE": str(tmp_path / "one")}, "x") == "given-token"
