@@ -138,3 +138,15 @@ def test_the_client_takes_the_daemons_own_token_beside_a_file_of_named_ones(
     assert find_token(env, "http://127.0.0.1:8400") == "own-token"
     (tmp_path / "one").write_text("given-token\n")
     assert find_token({**env, "BRANCHD_TOKEN_FILE": str(tmp_path / "one")}, "x") == "given-token"
+
+
+def test_docs_api_lists_every_routes_role() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text.split("## Roles", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    ]
+    listed = {(m, p): r for m, p, r in rows}
+    assert listed == {k: (v.value if v else "none") for k, v in ROLES.items()}
