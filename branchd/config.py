@@ -156,14 +156,16 @@ class ApiSection:
     token: str | None = None
     #: Where ``token`` was read from (``--token-file``), for the start-up log.
     token_file: Path | None = None
-    #: The named tokens of a token file of ``[tokens.NAME]`` tables, each with
-    #: its role (``token_file`` is then that file, reread on SIGHUP); the
-    #: daemon's own token stays beside them, as admin.
+    #: Not set here: the named tokens of a ``token_file`` of ``[tokens.NAME]``
+    #: tables, each with its role (reread on SIGHUP); the daemon's own token
+    #: stays beside them, as admin.
     tokens: tuple[NamedToken, ...] = ()
     #: False (``--no-auth``): no token at all, for development on loopback only.
     auth: bool = True
-    #: HTTPS: the certificate (chain) and its key, PEM (``--tls-cert``/``--tls-key``).
+    #: HTTPS: the certificate (chain), PEM; the API speaks TLS only and the
+    #: branch calls its peers over https only.
     tls_cert: Path | None = None
+    #: The certificate's private key, PEM (with ``tls_cert``, both or neither).
     tls_key: Path | None = None
     #: The CA that signs the other branches' certificates (``--tls-ca``): peer
     #: calls and forwards trust it alone; None: the system's trust store.

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import openapi
+from branchd.api import dashboard, openapi
 from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.forward import (
     Directory,
@@ -210,7 +210,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
     template = _template(request)
     needed = role_needed(request.method, template) if template else Role.READ
-    if book is None or not book.enabled or needed is None:
+    if book is None or not book.enabled or needed is None or dashboard.is_public(request.path):
+        # (no token, or the dashboard's own files: no data in them)
         return await handler(request)
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
@@ -329,5 +330,6 @@ def make_app(
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    dashboard.add_routes(app)  # "/" and its files (no data, no token)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
