@@ -12,7 +12,7 @@ service (and the engine ends an app deleted elsewhere, see ``on_remote_delete``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from branchd import events
@@ -47,6 +47,7 @@ class Declarations:
         self._bus = bus
         self._end_app: Callable[[str, Version], None] | None = None
         self._end_queue: Callable[[str, str], None] | None = None
+        self._check_app: Callable[[App], Awaitable[None]] | None = None
 
     # apps -------------------------------------------------------------------
 
@@ -89,6 +90,8 @@ class Declarations:
         wanted = [q for s in self._store.list_instances(name) for q in s.queues]
         queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
         check_carried(app, list(queues), decls)
+        if self._check_app is not None:
+            await self._check_app(app)  # (its limits, by its pool and Celery version)
         created = self._store.put_app(app)
         self._bus.publish(events.DeclarationChanged("app", name, name))
         # the record as stored: with its version and origin (the branch that
@@ -164,6 +167,11 @@ class Declarations:
         """Who ends an app that another branch deleted while it has instances
         here (the engine: they stop, then ``forget_app`` with that version)."""
         self._end_app = end_app
+
+    def on_check_app(self, check: Callable[[App], Awaitable[None]]) -> None:
+        """Who checks an app's worker limits before it is stored (the workers
+        service: the rules depend on its interpreter's Celery version)."""
+        self._check_app = check
 
     def on_remote_queue_delete(self, end_queue: Callable[[str, str], None]) -> None:
         """Who cancels a queue that another branch deleted on this branch's
