@@ -31,7 +31,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.process.specs import build_spec, celery_settings
+from branchd.process.specs import build_spec, celery_settings, merge_task_overrides
 from branchd.replication import Outcome, Record, decide
 from branchd.store import Store
 
@@ -107,7 +107,9 @@ class Declarations:
         defaults = _merged(app.defaults, patch.get("defaults"))
         celery = app.celery.to_wire()
         for key, value in patch.items():
-            if key not in ("env", "defaults"):
+            if key == "task_overrides":  # (merged task by task, as env and defaults)
+                celery[key] = merge_task_overrides(celery[key], value)
+            elif key not in ("env", "defaults"):
                 celery[key] = value
         celery = {k: v for k, v in celery.items() if v is not None}
         new, _created = await self.put_app(name, env, defaults, celery)

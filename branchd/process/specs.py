@@ -253,10 +253,37 @@ def env_files_from(value: Any) -> tuple[str, ...]:
     return paths
 
 
+def merge_task_overrides(old: Mapping[str, Any], patch: Any) -> dict[str, Any]:
+    """``task_overrides`` as a JSON merge patch changes them: task by task and
+    key by key; a null task or key removes it, a null map all of them."""
+    if patch is None:
+        return {}
+    if not isinstance(patch, Mapping):
+        raise Invalid("task_overrides must be an object of task names")
+    out = {name: dict(keys) for name, keys in old.items()}
+    for name, keys in patch.items():
+        if keys is None:
+            out.pop(name, None)
+            continue
+        if not isinstance(keys, Mapping):
+            raise Invalid(f"task_overrides[{name}] must be an object")
+        merged = {k: v for k, v in {**out.get(name, {}), **keys}.items() if v is not None}
+        if merged:
+            out[name] = merged
+        else:
+            out.pop(name, None)
+    return out
+
+
 def limits_from(fields: Mapping[str, Any], base: Limits | None = None) -> Limits:
-    """``base`` with the limit fields among ``fields`` (null: not set)."""
+    """``base`` with the limit fields among ``fields`` (null: not set;
+    ``task_overrides`` merged into the base's, see ``merge_task_overrides``)."""
     wire = (base or Limits()).to_wire()
-    wire.update({k: fields[k] for k in LIMIT_FIELDS if k in fields})
+    wire.update({k: fields[k] for k in LIMIT_FIELDS if k in fields and k != "task_overrides"})
+    if "task_overrides" in fields:
+        wire["task_overrides"] = merge_task_overrides(
+            wire["task_overrides"], fields["task_overrides"]
+        )
     try:
         return Limits.from_wire(wire)
     except (TypeError, ValueError, AttributeError) as exc:

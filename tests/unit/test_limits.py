@@ -12,7 +12,7 @@ from branchd.celery import limits as L
 from branchd.celery.argv import limit_flags, worker_argv
 from branchd.errors import Invalid
 from branchd.model import POOLS, App, CelerySettings, InstanceSpec, Kind, Limits, TaskLimits
-from branchd.process.specs import apply_fields, celery_settings
+from branchd.process.specs import apply_fields, celery_settings, merge_task_overrides
 
 FULL = Limits(
     time_limit=300,
@@ -238,3 +238,11 @@ def test_limits_on_the_wire_of_an_app_and_an_instance() -> None:
     assert InstanceSpec.from_wire(spec.to_wire()) == spec
     assert apply_fields(spec, {"soft_time_limit": None}).limits.soft_time_limit is None
     assert CelerySettings.from_wire({}).limits == Limits()
+
+
+def test_task_overrides_merge_as_a_json_merge_patch() -> None:
+    old = {"a": {"rate_limit": "1/s", "time_limit": 5.0}, "b": {"rate_limit": "2/s"}}
+    patch = {"a": {"rate_limit": None}, "b": None, "c": {"time_limit": 3}}
+    assert merge_task_overrides(old, patch) == {"a": {"time_limit": 5.0}, "c": {"time_limit": 3}}
+    assert merge_task_overrides(old, None) == {}
+    assert merge_task_overrides(old, {"b": {"rate_limit": None}}) == {"a": old["a"]}
