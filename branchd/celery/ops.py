@@ -152,13 +152,20 @@ def env_for(
     bindings: Mapping[str, Mapping[str, Any]] | None = None,
     hook: str | None = None,
     result_backend: str | None = None,
+    annotations: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
     """The worker's environment: ``env`` plus its broker and result store
     (Celery reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` before its
     app's own settings, as ``-b`` and ``--result-backend`` do), what the broker
     needs to reach it and the declared ``bindings`` of its queues (handed over
-    by the loader in ``hook``)."""
-    extra = worker_env(broker, env.get("PYTHONPATH"), task_queues=bindings, hook=hook)
+    by the loader in ``hook``), with its per-task limits (``annotations``)."""
+    extra = worker_env(
+        broker,
+        env.get("PYTHONPATH"),
+        task_queues=bindings,
+        hook=hook,
+        task_annotations=annotations,
+    )
     urls = {"CELERY_BROKER_URL": broker.url}
     if result_backend:
         urls["CELERY_RESULT_BACKEND"] = result_backend

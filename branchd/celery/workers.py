@@ -222,7 +222,13 @@ class Workers:
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
-        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend)
+        # Its per-task limits from its first task (a remote time_limit is not
+        # used by a running Celery 5.7 consumer); its share of the app's rates
+        # counts it among the app's running workers.
+        others = [s for s in self._running_of(spec.app) if s.name != spec.name]
+        tasks = task_limits.worker_tasks(app.celery.limits, spec.limits, len(others) + 1)
+        annotations = {name: t.to_wire() for name, t in tasks.items()}
+        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend, annotations)
 
     # limits ---------------------------------------------------------------------
 
