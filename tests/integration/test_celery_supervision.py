@@ -44,7 +44,7 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import Autoscale, State, StopStep
+from branchd.model import Autoscale, State, StopStep, TaskLimits
 from branchd.process.fake import FakeLauncher
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
@@ -701,6 +701,9 @@ async def test_limits_are_flags_and_the_apps_rate_is_split_between_its_workers(r
     # in line: a sweep reads them back and sends nothing more
     await rig.wait_for(lambda: len(rig.sent("registered", since)) >= 2)
     assert len(rig.sent("rate_limit", since)) == 1
+    # a patch merges task by task (null removes one)
+    app = await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.encode": None}})
+    assert app.celery.limits.task_overrides == {"shop.resize": TaskLimits(rate_limit="600/m")}
 
 
 async def test_limits_a_pool_cannot_enforce_are_refused(rig: Rig) -> None:
