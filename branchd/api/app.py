@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import openapi
+from branchd.api import dashboard, openapi
 from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.forward import (
     Directory,
@@ -156,7 +156,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if cluster.verify(proof, request.method, request.path_qs, body):
             return await handler(request)
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
-    if token and request.path != "/v1/ping":
+    if token and request.path != "/v1/ping" and not dashboard.is_public(request.path):
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -264,5 +264,6 @@ def make_app(
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    dashboard.add_routes(app)  # "/" and its files (no data, no token)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
