@@ -435,12 +435,16 @@ class AsyncClient:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         """Create or replace an app; answer (app, created).
 
         Only the arguments given (not None) are sent; PUT resets the others
         to their defaults (no ``broker``: the embedded broker). ``autoscale``
-        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair.
+        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair. ``limits``: the
+        worker limits by field name (``time_limit``, ``soft_time_limit``,
+        ``max_tasks_per_child``, ``max_memory_per_child`` in bytes,
+        ``prefetch_multiplier``, ``disable_prefetch``, ``task_overrides``).
         """
         body: dict[str, Any] = {}
         if env is not None:
@@ -461,6 +465,7 @@ class AsyncClient:
             body["args"] = list(args)
         if autoscale is not None:
             body["autoscale"] = _bounds(autoscale)
+        body.update({k: v for k, v in (limits or {}).items() if v is not None})
         status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
         return self._parse(App.from_json, data, status), status == 201
 
@@ -884,6 +889,7 @@ class Client:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         return self._run(
             self._async.put_app(
@@ -898,6 +904,7 @@ class Client:
                 autoscale=autoscale,
                 mingle_gossip=mingle_gossip,
                 result_backend=result_backend,
+                limits=limits,
             )
         )
 
