@@ -20,6 +20,7 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
+from branchd.api.events import ClusterEvents, Journal
 from branchd.api.forward import (
     ClusterDirectory,
     Directory,
@@ -27,6 +28,7 @@ from branchd.api.forward import (
     LocalDirectory,
     NoForwarder,
 )
+from branchd.api.metrics import Sources
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
@@ -91,6 +93,9 @@ class Daemon:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
             branch_id = store.branch_id()
+            # numbered from the first event (adoptions too): GET /v1/events
+            journal = Journal(branch_id, int(clock.wall() * 1000), clock.wall)
+            bus.listen(journal.append)
             cgroups = CgroupTree.probe(branch_id) if cfg.supervision.cgroups else None
             launcher = ProcessLauncher(loop, pipes, cgroups=cgroups)
             log.info("instances are kept in %s mode", launcher.supervision.value)
@@ -138,6 +143,7 @@ class Daemon:
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
             gatherer = placer = drain = moves = None
+            cluster_events: ClusterEvents | None = None
             if cluster is not None:
                 import random
 
@@ -146,6 +152,7 @@ class Daemon:
                 # a named instance's routes go to the branch that holds it
                 proxy = HttpForwarder(cluster, cfg.api.token)
                 directory, forwarder = ClusterDirectory(cluster), proxy
+                cluster_events = ClusterEvents(cluster, proxy)
 
                 peers = cluster
 
@@ -202,6 +209,15 @@ class Daemon:
                         "state_dir": str(cfg.state_dir),
                         "supervision": launcher.supervision.value,
                     },
+                    journal=journal,
+                    cluster_events=cluster_events,
+                    metric_sources=Sources(
+                        celery=local.celery.worker_figures,
+                        gossip=cluster.counters if cluster is not None else None,
+                        members=cluster.branches if cluster is not None else None,
+                        streams=lambda: journal.streams,
+                    ),
+                    metrics_public=cfg.api.metrics_public,
                 ),
                 access_log=None,
                 shutdown_timeout=2.0,
@@ -526,6 +542,12 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     type=int,
     help="Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
 )
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    default=None,
+    help="GET /metrics needs no token [env BRANCHD_METRICS_PUBLIC]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -544,6 +566,7 @@ def cli(
     cluster_profile: str | None,
     max_instances: int | None,
     slots: int | None,
+    metrics_public: bool | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -567,6 +590,7 @@ def cli(
         "cluster_profile": cluster_profile,
         "max_instances": max_instances,
         "slots": slots,
+        "metrics_public": True if metrics_public else None,
         "config": config_file,
         "log_level": log_level,
     }

@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import openapi
+from branchd.api import metrics, openapi
 from branchd.api.backend import Cluster, Local, Moves
+from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -156,7 +157,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if cluster.verify(proof, request.method, request.path_qs, body):
             return await handler(request)
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
-    if token and request.path != "/v1/ping":
+    public = request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+    if token and request.path != "/v1/ping" and not public:
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -224,11 +226,16 @@ def make_app(
     drain: Callable[[bool], None] | None = None,
     moves: Moves | None = None,
     daemon: Mapping[str, Any] | None = None,
+    journal: Journal | None = None,
+    cluster_events: ClusterEvents | None = None,
+    metric_sources: metrics.Sources | None = None,
+    metrics_public: bool = False,
 ) -> web.Application:
     app = web.Application(
         # errors outermost (every failure is JSON), then origin and Host, then
         # auth, then JSON bodies only, then forward first
         middlewares=[
+            metrics.timing_middleware,  # (outermost: every answer is timed)
             errors_middleware,
             origin_middleware,
             auth_middleware,
@@ -241,7 +248,16 @@ def make_app(
     if listings_at_once > 0:
         app[LISTINGS] = asyncio.Semaphore(listings_at_once)
     app[DIRECTORY] = directory if directory is not None else LocalDirectory()
-    app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
+    recorder = app[metrics.RECORDER] = metrics.Recorder()
+    app[FORWARDER] = metrics.TimedForwarder(
+        forwarder if forwarder is not None else NoForwarder(), recorder
+    )
+    app[metrics.SOURCES] = metric_sources if metric_sources is not None else metrics.Sources()
+    app[metrics.PUBLIC] = metrics_public
+    if journal is not None:
+        app[JOURNAL] = journal
+    if cluster_events is not None:
+        app[CLUSTER_EVENTS] = cluster_events
     app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
     if cluster is not None:
