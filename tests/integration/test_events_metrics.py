@@ -185,3 +185,47 @@ def test_metrics_public(tmp_path_factory: pytest.TempPathFactory) -> None:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(30)
         _kill_leftovers(daemon.state_dir)
+
+
+def test_branchctl_events_follows_and_ends_on_ctrl_c(b: Branchd) -> None:
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).with_name("branchctl"))
+    env = {**os.environ, "BRANCHD_URL": b.url, "BRANCHD_TOKEN": b.token or ""}
+    proc = subprocess.Popen(
+        [cli, "events", "--app", "cli", "--types", "instance_added", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        # the stream is open once an instance made after it is on it
+        b.call("PUT", "/v1/apps/cli", {})
+        assert proc.stdout is not None
+        for n in range(50):
+            body = {"name": f"c{n}", "command": SLEEPER, "autostart": False}
+            b.ok("POST", "/v1/apps/cli/instances", body, status=201)
+            if _ready(proc):
+                break
+        event = json.loads(proc.stdout.readline())
+        assert event["type"] == "instance_added" and event["app"] == "cli" and event["id"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130
+        assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    bad = subprocess.run([cli, "events", "--types", "nope"], capture_output=True, env=env)
+    assert bad.returncode == 2 and b"unknown event type nope" in bad.stderr
+
+
+def _ready(proc: subprocess.Popen[bytes]) -> bool:
+    import select
+
+    assert proc.stdout is not None
+    return bool(select.select([proc.stdout], [], [], 0.1)[0])

@@ -1,0 +1,74 @@
+"""The event journal, ids and filters of GET /v1/events, and the metrics'
+histograms (issue 17): pure parts, no daemon."""
+
+from __future__ import annotations
+
+import pytest
+from branchctl.cli.events import event_text
+
+from branchd import events as ev
+from branchd.api.events import Filter, Journal, format_cursor, parse_cursor, parse_filter, wire
+from branchd.api.metrics import Histogram
+from branchd.errors import BadRequest
+from branchd.model import State
+
+
+def _journal(size: int = 3) -> Journal:
+    j = Journal("b1", 77, lambda: 1.0, size=size)
+    for n in range(5):
+        j.append(ev.InstanceAdded("web", f"w{n}"))
+    return j  # seqs 1..5, 3..5 kept
+
+
+@pytest.mark.parametrize(
+    ("position", "seq", "gap"),
+    [
+        (None, 5, None),  # a new stream: from now on
+        ("77-5", 5, None),
+        ("77-3", 3, None),
+        ("77-1", 1, None),  # too old: after() tells how many are lost
+        ("76-4", 2, "the daemon restarted"),  # another run: the whole backlog, told
+        ("77-9", 2, "an id this run never sent"),
+    ],
+)
+def test_resume(position: str | None, seq: int, gap: str | None) -> None:
+    got, told = _journal().resume(position)
+    assert got == seq
+    assert (told["reason"].split(":")[0] if told else None) == gap
+
+
+@pytest.mark.parametrize(
+    ("seq", "names", "lost"), [(5, [], 0), (3, ["w3", "w4"], 0), (0, ["w2", "w3", "w4"], 2)]
+)
+def test_after(seq: int, names: list[str], lost: int) -> None:
+    entries, missed = _journal().after(seq)
+    assert [e.data["name"] for e in entries] == names and missed == lost
+
+
+def test_cursors_and_filters() -> None:
+    assert parse_cursor(None) == {} and parse_cursor("5-2") == {"": "5-2"}
+    vector = {"a": "1-2", "b": "3-4"}
+    assert parse_cursor(format_cursor(vector)) == vector
+    for bad in ("x", "a=1", "=1-2", "1-2,3"):
+        with pytest.raises(BadRequest, match="Last-Event-ID"):
+            parse_cursor(bad)
+    assert parse_filter({"types": "member,instance"}).types == {"member", "instance"}
+    with pytest.raises(BadRequest, match="types is a comma-separated list"):
+        parse_filter({"types": "instance,nope"})
+    member = wire(ev.MemberChanged("b2", "h:1", "alive", 3), "b1", 2.0)
+    inst = wire(ev.InstanceChanged("web", "w1", State.BACKOFF, None, "exited 1"), "b1", 2.0)
+    assert Filter(app="web").accepts(inst) and not Filter(app="web").accepts(member)
+    assert not Filter(types=frozenset({"member"})).accepts(inst)
+    assert Filter(app="x", types=frozenset({"member"})).accepts({"type": "gap"})
+    assert inst["state"] == "backoff" and inst["branch"] == "b1"
+    assert "web/w1 backoff (exited 1)" in event_text(inst)
+    assert "2 events missed" in event_text({"type": "gap", "missed": 2, "reason": "old"})
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    h = Histogram()
+    for s in (0.0005, 0.003, 0.003, 20.0):
+        h.observe(s)
+    buckets = dict(h.cumulative())
+    assert buckets["0.001"] == 1 and buckets["0.005"] == 3 and buckets["10.0"] == 3
+    assert buckets["+Inf"] == 4 and h.total == pytest.approx(20.0065)
