@@ -254,6 +254,12 @@ def make_app(
     )
     app[metrics.SOURCES] = metric_sources if metric_sources is not None else metrics.Sources()
     app[metrics.PUBLIC] = metrics_public
+    trees = app[metrics.TREES] = metrics.Trees()
+
+    async def _close_trees(_: web.Application) -> None:
+        await trees.close()
+
+    app.on_cleanup.append(_close_trees)
     if journal is not None:
         app[JOURNAL] = journal
     if cluster_events is not None:

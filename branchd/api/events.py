@@ -209,11 +209,16 @@ class Journal:
 class Message:
     branch: str
     id: str | None  # None: a message about the stream (gap, unreachable)
-    data: Mapping[str, Any]
+    #: None: only a position (where the branch's stream starts), no event
+    data: Mapping[str, Any] | None
 
 
-def encode(event_id: str | None, data: Mapping[str, Any]) -> bytes:
+def encode(event_id: str | None, data: Mapping[str, Any] | None) -> bytes:
+    """One event; with no data, only an id (a client's resume point: the
+    stream's start, dispatched as no event)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
+    if data is None:
+        return f"{head}\n".encode()
     return f"{head}event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -221,6 +226,9 @@ async def _local(
     journal: Journal, flt: Filter, position: str | None, out: asyncio.Queue[Message]
 ) -> None:
     seq, gap = journal.resume(position)
+    # where this stream starts, first: a merged stream's id names every
+    # member from then on, so a resume misses none that had no event yet
+    await out.put(Message(journal.branch, journal.id_of(seq), None))
     if gap is not None:
         await out.put(Message(journal.branch, None, gap))
     while True:
@@ -281,8 +289,8 @@ async def _remote(
                     event_id = line[4:]
                 elif line.startswith("data: "):
                     data = line[6:]
-                elif not line and data:
-                    await out.put(Message(branch, event_id, json.loads(data)))
+                elif not line and (data or event_id):
+                    await out.put(Message(branch, event_id, json.loads(data) if data else None))
                     event_id, data = None, ""
         finally:
             resp.release()
@@ -302,6 +310,10 @@ CLUSTER_EVENTS = web.AppKey("cluster_events", ClusterEvents)
 KEEPALIVE_KEY = web.AppKey("events_keepalive", float)
 
 
+#: How long a merged stream waits for the members' streams to open (s).
+OPEN_DEADLINE = 1.0
+
+
 async def stream_events(request: web.Request) -> web.StreamResponse:
     journal = request.app[JOURNAL]
     flt = parse_filter(request.query)
@@ -310,6 +322,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     merged = peers is not None and HOP_HEADER not in request.headers
     queue: asyncio.Queue[Message] = asyncio.Queue(256)  # a slow client holds its producers
     tasks = []
+    opened = set()  # the members whose streams are opening
     if merged and peers is not None:
         own = cursor.get(journal.branch, cursor.get(""))
         tasks.append(asyncio.ensure_future(_local(journal, flt, own, queue)))
@@ -317,6 +330,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             for branch in peers.members.others_alive():
                 remote = _remote(peers, branch, flt, cursor.get(branch), queue)
                 tasks.append(asyncio.ensure_future(remote))
+                opened.add(branch)
     else:
         own = cursor.get("", cursor.get(journal.branch))
         tasks.append(asyncio.ensure_future(_local(journal, flt, own, queue)))
@@ -330,21 +344,35 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     )
     journal.streams += 1
     try:
+        # The members' streams open first (each tells where it starts; a
+        # second at most): what happens once the answer's head is out is on
+        # the stream, wherever it happens.
+        early: list[Message] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OPEN_DEADLINE):
+                while opened:
+                    msg = await queue.get()
+                    early.append(msg)
+                    if msg.data is None or msg.data.get("type") == "unreachable":
+                        opened.discard(msg.branch)
         await response.prepare(request)
         await response.write(b": branchd events\n\n")
         loop = asyncio.get_running_loop()
         keepalive = request.app.get(KEEPALIVE_KEY, KEEPALIVE)
         quiet_until = loop.time() + keepalive
         while True:
-            try:
-                msg = await asyncio.wait_for(queue.get(), min(GONE_CHECK, keepalive))
-            except TimeoutError:
-                if request.transport is None or request.transport.is_closing():
-                    break
-                if loop.time() >= quiet_until:
-                    await response.write(b": keep-alive\n\n")
-                    quiet_until = loop.time() + keepalive
-                continue
+            if early:
+                msg = early.pop(0)
+            else:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), min(GONE_CHECK, keepalive))
+                except TimeoutError:
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    if loop.time() >= quiet_until:
+                        await response.write(b": keep-alive\n\n")
+                        quiet_until = loop.time() + keepalive
+                    continue
             event_id = msg.id
             if merged and event_id is not None:
                 position[msg.branch] = event_id

@@ -12,6 +12,8 @@ the membership and the gossip's counters.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -23,7 +25,7 @@ from aiohttp import web
 
 from branchd.api.backend import Local
 from branchd.api.forward import Forwarder
-from branchd.errors import BranchUnreachable
+from branchd.errors import BranchdError, BranchUnreachable
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -133,12 +135,76 @@ class Sources:
     streams: Callable[[], int] | None = None
 
 
+#: How old the instances' cpu and rss in a scrape may be (s) before the
+#: scrape itself collects them again.
+MAX_AGE = 60.0
+#: How long after a scrape's answer the next collection starts (s).
+_AFTER = 0.05
+
+
+class Trees:
+    """Each instance's cpu and rss as the last collection found them.
+
+    Reading 200 process trees takes ~40 ms (the launcher's figures, psutil
+    and cgroup files); a scrape that waited for them would be that slow. So
+    a scrape answers with the figures of the collection that followed the
+    previous scrape (one scrape interval old: a cpu figure is an average
+    since the sample before anyway) and starts the next one once it has
+    answered; figures older than ``MAX_AGE``, or none, are collected first.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.at: float | None = None
+        #: (app, name) -> (pid, cpu percent, rss bytes)
+        self.figures: dict[tuple[str, str], tuple[int, float, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def age(self) -> float | None:
+        return None if self.at is None else self._clock() - self.at
+
+    async def collect(self, local: Local, apps: list[str]) -> None:
+        out = {}
+        for app in apps:
+            try:
+                stats = await local.instances.app_stats(app)
+            except BranchdError:  # (deleted meanwhile)
+                continue
+            for s in stats:
+                pid = s.view.runtime.pid
+                if pid is not None:
+                    out[(app, s.view.spec.name)] = (pid, s.tree.cpu_percent, s.tree.memory_rss)
+        self.figures, self.at = out, self._clock()
+
+    def collect_soon(self, local: Local, apps: list[str]) -> None:
+        if self._timer is not None or (self._task is not None and not self._task.done()):
+            return
+
+        def start() -> None:
+            self._timer = None
+            self._task = asyncio.ensure_future(self.collect(local, apps))
+
+        self._timer = asyncio.get_running_loop().call_later(_AFTER, start)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+TREES = web.AppKey("metric_trees", Trees)
 SOURCES = web.AppKey("metric_sources", Sources)
 #: ``GET /metrics`` needs no token (``--metrics-public``).
 PUBLIC = web.AppKey("metrics_public", bool)
 
 
-async def families(local: Local, sources: Sources, recorder: Recorder) -> list[Metric]:
+async def families(
+    local: Local, sources: Sources, recorder: Recorder, trees: Trees
+) -> list[Metric]:
     """Every metric family of one scrape."""
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -170,12 +236,23 @@ async def families(local: Local, sources: Sources, recorder: Recorder) -> list[M
         "Resident memory of each instance's tree",
         labels=["app", "name"],
     )
-    for app in sorted({v.spec.app for v in instances}):
-        for s in await local.instances.app_stats(app):
-            if s.view.runtime.pid is None:
-                continue
-            cpu.add_metric([app, s.view.spec.name], s.tree.cpu_percent)
-            rss.add_metric([app, s.view.spec.name], s.tree.memory_rss)
+    apps = sorted({v.spec.app for v in instances})
+    age = trees.age()
+    if age is None or age > MAX_AGE:
+        await trees.collect(local, apps)
+    else:
+        trees.collect_soon(local, apps)  # (for the next scrape)
+    for v in instances:
+        key = (v.spec.app, v.spec.name)
+        known = trees.figures.get(key)
+        if known is not None and known[0] == v.runtime.pid:  # (the same process)
+            cpu.add_metric(list(key), known[1])
+            rss.add_metric(list(key), known[2])
+    figures_age = GaugeMetricFamily(
+        "branchd_instance_figures_age_seconds", "How old the cpu and rss figures are"
+    )
+    figures_age.add_metric([], round(trees.age() or 0.0, 3))
+    out.append(figures_age)
     out += [by_state, restarts, cpu, rss]
     if sources.celery is not None:
         out += _celery(sources.celery(), GaugeMetricFamily, CounterMetricFamily)
@@ -265,7 +342,8 @@ class _Frozen:
 async def scrape(request: web.Request, local: Local) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-    built = await families(local, request.app[SOURCES], request.app[RECORDER])
+    app = request.app
+    built = await families(local, app[SOURCES], app[RECORDER], app[TREES])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Frozen(built))
     response = web.Response(body=generate_latest(registry))

@@ -9,7 +9,8 @@ from branchctl.cli.events import event_text
 from branchd import events as ev
 from branchd.api.events import Filter, Journal, format_cursor, parse_cursor, parse_filter, wire
 from branchd.api.metrics import Histogram
-from branchd.errors import BadRequest
+from branchd.config import load
+from branchd.errors import BadRequest, ConfigError
 from branchd.model import State
 
 
@@ -72,3 +73,21 @@ def test_histogram_buckets_are_cumulative() -> None:
     buckets = dict(h.cumulative())
     assert buckets["0.001"] == 1 and buckets["0.005"] == 3 and buckets["10.0"] == 3
     assert buckets["+Inf"] == 4 and h.total == pytest.approx(20.0065)
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "public"),
+    [
+        ({}, {}, False),
+        ({}, {"BRANCHD_METRICS_PUBLIC": "1"}, True),
+        ({}, {"BRANCHD_METRICS_PUBLIC": "no"}, False),
+        ({"metrics_public": True}, {}, True),
+    ],
+)
+def test_metrics_public_setting(flags: dict[str, bool], env: dict[str, str], public: bool) -> None:
+    assert load(flags, env).api.metrics_public is public
+
+
+def test_metrics_public_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="metrics_public must be true or false"):
+        load({}, {"BRANCHD_METRICS_PUBLIC": "maybe"})
