@@ -91,3 +91,43 @@ def test_metrics_public_setting(flags: dict[str, bool], env: dict[str, str], pub
 def test_metrics_public_must_be_a_boolean() -> None:
     with pytest.raises(ConfigError, match="metrics_public must be true or false"):
         load({}, {"BRANCHD_METRICS_PUBLIC": "maybe"})
+
+
+def test_a_daemon_never_scraped_does_not_load_prometheus_client() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, branchd.daemon; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+async def test_keep_alive_and_a_reader_a_backlog_behind() -> None:
+    from typing import cast
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from branchd.api.app import make_app
+    from branchd.api.backend import Local
+    from branchd.api.events import KEEPALIVE_KEY
+
+    journal = Journal("b1", 9, lambda: 1.0, size=4)
+    app = make_app(
+        cast(Local, object()),
+        token=None,
+        max_body=1024,
+        branch=lambda: None,  # type: ignore[arg-type, return-value]
+        journal=journal,
+    )
+    app[KEEPALIVE_KEY] = 0.05
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/v1/events", headers={"Last-Event-ID": "9-0"})
+        assert resp.status == 200
+        for n in range(10):  # before the stream reads: 6 fall out of the backlog
+            journal.append(ev.InstanceAdded("web", f"w{n}"))
+        text = ""
+        while "keep-alive" not in text:
+            text += (await resp.content.readany()).decode()
+        resp.close()
+    assert '"missed": 6' in text and "id: 9-7\n" in text and "id: 9-10\n" in text
+    assert "w5" not in text and "w6" in text
