@@ -442,6 +442,8 @@ def test_idle_cost_of_a_clustered_branch(settled: Cluster, tmp_path: Path) -> No
 def test_events_through_one_branch_are_the_clusters_and_resume_through_another(
     settled: Cluster,
 ) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     from tests.integration.test_events_metrics import Stream
 
     first, second = settled.nodes[0], settled.nodes[1]
@@ -469,6 +471,20 @@ def test_events_through_one_branch_are_the_clusters_and_resume_through_another(
             assert sorted(rest) == sorted(e[2]["name"] for e in seen[5:])
         finally:
             resumed.close()
+        # the metrics of the branch asked: its forwards, the members, the gossip
+        elsewhere = next(n for n, b in placed.items() if b != settled.ids[0])
+        # (once the holder's names reached this branch)
+        wait_for(lambda: first.call("GET", f"/v1/apps/{app}/instances/{elsewhere}").status == 200)
+        text = first.call("GET", "/metrics").text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        route = ("route", "/v1/apps/{app}/instances/{name}")
+        assert samples[("branchd_forward_duration_seconds_count", (("outcome", "200"), route))] >= 1
+        assert samples[("branchd_cluster_members", (("state", "alive"),))] == len(settled.nodes)
+        assert samples[("branchd_gossip_bytes_received_total", ())] > 0
     finally:
         stream.close()
         first.call("DELETE", f"/v1/apps/{app}")
