@@ -131,3 +131,20 @@ async def test_keep_alive_and_a_reader_a_backlog_behind() -> None:
         resp.close()
     assert '"missed": 6' in text and "id: 9-7\n" in text and "id: 9-10\n" in text
     assert "w5" not in text and "w6" in text
+
+
+@pytest.mark.parametrize(
+    ("stats", "figures"),
+    [
+        ({}, {"active": None, "processed": None, "pool_size": None}),
+        (
+            {"active": [{"id": "t"}], "pool_size": 4, "stats": {"total": {"a": 3, "b": 2}}},
+            {"active": 1, "processed": 5, "pool_size": 4},
+        ),
+        ({"active": [], "stats": None}, {"active": 0, "processed": None, "pool_size": None}),
+    ],
+)
+def test_worker_figures_of_its_stats(stats: dict[str, object], figures: dict[str, object]) -> None:
+    from branchd.celery.workers import figures_of
+
+    assert figures_of(stats) == figures
