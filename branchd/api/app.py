@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import metrics, openapi
+from branchd.api import dashboard, metrics, openapi
 from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
@@ -157,7 +157,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if cluster.verify(proof, request.method, request.path_qs, body):
             return await handler(request)
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
-    public = request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+    public = dashboard.is_public(request.path) or (
+        request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+    )
     if token and request.path != "/v1/ping" and not public:
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -286,5 +288,6 @@ def make_app(
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    dashboard.add_routes(app)  # "/" and its files (no data, no token)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
