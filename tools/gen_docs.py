@@ -193,7 +193,11 @@ def _commands(
             sub = group.get_command(ctx, name)
             if sub is None or sub.hidden:
                 continue
-            found += _commands(sub, click.Context(sub, info_name=name, parent=ctx))
+            # (with the command's own settings, as click's make_context: else a
+            # command's help option depends on whether a test invoked it before)
+            found += _commands(
+                sub, click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
+            )
     return found
 
 
@@ -222,7 +226,7 @@ def _option_row(param: click.Parameter, ctx: click.Context) -> list[str]:
 
 
 def cli_part() -> str:
-    root = click.Context(branchctl, info_name="branchctl")
+    root = click.Context(branchctl, info_name="branchctl", **branchctl.context_settings)
     out: list[str] = []
     for command, ctx in _commands(branchctl, root):
         usage = " ".join([ctx.command_path, *command.collect_usage_pieces(ctx)])

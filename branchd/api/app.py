@@ -4,7 +4,6 @@ the routes of v1."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -12,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import dashboard, openapi
+from branchd.api import dashboard, metrics, openapi
 from branchd.api.backend import Cluster, Local, Moves
+from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -22,6 +22,14 @@ from branchd.api.forward import (
     Scope,
     Target,
     scope_of,
+)
+from branchd.api.roles import (
+    CALLER_HEADER,
+    PRINCIPAL,
+    Principal,
+    TokenBook,
+    refusal,
+    role_needed,
 )
 from branchd.api.routes import (
     BRANCH,
@@ -38,12 +46,25 @@ from branchd.api.routes import (
     Handler,
     not_found,
 )
-from branchd.errors import BranchdError, Forbidden, Misdirected, UnsupportedMediaType
+from branchd.config import NamedToken, Role
+from branchd.errors import (
+    BranchdError,
+    Forbidden,
+    Misdirected,
+    UnsupportedMediaType,
+)
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
+#: One line per write (who, method, path, status): its own logger, so that an
+#: operator may send it elsewhere.
+audit_log = logging.getLogger("branchd.audit")
 
 TOKEN = web.AppKey("token", str)
+#: Every token in force, with its role (the named ones replaced on SIGHUP).
+TOKENS = web.AppKey("tokens", TokenBook)
+#: Methods that change nothing: not audited.
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The daemon listens on loopback only: a Host of any other name is refused.
 LOOPBACK = web.AppKey("loopback", bool)
 #: What a request body may be declared as. A web page can send text/plain,
@@ -140,8 +161,36 @@ async def json_only_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 @web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A line for every write, whatever its outcome (outermost: a 401 or 403
+    is audited too). The peer channel's push-pulls are the branches' own
+    traffic, several a second: not audited."""
+    if request.method in _READS or request.path == PEER_PATH:
+        return await handler(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        who: Principal | None = request.get(PRINCIPAL)
+        audit_log.info(
+            "audit: %s %s %s -> %d",
+            who.name if who is not None else "-",
+            request.method,
+            request.path_qs,
+            status,
+        )
+
+
+def _template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app.get(TOKEN)
+    book = request.app.get(TOKENS)
     cluster = request.app.get(CLUSTER)
     if request.path == PEER_PATH and cluster is not None and cluster.sealed:
         # A peer call is sealed with the cluster key (AES-GCM, timestamped,
@@ -150,24 +199,41 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     proof = request.headers.get(PROOF_HEADER)
     if proof is not None and cluster is not None:
-        # Forwarded by a member, which checked its caller's token; the proof
-        # (sealed with the cluster key) names this method, path and body.
+        # Forwarded by a member, which checked its caller's token and role;
+        # the proof (sealed with the cluster key) names this method, path
+        # and body. The caller's name is for the audit line only.
         body = await request.read()
         if cluster.verify(proof, request.method, request.path_qs, body):
+            caller = request.headers.get(CALLER_HEADER, "-")[:64]
+            hop = request.headers.get(HOP_HEADER, "?")[:64]
+            request[PRINCIPAL] = Principal(f"{caller} via {hop}", Role.ADMIN)
             return await handler(request)
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
-    if token and request.path != "/v1/ping" and not dashboard.is_public(request.path):
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            return _error(
-                401,
-                "unauthorized",
-                "a valid bearer token is required",
-                **{"WWW-Authenticate": "Bearer"},
-            )
+    template = _template(request)
+    needed = role_needed(request.method, template) if template else Role.READ
+    public = dashboard.is_public(request.path) or (
+        request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+    )
+    if book is None or not book.enabled or needed is None or public:
+        # (no token, the dashboard's own files (no data in them), or public metrics)
+        return await handler(request)
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    who = book.who(value.strip()) if scheme.lower() == "bearer" else None
+    if who is None:
+        return _error(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+    request[PRINCIPAL] = who
+    if not who.role.allows(needed):
+        raise Forbidden(
+            refusal(request.method, template, needed, who),
+            needs=needed.value,
+            has=who.role.value,
+        )
     return await handler(request)
 
 
@@ -212,6 +278,7 @@ def make_app(
     *,
     token: str | None,
     max_body: int,
+    tokens: TokenBook | tuple[NamedToken, ...] = (),
     listings_at_once: int = 1,
     loopback: bool = True,
     branch: Callable[[], BranchRecord],
@@ -224,11 +291,18 @@ def make_app(
     drain: Callable[[bool], None] | None = None,
     moves: Moves | None = None,
     daemon: Mapping[str, Any] | None = None,
+    journal: Journal | None = None,
+    cluster_events: ClusterEvents | None = None,
+    metric_sources: metrics.Sources | None = None,
+    metrics_public: bool = False,
 ) -> web.Application:
     app = web.Application(
-        # errors outermost (every failure is JSON), then origin and Host, then
-        # auth, then JSON bodies only, then forward first
+        # the audit outermost (it sees the status sent), then errors (every
+        # failure is JSON), then origin and Host, then auth and roles, then
+        # JSON bodies only, then forward first
         middlewares=[
+            metrics.timing_middleware,  # (outermost: every answer is timed)
+            audit_middleware,
             errors_middleware,
             origin_middleware,
             auth_middleware,
@@ -241,7 +315,22 @@ def make_app(
     if listings_at_once > 0:
         app[LISTINGS] = asyncio.Semaphore(listings_at_once)
     app[DIRECTORY] = directory if directory is not None else LocalDirectory()
-    app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
+    recorder = app[metrics.RECORDER] = metrics.Recorder()
+    app[FORWARDER] = metrics.TimedForwarder(
+        forwarder if forwarder is not None else NoForwarder(), recorder
+    )
+    app[metrics.SOURCES] = metric_sources if metric_sources is not None else metrics.Sources()
+    app[metrics.PUBLIC] = metrics_public
+    trees = app[metrics.TREES] = metrics.Trees()
+
+    async def _close_trees(_: web.Application) -> None:
+        await trees.close()
+
+    app.on_cleanup.append(_close_trees)
+    if journal is not None:
+        app[JOURNAL] = journal
+    if cluster_events is not None:
+        app[CLUSTER_EVENTS] = cluster_events
     app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
     if cluster is not None:
@@ -257,6 +346,7 @@ def make_app(
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token
+    app[TOKENS] = tokens if isinstance(tokens, TokenBook) else TokenBook(token or None, tokens)
     if on_exit is not None:
         app[EXIT] = on_exit
     if daemon is not None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from branchd.celery import limits as task_limits
 from branchd.celery.broker import (
     BrokerSpec,
     clear_node_leftovers,
@@ -41,12 +42,15 @@ from branchd.celery.ops import (
 from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
-from branchd.model import App, InstanceSpec, Queue, State
+from branchd.model import App, InstanceSpec, Limits, Queue, State
 from branchd.process import health
 from branchd.process.launcher import Launcher
 from branchd.process.machine import Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
+
+#: How long the app's interpreter may take to say its Celery version.
+VERSION_TIMEOUT = 10.0
 
 
 
@@ -114,6 +118,14 @@ class Workers:
         self._loop_task: asyncio.Task[None] | None = None
         #: When the health loop's next round also sweeps (reconcile, prune).
         self._next_sweep: float | None = None
+        #: The Celery version of each interpreter, asked once (None: unknown).
+        self._versions: dict[str, tuple[int, ...] | None] = {}
+        #: Each worker's last figures (active, processed, pool_size), from
+        #: the last stats asked of it: the metrics read these, never the worker.
+        self._figures: dict[str, dict[str, int | None]] = {}
+        #: Set by the first metrics scrape: from then on each sweep asks every
+        #: running worker's stats too (two calls a worker a reconcile interval).
+        self.figures_wanted = False
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -147,12 +159,24 @@ class Workers:
             self.ops.stats(w), self.ops.call(w, "active"), return_exceptions=True
         )
         stats = stats if isinstance(stats, dict) else None
-        return {
+        out = {
             "node": w.node,
             "pool_size": pool_size(stats),
             "stats": stats,
             "active": _unwrap(active) if isinstance(active, dict) else None,
         }
+        self._figures[spec.name] = figures_of(out)
+        return out
+
+    def figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
+        """The last figures of each running worker, by (app, name)."""
+        out = {}
+        for spec in self._host.celery_instances():
+            proc = self._host.proc(spec.name)
+            known = self._figures.get(spec.name)
+            if known is not None and proc is not None and proc.state == State.RUNNING:
+                out[(spec.app, spec.name)] = known
+        return out
 
     def remove_embedded(self, app: str) -> None:
         """Forget a deleted app's embedded broker folders and result store."""
@@ -216,7 +240,44 @@ class Workers:
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
-        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend)
+        # Its per-task limits from its first task (a remote time_limit is not
+        # used by a running Celery 5.7 consumer); its share of the app's rates
+        # counts it among the app's running workers.
+        others = [s for s in self._running_of(spec.app) if s.name != spec.name]
+        tasks = task_limits.worker_tasks(app.celery.limits, spec.limits, len(others) + 1)
+        annotations = {name: t.to_wire() for name, t in tasks.items()}
+        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend, annotations)
+
+    # limits ---------------------------------------------------------------------
+
+    async def celery_version(self, app: App) -> tuple[int, ...] | None:
+        """The Celery version of the app's interpreter (None: it could not say)."""
+        python = python_for(app)
+        if python not in self._versions:
+            self._versions[python] = await _ask_version(python)
+        return self._versions[python]
+
+    async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None:
+        """Raise Invalid (422) if the limits of the app (and of the instance
+        ``spec`` of it) break a rule of its pool or of its Celery version."""
+        merged = task_limits.merged(app.celery.limits, spec.limits if spec else Limits())
+        pool = (spec.pool if spec is not None else None) or app.celery.pool
+        version = await self.celery_version(app) if merged.disable_prefetch else None
+        task_limits.check(merged, pool, celery_version=version)
+
+    def _running_of(self, app: str) -> list[InstanceSpec]:
+        specs = [s for s in self._host.celery_instances() if s.app == app]
+        return [s for s in specs if (p := self._host.proc(s.name)) and p.state == State.RUNNING]
+
+    def _resplit(self, app_name: str, skip: str) -> None:
+        """A worker of the app started or stops: the others' share of the
+        app's rate limits changes (total / N), so bring them in line now."""
+        app = self._host.app(app_name)
+        if app is None or not any(t.rate_limit for t in app.celery.limits.task_overrides.values()):
+            return
+        for other in self._running_of(app_name):
+            if other.name != skip:
+                self._spawn_task(self._reconcile(other.name))
 
     # lifecycle hooks ------------------------------------------------------------
 
@@ -229,6 +290,7 @@ class Workers:
     def stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
         """Warm stop: no new tasks, TERM to the main process, a ping to wake it."""
         self._spawn_task(self._warm_stop(spec, pid, signum))
+        self._resplit(spec.app, skip=spec.name)  # (it is stopping: no longer counted)
 
     def start(self) -> None:
         self._next_sweep = self._clock.monotonic() + self._settings.reconcile_interval
@@ -300,6 +362,7 @@ class Workers:
                     self._watch[name] = health.Watch(last_pong=clock.monotonic())
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
+                    self._resplit(spec.app, skip=name)
                     return
                 if failure is not None:
                     if clock.monotonic() - began > unreachable_after:
@@ -364,6 +427,10 @@ class Workers:
                 self._host.queue_decls(spec.app),
                 effective_autoscale(app, spec),
             )
+            wanted = task_limits.worker_tasks(
+                app.celery.limits, spec.limits, len(self._running_of(spec.app))
+            )
+            changes += await self.ops.task_limits(self.worker(spec), wanted)
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)
             return
@@ -432,8 +499,11 @@ class Workers:
         self._watch[name] = verdict.watch
         if verdict.kill:
             self._host.feed(name, Hung(verdict.kill))
-        elif verdict.reconcile:
+            return
+        if verdict.reconcile:
             await self._reconcile(name)
+        if sweep and self.figures_wanted and ping == health.Ping.ANSWERED:
+            await self.worker_stats(spec)  # (cached for the metrics)
 
     async def _prune_fanout(self) -> None:
         by_broker: dict[BrokerSpec, list[str]] = {}
@@ -458,6 +528,44 @@ class Workers:
             else:
                 if self._prune_failures.pop(broker, None) is not None:
                     log.info("pruning dead nodes on %s works again", broker.redacted())
+
+
+async def _ask_version(python: str) -> tuple[int, ...] | None:
+    """Ask an interpreter for its Celery version (without importing celery in it)."""
+    code = "import importlib.metadata as m; print(m.version('celery'))"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            python,
+            "-c",
+            code,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), VERSION_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    if proc.returncode != 0:
+        return None
+    return task_limits.parse_version(out.decode(errors="replace"))
+
+
+def figures_of(stats: Mapping[str, Any]) -> dict[str, int | None]:
+    """What the metrics show of a worker's stats (``worker_stats``'s answer)."""
+    active = stats.get("active")
+    totals = (stats.get("stats") or {}).get("total")
+    processed = None
+    if isinstance(totals, dict):
+        processed = sum(n for n in totals.values() if isinstance(n, int))
+    return {
+        "active": len(active) if isinstance(active, list) else None,
+        "processed": processed,
+        "pool_size": stats.get("pool_size"),
+    }
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import types
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
@@ -108,6 +109,10 @@ def find_token(env: Mapping[str, str], url: str) -> str | None:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
+    if given and any(c.isspace() for c in text):
+        # the daemon's file of named tokens ([tokens.NAME] tables), not one
+        # token: the daemon's own, in its state dir, as without the variable
+        return find_token({k: v for k, v in env.items() if k != "BRANCHD_TOKEN_FILE"}, url)
     return text or None
 
 
@@ -182,7 +187,11 @@ class AsyncClient:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
         # No URL: the local daemon, found as branchctl finds it ($BRANCHD_URL,
         # then the branchd.url its state dir holds, then DEFAULT_URL).
@@ -190,6 +199,9 @@ class AsyncClient:
         # No token: the local daemon's, from the file it keeps (find_token).
         self.token = token or find_token(os.environ, self.url)
         self.timeout = timeout
+        #: The CA that signed an https daemon's certificate (a self-signed one's
+        #: own); None: $BRANCHD_TLS_CA, else the system's trust store.
+        self.ca = ca or os.environ.get("BRANCHD_TLS_CA") or None
         self._session: aiohttp.ClientSession | None = None
         #: The branches the last listing could not reach in time (a cluster's
         #: listing names them rather than failing): ``{"branch", "state", "error"}``.
@@ -221,7 +233,9 @@ class AsyncClient:
                 headers["Authorization"] = f"Bearer {self.token}"
             trace = aiohttp.TraceConfig()
             trace.on_request_headers_sent.append(_mark_sent)
+            tls = ssl.create_default_context(cafile=self.ca) if self.ca else None
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=tls) if tls is not None else None,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 trace_configs=[trace],
@@ -422,12 +436,16 @@ class AsyncClient:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         """Create or replace an app; answer (app, created).
 
         Only the arguments given (not None) are sent; PUT resets the others
         to their defaults (no ``broker``: the embedded broker). ``autoscale``
-        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair.
+        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair. ``limits``: the
+        worker limits by field name (``time_limit``, ``soft_time_limit``,
+        ``max_tasks_per_child``, ``max_memory_per_child`` in bytes,
+        ``prefetch_multiplier``, ``disable_prefetch``, ``task_overrides``).
         """
         body: dict[str, Any] = {}
         if env is not None:
@@ -448,6 +466,7 @@ class AsyncClient:
             body["args"] = list(args)
         if autoscale is not None:
             body["autoscale"] = _bounds(autoscale)
+        body.update({k: v for k, v in (limits or {}).items() if v is not None})
         status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
         return self._parse(App.from_json, data, status), status == 201
 
@@ -791,6 +810,49 @@ class AsyncClient:
             yield tail_text
 
 
+    async def events(
+        self,
+        app: str | None = None,
+        types: Sequence[str] | None = None,
+        last_event_id: str | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The cluster's events as they happen (``GET /v1/events``), each a
+        dict with its ``type`` and ``id`` (None for a ``gap`` or
+        ``unreachable``, which say what the stream missed), until closed.
+        Give ``last_event_id`` (an event's ``id``) to resume after it. No read
+        timeout applies; only connecting is bounded by ``timeout``."""
+        params = {}
+        if app:
+            params["app"] = app
+        if types:
+            params["types"] = ",".join(types)
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=None
+        )
+        try:
+            async with self._get_session().get(
+                self.url + "/v1/events", params=params, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise ApiError.from_body(resp.status, await resp.read())
+                event_id: str | None = None
+                data = ""
+                async for raw in resp.content:
+                    line = raw.decode(errors="replace").rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        data = line[6:]
+                    elif not line and data:
+                        yield {**json.loads(data), "id": event_id}
+                        event_id, data = None, ""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failed(exc) from exc
+
+
 class Client:
     """The synchronous twin of AsyncClient: same methods, blocking.
 
@@ -800,9 +862,13 @@ class Client:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
-        self._async = AsyncClient(url, token, timeout)
+        self._async = AsyncClient(url, token, timeout, ca)
         self._runner: asyncio.Runner | None = asyncio.Runner()
 
     @property
@@ -899,6 +965,7 @@ class Client:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         return self._run(
             self._async.put_app(
@@ -913,6 +980,7 @@ class Client:
                 autoscale=autoscale,
                 mingle_gossip=mingle_gossip,
                 result_backend=result_backend,
+                limits=limits,
             )
         )
 
@@ -1075,6 +1143,28 @@ class Client:
         try:
             while (chunk := self._run(next_chunk())) is not None:
                 yield chunk
+        finally:
+            if self._runner is not None:
+                self._runner.run(agen.aclose())
+
+    def events(
+        self,
+        app: str | None = None,
+        types: Sequence[str] | None = None,
+        last_event_id: str | None = None,
+    ) -> Generator[dict[str, Any], None, None]:
+        """Blocking generator of AsyncClient.events."""
+        agen = self._async.events(app, types, last_event_id)
+
+        async def next_event() -> dict[str, Any] | None:
+            try:
+                return await anext(agen)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (event := self._run(next_event())) is not None:
+                yield event
         finally:
             if self._runner is not None:
                 self._runner.run(agen.aclose())
