@@ -270,6 +270,7 @@ def burst(mode: str, opts: argparse.Namespace, seed: int) -> dict[str, Any]:
         client.delete(
             *redis_keys(queue), f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
         )
+        client.delete("_kombu.binding_deadlines")  # kombu's, in the bench's own db
         client.close()
 
 
