@@ -408,7 +408,9 @@ def _timeout(
     if proc.state == State.STARTING and proc.pid is not None:
         return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
     if proc.state == State.BACKOFF:
-        return _start(proc, policy, now, restart=True)
+        # (a restart only if it ever ran: the backoff of a wait for the
+        # instances it starts after may come before its first spawn)
+        return _start(proc, policy, now, restart=proc.spawned_once)
     if proc.state == State.WAITING:
         why = proc.not_ready or "waiting for the instances it starts after"
         return _failed_start(
