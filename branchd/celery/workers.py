@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
+from branchd.celery import drain
 from branchd.celery.broker import (
     BrokerSpec,
     clear_node_leftovers,
@@ -44,7 +45,7 @@ from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable,
 from branchd.model import App, InstanceSpec, Queue, State
 from branchd.process import health
 from branchd.process.launcher import Launcher
-from branchd.process.machine import Event, Hung, Proc, Ready
+from branchd.process.machine import Drained, Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,11 @@ class Workers:
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
             async with deadline(self._sched, until):
                 await asyncio.gather(*casts)
+        if spec.queues:
+            # Then its running and prefetched tasks finish before the TERM, up
+            # to the stop's time less the warm shutdown's grace. (Without
+            # declared queues it still consumes Celery's default: TERM at once.)
+            await self._drain(spec, w, pid)
         if not self._current(spec.name, pid, State.STOPPING):
             log.debug("%s: gone before its warm stop's signal", spec.name)
             return  # it exited (or was killed) meanwhile: that pid is not ours now
@@ -339,6 +345,37 @@ class Workers:
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
             async with deadline(self._sched, self._clock.monotonic() + 1.0):
                 await self.ops.remote.cast(w.broker, w.node, "ping")
+
+    async def _drain(self, spec: InstanceSpec, w: Worker, pid: int) -> None:
+        """Wait until the stopping worker runs and holds no task (then the
+        machine hears ``Drained``), its time is up, or it cannot be seen."""
+        proc = self._host.proc(spec.name)
+        term_at = drain.term_due(
+            proc.deadline if proc else None,
+            self._clock.monotonic(),
+            spec.policy.stopwaitsecs,
+            self._settings.drain_term_grace,
+        )
+        while self._current(spec.name, pid, State.STOPPING):
+            try:
+                active, reserved = await asyncio.gather(
+                    self.ops.call(w, "active"), self.ops.call(w, "reserved")
+                )
+            except BrokerUnavailable:
+                return
+            got = drain.next_step(
+                drain.task_count(active),
+                drain.task_count(reserved),
+                self._clock.monotonic(),
+                term_at,
+            )
+            if got is drain.DrainStep.DRAINED:
+                self._host.feed(spec.name, Drained())
+                return
+            if got is drain.DrainStep.TERM:
+                log.info("%s: TERM with its tasks still running (drain over)", spec.name)
+                return
+            await self._sched.sleep(drain.DRAIN_POLL)
 
     def lock(self, name: str) -> asyncio.Lock:
         """One runtime change of an instance at a time (API call or reconcile):

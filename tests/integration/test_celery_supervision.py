@@ -505,6 +505,41 @@ async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) ->
     assert (pid, signal.SIGTERM, True) not in rig.fake.signals
 
 
+async def test_a_stop_drains_the_running_task_before_the_term(rig: Rig) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=30)
+    tasks = [{"id": "t1", "name": "shop.encode"}]
+    node.scripts["active"] = lambda _: {"ok": list(tasks)}
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    asked = len(rig.sent("active"))
+
+    stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
+    await rig.wait_for(lambda: len(rig.sent("active")) >= asked + 3)  # it keeps looking
+    assert node.queues == []  # no new tasks
+    assert [s for s in rig.fake.signals if s[0] == pid] == []  # no TERM while it runs
+    tasks.clear()  # the task ends
+    await rig.wait_for(lambda: (pid, signal.SIGTERM, False) in rig.fake.signals)
+    assert (await rig.view("w1")).runtime.stop_step == StopStep.DRAIN
+    rig.fake.exit(pid, 0)
+    view = await rig.finish(stopping)
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.DRAIN)
+
+
+async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=2)
+    node.scripts["active"] = {"ok": [{"id": "t1"}]}  # a task that never ends
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    began = rig.time.now()
+
+    view = await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
+    # TERM at half of stopwaitsecs (the warm shutdown's grace), then the kill
+    term = rig.timeline.index(f"signal {pid} SIGTERM group=False")
+    assert f"signal {pid} SIGKILL group=True" in rig.timeline[term:]
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
+    assert rig.time.now() - began >= 2.0
+
+
 async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
     _, pid = await rig.running("w1", ["default"])
     rig.stub.broker_down = True
@@ -840,7 +875,9 @@ async def test_both_warm_stop_cancels_queues_then_terms(side: Side) -> None:
     mark = len(side.timeline)
 
     view = await side.finish(side.m.instances.stop_instance(APP, "w1"))
-    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.SIGNAL)
+    # a real worker says it has no task left before the TERM (the stub knows no `active`)
+    drained = StopStep.SIGNAL if side.stub is not None else StopStep.DRAIN
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, drained)
     # (the group's leftovers go after the exit: not part of the stop's order)
     steps = [
         e
