@@ -46,6 +46,7 @@ from branchd.events import EventBus
 from branchd.local import LocalBranch, build
 from branchd.model import Autoscale, State, StopStep
 from branchd.process.fake import FakeLauncher
+from branchd.process.groups import Action
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
@@ -523,6 +524,37 @@ async def test_a_stop_drains_the_running_task_before_the_term(rig: Rig) -> None:
     rig.fake.exit(pid, 0)
     view = await rig.finish(stopping)
     assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.DRAIN)
+
+
+#: Every way a worker is stopped, each through the same draining stop.
+STOPS: dict[str, Callable[[LocalBranch], Awaitable[object]]] = {
+    "stop": lambda m: m.instances.stop_instance(APP, "w1"),
+    "restart": lambda m: m.instances.restart_instance(APP, "w1"),
+    "delete": lambda m: m.instances.delete_instance(APP, "w1"),
+    "app delete": lambda m: m.instances.delete_app(APP),
+    "app rolling restart": lambda m: m.groups.act(APP, Action.RESTART, rolling=True),
+    "daemon SIGTERM": lambda m: m.shutdown(keep=False),
+}
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (the drain is the same)
+@pytest.mark.parametrize("how", list(STOPS))
+async def test_every_stop_drains_first(rig: Rig, how: str) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=30)
+    tasks = [{"id": "t1"}]
+    node.scripts["active"] = lambda _: {"ok": list(tasks)}
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    asked = len(rig.sent("active"))
+
+    stopping = asyncio.ensure_future(STOPS[how](rig.m))
+    await rig.wait_for(lambda: len(rig.sent("active")) >= asked + 3)
+    assert [s for s in rig.fake.signals if s[0] == pid] == [], how
+    tasks.clear()
+    await rig.wait_for(lambda: (pid, signal.SIGTERM, False) in rig.fake.signals)
+    rig.fake.exit(pid, 0)
+    await rig.finish(stopping)
+    assert rig.timeline.count(f"signal {pid} SIGTERM group=False") == 1
 
 
 async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
