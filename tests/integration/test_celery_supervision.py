@@ -557,6 +557,7 @@ async def test_every_stop_drains_first(rig: Rig, how: str) -> None:
     assert rig.timeline.count(f"signal {pid} SIGTERM group=False") == 1
 
 
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (2 s of waiting)
 async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
     node, pid = await rig.running("w1", ["default"], stopwaitsecs=2)
     node.scripts["active"] = {"ok": [{"id": "t1"}]}  # a task that never ends
