@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
-from branchd.celery import drain
+from branchd.celery import drain, stall
 from branchd.celery.broker import (
     BrokerSpec,
     clear_node_leftovers,
@@ -39,6 +39,7 @@ from branchd.celery.ops import (
     python_for,
     start_bindings,
 )
+from branchd.celery.ready import KombuReadyCounter, ReadyCounter
 from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
@@ -94,6 +95,7 @@ class Workers:
         *,
         settings: CelerySection,
         scheduler: Scheduler,
+        ready: ReadyCounter | None = None,
     ) -> None:
         self._host: Host = _Unbound()
         self._sched = scheduler
@@ -115,6 +117,11 @@ class Workers:
         self._loop_task: asyncio.Task[None] | None = None
         #: When the health loop's next round also sweeps (reconcile, prune).
         self._next_sweep: float | None = None
+        #: Ready messages of the workers' queues, for the stall check.
+        self._ready: ReadyCounter = ready or KombuReadyCounter(self.broker)
+        self._stalls: dict[str, stall.StallWatch] = {}
+        #: When each worker is looked at for a stall next (monotonic).
+        self._next_stall_look: dict[str, float] = {}
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -245,6 +252,7 @@ class Workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         await self.ops.remote.close()
+        await asyncio.to_thread(self._ready.close)
 
     # internals --------------------------------------------------------------------
 
@@ -299,6 +307,7 @@ class Workers:
                         answered = True
                 if answered and self._current(name, pid, State.STARTING):
                     self._watch[name] = health.Watch(last_pong=clock.monotonic())
+                    self._stalls.pop(name, None)  # a new worker: its stall clock starts anew
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
                     return
@@ -469,8 +478,43 @@ class Workers:
         self._watch[name] = verdict.watch
         if verdict.kill:
             self._host.feed(name, Hung(verdict.kill))
-        elif verdict.reconcile:
+            return
+        if verdict.reconcile:
             await self._reconcile(name)
+        if ping == health.Ping.ANSWERED:
+            await self._stall_check(spec, pid)
+
+    async def _stall_check(self, spec: InstanceSpec, pid: int) -> None:
+        """Restart a worker that answers pings but takes no work while work
+        waits in its queues (``stall_after``; looked at ten times in that span)."""
+        stall_after = self._settings.stall_after
+        app = self._host.app(spec.app)
+        now = self._clock.monotonic()
+        if stall_after <= 0 or not spec.queues or app is None:
+            return
+        if now < self._next_stall_look.get(spec.name, now):
+            return
+        self._next_stall_look[spec.name] = now + stall_after / 10
+        counts = await asyncio.gather(*(self._ready.ready(app, q) for q in spec.queues))
+        ready = dict(zip(spec.queues, counts, strict=True))
+        look = stall.Look(ready)
+        if any(ready.values()):  # (asked only when work waits: the worker is seen cheaply)
+            w = self.worker(spec)
+            try:
+                stats, active, reserved = await asyncio.gather(
+                    self.ops.stats(w), self.ops.call(w, "active"), self.ops.call(w, "reserved")
+                )
+            except BrokerUnavailable:
+                return
+            tasks = [drain.task_count(active), drain.task_count(reserved)]
+            busy = None if None in tasks else any(tasks)
+            look = stall.Look(ready, taken=stall.taken_total(stats), busy=busy)
+        before = self._stalls.get(spec.name, stall.StallWatch())
+        watch, why = stall.decide(before, look, self._clock.monotonic(), stall_after)
+        self._stalls[spec.name] = watch
+        if why and self._current(spec.name, pid, State.RUNNING):
+            log.warning("%s: %s", spec.name, why)
+            self._host.feed(spec.name, Hung(why))
 
     async def _prune_fanout(self) -> None:
         by_broker: dict[BrokerSpec, list[str]] = {}

@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.ready import ReadyCounter
 from branchd.celery.remote import KombuRemoteControl
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
 from branchd.clock import (
@@ -44,7 +45,7 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import Autoscale, State, StopStep
+from branchd.model import App, Autoscale, State, StopStep
 from branchd.process.fake import FakeLauncher
 from branchd.process.groups import Action
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
@@ -244,7 +245,7 @@ async def make_rig(tmp_path: Path, time_of: Time) -> AsyncIterator[MakeRig]:
     """``await make_rig(**config_overrides)``: a started LocalBranch and app ``shop``."""
     opened: list[tuple[LocalBranch, Store]] = []
 
-    async def create(**overrides: Any) -> Rig:
+    async def create(ready: ReadyCounter | None = None, **overrides: Any) -> Rig:
         base = Config.for_tests(tmp_path)
         celery = replace(
             base.celery, **{"health_interval": 0.05, "reconcile_interval": 0.5, **overrides}
@@ -263,6 +264,7 @@ async def make_rig(tmp_path: Path, time_of: Time) -> AsyncIterator[MakeRig]:
             remote=stub,
             bus=EventBus(),
             hostname=HOST,
+            ready=ready,
         )
         opened.append((m, store))
         await m.start()
@@ -571,6 +573,60 @@ async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
     assert f"signal {pid} SIGKILL group=True" in rig.timeline[term:]
     assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
     assert rig.time.now() - began >= 2.0
+
+
+class CountedQueues:
+    """ReadyCounter twin: the ready messages a test says each queue holds."""
+
+    def __init__(self) -> None:
+        self.ready_of: dict[str, int | None] = {}
+
+    async def ready(self, app: App, queue: str) -> int | None:
+        return self.ready_of.get(queue, 0)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (seconds of watching)
+async def test_a_worker_that_takes_nothing_while_work_waits_is_restarted(
+    make_rig: MakeRig,
+) -> None:
+    queues = CountedQueues()
+    rig = await make_rig(ready=queues, stall_after=1.0)
+    node, pid = await rig.running("w1", ["default"])
+    node.scripts["active"] = {"ok": []}
+    node.scripts["reserved"] = {"ok": []}
+    taken = {"shop.encode": 3}
+    working = True
+
+    def stats(_: object) -> dict[str, Any]:
+        if working:  # a task taken between any two looks
+            taken["shop.encode"] += 1
+        return {"pool": {}, "total": dict(taken)}
+
+    node.scripts["stats"] = stats
+
+    # idle with nothing to take, then work waits and it keeps taking some: healthy
+    await rig.wait_for(lambda: len(rig.sent("ping")) > 30)
+    assert rig.sent("reserved") == []  # nothing waits: the worker is not even asked
+    queues.ready_of["default"] = 40
+    began = rig.time.now()
+    await rig.wait_for(lambda: rig.time.now() - began > 3.0)  # three times stall_after
+    assert (await rig.view("w1")).runtime.pid == pid
+    working = False
+    # (the next worker stays silent: its view keeps the reason until it answers)
+    killed = f"signal {pid} SIGKILL group=True"
+    node.scripts["ping"] = lambda _: None if killed in rig.timeline else {"ok": "pong"}
+
+    # then it takes nothing for stall_after: restarted, saying why
+    began = rig.time.now()
+    view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, pid))
+    assert rig.time.now() - began >= 1.0 - 0.15
+    assert view.runtime.reason == (
+        "stalled: no task taken for 1s while its queues hold ready messages: default (40)"
+    )
+    assert killed in rig.timeline
 
 
 async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
