@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from branchctl.cli import main
 from celery import Celery
 from click.testing import CliRunner, Result
 
+from branchd.api import openapi
+from branchd.api.routes import ROUTES
 from tests.brokers import unreachable
 from tests.conftest import Branchd, _kill_leftovers, start_branchd, wait_for
 
@@ -156,7 +159,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 def test_lint_reads_the_running_workers_config_and_flags_its_traps(rig: Rig) -> None:
-    items = rig.b.ok("GET", f"/v1/apps/{rig.app}/lint")["items"]
+    answer = rig.b.ok("GET", f"/v1/apps/{rig.app}/lint")
+    op = openapi.build(ROUTES)["paths"]["/v1/apps/{app}/lint"]["get"]
+    jsonschema.validate(answer, op["responses"]["200"]["content"]["application/json"]["schema"])
+    items = answer["items"]
     found = {i["rule"]: i["severity"] for i in items}
     assert found["acks_late_without_reject_on_worker_lost"] == "error", items
     assert found["time_limit_beyond_visibility_timeout"] == "error", items  # 7200 s > 3600 s
