@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -120,6 +121,8 @@ class Workers:
         #: Ready messages of the workers' queues, for the stall check.
         self._ready: ReadyCounter = ready or KombuReadyCounter(self.broker)
         self._stalls: dict[str, stall.StallWatch] = {}
+        #: Our connections to each worker's broker, as counted at its last round.
+        self._connects_seen: dict[str, int] = {}
         #: When each worker is looked at for a stall next (monotonic).
         self._next_stall_look: dict[str, float] = {}
 
@@ -256,7 +259,7 @@ class Workers:
 
     # internals --------------------------------------------------------------------
 
-    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn_task(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -391,18 +394,19 @@ class Workers:
         a reconcile that read the declaration before a change must not undo it."""
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _reconcile(self, name: str) -> None:
+    async def _reconcile(self, name: str) -> bool:
+        """Bring the worker in line with its declaration; False if it could not be."""
         async with self.lock(name):
-            await self._reconcile_locked(name)
+            return await self._reconcile_locked(name)
 
-    async def _reconcile_locked(self, name: str) -> None:
+    async def _reconcile_locked(self, name: str) -> bool:
         spec = self._host.spec(name)
         app = self._host.app(spec.app) if spec else None
         if spec is None or app is None:
-            return
+            return True
         proc = self._host.proc(name)
         if proc is None or proc.state != State.RUNNING:
-            return
+            return True
         try:
             changes = await self.ops.reconcile(
                 self.worker(spec),
@@ -412,9 +416,10 @@ class Workers:
             )
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)
-            return
+            return False
         if changes:
             log.info("reconciled %s: %s", name, " ".join(changes))
+        return True
 
     async def _health_loop(self) -> None:
         while True:
@@ -467,8 +472,13 @@ class Workers:
             ping = health.Ping.BROKER_DOWN
         if ping != health.Ping.BROKER_DOWN and not self._current(name, pid, State.RUNNING):
             return
+        watch = self._watch.get(name, health.Watch())
+        if self._reconnected(spec):
+            # The broker was away, however briefly: the worker may be back
+            # without the consumers it was given at runtime (celery#987).
+            watch = replace(watch, silent=True)
         verdict = health.decide(
-            self._watch.get(name, health.Watch()),
+            watch,
             ping,
             now,
             hung_after=spec.hung_after,
@@ -479,10 +489,20 @@ class Workers:
         if verdict.kill:
             self._host.feed(name, Hung(verdict.kill))
             return
-        if verdict.reconcile:
-            await self._reconcile(name)
+        if verdict.reconcile and not await self._reconcile(name):
+            # not done (no answer, a refusal): again at the next answered ping
+            self._watch[name] = replace(verdict.watch, silent=True)
         if ping == health.Ping.ANSWERED:
             await self._stall_check(spec, pid)
+
+    def _reconnected(self, spec: InstanceSpec) -> bool:
+        """Whether our connection to the worker's broker was made anew since
+        this worker's last round (the first round only notes the count)."""
+        broker = self.worker(spec).broker
+        now = self.ops.remote.connects(broker)
+        seen = self._connects_seen.get(spec.name)
+        self._connects_seen[spec.name] = now
+        return seen is not None and seen != now
 
     async def _stall_check(self, spec: InstanceSpec, pid: int) -> None:
         """Restart a worker that answers pings but takes no work while work

@@ -555,7 +555,15 @@ async def test_every_stop_drains_first(rig: Rig, how: str) -> None:
     tasks.clear()
     await rig.wait_for(lambda: (pid, signal.SIGTERM, False) in rig.fake.signals)
     rig.fake.exit(pid, 0)
-    await rig.finish(stopping)
+    # (an app's delete ends on a thread, the embedded broker's removal: the
+    # fake clock is stepped with real time between the steps, so that 5 s of
+    # it cannot pass before a thread had its turn)
+    until = time.monotonic() + DEADLINE
+    while not stopping.done() and time.monotonic() < until:
+        await rig.time.tick()
+        await asyncio.sleep(0.001)
+    assert stopping.done(), how
+    await stopping
     assert rig.timeline.count(f"signal {pid} SIGTERM group=False") == 1
 
 
@@ -573,6 +581,24 @@ async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
     assert f"signal {pid} SIGKILL group=True" in rig.timeline[term:]
     assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
     assert rig.time.now() - began >= 2.0
+
+
+async def test_a_broker_reconnect_brings_back_a_lost_consumer_before_any_sweep(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig(reconcile_interval=600.0)  # (no sweep in this test's time)
+    node, _ = await rig.running("w1", ["default", "high"])
+    await rig.wait_for(lambda: len(rig.sent("ping")) > 3)
+    node.queues.remove("high")  # lost across the broker's restart
+    node.scripts["active_queues"] = None  # and the first look after it gets no answer
+    rig.stub.connections += 1  # our own connection to the broker was made anew
+    asked = len(rig.sent("active_queues"))
+    await rig.wait_for(lambda: len(rig.sent("active_queues")) > asked)
+    del node.scripts["active_queues"]  # answered from now on: the next round mends it
+    began = rig.time.now()
+    await rig.wait_for(lambda: "high" in node.queues)
+    assert rig.time.now() - began < 1.0  # within a few health rounds, not a sweep
+    assert [s.arguments["queue"] for s in rig.sent("add_consumer")][-1] == "high"
 
 
 class CountedQueues:
