@@ -47,7 +47,7 @@ from branchd.events import EventBus
 from branchd.local import LocalBranch, build
 from branchd.model import App, Autoscale, State, StopStep
 from branchd.process.fake import FakeLauncher
-from branchd.process.groups import Action
+from branchd.process.groups import Action, Outcome
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
@@ -599,6 +599,25 @@ async def test_a_broker_reconnect_brings_back_a_lost_consumer_before_any_sweep(
     await rig.wait_for(lambda: "high" in node.queues)
     assert rig.time.now() - began < 1.0  # within a few health rounds, not a sweep
     assert [s.arguments["queue"] for s in rig.sent("add_consumer")][-1] == "high"
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (startsecs to run out)
+async def test_a_rolling_restart_goes_on_only_once_the_new_worker_answers_a_ping(
+    rig: Rig,
+) -> None:
+    n1, pid1 = await rig.running("w1", ["default"], startsecs=2)
+    _, pid2 = await rig.running("w2", ["default"], startsecs=2)
+    n1.scripts["ping"] = None  # w1's next worker never answers (nor does this one now)
+
+    rolling = asyncio.ensure_future(rig.m.groups.act(APP, Action.RESTART, rolling=True))
+    await rig.wait_for(rolling.done, 30.0)
+    items = await rolling
+    got = {i.view.spec.name: (i.outcome, i.error) for i in items}
+    assert got["w1"][0] is Outcome.FAILED and "no answer to ping" in (got["w1"][1] or ""), got
+    assert got["w2"][0] is Outcome.SKIPPED, got
+    assert (await rig.view("w2")).runtime.pid == pid2  # the old worker goes on
+    assert [s for s in rig.fake.signals if s[0] == pid2] == []
+    assert pid1 != (await rig.view("w1")).runtime.pid
 
 
 class CountedQueues:
