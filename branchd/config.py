@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -58,6 +59,94 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class Role(StrEnum):
+    """What a token may do (``api/roles.py`` says which route needs which)."""
+
+    READ = "read"  # GETs and the event stream
+    OPERATE = "operate"  # start/stop/restart, consumers, autoscale, scale, logs reopen
+    ADMIN = "admin"  # everything: apps, keys, drain, exit
+
+    def allows(self, needed: Role) -> bool:
+        return _RANK[self] >= _RANK[needed]
+
+
+_RANK = {Role.READ: 0, Role.OPERATE: 1, Role.ADMIN: 2}
+
+
+@dataclass(frozen=True)
+class NamedToken:
+    """One ``[tokens.NAME]`` table of a token file."""
+
+    name: str
+    token: str
+    role: Role
+
+
+#: The name the daemon's own token (``--token``, a one-token file, the state
+#: dir's) goes by in the audit lines and 403s.
+ADMIN_TOKEN_NAME = "admin"
+#: Shortest named token accepted: a guessable one is worse than none.
+MIN_TOKEN_LENGTH = 16
+
+
+def is_token_table(text: str) -> bool:
+    """A token file of named tokens (TOML with a ``[tokens]`` table), not one token."""
+    import tomllib
+
+    try:
+        return isinstance(tomllib.loads(text).get("tokens"), dict)
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+def parse_token_table(text: str, where: str) -> tuple[NamedToken, ...]:
+    """``[tokens.alice] token = "..." role = "operate"`` tables, checked: every
+    name a table with a token and a known role, no token twice, nothing else."""
+    import tomllib
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"bad TOML in {where}: {exc}") from None
+    extra = sorted(set(doc) - {"tokens"})
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)} (only [tokens.NAME])")
+    table = doc.get("tokens")
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"{where} names no token: add [tokens.NAME] with token and role")
+    out: list[NamedToken] = []
+    seen: dict[str, str] = {}
+    for name, entry in table.items():
+        at = f"{where}: [tokens.{name}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at} must be a table with token and role")
+        unknown = sorted(set(entry) - {"token", "role"})
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(unknown)}")
+        token, role = entry.get("token"), entry.get("role")
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(f"{at}: token must be text of {MIN_TOKEN_LENGTH} characters or more")
+        if any(c.isspace() for c in token):
+            raise ConfigError(f"{at}: token must have no spaces")
+        if role not in tuple(Role):
+            raise ConfigError(f"{at}: role must be read, operate or admin, got {role!r}")
+        if token in seen:
+            raise ConfigError(f"{at}: the same token as [tokens.{seen[token]}]")
+        seen[token] = name
+        out.append(NamedToken(name, token, Role(role)))
+    return tuple(out)
+
+
+def read_token_table(path: Path) -> tuple[NamedToken, ...]:
+    """The named tokens of the file at ``path`` (reloaded on SIGHUP)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read token file {path}: {reason}") from None
+    return parse_token_table(text, str(path))
+
+
 @dataclass(frozen=True)
 class ApiSection:
     host: str = "127.0.0.1"
@@ -67,8 +156,20 @@ class ApiSection:
     token: str | None = None
     #: Where ``token`` was read from (``--token-file``), for the start-up log.
     token_file: Path | None = None
+    #: Not set here: the named tokens of a ``token_file`` of ``[tokens.NAME]``
+    #: tables, each with its role (reread on SIGHUP); the daemon's own token
+    #: stays beside them, as admin.
+    tokens: tuple[NamedToken, ...] = ()
     #: False (``--no-auth``): no token at all, for development on loopback only.
     auth: bool = True
+    #: HTTPS: the certificate (chain), PEM; the API speaks TLS only and the
+    #: branch calls its peers over https only.
+    tls_cert: Path | None = None
+    #: The certificate's private key, PEM (with ``tls_cert``, both or neither).
+    tls_key: Path | None = None
+    #: The CA that signs the other branches' certificates (``--tls-ca``): peer
+    #: calls and forwards trust it alone; None: the system's trust store.
+    tls_ca: Path | None = None
     #: Largest accepted request body.
     max_body: int = 1024 * 1024
     #: How many instance listings are built at once (0: no limit). A listing
@@ -220,7 +321,12 @@ class Config:
         """The daemon's own token file (generated at first start, kept after)."""
         return self.state_dir / "token"
 
+    @property
+    def tls(self) -> bool:
+        return self.api.tls_cert is not None
+
     def validate(self) -> Config:
+        self._validate_tls()
         if not is_loopback(self.api.host) and not self.api.auth:
             raise ConfigError(
                 f"refusing to listen on {self.api.host} without a token "
@@ -234,6 +340,25 @@ class Config:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"unknown log level {self.log_level!r}")
         return replace(self, log_level=self.log_level.upper())
+
+    def _validate_tls(self) -> None:
+        a = self.api
+        if (a.tls_cert is None) != (a.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if a.tls_ca is not None and a.tls_cert is None:
+            raise ConfigError("--tls-ca is for a branch with TLS: give --tls-cert and --tls-key")
+        for what, path in (("tls-cert", a.tls_cert), ("tls-key", a.tls_key), ("tls-ca", a.tls_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"--{what} {path}: no such file")
+        if a.tls_cert is not None:
+            plain = [u for u in self.cluster.join if u.lower().startswith("http://")]
+            if plain:
+                raise ConfigError(
+                    f"with TLS, join URLs must be https:// (peers are dialled over TLS), "
+                    f"got {plain[0]!r}"
+                )
+        if a.tokens and not a.auth:
+            raise ConfigError("--no-auth and a token file are both given: give one")
 
     def _validate_cluster(self) -> None:
         c = self.cluster
@@ -274,6 +399,9 @@ _FLAT: dict[str, tuple[str, str]] = {
     "token_file": ("api", "token_file"),
     "max_body": ("api", "max_body"),
     "listings_at_once": ("api", "listings_at_once"),
+    "tls_cert": ("api", "tls_cert"),
+    "tls_key": ("api", "tls_key"),
+    "tls_ca": ("api", "tls_ca"),
     "backoff_base": ("supervision", "backoff_base"),
     "backoff_max": ("supervision", "backoff_max"),
     "kill_grace": ("supervision", "kill_grace"),
@@ -310,6 +438,9 @@ _ENV = {
     "BRANCHD_TOKEN": "token",
     "BRANCHD_TOKEN_FILE": "token_file",
     "BRANCHD_NO_AUTH": "no_auth",
+    "BRANCHD_TLS_CERT": "tls_cert",
+    "BRANCHD_TLS_KEY": "tls_key",
+    "BRANCHD_TLS_CA": "tls_ca",
     "BRANCHD_LOG_LEVEL": "log_level",
     "BRANCHD_CLUSTER_KEY": "cluster_key",
     "BRANCHD_CLUSTER_KEY_FILE": "cluster_key_file",
@@ -347,6 +478,15 @@ def _section(name: str, values: Mapping[str, Any]) -> Any:
         raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(unknown)}")
     checked: dict[str, Any] = {}
     for key, value in values.items():
+        if (name, key) == ("api", "tokens"):
+            # only as a token file gives them (_read_token_file), never set by hand
+            if not isinstance(value, tuple) or not all(isinstance(t, NamedToken) for t in value):
+                raise ConfigError(
+                    "api.tokens: named tokens go in a token file of [tokens.NAME] "
+                    "tables, given with --token-file"
+                )
+            checked[key] = value
+            continue
         checked[key] = _typed(f"{name}.{key}", hints[key], value)
     return cls(**checked)
 
@@ -398,6 +538,25 @@ def _read_secret_file(section: dict[str, Any], key: str, what: str) -> None:
     if any(c.isspace() for c in secret):
         raise ConfigError(f"{what} file {path} must hold one {what} (no spaces)")
     section[key], section[file_key] = secret, path
+
+
+def _read_token_file(api: dict[str, Any]) -> None:
+    """A token file of ``[tokens.NAME]`` tables (named tokens with roles), or
+    of one token (admin, as it always was)."""
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if api.get(key) is not None:
+            api[key] = Path(str(api[key])).expanduser()
+    path = api.get("token_file")
+    if path is not None:
+        path = Path(str(path)).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = ""  # (_read_secret_file says why)
+        if is_token_table(text):
+            api["tokens"], api["token_file"] = parse_token_table(text, str(path)), path
+            return
+    _read_secret_file(api, "token", "token")
 
 
 def load(
@@ -453,7 +612,7 @@ def load(
             if not text.strip().isdigit():
                 raise ConfigError(f"{key} must be a whole number, got {text!r}")
             parts["cluster"][key] = int(text)
-    _read_secret_file(parts["api"], "token", "token")
+    _read_token_file(parts["api"])
     _read_secret_file(parts["cluster"], "key", "cluster key")
     merged["state_dir"] = Path(merged.get("state_dir") or default_state_dir(env)).expanduser()
     try:

@@ -27,10 +27,20 @@ from branchd.api.forward import (
     LocalDirectory,
     NoForwarder,
 )
+from branchd.api.roles import TokenBook
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
-from branchd.config import SLOTS_PER_CPU, Config, is_loopback, load, parse_bind
+from branchd.config import (
+    SLOTS_PER_CPU,
+    Config,
+    NamedToken,
+    is_loopback,
+    is_token_table,
+    load,
+    parse_bind,
+    read_token_table,
+)
 from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
 from branchd.local import Holdings, LocalBranch
@@ -39,11 +49,14 @@ from branchd.placement import Recent, need_for
 from branchd.process.cgroups import CgroupTree
 from branchd.process.launcher import ProcessLauncher
 from branchd.process.logpipes import LogPipes
+from branchd.sdnotify import Notifier, NotifySettings
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
 from branchd.views import BranchRecord, Capacity
 
 if TYPE_CHECKING:  # loaded only by a branch that clusters
+    import ssl
+
     from branchd.cluster.discovery import Discovery
     from branchd.cluster.replica import Declared
     from branchd.cluster.service import ClusterService
@@ -74,11 +87,57 @@ class Daemon:
         self._signals: list[Exit] = []
         self._wake = asyncio.Event()
         self._discovery: Discovery | None = None
+        self._reload = asyncio.Event()
+        self.notifier = Notifier(NotifySettings.from_env(os.environ, os.getpid()))
+        #: The tokens in force; the named ones reread on SIGHUP.
+        self.tokens = TokenBook(
+            config.api.token if config.api.auth else None, config.api.tokens
+        )
 
     def request_exit(self, how: Exit) -> None:
         # Only record it (uvicorn's way); run() decides what to do.
         self._signals.append(how)
         self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()  # (SIGHUP: recorded; _reloads() rereads the token file)
+
+    def reload_tokens(self) -> None:
+        """Reread the token file of named tokens; a bad one is said and the
+        tokens in force are kept (a typo must not lock every operator out)."""
+        path = self.config.api.token_file
+        try:
+            text = path.read_text(encoding="utf-8") if path is not None else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("SIGHUP: cannot read token file %s (%s): tokens unchanged", path, exc)
+            return
+        if path is None or not is_token_table(text):
+            log.warning(
+                "SIGHUP: no token file of [tokens.NAME] tables to reload (a one-token "
+                "file is read at start only)"
+            )
+            return
+        try:
+            named = read_token_table(path)
+        except BranchdError as exc:
+            log.error("SIGHUP: %s: tokens unchanged", exc.message)
+            return
+        self.tokens.replace(named)
+        log.info("SIGHUP: token file %s reloaded: %s", path, _roles_of(named))
+        self.notifier.status(f"token file reloaded ({len(named)} named tokens)")
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            self.reload_tokens()
+
+    async def _watchdog(self, every: float) -> None:
+        # From the event loop itself: a loop that stops turning stops these,
+        # and systemd restarts the daemon after WatchdogSec.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(every)
 
     async def run(self) -> None:
         cfg = self.config
@@ -86,7 +145,9 @@ class Daemon:
         clock = SystemClock()
         store = Store(cfg.db_path, clock)  # its hybrid clock reads this wall time
         # the branch's log writer: it outlives us, and the next daemon finds it
+        tls = _tls_contexts(cfg) if cfg.tls else None
         pipes = LogPipes(cfg.log_dir)
+        background: list[asyncio.Task[None]] = []
         try:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
@@ -105,6 +166,7 @@ class Daemon:
                 bus=bus,
                 log_pipes=pipes,
             )
+            self.notifier.status("adopting instances")
             await local.start()
             empty = Capacity(1, (0.0, 0.0, 0.0), 0, 0, 0)  # the service reads the host now
             cpus = os.cpu_count() or 1
@@ -131,7 +193,15 @@ class Daemon:
             )
             branch.start()
             cluster = (
-                _cluster(cfg, branch, scheduler, bus, local.apps, local.holdings)
+                _cluster(
+                    cfg,
+                    branch,
+                    scheduler,
+                    bus,
+                    local.apps,
+                    local.holdings,
+                    tls[1] if tls else None,
+                )
                 if cfg.cluster.enabled
                 else None
             )
@@ -144,7 +214,7 @@ class Daemon:
                 from branchd.api.proxy import HttpForwarder, gather, place
 
                 # a named instance's routes go to the branch that holds it
-                proxy = HttpForwarder(cluster, cfg.api.token)
+                proxy = HttpForwarder(cluster, cfg.api.token, tls=tls[1] if tls else None)
                 directory, forwarder = ClusterDirectory(cluster), proxy
 
                 peers = cluster
@@ -185,6 +255,7 @@ class Daemon:
                 make_app(
                     local,
                     token=cfg.api.token,
+                    tokens=self.tokens,
                     loopback=is_loopback(cfg.api.host),
                     max_body=cfg.api.max_body,
                     listings_at_once=cfg.api.listings_at_once,
@@ -207,7 +278,9 @@ class Daemon:
                 shutdown_timeout=2.0,
             )
             await runner.setup()
-            site = web.TCPSite(runner, cfg.api.host, cfg.api.port)
+            site = web.TCPSite(
+                runner, cfg.api.host, cfg.api.port, ssl_context=tls[0] if tls else None
+            )
             try:
                 await site.start()
             except OSError as exc:
@@ -217,7 +290,8 @@ class Daemon:
                     f"cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror}"
                 ) from None
             host, port = runner.addresses[0][:2]
-            self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+            scheme = "https" if tls else "http"
+            self.url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
             if cluster is None:
                 branch.with_address(api_url=self.url)  # (a cluster of one: as bound)
             else:
@@ -235,6 +309,15 @@ class Daemon:
                 (signal.SIGUSR2, Exit.KEEP),
             ):
                 loop.add_signal_handler(sig, self.request_exit, how)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            background.append(asyncio.ensure_future(self._reloads()))
+            every = self.notifier.settings.watchdog_every
+            if every is not None:
+                background.append(asyncio.ensure_future(self._watchdog(every)))
+            # READY=1 once the API listens and the instances were adopted
+            self.notifier.ready(
+                f"listening on {self.url}, {len(local.instances.specs())} instances"
+            )
             log.info(
                 "branchd %s (branch %s) listening on %s, state in %s",
                 __version__,
@@ -244,6 +327,9 @@ class Daemon:
             )
             await self._wake.wait()
             how = self._signals[0]
+            self.notifier.stopping(
+                "stopping instances" if how == Exit.STOP else "exiting, instances keep running"
+            )
             log.info(
                 "exiting (%s): %s",
                 how.value,
@@ -265,6 +351,9 @@ class Daemon:
             await branch.close()
             await local.shutdown(keep=how == Exit.KEEP)
         finally:
+            for task in background:
+                task.cancel()
+            self.notifier.close()
             pipes.close()
             store.close()
 
@@ -274,8 +363,9 @@ class Daemon:
     ) -> None:
         cfg = self.config
         adv_host, adv_port = _advertised(cfg, api_port)
+        scheme = "https" if cfg.tls else "http"
         branch.with_address(
-            api_url=f"http://{_bracketed(adv_host)}:{adv_port}",
+            api_url=f"{scheme}://{_bracketed(adv_host)}:{adv_port}",
             address=f"{_bracketed(adv_host)}:{adv_port}",
         )
         try:
@@ -287,7 +377,7 @@ class Daemon:
         branch.on_change = cluster.announce
         cluster.announce()
         if cfg.cluster.zeroconf and not is_loopback(adv_host):
-            self._discovery = await _discover(cluster, branch, adv_host, adv_port)
+            self._discovery = await _discover(cluster, branch, adv_host, adv_port, cfg.tls)
         log.info(
             "clustering: gossip on %s (advertised %s), API advertised as %s%s",
             cfg.cluster.gossip or "the API port + 1",
@@ -298,7 +388,7 @@ class Daemon:
 
 
 async def _discover(
-    cluster: ClusterService, branch: BranchService, host: str, api_port: int
+    cluster: ClusterService, branch: BranchService, host: str, api_port: int, tls: bool
 ) -> Discovery | None:
     """Announce this branch and join whoever zeroconf finds (a LAN address
     only). A failure to start is said once; the branch clusters without it."""
@@ -311,7 +401,11 @@ async def _discover(
         me = Announcement(rec.id, rec.version, api_port, gossip_port, rec.epoch)
 
         def found(peer: Peer) -> None:
-            cluster.join([peer.api_url])
+            # (a branch with TLS is one of a cluster with TLS: its peers' too)
+            url = peer.api_url
+            if tls and url.startswith("http://"):
+                url = "https://" + url.removeprefix("http://")
+            cluster.join([url])
 
         discovery = ZeroconfDiscovery(me, host, found)
         await discovery.start()
@@ -369,6 +463,7 @@ def _cluster(
     bus: EventBus,
     declarations: Declared,
     holdings: Holdings,
+    tls: ssl.SSLContext | None = None,
 ) -> ClusterService:
     """The cluster service of a branch that clusters (not started yet)."""
     from branchd.cluster.service import ClusterService, HttpPeerClient, Settings, load_keyring
@@ -406,10 +501,30 @@ def _cluster(
         record=branch.record,
         keyring=keyring,
         # without a key (loopback only) the peer calls carry this branch's token
-        client=HttpPeerClient(None if keyring is not None else cfg.api.token),
+        client=HttpPeerClient(None if keyring is not None else cfg.api.token, tls=tls),
         declarations=declarations,  # apps and queues on every branch
         holdings=holdings,  # this branch's instances, for the names across the cluster
     )
+
+
+def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The server's context (its certificate) and the one its peer calls and
+    forwards verify the others with: the cluster CA (``--tls-ca``) alone, or
+    the system's trust store; the host name checked either way."""
+    import ssl
+
+    a = cfg.api
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(a.tls_cert), str(a.tls_key))
+        client = ssl.create_default_context(cafile=str(a.tls_ca) if a.tls_ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS: cannot load the certificate, key or CA: {exc}") from None
+    return server, client
+
+
+def _roles_of(named: tuple[NamedToken, ...]) -> str:
+    return ", ".join(f"{t.name} ({t.role.value})" for t in named) or "none"
 
 
 def _lock(state_dir: Path) -> IO[str]:
@@ -458,6 +573,8 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
             "process list; use --token-file or BRANCHD_TOKEN_FILE instead"
         )
     log.info("API token in %s (clients on this machine read it there)", cfg.token_path)
+    if cfg.api.tokens:
+        log.info("named tokens of %s: %s", cfg.api.token_file, _roles_of(cfg.api.tokens))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -474,7 +591,8 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
 )
 @click.option(
     "--token-file",
-    help="File holding the bearer token [env BRANCHD_TOKEN_FILE; default: one "
+    help="File holding the bearer token, or named tokens with roles as TOML "
+    "[tokens.NAME] tables (reread on SIGHUP) [env BRANCHD_TOKEN_FILE; default: one "
     "generated at the first start into <state dir>/token]",
 )
 @click.option(
@@ -526,6 +644,17 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     type=int,
     help="Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
 )
+@click.option(
+    "--tls-cert",
+    help="PEM certificate (chain): serve the API over HTTPS and call the other branches "
+    "over HTTPS only [env BRANCHD_TLS_CERT]",
+)
+@click.option("--tls-key", help="PEM key of --tls-cert [env BRANCHD_TLS_KEY]")
+@click.option(
+    "--tls-ca",
+    help="PEM CA that signs the other branches' certificates; peers are verified "
+    "against it alone [env BRANCHD_TLS_CA; default the system's trust store]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -544,13 +673,17 @@ def cli(
     cluster_profile: str | None,
     max_instances: int | None,
     slots: int | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
     """Run a branch: supervise this machine's instances and serve the API.
 
     SIGTERM or SIGINT stop every instance and exit; SIGUSR2 exits and leaves
-    them running (a new branchd on the same state dir adopts them).
+    them running (a new branchd on the same state dir adopts them); SIGHUP
+    rereads the token file of named tokens.
     """
     flags = {
         "state_dir": state_dir,
@@ -567,6 +700,9 @@ def cli(
         "cluster_profile": cluster_profile,
         "max_instances": max_instances,
         "slots": slots,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_ca": tls_ca,
         "config": config_file,
         "log_level": log_level,
     }

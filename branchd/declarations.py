@@ -12,7 +12,7 @@ service (and the engine ends an app deleted elsewhere, see ``on_remote_delete``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from branchd import events
@@ -31,7 +31,7 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.process.specs import build_spec, celery_settings
+from branchd.process.specs import build_spec, celery_settings, merge_task_overrides
 from branchd.replication import Outcome, Record, decide
 from branchd.store import Store
 
@@ -47,6 +47,7 @@ class Declarations:
         self._bus = bus
         self._end_app: Callable[[str, Version], None] | None = None
         self._end_queue: Callable[[str, str], None] | None = None
+        self._check_app: Callable[[App], Awaitable[None]] | None = None
 
     # apps -------------------------------------------------------------------
 
@@ -89,6 +90,8 @@ class Declarations:
         wanted = [q for s in self._store.list_instances(name) for q in s.queues]
         queues = dict.fromkeys([*defaults.get("queues", ()), *wanted, *decls])
         check_carried(app, list(queues), decls)
+        if self._check_app is not None:
+            await self._check_app(app)  # (its limits, by its pool and Celery version)
         created = self._store.put_app(app)
         self._bus.publish(events.DeclarationChanged("app", name, name))
         # the record as stored: with its version and origin (the branch that
@@ -104,7 +107,9 @@ class Declarations:
         defaults = _merged(app.defaults, patch.get("defaults"))
         celery = app.celery.to_wire()
         for key, value in patch.items():
-            if key not in ("env", "defaults"):
+            if key == "task_overrides":  # (merged task by task, as env and defaults)
+                celery[key] = merge_task_overrides(celery[key], value)
+            elif key not in ("env", "defaults"):
                 celery[key] = value
         celery = {k: v for k, v in celery.items() if v is not None}
         new, _created = await self.put_app(name, env, defaults, celery)
@@ -164,6 +169,11 @@ class Declarations:
         """Who ends an app that another branch deleted while it has instances
         here (the engine: they stop, then ``forget_app`` with that version)."""
         self._end_app = end_app
+
+    def on_check_app(self, check: Callable[[App], Awaitable[None]]) -> None:
+        """Who checks an app's worker limits before it is stored (the workers
+        service: the rules depend on its interpreter's Celery version)."""
+        self._check_app = check
 
     def on_remote_queue_delete(self, end_queue: Callable[[str, str], None]) -> None:
         """Who cancels a queue that another branch deleted on this branch's

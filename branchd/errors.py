@@ -70,7 +70,9 @@ class Unauthorized(BranchdError):
 
 
 class Forbidden(BranchdError):
-    """A request from another origin (a web page's), refused whatever its token."""
+    """A request from another origin (a web page's), refused whatever its token;
+    or a valid token whose role does not reach the route's (with ``needs`` and
+    ``has``: ``api/roles.py``)."""
 
     code = "forbidden"
     status = 403

@@ -129,6 +129,7 @@ def build(
     )
     # an app deleted on another branch: its instances here stop, then it goes
     declarations.on_remote_delete(engine.end_app)
+    declarations.on_check_app(workers.check_limits)
     celery = CeleryRuntime(engine, declarations, workers, bus)
     declarations.on_remote_queue_delete(celery.drop_queue)
     return LocalBranch(

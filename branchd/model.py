@@ -182,6 +182,91 @@ class Autoscale:
         return cls(min=int(d["min"]), max=int(d["max"]))
 
 
+@dataclass(frozen=True)
+class TaskLimits:
+    """Overrides for one task type, re-applied by remote control after every
+    start (Celery forgets them on restart). On an app, ``rate_limit`` is the
+    total of all its workers on the branch, split between them."""
+
+    rate_limit: str | None = None  # Celery's form: "600/m", "10/s", "2/h", "5"
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> TaskLimits:
+        def num(key: str) -> float | None:
+            return None if d.get(key) is None else float(d[key])
+
+        rate = d.get("rate_limit")
+        return cls(
+            rate_limit=None if rate is None else str(rate),
+            time_limit=num("time_limit"),
+            soft_time_limit=num("soft_time_limit"),
+        )
+
+
+#: The limit fields of an app (its worker settings) and of an instance (its
+#: overrides), by wire key: flat in both wire forms.
+LIMIT_FIELDS: tuple[str, ...] = (
+    "time_limit",
+    "soft_time_limit",
+    "max_tasks_per_child",
+    "max_memory_per_child",
+    "prefetch_multiplier",
+    "disable_prefetch",
+    "task_overrides",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A worker's limits (None: not set, Celery's own default or the app's)."""
+
+    time_limit: float | None = None  # seconds (--time-limit)
+    soft_time_limit: float | None = None  # seconds (--soft-time-limit)
+    max_tasks_per_child: int | None = None
+    #: Bytes (the API's unit for every size); the worker flag takes KiB.
+    max_memory_per_child: int | None = None
+    prefetch_multiplier: int | None = None
+    disable_prefetch: bool | None = None  # Celery 5.6+
+    task_overrides: Mapping[str, TaskLimits] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "time_limit": self.time_limit,
+            "soft_time_limit": self.soft_time_limit,
+            "max_tasks_per_child": self.max_tasks_per_child,
+            "max_memory_per_child": self.max_memory_per_child,
+            "prefetch_multiplier": self.prefetch_multiplier,
+            "disable_prefetch": self.disable_prefetch,
+            "task_overrides": {k: v.to_wire() for k, v in sorted(self.task_overrides.items())},
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Limits:
+        def num(key: str) -> float | None:
+            return None if d.get(key) is None else float(d[key])
+
+        def count(key: str) -> int | None:
+            return None if d.get(key) is None else int(d[key])
+
+        flag = d.get("disable_prefetch")
+        return cls(
+            time_limit=num("time_limit"),
+            soft_time_limit=num("soft_time_limit"),
+            max_tasks_per_child=count("max_tasks_per_child"),
+            max_memory_per_child=count("max_memory_per_child"),
+            prefetch_multiplier=count("prefetch_multiplier"),
+            disable_prefetch=None if flag is None else bool(flag),
+            task_overrides={
+                str(k): TaskLimits.from_wire(v) for k, v in (d.get("task_overrides") or {}).items()
+            },
+        )
+
+
 #: Celery pools a worker may run (``--pool``).
 POOLS: tuple[str, ...] = ("prefork", "solo", "threads", "gevent", "eventlet")
 
@@ -201,6 +286,8 @@ class CelerySettings:
     #: Where task results go (``--result-backend``). None: on the embedded
     #: broker, a ``file://`` store in the state dir; elsewhere the app module's.
     result_backend: str | None = None
+    #: Its workers' limits (an instance's own override them field by field).
+    limits: Limits = Limits()
 
     def to_wire(self) -> dict[str, Any]:
         """Its fields, flat: an app's wire form (and its API body) carries them
@@ -214,6 +301,7 @@ class CelerySettings:
             "autoscale": self.autoscale.to_wire() if self.autoscale else None,
             "mingle_gossip": self.mingle_gossip,
             "result_backend": self.result_backend,
+            **self.limits.to_wire(),
         }
 
     @classmethod
@@ -228,6 +316,7 @@ class CelerySettings:
             autoscale=Autoscale.from_wire(auto) if auto else None,
             mingle_gossip=bool(d.get("mingle_gossip", False)),
             result_backend=d.get("result_backend"),
+            limits=Limits.from_wire(d),
         )
 
 
@@ -379,6 +468,8 @@ class InstanceSpec:
     hung_after: float = 60.0
     #: Restart when the whole process tree's RSS passes this (bytes).
     memory_limit: int | None = None
+    #: Overrides of the app's limits (flat in the wire form: LIMIT_FIELDS).
+    limits: Limits = Limits()
     # Start order and probes (issue 15, part 3) ----------------------------
     #: Instances of the same app it starts after: each spawn waits until they
     #: are running (ready, with a probe), up to ``policy.after_timeout``.
@@ -442,6 +533,7 @@ class InstanceSpec:
             "loglevel": self.loglevel,
             "hung_after": self.hung_after,
             "memory_limit": self.memory_limit,
+            **self.limits.to_wire(),
             **self._order_wire(),
             **_record_wire(self.version, self.origin),
         }
@@ -498,6 +590,7 @@ class InstanceSpec:
             name=d["name"],
             branch=d["branch"],
             policy=policy,
+            limits=Limits.from_wire(d),
             **plain,
             **_record_fields(d),
         )
@@ -539,6 +632,7 @@ CELERY_FIELDS = (
     "loglevel",
     "hung_after",
     "memory_limit",
+    *LIMIT_FIELDS,
 )
 _POLICY_KEYS = (*POLICY_FIELDS, *_ORDER_POLICY)
 #: Wire keys that are fields of InstanceSpec under the same name.
@@ -558,10 +652,10 @@ _SPEC_PLAIN = (
     "log_max_bytes",
     "log_backups",
     "created_at",
-    *CELERY_FIELDS,
+    *(k for k in CELERY_FIELDS if k not in LIMIT_FIELDS),
     *(k for k in ORDER_FIELDS if k not in _ORDER_POLICY),
 )
-_SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *RECORD_KEYS)
+_SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *LIMIT_FIELDS, *RECORD_KEYS)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, overload
 
 from branchd.model import (
     CELERY_FIELDS,
+    LIMIT_FIELDS,
     ORDER_FIELDS,
     PROBE_FIELDS,
     RECORD_KEYS,
@@ -156,6 +157,7 @@ def app_answer(
         # instances run there. Any other app's may run on any branch.
         "scope": "branch" if app.celery.broker is None else "cluster",
         "branch": app.origin if app.celery.broker is None else None,
+        **{k: wire[k] for k in LIMIT_FIELDS},
     }
 
 

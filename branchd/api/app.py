@@ -4,7 +4,6 @@ the routes of v1."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -12,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import openapi
+from branchd.api import dashboard, openapi
 from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.forward import (
     Directory,
@@ -22,6 +21,14 @@ from branchd.api.forward import (
     Scope,
     Target,
     scope_of,
+)
+from branchd.api.roles import (
+    CALLER_HEADER,
+    PRINCIPAL,
+    Principal,
+    TokenBook,
+    refusal,
+    role_needed,
 )
 from branchd.api.routes import (
     BRANCH,
@@ -38,12 +45,25 @@ from branchd.api.routes import (
     Handler,
     not_found,
 )
-from branchd.errors import BranchdError, Forbidden, Misdirected, UnsupportedMediaType
+from branchd.config import NamedToken, Role
+from branchd.errors import (
+    BranchdError,
+    Forbidden,
+    Misdirected,
+    UnsupportedMediaType,
+)
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
 
 log = logging.getLogger(__name__)
+#: One line per write (who, method, path, status): its own logger, so that an
+#: operator may send it elsewhere.
+audit_log = logging.getLogger("branchd.audit")
 
 TOKEN = web.AppKey("token", str)
+#: Every token in force, with its role (the named ones replaced on SIGHUP).
+TOKENS = web.AppKey("tokens", TokenBook)
+#: Methods that change nothing: not audited.
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The daemon listens on loopback only: a Host of any other name is refused.
 LOOPBACK = web.AppKey("loopback", bool)
 #: What a request body may be declared as. A web page can send text/plain,
@@ -140,8 +160,36 @@ async def json_only_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 @web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A line for every write, whatever its outcome (outermost: a 401 or 403
+    is audited too). The peer channel's push-pulls are the branches' own
+    traffic, several a second: not audited."""
+    if request.method in _READS or request.path == PEER_PATH:
+        return await handler(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        who: Principal | None = request.get(PRINCIPAL)
+        audit_log.info(
+            "audit: %s %s %s -> %d",
+            who.name if who is not None else "-",
+            request.method,
+            request.path_qs,
+            status,
+        )
+
+
+def _template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app.get(TOKEN)
+    book = request.app.get(TOKENS)
     cluster = request.app.get(CLUSTER)
     if request.path == PEER_PATH and cluster is not None and cluster.sealed:
         # A peer call is sealed with the cluster key (AES-GCM, timestamped,
@@ -150,24 +198,38 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     proof = request.headers.get(PROOF_HEADER)
     if proof is not None and cluster is not None:
-        # Forwarded by a member, which checked its caller's token; the proof
-        # (sealed with the cluster key) names this method, path and body.
+        # Forwarded by a member, which checked its caller's token and role;
+        # the proof (sealed with the cluster key) names this method, path
+        # and body. The caller's name is for the audit line only.
         body = await request.read()
         if cluster.verify(proof, request.method, request.path_qs, body):
+            caller = request.headers.get(CALLER_HEADER, "-")[:64]
+            hop = request.headers.get(HOP_HEADER, "?")[:64]
+            request[PRINCIPAL] = Principal(f"{caller} via {hop}", Role.ADMIN)
             return await handler(request)
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
-    if token and request.path != "/v1/ping":
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            return _error(
-                401,
-                "unauthorized",
-                "a valid bearer token is required",
-                **{"WWW-Authenticate": "Bearer"},
-            )
+    template = _template(request)
+    needed = role_needed(request.method, template) if template else Role.READ
+    if book is None or not book.enabled or needed is None or dashboard.is_public(request.path):
+        # (no token, or the dashboard's own files: no data in them)
+        return await handler(request)
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    who = book.who(value.strip()) if scheme.lower() == "bearer" else None
+    if who is None:
+        return _error(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+    request[PRINCIPAL] = who
+    if not who.role.allows(needed):
+        raise Forbidden(
+            refusal(request.method, template, needed, who),
+            needs=needed.value,
+            has=who.role.value,
+        )
     return await handler(request)
 
 
@@ -212,6 +274,7 @@ def make_app(
     *,
     token: str | None,
     max_body: int,
+    tokens: TokenBook | tuple[NamedToken, ...] = (),
     listings_at_once: int = 1,
     loopback: bool = True,
     branch: Callable[[], BranchRecord],
@@ -226,9 +289,11 @@ def make_app(
     daemon: Mapping[str, Any] | None = None,
 ) -> web.Application:
     app = web.Application(
-        # errors outermost (every failure is JSON), then origin and Host, then
-        # auth, then JSON bodies only, then forward first
+        # the audit outermost (it sees the status sent), then errors (every
+        # failure is JSON), then origin and Host, then auth and roles, then
+        # JSON bodies only, then forward first
         middlewares=[
+            audit_middleware,
             errors_middleware,
             origin_middleware,
             auth_middleware,
@@ -257,6 +322,7 @@ def make_app(
     app[LOOPBACK] = loopback
     if token:
         app[TOKEN] = token
+    app[TOKENS] = tokens if isinstance(tokens, TokenBook) else TokenBook(token or None, tokens)
     if on_exit is not None:
         app[EXIT] = on_exit
     if daemon is not None:
@@ -264,5 +330,6 @@ def make_app(
     app[OPENAPI] = lambda: openapi.build(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    dashboard.add_routes(app)  # "/" and its files (no data, no token)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -19,14 +19,18 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from branchd.api.roles import CALLER_HEADER, PRINCIPAL, Principal
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
 from branchd.placement import Need, Recent, need_of, pick, pick_pinned
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ _DROPPED = frozenset(
         "Origin",
         HOP_HEADER,
         PROOF_HEADER,
+        CALLER_HEADER,
     )
 )
 
@@ -77,12 +82,30 @@ class Peers(Protocol):
 
 
 class HttpForwarder:
-    def __init__(self, peers: Peers, token: str | None = None) -> None:
+    def __init__(
+        self, peers: Peers, token: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._peers = peers
         self._session: Any = None
         #: This branch's own token, for its own calls in a cluster without a
         #: key (loopback only: there its branches share the token).
         self._token = token
+        #: With TLS on, every hop is https and the peer's certificate verified
+        #: by this context (the cluster CA, or the system's store).
+        self._tls = tls
+
+    def _url_of(self, branch: str) -> tuple[str | None, str]:
+        url, state = self._peers.api_url_of(branch)
+        if self._tls is not None and url is not None and not url.lower().startswith("https://"):
+            # a forwarded request carries the caller's body and answer: never
+            # in the clear from a branch that was told to use TLS
+            raise BranchUnreachable(
+                f"branch {branch} advertises {url}: plain http, and this branch "
+                "calls its peers over TLS only",
+                branch=branch,
+                state=state,
+            )
+        return url, state
 
     async def forward(self, request: web.Request, branch: str) -> web.StreamResponse:
         if self._peers.api_url_of(branch)[1] == "unknown":  # (a path naming no member)
@@ -110,7 +133,7 @@ class HttpForwarder:
         within ``timeout`` s; BranchUnreachable if it is not."""
         import aiohttp
 
-        url, state = self._peers.api_url_of(branch)
+        url, state = self._url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
         headers = self._hop_headers(request, b"", keep=False)
@@ -132,7 +155,7 @@ class HttpForwarder:
         ``branch``: (status, JSON body); BranchUnreachable if it is not."""
         import aiohttp
 
-        url, state = self._peers.api_url_of(branch)
+        url, state = self._url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
         data = json.dumps(body).encode() if body is not None else b""
@@ -169,7 +192,7 @@ class HttpForwarder:
         BranchUnreachable when that member is gone, or silent (``_answer``)."""
         import aiohttp  # the client side: loaded by a clustering branch only
 
-        url, state = self._peers.api_url_of(branch)
+        url, state = self._url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(
                 f"branch {branch} answers this, and it is {state}"
@@ -208,6 +231,9 @@ class HttpForwarder:
         if keep:
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED}
         headers[HOP_HEADER] = self._peers.self_id
+        who: Principal | None = request.get(PRINCIPAL)
+        if who is not None:
+            headers[CALLER_HEADER] = who.name  # (for the owner's audit line)
         proof = self._peers.prove(request.method, request.path_qs, body)
         if not proof and "Authorization" in request.headers:
             # a cluster without a key (loopback only): its branches share the
@@ -221,6 +247,7 @@ class HttpForwarder:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
                 auto_decompress=False,
             )

@@ -200,6 +200,59 @@ _CELERY_SETTABLE: dict[str, Schema] = {
     "hung_after": {"type": "number", "minimum": 1, "maximum": 86400},
     "memory_limit": {"type": ["integer", "null"], "minimum": 1024 * 1024, "maximum": 2**50},
 }
+_RATE = r"^[0-9]+(\.[0-9]+)?(/[smh])?$"
+_TASK_SECONDS: Schema = {"type": ["number", "null"], "minimum": 0.001, "maximum": 10**7}
+#: A worker's limits: an app's (its workers' defaults) or an instance's (overrides).
+_LIMITS: dict[str, Schema] = {
+    "time_limit": {
+        **_TASK_SECONDS,
+        "description": "hard time limit of each task, seconds (--time-limit; prefork, gevent)",
+    },
+    "soft_time_limit": {
+        **_TASK_SECONDS,
+        "description": "soft time limit (SoftTimeLimitExceeded in the task), seconds, below "
+        "time_limit (--soft-time-limit; prefork only)",
+    },
+    "max_tasks_per_child": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 10**9,
+        "description": "a pool child is replaced after this many tasks (prefork only)",
+    },
+    "max_memory_per_child": {
+        "type": ["integer", "null"],
+        "minimum": 1024,
+        "maximum": 2**50,
+        "description": "bytes: a pool child whose RSS is over it is replaced after its "
+        "current task (--max-memory-per-child, in KiB; prefork only)",
+    },
+    "prefetch_multiplier": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 10**6,
+        "description": "messages reserved per process (--prefetch-multiplier; Celery's is 4)",
+    },
+    "disable_prefetch": {
+        "type": ["boolean", "null"],
+        "description": "take a task only when a process is free (--disable-prefetch; Celery 5.6+)",
+    },
+    "task_overrides": {
+        "type": ["object", "null"],
+        "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "rate_limit": {"type": ["string", "null"], "pattern": _RATE},
+                "time_limit": _TASK_SECONDS,
+                "soft_time_limit": _TASK_SECONDS,
+            },
+            "additionalProperties": False,
+        },
+        "description": "per task name: rate_limit, time_limit, soft_time_limit, re-applied by "
+        "remote control after every start, broker reconnect and drift; on an app, rate_limit "
+        "is the total of its running workers on the branch (each gets total / N)",
+    },
+}
+_CELERY_SETTABLE.update(_LIMITS)
 _SETTABLE.update(_CELERY_SETTABLE)
 
 INSTANCE_DEFAULTS: Schema = {
@@ -217,6 +270,7 @@ _APP_CELERY: dict[str, Schema] = {
     "autoscale": {"oneOf": [AUTOSCALE_IN, {"type": "null"}]},
     "mingle_gossip": {"type": "boolean"},
     "result_backend": {"type": ["string", "null"], "minLength": 1, "maxLength": 2000},
+    **_LIMITS,
 }
 
 APP_IN: Schema = {

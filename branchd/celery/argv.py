@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from branchd.errors import Invalid
+from branchd.model import Limits
 
 
 def worker_argv(
@@ -25,6 +26,7 @@ def worker_argv(
     extra: Sequence[str],
     without_mingle_gossip: bool = True,
     result_backend: str | None = None,
+    limits: Limits | None = None,
 ) -> list[str]:
     """``[python, -m, celery, -A, app, [-b, url,] [--result-backend, url,] worker, -n, node, ...]``.
 
@@ -63,5 +65,30 @@ def worker_argv(
     argv += [f"--pool={pool}", f"--loglevel={loglevel}"]
     if without_mingle_gossip:
         argv += ["--without-mingle", "--without-gossip"]
-    argv += list(extra)
+    argv += limit_flags(limits or Limits())
+    argv += list(extra)  # (last: a user's own flag wins over ours)
     return argv
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def limit_flags(limits: Limits) -> list[str]:
+    """The worker flags of a worker's limits (per-task ones go by remote
+    control, see ``limits.drift``). ``--max-memory-per-child`` takes KiB."""
+    out: list[str] = []
+    if limits.time_limit is not None:
+        out.append(f"--time-limit={_seconds(limits.time_limit)}")
+    if limits.soft_time_limit is not None:
+        out.append(f"--soft-time-limit={_seconds(limits.soft_time_limit)}")
+    if limits.max_tasks_per_child is not None:
+        out.append(f"--max-tasks-per-child={limits.max_tasks_per_child}")
+    if limits.max_memory_per_child is not None:
+        # (rounded up: a limit of 1,500 bytes must not become 1 KiB's worth less)
+        out.append(f"--max-memory-per-child={-(-limits.max_memory_per_child // 1024)}")
+    if limits.prefetch_multiplier is not None:
+        out.append(f"--prefetch-multiplier={limits.prefetch_multiplier}")
+    if limits.disable_prefetch:
+        out.append("--disable-prefetch")
+    return out

@@ -46,6 +46,7 @@ LOADER_MODULE = "branchd_worker_loader"
 TRANSPORT_MODULE = "branchd_fs_transport"
 LOADER_ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
 QUEUES_ENV = "BRANCHD_TASK_QUEUES"
+ANNOTATIONS_ENV = "BRANCHD_TASK_ANNOTATIONS"
 POLLING_INTERVAL = 0.1
 
 
@@ -151,6 +152,7 @@ def worker_env(
     *,
     task_queues: Mapping[str, Mapping[str, Any]] | None = None,
     hook: str | None = None,
+    task_annotations: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Environment variables that make a ``celery`` process use ``spec``'s
     transport options and (``task_queues``, Celery's dict form) the declared
@@ -166,6 +168,11 @@ def worker_env(
         env[LOADER_ENV] = json.dumps(dict(spec.transport_options), sort_keys=True)
     if task_queues:
         env[QUEUES_ENV] = json.dumps({k: dict(v) for k, v in task_queues.items()}, sort_keys=True)
+    if task_annotations:
+        # (a worker's per-task limits, in force from its first task: see worker_loader)
+        env[ANNOTATIONS_ENV] = json.dumps(
+            {k: dict(v) for k, v in task_annotations.items()}, sort_keys=True
+        )
     folder = spec.worker_hook_dir or hook
     if not env or folder is None:
         return {}

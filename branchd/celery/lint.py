@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from branchd.model import Limits
+
 #: Redis transport's default visibility_timeout (kombu), seconds.
 REDIS_VISIBILITY_TIMEOUT = 3600.0
 #: RabbitMQ's default consumer_timeout (3.8.15 and later: 30 min), seconds.
@@ -46,6 +48,27 @@ class Context:
     transport: str = "amqp"  # amqp | redis | filesystem | ...
     stops_drain: bool = True  # branchd's stops drain, then TERM, then KILL
     depth_scaling: bool = False  # the app scales on queue depth
+
+
+#: The worker flags branchd gives from an app's limits, and the setting each
+#: overrides in the worker (a flag is not in what ``conf`` answers).
+_FLAGS = {
+    "time_limit": "task_time_limit",
+    "soft_time_limit": "task_soft_time_limit",
+    "max_memory_per_child": "worker_max_memory_per_child",
+    "prefetch_multiplier": "worker_prefetch_multiplier",
+    "disable_prefetch": "worker_disable_prefetch",
+}
+
+
+def with_flags(conf: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """``conf`` as the worker runs it: the limits branchd passes as flags win."""
+    out = dict(conf)
+    for field_, key in _FLAGS.items():
+        value = getattr(limits, field_)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def transport_of(url: str) -> str:

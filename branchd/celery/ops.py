@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from branchd.celery import limits as task_limits
 from branchd.celery.argv import worker_argv
 from branchd.celery.broker import (
     BrokerSpec,
@@ -115,6 +116,8 @@ def command_for(app: App, spec: InstanceSpec, node: str) -> list[str]:
     if not app.celery.celery_app:
         raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
     auto = effective_autoscale(app, spec)
+    limits = task_limits.merged(app.celery.limits, spec.limits)
+    task_limits.check(limits, spec.pool or app.celery.pool)
     return worker_argv(
         python=python_for(app),
         celery_app=app.celery.celery_app,
@@ -129,6 +132,7 @@ def command_for(app: App, spec: InstanceSpec, node: str) -> list[str]:
         loglevel=spec.loglevel,
         extra=[*app.celery.args, *spec.args],
         without_mingle_gossip=not app.celery.mingle_gossip,
+        limits=limits,
     )
 
 
@@ -148,13 +152,20 @@ def env_for(
     bindings: Mapping[str, Mapping[str, Any]] | None = None,
     hook: str | None = None,
     result_backend: str | None = None,
+    annotations: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
     """The worker's environment: ``env`` plus its broker and result store
     (Celery reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` before its
     app's own settings, as ``-b`` and ``--result-backend`` do), what the broker
     needs to reach it and the declared ``bindings`` of its queues (handed over
-    by the loader in ``hook``)."""
-    extra = worker_env(broker, env.get("PYTHONPATH"), task_queues=bindings, hook=hook)
+    by the loader in ``hook``), with its per-task limits (``annotations``)."""
+    extra = worker_env(
+        broker,
+        env.get("PYTHONPATH"),
+        task_queues=bindings,
+        hook=hook,
+        task_annotations=annotations,
+    )
     urls = {"CELERY_BROKER_URL": broker.url}
     if result_backend:
         urls["CELERY_RESULT_BACKEND"] = result_backend
@@ -350,6 +361,24 @@ class CeleryOps:
                 raise ControlFailed(f"{w.node} did not confirm autoscale {want.min},{want.max}")
             await self._sched.sleep(pause)
             pause = min(pause * 1.5, CONFIRM_MAX_PAUSE)
+
+    async def task_limits(self, w: Worker, wanted: Mapping[str, Any]) -> list[str]:
+        """Bring the worker's per-task limits to ``wanted`` ({task: TaskLimits});
+        returns what it changed. Celery forgets them on restart, so this runs
+        after each start, after a broker reconnect and on each sweep (drift)."""
+        if not wanted:
+            return []
+        reply = await self.call(w, "registered", taskinfoitems=list(task_limits.TASK_ITEMS))
+        live = task_limits.parse_registered(reply) if not _error(reply) else None
+        if live is None:
+            return []  # (it did not answer: the next round tries again)
+        changes: list[str] = []
+        for command in task_limits.drift(wanted, live):
+            err = _error(await self.call(w, command.name, **command.arguments))
+            if err:
+                raise ControlFailed(f"{w.node} refused {command.describe()}: {err}")
+            changes.append(command.describe())
+        return changes
 
     async def _confirm(self, w: Worker, ok: Any, what: str) -> list[str]:
         # The worker answers "ok" before it acts (it defers the change to its

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from branchd import events
+from branchd.celery import limits as task_limits
 from branchd.celery import lint
 from branchd.celery.ops import autoscaler_range, broker_url, fixed_concurrency
 from branchd.celery.workers import Workers
@@ -77,7 +78,8 @@ class CeleryRuntime:
             pool=spec.pool or app.celery.pool,
             transport=lint.transport_of(broker_url(app)),
         )
-        return [f.to_json() for f in lint.lint(reply, ctx)]
+        flags = task_limits.merged(app.celery.limits, spec.limits)
+        return [f.to_json() for f in lint.lint(lint.with_flags(reply, flags), ctx)]
 
     # queues -------------------------------------------------------------------------
 

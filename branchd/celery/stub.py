@@ -41,6 +41,9 @@ class StubNode:
     concurrency: int = 1
     alive: bool = True
     scripts: dict[str, Script] = field(default_factory=dict)
+    #: Registered task names and the attributes remote control set on them
+    #: ("rate_limit", "time_limit", "soft_time_limit"), as a worker keeps them.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def handle(self, command: str, arguments: Mapping[str, Any]) -> Reply | None:
         if not self.alive:
@@ -98,6 +101,28 @@ class StubNode:
         if self.autoscale is not None:
             stats["autoscaler"] = {"max": self.autoscale[0], "min": self.autoscale[1]}
         return stats
+
+    def _do_registered(self, taskinfoitems: list[str] | None = None, **_: Any) -> Reply:
+        items = taskinfoitems or ["rate_limit"]
+        out = []
+        for name, attrs in sorted(self.tasks.items()):
+            info = [f"{k}={attrs[k]}" for k in items if attrs.get(k) is not None]
+            out.append(f"{name} [{' '.join(info)}]" if info else name)
+        return {"ok": out}
+
+    def _do_rate_limit(self, task_name: str, rate_limit: str, **_: Any) -> Reply:
+        if task_name not in self.tasks:
+            return {"error": "unknown task"}
+        self.tasks[task_name]["rate_limit"] = rate_limit
+        return {"ok": "new rate limit set successfully"}
+
+    def _do_time_limit(
+        self, task_name: str, hard: float | None = None, soft: float | None = None, **_: Any
+    ) -> Reply:
+        if task_name not in self.tasks:
+            return {"error": "unknown task"}
+        self.tasks[task_name].update(time_limit=hard, soft_time_limit=soft)
+        return {"ok": "time limits set successfully"}
 
     def _do_shutdown(self, **_: Any) -> None:
         self.alive = False  # a worker never replies to shutdown

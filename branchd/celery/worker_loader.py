@@ -14,6 +14,11 @@ every other ``celery`` command (``inspect``, ``call``, ``control``...), which
 never run ``on_worker_init``. ``BRANCHD_TASK_QUEUES`` likewise adds the
 declared bindings of the worker's queues to ``task_queues``, so that ``-Q``
 starts consuming each queue with its declared exchange and routing key.
+``BRANCHD_TASK_ANNOTATIONS`` adds branchd's per-task limits (rate and time
+limits) to ``task_annotations``: Celery 5.7 builds each task's request class
+with the task's time limits when the consumer starts, so a remote
+``time_limit`` sent afterwards only changes the task's attribute; limits
+given as annotations are in force from the first task.
 
 This module is copied, not imported, by branchd: the daemon never imports
 Celery, and the worker's interpreter need not have branchd installed.
@@ -34,7 +39,23 @@ ENV = "BRANCHD_BROKER_TRANSPORT_OPTIONS"
 #: Queue declarations (Celery's dict form): the worker's ``-Q`` names then come
 #: with their declared exchange and routing key from the start.
 QUEUES_ENV = "BRANCHD_TASK_QUEUES"
+ANNOTATIONS_ENV = "BRANCHD_TASK_ANNOTATIONS"
 TRANSPORT = "branchd_fs_transport:Transport"
+
+
+def _with_annotations(current: Any, ours: dict[str, dict[str, Any]]) -> Any:
+    """The app's own ``task_annotations`` with branchd's after them (Celery
+    applies annotations in order: the later win)."""
+    if not current:
+        return ours
+    if isinstance(current, dict):
+        merged = dict(current)
+        for name, attrs in ours.items():
+            merged[name] = {**(current.get(name) or {}), **attrs}
+        return merged
+    if isinstance(current, list | tuple):
+        return [*current, ours]
+    return [current, ours]
 
 
 def _with_queues(current: Any, ours: dict[str, dict[str, Any]]) -> Any:
@@ -71,6 +92,9 @@ class Loader(AppLoader):  # type: ignore[misc]
         raw = os.environ.get(QUEUES_ENV)
         if raw:
             conf.task_queues = _with_queues(conf.task_queues, json.loads(raw))
+        raw = os.environ.get(ANNOTATIONS_ENV)
+        if raw:
+            conf.task_annotations = _with_annotations(conf.task_annotations, json.loads(raw))
 
     def on_worker_init(self) -> None:
         self._merge()  # idempotent: the options win even if changed since

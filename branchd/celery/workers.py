@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from branchd.celery import drain, stall
+from branchd.celery import limits as task_limits
 from branchd.celery.broker import (
     BrokerSpec,
     clear_node_leftovers,
@@ -44,12 +45,15 @@ from branchd.celery.ready import KombuReadyCounter, ReadyCounter
 from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
-from branchd.model import App, InstanceSpec, Queue, State
+from branchd.model import App, InstanceSpec, Limits, Queue, State
 from branchd.process import health
 from branchd.process.launcher import Launcher
 from branchd.process.machine import Drained, Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
+
+#: How long the app's interpreter may take to say its Celery version.
+VERSION_TIMEOUT = 10.0
 
 
 
@@ -125,6 +129,8 @@ class Workers:
         self._connects_seen: dict[str, int] = {}
         #: When each worker is looked at for a stall next (monotonic).
         self._next_stall_look: dict[str, float] = {}
+        #: The Celery version of each interpreter, asked once (None: unknown).
+        self._versions: dict[str, tuple[int, ...] | None] = {}
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -227,7 +233,44 @@ class Workers:
         # old shutdown!) to its next run unless they are cleared first.
         clear_node_leftovers(w.broker, w.node)
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
-        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend)
+        # Its per-task limits from its first task (a remote time_limit is not
+        # used by a running Celery 5.7 consumer); its share of the app's rates
+        # counts it among the app's running workers.
+        others = [s for s in self._running_of(spec.app) if s.name != spec.name]
+        tasks = task_limits.worker_tasks(app.celery.limits, spec.limits, len(others) + 1)
+        annotations = {name: t.to_wire() for name, t in tasks.items()}
+        return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend, annotations)
+
+    # limits ---------------------------------------------------------------------
+
+    async def celery_version(self, app: App) -> tuple[int, ...] | None:
+        """The Celery version of the app's interpreter (None: it could not say)."""
+        python = python_for(app)
+        if python not in self._versions:
+            self._versions[python] = await _ask_version(python)
+        return self._versions[python]
+
+    async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None:
+        """Raise Invalid (422) if the limits of the app (and of the instance
+        ``spec`` of it) break a rule of its pool or of its Celery version."""
+        merged = task_limits.merged(app.celery.limits, spec.limits if spec else Limits())
+        pool = (spec.pool if spec is not None else None) or app.celery.pool
+        version = await self.celery_version(app) if merged.disable_prefetch else None
+        task_limits.check(merged, pool, celery_version=version)
+
+    def _running_of(self, app: str) -> list[InstanceSpec]:
+        specs = [s for s in self._host.celery_instances() if s.app == app]
+        return [s for s in specs if (p := self._host.proc(s.name)) and p.state == State.RUNNING]
+
+    def _resplit(self, app_name: str, skip: str) -> None:
+        """A worker of the app started or stops: the others' share of the
+        app's rate limits changes (total / N), so bring them in line now."""
+        app = self._host.app(app_name)
+        if app is None or not any(t.rate_limit for t in app.celery.limits.task_overrides.values()):
+            return
+        for other in self._running_of(app_name):
+            if other.name != skip:
+                self._spawn_task(self._reconcile(other.name))
 
     # lifecycle hooks ------------------------------------------------------------
 
@@ -240,6 +283,7 @@ class Workers:
     def stop(self, spec: InstanceSpec, pid: int, signum: int) -> None:
         """Warm stop: no new tasks, TERM to the main process, a ping to wake it."""
         self._spawn_task(self._warm_stop(spec, pid, signum))
+        self._resplit(spec.app, skip=spec.name)  # (it is stopping: no longer counted)
 
     def start(self) -> None:
         self._next_sweep = self._clock.monotonic() + self._settings.reconcile_interval
@@ -313,6 +357,7 @@ class Workers:
                     self._stalls.pop(name, None)  # a new worker: its stall clock starts anew
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
+                    self._resplit(spec.app, skip=name)
                     return
                 if failure is not None:
                     if clock.monotonic() - began > unreachable_after:
@@ -414,6 +459,10 @@ class Workers:
                 self._host.queue_decls(spec.app),
                 effective_autoscale(app, spec),
             )
+            wanted = task_limits.worker_tasks(
+                app.celery.limits, spec.limits, len(self._running_of(spec.app))
+            )
+            changes += await self.ops.task_limits(self.worker(spec), wanted)
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)
             return False
@@ -559,6 +608,30 @@ class Workers:
             else:
                 if self._prune_failures.pop(broker, None) is not None:
                     log.info("pruning dead nodes on %s works again", broker.redacted())
+
+
+async def _ask_version(python: str) -> tuple[int, ...] | None:
+    """Ask an interpreter for its Celery version (without importing celery in it)."""
+    code = "import importlib.metadata as m; print(m.version('celery'))"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            python,
+            "-c",
+            code,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), VERSION_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    if proc.returncode != 0:
+        return None
+    return task_limits.parse_version(out.decode(errors="replace"))
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:

@@ -40,7 +40,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from branchd.clock import Scheduler
 from branchd.cluster import codec, seal
@@ -56,6 +56,9 @@ from branchd.cluster.transport import UdpTransport
 from branchd.errors import BadMessage, BadRequest, BranchdError, Forbidden, NotFound
 from branchd.events import EventBus
 from branchd.views import PROOF_HEADER, BranchRecord
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +82,22 @@ class PeerClient(Protocol):
 class HttpPeerClient:
     """The peer channel over aiohttp's client (imported when first used)."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, tls: ssl.SSLContext | None = None) -> None:
         self._token = token
         self._session: Any = None
+        #: With TLS on: https only, the peer's certificate verified by this
+        #: context (the cluster CA, or the system's store).
+        self._tls = tls
 
     async def post(self, api_url: str, body: bytes) -> bytes:
         import aiohttp  # the client side: a cluster of one never loads it
 
+        if self._tls is not None and not api_url.lower().startswith("https://"):
+            raise PeerRefused(f"{api_url} is plain http; this branch calls its peers over TLS only")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT)
+                connector=aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None,
+                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT),
             )
         headers = {"Content-Type": "application/octet-stream"}
         if self._token:

@@ -412,6 +412,7 @@ class Engine:
         spec = build_spec(app, name, fields, self.branch_id, self._clock.wall())
         if spec.kind == Kind.CELERY:
             self._decls.check_queues(app, spec.queues)
+            await self._workers.check_limits(app, spec)
         if spec.kind == Kind.CELERY and not app.celery.celery_app:
             raise Invalid(
                 f"app {app_name!r} has no celery_app (the module for celery -A), so it "
@@ -442,6 +443,7 @@ class Engine:
         app_obj = self._decls.find_app(app)
         if new.kind == Kind.CELERY and app_obj is not None:
             self._decls.check_queues(app_obj, new.queues)
+            await self._workers.check_limits(app_obj, new)
         if "after" in fields:
             self._check_after(new)
         self._store.update_instance(new)

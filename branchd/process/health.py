@@ -36,9 +36,18 @@ class Verdict:
 
 
 def over_memory(rss: int, limit: int | None) -> str | None:
-    """Why a worker's tree is too big, or None."""
+    """Why a worker's tree is too big, or None.
+
+    The reason names the check: branchd's ``memory_limit`` counts the whole
+    tree (main process and pool children) and restarts the worker, unlike
+    Celery's ``max_memory_per_child``, which replaces one pool child after its
+    task, and the cgroup's ``memory_max``, where the kernel's OOM killer acts.
+    """
     if limit and rss > limit:
-        return f"memory {rss} bytes over the limit of {limit}"
+        return (
+            f"memory_limit: the worker's process tree uses {rss} bytes (RSS), over its "
+            f"memory_limit of {limit}"
+        )
     return None
 
 

@@ -10,6 +10,7 @@ from branchd.celery.urls import broker_url_problem, is_embedded_url, result_back
 from branchd.errors import Invalid
 from branchd.model import (
     CELERY_FIELDS,
+    LIMIT_FIELDS,
     ORDER_FIELDS,
     POLICY_FIELDS,
     POOLS,
@@ -21,6 +22,7 @@ from branchd.model import (
     Desired,
     InstanceSpec,
     Kind,
+    Limits,
     startretries_from,
     umask_from,
     valid_name,
@@ -149,7 +151,11 @@ def apply_fields(spec: InstanceSpec, fields: Mapping[str, Any]) -> InstanceSpec:
             raise Invalid(str(exc)) from None
     pol.update(_order_policy(fields))
     policy = replace(spec.policy, **pol)
-    plain: dict[str, Any] = {k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields}
+    plain: dict[str, Any] = {
+        k: fields[k] for k in SPEC_FIELDS + CELERY_FIELDS if k in fields and k not in LIMIT_FIELDS
+    }
+    if any(k in fields for k in LIMIT_FIELDS):
+        plain["limits"] = limits_from(fields, spec.limits)
     plain.update(_order_plain(fields))
     for key in ("command", "queues", "args"):
         if key in plain:
@@ -247,6 +253,43 @@ def env_files_from(value: Any) -> tuple[str, ...]:
     return paths
 
 
+def merge_task_overrides(old: Mapping[str, Any], patch: Any) -> dict[str, Any]:
+    """``task_overrides`` as a JSON merge patch changes them: task by task and
+    key by key; a null task or key removes it, a null map all of them."""
+    if patch is None:
+        return {}
+    if not isinstance(patch, Mapping):
+        raise Invalid("task_overrides must be an object of task names")
+    out = {name: dict(keys) for name, keys in old.items()}
+    for name, keys in patch.items():
+        if keys is None:
+            out.pop(name, None)
+            continue
+        if not isinstance(keys, Mapping):
+            raise Invalid(f"task_overrides[{name}] must be an object")
+        merged = {k: v for k, v in {**out.get(name, {}), **keys}.items() if v is not None}
+        if merged:
+            out[name] = merged
+        else:
+            out.pop(name, None)
+    return out
+
+
+def limits_from(fields: Mapping[str, Any], base: Limits | None = None) -> Limits:
+    """``base`` with the limit fields among ``fields`` (null: not set;
+    ``task_overrides`` merged into the base's, see ``merge_task_overrides``)."""
+    wire = (base or Limits()).to_wire()
+    wire.update({k: fields[k] for k in LIMIT_FIELDS if k in fields and k != "task_overrides"})
+    if "task_overrides" in fields:
+        wire["task_overrides"] = merge_task_overrides(
+            wire["task_overrides"], fields["task_overrides"]
+        )
+    try:
+        return Limits.from_wire(wire)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise Invalid(f"bad limits: {exc}") from None
+
+
 def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
     """The Celery fields of an app body (a PUT replaces them all)."""
     pool = body.get("pool", "prefork")
@@ -273,4 +316,5 @@ def celery_settings(body: Mapping[str, Any]) -> CelerySettings:
         autoscale=autoscale_from(body.get("autoscale")),
         mingle_gossip=bool(body.get("mingle_gossip", False)),
         result_backend=backend,
+        limits=limits_from(body),
     )

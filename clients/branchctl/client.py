@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import types
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
@@ -108,6 +109,10 @@ def find_token(env: Mapping[str, str], url: str) -> str | None:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
+    if given and any(c.isspace() for c in text):
+        # the daemon's file of named tokens ([tokens.NAME] tables), not one
+        # token: the daemon's own, in its state dir, as without the variable
+        return find_token({k: v for k, v in env.items() if k != "BRANCHD_TOKEN_FILE"}, url)
     return text or None
 
 
@@ -182,7 +187,11 @@ class AsyncClient:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
         # No URL: the local daemon, found as branchctl finds it ($BRANCHD_URL,
         # then the branchd.url its state dir holds, then DEFAULT_URL).
@@ -190,6 +199,9 @@ class AsyncClient:
         # No token: the local daemon's, from the file it keeps (find_token).
         self.token = token or find_token(os.environ, self.url)
         self.timeout = timeout
+        #: The CA that signed an https daemon's certificate (a self-signed one's
+        #: own); None: $BRANCHD_TLS_CA, else the system's trust store.
+        self.ca = ca or os.environ.get("BRANCHD_TLS_CA") or None
         self._session: aiohttp.ClientSession | None = None
         #: The branches the last listing could not reach in time (a cluster's
         #: listing names them rather than failing): ``{"branch", "state", "error"}``.
@@ -221,7 +233,9 @@ class AsyncClient:
                 headers["Authorization"] = f"Bearer {self.token}"
             trace = aiohttp.TraceConfig()
             trace.on_request_headers_sent.append(_mark_sent)
+            tls = ssl.create_default_context(cafile=self.ca) if self.ca else None
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=tls) if tls is not None else None,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 trace_configs=[trace],
@@ -422,12 +436,16 @@ class AsyncClient:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         """Create or replace an app; answer (app, created).
 
         Only the arguments given (not None) are sent; PUT resets the others
         to their defaults (no ``broker``: the embedded broker). ``autoscale``
-        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair.
+        is ``{"min": n, "max": n}`` or a ``(min, max)`` pair. ``limits``: the
+        worker limits by field name (``time_limit``, ``soft_time_limit``,
+        ``max_tasks_per_child``, ``max_memory_per_child`` in bytes,
+        ``prefetch_multiplier``, ``disable_prefetch``, ``task_overrides``).
         """
         body: dict[str, Any] = {}
         if env is not None:
@@ -448,6 +466,7 @@ class AsyncClient:
             body["args"] = list(args)
         if autoscale is not None:
             body["autoscale"] = _bounds(autoscale)
+        body.update({k: v for k, v in (limits or {}).items() if v is not None})
         status, data = await self._json("PUT", f"/v1/apps/{_seg(name)}", body)
         return self._parse(App.from_json, data, status), status == 201
 
@@ -774,9 +793,13 @@ class Client:
     """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, timeout: float = 30
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca: str | None = None,
     ) -> None:
-        self._async = AsyncClient(url, token, timeout)
+        self._async = AsyncClient(url, token, timeout, ca)
         self._runner: asyncio.Runner | None = asyncio.Runner()
 
     @property
@@ -873,6 +896,7 @@ class Client:
         autoscale: AutoscaleIn | None = None,
         mingle_gossip: bool | None = None,
         result_backend: str | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> tuple[App, bool]:
         return self._run(
             self._async.put_app(
@@ -887,6 +911,7 @@ class Client:
                 autoscale=autoscale,
                 mingle_gossip=mingle_gossip,
                 result_backend=result_backend,
+                limits=limits,
             )
         )
 

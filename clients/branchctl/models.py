@@ -69,6 +69,17 @@ class App:
     autoscale: Mapping[str, Any] | None = None
     mingle_gossip: bool | None = None
     result_backend: str | None = None
+    #: Worker limits (an app's: its workers' defaults; an instance's: overrides;
+    #: None: not set). Seconds; max_memory_per_child in bytes.
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None
+    prefetch_multiplier: int | None = None
+    disable_prefetch: bool | None = None
+    #: {task name: {"rate_limit", "time_limit", "soft_time_limit"}}; on an app
+    #: a rate_limit is the total of its running workers on the branch.
+    task_overrides: Mapping[str, Any] = field(default_factory=dict)
     #: "branch": its instances run on the branch that declared it (``branch``);
     #: "cluster": on any branch.
     scope: str | None = None
@@ -80,7 +91,13 @@ class App:
         return _build(
             cls,
             data,
-            {"env": _strings, "defaults": dict, "args": _str_tuple, "autoscale": _bounds},
+            {
+                "env": _strings,
+                "defaults": dict,
+                "args": _str_tuple,
+                "autoscale": _bounds,
+                "task_overrides": dict,
+            },
         )
 
 
@@ -146,6 +163,17 @@ class Instance:
     loglevel: str | None = None
     hung_after: float | None = None
     memory_limit: int | None = None
+    #: Worker limits (an app's: its workers' defaults; an instance's: overrides;
+    #: None: not set). Seconds; max_memory_per_child in bytes.
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None
+    prefetch_multiplier: int | None = None
+    disable_prefetch: bool | None = None
+    #: {task name: {"rate_limit", "time_limit", "soft_time_limit"}}; on an app
+    #: a rate_limit is the total of its running workers on the branch.
+    task_overrides: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -162,6 +190,7 @@ class Instance:
                 "queues": _str_tuple,
                 "args": _str_tuple,
                 "autoscale": _bounds,
+                "task_overrides": dict,
             },
         )
 

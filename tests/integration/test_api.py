@@ -788,8 +788,7 @@ def _call_with_headers(
     return Reply(status, parsed, hdrs, text)
 
 
-UNKNOWN_PATHS = [
-    "/",
+UNKNOWN_PATHS = [  # ("/" is the dashboard: tests/integration/test_dashboard.py)
     "/v1",
     "/v1/",
     "/v2/ping",

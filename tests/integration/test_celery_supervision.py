@@ -45,7 +45,7 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import App, Autoscale, State, StopStep
+from branchd.model import App, Autoscale, State, StopStep, TaskLimits
 from branchd.process.fake import FakeLauncher
 from branchd.process.groups import Action, Outcome
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
@@ -424,7 +424,10 @@ async def test_worker_over_its_memory_limit_is_killed_and_restarted(rig: Rig) ->
     assert (first, signal.SIGKILL, True) in rig.fake.signals
     rt = view.runtime
     assert (rt.state, rt.restarts, rt.exit_code) == (State.STARTING, 1, -signal.SIGKILL)
-    assert rt.reason == "memory 200000000 bytes over the limit of 100000000"
+    assert rt.reason == (
+        "memory_limit: the worker's process tree uses 200000000 bytes (RSS), over its "
+        "memory_limit of 100000000"
+    )
 
     node.alive = True
     view = await rig.wait_state("w1", State.RUNNING)
@@ -828,6 +831,58 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     await rig.wait_for(lambda: len(rig.fake.spawned) == 2)
     assert rig.fake.spawned[1].env["CELERY_BROKER_URL"] == redis
 
+
+
+# Worker limits: flags at start, per-task overrides by remote control ---------------
+
+TASKS = {
+    "shop.resize": {"rate_limit": "600/m"},
+    "shop.encode": {"time_limit": 3600, "soft_time_limit": 3500},
+}
+
+
+async def test_limits_are_flags_and_the_apps_rate_is_split_between_its_workers(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"time_limit": 300, "task_overrides": TASKS})
+    nodes = {}
+    for name in ("w1", "w2"):
+        nodes[name] = rig.node(name, queues=["default"])
+        nodes[name].tasks = {"shop.resize": {}, "shop.encode": {}}
+    await rig.add("w1", queues=["default"], max_memory_per_child=2**20)
+    await rig.wait_state("w1", State.RUNNING)
+    assert {"--time-limit=300", "--max-memory-per-child=1024"} <= set(rig.fake.spawned[0].argv)
+    w1, w2 = nodes["w1"].tasks, nodes["w2"].tasks
+    await rig.wait_for(lambda: w1["shop.resize"].get("rate_limit") == "600/m")
+    assert w1["shop.encode"] == {"time_limit": 3600, "soft_time_limit": 3500}
+
+    # a second worker: each gets half of the app's total
+    await rig.add("w2", queues=["default"])
+    await rig.wait_for(lambda: w2["shop.resize"].get("rate_limit") == "300/m")
+    await rig.wait_for(lambda: w1["shop.resize"].get("rate_limit") == "300/m")
+    # one stops: the other has the whole total again
+    await rig.finish(rig.m.instances.stop_instance(APP, "w2"))
+    await rig.wait_for(lambda: w1["shop.resize"].get("rate_limit") == "600/m")
+
+    # drift (a worker that forgot them behind branchd's back): the sweep re-applies
+    since = len(rig.stub.sent)
+    nodes["w1"].tasks = w1 = {"shop.resize": {}, "shop.encode": {}}
+    await rig.wait_for(lambda: w1["shop.encode"].get("time_limit") == 3600)
+    assert w1["shop.resize"] == {"rate_limit": "600/m"}
+    # in line: a sweep reads them back and sends nothing more
+    await rig.wait_for(lambda: len(rig.sent("registered", since)) >= 2)
+    assert len(rig.sent("rate_limit", since)) == 1
+    # a patch merges task by task (null removes one)
+    app = await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.encode": None}})
+    assert app.celery.limits.task_overrides == {"shop.resize": TaskLimits(rate_limit="600/m")}
+
+
+async def test_limits_a_pool_cannot_enforce_are_refused(rig: Rig) -> None:
+    with pytest.raises(Invalid, match="soft_time_limit: the solo pool"):
+        await rig.m.apps.patch_app(APP, {"pool": "solo", "soft_time_limit": 10})
+    with pytest.raises(Invalid, match="max_tasks_per_child: recycles pool children"):
+        await rig.add("w1", pool="threads", max_tasks_per_child=5)
+    with pytest.raises(Invalid, match="rate_limit 'fast'"):
+        await rig.add("w1", task_overrides={"t": {"rate_limit": "fast"}})
+    assert rig.m.instances.specs(APP) == []
 
 # The same scenarios over real Celery workers (a representative subset) -------------
 #

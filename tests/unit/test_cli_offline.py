@@ -831,3 +831,58 @@ def test_daemon_status_of_a_branch_in_a_cluster() -> None:
     assert lines["instances"].strip() == "4: 3 running, 1 fatal"
     assert lines["cluster"].strip() == "3 branch(es): 2 alive, 1 suspect"
     assert lines["uptime"].strip().startswith("1h")
+
+
+def test_limits_of_an_app_and_an_instance(daemon: FakeDaemon) -> None:
+    result = run(
+        daemon,
+        "apps", "add", "shop", "--celery-app", "shop.tasks", "--time-limit", "300",
+        "--soft-time-limit", "270", "--max-tasks-per-child", "1000",
+        "--max-memory-per-child", "512MiB", "--prefetch-multiplier", "1",
+        "--rate-limit", "shop.tasks.resize=600/m", "--task-time-limit", "shop.tasks.encode=3600",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert daemon.seen[-1].body == {
+        "env": {},
+        "defaults": {},
+        "celery_app": "shop.tasks",
+        "time_limit": 300.0,
+        "soft_time_limit": 270.0,
+        "max_tasks_per_child": 1000,
+        "max_memory_per_child": 512 << 20,
+        "prefetch_multiplier": 1,
+        "task_overrides": {
+            "shop.tasks.resize": {"rate_limit": "600/m"},
+            "shop.tasks.encode": {"time_limit": 3600.0},
+        },
+    }
+    result = run(
+        daemon,
+        "instances", "add", "web", "--name", "w9", "--kind", "celery", "--disable-prefetch",
+        "--rate-limit", "t.a=5/s", "--task-soft-time-limit", "t.a=10", "--rate-limit", "t.b=",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert daemon.seen[-1].body == {
+        "kind": "celery",
+        "name": "w9",
+        "disable_prefetch": True,
+        "task_overrides": {
+            "t.a": {"rate_limit": "5/s", "soft_time_limit": 10.0},
+            "t.b": {"rate_limit": None},  # (TASK=: removed)
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["apps", "set", "shop", "--rate-limit", "shop.tasks.resize"],
+        ["apps", "set", "shop", "--rate-limit", "shop.tasks.resize=fast"],
+        ["instances", "set", "web", "w1", "--task-time-limit", "t=-3"],
+        ["instances", "set", "web", "w1", "--max-memory-per-child", "lots"],
+    ],
+)
+def test_bad_limits_are_usage_errors(daemon: FakeDaemon, args: list[str]) -> None:
+    result = run(daemon, *args)
+    assert result.exit_code == 2, result.output
+    assert daemon.seen == []

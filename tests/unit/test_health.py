@@ -37,4 +37,6 @@ def test_decide(watch: Watch, ping: Ping, solo: bool, sweep: bool, verdict: Verd
 def test_over_memory() -> None:
     assert over_memory(10, None) is None
     assert over_memory(10, 10) is None
-    assert over_memory(11, 10) == "memory 11 bytes over the limit of 10"
+    assert over_memory(11, 10) == (
+        "memory_limit: the worker's process tree uses 11 bytes (RSS), over its memory_limit of 10"
+    )

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from branchd.celery.lint import Context, Severity, lint, transport_of
+from branchd.celery.lint import Context, Severity, lint, transport_of, with_flags
+from branchd.model import Limits
 
 #: A config that trips nothing (soft shutdown set, prefetch 1, a short limit).
 CLEAN: dict[str, Any] = {
@@ -88,3 +89,12 @@ def test_lint(conf: dict[str, Any], ctx: Context, found: list[tuple[str, Severit
 ])
 def test_transport_of(url: str, kind: str) -> None:
     assert transport_of(url) == kind
+
+
+def test_the_flags_branchd_passes_win_over_the_config() -> None:
+    conf = {**CLEAN, "worker_prefetch_multiplier": 4, "task_time_limit": 7200}
+    flags = Limits(prefetch_multiplier=1, time_limit=600.0)
+    effective = with_flags(conf, flags)
+    assert (effective["worker_prefetch_multiplier"], effective["task_time_limit"]) == (1, 600.0)
+    assert lint(effective, REDIS) == []
+    assert with_flags(conf, Limits()) == conf  # nothing set: the config as it is

@@ -14,6 +14,7 @@ import pytest
 
 from branchd.hlc import Version
 from branchd.model import (
+    LIMIT_FIELDS,
     App,
     Autorestart,
     Autoscale,
@@ -261,6 +262,14 @@ def test_instance_answers_are_those_of_the_release_before() -> None:
             "loglevel": "INFO",
             "hung_after": 60.0,
             "memory_limit": 100,
+            # new: the worker limits (none set)
+            "time_limit": None,
+            "soft_time_limit": None,
+            "max_tasks_per_child": None,
+            "max_memory_per_child": None,
+            "prefetch_multiplier": None,
+            "disable_prefetch": None,
+            "task_overrides": {},
         }.items()
     )
 
@@ -292,6 +301,14 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
             # new: where its instances run (the embedded broker: where declared)
             "scope": "branch",
             "branch": None,
+            # new: the worker limits (none set)
+            "time_limit": None,
+            "soft_time_limit": None,
+            "max_tasks_per_child": None,
+            "max_memory_per_child": None,
+            "prefetch_multiplier": None,
+            "disable_prefetch": None,
+            "task_overrides": {},
         }.items()
     )
     remote = App("p", celery=CelerySettings(broker="redis://h/0", result_backend="redis://h/1"))
@@ -311,6 +328,8 @@ def test_app_and_queue_answers_are_those_of_the_release_before() -> None:
         "mingle_gossip": False,
         "scope": "cluster",
         "branch": None,
+        **dict.fromkeys(LIMIT_FIELDS[:-1]),
+        "task_overrides": {},
     }
     assert queue_answer(Queue("shop", "q", version=V)) == {
         "app": "shop",

@@ -10,7 +10,7 @@ from celery import Celery
 from kombu import entity
 
 from branchd.celery import worker_loader
-from branchd.celery.worker_loader import _with_queues
+from branchd.celery.worker_loader import _with_annotations, _with_queues
 
 Queue: Any = entity.Queue
 Exchange: Any = entity.Exchange
@@ -51,3 +51,24 @@ def test_on_the_embedded_broker_workers_get_the_safe_transport(
     plain = Celery("u", loader=worker_loader.Loader)
     plain.loader._merge()
     assert plain.conf.broker_transport is None  # other brokers keep kombu's own
+
+
+def test_per_task_limits_go_after_the_apps_own_annotations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ours = {"testapp.add": {"rate_limit": "300/m", "time_limit": 5}}
+    assert _with_annotations(None, ours) == ours
+    theirs = {"testapp.add": {"rate_limit": "1/s", "acks_late": True}}
+    assert _with_annotations(theirs, ours) == {
+        "testapp.add": {"rate_limit": "300/m", "time_limit": 5, "acks_late": True}
+    }
+    assert _with_annotations([{"a": {}}], ours) == [{"a": {}}, ours]
+    assert _with_annotations("mod.Annotations", ours) == ["mod.Annotations", ours]
+    # a worker's task has them once the app is configured
+    monkeypatch.setenv(worker_loader.ANNOTATIONS_ENV, '{"t.x": {"time_limit": 7}}')
+    app = Celery("v", loader=worker_loader.Loader, set_as_current=False)
+
+    @app.task(name="t.x")  # type: ignore[untyped-decorator]
+    def x() -> None: ...
+
+    assert app.tasks["t.x"].time_limit == 7

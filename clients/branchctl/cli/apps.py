@@ -26,6 +26,7 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
+from branchctl.cli.limits import limit_options, pop_limits
 from branchctl.cli.root import main
 from branchctl.errors import ApiError
 from branchctl.models import ActionItem, App, Instance
@@ -58,7 +59,27 @@ def _app_text(app: App) -> str:
         "result_backend": app.result_backend,
     }
     fields.update({k: v for k, v in celery.items() if k in app.raw})
+    fields.update(_limits_text(app.raw))
     return render.record(fields)
+
+
+def _limits_text(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The worker limits that are set, as shown."""
+    out = {k: raw[k] for k in _LIMITS if raw.get(k) is not None and raw.get(k) != {}}
+    if out.get("max_memory_per_child") is not None:
+        out["max_memory_per_child"] = render.size(out["max_memory_per_child"])
+    return out
+
+
+_LIMITS = (
+    "time_limit",
+    "soft_time_limit",
+    "max_tasks_per_child",
+    "max_memory_per_child",
+    "prefetch_multiplier",
+    "disable_prefetch",
+    "task_overrides",
+)
 
 
 @main.group(cls=_ListingGroup, invoke_without_command=True)
@@ -137,7 +158,7 @@ def app_settings(f: _F) -> _F:
         ]
     ):
         f = option(f)
-    return f
+    return limit_options(f)
 
 
 def _app_fields(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,6 +189,8 @@ _APP_RESETS: Mapping[str, Any] = {
     "autoscale": None,
     "mingle_gossip": False,
     "result_backend": None,
+    **dict.fromkeys(_LIMITS[:-1]),
+    "task_overrides": {},
 }
 
 
@@ -197,6 +220,7 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
       branchctl apps add shop --broker amqp://guest:guest@127.0.0.1:5672// \\
           --celery-app shop.tasks --autoscale 1,4
     """
+    limits = pop_limits(options)
     fields = _app_fields(options)
     with opts.client() as c:
         try:
@@ -215,9 +239,10 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
             autoscale=fields["autoscale"],
             mingle_gossip=fields["mingle_gossip"],
             result_backend=fields["result_backend"],
+            limits=limits,
         )
     if not created and old is not None:
-        reset = _reset_by_replace(old, fields)
+        reset = _reset_by_replace(old, {**fields, **limits})
         what = f"; reset: {', '.join(reset)}" if reset else ""
         click.echo(
             f"branchctl: app {name!r} existed and was replaced{what} "
@@ -240,9 +265,10 @@ def apps_add(opts: Options, /, name: str, **options: Any) -> None:
     "resets",
     multiple=True,
     type=click.Choice(
-        ["broker", "celery_app", "python", "pool", "args", "autoscale", "result_backend"]
+        ["broker", "celery_app", "python", "pool", "args", "autoscale", "result_backend", *_LIMITS]
     ),
-    help="Put a setting back to its default (broker: the embedded one).",
+    help="Put a setting back to its default (broker: the embedded one; task_overrides: "
+    "none).",
 )
 def apps_set(
     opts: Options,
@@ -258,9 +284,13 @@ def apps_set(
     \b
     Example:
       branchctl apps set shop --env LOG=debug --unset-env OLD --pool solo
+      branchctl apps set shop --time-limit 300 --soft-time-limit 270 \\
+          --max-memory-per-child 512MiB --rate-limit shop.tasks.resize=600/m
     """
+    limits = pop_limits(options)
     fields = _app_fields(options)
     changes: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    changes.update(limits)
     changes.pop("env", None)
     changes.pop("defaults", None)
     env: dict[str, Any] = {**(fields["env"] or {}), **{k: None for k in unset_env}}

@@ -31,6 +31,7 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
+from branchctl.cli.limits import limit_options, pop_limits
 from branchctl.cli.root import main
 from branchctl.client import Client
 from branchctl.errors import ApiError
@@ -52,7 +53,7 @@ def _instance_text(i: Instance) -> str:
         fields["uptime"] = render.duration(fields["uptime"])
     if fields.get("autoscale"):
         fields["autoscale"] = _bounds_text(i.autoscale)
-    for key in ("memory_limit", "memory_max"):
+    for key in ("memory_limit", "memory_max", "max_memory_per_child"):
         if fields.get(key) is not None:
             fields[key] = render.size(fields[key])
     return render.record(fields)
@@ -206,7 +207,7 @@ def instance_fields(f: _F) -> _F:
     ]
     for decorator in reversed(decorators):
         f = decorator(f)
-    return f
+    return limit_options(f)  # (kind "celery": a worker's own limits over its app's)
 
 
 _SECONDS = click.FloatRange(min=0, min_open=True)
@@ -327,7 +328,8 @@ def instances_add(
         raise click.UsageError(
             "--count needs --name with {n} (e.g. 'worker_{n:02d}'), and takes no --branch"
         )
-    body = _fields(options)
+    limits = pop_limits(options)
+    body = {**_fields(options), **limits}
     if kind is not None:  # without it (and with a COMMAND) the daemon's default: process
         body = {"kind": kind, **body}
     with opts.client() as c:
@@ -378,7 +380,8 @@ def instances_update(
     Example:
       branchctl instances set web api --startretries forever --umask 027
     """
-    body = _fields(options)
+    limits = pop_limits(options)
+    body = {**_fields(options), **limits}
     if no_env_file:
         if "env_file" in body:
             raise click.UsageError("--no-env-file and --env-file: give one")
