@@ -586,6 +586,7 @@ async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
     assert rig.time.now() - began >= 2.0
 
 
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (a bound on its time)
 async def test_a_broker_reconnect_brings_back_a_lost_consumer_before_any_sweep(
     make_rig: MakeRig,
 ) -> None:
