@@ -39,8 +39,11 @@ class KombuReadyCounter:
     """One kombu connection per broker, kept (reopened after a failure); the
     blocking calls run on a thread, one at a time per broker."""
 
-    def __init__(self, broker_of: Callable[[App], BrokerSpec]) -> None:
+    def __init__(
+        self, broker_of: Callable[[App], BrokerSpec], connect_timeout: float = CONNECT_TIMEOUT
+    ) -> None:
         self._broker_of = broker_of
+        self._connect_timeout = connect_timeout
         self._conns: dict[BrokerSpec, Any] = {}
         self._locks: dict[BrokerSpec, threading.Lock] = {}
 
@@ -53,7 +56,15 @@ class KombuReadyCounter:
             try:
                 conn = self._conns.get(broker)
                 if conn is None:
-                    conn = self._conns[broker] = kombu_connection(broker, CONNECT_TIMEOUT)
+                    conn = self._conns[broker] = kombu_connection(broker, self._connect_timeout)
+                # one attempt, no kombu retry loop (its default sleeps between tries)
+                conn.ensure_connection(
+                    max_retries=1,
+                    interval_start=0,
+                    interval_step=0,
+                    interval_max=0,
+                    timeout=self._connect_timeout,
+                )
                 channel = conn.channel()
                 try:
                     _, count, _ = channel.queue_declare(queue=queue, passive=True)
