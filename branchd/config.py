@@ -177,6 +177,9 @@ class ApiSection:
     #: at once made a ping (and a respawn) wait ~270 ms behind them. The rest
     #: wait their turn off the loop's queue (bench/ping_under_listings.py).
     listings_at_once: int = 1
+    #: ``GET /metrics`` answers without a token (a Prometheus on the host
+    #: with no secret to keep); every other route still needs it.
+    metrics_public: bool = False
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,7 @@ _FLAT: dict[str, tuple[str, str]] = {
     "tls_cert": ("api", "tls_cert"),
     "tls_key": ("api", "tls_key"),
     "tls_ca": ("api", "tls_ca"),
+    "metrics_public": ("api", "metrics_public"),
     "backoff_base": ("supervision", "backoff_base"),
     "backoff_max": ("supervision", "backoff_max"),
     "kill_grace": ("supervision", "kill_grace"),
@@ -451,6 +455,7 @@ _ENV = {
     "BRANCHD_CLUSTER_PROFILE": "cluster_profile",
     "BRANCHD_MAX_INSTANCES": "max_instances",
     "BRANCHD_SLOTS": "slots",
+    "BRANCHD_METRICS_PUBLIC": "metrics_public",
 }
 
 
@@ -606,6 +611,10 @@ def load(
         parts["api"]["auth"] = not _boolean("no_auth", merged.pop("no_auth"))
     if "no_zeroconf" in merged:
         parts["cluster"]["zeroconf"] = not _boolean("no_zeroconf", merged.pop("no_zeroconf"))
+    if "metrics_public" in parts["api"]:
+        parts["api"]["metrics_public"] = _boolean(
+            "metrics_public", parts["api"]["metrics_public"]
+        )
     for key in ("max_instances", "slots"):
         if isinstance(parts["cluster"].get(key), str):  # (from the environment)
             text = parts["cluster"][key]

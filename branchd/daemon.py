@@ -20,6 +20,7 @@ from aiohttp import web
 
 from branchd import __version__
 from branchd.api.app import make_app
+from branchd.api.events import ClusterEvents, Journal
 from branchd.api.forward import (
     ClusterDirectory,
     Directory,
@@ -27,6 +28,7 @@ from branchd.api.forward import (
     LocalDirectory,
     NoForwarder,
 )
+from branchd.api.metrics import Sources
 from branchd.api.roles import TokenBook
 from branchd.branch import BranchService, SystemProbe
 from branchd.celery.remote import KombuRemoteControl
@@ -152,6 +154,9 @@ class Daemon:
             bus = EventBus()
             scheduler = LoopScheduler(clock)
             branch_id = store.branch_id()
+            # numbered from the first event (adoptions too): GET /v1/events
+            journal = Journal(branch_id, int(clock.wall() * 1000), clock.wall)
+            bus.listen(journal.append)
             cgroups = CgroupTree.probe(branch_id) if cfg.supervision.cgroups else None
             launcher = ProcessLauncher(loop, pipes, cgroups=cgroups)
             log.info("instances are kept in %s mode", launcher.supervision.value)
@@ -208,6 +213,7 @@ class Daemon:
             directory: Directory = LocalDirectory()
             forwarder: Forwarder = NoForwarder()
             gatherer = placer = drain = moves = None
+            cluster_events: ClusterEvents | None = None
             if cluster is not None:
                 import random
 
@@ -216,6 +222,7 @@ class Daemon:
                 # a named instance's routes go to the branch that holds it
                 proxy = HttpForwarder(cluster, cfg.api.token, tls=tls[1] if tls else None)
                 directory, forwarder = ClusterDirectory(cluster), proxy
+                cluster_events = ClusterEvents(cluster, proxy)
 
                 peers = cluster
 
@@ -273,6 +280,15 @@ class Daemon:
                         "state_dir": str(cfg.state_dir),
                         "supervision": launcher.supervision.value,
                     },
+                    journal=journal,
+                    cluster_events=cluster_events,
+                    metric_sources=Sources(
+                        celery=local.celery.worker_figures,
+                        gossip=cluster.counters if cluster is not None else None,
+                        members=cluster.branches if cluster is not None else None,
+                        streams=lambda: journal.streams,
+                    ),
+                    metrics_public=cfg.api.metrics_public,
                 ),
                 access_log=None,
                 shutdown_timeout=2.0,
@@ -655,6 +671,12 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
     help="PEM CA that signs the other branches' certificates; peers are verified "
     "against it alone [env BRANCHD_TLS_CA; default the system's trust store]",
 )
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    default=None,
+    help="GET /metrics needs no token [env BRANCHD_METRICS_PUBLIC]",
+)
 @click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
 @click.version_option(__version__, prog_name="branchd")
@@ -676,6 +698,7 @@ def cli(
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
+    metrics_public: bool | None,
     config_file: str | None,
     log_level: str | None,
 ) -> None:
@@ -703,6 +726,7 @@ def cli(
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "tls_ca": tls_ca,
+        "metrics_public": True if metrics_public else None,
         "config": config_file,
         "log_level": log_level,
     }

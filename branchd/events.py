@@ -111,10 +111,20 @@ class Subscription:
 class EventBus:
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
+        self._listeners: list[Callable[[Event], None]] = []
 
     def publish(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            listener(event)
         for sub in list(self._subscriptions):
             sub.offer(event)
+
+    def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener`` with each event as it is published (it must not
+        block or raise: the API's event journal numbers them this way, none
+        lost to a full queue); returns what ends it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     @contextlib.contextmanager
     def subscribe(

@@ -11,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from branchd.api import dashboard, openapi
+from branchd.api import dashboard, metrics, openapi
 from branchd.api.backend import Cluster, Local, Moves
+from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
     Directory,
     Forwarder,
@@ -210,8 +211,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Forbidden("a forwarded request whose proof does not hold (not from a member)")
     template = _template(request)
     needed = role_needed(request.method, template) if template else Role.READ
-    if book is None or not book.enabled or needed is None or dashboard.is_public(request.path):
-        # (no token, or the dashboard's own files: no data in them)
+    public = dashboard.is_public(request.path) or (
+        request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+    )
+    if book is None or not book.enabled or needed is None or public:
+        # (no token, the dashboard's own files (no data in them), or public metrics)
         return await handler(request)
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
@@ -287,12 +291,17 @@ def make_app(
     drain: Callable[[bool], None] | None = None,
     moves: Moves | None = None,
     daemon: Mapping[str, Any] | None = None,
+    journal: Journal | None = None,
+    cluster_events: ClusterEvents | None = None,
+    metric_sources: metrics.Sources | None = None,
+    metrics_public: bool = False,
 ) -> web.Application:
     app = web.Application(
         # the audit outermost (it sees the status sent), then errors (every
         # failure is JSON), then origin and Host, then auth and roles, then
         # JSON bodies only, then forward first
         middlewares=[
+            metrics.timing_middleware,  # (outermost: every answer is timed)
             audit_middleware,
             errors_middleware,
             origin_middleware,
@@ -306,7 +315,22 @@ def make_app(
     if listings_at_once > 0:
         app[LISTINGS] = asyncio.Semaphore(listings_at_once)
     app[DIRECTORY] = directory if directory is not None else LocalDirectory()
-    app[FORWARDER] = forwarder if forwarder is not None else NoForwarder()
+    recorder = app[metrics.RECORDER] = metrics.Recorder()
+    app[FORWARDER] = metrics.TimedForwarder(
+        forwarder if forwarder is not None else NoForwarder(), recorder
+    )
+    app[metrics.SOURCES] = metric_sources if metric_sources is not None else metrics.Sources()
+    app[metrics.PUBLIC] = metrics_public
+    trees = app[metrics.TREES] = metrics.Trees()
+
+    async def _close_trees(_: web.Application) -> None:
+        await trees.close()
+
+    app.on_cleanup.append(_close_trees)
+    if journal is not None:
+        app[JOURNAL] = journal
+    if cluster_events is not None:
+        app[CLUSTER_EVENTS] = cluster_events
     app[SCOPES] = {(r.method, r.path): scope_of(r.method, r.path) for r in ROUTES}
     app[BRANCH] = branch
     if cluster is not None:

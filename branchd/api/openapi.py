@@ -52,7 +52,9 @@ def build(routes: tuple[Route, ...]) -> dict[str, Any]:
             {"name": q, "in": "query", "required": False, "schema": s} for q, s in route.query
         ]
         ok: dict[str, Any] = {"description": "OK"}
-        if route.text:
+        if route.stream:
+            ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        elif route.text:
             ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
         elif route.binary:
             ok["content"] = {"application/octet-stream": {"schema": _BINARY}}

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -172,6 +172,18 @@ class HttpForwarder:
                     return resp.status, await resp.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise self._unreachable(branch, exc) from None
+
+    async def open_get(self, branch: str, path: str, headers: Mapping[str, str]) -> Any:
+        """A GET of this branch's own on ``branch``, streamed: the head of its
+        answer (the caller reads the body and releases it); no read timeout
+        (an event stream is quiet for long)."""
+        url, state = self._peers.api_url_of(branch)
+        if url is None or state in ("dead", "left"):
+            raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
+        sent = {**headers, HOP_HEADER: self._peers.self_id, **self._peers.prove("GET", path, b"")}
+        if PROOF_HEADER not in sent and self._token:
+            sent["Authorization"] = f"Bearer {self._token}"
+        return await self._client().get(url.rstrip("/") + path, headers=sent)
 
     async def send(
         self, request: web.Request, branch: str, body: bytes

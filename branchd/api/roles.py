@@ -24,6 +24,8 @@ _INST = _APP + "/instances/{name}"
 ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/v1/ping"): None,
     ("GET", "/v1/branch"): R,
+    ("GET", "/v1/events"): R,
+    ("GET", "/metrics"): R,  # (or none at all with --metrics-public)
     ("GET", "/v1/branches"): R,
     ("GET", "/v1/branches/{id}"): R,
     ("POST", "/v1/branches/self/leave"): A,

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from branchd.api import events as events_api
+from branchd.api import metrics as metrics_api
 from branchd.api import precheck, schemas
 from branchd.api.backend import Cluster, Local, Moves
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
@@ -80,6 +82,8 @@ class Route:
     query: tuple[tuple[str, schemas.Schema], ...] = field(default_factory=tuple)
     #: 202 with this body: answered before the work ended (``wait=false``).
     accepted: schemas.Schema | None = None
+    #: text/event-stream answer (server-sent events, until the client leaves)
+    stream: bool = False
 
 
 def _local(request: web.Request) -> Local:
@@ -704,6 +708,16 @@ async def _pump(lines: AsyncIterator[str], response: web.StreamResponse) -> None
             await aclose()
 
 
+async def events(request: web.Request) -> web.StreamResponse:
+    if events_api.JOURNAL not in request.app:
+        raise NotFound("this server keeps no event journal")
+    return await events_api.stream_events(request)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return await metrics_api.scrape(request, _local(request))
+
+
 async def not_found(request: web.Request) -> web.Response:
     """The catch-all: 405 (with Allow) if the path exists for other methods, else 404."""
     allowed: set[str] = set()
@@ -729,6 +743,11 @@ _ACTION_Q = (
     *_WAIT_Q,
     ("rolling", {"type": "string", "enum": ["0", "1", "false", "true"]}),
     ("batch", {"type": "integer", "minimum": 1, "maximum": MAX_BATCH}),
+)
+
+_EVENTS_Q = (
+    ("app", schemas.NAME),
+    ("types", {"type": "string", "pattern": "^[a-z_]+(,[a-z_]+)*$"}),
 )
 
 INST = "/v1/apps/{app}/instances/{name}"
@@ -1061,5 +1080,21 @@ ROUTES: tuple[Route, ...] = (
         "Change a worker's concurrency range at runtime, no restart",
         response=schemas.AUTOSCALE,
         body=schemas.AUTOSCALE_IN,
+    ),
+    # issue 17, parts 1 and 2 (api/events.py, api/metrics.py)
+    Route(
+        "GET",
+        "/v1/events",
+        events,
+        "Follow the cluster's events (server-sent events; Last-Event-ID resumes)",
+        stream=True,
+        query=_EVENTS_Q,
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "This branch in Prometheus' text format (no token with --metrics-public)",
+        text=True,
     ),
 )

@@ -608,6 +608,8 @@ BRANCH_ENTRY: Schema = {
             "properties": {
                 "datagrams_sent": {"type": "integer"},
                 "datagrams_received": {"type": "integer"},
+                "bytes_sent": {"type": "integer"},
+                "bytes_received": {"type": "integer"},
                 "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "bad_messages": {"type": "integer"},
                 "peer_calls_dropped": {"type": "integer"},

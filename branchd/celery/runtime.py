@@ -39,6 +39,12 @@ class CeleryRuntime:
         self._bus = bus
         self._drops: set[asyncio.Task[None]] = set()
 
+    def worker_figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
+        """Each running worker's last figures, for the metrics (no call to any
+        worker); from the first ask on, the health loop's sweep refreshes them."""
+        self._workers.figures_wanted = True
+        return self._workers.figures()
+
     # what a producer needs ------------------------------------------------------
 
     def effective_broker(self, app: App) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,6 +131,12 @@ class Workers:
         self._next_stall_look: dict[str, float] = {}
         #: The Celery version of each interpreter, asked once (None: unknown).
         self._versions: dict[str, tuple[int, ...] | None] = {}
+        #: Each worker's last figures (active, processed, pool_size), from
+        #: the last stats asked of it: the metrics read these, never the worker.
+        self._figures: dict[str, dict[str, int | None]] = {}
+        #: Set by the first metrics scrape: from then on each sweep asks every
+        #: running worker's stats too (two calls a worker a reconcile interval).
+        self.figures_wanted = False
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -164,12 +170,24 @@ class Workers:
             self.ops.stats(w), self.ops.call(w, "active"), return_exceptions=True
         )
         stats = stats if isinstance(stats, dict) else None
-        return {
+        out = {
             "node": w.node,
             "pool_size": pool_size(stats),
             "stats": stats,
             "active": _unwrap(active) if isinstance(active, dict) else None,
         }
+        self._figures[spec.name] = figures_of(out)
+        return out
+
+    def figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
+        """The last figures of each running worker, by (app, name)."""
+        out = {}
+        for spec in self._host.celery_instances():
+            proc = self._host.proc(spec.name)
+            known = self._figures.get(spec.name)
+            if known is not None and proc is not None and proc.state == State.RUNNING:
+                out[(spec.app, spec.name)] = known
+        return out
 
     def remove_embedded(self, app: str) -> None:
         """Forget a deleted app's embedded broker folders and result store."""
@@ -541,6 +559,8 @@ class Workers:
         if verdict.reconcile and not await self._reconcile(name):
             # not done (no answer, a refusal): again at the next answered ping
             self._watch[name] = replace(verdict.watch, silent=True)
+        if sweep and self.figures_wanted and ping == health.Ping.ANSWERED:
+            await self.worker_stats(spec)  # (cached for the metrics)
         if ping == health.Ping.ANSWERED:
             await self._stall_check(spec, pid)
 
@@ -632,6 +652,20 @@ async def _ask_version(python: str) -> tuple[int, ...] | None:
     if proc.returncode != 0:
         return None
     return task_limits.parse_version(out.decode(errors="replace"))
+
+
+def figures_of(stats: Mapping[str, Any]) -> dict[str, int | None]:
+    """What the metrics show of a worker's stats (``worker_stats``'s answer)."""
+    active = stats.get("active")
+    totals = (stats.get("stats") or {}).get("total")
+    processed = None
+    if isinstance(totals, dict):
+        processed = sum(n for n in totals.values() if isinstance(n, int))
+    return {
+        "active": len(active) if isinstance(active, list) else None,
+        "processed": processed,
+        "pool_size": stats.get("pool_size"),
+    }
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:

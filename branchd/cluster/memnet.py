@@ -151,6 +151,7 @@ class MemoryTransport:
         if c.refused(self._closed, addr, data, self._network.budget):
             return
         c.sent += 1
+        c.bytes_sent += len(data)
         self._network._send(self._address, addr, bytes(data))
 
     def close(self) -> None:
@@ -162,4 +163,5 @@ class MemoryTransport:
         if self._closed:
             return
         self._counters.received += 1
+        self._counters.bytes_received += len(data)
         hand_over(self._receiver, src, data)

@@ -340,6 +340,8 @@ class ClusterService:
         return {
             "datagrams_sent": st.datagrams_sent,
             "datagrams_received": st.datagrams_received,
+            "bytes_sent": st.transport.bytes_sent,
+            "bytes_received": st.transport.bytes_received,
             "dropped": dict(st.dropped),
             "bad_messages": st.bad_messages,
             "peer_calls_dropped": self._dropped,

@@ -37,6 +37,8 @@ class TransportStats:
     oversize: int = 0  # dropped: over the budget (sent or arriving)
     send_errors: int = 0  # dropped: the peer unreachable, a bad address
     closed: int = 0  # dropped: sent after close()
+    bytes_sent: int = 0  # of the datagrams sent
+    bytes_received: int = 0  # of the datagrams received (within the budget)
 
 
 class Transport(Protocol):
@@ -75,12 +77,19 @@ class Counters:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.sent = self.received = self.oversize = self.send_errors = self.closed = 0
+        self.bytes_sent = self.bytes_received = 0
         self._log = logger
         self._said: set[str] = set()
 
     def snapshot(self) -> TransportStats:
         return TransportStats(
-            self.sent, self.received, self.oversize, self.send_errors, self.closed
+            self.sent,
+            self.received,
+            self.oversize,
+            self.send_errors,
+            self.closed,
+            self.bytes_sent,
+            self.bytes_received,
         )
 
     def once(self, cause: str, msg: str, *args: object) -> None:
@@ -185,6 +194,7 @@ class UdpTransport:
             self._send_failed(e, addr)
             return
         c.sent += 1
+        c.bytes_sent += len(data)
 
     def close(self) -> None:
         if not self._closed:
@@ -207,6 +217,7 @@ class UdpTransport:
             )
             return
         c.received += 1
+        c.bytes_received += len(data)
         hand_over(self._receiver, addr, data)
 
     def _send_failed(self, exc: Exception, addr: str) -> None:

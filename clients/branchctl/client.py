@@ -784,6 +784,49 @@ class AsyncClient:
             yield tail_text
 
 
+    async def events(
+        self,
+        app: str | None = None,
+        types: Sequence[str] | None = None,
+        last_event_id: str | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The cluster's events as they happen (``GET /v1/events``), each a
+        dict with its ``type`` and ``id`` (None for a ``gap`` or
+        ``unreachable``, which say what the stream missed), until closed.
+        Give ``last_event_id`` (an event's ``id``) to resume after it. No read
+        timeout applies; only connecting is bounded by ``timeout``."""
+        params = {}
+        if app:
+            params["app"] = app
+        if types:
+            params["types"] = ",".join(types)
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout, sock_connect=self.timeout, sock_read=None
+        )
+        try:
+            async with self._get_session().get(
+                self.url + "/v1/events", params=params, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise ApiError.from_body(resp.status, await resp.read())
+                event_id: str | None = None
+                data = ""
+                async for raw in resp.content:
+                    line = raw.decode(errors="replace").rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        data = line[6:]
+                    elif not line and data:
+                        yield {**json.loads(data), "id": event_id}
+                        event_id, data = None, ""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failed(exc) from exc
+
+
 class Client:
     """The synchronous twin of AsyncClient: same methods, blocking.
 
@@ -1057,6 +1100,28 @@ class Client:
         try:
             while (chunk := self._run(next_chunk())) is not None:
                 yield chunk
+        finally:
+            if self._runner is not None:
+                self._runner.run(agen.aclose())
+
+    def events(
+        self,
+        app: str | None = None,
+        types: Sequence[str] | None = None,
+        last_event_id: str | None = None,
+    ) -> Generator[dict[str, Any], None, None]:
+        """Blocking generator of AsyncClient.events."""
+        agen = self._async.events(app, types, last_event_id)
+
+        async def next_event() -> dict[str, Any] | None:
+            try:
+                return await anext(agen)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (event := self._run(next_event())) is not None:
+                yield event
         finally:
             if self._runner is not None:
                 self._runner.run(agen.aclose())

@@ -236,6 +236,18 @@ def _declare_images(c: Celeryd) -> None:
 
 
 @pytest.mark.slow
+def _celery_metrics(c: Celeryd, name: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = c.b.call("GET", "/metrics").text
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("branchd_celery_") and s.labels == {"app": c.app, "name": name}
+    }
+
+
 def test_runtime_changes_are_live_and_survive_a_crash(celeryd: Celeryd) -> None:
     c = celeryd
     # Celery users put ":" in queue names (the embedded broker wants a declared
@@ -298,6 +310,9 @@ def test_runtime_changes_are_live_and_survive_a_crash(celeryd: Celeryd) -> None:
 
     celery = wait_for(grown, 20, 0.2)
     assert celery["pool_size"] == len(celery["stats"]["pool"]["processes"])
+    # the metrics show what the stats last said (a scrape asks no worker)
+    figures = _celery_metrics(c, name)
+    assert figures["branchd_celery_pool_size"] == celery["pool_size"]
 
     # 4. a crash: the new worker comes back with the declared queues and range
     old = inst["pid"]
@@ -350,6 +365,7 @@ def test_hung_worker_warm_stop_and_app_delete(
         return any(t.get("id") == task for t in active)
 
     wait_for(running_task, 20, 0.05)
+    assert _celery_metrics(c, name)["branchd_celery_active_tasks"] == 1
     t0 = time.monotonic()
     # A generous client timeout: on a loaded machine a warm shutdown can be slow;
     # a stuck one still fails below, with the worker's and the daemon's logs.

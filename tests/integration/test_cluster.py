@@ -437,3 +437,55 @@ def test_idle_cost_of_a_clustered_branch(settled: Cluster, tmp_path: Path) -> No
     finally:
         stop(single)
     assert c.all_alive()
+
+
+def test_events_through_one_branch_are_the_clusters_and_resume_through_another(
+    settled: Cluster,
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.test_events_metrics import Stream
+
+    first, second = settled.nodes[0], settled.nodes[1]
+    app = "evc"
+    first.ok("PUT", f"/v1/apps/{app}", {"broker": "amqp://guest:guest@127.0.0.1:5672//"}, 201)
+    wait_for(lambda: all(b.call("GET", f"/v1/apps/{app}").status == 200 for b in settled.nodes))
+    stream = Stream(first, f"?app={app}&types=instance_added")
+    try:
+        placed = {}
+        for i in range(10):
+            made = {"name": f"e{i}", "command": ["true"], "autostart": False}
+            reply = first.call("POST", f"/v1/apps/{app}/instances", made)
+            assert reply.status == 201, reply.text
+            placed[f"e{i}"] = reply.body["branch"]
+        seen = [stream.next() for _ in placed]
+        # each instance once, told by the branch that holds it
+        assert {e[2]["name"]: e[2]["branch"] for e in seen} == placed
+        assert len(set(placed.values())) > 1
+        # a merged id names each branch's position: resumed through another branch
+        cut = seen[4][0]
+        assert cut is not None and cut.count("=") >= 2
+        resumed = Stream(second, f"?app={app}&types=instance_added", last_id=cut)
+        try:
+            rest = [resumed.next()[2]["name"] for _ in seen[5:]]
+            assert sorted(rest) == sorted(e[2]["name"] for e in seen[5:])
+        finally:
+            resumed.close()
+        # the metrics of the branch asked: its forwards, the members, the gossip
+        elsewhere = next(n for n, b in placed.items() if b != settled.ids[0])
+        # (once the holder's names reached this branch)
+        wait_for(lambda: first.call("GET", f"/v1/apps/{app}/instances/{elsewhere}").status == 200)
+        text = first.call("GET", "/metrics").text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        route = ("route", "/v1/apps/{app}/instances/{name}")
+        assert samples[("branchd_forward_duration_seconds_count", (("outcome", "200"), route))] >= 1
+        assert samples[("branchd_cluster_members", (("state", "alive"),))] == len(settled.nodes)
+        assert samples[("branchd_gossip_bytes_received_total", ())] > 0
+    finally:
+        stream.close()
+        first.call("DELETE", f"/v1/apps/{app}")
+        wait_for(lambda: all(me(b)["capacity"]["instances"] == 0 for b in settled.nodes), 20)

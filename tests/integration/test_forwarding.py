@@ -311,10 +311,12 @@ def test_a_worker_is_driven_through_another_branch_and_a_drain_moves_instances_a
     a.ok("PUT", f"/v1/apps/{app}", {"broker": REDIS_URL, "celery_app": "tests.celery_app.tasks",
                                      "env": {"PYTHONPATH": root}}, 201)  # fmt: skip
     wait_for(lambda: b.call("GET", f"/v1/apps/{app}").status == 200, 10)
-    worker = {"name": "w1", "kind": "celery", "queues": [queue], "autoscale": {"min": 1, "max": 2}}
+    # (a worker's node name is NAME@host: unique to this test on the shared broker)
+    w = f"w-{tok}"
+    worker = {"name": w, "kind": "celery", "queues": [queue], "autoscale": {"min": 1, "max": 2}}
     assert a.call("POST", f"/v1/apps/{app}/instances?branch={id_b}", worker).status == 201
-    inst = f"/v1/apps/{app}/instances/w1"
-    wait_for(lambda: b.instance(app, "w1")["state"] == "running", 60, 0.1)
+    inst = f"/v1/apps/{app}/instances/{w}"
+    wait_for(lambda: b.instance(app, w)["state"] == "running", 60, 0.1)
     wait_for(lambda: a.call("GET", inst).status == 200, 10)
     # the runtime operations through A, answered by B's worker
     added = a.ok("PUT", inst + f"/queues/{extra}")
@@ -323,9 +325,9 @@ def test_a_worker_is_driven_through_another_branch_and_a_drain_moves_instances_a
     assert a.ok("DELETE", inst + f"/queues/{extra}")["items"][0]["name"] == queue
     assert a.ok("PUT", inst + "/autoscale", {"min": 1, "max": 3})["live"] == {"min": 1, "max": 3}
     assert a.ok("GET", inst + "/autoscale")["max"] == 3
-    assert a.ok("GET", inst + "/stats")["celery"]["node"].startswith("w1@")
+    assert a.ok("GET", inst + "/stats")["celery"]["node"].startswith(f"{w}@")
     assert a.call("DELETE", inst).status == 204
-    assert b.call("GET", f"/v1/apps/{app}/instances/w1").status == 404
+    assert b.call("GET", inst).status == 404
 
     # B drains with --move: its instances go to A, each new one running first
     for name in ("p1", "p2"):

@@ -166,6 +166,8 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("GET", inst + "/stats").status == 200
     assert v.call("GET", inst + "/logs?tail=5").status == 200
     assert v.call("GET", inst + "/logs?tail=x").status == 400
+    assert v.call("GET", "/metrics").status == 200
+    assert v.call("GET", "/v1/events?types=nope").status == 400
     assert v.call("POST", "/v1/logs/reopen").status == 200
     assert v.call("POST", "/v1/logs/reopen", raw=b"[]").status in (400, 422)
     assert v.call("POST", inst + "/restart").status == 200
@@ -272,9 +274,10 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("POST", "/v1/daemon/exit", {"keep": True}).status == 202
     assert branchd.wait_exit() == 0
     # every operation of the document was seen answering its success status
-    # (but the other exit: test_instance_options.py's daemon answers it; and
+    # (but the other exit: test_instance_options.py's daemon answers it; the
+    # event stream, which never ends: test_events_metrics.py reads it; and
     # lint, which needs a running worker: test_worker_health.py checks its 200)
-    others = {("post", "/v1/branch/exit"), ("get", "/v1/apps/{app}/lint")}
+    others = {("post", "/v1/branch/exit"), ("get", "/v1/events"), ("get", "/v1/apps/{app}/lint")}
     for method, path in _doc_operations(v.doc) - others:
         ok = [int(s) for s in v.doc["paths"][path][method]["responses"] if s.startswith("2")]
         assert any((method, path, s) in v.seen for s in ok), (method, path)
@@ -360,6 +363,9 @@ def test_schemathesis_finds_nothing(
         "/v1/daemon/exit",
         "--exclude-path",
         "/v1/branch/exit",
+        # it streams until the client leaves (test_events_metrics.py reads it)
+        "--exclude-path",
+        "/v1/events",
     ]
     if b.token:  # the daemon's own (secure by default)
         cmd += ["--header", f"Authorization: Bearer {b.token}"]
@@ -372,7 +378,7 @@ def test_schemathesis_finds_nothing(
     ops = re.search(r"Operations:\s+(\d+) selected / (\d+) total", out)
     assert cases and ops, out
     print(f"schemathesis: {ops[1]} operations, {cases[1]} test cases, {elapsed:.1f}s")
-    assert int(ops[1]) == int(ops[2]) - 2 >= 17
+    assert int(ops[1]) == int(ops[2]) - 3 >= 17
     # the daemon is fine, and never hit an unexpected error
     assert b.ok("GET", "/v1/ping") == {"ok": True}
     log = b.log()
