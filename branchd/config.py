@@ -204,6 +204,12 @@ class CelerySection:
     ready_ping_every: float = 0.05
     #: How long a warm stop waits for its consumer cancels before the TERM.
     warm_stop_cancel_wait: float = 0.5
+    #: A draining stop sends TERM this long before its stopwaitsecs are over
+    #: (at most half of them): the rest is the warm shutdown's.
+    drain_term_grace: float = 10.0
+    #: A worker that answers pings but took no task for this long while its
+    #: queues hold ready messages is restarted (seconds; 0: never).
+    stall_after: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,8 @@ _FLAT: dict[str, tuple[str, str]] = {
     "reconcile_interval": ("celery", "reconcile_interval"),
     "ready_ping_every": ("celery", "ready_ping_every"),
     "warm_stop_cancel_wait": ("celery", "warm_stop_cancel_wait"),
+    "drain_term_grace": ("celery", "drain_term_grace"),
+    "stall_after": ("celery", "stall_after"),
     "log_check_interval": ("logs", "check_interval"),
     "cluster_key": ("cluster", "key"),
     "cluster_key_file": ("cluster", "key_file"),

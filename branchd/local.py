@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass, field
 
 from branchd.celery.ops import CeleryOps
+from branchd.celery.ready import ReadyCounter
 from branchd.celery.remote import RemoteControl
 from branchd.celery.runtime import CeleryRuntime
 from branchd.celery.workers import Workers
@@ -101,6 +102,7 @@ def build(
     hostname: str | None = None,
     prober: ProbeRunner | None = None,
     log_pipes: LogPipes | None = None,
+    ready: ReadyCounter | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -110,6 +112,7 @@ def build(
         hostname or socket.gethostname(),
         settings=config.celery,  # (only its own section)
         scheduler=scheduler,
+        ready=ready,
     )
     engine = Engine(
         store,
