@@ -206,6 +206,12 @@ class CelerySection:
     warm_stop_cancel_wait: float = 0.5
     #: How often the apps with a ``scale`` policy have their queue depth read.
     depth_poll_interval: float = 2.0
+    #: A draining stop sends TERM this long before its stopwaitsecs are over
+    #: (at most half of them): the rest is the warm shutdown's.
+    drain_term_grace: float = 10.0
+    #: A worker that answers pings but took no task for this long while its
+    #: queues hold ready messages is restarted (seconds; 0: never).
+    stall_after: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +417,8 @@ _FLAT: dict[str, tuple[str, str]] = {
     "ready_ping_every": ("celery", "ready_ping_every"),
     "warm_stop_cancel_wait": ("celery", "warm_stop_cancel_wait"),
     "depth_poll_interval": ("celery", "depth_poll_interval"),
+    "drain_term_grace": ("celery", "drain_term_grace"),
+    "stall_after": ("celery", "stall_after"),
     "log_check_interval": ("logs", "check_interval"),
     "cluster_key": ("cluster", "key"),
     "cluster_key_file": ("cluster", "key_file"),

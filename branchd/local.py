@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from branchd.celery.depth import DepthReader, KombuDepthReader
 from branchd.celery.ops import CeleryOps
+from branchd.celery.ready import ReadyCounter
 from branchd.celery.remote import RemoteControl
 from branchd.celery.runtime import CeleryRuntime
 from branchd.celery.scaler import DepthScaler, DepthService
@@ -111,6 +112,7 @@ def build(
     prober: ProbeRunner | None = None,
     log_pipes: LogPipes | None = None,
     depth_reader: DepthReader | None = None,
+    ready: ReadyCounter | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
     workers = Workers(
@@ -120,6 +122,7 @@ def build(
         hostname or socket.gethostname(),
         settings=config.celery,  # (only its own section)
         scheduler=scheduler,
+        ready=ready,
     )
     engine = Engine(
         store,

@@ -131,6 +131,7 @@ class Autorestart(StrEnum):
 class StopStep(StrEnum):
     """Which step of a stop ended the process (shown in the instance JSON)."""
 
+    DRAIN = "drain"  # its tasks drained first: it exited on the stop signal with none running
     SIGNAL = "signal"  # it exited after the stop signal
     KILL = "kill"  # stopwaitsecs ran out and SIGKILL went to the group
 

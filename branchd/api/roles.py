@@ -66,6 +66,8 @@ ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", _INST + "/logs"): R,
     ("POST", "/v1/logs/reopen"): OP,
     ("GET", _APP + "/stats"): R,
+    # a worker's settings, as Celery masks them (no password): a read
+    ("GET", _APP + "/lint"): R,
     ("GET", _APP + "/queues/{queue}/consumers"): R,
     ("GET", _APP + "/queues/{queue}/depth"): R,
     ("GET", _APP + "/depth"): R,

@@ -641,6 +641,12 @@ async def app_stats(request: web.Request) -> web.Response:
     return _json({"items": [s.listed() for s in items]})
 
 
+async def app_lint(request: web.Request) -> web.Response:
+    """The traps in an app's Celery config, read from a running worker here."""
+    items = await _local(request).celery.lint(_name(request, "app"))
+    return _json({"items": items})
+
+
 async def queue_consumers(request: web.Request) -> web.Response:
     """The instances of an app that consume a queue (a cluster gathers them)."""
     app, queue = _name(request, "app"), request.match_info["queue"]
@@ -1003,6 +1009,14 @@ ROUTES: tuple[Route, ...] = (
         app_stats,
         "Every instance of an app with its process-tree figures, from every live branch",
         response=schemas.gathered(schemas.STATS_ITEM),
+    ),
+    Route(
+        "GET",
+        "/v1/apps/{app}/lint",
+        app_lint,
+        "What in an app's effective Celery config will hurt, one line per trap (read "
+        "with remote control conf from a running worker of it on this branch; 409 if none)",
+        response=schemas.items(schemas.LINT_ITEM),
     ),
     Route(
         "GET",

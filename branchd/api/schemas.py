@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from branchd.celery.lint import Severity
 from branchd.model import (
     FOREVER,
     NAME_PATTERN,
@@ -810,6 +811,17 @@ CONSUMER_ITEM: Schema = {
         "name": NAME,
         "branch": {"type": "string"},
         "state": {"type": "string", "enum": [s.value for s in State]},
+    },
+}
+
+#: One trap ``GET /v1/apps/{app}/lint`` found in the app's Celery config.
+LINT_ITEM: Schema = {
+    "type": "object",
+    "required": ["rule", "message", "severity"],
+    "properties": {
+        "rule": {"type": "string"},
+        "message": {"type": "string"},
+        "severity": {"type": "string", "enum": [s.value for s in Severity]},
     },
 }
 

@@ -412,8 +412,8 @@ class CeleryOps:
         """
         changes: list[str] = []
         live = await self.active_queues(w)
-        if live is None:
-            return changes
+        if live is None:  # (not "nothing to change": the caller tries again)
+            raise ControlFailed(f"{w.node} gave no active_queues to reconcile with")
         for name in queues:
             if name not in live:
                 await self.add_consumer(w, name, decls.get(name))

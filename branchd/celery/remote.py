@@ -156,6 +156,10 @@ class RemoteControl(Protocol):
         """Send one-way (``shutdown`` never replies)."""
         ...
 
+    def connects(self, broker: BrokerSpec) -> int:
+        """How many times this side's connection to ``broker`` was (re)made."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -237,6 +241,13 @@ class KombuRemoteControl:
     ) -> None:
         await self._link(broker).cast(node, command, arguments, self._connect_timeout)
 
+    def connects(self, broker: BrokerSpec) -> int:
+        """How many times the reply queue on ``broker`` has (re)connected: a
+        change means the broker was away, and its workers may have lost
+        consumers added at runtime."""
+        link = self._links.get(broker)
+        return link.connects if link else 0
+
     def health(self, broker: BrokerSpec) -> outage.Outage | None:
         """How the reply queue on ``broker`` fares (None: never used); a snapshot."""
         link = self._links.get(broker)
@@ -297,6 +308,8 @@ class _BrokerLink:
         self._misconfigured = False
         #: What the reply queue's connection has said about its failures (logging only).
         self.outage = outage.Outage()
+        #: Connections made by the reply queue (an int, read across threads).
+        self.connects = 0
 
     def start(self) -> None:
         self._consumer.start()
@@ -524,6 +537,7 @@ class _BrokerLink:
             channel, [self.queue], no_ack=True, accept=["json"], callbacks=[self._on_message]
         )
         consumer.consume()  # declares and binds the queue first
+        self.connects += 1
         self._notify(self._set_ready, True)
         self._retry_in = RETRY_FIRST  # a later outage starts at the fast pace again
         self.last_error = None

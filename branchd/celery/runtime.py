@@ -15,12 +15,14 @@ from dataclasses import replace
 from typing import Any
 
 from branchd import events
+from branchd.celery import limits as task_limits
+from branchd.celery import lint
 from branchd.celery.ops import autoscaler_range, broker_url, fixed_concurrency
 from branchd.celery.workers import Workers
 from branchd.declarations import Declarations, check_name
-from branchd.errors import RestartRequired
+from branchd.errors import Conflict, ControlFailed, RestartRequired
 from branchd.events import EventBus
-from branchd.model import App, InstanceSpec, Queue
+from branchd.model import App, InstanceSpec, Kind, Queue
 from branchd.process.engine import Engine
 from branchd.process.specs import autoscale_from
 
@@ -55,6 +57,35 @@ class CeleryRuntime:
 
     async def celery_config(self, name: str) -> dict[str, Any]:
         return self._workers.producer_setup(await self._decls.get_app(name))
+
+    # lint ---------------------------------------------------------------------------
+
+    async def lint(self, app_name: str) -> list[dict[str, str]]:
+        """The traps in the app's effective Celery config, as a running worker
+        of it on this branch has it (remote control ``conf``)."""
+        app = await self._decls.get_app(app_name)
+        running = [
+            s
+            for s in self._engine.specs(app_name)
+            if s.kind == Kind.CELERY and self._engine.running(s.name)
+        ]
+        if not running:
+            raise Conflict(
+                f"no running worker of app {app_name!r} on this branch: lint reads the "
+                "effective config of a running one (start one)"
+            )
+        spec = running[0]
+        w = self._workers.worker(spec)
+        reply = await self._workers.ops.call(w, "conf", with_defaults=True)
+        if reply is None or "error" in reply:
+            why = "no reply" if reply is None else str(reply["error"])
+            raise ControlFailed(f"{w.node} did not give its config: {why}")
+        ctx = lint.Context(
+            pool=spec.pool or app.celery.pool,
+            transport=lint.transport_of(broker_url(app)),
+        )
+        flags = task_limits.merged(app.celery.limits, spec.limits)
+        return [f.to_json() for f in lint.lint(lint.with_flags(reply, flags), ctx)]
 
     # queues -------------------------------------------------------------------------
 

@@ -136,6 +136,8 @@ class StubRemoteControl:
         self.sent: list[Sent] = []
         self.broker_down = False
         self.closed = False
+        #: What ``connects`` answers: a test bumps it to play a reconnect.
+        self.connections = 1
 
     def add_node(self, name: str, **kw: Any) -> StubNode:
         node = StubNode(name, **kw)
@@ -183,6 +185,9 @@ class StubRemoteControl:
         target = self.nodes.get(node)
         if target is not None:
             target.handle(command, args)
+
+    def connects(self, broker: BrokerSpec) -> int:
+        return self.connections
 
     async def close(self) -> None:
         self.closed = True

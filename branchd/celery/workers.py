@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from branchd.celery import drain, stall
 from branchd.celery import limits as task_limits
 from branchd.celery.broker import (
     BrokerSpec,
@@ -39,13 +41,14 @@ from branchd.celery.ops import (
     python_for,
     start_bindings,
 )
+from branchd.celery.ready import KombuReadyCounter, ReadyCounter
 from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
 from branchd.model import App, InstanceSpec, Limits, Queue, State
 from branchd.process import health
 from branchd.process.launcher import Launcher
-from branchd.process.machine import Event, Hung, Proc, Ready
+from branchd.process.machine import Drained, Event, Hung, Proc, Ready
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Workers:
         *,
         settings: CelerySection,
         scheduler: Scheduler,
+        ready: ReadyCounter | None = None,
     ) -> None:
         self._host: Host = _Unbound()
         self._sched = scheduler
@@ -118,6 +122,13 @@ class Workers:
         self._loop_task: asyncio.Task[None] | None = None
         #: When the health loop's next round also sweeps (reconcile, prune).
         self._next_sweep: float | None = None
+        #: Ready messages of the workers' queues, for the stall check.
+        self._ready: ReadyCounter = ready or KombuReadyCounter(self.broker)
+        self._stalls: dict[str, stall.StallWatch] = {}
+        #: Our connections to each worker's broker, as counted at its last round.
+        self._connects_seen: dict[str, int] = {}
+        #: When each worker is looked at for a stall next (monotonic).
+        self._next_stall_look: dict[str, float] = {}
         #: The Celery version of each interpreter, asked once (None: unknown).
         self._versions: dict[str, tuple[int, ...] | None] = {}
         #: Each worker's last figures (active, processed, pool_size), from
@@ -306,10 +317,11 @@ class Workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         await self.ops.remote.close()
+        await asyncio.to_thread(self._ready.close)
 
     # internals --------------------------------------------------------------------
 
-    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn_task(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -360,6 +372,7 @@ class Workers:
                         answered = True
                 if answered and self._current(name, pid, State.STARTING):
                     self._watch[name] = health.Watch(last_pong=clock.monotonic())
+                    self._stalls.pop(name, None)  # a new worker: its stall clock starts anew
                     self._host.feed(name, Ready())
                     await self._reconcile(name)
                     self._resplit(spec.app, skip=name)
@@ -393,6 +406,11 @@ class Workers:
         with contextlib.suppress(BrokerUnavailable, TimeoutError):
             async with deadline(self._sched, until):
                 await asyncio.gather(*casts)
+        if spec.queues:
+            # Then its running and prefetched tasks finish before the TERM, up
+            # to the stop's time less the warm shutdown's grace. (Without
+            # declared queues it still consumes Celery's default: TERM at once.)
+            await self._drain(spec, w, pid)
         if not self._current(spec.name, pid, State.STOPPING):
             log.debug("%s: gone before its warm stop's signal", spec.name)
             return  # it exited (or was killed) meanwhile: that pid is not ours now
@@ -403,23 +421,55 @@ class Workers:
             async with deadline(self._sched, self._clock.monotonic() + 1.0):
                 await self.ops.remote.cast(w.broker, w.node, "ping")
 
+    async def _drain(self, spec: InstanceSpec, w: Worker, pid: int) -> None:
+        """Wait until the stopping worker runs and holds no task (then the
+        machine hears ``Drained``), its time is up, or it cannot be seen."""
+        proc = self._host.proc(spec.name)
+        term_at = drain.term_due(
+            proc.deadline if proc else None,
+            self._clock.monotonic(),
+            spec.policy.stopwaitsecs,
+            self._settings.drain_term_grace,
+        )
+        while self._current(spec.name, pid, State.STOPPING):
+            try:
+                active, reserved = await asyncio.gather(
+                    self.ops.call(w, "active"), self.ops.call(w, "reserved")
+                )
+            except BrokerUnavailable:
+                return
+            got = drain.next_step(
+                drain.task_count(active),
+                drain.task_count(reserved),
+                self._clock.monotonic(),
+                term_at,
+            )
+            if got is drain.DrainStep.DRAINED:
+                self._host.feed(spec.name, Drained())
+                return
+            if got is drain.DrainStep.TERM:
+                log.info("%s: TERM with its tasks still running (drain over)", spec.name)
+                return
+            await self._sched.sleep(drain.DRAIN_POLL)
+
     def lock(self, name: str) -> asyncio.Lock:
         """One runtime change of an instance at a time (API call or reconcile):
         a reconcile that read the declaration before a change must not undo it."""
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _reconcile(self, name: str) -> None:
+    async def _reconcile(self, name: str) -> bool:
+        """Bring the worker in line with its declaration; False if it could not be."""
         async with self.lock(name):
-            await self._reconcile_locked(name)
+            return await self._reconcile_locked(name)
 
-    async def _reconcile_locked(self, name: str) -> None:
+    async def _reconcile_locked(self, name: str) -> bool:
         spec = self._host.spec(name)
         app = self._host.app(spec.app) if spec else None
         if spec is None or app is None:
-            return
+            return True
         proc = self._host.proc(name)
         if proc is None or proc.state != State.RUNNING:
-            return
+            return True
         try:
             changes = await self.ops.reconcile(
                 self.worker(spec),
@@ -433,9 +483,10 @@ class Workers:
             changes += await self.ops.task_limits(self.worker(spec), wanted)
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)
-            return
+            return False
         if changes:
             log.info("reconciled %s: %s", name, " ".join(changes))
+        return True
 
     async def _health_loop(self) -> None:
         while True:
@@ -488,8 +539,13 @@ class Workers:
             ping = health.Ping.BROKER_DOWN
         if ping != health.Ping.BROKER_DOWN and not self._current(name, pid, State.RUNNING):
             return
+        watch = self._watch.get(name, health.Watch())
+        if self._reconnected(spec):
+            # The broker was away, however briefly: the worker may be back
+            # without the consumers it was given at runtime (celery#987).
+            watch = replace(watch, silent=True)
         verdict = health.decide(
-            self._watch.get(name, health.Watch()),
+            watch,
             ping,
             now,
             hung_after=spec.hung_after,
@@ -500,10 +556,54 @@ class Workers:
         if verdict.kill:
             self._host.feed(name, Hung(verdict.kill))
             return
-        if verdict.reconcile:
-            await self._reconcile(name)
+        if verdict.reconcile and not await self._reconcile(name):
+            # not done (no answer, a refusal): again at the next answered ping
+            self._watch[name] = replace(verdict.watch, silent=True)
         if sweep and self.figures_wanted and ping == health.Ping.ANSWERED:
             await self.worker_stats(spec)  # (cached for the metrics)
+        if ping == health.Ping.ANSWERED:
+            await self._stall_check(spec, pid)
+
+    def _reconnected(self, spec: InstanceSpec) -> bool:
+        """Whether our connection to the worker's broker was made anew since
+        this worker's last round (the first round only notes the count)."""
+        broker = self.worker(spec).broker
+        now = self.ops.remote.connects(broker)
+        seen = self._connects_seen.get(spec.name)
+        self._connects_seen[spec.name] = now
+        return seen is not None and seen != now
+
+    async def _stall_check(self, spec: InstanceSpec, pid: int) -> None:
+        """Restart a worker that answers pings but takes no work while work
+        waits in its queues (``stall_after``; looked at ten times in that span)."""
+        stall_after = self._settings.stall_after
+        app = self._host.app(spec.app)
+        now = self._clock.monotonic()
+        if stall_after <= 0 or not spec.queues or app is None:
+            return
+        if now < self._next_stall_look.get(spec.name, now):
+            return
+        self._next_stall_look[spec.name] = now + stall_after / 10
+        counts = await asyncio.gather(*(self._ready.ready(app, q) for q in spec.queues))
+        ready = dict(zip(spec.queues, counts, strict=True))
+        look = stall.Look(ready)
+        if any(ready.values()):  # (asked only when work waits: the worker is seen cheaply)
+            w = self.worker(spec)
+            try:
+                stats, active, reserved = await asyncio.gather(
+                    self.ops.stats(w), self.ops.call(w, "active"), self.ops.call(w, "reserved")
+                )
+            except BrokerUnavailable:
+                return
+            tasks = [drain.task_count(active), drain.task_count(reserved)]
+            busy = None if None in tasks else any(tasks)
+            look = stall.Look(ready, taken=stall.taken_total(stats), busy=busy)
+        before = self._stalls.get(spec.name, stall.StallWatch())
+        watch, why = stall.decide(before, look, self._clock.monotonic(), stall_after)
+        self._stalls[spec.name] = watch
+        if why and self._current(spec.name, pid, State.RUNNING):
+            log.warning("%s: %s", spec.name, why)
+            self._host.feed(spec.name, Hung(why))
 
     async def _prune_fanout(self) -> None:
         by_broker: dict[BrokerSpec, list[str]] = {}

@@ -104,6 +104,12 @@ class Hung:
 
 
 @dataclass(frozen=True)
+class Drained:
+    """A stopping worker has no task left (its consumers were cancelled and
+    its running tasks finished): the stop signal that follows cuts nothing."""
+
+
+@dataclass(frozen=True)
 class DepsReady:
     """Every instance it starts after is running (ready): spawn it now."""
 
@@ -159,6 +165,7 @@ Event = (
     | Adopt
     | Ready
     | Hung
+    | Drained
     | DepsReady
     | Waiting
     | NotReady
@@ -252,6 +259,8 @@ def step(
             return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
         case Hung(reason=reason) if s in (State.STARTING, State.RUNNING) and proc.pid is not None:
             return replace(proc, killed_for=reason), [Kill()]
+        case Drained() if s == State.STOPPING and proc.stop_step is None:
+            return replace(proc, stop_step=StopStep.DRAIN), []
         case DepsReady() if s == State.WAITING:
             # (its reason said what it waited for: over now)
             return _spawn(replace(proc, reason=None), now, restart=proc.spawned_once)
@@ -408,7 +417,9 @@ def _timeout(
     if proc.state == State.STARTING and proc.pid is not None:
         return replace(proc, state=State.RUNNING, retries=0, deadline=None, reason=None), []
     if proc.state == State.BACKOFF:
-        return _start(proc, policy, now, restart=True)
+        # (a restart only if it ever ran: the backoff of a wait for the
+        # instances it starts after may come before its first spawn)
+        return _start(proc, policy, now, restart=proc.spawned_once)
     if proc.state == State.WAITING:
         why = proc.not_ready or "waiting for the instances it starts after"
         return _failed_start(

@@ -26,6 +26,7 @@ from branchctl.models import (
     Branch,
     Consumer,
     Instance,
+    LintFinding,
     Member,
     Queue,
     QueueDepth,
@@ -645,6 +646,12 @@ class AsyncClient:
         _, data = await self._json("GET", f"{_instance_path(app, name)}/stats")
         return self._parse(Stats.from_json, data)
 
+    async def lint_app(self, app: str) -> list[LintFinding]:
+        """What in ``app``'s effective Celery config will hurt, one finding per
+        trap, read from a running worker of it on the branch asked (409 if none)."""
+        _, data = await self._json("GET", f"/v1/apps/{_seg(app)}/lint")
+        return self._items(LintFinding.from_json, data)
+
     async def app_stats(self, app: str) -> list[Stats]:
         """Every instance of ``app`` with its process-tree figures (CPU, RSS,
         processes; no Celery part), from every live branch of a cluster (each
@@ -1061,6 +1068,9 @@ class Client:
 
     def app_stats(self, app: str) -> list[Stats]:
         return self._run(self._async.app_stats(app))
+
+    def lint_app(self, app: str) -> list[LintFinding]:
+        return self._run(self._async.lint_app(app))
 
     def queue_consumers(self, app: str, queue: str) -> list[dict[str, Any]]:
         return self._run(self._async.queue_consumers(app, queue))

@@ -220,6 +220,21 @@ class ActionItem:
 
 
 @dataclass(frozen=True)
+class LintFinding:
+    """One trap ``lint_app`` found in an app's Celery config: ``severity`` is
+    ``error`` (tasks lost or run twice), ``warning`` or ``info``."""
+
+    rule: str
+    message: str
+    severity: str
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LintFinding:
+        return _build(cls, data, {})
+
+
+@dataclass(frozen=True)
 class Stats:
     app: str
     name: str

@@ -356,7 +356,8 @@ def test_hung_worker_warm_stop_and_app_delete(
     again = c.wait_running(name, other_than=old)
     assert again["restarts"] == inst["restarts"] + 1
 
-    # 8. warm stop: the task running at the stop finishes; the worker exits 0 on TERM
+    # 8. warm stop: the task running at the stop finishes first (the drain), then
+    # the worker exits 0 on TERM
     task = c.send("testapp.sleep", [2.5], queue=default)
 
     def running_task() -> bool:
@@ -372,11 +373,11 @@ def test_hung_worker_warm_stop_and_app_delete(
     took = time.monotonic() - t0
     assert reply.status == 200, reply.text
     stopped = reply.body
-    if stopped["stop_step"] != "signal":
+    if stopped["stop_step"] != "drain":
         print("worker log:\n", c.logs(name)[-4000:], "\ndaemon log:\n", c.b.log()[-4000:])
     assert (stopped["state"], stopped["stop_step"], stopped["exit_code"]) == (
         "stopped",
-        "signal",
+        "drain",
         0,
     ), stopped
     assert took >= 1.0, took  # it waited for the task (2.5 s, started a moment ago)

@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from branchd.celery.broker import BrokerSpec
+from branchd.celery.ready import ReadyCounter
 from branchd.celery.remote import KombuRemoteControl
 from branchd.celery.stub import Sent, StubNode, StubRemoteControl
 from branchd.clock import (
@@ -44,8 +45,9 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import Autoscale, State, StopStep, TaskLimits
+from branchd.model import App, Autoscale, State, StopStep, TaskLimits
 from branchd.process.fake import FakeLauncher
+from branchd.process.groups import Action, Outcome
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats
@@ -243,7 +245,7 @@ async def make_rig(tmp_path: Path, time_of: Time) -> AsyncIterator[MakeRig]:
     """``await make_rig(**config_overrides)``: a started LocalBranch and app ``shop``."""
     opened: list[tuple[LocalBranch, Store]] = []
 
-    async def create(**overrides: Any) -> Rig:
+    async def create(ready: ReadyCounter | None = None, **overrides: Any) -> Rig:
         base = Config.for_tests(tmp_path)
         celery = replace(
             base.celery, **{"health_interval": 0.05, "reconcile_interval": 0.5, **overrides}
@@ -262,6 +264,7 @@ async def make_rig(tmp_path: Path, time_of: Time) -> AsyncIterator[MakeRig]:
             remote=stub,
             bus=EventBus(),
             hostname=HOST,
+            ready=ready,
         )
         opened.append((m, store))
         await m.start()
@@ -506,6 +509,173 @@ async def test_warm_stop_cancels_queues_then_terms_the_main_process(rig: Rig) ->
         0,
     )
     assert (pid, signal.SIGTERM, True) not in rig.fake.signals
+
+
+async def test_a_stop_drains_the_running_task_before_the_term(rig: Rig) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=30)
+    tasks = [{"id": "t1", "name": "shop.encode"}]
+    node.scripts["active"] = lambda _: {"ok": list(tasks)}
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    asked = len(rig.sent("active"))
+
+    stopping = asyncio.create_task(rig.m.instances.stop_instance(APP, "w1"))
+    await rig.wait_for(lambda: len(rig.sent("active")) >= asked + 3)  # it keeps looking
+    assert node.queues == []  # no new tasks
+    assert [s for s in rig.fake.signals if s[0] == pid] == []  # no TERM while it runs
+    tasks.clear()  # the task ends
+    await rig.wait_for(lambda: (pid, signal.SIGTERM, False) in rig.fake.signals)
+    assert (await rig.view("w1")).runtime.stop_step == StopStep.DRAIN
+    rig.fake.exit(pid, 0)
+    view = await rig.finish(stopping)
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.DRAIN)
+
+
+#: Every way a worker is stopped, each through the same draining stop.
+STOPS: dict[str, Callable[[LocalBranch], Awaitable[object]]] = {
+    "stop": lambda m: m.instances.stop_instance(APP, "w1"),
+    "restart": lambda m: m.instances.restart_instance(APP, "w1"),
+    "delete": lambda m: m.instances.delete_instance(APP, "w1"),
+    "app delete": lambda m: m.instances.delete_app(APP),
+    "app rolling restart": lambda m: m.groups.act(APP, Action.RESTART, rolling=True),
+    "daemon SIGTERM": lambda m: m.shutdown(keep=False),
+}
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (the drain is the same)
+@pytest.mark.parametrize("how", list(STOPS))
+async def test_every_stop_drains_first(rig: Rig, how: str) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=30)
+    tasks = [{"id": "t1"}]
+    node.scripts["active"] = lambda _: {"ok": list(tasks)}
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    asked = len(rig.sent("active"))
+
+    stopping = asyncio.ensure_future(STOPS[how](rig.m))
+    await rig.wait_for(lambda: len(rig.sent("active")) >= asked + 3)
+    assert [s for s in rig.fake.signals if s[0] == pid] == [], how
+    tasks.clear()
+    await rig.wait_for(lambda: (pid, signal.SIGTERM, False) in rig.fake.signals)
+    rig.fake.exit(pid, 0)
+    # (an app's delete ends on a thread, the embedded broker's removal: the
+    # fake clock is stepped with real time between the steps, so that 5 s of
+    # it cannot pass before a thread had its turn)
+    until = time.monotonic() + DEADLINE
+    while not stopping.done() and time.monotonic() < until:
+        await rig.time.tick()
+        await asyncio.sleep(0.001)
+    assert stopping.done(), how
+    await stopping
+    assert rig.timeline.count(f"signal {pid} SIGTERM group=False") == 1
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (2 s of waiting)
+async def test_a_drain_that_runs_out_of_time_terms_then_kills(rig: Rig) -> None:
+    node, pid = await rig.running("w1", ["default"], stopwaitsecs=2)
+    node.scripts["active"] = {"ok": [{"id": "t1"}]}  # a task that never ends
+    node.scripts["reserved"] = {"ok": []}
+    rig.fake.stubborn.add(pid)
+    began = rig.time.now()
+
+    view = await rig.finish(rig.m.instances.stop_instance(APP, "w1"))
+    # TERM at half of stopwaitsecs (the warm shutdown's grace), then the kill
+    term = rig.timeline.index(f"signal {pid} SIGTERM group=False")
+    assert f"signal {pid} SIGKILL group=True" in rig.timeline[term:]
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.KILL)
+    assert rig.time.now() - began >= 2.0
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (a bound on its time)
+async def test_a_broker_reconnect_brings_back_a_lost_consumer_before_any_sweep(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig(reconcile_interval=600.0)  # (no sweep in this test's time)
+    node, _ = await rig.running("w1", ["default", "high"])
+    await rig.wait_for(lambda: len(rig.sent("ping")) > 3)
+    node.queues.remove("high")  # lost across the broker's restart
+    node.scripts["active_queues"] = None  # and the first look after it gets no answer
+    rig.stub.connections += 1  # our own connection to the broker was made anew
+    asked = len(rig.sent("active_queues"))
+    await rig.wait_for(lambda: len(rig.sent("active_queues")) > asked)
+    del node.scripts["active_queues"]  # answered from now on: the next round mends it
+    began = rig.time.now()
+    await rig.wait_for(lambda: "high" in node.queues)
+    assert rig.time.now() - began < 1.0  # within a few health rounds, not a sweep
+    assert [s.arguments["queue"] for s in rig.sent("add_consumer")][-1] == "high"
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (startsecs to run out)
+async def test_a_rolling_restart_goes_on_only_once_the_new_worker_answers_a_ping(
+    rig: Rig,
+) -> None:
+    n1, pid1 = await rig.running("w1", ["default"], startsecs=2)
+    _, pid2 = await rig.running("w2", ["default"], startsecs=2)
+    n1.scripts["ping"] = None  # w1's next worker never answers (nor does this one now)
+
+    rolling = asyncio.ensure_future(rig.m.groups.act(APP, Action.RESTART, rolling=True))
+    await rig.wait_for(rolling.done, 30.0)
+    items = await rolling
+    got = {i.view.spec.name: (i.outcome, i.error) for i in items}
+    assert got["w1"][0] is Outcome.FAILED and "no answer to ping" in (got["w1"][1] or ""), got
+    assert got["w2"][0] is Outcome.SKIPPED, got
+    assert (await rig.view("w2")).runtime.pid == pid2  # the old worker goes on
+    assert [s for s in rig.fake.signals if s[0] == pid2] == []
+    assert pid1 != (await rig.view("w1")).runtime.pid
+
+
+class CountedQueues:
+    """ReadyCounter twin: the ready messages a test says each queue holds."""
+
+    def __init__(self) -> None:
+        self.ready_of: dict[str, int | None] = {}
+
+    async def ready(self, app: App, queue: str) -> int | None:
+        return self.ready_of.get(queue, 0)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (seconds of watching)
+async def test_a_worker_that_takes_nothing_while_work_waits_is_restarted(
+    make_rig: MakeRig,
+) -> None:
+    queues = CountedQueues()
+    rig = await make_rig(ready=queues, stall_after=1.0)
+    node, pid = await rig.running("w1", ["default"])
+    node.scripts["active"] = {"ok": []}
+    node.scripts["reserved"] = {"ok": []}
+    taken = {"shop.encode": 3}
+    working = True
+
+    def stats(_: object) -> dict[str, Any]:
+        if working:  # a task taken between any two looks
+            taken["shop.encode"] += 1
+        return {"pool": {}, "total": dict(taken)}
+
+    node.scripts["stats"] = stats
+
+    # idle with nothing to take, then work waits and it keeps taking some: healthy
+    await rig.wait_for(lambda: len(rig.sent("ping")) > 30)
+    assert rig.sent("reserved") == []  # nothing waits: the worker is not even asked
+    queues.ready_of["default"] = 40
+    began = rig.time.now()
+    await rig.wait_for(lambda: rig.time.now() - began > 3.0)  # three times stall_after
+    assert (await rig.view("w1")).runtime.pid == pid
+    working = False
+    # (the next worker stays silent: its view keeps the reason until it answers)
+    killed = f"signal {pid} SIGKILL group=True"
+    node.scripts["ping"] = lambda _: None if killed in rig.timeline else {"ok": "pong"}
+
+    # then it takes nothing for stall_after: restarted, saying why
+    began = rig.time.now()
+    view = await rig.wait_view("w1", lambda v: v.runtime.pid not in (None, pid))
+    assert rig.time.now() - began >= 1.0 - 0.15
+    assert view.runtime.reason == (
+        "stalled: no task taken for 1s while its queues hold ready messages: default (40)"
+    )
+    assert killed in rig.timeline
 
 
 async def test_warm_stop_with_the_broker_down_still_terms(rig: Rig) -> None:
@@ -895,7 +1065,9 @@ async def test_both_warm_stop_cancels_queues_then_terms(side: Side) -> None:
     mark = len(side.timeline)
 
     view = await side.finish(side.m.instances.stop_instance(APP, "w1"))
-    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, StopStep.SIGNAL)
+    # a real worker says it has no task left before the TERM (the stub knows no `active`)
+    drained = StopStep.SIGNAL if side.stub is not None else StopStep.DRAIN
+    assert (view.runtime.state, view.runtime.stop_step) == (State.STOPPED, drained)
     # (the group's leftovers go after the exit: not part of the stop's order)
     steps = [
         e

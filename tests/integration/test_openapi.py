@@ -249,6 +249,7 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     scale = {"on": "images", "per_worker": 5, "min": 3, "max": 1}
     assert v.call("PATCH", shop, {"scale": scale}).status == 422
     assert v.call("PATCH", shop, {"scale": {**scale, "min": 1}}).body["scale"]["max"] == 1
+    assert v.call("GET", shop + "/lint").status == 409  # no running worker to ask
     assert v.call("DELETE", q).status == 204
     assert v.call("DELETE", shop).status == 204
     assert v.call("DELETE", "/v1/apps/web").status == 204
@@ -281,12 +282,11 @@ def test_answers_match_the_document(branchd_factory: Callable[..., Branchd]) -> 
     assert v.call("POST", "/v1/daemon/exit", {"keep": True}).status == 202
     assert branchd.wait_exit() == 0
     # every operation of the document was seen answering its success status
-    # (but the other exit: test_instance_options.py's daemon answers it; and
-    # the event stream, which never ends: test_events_metrics.py reads it)
-    for method, path in _doc_operations(v.doc) - {
-        ("post", "/v1/branch/exit"),
-        ("get", "/v1/events"),
-    }:
+    # (but the other exit: test_instance_options.py's daemon answers it; the
+    # event stream, which never ends: test_events_metrics.py reads it; and
+    # lint, which needs a running worker: test_worker_health.py checks its 200)
+    others = {("post", "/v1/branch/exit"), ("get", "/v1/events"), ("get", "/v1/apps/{app}/lint")}
+    for method, path in _doc_operations(v.doc) - others:
         ok = [int(s) for s in v.doc["paths"][path][method]["responses"] if s.startswith("2")]
         assert any((method, path, s) in v.seen for s in ok), (method, path)
 

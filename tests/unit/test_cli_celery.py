@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from branchctl.cli import main
+from branchctl.cli.apps import rolls_by_default
 from branchctl.client import AsyncClient, Client
 from branchctl.errors import ApiError
 from branchctl.models import App, Autoscale, Consumer, Instance, Queue, Stats
@@ -868,3 +869,20 @@ def test_models_tolerate_unknown_and_null_fields() -> None:
         Autoscale.from_json({"max": 2})
     with pytest.raises(ValueError):
         Instance.from_json({"app": "a", "name": "n", "state": "running", "queues": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("action", "kinds", "rolls"),
+    [
+        ("restart", ["celery", "celery"], True),  # workers: never all down at once
+        ("restart", ["celery", "process"], False),  # a mixed app: as asked
+        ("restart", ["process"], False),  # supervisord's group restart: all at once
+        ("restart", [], False),
+        ("start", ["celery"], False),  # starting takes no worker away
+        ("stop", ["celery"], False),
+    ],
+)
+def test_an_app_of_celery_workers_restarts_rolling_by_default(
+    action: str, kinds: list[str], rolls: bool
+) -> None:
+    assert rolls_by_default(action, kinds) is rolls

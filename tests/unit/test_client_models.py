@@ -27,6 +27,7 @@ ANSWERS: dict[type[Any], tuple[str, str]] = {
     models.Branch: ("/v1/branch", "get"),
     models.Member: ("/v1/branches/{id}", "get"),
     models.ActionItem: ("/v1/apps/{app}/start", "post"),
+    models.LintFinding: ("/v1/apps/{app}/lint", "get"),
 }
 
 

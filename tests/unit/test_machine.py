@@ -939,3 +939,19 @@ def test_random_event_sequences_keep_the_invariants(
             proc, more = step(proc, answer, policy, now, BACKOFF)
             assert more == []
         check_invariants(old, proc, cmds, policy)
+
+
+def test_the_first_spawn_after_a_wait_that_timed_out_is_no_restart() -> None:
+    # (found by the random sequences: a wait for the instances it starts after
+    # gave up, the backoff ended, and its first spawn ever counted as a restart)
+    policy = Policy(awaits=True, after_timeout=0.5, startretries=3, startsecs=0.0)
+    proc, cmds = step(Proc(), Start(), policy, 0.0, BACKOFF)
+    assert proc.state == State.WAITING and cmds == [Await()]
+    proc, _ = step(proc, Timeout(), policy, 0.5, BACKOFF)  # nothing to start after came up
+    assert proc.state == State.BACKOFF and not proc.spawned_once
+    proc, cmds = step(proc, Timeout(), policy, proc.deadline or 0.0, BACKOFF)
+    assert proc.state == State.WAITING and cmds == [Await()]
+    proc, cmds = step(proc, DepsReady(), policy, 2.0, BACKOFF)
+    assert cmds == [Spawn()] and proc.restarts == 0
+    proc, _ = step(proc, Spawned(101), policy, 2.0, BACKOFF)
+    assert proc.state == State.RUNNING and proc.restarts == 0

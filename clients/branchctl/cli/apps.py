@@ -453,13 +453,22 @@ def _outcome_line(app: str, item: ActionItem) -> str:
     return line
 
 
+def rolls_by_default(action: str, kinds: list[str]) -> bool:
+    """A restart of an app of Celery workers only rolls unless told otherwise:
+    all at once, no worker would consume its queues for a whole drain and
+    start. Plain processes restart at once, as supervisord's group restart does."""
+    return action == "restart" and bool(kinds) and all(k == "celery" for k in kinds)
+
+
 def _app_action(
-    opts: Options, app: str, action: str, no_wait: bool, rolling: bool, batch: int | None
+    opts: Options, app: str, action: str, no_wait: bool, rolling: bool | None, batch: int | None
 ) -> None:
-    if batch is not None and not rolling:
-        raise click.UsageError("--batch needs --rolling (without it all act at once)")
     with opts.client() as c:
         items = c.instances(app)
+        if rolling is None:
+            rolling = rolls_by_default(action, [i.kind for i in items])
+        if batch is not None and not rolling:
+            raise click.UsageError("--batch needs --rolling (without it all act at once)")
         size = batch or 1
         batches = -(-len(items) // size) if rolling else 1
         if not no_wait:
@@ -490,10 +499,11 @@ def _rolling_options(f: _F) -> _F:
         help="With --rolling: this many at a time [default: 1].",
     )(f)
     return click.option(
-        "--rolling",
-        is_flag=True,
+        "--rolling/--all-at-once",
+        default=None,
         help="A batch at a time, the next once the one before runs again; "
-        "a batch that does not stops the rest.",
+        "a batch that does not stops the rest [default: rolling for a restart of "
+        "an app of Celery workers, else all at once].",
     )(f)
 
 
@@ -501,7 +511,9 @@ def _rolling_options(f: _F) -> _F:
 @click.argument("name")
 @_rolling_options
 @no_wait_option
-def apps_start(opts: Options, name: str, rolling: bool, batch: int | None, no_wait: bool) -> None:
+def apps_start(
+    opts: Options, name: str, rolling: bool | None, batch: int | None, no_wait: bool
+) -> None:
     """Start every instance of app NAME (on the branch asked) and wait until they run.
 
     Prints each one's outcome; exits 1 when any does not come up (in backoff,
@@ -526,12 +538,19 @@ def apps_stop(opts: Options, name: str, no_wait: bool) -> None:
 @click.argument("name")
 @_rolling_options
 @no_wait_option
-def apps_restart(opts: Options, name: str, rolling: bool, batch: int | None, no_wait: bool) -> None:
+def apps_restart(
+    opts: Options, name: str, rolling: bool | None, batch: int | None, no_wait: bool
+) -> None:
     """Restart every instance of app NAME, at once or --rolling, and wait until they run.
+
+    An app of Celery workers rolls by default, one at a time (the next once
+    the new one answers a ping): its queues are never left without a worker.
 
     \b
     Examples:
-      branchctl apps restart web                       # all at once
+      branchctl apps restart web                       # processes: all at once
+      branchctl apps restart shop                      # celery workers: one at a time
+      branchctl apps restart shop --all-at-once
       branchctl apps restart web --rolling --batch 2   # never more than 2 down
 
     Exits 1 when any does not come up again (a rolling restart then stops:
@@ -539,6 +558,31 @@ def apps_restart(opts: Options, name: str, rolling: bool, batch: int | None, no_
     at once (a rolling restart goes on in the daemon).
     """
     _app_action(opts, name, "restart", no_wait, rolling, batch)
+
+
+@apps.command("lint")
+@click.argument("name")
+def apps_lint(opts: Options, name: str) -> None:
+    """What in app NAME's Celery config will hurt, and why: one line per trap.
+
+    Reads the effective config of a running worker of the app (remote
+    control 'conf'), on the branch asked. Exits 1 when a trap is an error
+    (tasks lost or run twice), 0 for warnings and notes.
+
+    \b
+    Example:
+      branchctl apps lint shop
+      error: acks_late_without_reject_on_worker_lost: task_acks_late without ...
+    """
+    with opts.client() as c:
+        found = c.lint_app(name)
+    lines = [f"{f.severity}: {f.rule}: {f.message}" for f in found]
+    _emit(opts, {"items": [dict(f.raw) for f in found]}, "\n".join(lines))
+    if not found and not opts.json:
+        click.echo(f"{name}: no known trap in its Celery config", err=True)
+    errors = [f.rule for f in found if f.severity == "error"]
+    if errors:
+        raise Failed(f"lint: {len(errors)} error(s) in the Celery config of {name}")
 
 
 def _python_config(name: str, config: Mapping[str, Any]) -> str:
