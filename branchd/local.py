@@ -115,6 +115,8 @@ def build(
     ready: ReadyCounter | None = None,
 ) -> LocalBranch:
     declarations = Declarations(store, clock, bus)
+    # one broker depth reader: the depth scaler's and the stall check's
+    reader = depth_reader or KombuDepthReader()
     workers = Workers(
         CeleryOps(remote, scheduler=scheduler),
         launcher,
@@ -123,6 +125,7 @@ def build(
         settings=config.celery,  # (only its own section)
         scheduler=scheduler,
         ready=ready,
+        depth=reader,
     )
     engine = Engine(
         store,
@@ -142,9 +145,7 @@ def build(
     declarations.on_check_app(workers.check_limits)
     celery = CeleryRuntime(engine, declarations, workers, bus)
     declarations.on_remote_queue_delete(celery.drop_queue)
-    depth = DepthService(
-        engine, declarations, workers, depth_reader or KombuDepthReader(), scheduler
-    )
+    depth = DepthService(engine, declarations, workers, reader, scheduler)
     return LocalBranch(
         apps=declarations,
         instances=engine,

@@ -25,6 +25,7 @@ from branchd.celery.broker import (
     prune_dead_fanout,
     remove_embedded,
 )
+from branchd.celery.depth import DepthReader, KombuDepthReader
 from branchd.celery.ops import (
     CeleryOps,
     Worker,
@@ -41,7 +42,7 @@ from branchd.celery.ops import (
     python_for,
     start_bindings,
 )
-from branchd.celery.ready import KombuReadyCounter, ReadyCounter
+from branchd.celery.ready import DepthReadyCounter, ReadyCounter
 from branchd.clock import Scheduler, deadline, wait_first
 from branchd.config import CelerySection
 from branchd.errors import BranchdError, BrokerMisconfigured, BrokerUnavailable, NotFound
@@ -101,6 +102,7 @@ class Workers:
         settings: CelerySection,
         scheduler: Scheduler,
         ready: ReadyCounter | None = None,
+        depth: DepthReader | None = None,
     ) -> None:
         self._host: Host = _Unbound()
         self._sched = scheduler
@@ -123,7 +125,9 @@ class Workers:
         #: When the health loop's next round also sweeps (reconcile, prune).
         self._next_sweep: float | None = None
         #: Ready messages of the workers' queues, for the stall check.
-        self._ready: ReadyCounter = ready or KombuReadyCounter(self.broker)
+        self._ready: ReadyCounter = ready or DepthReadyCounter(
+            self.broker, depth or KombuDepthReader()
+        )
         self._stalls: dict[str, stall.StallWatch] = {}
         #: Our connections to each worker's broker, as counted at its last round.
         self._connects_seen: dict[str, int] = {}

@@ -14,7 +14,8 @@ import pytest
 from kombu import connection as kombu_connection
 
 from branchd.celery.broker import BrokerSpec, embedded
-from branchd.celery.ready import KombuReadyCounter
+from branchd.celery.depth import KombuDepthReader
+from branchd.celery.ready import DepthReadyCounter
 from branchd.model import App
 from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
 
@@ -34,7 +35,8 @@ def test_ready_counts_on_each_broker(kind: str, tmp_path: Path) -> None:
     conn: Any = Connection(
         spec.url or "filesystem://", transport_options=dict(spec.transport_options)
     )
-    counter = KombuReadyCounter(lambda app: spec)
+    reader = KombuDepthReader()
+    counter = DepthReadyCounter(lambda app: spec, reader)
     try:
         with conn:
             sq = conn.SimpleQueue(queue)
@@ -48,14 +50,17 @@ def test_ready_counts_on_each_broker(kind: str, tmp_path: Path) -> None:
         assert asyncio.run(read()) == (3, 0)
     finally:
         counter.close()
+        asyncio.run(reader.close())  # (the reader's maker closes it)
         if kind != "filesystem":
             with Connection(spec.url) as c:
                 c.default_channel.queue_delete(queue)
 
 
 def test_a_broker_that_cannot_be_reached_gives_no_count() -> None:
-    counter = KombuReadyCounter(lambda app: BrokerSpec("amqp://guest:guest@127.0.0.1:1//"), 0.2)
+    reader = KombuDepthReader(connect_timeout=0.2)
+    counter = DepthReadyCounter(lambda app: BrokerSpec("amqp://guest:guest@127.0.0.1:1//"), reader)
     try:
         assert asyncio.run(counter.ready(APP, "default")) is None
     finally:
         counter.close()
+        asyncio.run(reader.close())

@@ -79,12 +79,23 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         bus=EventBus(),
         hostname=HOST,
         depth_reader=depth,
+        ready=_NoCounts(),  # (the stall check's reads are not this test's)
     )
     await m.start()
     await m.apps.put_app(APP, {}, {}, {"celery_app": "tests.celery_app.tasks", "scale": POLICY})
     yield Rig(m, stub, depth, sched)
     await m.shutdown(keep=True)
     store.close()
+
+
+class _NoCounts:
+    """The stall check's ReadyCounter, knowing nothing (it then never acts)."""
+
+    async def ready(self, app: object, queue: str) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _tasks(n: int) -> dict[str, object]:
