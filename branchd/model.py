@@ -673,10 +673,10 @@ CELERY_FIELDS = (
     *LIMIT_FIELDS,
 )
 _POLICY_KEYS = (*POLICY_FIELDS, *_ORDER_POLICY)
-#: Wire keys that are fields of InstanceSpec under the same name.
-_SPEC_PLAIN = (
-    "kind",
-    "desired",
+#: Instance fields a user may set that are InstanceSpec fields under the same
+#: name (in a create, a patch or an app's defaults), but the policy's and the
+#: Celery ones.
+SPEC_FIELDS = (
     "command",
     "env",
     "cwd",
@@ -689,6 +689,12 @@ _SPEC_PLAIN = (
     "autostart",
     "log_max_bytes",
     "log_backups",
+)
+#: Wire keys that are fields of InstanceSpec under the same name.
+_SPEC_PLAIN = (
+    "kind",
+    "desired",
+    *SPEC_FIELDS,
     "created_at",
     *(k for k in CELERY_FIELDS if k not in LIMIT_FIELDS),
     *(k for k in ORDER_FIELDS if k not in _ORDER_POLICY),

@@ -20,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,3 +117,35 @@ def redis_db_session() -> Iterator[None]:
                 pass
             else:
                 flush_redis_db()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a broker of a test's own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own on ``port`` (nothing kept on disk),
+    once it accepts connections; AssertionError if it does not within 10 s."""
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.05)
+    end_process(proc)
+    raise AssertionError("redis-server did not start")
+
+
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process a test started (if it still runs) and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)

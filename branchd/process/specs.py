@@ -15,6 +15,7 @@ from branchd.model import (
     POLICY_FIELDS,
     POOLS,
     PROBE_FIELDS,
+    SPEC_FIELDS,
     App,
     Autorestart,
     Autoscale,
@@ -31,20 +32,6 @@ from branchd.model import (
 from branchd.process.probes import probe_text
 
 #: Instance fields a user may set (in a create, a patch or an app's defaults).
-SPEC_FIELDS = (
-    "command",
-    "env",
-    "cwd",
-    "user",
-    "env_file",
-    "umask",
-    "memory_max",
-    "cpu_max",
-    "pids_max",
-    "autostart",
-    "log_max_bytes",
-    "log_backups",
-)
 SETTABLE = POLICY_FIELDS + SPEC_FIELDS + CELERY_FIELDS + ORDER_FIELDS
 
 #: Celery workers take time to start and must be given time to finish their

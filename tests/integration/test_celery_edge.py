@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from branchd.celery.broker import (
 from branchd.celery.remote import KombuRemoteControl, RemoteControl
 from branchd.celery.stub import StubRemoteControl
 from branchd.errors import BrokerMisconfigured, BrokerUnavailable
-from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
+from tests.brokers import AMQP_URL, REDIS_URL, free_port, reachable, start_redis, unreachable
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.celery_app.tasks"
@@ -356,41 +355,6 @@ async def test_filesystem_leftovers_and_dead_fanout(tmp_path: Path) -> None:
         assert again.proc.poll() is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        time.sleep(0.05)
-    kill_group(proc)
-    raise AssertionError("redis-server did not start")
-
-
 def _remote_records(caplog: pytest.LogCaptureFixture, level: int, where: str) -> list[str]:
     return [
         r.getMessage()
@@ -406,10 +370,10 @@ async def test_calls_work_again_after_a_redis_restart(
     if shutil.which("redis-server") is None:
         unreachable("redis-server (binary)")
     caplog.set_level(logging.DEBUG, logger="branchd.celery.remote")
-    port = _free_port()
+    port = free_port()
     spec = BrokerSpec(f"redis://127.0.0.1:{port}/0")
     where = f"127.0.0.1:{port}"
-    redis = _start_redis(port, tmp_path)
+    redis = start_redis(port, tmp_path)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(lambda: kill_group(redis))
         # reconnect attempts every 0.1 s: many of them while the broker is down
@@ -436,7 +400,7 @@ async def test_calls_work_again_after_a_redis_restart(
         assert 1 <= len(warned) <= 3, warned
         assert any("Connection refused" in w for w in warned), warned
 
-        redis = _start_redis(port, tmp_path)
+        redis = start_redis(port, tmp_path)
         # both the worker and our reply queue reconnect on their own
         await wait_ping(rc, spec, worker, deadline=45)
         assert await rc.call(spec, worker.node, "ping") == {"ok": "pong"}

@@ -37,7 +37,15 @@ from kombu import Exchange
 from kombu import connection as kombu_connection
 
 from branchd.celery.broker import BrokerSpec, embedded, worker_env
-from tests.brokers import AMQP_URL, REDIS_URL, reachable, unreachable
+from tests.brokers import (
+    AMQP_URL,
+    REDIS_URL,
+    end_process,
+    free_port,
+    reachable,
+    start_redis,
+    unreachable,
+)
 from tests.conftest import Branchd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -441,43 +449,15 @@ def test_unreachable_broker_is_reported_and_the_api_stays_responsive(
 # 7: the broker restarts under a running worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        time.sleep(0.05)
-    _stop(proc)
-    raise AssertionError("redis-server did not start")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
 @pytest.mark.slow
 def test_worker_and_declarations_survive_a_broker_restart(
     branchd_factory: Callable[..., Branchd], tmp_path: Path
 ) -> None:
     if shutil.which("redis-server") is None:
         unreachable("redis-server (binary)")
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    servers = [_start_redis(port, tmp_path)]
+    servers = [start_redis(port, tmp_path)]
     try:
         b = _daemon(branchd_factory, tmp_path)
         c = Celeryd(b, "redis", BrokerSpec(url), tmp_path)
@@ -493,7 +473,7 @@ def test_worker_and_declarations_survive_a_broker_restart(
         t0 = time.perf_counter()
         assert c.b.instance(c.app, name)["state"] == "running"  # not taken for hung
         assert time.perf_counter() - t0 < 0.5
-        servers.append(_start_redis(port, tmp_path))
+        servers.append(start_redis(port, tmp_path))
 
         # the worker reconnects; its consumers (the one added at runtime too) are back
         def consuming() -> bool:
@@ -513,4 +493,4 @@ def test_worker_and_declarations_survive_a_broker_restart(
         assert not _alive(now["pid"])
     finally:
         for server in servers:
-            _stop(server)
+            end_process(server)

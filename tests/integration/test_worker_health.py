@@ -8,11 +8,9 @@ workers rolls.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -29,7 +27,7 @@ from click.testing import CliRunner, Result
 
 from branchd.api import openapi
 from branchd.api.routes import ROUTES
-from tests.brokers import unreachable
+from tests.brokers import end_process, free_port, start_redis, unreachable
 from tests.conftest import Branchd, _kill_leftovers, start_branchd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,35 +40,6 @@ CONFIG = (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(10)
-    raise AssertionError("redis-server did not start")
-
-
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
 
 
 @dataclass
@@ -129,8 +98,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     if shutil.which("redis-server") is None:
         unreachable("redis-server (binary)")
     tmp = tmp_path_factory.mktemp("health")
-    port = _free_port()
-    redis = _redis(port, tmp)
+    port = free_port()
+    redis = start_redis(port, tmp)
     (tmp / "branchd.toml").write_text(CONFIG)
     b = start_branchd(tmp / "state", "--config", str(tmp / "branchd.toml"))
     tok = uuid.uuid4().hex[:6]
@@ -156,7 +125,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             b.proc.kill()
             b.proc.wait()
         _kill_leftovers(b.state_dir)
-        _end(rig.redis)
+        end_process(rig.redis)
 
 
 def test_lint_reads_the_running_workers_config_and_flags_its_traps(rig: Rig) -> None:
@@ -207,7 +176,7 @@ def test_a_consumer_lost_across_a_broker_restart_is_added_back(rig: Rig) -> None
     pid = rig.view()["pid"]
     rig.redis.terminate()
     rig.redis.wait(10)
-    rig.redis = _redis(rig.port, rig.tmp)
+    rig.redis = start_redis(rig.port, rig.tmp)
     wait_for(lambda: rig.queues() == {rig.default, rig.extra}, 30, 0.2)
     proof = rig.tmp / "after-broker-restart"
     rig.send("testapp.touch", [str(proof)], rig.extra)
