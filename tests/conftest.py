@@ -264,14 +264,22 @@ def branchd_factory(tmp_path: Path) -> Iterator[Callable[..., Branchd]]:
 
     yield create
     for b in started:
-        if b.proc.poll() is None:
-            b.proc.send_signal(signal.SIGTERM)
-            try:
-                b.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                b.proc.kill()
-                b.proc.wait()
+        stop_branchd(b, leftovers=False)
     for b in started:
+        _kill_leftovers(b.state_dir)
+
+
+def stop_branchd(b: Branchd, *, leftovers: bool = True) -> None:
+    """SIGTERM a daemon a test started, SIGKILL it after 30 s; then (``leftovers``)
+    end what it left running."""
+    if b.proc.poll() is None:
+        b.proc.send_signal(signal.SIGTERM)
+        try:
+            b.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            b.proc.kill()
+            b.proc.wait()
+    if leftovers:
         _kill_leftovers(b.state_dir)
 
 

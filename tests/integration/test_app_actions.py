@@ -4,8 +4,6 @@ restart that never has more instances down than its batch."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +12,14 @@ import pytest
 from branchctl.cli import main
 from click.testing import CliRunner, Result
 
-from tests.conftest import SLEEPER, Branchd, Reply, _kill_leftovers, start_branchd, wait_for
+from tests.conftest import (
+    SLEEPER,
+    Branchd,
+    Reply,
+    start_branchd,
+    stop_branchd,
+    wait_for,
+)
 
 FAST = {"command": SLEEPER, "startsecs": 0, "stopwaitsecs": 5}
 
@@ -25,13 +30,7 @@ def b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Branchd]:
     try:
         yield daemon
     finally:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        _kill_leftovers(daemon.state_dir)
+        stop_branchd(daemon)
 
 
 def _app(b: Branchd, name: str) -> str:

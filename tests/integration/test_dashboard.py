@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -24,7 +22,7 @@ from aiohttp import web
 
 from branchd.api import dashboard
 from tests import webdriver
-from tests.conftest import SLEEPER, Branchd, _kill_leftovers, start_branchd, wait_for
+from tests.conftest import SLEEPER, Branchd, start_branchd, stop_branchd, wait_for
 
 FAST = {"command": SLEEPER, "startsecs": 0, "stopwaitsecs": 5}
 SAYS_READY = "import time; print('mailer ready', flush=True); time.sleep(1e9)"
@@ -42,13 +40,7 @@ def b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Branchd]:
             daemon.ok("POST", f"/v1/apps/web/instances/{name}/start")
         yield daemon
     finally:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        _kill_leftovers(daemon.state_dir)
+        stop_branchd(daemon)
 
 
 @pytest.mark.parametrize("path", ["/", "/ui/app.js", "/ui/style.css"])

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SLEEPER, Branchd, _kill_leftovers, start_branchd, wait_for
+from tests.conftest import SLEEPER, Branchd, _kill_leftovers, start_branchd, stop_branchd, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,7 @@ def b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Branchd]:
     try:
         yield daemon
     finally:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        _kill_leftovers(daemon.state_dir)
+        stop_branchd(daemon)
 
 
 class Stream:
