@@ -287,6 +287,7 @@ class Daemon:
                         gossip=cluster.counters if cluster is not None else None,
                         members=cluster.branches if cluster is not None else None,
                         streams=lambda: journal.streams,
+                        depths=local.scaler.known_depths,
                     ),
                     metrics_public=cfg.api.metrics_public,
                 ),

@@ -133,6 +133,9 @@ class Sources:
     members: Callable[[], list[dict[str, Any]]] | None = None
     #: event streams connected now
     streams: Callable[[], int] | None = None
+    #: ``(app, queue) -> {"ready", "in_flight", "consumers"}``: the depths the
+    #: depth scaler read at its last poll (the queues of apps that scale on one)
+    depths: Callable[[], Mapping[tuple[str, str], Mapping[str, Any]]] | None = None
 
 
 #: How old the instances' cpu and rss in a scrape may be (s) before the
@@ -265,6 +268,8 @@ async def families(
         out.append(members)
     if sources.gossip is not None:
         out += _gossip(sources.gossip(), CounterMetricFamily)
+    if sources.depths is not None:
+        out += _depths(sources.depths(), GaugeMetricFamily)
     if sources.streams is not None:
         streams = GaugeMetricFamily("branchd_event_streams", "Event streams connected")
         streams.add_metric([], sources.streams())
@@ -305,6 +310,26 @@ def _celery(
             if isinstance(f.get(key), int | float):
                 family.add_metric([app, name], f[key])
     yield from (active, processed, pool)
+
+
+def _depths(
+    depths: Mapping[tuple[str, str], Mapping[str, Any]], gauge: Any
+) -> Iterator[Metric]:
+    """Queue depth where known: read by the depth scaler, never by a scrape
+    (a broker read per scrape would make a scrape as slow as the broker)."""
+    families = {
+        key: gauge(f"branchd_queue_{key}", text, labels=["app", "queue"])
+        for key, text in (
+            ("ready", "Ready messages in a queue (the depth scaler's last read)"),
+            ("in_flight", "Tasks of a queue held by this branch's workers (last read)"),
+            ("consumers", "Consumers of a queue, where the broker says (last read)"),
+        )
+    }
+    for (app, queue), d in sorted(depths.items()):
+        for key, family in families.items():
+            if isinstance(d.get(key), int | float):
+                family.add_metric([app, queue], d[key])
+    yield from families.values()
 
 
 def _gossip(c: Mapping[str, Any], counter: Any) -> Iterator[Metric]:

@@ -222,6 +222,17 @@ class DepthScaler:
         if self._task is None:
             self._task = asyncio.ensure_future(self._loop())
 
+    def known_depths(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The depth each app's policy read at its last poll (the metrics show it)."""
+        return {
+            (app, view.depth.queue): {
+                "ready": view.depth.ready,
+                "in_flight": view.depth.in_flight,
+                "consumers": view.depth.consumers,
+            }
+            for app, view in self.last.items()
+        }
+
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:

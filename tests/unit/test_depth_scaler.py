@@ -183,3 +183,22 @@ async def test_no_shrink_while_the_worker_holds_reserved_tasks(rig: Rig) -> None
     rig.stub.script(node.name, "reserved", {"ok": []})
     await rig.poll()
     assert node.autoscale == (2, 1)
+
+
+async def test_the_depths_read_are_in_the_metrics(rig: Rig) -> None:
+    from prometheus_client.core import GaugeMetricFamily
+
+    from branchd.api.metrics import _depths
+
+    await rig.worker("w1")
+    rig.depth.set("default", 400, consumers=1)
+    await rig.poll()
+    known = rig.m.scaler.known_depths()
+    assert known[(APP, "default")]["ready"] == 400
+    samples = {
+        (f.name, s.labels["queue"]): s.value
+        for f in _depths(known, GaugeMetricFamily)
+        for s in f.samples
+    }
+    assert samples[("branchd_queue_ready", "default")] == 400
+    assert samples[("branchd_queue_consumers", "default")] == 1
