@@ -1,9 +1,10 @@
 """This branch's record: who it is and what it has room for.
 
-Built by a service, fed by the event bus (how many instances) and a timer
-(CPU load and free memory, read from the host through a small probe), so
-that a request never waits on psutil and the gossip can carry the same
-record later. ``refresh()`` is the timer's one step; tests call it.
+Built by a service, fed by the event bus (which instances it holds, which
+of its Celery workers run) and a timer (CPU load and free memory, read from
+the host through a small probe), so that a request never waits on psutil
+and the gossip can carry the same record. ``refresh()`` is the timer's one
+step, ``seen()`` the bus's; tests call them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import psutil
 from branchd import events
 from branchd.clock import Scheduler, deadline
 from branchd.events import EventBus
+from branchd.model import Kind, State
 from branchd.views import BranchRecord, Capacity
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class BranchService:
         max_instances: int = 0,
         slots: int = 0,
         slots_used: Callable[[], int] | None = None,
+        running: Iterable[str] = (),  # app/name of each Celery worker running at start
     ) -> None:
         self._record = base
         self._max = max_instances
@@ -73,8 +76,10 @@ class BranchService:
         self._probe = probe
         self._bus = bus
         self._names = set(instances)
+        self._running = set(running)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._changes: contextlib.AbstractContextManager[events.Subscription] | None = None
         self.refresh()
 
     def record(self) -> BranchRecord:
@@ -85,7 +90,12 @@ class BranchService:
             slots=self._slots,
             slots_used=self._used(),
         )
-        return replace(self._record, capacity=capacity, instances=tuple(sorted(self._names)))
+        return replace(
+            self._record,
+            capacity=capacity,
+            instances=tuple(sorted(self._names)),
+            running=tuple(sorted(self._running)),
+        )
 
     def with_address(self, **fields: str) -> None:
         """Set where this branch is reached (its API URL and gossip address,
@@ -114,13 +124,20 @@ class BranchService:
         self._changed()
 
     def seen(self, event: events.Event) -> None:
-        """One event of the bus: instances come and go."""
-        before = len(self._names)
-        if isinstance(event, events.InstanceAdded):
-            self._names.add(f"{event.app}/{event.name}")
-        elif isinstance(event, events.InstanceRemoved):
-            self._names.discard(f"{event.app}/{event.name}")
-        if len(self._names) != before:
+        """One event of the bus: instances come and go, workers start and stop."""
+        before = (len(self._names), len(self._running))
+        match event:
+            case events.InstanceAdded(app, name):
+                self._names.add(f"{app}/{name}")
+            case events.InstanceRemoved(app, name):
+                self._names.discard(f"{app}/{name}")
+                self._running.discard(f"{app}/{name}")
+            case events.InstanceChanged(app, name, state, kind=Kind.CELERY):
+                if state == State.RUNNING:
+                    self._running.add(f"{app}/{name}")
+                else:  # (a stopping worker no longer counts: its share goes to the others)
+                    self._running.discard(f"{app}/{name}")
+        if (len(self._names), len(self._running)) != before:
             self._changed()
 
     def _changed(self) -> None:
@@ -132,29 +149,41 @@ class BranchService:
             log.exception("a listener of the branch record failed")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        # Subscribed now, not when the loop first runs: a worker that becomes
+        # ready in between would be missed (what was running before, the
+        # daemon gave as ``running``).
+        self._changes = self._bus.subscribe(_about_the_record)
+        self._task = asyncio.create_task(self._run(self._changes.__enter__()))
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._changes is not None:
+            self._changes.__exit__(None, None, None)
+            self._changes = None
 
-    async def _run(self) -> None:
+    async def _run(self, changes: events.Subscription) -> None:
         clock = self._clock
-        with self._bus.subscribe(
-            lambda e: isinstance(e, events.InstanceAdded | events.InstanceRemoved)
-        ) as changes:
+        next_refresh = clock.monotonic() + self._interval
+        while True:
+            try:
+                async with deadline(self._sched, next_refresh):
+                    self.seen(await changes.get())
+                    continue
+            except TimeoutError:
+                pass
+            try:
+                self.refresh()
+            except Exception:  # a probe that fails once must not end the loop
+                log.warning("cannot read the host's load and memory", exc_info=True)
             next_refresh = clock.monotonic() + self._interval
-            while True:
-                try:
-                    async with deadline(self._sched, next_refresh):
-                        self.seen(await changes.get())
-                        continue
-                except TimeoutError:
-                    pass
-                try:
-                    self.refresh()
-                except Exception:  # a probe that fails once must not end the loop
-                    log.warning("cannot read the host's load and memory", exc_info=True)
-                next_refresh = clock.monotonic() + self._interval
+
+
+def _about_the_record(event: events.Event) -> bool:
+    """The events that change the record: instances come and go, Celery
+    workers' states (a plain process's state is not in it)."""
+    if isinstance(event, events.InstanceChanged):
+        return event.kind == Kind.CELERY
+    return isinstance(event, events.InstanceAdded | events.InstanceRemoved)

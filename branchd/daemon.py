@@ -47,6 +47,7 @@ from branchd.errors import BranchdError, ConfigError
 from branchd.events import EventBus
 from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
+from branchd.model import State
 from branchd.placement import Recent, need_for
 from branchd.process.cgroups import CgroupTree
 from branchd.process.launcher import ProcessLauncher
@@ -190,6 +191,7 @@ class Daemon:
                 SystemProbe(),
                 bus,
                 [f"{s.app}/{s.name}" for s in local.instances.specs()],
+                running=running_workers(local),
                 scheduler=scheduler,
                 interval=cfg.cluster.record_interval,
                 max_instances=cfg.cluster.max_instances,
@@ -216,6 +218,11 @@ class Daemon:
             cluster_events: ClusterEvents | None = None
             if cluster is not None:
                 import random
+
+                # an app's rate limits: a total over its running workers on
+                # every branch (a worker elsewhere starts or stops: ours re-split)
+                local.workers.count_elsewhere(cluster)
+                cluster.on_running = local.workers.resplit
 
                 from branchd.api.proxy import HttpForwarder, gather, place
 
@@ -471,6 +478,16 @@ def slots_used(local: LocalBranch, cpus: int) -> int:
     specs = local.instances.specs()
     apps = {name: local.apps.find_app(name) for name in {s.app for s in specs}}
     return sum(need_for(s, apps[s.app], cpus=cpus).slots for s in specs)
+
+
+def running_workers(local: LocalBranch) -> list[str]:
+    """``app/name`` of the Celery workers running now (adopted ones, at start)."""
+    engine = local.instances
+    return [
+        f"{s.app}/{s.name}"
+        for s in engine.celery_instances()
+        if (p := engine.proc(s.name)) is not None and p.state == State.RUNNING
+    ]
 
 
 def _cluster(

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from branchd.model import State
+from branchd.model import Kind, State
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class InstanceChanged:
     state: State
     pid: int | None
     reason: str | None
+    #: Its kind: the branch record keeps which Celery workers run (the
+    #: cluster splits an app's rate limits over them).
+    kind: Kind = Kind.PROCESS
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class LocalBranch:
     depth: DepthService
     #: ... and the loop that scales workers on them (part 5).
     scaler: DepthScaler
+    #: The Celery workers' conversations (the daemon tells it, in a cluster,
+    #: how many of an app's workers run elsewhere).
+    workers: Workers
 
     @property
     def branch_id(self) -> str:
@@ -163,4 +166,5 @@ def build(
         scaler=DepthScaler(
             depth, celery, declarations, scheduler, interval=config.celery.depth_poll_interval
         ),
+        workers=workers,
     )

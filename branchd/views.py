@@ -265,9 +265,12 @@ class BranchRecord:
     instances: tuple[str, ...] = ()
     #: When this record was last read from the host (wall clock, s).
     refreshed: float = 0.0
-    #: The digest of its instance names its gossiped meta carries ("": not
-    #: from the gossip); it changes with each new set of names.
+    #: The digest of its instance names (and running workers) its gossiped
+    #: meta carries ("": not from the gossip); it changes with each new set.
     digest: str = ""
+    #: ``app/name`` of its Celery workers running now, sorted: an app's rate
+    #: limits are split over its running workers across the cluster.
+    running: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -281,6 +284,7 @@ class BranchRecord:
             "gossip_addr": self.gossip_addr,
             "capacity": self.capacity.to_json(),
             "instances": list(self.instances),
+            "running": list(self.running),
         }
 
 

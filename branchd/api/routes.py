@@ -253,6 +253,7 @@ def _solo(request: web.Request, *, names: bool) -> dict[str, Any]:
     body = rec.to_json()
     if not names:
         body.pop("instances")
+        body.pop("running")
     return {
         **body,
         "state": "alive",

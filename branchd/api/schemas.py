@@ -557,6 +557,14 @@ STATS: Schema = {
     },
 }
 
+#: A branch's Celery workers running now (``app/name``): an app's rate limits
+#: are split over its running workers across the cluster.
+_RUNNING: Schema = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "app/name of its Celery workers running now",
+}
+
 BRANCH: Schema = {
     "type": "object",
     "required": ["id", "hostname", "version", "started_at", "capacity"],
@@ -591,6 +599,7 @@ BRANCH: Schema = {
         "api_url": {"type": "string"},
         "gossip_addr": {"type": "string"},
         "instances": {"type": "array", "items": {"type": "string"}},
+        "running": _RUNNING,
         # GET /v1/branch only (the daemon answering; branchctl daemon status)
         "pid": {"type": "integer", "description": "the daemon's process id"},
         "state_dir": {"type": "string", "description": "where it keeps its state"},
@@ -639,6 +648,7 @@ BRANCH_ENTRY: Schema = {
         "started_at": {"type": "number"},
         "capacity": {"anyOf": [{"type": "null"}, BRANCH["properties"]["capacity"]]},
         "instances": {"type": "array", "items": {"type": "string"}},
+        "running": _RUNNING,
         "instances_stale": {"type": "boolean"},
         "gossip": {
             "type": "object",

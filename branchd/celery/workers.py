@@ -69,6 +69,19 @@ class Host(Protocol):
     def celery_instances(self) -> list[InstanceSpec]: ...
 
 
+class RunningElsewhere(Protocol):
+    """How many of an app's Celery workers run on the other branches."""
+
+    def running_elsewhere(self, app: str) -> int: ...
+
+
+class _NoneElsewhere:
+    """A cluster of one: nowhere else."""
+
+    def running_elsewhere(self, app: str) -> int:
+        return 0
+
+
 class _Unbound:
     """No engine yet: every lookup finds nothing."""
 
@@ -141,10 +154,18 @@ class Workers:
         #: Set by the first metrics scrape: from then on each sweep asks every
         #: running worker's stats too (two calls a worker a reconcile interval).
         self.figures_wanted = False
+        #: How many of an app's workers run on the other branches (a cluster
+        #: of one: none); an app's rate is split over them and ours.
+        self._elsewhere: RunningElsewhere = _NoneElsewhere()
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
         self._host = host
+
+    def count_elsewhere(self, elsewhere: RunningElsewhere) -> None:
+        """Where to ask how many of an app's workers run on the other branches
+        (the cluster, as the daemon wires it). Call ``resplit`` when it changes."""
+        self._elsewhere = elsewhere
 
     # worker identity ----------------------------------------------------------
 
@@ -257,9 +278,10 @@ class Workers:
         bindings = start_bindings(spec.queues, self._host.queue_decls(spec.app))
         # Its per-task limits from its first task (a remote time_limit is not
         # used by a running Celery 5.7 consumer); its share of the app's rates
-        # counts it among the app's running workers.
+        # counts it among the app's running workers, here and elsewhere.
         others = [s for s in self._running_of(spec.app) if s.name != spec.name]
-        tasks = task_limits.worker_tasks(app.celery.limits, spec.limits, len(others) + 1)
+        workers = len(others) + 1 + self._elsewhere.running_elsewhere(spec.app)
+        tasks = task_limits.worker_tasks(app.celery.limits, spec.limits, workers)
         annotations = {name: t.to_wire() for name, t in tasks.items()}
         return tuple(argv), env_for(w.broker, env, bindings, self._hook, backend, annotations)
 
@@ -283,6 +305,11 @@ class Workers:
     def _running_of(self, app: str) -> list[InstanceSpec]:
         specs = [s for s in self._host.celery_instances() if s.app == app]
         return [s for s in specs if (p := self._host.proc(s.name)) and p.state == State.RUNNING]
+
+    def resplit(self, app_name: str) -> None:
+        """The count of the app's workers running elsewhere changed: each of
+        ours has a new share of the app's rate limits."""
+        self._resplit(app_name, skip="")
 
     def _resplit(self, app_name: str, skip: str) -> None:
         """A worker of the app started or stops: the others' share of the
@@ -481,9 +508,9 @@ class Workers:
                 self._host.queue_decls(spec.app),
                 effective_autoscale(app, spec),
             )
-            wanted = task_limits.worker_tasks(
-                app.celery.limits, spec.limits, len(self._running_of(spec.app))
-            )
+            workers = len(self._running_of(spec.app))
+            workers += self._elsewhere.running_elsewhere(spec.app)
+            wanted = task_limits.worker_tasks(app.celery.limits, spec.limits, workers)
             changes += await self.ops.task_limits(self.worker(spec), wanted)
         except (BranchdError, BrokerUnavailable) as exc:
             log.warning("reconcile of %s failed: %s", name, exc)

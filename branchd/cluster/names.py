@@ -19,6 +19,12 @@ reservation, and a name two branches hold.
   the loser's own branch stops and removes it and says so. A copy being
   moved away (``drain --move``) is left to the move.
 
+- *Running workers.* The same fetched record says which of its Celery
+  workers run (the digest covers them too), so that an app's rate limits
+  can be split over its running workers across the cluster: ``elsewhere``
+  counts them by app on the other branches, and ``recount`` says after each
+  names step which apps' counts changed.
+
 The branch's own instances are read through ``Holdings`` (the engine, as the
 daemon wires it); the members through ``Members`` (the cluster service).
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -97,6 +104,10 @@ class Names:
         self._clock = clock
         self.holdings = holdings
         self._names: dict[str, tuple[str, tuple[str, ...]]] = {}  # id: (digest, names)
+        #: id: (its running workers' app/name, how many of each app's)
+        self._running: dict[str, tuple[tuple[str, ...], Counter[str]]] = {}
+        #: The running workers of each app on the other branches, as last counted.
+        self._elsewhere: dict[str, int] = {}
         self._reserved: dict[str, tuple[str, float]] = {}  # app/name: (by, until)
         self._given_up: set[str] = set()  # app/name given up and not gone yet
         self._found: set[str] = set()  # app/name@branch: each collision once
@@ -121,11 +132,41 @@ class Names:
             return
         answer = await self._m.call(holder.api_url, "record", {})
         rec = record_from_json(answer["record"])
-        self._names[holder.id] = (names_digest(rec.instances), rec.instances)
+        self._names[holder.id] = (names_digest(rec.instances, rec.running), rec.instances)
+        apps = Counter(key.split("/", 1)[0] for key in rec.running)
+        self._running[holder.id] = (rec.running, apps)
 
     def forget_others_than(self, known: set[str]) -> None:
         for gone in set(self._names) - known:
             del self._names[gone]
+        for gone in set(self._running) - known:
+            del self._running[gone]
+
+    # running workers ---------------------------------------------------------------
+
+    def running_of(self, branch: str) -> tuple[str, ...]:
+        """``branch``'s running workers (``app/name``) as last fetched."""
+        got = self._running.get(branch)
+        return got[0] if got is not None else ()
+
+    def recount(self, branches: Iterable[str]) -> list[str]:
+        """Count each app's running workers on ``branches`` (the other members
+        that may run workers) as last fetched; the apps whose count changed
+        since the last count, sorted."""
+        counts: Counter[str] = Counter()
+        for branch in branches:
+            got = self._running.get(branch)
+            if got is not None:
+                counts.update(got[1])
+        now = {app: n for app, n in counts.items() if n}
+        changed = sorted(app for app in now.keys() | self._elsewhere.keys()
+                         if now.get(app, 0) != self._elsewhere.get(app, 0))  # fmt: skip
+        self._elsewhere = now
+        return changed
+
+    def elsewhere(self, app: str) -> int:
+        """How many of ``app``'s workers run on the other branches (last count)."""
+        return self._elsewhere.get(app, 0)
 
     # reservation ---------------------------------------------------------------
 

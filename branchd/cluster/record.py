@@ -3,8 +3,9 @@
 Pure: no I/O. Every member carries at most 512 bytes of meta on its alive
 rumours (``gossip.META_MAX``), so the meta holds what placement reads
 (capacity, draining) and where the branch is reached, but not the names of
-its instances: a digest of them instead, and whoever wants the names fetches
-the whole record over HTTP when the digest changes (``service.py``).
+its instances nor of its running Celery workers: a digest of both instead,
+and whoever wants them fetches the whole record over HTTP when the digest
+changes (``service.py``).
 
 The meta is a JSON object of short keys (a packet capture stays readable):
 
@@ -22,7 +23,7 @@ x     max instances
 sl    slots (pool processes it may run)
 su    slots taken by its instances
 d     draining (1) or not (absent)
-i     digest of the instance names (8 hex digits)
+i     digest of the instance names and running workers (8 hex digits)
 ====  ====================================================
 """
 
@@ -38,12 +39,20 @@ from branchd.errors import BadMessage
 from branchd.views import BranchRecord, Capacity
 
 
-def names_digest(names: Iterable[str]) -> str:
-    """8 hex digits that change when the set of names does."""
+def names_digest(names: Iterable[str], running: Iterable[str] = ()) -> str:
+    """8 hex digits that change when the set of names does, or the set of
+    running workers among them. Without running workers it is the digest of
+    the names alone, as a branch that does not say which run gossips it."""
     h = hashlib.sha256()
     for name in sorted(names):
         h.update(name.encode())
         h.update(b"\x00")
+    up = sorted(running)
+    if up:
+        h.update(b"\x01")  # (no name holds it: names and running never mix)
+        for name in up:
+            h.update(name.encode())
+            h.update(b"\x00")
     return h.hexdigest()[:8]
 
 
@@ -63,7 +72,7 @@ def to_meta(record: BranchRecord) -> str:
         "x": c.max_instances,
         "sl": c.slots,
         "su": c.slots_used,
-        "i": names_digest(record.instances),
+        "i": names_digest(record.instances, record.running),
     }
     if c.draining:
         fields["d"] = 1
@@ -82,7 +91,12 @@ class Meta:
     digest: str
 
     def record(
-        self, member_id: str, epoch: int, gossip_addr: str, names: tuple[str, ...]
+        self,
+        member_id: str,
+        epoch: int,
+        gossip_addr: str,
+        names: tuple[str, ...],
+        running: tuple[str, ...] = (),
     ) -> BranchRecord:
         host = self.api_url.split("://", 1)[-1].rstrip("/")
         return BranchRecord(
@@ -97,6 +111,7 @@ class Meta:
             gossip_addr=gossip_addr,
             instances=names,
             digest=self.digest,
+            running=running,
         )
 
 
@@ -176,6 +191,8 @@ def record_from_json(v: Any) -> BranchRecord:
             api_url=_str(v.get("api_url", "")),
             gossip_addr=_str(v.get("gossip_addr", "")),
             instances=tuple(_str(n) for n in v.get("instances", ())),
+            # (a branch older than the split across the cluster: none said)
+            running=tuple(_str(n) for n in v.get("running", ())),
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise BadMessage(f"not a branch record: {exc!r}") from None

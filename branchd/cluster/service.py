@@ -20,7 +20,9 @@ It owns:
   on every refresh of the branch service and on every instance change;
 - the instance names across the cluster (``names.py``): another branch's
   fetched when its digest changes, a new name's reservation, a name found
-  on two branches;
+  on two branches; and the running Celery workers of each app on the other
+  branches (``running_elsewhere``; ``on_running`` is told of each app whose
+  count changed), over which the app's rate limits are split;
 - the keyring, kept in ``<state dir>/cluster-keys`` (0600) so that a
   rotation outlives a restart; each key operation is carried out here and
   on every live member, one call per step.
@@ -68,7 +70,8 @@ PEER_PATH = "/v1/cluster/peer"
 PEER_TIMEOUT = 5.0
 #: How often the names of other branches' instances are checked: a look at
 #: each member's meta (read once per new meta), a fetch only when its digest
-#: changed; so a new instance elsewhere is known here within about this.
+#: changed; so a new instance (or a worker that starts or stops) elsewhere
+#: is known here within about this, once the new meta has come.
 NAMES_EVERY = 0.2
 
 
@@ -176,7 +179,8 @@ def worth_telling(told: BranchRecord, now: BranchRecord, since: float) -> bool:
     def where_and_what(r: BranchRecord) -> tuple[object, ...]:
         c = r.capacity
         where = (r.api_url, r.gossip_addr, r.version)
-        return (*where, r.instances, c.max_instances, c.slots, c.slots_used, c.draining, c.cpus)
+        held = (r.instances, r.running)
+        return (*where, *held, c.max_instances, c.slots, c.slots_used, c.draining, c.cpus)
 
     if where_and_what(told) != where_and_what(now) or a.instances != b.instances:
         return True
@@ -232,6 +236,10 @@ class ClusterService:
         self._announced: tuple[BranchRecord, float] | None = None
         #: Who holds which instance name; reservations; collisions.
         self.names = Names(self, scheduler.clock, holdings)
+        #: Told of each app whose count of running workers on the other
+        #: branches changed (after a names step): the app's rate limits are
+        #: split anew. Set by whoever listens.
+        self.on_running: Callable[[str], None] | None = None
         self.gossip = Gossip(
             settings.branch_id,
             settings.gossip_advertise,
@@ -376,6 +384,12 @@ class ClusterService:
         """Reserve ``app/name`` for a create through this branch (``names.py``)."""
         await self.names.reserve(app, name)
 
+    def running_elsewhere(self, app: str) -> int:
+        """How many of ``app``'s Celery workers run on the other branches, as
+        their records said at the last names step (alive and suspect ones: a
+        suspect branch's workers most likely still take tasks)."""
+        return self.names.elsewhere(app)
+
     # what the names need of the membership (names.Members) ---------------------------
 
     def holders(self) -> list[Holder]:
@@ -418,7 +432,8 @@ class ClusterService:
         # (within one names step): all but the one just made or removed are
         # right, and without them none of its instances would be found
         names = self.names.names_of(m.id, meta.digest)
-        return meta.record(m.id, m.epoch, m.addr, names or self.names.known(m.id))
+        known = names or self.names.known(m.id)
+        return meta.record(m.id, m.epoch, m.addr, known, self.names.running_of(m.id))
 
     def _meta(self, m: MemberView) -> Meta | None:
         """``m``'s meta, read once per new meta (every request and every names
@@ -463,6 +478,7 @@ class ClusterService:
             body.pop("epoch", None)
             if not names:
                 body.pop("instances", None)
+                body.pop("running", None)
             elif not m.is_self and self.names.names_of(m.id, from_meta(m.meta).digest) is None:
                 body["instances_stale"] = True  # not fetched yet
             entry.update(body)
@@ -696,7 +712,25 @@ class ClusterService:
         self.names.forget_others_than(known)
         for gone in set(self._metas) - known:
             del self._metas[gone]
+        self._recount()
         await self.names.check()
+
+    def _recount(self) -> None:
+        """Count each app's workers running elsewhere; tell ``on_running`` of
+        each app whose count changed (a worker started or stopped there, a
+        branch came, died or left)."""
+        counted = [
+            m.id
+            for m in self.gossip.members()
+            if not m.is_self and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        ]
+        for app in self.names.recount(counted):
+            if self.on_running is None:
+                continue
+            try:
+                self.on_running(app)
+            except Exception as exc:  # a listener's failure is its own
+                self._once(f"on_running:{type(exc).__name__}", exc, "re-splitting the rates")
 
     # keys ----------------------------------------------------------------------------
 

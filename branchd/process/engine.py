@@ -693,7 +693,9 @@ class Engine:
                 self._probes.changed(name)
             self._recheck_soon()
             self._bus.publish(
-                events.InstanceChanged(spec.app, name, proc.state, proc.pid, proc.reason)
+                events.InstanceChanged(
+                    spec.app, name, proc.state, proc.pid, proc.reason, spec.kind
+                )
             )
 
     def _run(self, name: str, spec: InstanceSpec, old: Proc, command: Command) -> None:

@@ -360,6 +360,8 @@ class Branch:
     api_url: str | None = None
     gossip_addr: str | None = None
     instances: tuple[str, ...] = ()
+    #: Its Celery workers running now (absent from an older daemon).
+    running: tuple[str, ...] = ()
     # the daemon answering (absent from a daemon older than issue 15)
     pid: int | None = None
     state_dir: str | None = None
@@ -374,7 +376,8 @@ class Branch:
 
     @classmethod
     def from_json(cls, data: Any) -> Branch:
-        return _build(cls, data, {"capacity": Capacity.from_json, "instances": _str_tuple})
+        conv = {"capacity": Capacity.from_json, "instances": _str_tuple, "running": _str_tuple}
+        return _build(cls, data, conv)
 
 
 @dataclass(frozen=True)
@@ -397,6 +400,8 @@ class Member:
     started_at: float | None = None
     capacity: Capacity = field(default_factory=Capacity)
     instances: tuple[str, ...] = ()
+    #: Its Celery workers running now (``GET /v1/branches/{id}`` only).
+    running: tuple[str, ...] = ()
     instances_stale: bool = False
     #: This branch's own entry only: its gossip's counters (sent, got, dropped).
     gossip: Mapping[str, Any] | None = None
@@ -404,4 +409,5 @@ class Member:
 
     @classmethod
     def from_json(cls, data: Any) -> Member:
-        return _build(cls, data, {"capacity": Capacity.from_json, "instances": _str_tuple})
+        conv = {"capacity": Capacity.from_json, "instances": _str_tuple, "running": _str_tuple}
+        return _build(cls, data, conv)

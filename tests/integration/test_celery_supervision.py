@@ -876,6 +876,41 @@ async def test_limits_are_flags_and_the_apps_rate_is_split_between_its_workers(r
     assert app.celery.limits.task_overrides == {"shop.resize": TaskLimits(rate_limit="600/m")}
 
 
+class Elsewhere:
+    """The cluster as the workers ask it: the app's workers on other branches."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def running_elsewhere(self, app: str) -> int:
+        return self.counts.get(app, 0)
+
+
+async def test_the_apps_rate_is_split_over_its_workers_on_every_branch(make_rig: MakeRig) -> None:
+    rig = await make_rig(reconcile_interval=60.0)  # (no sweep brings them in line meanwhile)
+    elsewhere = Elsewhere()
+    rig.m.workers.count_elsewhere(elsewhere)
+    elsewhere.counts[APP] = 2  # two of its workers run on other branches
+    await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.resize": {"rate_limit": "600/m"}}})
+    node = rig.node("w1", queues=["default"])
+    node.tasks = {"shop.resize": {}}
+    await rig.add("w1", queues=["default"])
+    await rig.wait_state("w1", State.RUNNING)
+    rate = lambda: node.tasks["shop.resize"].get("rate_limit")  # noqa: E731
+    await rig.wait_for(lambda: rate() == "200/m")  # a third of the total
+    # one stopped over there (the cluster saw it after a names fetch): re-split here
+    elsewhere.counts[APP] = 1
+    rig.m.workers.resplit(APP)
+    await rig.wait_for(lambda: rate() == "300/m")
+    elsewhere.counts.clear()  # (those branches gone: the whole total)
+    rig.m.workers.resplit(APP)
+    await rig.wait_for(lambda: rate() == "600/m")
+    since = len(rig.stub.sent)
+    rig.m.workers.resplit("other")  # another app's count: nothing sent for this one
+    await rig.time.pass_time(0.1)
+    assert rig.sent("rate_limit", since) == []
+
+
 async def test_limits_a_pool_cannot_enforce_are_refused(rig: Rig) -> None:
     with pytest.raises(Invalid, match="soft_time_limit: the solo pool"):
         await rig.m.apps.patch_app(APP, {"pool": "solo", "soft_time_limit": 10})

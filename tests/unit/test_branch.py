@@ -7,7 +7,8 @@ import asyncio
 
 from branchd.branch import BranchService
 from branchd.clock import FakeClock, FakeScheduler, LoopScheduler, SystemClock
-from branchd.events import EventBus, InstanceAdded, InstanceRemoved
+from branchd.events import EventBus, InstanceAdded, InstanceChanged, InstanceRemoved
+from branchd.model import Kind, State
 from branchd.views import BranchRecord, Capacity
 
 BASE = BranchRecord("b1", "host", "0.1.0", 1.0, "127.0.0.1:8400", Capacity(1, (0, 0, 0), 0, 0, 0))
@@ -59,6 +60,49 @@ async def test_instances_come_and_go_with_the_bus() -> None:
             await asyncio.sleep(0)
         assert service.record().capacity.instances == 2
         assert service.record().instances == ("web/w2", "web/w3")
+    finally:
+        await service.close()
+    assert bus.subscribers == 0
+
+
+def test_the_record_says_which_celery_workers_run() -> None:
+    sched = FakeScheduler(FakeClock())
+    service = BranchService(
+        BASE, Probe(), EventBus(), ["shop/w1", "shop/w2", "web/p"], scheduler=sched,
+        running=["shop/w1"],  # (adopted running)
+    )  # fmt: skip
+    told: list[tuple[str, ...]] = []
+    service.on_change = lambda: told.append(service.record().running)
+    assert service.record().running == ("shop/w1",)
+
+    def changed(name: str, state: State, kind: Kind = Kind.CELERY) -> None:
+        app, _, inst = name.partition("/")
+        service.seen(InstanceChanged(app, inst, state, 1, None, kind))
+
+    changed("shop/w2", State.STARTING)
+    assert told == []  # (not running yet: the record is as it was)
+    changed("shop/w2", State.RUNNING)
+    changed("web/p", State.RUNNING, Kind.PROCESS)  # a plain process is no worker
+    assert service.record().running == ("shop/w1", "shop/w2")
+    changed("shop/w1", State.STOPPING)  # a stopping worker's share goes to the others
+    service.seen(InstanceRemoved("shop", "w2"))
+    assert told == [("shop/w1", "shop/w2"), ("shop/w2",), ()]
+    assert service.record().to_json()["running"] == []
+
+
+async def test_a_worker_ready_as_soon_as_the_service_starts_is_seen() -> None:
+    bus = EventBus()
+    real = LoopScheduler(SystemClock())
+    service = BranchService(BASE, Probe(), bus, ["shop/w1"], scheduler=real, interval=3600.0)
+    service.start()
+    try:
+        # published before the service's loop first ran: still in its queue
+        bus.publish(InstanceChanged("shop", "w1", State.RUNNING, 1, None, Kind.CELERY))
+        for _ in range(100):
+            if service.record().running:
+                break
+            await asyncio.sleep(0)
+        assert service.record().running == ("shop/w1",)
     finally:
         await service.close()
     assert bus.subscribers == 0

@@ -28,6 +28,7 @@ REC = BranchRecord(
     api_url="http://10.0.0.1:8400",
     gossip_addr="10.0.0.1:8401",
     instances=("shop/w1", "shop/w2", "web/a"),
+    running=("shop/w1", "web/a"),
 )
 
 
@@ -39,14 +40,27 @@ def test_the_meta_carries_what_placement_reads_and_a_digest_of_the_names() -> No
         8, (0.51, 0.25, 0.12), 16 << 30, 9 << 30, 3, 100, slots=128, slots_used=9
     )
     assert back.capacity.free_slots == 119 and back.capacity.free_instances == 97
-    assert back.digest == names_digest(REC.instances)
-    rec = back.record(REC.id, REC.epoch, REC.gossip_addr, REC.instances)
+    assert back.digest == names_digest(REC.instances, REC.running)
+    rec = back.record(REC.id, REC.epoch, REC.gossip_addr, REC.instances, REC.running)
     assert rec.address == "10.0.0.1:8400" and rec.instances == REC.instances
+    assert rec.running == REC.running
 
 
 def test_the_meta_fits_the_members_meta_even_with_long_names() -> None:
-    long = BranchRecord(**{**REC.__dict__, "hostname": "h" * 300, "version": "v" * 300})
-    assert len(to_meta(long).encode()) <= META_MAX
+    many = tuple(f"shop/worker-{i:04d}" for i in range(1000))
+    big = {"hostname": "h" * 300, "version": "v" * 300, "instances": many, "running": many}
+    long = BranchRecord(**{**REC.__dict__, **big})
+    assert len(to_meta(long).encode()) <= META_MAX  # (names ride as a digest only)
+
+
+def test_the_digest_changes_when_a_worker_starts_or_stops() -> None:
+    names = ["shop/w1", "shop/w2"]
+    assert names_digest(names, ()) == names_digest(names)  # (what an older branch gossips)
+    assert names_digest(names, ["shop/w1"]) != names_digest(names)
+    assert names_digest(names, ["shop/w1"]) != names_digest(names, ["shop/w2"])
+    assert names_digest(names, ["shop/w2", "shop/w1"]) == names_digest(names, names)
+    # a running worker is not taken for one more name
+    assert names_digest(["a/1"], ["a/1"]) != names_digest(["a/1", "a/1"])
 
 
 def test_the_digest_changes_with_the_set_of_names_only() -> None:
@@ -83,6 +97,10 @@ def test_a_whole_record_comes_back_from_its_json() -> None:
     assert back == BranchRecord(**{**REC.__dict__, "capacity": back.capacity})
     with pytest.raises(BadMessage, match="not a branch record"):
         record_from_json({"id": "x"})
+    # an older branch's record says nothing of its running workers: none
+    old = REC.to_json()
+    del old["running"]
+    assert record_from_json(old).running == ()
 
 
 def test_the_keyring_file_outlives_a_restart_and_takes_a_new_given_key(tmp_path: Path) -> None:
@@ -118,6 +136,7 @@ def test_a_record_is_told_again_only_when_it_changed_enough() -> None:
     assert not worth_telling(REC, w(memory_free=(9 << 30) - (100 << 20)), 5.0)
     assert worth_telling(REC, w(memory_free=8 << 30), 5.0)
     assert worth_telling(REC, BranchRecord(**{**REC.__dict__, "instances": ("x/y",)}), 0.1)
+    assert worth_telling(REC, BranchRecord(**{**REC.__dict__, "running": ()}), 0.1)
     assert worth_telling(REC, REC, TELL_AT_LEAST_EVERY)
 
 

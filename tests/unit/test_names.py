@@ -12,6 +12,7 @@ import pytest
 
 from branchd.clock import FakeClock
 from branchd.cluster.names import Holder, Names
+from branchd.cluster.record import names_digest
 from branchd.replication import Copy, collision_winner
 
 
@@ -36,6 +37,8 @@ class Peers:
 
     mine: tuple[str, ...] = ()
     theirs: dict[str, float | None] = field(default_factory=dict)
+    #: Their Celery workers running now (their record says).
+    running: tuple[str, ...] = ()
     they_drain: bool = False
     we_drain: bool = False
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -65,16 +68,19 @@ class Peers:
     async def call(self, api_url: str, op: str, args: dict[str, Any]) -> Any:
         self.calls.append((op, args))
         if op == "record":
-            return {"record": record(tuple(self.theirs))}
+            return {"record": record(tuple(self.theirs), self.running)}
         assert op == "copy"
         return {"created_at": self.theirs.get(f"{args['app']}/{args['name']}"),
                 "draining": self.they_drain}  # fmt: skip
 
 
-def record(names: tuple[str, ...]) -> dict[str, Any]:
+def record(names: tuple[str, ...], running: tuple[str, ...] = ()) -> dict[str, Any]:
     cap = {"cpus": 1, "load": [0, 0, 0], "memory_total": 0, "memory_free": 0, "instances": 0}
-    return {"id": "them", "hostname": "h", "version": "0", "started_at": 0.0,
+    body = {"id": "them", "hostname": "h", "version": "0", "started_at": 0.0,
             "address": "them:1", "capacity": cap, "instances": list(names)}  # fmt: skip
+    if running:  # (a record without the field: a branch older than the split)
+        body["running"] = list(running)
+    return body
 
 
 @dataclass
@@ -155,3 +161,38 @@ def test_names_are_those_fetched_for_the_digest_gossiped_now() -> None:
     n.forget_others_than({"me"})
     assert n.names_of("them", digest) is None
     assert asyncio.run(n.check()) == 0  # (no holdings: nothing to check)
+
+
+def test_workers_running_elsewhere_are_counted_by_app_and_each_change_told_once() -> None:
+    them = Holder("them", "http://them", "d1")
+    peers = Peers(theirs={"shop/w1": 1.0, "shop/w2": 1.0, "web/a": 1.0})
+    n = Names(peers, FakeClock(), None)
+    assert n.recount(["them"]) == [] and n.elsewhere("shop") == 0  # nothing fetched yet
+    peers.running = ("shop/w1", "shop/w2", "web/a")
+    asyncio.run(n.fetch(them))
+    assert n.recount(["them"]) == ["shop", "web"]
+    assert (n.elsewhere("shop"), n.elsewhere("web"), n.elsewhere("other")) == (2, 1, 0)
+    assert n.running_of("them") == ("shop/w1", "shop/w2", "web/a")
+    assert n.recount(["them"]) == []  # the same counts: nothing to re-split
+    # one of theirs stops: its record's digest changes, it is fetched again
+    peers.running = ("shop/w1", "web/a")
+    stale = next(iter(n._names.values()))[0]
+    asyncio.run(n.fetch(Holder("them", "http://them", names_digest(peers.theirs, peers.running))))
+    assert next(iter(n._names.values()))[0] != stale
+    assert n.recount(["them"]) == ["shop"] and n.elsewhere("shop") == 1
+    # the branch is no longer counted (dead, left): none of its workers
+    assert n.recount([]) == ["shop", "web"] and n.elsewhere("web") == 0
+    n.forget_others_than({"me"})
+    assert n.running_of("them") == () and n.recount(["them"]) == []
+
+
+def test_a_record_without_running_workers_has_the_digest_of_its_names() -> None:
+    """A branch older than the split says no running workers: its digest is
+    the names' alone, so it is fetched once per new set of names, as before."""
+    peers = Peers(theirs={"shop/w1": 1.0})
+    n = Names(peers, FakeClock(), None)
+    digest = names_digest(["shop/w1"])
+    asyncio.run(n.fetch(Holder("them", "http://them", digest)))
+    assert n.names_of("them", digest) == ("shop/w1",) and n.running_of("them") == ()
+    asyncio.run(n.fetch(Holder("them", "http://them", digest)))
+    assert [op for op, _ in peers.calls] == ["record"]
