@@ -20,6 +20,16 @@ with the task's time limits when the consumer starts, so a remote
 ``time_limit`` sent afterwards only changes the task's attribute; limits
 given as annotations are in force from the first task.
 
+In a worker it also keeps Celery's rate limits to their rate under a
+backlog (``_schedule_bucket_request``, installed by ``on_worker_init``):
+Celery 5.7 adds a timer for a rate-limited task type each time its bucket
+has no token, on every request the bucket gets and again on each of those
+timers, so a backlog of N requests keeps about N timers due at once, and
+kombu's hub fires at most 10 a turn, then polls with its 1 s default
+timeout; past ~40 requests a worker at 1200/m ran one task a second (a
+measured 60/m; the symptom of celery#5927). With one timer per bucket the
+same worker keeps 1200/m.
+
 This module is copied, not imported, by branchd: the daemon never imports
 Celery, and the worker's interpreter need not have branchd installed.
 """
@@ -98,4 +108,49 @@ class Loader(AppLoader):  # type: ignore[misc]
 
     def on_worker_init(self) -> None:
         self._merge()  # idempotent: the options win even if changed since
+        one_timer_per_bucket()
         super().on_worker_init()
+
+
+def one_timer_per_bucket() -> bool:
+    """Put ``_schedule_bucket_request`` in place of Celery's own (the module
+    docstring says why); False if this Celery has none to replace."""
+    try:
+        from celery.worker.consumer.consumer import Consumer
+    except ImportError:
+        return False
+    if not hasattr(Consumer, "_schedule_bucket_request"):
+        return False
+    Consumer._schedule_bucket_request = _schedule_bucket_request
+    return True
+
+
+#: Set on a token bucket while a timer is due to look at it again.
+HELD = "_branchd_timer_due"
+
+
+def _schedule_bucket_request(self: Any, bucket: Any) -> None:
+    """Celery's ``Consumer._schedule_bucket_request`` (5.7), with at most one
+    timer pending per bucket: move the bucket's requests to the pool while
+    it has tokens, in order; the first without one waits for one timer."""
+    while True:
+        try:
+            request, tokens = bucket.pop()
+        except IndexError:
+            break
+        if bucket.can_consume(tokens):
+            self._limit_move_to_pool(request)
+            continue
+        bucket.contents.appendleft((request, tokens))  # (back to the head: the order kept)
+        if not getattr(bucket, HELD, False):
+            setattr(bucket, HELD, True)
+            pri = self._limit_order = (self._limit_order + 1) % 10
+            self.timer.call_after(
+                bucket.expected_time(tokens), _bucket_due, (self, bucket), priority=pri
+            )
+        break
+
+
+def _bucket_due(consumer: Any, bucket: Any) -> None:
+    setattr(bucket, HELD, False)
+    consumer._schedule_bucket_request(bucket)

@@ -72,3 +72,67 @@ def test_per_task_limits_go_after_the_apps_own_annotations(
     def x() -> None: ...
 
     assert app.tasks["t.x"].time_limit == 7
+
+
+class Consumer:
+    """What ``_schedule_bucket_request`` uses of Celery's consumer: its timer
+    (kept here, fired by the test) and its pool (a list)."""
+
+    def __init__(self, schedule: Any) -> None:
+        self.timers: list[tuple[Any, tuple[Any, ...]]] = []
+        self.moved: list[int] = []
+        self._limit_order = 0
+        self.timer = self
+        self._schedule = schedule
+
+    def call_after(self, secs: float, fun: Any, args: tuple[Any, ...] = (), **_: Any) -> None:
+        self.timers.append((fun, args))
+
+    def _limit_move_to_pool(self, request: int) -> None:
+        self.moved.append(request)
+
+    def _schedule_bucket_request(self, bucket: Any) -> None:
+        self._schedule(self, bucket)
+
+
+def _backlog(consumer: Consumer, n: int) -> Any:
+    from kombu.utils.limits import TokenBucket
+
+    bucket = TokenBucket(0.001)  # (one token now, the next in ~17 min: none comes here)
+    for i in range(n):
+        bucket.add((i, 1))
+        consumer._schedule_bucket_request(bucket)
+    return bucket
+
+
+def test_a_backlog_of_rate_limited_requests_keeps_one_timer_per_bucket() -> None:
+    from celery.worker.consumer.consumer import Consumer as CeleryConsumer
+
+    # Celery's own: a timer for each request that found no token (why a
+    # backlog outgrows the hub's 10 timers a turn)
+    theirs = Consumer(CeleryConsumer._schedule_bucket_request)
+    _backlog(theirs, 50)
+    assert theirs.moved == [0] and len(theirs.timers) == 49
+    ours = Consumer(worker_loader._schedule_bucket_request)
+    bucket = _backlog(ours, 50)
+    assert ours.moved == [0] and len(ours.timers) == 1
+    for want in range(1, 4):  # each firing: one request on, one timer for the next
+        fun, args = ours.timers.pop()
+        bucket._tokens = 1.0
+        fun(*args)
+        assert ours.moved == list(range(want + 1)) and len(ours.timers) == 1
+    bucket.contents.clear()
+    fun, args = ours.timers.pop()
+    fun(*args)  # (nothing left: no timer)
+    assert ours.timers == []
+    bucket.add((99, 1))
+    ours._schedule_bucket_request(bucket)  # a new request waits on a new timer
+    assert len(ours.timers) == 1
+
+
+def test_the_worker_gets_one_timer_per_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.worker.consumer import consumer
+
+    monkeypatch.setattr(consumer.Consumer, "_schedule_bucket_request", None)
+    assert worker_loader.one_timer_per_bucket()
+    assert consumer.Consumer._schedule_bucket_request is worker_loader._schedule_bucket_request
