@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 
@@ -47,4 +48,12 @@ def work(folder: str, key: str, seconds: float) -> str:
     counts the tasks of a burst (none lost, none run twice)."""
     time.sleep(seconds)
     (Path(folder) / key).touch(exist_ok=False)
+    return key
+
+
+@app.task(name="testapp.stamp", bind=True)  # type: ignore[untyped-decorator]
+def stamp(self: Any, folder: str, key: str) -> str:
+    """Leave ``folder/key`` saying when it ran (wall clock) and on which worker:
+    the side channel that measures a rate limit from the tasks' own times."""
+    (Path(folder) / key).write_text(f"{time.time()!r} {self.request.hostname}")
     return key
