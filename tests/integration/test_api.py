@@ -118,7 +118,8 @@ def test_ping_branch_and_branches(api: Api) -> None:
     # a cluster of one lists itself, with the membership's fields beside its record
     # (less what the answering daemon says of itself: GET /v1/branch only)
     daemon_only = {"pid", "state_dir", "supervision", "instance_states", "cluster"}
-    assert set(branches[0]) == (set(branch) - {"instances"} - daemon_only) | {
+    # (and less the names: its instances and its running workers)
+    assert set(branches[0]) == (set(branch) - {"instances", "running"} - daemon_only) | {
         "state", "incarnation", "self", "age", "since"
     }
     assert branch["cluster"] is None  # (supervision: as root, cgroups; test_cgroups.py)
@@ -133,6 +134,7 @@ def test_ping_branch_and_branches(api: Api) -> None:
     assert api.ok("GET", "/v1/branch")["instance_states"]["stopped"] == 1
     me = api.ok("GET", "/v1/branches/self")
     assert me["id"] == branch["id"] and me["instances"] == ["web/w1"]
+    assert me["running"] == []  # (no Celery worker runs here)
     assert api.ok("GET", f"/v1/branches/{branch['id']}") == me
     assert api.call("GET", "/v1/branches/nobody").status == 404
     # no cluster: leaving it, and its keys, are a conflict that says why
