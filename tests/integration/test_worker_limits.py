@@ -150,6 +150,7 @@ def _probe(url: str, node: str) -> tuple[dict[str, str], set[str]] | None:
 
 
 @pytest.mark.slow
+@pytest.mark.broker
 def test_per_task_limits_and_runtime_consumers_survive_a_broker_restart(
     branchd_factory: Callable[..., Branchd], tmp_path: Path
 ) -> None:
