@@ -37,7 +37,7 @@ from branchd.cluster.keyring import generate_key
 from tests.brokers import REDIS_URL, reachable, unreachable
 from tests.conftest import Branchd, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A long sweep: a re-split seen within seconds is the trigger's, not a sweep's.
