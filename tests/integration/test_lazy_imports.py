@@ -120,6 +120,8 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
 #: aiohttp's client side: loaded by the first peer call, forward or probe
 #: (aiohttp.client_exceptions is the server's too).
 CLIENT_SIDE = ("aiohttp.client", "aiohttp.connector", "aiohttp.cookiejar", "aiohappyeyeballs")
+#: branchctl's; the daemon parses its options with argparse (aiohttp.web's anyway).
+NEVER = ("click",)
 
 ALONE = """
 import asyncio, http.client, json, ssl, sys
@@ -193,14 +195,16 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_a_branch_on_its_own_never_loads_aiohttps_client_side(tmp_path: Path, scheme: str) -> None:
+def test_a_branch_on_its_own_never_loads_aiohttps_client_side_nor_click(
+    tmp_path: Path, scheme: str
+) -> None:
     tls = {}
     if scheme == "https":
         from tests.integration.test_tls_roles import make_certificate
 
         cert, key = make_certificate(tmp_path)
         tls = {"tls_cert": str(cert), "tls_key": str(key)}
-    argv = [str(tmp_path / "state"), json.dumps(tls), json.dumps(CLIENT_SIDE)]
+    argv = [str(tmp_path / "state"), json.dumps(tls), json.dumps(CLIENT_SIDE + NEVER)]
     done = subprocess.run(
         [sys.executable, "-c", ALONE, *argv],
         cwd=ROOT,
