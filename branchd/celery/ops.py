@@ -284,6 +284,15 @@ def pool_size(stats: Reply | None) -> int | None:
     return None
 
 
+def pool_counted(stats: Reply | None) -> int | None:
+    """How many processes the pool counts (the autoscaler's ``current``):
+    fewer than it lists while processes a shrink terminated are still exiting."""
+    scaler = (stats or {}).get("autoscaler")
+    if isinstance(scaler, dict) and isinstance(scaler.get("current"), int):
+        return int(scaler["current"])
+    return None
+
+
 def fixed_concurrency(w: Worker) -> str:
     """The message of a refused autoscale change on a fixed-concurrency worker."""
     return (

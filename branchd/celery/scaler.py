@@ -38,7 +38,7 @@ from typing import Any
 
 from branchd import scaling
 from branchd.celery.depth import BrokerReading, DepthReader, in_flight
-from branchd.celery.ops import effective_autoscale, pool_size
+from branchd.celery.ops import effective_autoscale, pool_counted, pool_size
 from branchd.celery.runtime import CeleryRuntime
 from branchd.celery.workers import Workers
 from branchd.clock import Scheduler
@@ -88,6 +88,8 @@ class _Held:
     held: dict[str, int] = field(default_factory=dict)
     running: dict[str, int] = field(default_factory=dict)
     pool: int | None = None
+    #: The processes the pool counts (fewer than ``pool`` while some exit).
+    counted: int | None = None
 
 
 class DepthService:
@@ -157,7 +159,7 @@ class DepthService:
         }
         held, running = in_flight(active, reserved, consumed, routing)
         stats = replies[2] if pools and isinstance(replies[2], dict) else None
-        return _Held(spec, tuple(consumed), held, running, pool_size(stats))
+        return _Held(spec, tuple(consumed), held, running, pool_size(stats), pool_counted(stats))
 
     def _combine(
         self, reading: BrokerReading, held: list[_Held], queues: Sequence[str]
@@ -194,6 +196,11 @@ class ScaleView:
 def _dispatching(held: _Held) -> bool:
     """The worker holds tasks it has not started yet (reserved, not active)."""
     return sum(held.held.values()) > sum(held.running.values())
+
+
+def _exiting(held: _Held) -> bool:
+    """Processes an earlier shrink terminated are still in the pool's list."""
+    return held.pool is not None and held.counted is not None and held.pool > held.counted
 
 
 class DepthScaler:
@@ -302,6 +309,15 @@ class DepthScaler:
                 # process being handed a reserved task still looks idle: it
                 # would be killed with that task (WorkerLostError, as under
                 # Celery's own autoscaler). Shrink once nothing waits.
+                continue
+            if declared is not None and high <= declared.max and _exiting(h):
+                # A terminated process stays in billiard's list until it is
+                # reaped (a second or so after its TERM), and its shrink takes
+                # processes from that list: a second shrink meanwhile can pick
+                # the exiting one again and count it twice, and the pool then
+                # keeps a process more than it counts, for good (the next
+                # asks see the count at the max and shrink nothing). Wait
+                # until the list and the count agree.
                 continue
             try:
                 await self._runtime.set_autoscale(app.name, h.spec.name, low, high)

@@ -277,3 +277,20 @@ def test_apps_remove_waits_for_slow_stops_past_the_timeout(branchd: Branchd) -> 
     assert reply.status == 202 and reply.body["name"] == "slow", reply.text
     assert branchd.instance("slow", "s2")["desired"] == "removed"
     wait_for(lambda: branchd.call("GET", "/v1/apps/slow").status == 404, 20)
+
+
+def test_apps_set_says_running_instances_keep_their_start_settings(branchd: Branchd) -> None:
+    run(branchd, "apps", "add", "web")
+    r = run(branchd, "apps", "set", "web", "--env", "A=1")
+    assert r.exit_code == 0 and "restart" not in r.stderr  # nothing runs yet
+    run(branchd, "instances", "add", "web", "--name", "s1", "--startsecs", "0", "--", *SLEEP)
+    branchd.wait_state("web", "s1", "running")
+    r = run(branchd, "apps", "set", "web", "--env", "A=2")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == (
+        "branchctl: 1 running instance(s) of app 'web' keep the settings they started with "
+        "until they restart (branchctl apps restart web)"
+    )
+    # what a running worker takes at once says nothing
+    r = run(branchd, "apps", "set", "web", "--autoscale", "1,2")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr

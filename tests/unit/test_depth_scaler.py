@@ -185,6 +185,39 @@ async def test_no_shrink_while_the_worker_holds_reserved_tasks(rig: Rig) -> None
     assert node.autoscale == (2, 1)
 
 
+async def test_no_second_shrink_while_a_shrunk_process_is_still_exiting(rig: Rig) -> None:
+    """billiard lists a terminated process until it is reaped, and a shrink
+    meanwhile may pick it again (counted twice: the pool keeps a process more
+    than it counts, for good). The max comes down again only once the pool's
+    list and its count agree."""
+    node = await rig.worker("w1")
+    pool = {"listed": 1, "counted": 1}
+
+    def stats(_: object) -> dict[str, object]:
+        high, low = node.autoscale or (1, 1)
+        scaler = {"max": high, "min": low, "current": pool["counted"]}
+        return {"pool": {"processes": list(range(pool["listed"]))}, "autoscaler": scaler}
+
+    rig.stub.script(node.name, "stats", stats)
+    rig.depth.set("default", 400)
+    await rig.poll()
+    assert node.autoscale == (12, 1)
+    pool.update(listed=12, counted=12)
+    rig.depth.set("default", 0)
+    rig.stub.script(node.name, "active", _tasks(3))
+    await rig.poll(61)  # the window is over; three tasks run: down to 3
+    assert node.autoscale == (3, 1)
+    pool.update(counted=3)  # nine are terminated, still exiting (listed)
+    rig.stub.script(node.name, "active", {"ok": []})
+    sent = rig.stub.commands(node.name).count("autoscale")
+    await rig.poll()
+    assert rig.m.scaler.last[APP].target == 1
+    assert node.autoscale == (3, 1) and rig.stub.commands(node.name).count("autoscale") == sent
+    pool.update(listed=3)  # reaped
+    await rig.poll()
+    assert node.autoscale == (1, 1)
+
+
 async def test_the_depths_read_are_in_the_metrics(rig: Rig) -> None:
     from prometheus_client.core import GaugeMetricFamily
 

@@ -28,6 +28,7 @@ from branchctl.cli.common import (
 )
 from branchctl.cli.limits import limit_options, pop_limits
 from branchctl.cli.root import main
+from branchctl.client import Client
 from branchctl.errors import ApiError
 from branchctl.models import ActionItem, App, Instance
 
@@ -320,7 +321,30 @@ def apps_set(
         raise click.UsageError("nothing to change: give at least one setting")
     with opts.client() as c:
         app = c.patch_app(name, changes)
+        if set(changes) - _LIVE_APP_FIELDS:
+            _say_restart_needed(c, name)
     _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
+
+
+#: What a running worker takes at once (rates by remote control, its autoscale
+#: range at the next reconcile; the depth policy is the daemon's own): any
+#: other app setting reaches an instance when it next starts.
+_LIVE_APP_FIELDS = frozenset({"task_overrides", "autoscale"})
+
+
+def _say_restart_needed(c: Client, app: str) -> None:
+    """One line when instances of ``app`` run with the settings they started
+    with (as supervisord's ``reread``/``update`` leave it to the user)."""
+    try:
+        running = [i for i in c.instances(app) if i.state in ("running", "starting")]
+    except ApiError:
+        return  # the change stands; only the note is missing
+    if running:
+        click.echo(
+            f"branchctl: {len(running)} running instance(s) of app {app!r} keep the settings "
+            f"they started with until they restart (branchctl apps restart {app})",
+            err=True,
+        )
 
 
 @apps.command("autoscale")
