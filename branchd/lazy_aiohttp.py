@@ -36,6 +36,7 @@ added).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.machinery
 import importlib.util
@@ -75,6 +76,20 @@ def install(name: str = "aiohttp") -> bool:
     )
     sys.modules[name] = module
     return True
+
+
+async def loaded(name: str = "aiohttp") -> None:
+    """The package's deferred ``__init__`` run in a worker thread, if it still is.
+
+    Called before the first client use (a peer call, a forward, an HTTP probe):
+    loading the client side takes 60-100 ms, which the event loop would
+    otherwise stand still for (aiohttp builds its SSL contexts at import on
+    purpose, to keep the CA file's read off the loop). Another coroutine that
+    asks for a name meanwhile waits for the same load."""
+    module = sys.modules.get(name)
+    deferred = None if module is None else module.__dict__.get("__getattr__")
+    if isinstance(deferred, _Deferred):
+        await asyncio.to_thread(deferred.load)
 
 
 class _Deferred:

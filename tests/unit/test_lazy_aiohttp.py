@@ -8,6 +8,7 @@ real aiohttp in a fresh interpreter, since this one has imported it already.
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -44,7 +45,9 @@ def package(tmp_path: Path) -> Iterator[str]:
     )
     (pkg / "hdrs.py").write_text("ACCEPT = 'Accept'\n")
     (pkg / "client.py").write_text(
-        "import sys\nsys.modules[__package__].client_ran = True\nclass Session: pass\n"
+        "import sys, threading\n"
+        "sys.modules[__package__].client_ran = threading.current_thread().name\n"
+        "class Session: pass\n"
     )
     (pkg / "server.py").write_text(
         "from . import __version__, hdrs\nSOFTWARE = 'fake/' + __version__\n"
@@ -69,7 +72,7 @@ def test_the_init_runs_at_the_first_name_that_is_not_a_submodule(package: str) -
     assert pkg.__spec__ is not None and pkg.__spec__.name == package
     # the first other name runs it, into the same module, once
     session = pkg.Session
-    assert vars(pkg)["client_ran"] is True
+    assert vars(pkg)["client_ran"] == "MainThread"
     assert session is sys.modules[f"{package}.client"].Session
     assert pkg.hdrs is sys.modules[f"{package}.hdrs"]
     assert pkg.__all__ == ("hdrs", "Session")
@@ -77,6 +80,18 @@ def test_the_init_runs_at_the_first_name_that_is_not_a_submodule(package: str) -
     assert pkg.Worker is None
     with pytest.raises(AttributeError):
         _ = pkg.nothing_of_that_name
+
+
+def test_loaded_runs_the_init_in_a_worker_thread_once(package: str) -> None:
+    assert lazy_aiohttp.install(package)
+    asyncio.run(lazy_aiohttp.loaded(package))
+    pkg = sys.modules[package]
+    ran = vars(pkg)["client_ran"]
+    assert ran != "MainThread"  # off the event loop's thread
+    assert not isinstance(vars(pkg)["__getattr__"], lazy_aiohttp._Deferred)
+    asyncio.run(lazy_aiohttp.loaded(package))  # loaded already: nothing to do
+    asyncio.run(lazy_aiohttp.loaded(f"{package}_not_there"))
+    assert vars(pkg)["client_ran"] == ran
 
 
 def test_dir_runs_the_init(package: str) -> None:
