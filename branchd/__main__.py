@@ -13,7 +13,13 @@ import os
 # they inherit only launcher.INHERITED_ENV of the daemon's environment.
 os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
 
-from branchd.daemon import cli  # after the switch above
+from branchd import lazy_aiohttp
+
+# aiohttp's client side (about 4 MiB) loads when a branch first calls another,
+# not with the server (see lazy_aiohttp): before anything imports aiohttp.
+lazy_aiohttp.install()
+
+from branchd.daemon import cli  # noqa: E402 (after both)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import fcntl
 import logging
@@ -9,13 +10,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import click
 from aiohttp import web
 
 from branchd import __version__
@@ -611,154 +611,215 @@ def _say_how_auth_works(cfg: Config, token_on_command_line: bool) -> None:
         log.info("named tokens of %s: %s", cfg.api.token_file, _roles_of(cfg.api.tokens))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--state-dir", help="State directory [env BRANCHD_STATE_DIR; default ~/.local/state/branchd]"
-)
-@click.option(
-    "--bind", help="HOST:PORT to serve the API on [env BRANCHD_BIND; default 127.0.0.1:8400]"
-)
-@click.option(
-    "--token",
-    help="Bearer token required by the API [env BRANCHD_TOKEN]; visible to every "
-    "local user in the process list: prefer --token-file",
-)
-@click.option(
-    "--token-file",
-    help="File holding the bearer token, or named tokens with roles as TOML "
-    "[tokens.NAME] tables (reread on SIGHUP) [env BRANCHD_TOKEN_FILE; default: one "
-    "generated at the first start into <state dir>/token]",
-)
-@click.option(
-    "--no-auth",
-    is_flag=True,
-    default=None,
-    help="Require no token (development only; loopback binds only) [env BRANCHD_NO_AUTH]",
-)
-@click.option(
-    "--cluster-key",
-    help="The cluster key (base64 of 32 bytes): gossip and peer calls are sealed with it "
-    "[env BRANCHD_CLUSTER_KEY]; visible in the process list: prefer --cluster-key-file",
-)
-@click.option(
-    "--cluster-key-file", help="File holding the cluster key [env BRANCHD_CLUSTER_KEY_FILE]"
-)
-@click.option(
-    "--join",
-    multiple=True,
-    help="API URL of a branch to join through (repeatable; retried with backoff) "
-    "[env BRANCHD_JOIN, comma-separated]",
-)
-@click.option(
-    "--gossip", help="HOST:PORT of the UDP gossip [env BRANCHD_GOSSIP; default the API port + 1]"
-)
-@click.option(
-    "--advertise",
-    help="HOST:PORT of the API as other branches dial it [env BRANCHD_ADVERTISE; "
-    "default the bind address]",
-)
-@click.option(
-    "--no-zeroconf",
-    is_flag=True,
-    default=None,
-    help="Do not announce or browse _branchd._tcp.local. [env BRANCHD_NO_ZEROCONF]",
-)
-@click.option(
-    "--cluster-profile",
-    type=click.Choice(["lan", "local", "wan"]),
-    help="Membership timers preset [env BRANCHD_CLUSTER_PROFILE; default lan]",
-)
-@click.option(
-    "--max-instances",
-    type=int,
-    help="Instances this branch may hold [env BRANCHD_MAX_INSTANCES; default 100]",
-)
-@click.option(
-    "--slots",
-    type=int,
-    help="Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
-)
-@click.option(
-    "--tls-cert",
-    help="PEM certificate (chain): serve the API over HTTPS and call the other branches "
-    "over HTTPS only [env BRANCHD_TLS_CERT]",
-)
-@click.option("--tls-key", help="PEM key of --tls-cert [env BRANCHD_TLS_KEY]")
-@click.option(
-    "--tls-ca",
-    help="PEM CA that signs the other branches' certificates; peers are verified "
-    "against it alone [env BRANCHD_TLS_CA; default the system's trust store]",
-)
-@click.option(
-    "--metrics-public",
-    is_flag=True,
-    default=None,
-    help="GET /metrics needs no token [env BRANCHD_METRICS_PUBLIC]",
-)
-@click.option("--config", "config_file", help="TOML config file [env BRANCHD_CONFIG]")
-@click.option("--log-level", help="DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]")
-@click.version_option(__version__, prog_name="branchd")
-def cli(
-    state_dir: str | None,
-    bind: str | None,
-    token: str | None,
-    token_file: str | None,
-    no_auth: bool | None,
-    cluster_key: str | None,
-    cluster_key_file: str | None,
-    join: tuple[str, ...],
-    gossip: str | None,
-    advertise: str | None,
-    no_zeroconf: bool | None,
-    cluster_profile: str | None,
-    max_instances: int | None,
-    slots: int | None,
-    tls_cert: str | None,
-    tls_key: str | None,
-    tls_ca: str | None,
-    metrics_public: bool | None,
-    config_file: str | None,
-    log_level: str | None,
-) -> None:
-    """Run a branch: supervise this machine's instances and serve the API.
+@dataclass(frozen=True)
+class Flag:
+    """One option of ``branchd``: the setting ``key`` it gives config.load."""
 
-    SIGTERM or SIGINT stop every instance and exit; SIGUSR2 exits and leaves
-    them running (a new branchd on the same state dir adopts them); SIGHUP
-    rereads the token file of named tokens.
-    """
-    flags = {
-        "state_dir": state_dir,
-        "bind": bind,
-        "token": token,
-        "token_file": token_file,
-        "no_auth": True if no_auth else None,
-        "cluster_key": cluster_key,
-        "cluster_key_file": cluster_key_file,
-        "join": join or None,
-        "gossip": gossip,
-        "advertise": advertise,
-        "no_zeroconf": True if no_zeroconf else None,
-        "cluster_profile": cluster_profile,
-        "max_instances": max_instances,
-        "slots": slots,
-        "tls_cert": tls_cert,
-        "tls_key": tls_key,
-        "tls_ca": tls_ca,
-        "metrics_public": True if metrics_public else None,
-        "config": config_file,
-        "log_level": log_level,
-    }
+    flag: str
+    key: str
+    help: str
+    #: "text" (a value), "int", "switch" (no value: true when given) or "repeat"
+    #: (a value, repeatable: a tuple of them)
+    kind: str = "text"
+    choices: tuple[str, ...] = ()
+
+
+#: branchd's options, in --help's order; tools/gen_docs.py makes
+#: docs/configuration.md's table from them (with config._ENV and the sections).
+FLAGS = (
+    Flag(
+        "--state-dir",
+        "state_dir",
+        "State directory [env BRANCHD_STATE_DIR; default ~/.local/state/branchd]",
+    ),
+    Flag(
+        "--bind", "bind", "HOST:PORT to serve the API on [env BRANCHD_BIND; default 127.0.0.1:8400]"
+    ),
+    Flag(
+        "--token",
+        "token",
+        "Bearer token required by the API [env BRANCHD_TOKEN]; visible to every "
+        "local user in the process list: prefer --token-file",
+    ),
+    Flag(
+        "--token-file",
+        "token_file",
+        "File holding the bearer token, or named tokens with roles as TOML "
+        "[tokens.NAME] tables (reread on SIGHUP) [env BRANCHD_TOKEN_FILE; default: one "
+        "generated at the first start into <state dir>/token]",
+    ),
+    Flag(
+        "--no-auth",
+        "no_auth",
+        "Require no token (development only; loopback binds only) [env BRANCHD_NO_AUTH]",
+        kind="switch",
+    ),
+    Flag(
+        "--cluster-key",
+        "cluster_key",
+        "The cluster key (base64 of 32 bytes): gossip and peer calls are sealed with it "
+        "[env BRANCHD_CLUSTER_KEY]; visible in the process list: prefer --cluster-key-file",
+    ),
+    Flag(
+        "--cluster-key-file",
+        "cluster_key_file",
+        "File holding the cluster key [env BRANCHD_CLUSTER_KEY_FILE]",
+    ),
+    Flag(
+        "--join",
+        "join",
+        "API URL of a branch to join through (repeatable; retried with backoff) "
+        "[env BRANCHD_JOIN, comma-separated]",
+        kind="repeat",
+    ),
+    Flag(
+        "--gossip",
+        "gossip",
+        "HOST:PORT of the UDP gossip [env BRANCHD_GOSSIP; default the API port + 1]",
+    ),
+    Flag(
+        "--advertise",
+        "advertise",
+        "HOST:PORT of the API as other branches dial it [env BRANCHD_ADVERTISE; "
+        "default the bind address]",
+    ),
+    Flag(
+        "--no-zeroconf",
+        "no_zeroconf",
+        "Do not announce or browse _branchd._tcp.local. [env BRANCHD_NO_ZEROCONF]",
+        kind="switch",
+    ),
+    Flag(
+        "--cluster-profile",
+        "cluster_profile",
+        "Membership timers preset [env BRANCHD_CLUSTER_PROFILE; default lan]",
+        choices=("lan", "local", "wan"),
+    ),
+    Flag(
+        "--max-instances",
+        "max_instances",
+        "Instances this branch may hold [env BRANCHD_MAX_INSTANCES; default 100]",
+        kind="int",
+    ),
+    Flag(
+        "--slots",
+        "slots",
+        "Pool processes its instances may run together [env BRANCHD_SLOTS; default 16 per CPU]",
+        kind="int",
+    ),
+    Flag(
+        "--tls-cert",
+        "tls_cert",
+        "PEM certificate (chain): serve the API over HTTPS and call the other branches "
+        "over HTTPS only [env BRANCHD_TLS_CERT]",
+    ),
+    Flag("--tls-key", "tls_key", "PEM key of --tls-cert [env BRANCHD_TLS_KEY]"),
+    Flag(
+        "--tls-ca",
+        "tls_ca",
+        "PEM CA that signs the other branches' certificates; peers are verified "
+        "against it alone [env BRANCHD_TLS_CA; default the system's trust store]",
+    ),
+    Flag(
+        "--metrics-public",
+        "metrics_public",
+        "GET /metrics needs no token [env BRANCHD_METRICS_PUBLIC]",
+        kind="switch",
+    ),
+    Flag("--config", "config", "TOML config file [env BRANCHD_CONFIG]"),
+    Flag("--log-level", "log_level", "DEBUG, INFO, WARNING, ERROR [env BRANCHD_LOG_LEVEL]"),
+)
+
+_ABOUT = """Run a branch: supervise this machine's instances and serve the API.
+
+SIGTERM or SIGINT stop every instance and exit; SIGUSR2 exits and leaves
+them running (a new branchd on the same state dir adopts them); SIGHUP
+rereads the token file of named tokens."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    # argparse, not click as branchctl: aiohttp.web imports argparse anyway, and
+    # click was about 1 MiB of the daemon's resident memory (issue 10, part 9)
+    parser = argparse.ArgumentParser(
+        prog="branchd",
+        usage="%(prog)s [OPTIONS]",
+        description=_ABOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # as click: an option is named in full
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action="help", help="Show this message and exit.")
+    for f in FLAGS:
+        what = f.help.replace("%", "%%")  # (argparse formats help with %)
+        if f.kind == "switch":
+            parser.add_argument(f.flag, dest=f.key, action="store_const", const=True, help=what)
+        elif f.kind == "repeat":
+            parser.add_argument(f.flag, dest=f.key, action="append", metavar="TEXT", help=what)
+        else:
+            parser.add_argument(
+                f.flag,
+                dest=f.key,
+                type=int if f.kind == "int" else str,
+                choices=f.choices or None,
+                metavar=None if f.choices else "INTEGER" if f.kind == "int" else "TEXT",
+                help=what,
+            )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"branchd, version {__version__}",
+        help="Show the version and exit.",
+    )
+    return parser
+
+
+def _values_joined(argv: Sequence[str]) -> list[str]:
+    """``--flag VALUE`` as ``--flag=VALUE``: an option that takes a value takes
+    the next argument whatever it looks like (a token may start with "-"), as
+    click did; argparse would take it for an option."""
+    takes = {f.flag for f in FLAGS if f.kind != "switch"}
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg in takes else None
+        out.append(arg if value is None else f"{arg}={value}")
+        if arg == "--":
+            out.extend(rest)
+    return out
+
+
+def parse_flags(argv: Sequence[str]) -> dict[str, object]:
+    """The settings ``argv`` gives, as config.load takes them (None: not given).
+
+    A usage error, ``--help`` and ``--version`` exit (2, 0, 0) as argparse does."""
+    args = _parser().parse_args(_values_joined(argv))
+    flags: dict[str, object] = {f.key: getattr(args, f.key) for f in FLAGS}
+    flags["join"] = tuple(args.join) if args.join else None
+    return flags
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``branchd [OPTIONS]`` (see :data:`FLAGS` and ``_ABOUT``)."""
+    try:
+        _main(parse_flags(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # (before the daemon's own SIGINT handler), as click said it
+        print("\nAborted!", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+
+
+def _main(flags: dict[str, object]) -> None:
+    token, cluster_key = flags["token"], flags["cluster_key"]
     try:
         cfg = load(flags, os.environ)
         lock = _lock(cfg.state_dir)
     except BranchdError as exc:
-        click.echo(f"branchd: {exc.message}", err=True)
+        print(f"branchd: {exc.message}", file=sys.stderr)
         sys.exit(EXIT_LOCKED if "already runs" in exc.message else EXIT_CONFIG)
     try:
         cfg = _secure_state(cfg)
     except BranchdError as exc:
         lock.close()
-        click.echo(f"branchd: {exc.message}", err=True)
+        print(f"branchd: {exc.message}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     logging.basicConfig(
         level=cfg.log_level,
@@ -774,7 +835,7 @@ def cli(
     try:
         asyncio.run(Daemon(cfg).run())
     except BranchdError as exc:
-        click.echo(f"branchd: {exc.message}", err=True)
+        print(f"branchd: {exc.message}", file=sys.stderr)
         sys.exit(EXIT_FAILURE)
     finally:
         lock.close()

@@ -2,7 +2,7 @@
 they cannot go stale (tests/unit/test_reference_docs.py fails when they do):
 
 - docs/configuration.md: every setting, from branchd/config.py (its sections,
-  flat keys and environment) and branchd's click options (branchd/daemon.py);
+  flat keys and environment) and branchd's options (branchd/daemon.py's FLAGS);
 - docs/cli.md: every branchctl command, from its click tree;
 - docs/api.md: the route reference, from the OpenAPI document.
 
@@ -28,7 +28,7 @@ from branchctl.cli import main as branchctl
 from branchd import config
 from branchd.api import openapi
 from branchd.api.routes import ROUTES
-from branchd.daemon import cli as branchd
+from branchd.daemon import FLAGS, Flag
 
 ROOT = Path(__file__).resolve().parent.parent
 REGENERATE = ".venv/bin/python tools/gen_docs.py"
@@ -88,10 +88,6 @@ _TOP = {
 }
 
 
-def _flag_key(option: click.Option) -> str:
-    return "config" if option.name == "config_file" else str(option.name)
-
-
 def _doc_comments(cls: type[Any]) -> dict[str, str]:
     """Each field's ``#:`` comment in the class's source; one comment over
     fields with no blank line between them is theirs all."""
@@ -125,7 +121,7 @@ def _default(value: Any) -> str:
     return str(value)
 
 
-def _help(option: click.Option | None) -> str:
+def _help(option: Flag | None) -> str:
     """An option's help, without the ``[env ...; default ...]`` the table shows."""
     if option is None or not option.help:
         return ""
@@ -134,8 +130,7 @@ def _help(option: click.Option | None) -> str:
 
 def config_rows() -> list[list[str]]:
     """One row per setting: the TOML key, flag, environment, default, what it is."""
-    options = {_flag_key(o): o for o in branchd.params if isinstance(o, click.Option)}
-    options.pop("version", None)
+    options = {f.key: f for f in FLAGS}
     env_of: dict[str, list[str]] = {}
     for var, key in config._ENV.items():
         env_of.setdefault(key, []).append(var)
@@ -148,7 +143,7 @@ def config_rows() -> list[list[str]]:
             keys_of.setdefault(target, []).append(key)
 
     def flags(keys: list[str]) -> str:
-        return ", ".join(f"`{o.opts[0]}`" for k in keys if (o := options.get(k)) is not None)
+        return ", ".join(f"`{o.flag}`" for k in keys if (o := options.get(k)) is not None)
 
     def envs(keys: list[str]) -> str:
         return ", ".join(f"`{v}`" for k in keys for v in env_of.get(k, ()))

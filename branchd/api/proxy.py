@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from branchd import lazy_aiohttp
 from branchd.api.roles import CALLER_HEADER, PRINCIPAL, Principal
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
@@ -131,6 +132,7 @@ class HttpForwarder:
     ) -> tuple[int, Any]:
         """``request`` (a GET) answered by ``branch`` as (status, JSON body),
         within ``timeout`` s; BranchUnreachable if it is not."""
+        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
         import aiohttp
 
         url, state = self._url_of(branch)
@@ -153,6 +155,7 @@ class HttpForwarder:
     ) -> tuple[int, Any]:
         """A request of this branch's own (not a client's) answered by
         ``branch``: (status, JSON body); BranchUnreachable if it is not."""
+        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
         import aiohttp
 
         url, state = self._url_of(branch)
@@ -177,6 +180,7 @@ class HttpForwarder:
         """A GET of this branch's own on ``branch``, streamed: the head of its
         answer (the caller reads the body and releases it); no read timeout
         (an event stream is quiet for long)."""
+        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
         url, state = self._peers.api_url_of(branch)
         if url is None or state in ("dead", "left"):
             raise BranchUnreachable(f"branch {branch} is {state}", branch=branch, state=state)
@@ -202,6 +206,7 @@ class HttpForwarder:
     async def _request(self, request: web.Request, branch: str, body: bytes) -> Any:
         """The head of ``branch``'s answer to ``request`` (its body to read);
         BranchUnreachable when that member is gone, or silent (``_answer``)."""
+        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
         import aiohttp  # the client side: loaded by a clustering branch only
 
         url, state = self._url_of(branch)

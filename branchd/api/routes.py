@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -211,8 +211,18 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.json_response(data, status=status, headers=headers, dumps=_dumps)
 
 
-def _dumps(data: Any) -> str:
-    return json.dumps(data, allow_nan=False)
+#: json.dumps(data, allow_nan=False), the same text, without making an encoder
+#: for each call (a listing calls it once per item)
+_dumps: Callable[[Any], str] = json.JSONEncoder(allow_nan=False).encode
+
+
+def _json_items(items: Iterable[Any]) -> web.Response:
+    """``_json({"items": [...]})``, the same bytes, each item encoded as soon as
+    it is made: a listing of 200 instances holds one item's dict at a time, not
+    200 of them (whose high-water mark stayed in the daemon's heap: 1.5 MiB of
+    its resident memory after the first listing; issue 10, part 9)."""
+    text = '{"items": [' + ", ".join(_dumps(item) for item in items) + "]}"
+    return web.Response(text=text, content_type="application/json")
 
 
 # branch -------------------------------------------------------------------
@@ -523,7 +533,7 @@ async def list_instances(request: web.Request) -> web.Response:
             # back to back before the loop reads the next request (a ping).
             await asyncio.sleep(0)
         views = await _local(request).instances.list_instances(app)
-        return _json({"items": [v.to_json(listing=True) for v in views]})
+        return _json_items(v.to_json(listing=True) for v in views)
 
 
 async def create_instance(request: web.Request) -> web.Response:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from branchd import lazy_aiohttp
 from branchd.clock import Scheduler
 from branchd.cluster import codec, seal
 from branchd.cluster.gossip import Gossip, MemberView
@@ -94,6 +95,8 @@ class HttpPeerClient:
 
     async def post(self, api_url: str, body: bytes) -> bytes:
         import aiohttp  # the client side: a cluster of one never loads it
+
+        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
 
         if self._tls is not None and not api_url.lower().startswith("https://"):
             raise PeerRefused(f"{api_url} is plain http; this branch calls its peers over TLS only")

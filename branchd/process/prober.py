@@ -24,6 +24,7 @@ from typing import Protocol
 import aiohttp
 import psutil
 
+from branchd import lazy_aiohttp
 from branchd.clock import Scheduler, deadline
 from branchd.process.probes import Notice, Probe, ProbeKind, parse_notice
 
@@ -91,6 +92,7 @@ async def _tcp(probe: Probe) -> str | None:
 
 
 async def _http(probe: Probe) -> str | None:
+    await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
     # (trust_env off: no proxy from the daemon's environment between us and it)
     try:
         async with (

@@ -6,6 +6,13 @@ api/precheck.py cannot vouch for.
 Each check runs a real daemon (``Daemon.run``, port 0, its own state dir) in a
 fresh interpreter and reads that interpreter's ``sys.modules``; the last one
 runs ``python -m branchd`` and reads the libraries it maps.
+
+aiohttp's client side (about 4 MiB) loads when a branch first calls another
+(branchd/lazy_aiohttp.py, installed by the daemon's entry point): a branch on
+its own, over HTTP or HTTPS, serving reads, writes, the event stream and the
+metrics, never loads it. A clustered branch's peer calls (which load it) are
+the cluster and forwarding tests' (tests/integration/test_cluster.py,
+test_forwarding.py: their daemons run ``python -m branchd``).
 """
 
 from __future__ import annotations
@@ -108,6 +115,109 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
     tops = {m.partition(".")[0] for m in seen["invalid"]}
     assert "jsonschema" in tops, seen["invalid"]
     assert not tops & set(CELERY_ONLY + ON_DISCOVERY + ON_USE), seen["invalid"]
+
+
+#: aiohttp's client side: loaded by the first peer call, forward or probe
+#: (aiohttp.client_exceptions is the server's too).
+CLIENT_SIDE = ("aiohttp.client", "aiohttp.connector", "aiohttp.cookiejar", "aiohappyeyeballs")
+#: branchctl's; the daemon parses its options with argparse (aiohttp.web's anyway).
+NEVER = ("click",)
+
+ALONE = """
+import asyncio, http.client, json, ssl, sys
+
+import branchd.__main__  # the entry point: what it sets before aiohttp loads
+
+from branchd.config import load
+from branchd.daemon import Daemon, Exit
+
+state, tls = sys.argv[1], json.loads(sys.argv[2])
+
+
+def client_side():
+    names = json.loads(sys.argv[3])
+    return sorted(m for m in sys.modules if m.partition(".")[0] in names or m in names)
+
+
+def calls(url, token):
+    host, port = url.rpartition("/")[2].rsplit(":", 1)
+    if tls:
+        conn = http.client.HTTPSConnection(
+            host, int(port), timeout=10, context=ssl._create_unverified_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def call(method, path, body=None):
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, None if body is None else json.dumps(body), headers)
+        reply = conn.getresponse()
+        if path == "/v1/events":  # a stream: its first event, then leave
+            line = reply.fp.readline()
+            conn.close()
+            return reply.status, line
+        return reply.status, reply.read()
+
+    out = [call("GET", p)[0] for p in ("/v1/apps", "/v1/branch", "/v1/openapi.json")]
+    out.append(call("PUT", "/v1/apps/web", {})[0])
+    body = {"name": "s1", "command": [sys.executable, "-c", "import time; time.sleep(60)"]}
+    out.append(call("POST", "/v1/apps/web/instances", body)[0])
+    out.append(call("GET", "/v1/apps/web/instances")[0])
+    status, metrics = call("GET", "/metrics")
+    out.append(status)
+    assert b"branchd_" in metrics, metrics[:200]
+    status, first = call("GET", "/v1/events")
+    out.append(status)
+    assert first, "no event"
+    return out
+
+
+async def main():
+    flags = {"state_dir": state, "bind": "127.0.0.1:0", **tls}
+    config = load(flags, {})
+    daemon = Daemon(config)
+    run = asyncio.create_task(daemon.run())
+    while daemon.url is None:
+        if run.done():
+            run.result()
+        await asyncio.sleep(0.01)
+    started = client_side()
+    statuses = await asyncio.to_thread(calls, daemon.url, config.api.token)
+    daemon.request_exit(Exit.STOP)
+    await run
+    print(json.dumps({"url": daemon.url, "started": started, "served": client_side(),
+                      "statuses": statuses}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_branch_on_its_own_never_loads_aiohttps_client_side_nor_click(
+    tmp_path: Path, scheme: str
+) -> None:
+    tls = {}
+    if scheme == "https":
+        from tests.integration.test_tls_roles import make_certificate
+
+        cert, key = make_certificate(tmp_path)
+        tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    argv = [str(tmp_path / "state"), json.dumps(tls), json.dumps(CLIENT_SIDE + NEVER)]
+    done = subprocess.run(
+        [sys.executable, "-c", ALONE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["url"].startswith(f"{scheme}://")
+    assert seen["statuses"] == [200, 200, 200, 201, 201, 200, 200, 200], seen
+    assert seen["started"] == [] and seen["served"] == [], seen
 
 
 def test_the_discovery_module_loads_zeroconf_only_when_its_service_starts() -> None:

@@ -9,7 +9,7 @@ from branchctl.cli import main as branchctl
 
 from branchd import config
 from branchd.api.routes import ROUTES
-from branchd.daemon import cli as branchd
+from branchd.daemon import FLAGS
 from tools import gen_docs
 
 HOW = f"regenerate them: {gen_docs.REGENERATE}"
@@ -30,8 +30,7 @@ def test_the_generated_parts_are_what_the_code_says_now(path: str) -> None:
 
 def test_every_option_of_branchd_is_in_the_configuration_reference() -> None:
     part = _part("docs/configuration.md", "options")
-    flags = [o.opts[0] for o in branchd.params if isinstance(o, click.Option)]
-    missing = [f for f in flags if f"`{f}`" not in part and f != "--version"]
+    missing = [f.flag for f in FLAGS if f"`{f.flag}`" not in part]
     missing += [v for v in [*config._ENV, "BRANCHD_CONFIG"] if f"`{v}`" not in part]
     missing += [k for k in config._FLAT if f"`{k}`" not in part]
     for section, cls in config._SECTIONS.items():
