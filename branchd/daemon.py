@@ -31,7 +31,6 @@ from branchd.api.forward import (
 from branchd.api.metrics import Sources
 from branchd.api.roles import TokenBook
 from branchd.branch import BranchService, SystemProbe
-from branchd.celery.remote import KombuRemoteControl
 from branchd.clock import LoopScheduler, SystemClock
 from branchd.config import (
     SLOTS_PER_CPU,
@@ -168,7 +167,7 @@ class Daemon:
                 cfg,
                 branch_id,
                 scheduler=scheduler,
-                remote=KombuRemoteControl(),
+                # (remote: kombu's, made with the Celery layer at its first need)
                 bus=bus,
                 log_pipes=pipes,
             )
@@ -221,8 +220,8 @@ class Daemon:
 
                 # an app's rate limits: a total over its running workers on
                 # every branch (a worker elsewhere starts or stops: ours re-split)
-                local.workers.count_elsewhere(cluster)
-                cluster.on_running = local.workers.resplit
+                local.layer.count_elsewhere(cluster)
+                cluster.on_running = local.layer.resplit
 
                 from branchd.api.proxy import HttpForwarder, gather, place
 
@@ -290,11 +289,11 @@ class Daemon:
                     journal=journal,
                     cluster_events=cluster_events,
                     metric_sources=Sources(
-                        celery=local.celery.worker_figures,
+                        celery=local.layer.worker_figures,
                         gossip=cluster.counters if cluster is not None else None,
                         members=cluster.branches if cluster is not None else None,
                         streams=lambda: journal.streams,
-                        depths=local.scaler.known_depths,
+                        depths=local.layer.known_depths,
                     ),
                     metrics_public=cfg.api.metrics_public,
                 ),

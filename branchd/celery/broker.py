@@ -34,7 +34,12 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+from branchd.celery.urls import is_embedded_url
+
+if TYPE_CHECKING:
+    from branchd.model import App
 
 log = logging.getLogger(__name__)
 
@@ -306,3 +311,23 @@ def remove_embedded(state_dir: str | os.PathLike[str], app: str) -> None:
     root = Path(state_dir).resolve()
     shutil.rmtree(root / "broker" / "apps" / app, ignore_errors=True)
     shutil.rmtree(results_dir(state_dir, app), ignore_errors=True)
+
+
+# what an app's view shows (it must not load the rest of the Celery layer) ----
+
+
+def broker_url(app: App) -> str:
+    """The URL of the app's broker, as ``broker_for`` gives it, without making
+    the embedded broker's folders: an app's view must not bring back the
+    folders of an app whose delete just removed them."""
+    return "filesystem://" if is_embedded_url(app.celery.broker) else app.celery.broker or ""
+
+
+def backend_for(app: App, state_dir: Path) -> str | None:
+    """The app's result backend: its own, else a file store for the embedded
+    broker (a zero-service Celery has results too), else the app module's."""
+    if app.celery.result_backend:
+        return app.celery.result_backend
+    if is_embedded_url(app.celery.broker):
+        return f"file://{results_dir(state_dir, app.name)}"
+    return None

@@ -22,7 +22,6 @@ from branchd.celery.argv import worker_argv
 from branchd.celery.broker import (
     BrokerSpec,
     embedded,
-    results_dir,
     worker_env,
 )
 from branchd.celery.remote import RemoteControl
@@ -60,13 +59,6 @@ def broker_for(app: App, state_dir: Path, hook: str | None = None) -> BrokerSpec
     return BrokerSpec(app.celery.broker or "")
 
 
-def broker_url(app: App) -> str:
-    """The URL of the app's broker, as ``broker_for`` gives it, without making
-    the embedded broker's folders: an app's view must not bring back the
-    folders of an app whose delete just removed them."""
-    return "filesystem://" if is_embedded_url(app.celery.broker) else app.celery.broker or ""
-
-
 def check_broker(app: App) -> None:
     """Raise Invalid if the app's broker URL is bad (an app from an older
     database may hold one): its workers then fail to start, saying why."""
@@ -74,16 +66,6 @@ def check_broker(app: App) -> None:
         problem = broker_url_problem(app.celery.broker)
         if problem:
             raise Invalid(f"app {app.name!r} has a bad broker URL: {problem}")
-
-
-def backend_for(app: App, state_dir: Path) -> str | None:
-    """The app's result backend: its own, else a file store for the embedded
-    broker (a zero-service Celery has results too), else the app module's."""
-    if app.celery.result_backend:
-        return app.celery.result_backend
-    if is_embedded_url(app.celery.broker):
-        return f"file://{results_dir(state_dir, app.name)}"
-    return None
 
 
 def python_for(app: App) -> str:

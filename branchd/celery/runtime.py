@@ -17,7 +17,8 @@ from typing import Any
 from branchd import events
 from branchd.celery import limits as task_limits
 from branchd.celery import lint
-from branchd.celery.ops import autoscaler_range, broker_url, fixed_concurrency
+from branchd.celery.broker import broker_url
+from branchd.celery.ops import autoscaler_range, fixed_concurrency
 from branchd.celery.workers import Workers
 from branchd.declarations import Declarations, check_name
 from branchd.errors import Conflict, ControlFailed, RestartRequired

@@ -19,6 +19,7 @@ from branchd.celery import drain, stall
 from branchd.celery import limits as task_limits
 from branchd.celery.broker import (
     BrokerSpec,
+    backend_for,
     clear_node_leftovers,
     ensure_results_dir,
     hook_dir,
@@ -29,7 +30,6 @@ from branchd.celery.depth import DepthReader, KombuDepthReader
 from branchd.celery.ops import (
     CeleryOps,
     Worker,
-    backend_for,
     broker_for,
     check_broker,
     command_for,

@@ -21,12 +21,11 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from branchd import events
-from branchd.celery.workers import Workers
 from branchd.clock import Clock, Scheduler, Timer, deadline
 from branchd.config import SupervisionSection
 from branchd.declarations import Declarations, check_name
@@ -106,6 +105,32 @@ _REMOVING_APP = "removing_app:"
 _SPAWNERS = 4
 
 
+if TYPE_CHECKING:
+    from branchd.celery.workers import Host
+
+
+class CeleryWorkers(Protocol):
+    """What the engine asks of the Celery workers service (``celery/workers.py``'s
+    ``Workers``; the daemon hands it one that loads the Celery layer at its first
+    use, so a branch without Celery apps never imports it)."""
+
+    def bind(self, host: Host) -> None: ...
+    def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def remember_argv(self, name: str, argv: tuple[str, ...]) -> None: ...
+    def spawned(self, name: str, pid: int) -> None: ...
+    def adopted(self, name: str) -> None: ...
+    def stop(self, spec: InstanceSpec, pid: int, signum: int) -> None: ...
+    def remove_embedded(self, app: str) -> None: ...
+    async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None: ...
+    async def worker_stats(self, spec: InstanceSpec) -> dict[str, Any]: ...
+    def command(self, spec: InstanceSpec, live: bool = False) -> tuple[str, ...]: ...
+    def node(self, spec: InstanceSpec) -> str: ...
+    def prepare_spawn(
+        self, spec: InstanceSpec, env: dict[str, str]
+    ) -> tuple[tuple[str, ...], dict[str, str]]: ...
+
+
 class Engine:
     """Supervises the instances of this branch."""
 
@@ -119,7 +144,7 @@ class Engine:
         branch_id: str,
         *,
         declarations: Declarations,
-        workers: Workers,
+        workers: CeleryWorkers,
         bus: EventBus,
         scheduler: Scheduler,
         prober: ProbeRunner | None = None,

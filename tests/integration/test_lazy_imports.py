@@ -53,7 +53,7 @@ WATCHED = json.loads(sys.argv[2])
 
 
 def loaded():
-    return sorted(m for m in sys.modules if m.partition(".")[0] in WATCHED)
+    return sorted(m for m in sys.modules if m.partition(".")[0] in WATCHED or m in WATCHED)
 
 
 async def main():
@@ -80,6 +80,9 @@ async def main():
         async with http.post("/v1/apps/web/instances", json={"name": "bad name"}) as reply:
             assert reply.status == 422, await reply.text()
         seen["invalid"] = loaded()
+        async with http.put("/v1/apps/jobs", json={"celery_app": "tasks"}) as reply:
+            assert reply.status == 201, await reply.text()
+        seen["celery_app"] = loaded()
     daemon.request_exit(Exit.STOP)
     await run
     print(json.dumps(seen))
@@ -115,6 +118,32 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
     tops = {m.partition(".")[0] for m in seen["invalid"]}
     assert "jsonschema" in tops, seen["invalid"]
     assert not tops & set(CELERY_ONLY + ON_DISCOVERY + ON_USE), seen["invalid"]
+    # a Celery app declared builds branchd's Celery layer, not kombu (a broker link does)
+    tops = {m.partition(".")[0] for m in seen["celery_app"]}
+    assert not tops & set(CELERY_ONLY), seen["celery_app"]
+
+
+#: branchd's Celery layer (workers service, runtime operations, depth reads
+#: and scaler, remote control: about 1 MiB), built by branchd/local.py's
+#: CeleryLayer at the first Celery app, instance or route. An app's view reads
+#: only celery/broker.py and urls.py; api/schemas.py takes lint's Severity.
+CELERY_LAYER = tuple(
+    f"branchd.celery.{m}"
+    for m in (
+        "workers", "ops", "runtime", "scaler", "depth", "ready", "remote", "outage",
+        "drain", "stall", "limits", "argv", "fs_transport", "worker_loader", "stub",
+    )
+)  # fmt: skip
+
+
+def test_a_branch_without_celery_apps_never_loads_the_celery_layer(tmp_path: Path) -> None:
+    seen = _loaded_by_a_daemon(tmp_path, CELERY_LAYER)
+    assert seen["reads"] == [] and seen["writes"] == [] and seen["invalid"] == [], seen
+    # the first Celery app declared builds it (which also shows the watch works);
+    # no worker yet, and still no kombu (its first broker link loads it)
+    layer = set(seen["celery_app"])
+    assert {"branchd.celery.workers", "branchd.celery.scaler", "branchd.celery.remote"} <= layer
+    assert "branchd.celery.stub" not in layer, layer
 
 
 #: aiohttp's client side: loaded by the first peer call, forward or probe
