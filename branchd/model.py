@@ -136,7 +136,7 @@ class StopStep(StrEnum):
     KILL = "kill"  # stopwaitsecs ran out and SIGKILL went to the group
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Policy:
     """How an instance is supervised (supervisord's program options)."""
 
@@ -465,7 +465,7 @@ class Queue:
 _QUEUE_KEYS = ("app", "name", "exchange", "exchange_type", "routing_key", "options", *RECORD_KEYS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceSpec:
     """What a user declared for one instance; persisted as is."""
 
@@ -702,7 +702,7 @@ _SPEC_PLAIN = (
 _SPEC_KEYS = ("app", "name", "branch", *_POLICY_KEYS, *_SPEC_PLAIN, *LIMIT_FIELDS, *RECORD_KEYS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Runtime:
     """What branchd knows of the live process, persisted for adoption."""
 

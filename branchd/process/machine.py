@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from branchd.model import Autorestart, Policy, State, StopStep
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Proc:
     state: State = State.STOPPED
     pid: int | None = None
