@@ -221,8 +221,10 @@ def _json_items(items: Iterable[Any]) -> web.Response:
     it is made: a listing of 200 instances holds one item's dict at a time, not
     200 of them (whose high-water mark stayed in the daemon's heap: 1.5 MiB of
     its resident memory after the first listing; issue 10, part 9)."""
-    text = '{"items": [' + ", ".join(_dumps(item) for item in items) + "]}"
-    return web.Response(text=text, content_type="application/json")
+    # (bytes from the start: the whole answer is not held as text and bytes at once;
+    # the encoder writes ASCII, ensure_ascii being on)
+    body = b'{"items": [' + b", ".join(_dumps(item).encode() for item in items) + b"]}"
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 # branch -------------------------------------------------------------------
