@@ -87,7 +87,7 @@ from branchd.process.machine import (
 from branchd.process.prober import NetProber, NotifySockets, ProbeRunner
 from branchd.process.probes import Dep, after_problem, start_order, stop_tiers, waiting_for
 from branchd.process.readiness import Probing
-from branchd.process.specs import apply_fields, build_spec, check_kind_fields
+from branchd.process.specs import apply_fields, build_spec, check_kind_fields, reset_fields
 from branchd.store import Store
 from branchd.views import InstanceView, Stats, TreeStats
 
@@ -439,8 +439,9 @@ class Engine:
             if key in fields:
                 raise Invalid(f"{key} cannot be changed")
         check_kind_fields(spec.kind, fields)
-        new = apply_fields(spec, fields)
         app_obj = self._decls.find_app(app)
+        fields = reset_fields(spec, app_obj.defaults if app_obj else {}, fields)
+        new = apply_fields(spec, fields)
         if new.kind == Kind.CELERY and app_obj is not None:
             self._decls.check_queues(app_obj, new.queues)
             await self._workers.check_limits(app_obj, new)
