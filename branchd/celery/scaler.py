@@ -122,16 +122,27 @@ class DepthService:
         return [s for s in self._engine.specs(app) if s.kind == Kind.CELERY]
 
     async def queue_depth(self, app: str, queue: str) -> dict[str, Any]:
+        """One queue of the app's, or Celery's default: a producer's
+        ``delay()`` sends there even when no worker consumes it."""
         app_obj = await self._decls.get_app(app)
-        if queue not in self.app_queues(app_obj):
-            raise NotFound(f"app {app!r} has no queue {queue!r}")
+        if queue != DEFAULT_QUEUE and queue not in self.app_queues(app_obj):
+            raise NotFound(
+                f"app {app!r} has no queue {queue!r} (none declared, consumed by an "
+                f"instance or in its defaults; Celery's default {DEFAULT_QUEUE!r} is read "
+                "always)"
+            )
         (depth,), _ = await self.read(app_obj, [queue])
         return depth.to_wire()
 
     async def app_depth(self, app: str) -> list[dict[str, Any]]:
+        """Every queue of the app's, and Celery's default when it holds
+        messages (tasks sent with no queue that no worker of the app takes)."""
         app_obj = await self._decls.get_app(app)
-        depths, _ = await self.read(app_obj, self.app_queues(app_obj))
-        return [d.to_wire() for d in depths]
+        queues = self.app_queues(app_obj)
+        extra = [] if DEFAULT_QUEUE in queues else [DEFAULT_QUEUE]
+        depths, _ = await self.read(app_obj, [*queues, *extra])
+        shown = [d for d in depths if d.queue in queues or d.ready or d.in_flight]
+        return [d.to_wire() for d in sorted(shown, key=lambda d: d.queue)]
 
     async def read(
         self, app: App, queues: Sequence[str], *, pools: bool = False

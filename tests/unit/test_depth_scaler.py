@@ -167,6 +167,21 @@ async def test_no_policy_no_scaling_and_unknown_queue(rig: Rig) -> None:
     assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
 
 
+async def test_celerys_default_queue_is_read_and_listed_when_it_holds_messages(
+    rig: Rig,
+) -> None:
+    """Issue 16's trial: ``delay()`` with no queue sends to 'celery', which
+    no worker of the app consumed: its depth was a 404 and out of the list."""
+    await rig.m.apps.patch_app(APP, {"scale": None})
+    await rig.worker("w1")  # (consumes 'default' only)
+    assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
+    rig.depth.set("celery", 7)
+    got = await rig.m.depth.queue_depth(APP, "celery")
+    assert (got["queue"], got["ready"], got["consumers"]) == ("celery", 7, 0)
+    listed = {d["queue"]: d["ready"] for d in await rig.m.depth.app_depth(APP)}
+    assert listed == {"celery": 7, "default": 0}
+
+
 async def test_no_shrink_while_the_worker_holds_reserved_tasks(rig: Rig) -> None:
     """A process being handed a reserved task looks idle to billiard's shrink:
     the max comes down only at a poll where every task held is running."""

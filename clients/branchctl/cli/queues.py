@@ -126,6 +126,10 @@ def queues_show(opts: Options, app: str, name: str) -> None:
 def queues_depth(opts: Options, app: str, queue: str | None) -> None:
     """How deep APP's queues are (or QUEUE alone), read at once.
 
+    APP's queues: declared, consumed by an instance, in its defaults, and
+    Celery's default 'celery' (where delay() sends a task with no queue)
+    when a worker consumes it or it holds messages; QUEUE may be 'celery'.
+
     Columns: QUEUE READY (the broker's count) IN_FLIGHT (running + reserved
     in this branch's workers) RUNNING CONSUMERS (the broker's on RabbitMQ,
     else this branch's workers). On Redis a last line gives the unacked
