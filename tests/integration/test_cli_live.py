@@ -324,3 +324,24 @@ def test_instances_set_reset_puts_fields_back_to_their_default(branchd: Branchd)
     # the API's one field without a default
     reply = branchd.call("PATCH", "/v1/apps/shop/instances/w1", {"command": None})
     assert reply.status == 422 and "command cannot be reset" in reply.text
+
+
+def test_apps_autoscale_warns_of_a_queue_no_worker_consumes(branchd: Branchd) -> None:
+    """Issue 16's trial: a typo in --on-depth was taken silently. A warning,
+    not a refusal: a policy may be declared before its queue and workers."""
+    run(branchd, "apps", "add", "shop", "--celery-app", "tests.celery_app.tasks")
+    add = ("instances", "add", "shop", "--name", "w1", "--queues", "default", "--no-autostart")
+    assert run(branchd, *add).exit_code == 0
+    assert run(branchd, "queues", "add", "shop", "images").exit_code == 0
+    policy = ("--per-worker", "20", "--min", "1", "--max", "2")
+    r = run(branchd, "apps", "autoscale", "shop", "--on-depth", "nope", *policy)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == (
+        "branchctl: warning: app 'shop' has no queue 'nope': not declared and no instance "
+        "consumes it (its queues: default, images); the policy scales nothing until a "
+        "worker does (branchctl instances add shop --queues nope, or fix the name)"
+    )
+    assert run(branchd, "apps", "autoscale", "shop").stderr != ""  # (said again when shown)
+    for queue in ("default", "images", "celery"):  # consumed, declared, Celery's default
+        r = run(branchd, "apps", "autoscale", "shop", "--on-depth", queue, *policy)
+        assert r.exit_code == 0 and r.stderr == "", (queue, r.stderr)
