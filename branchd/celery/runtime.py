@@ -80,9 +80,12 @@ class CeleryRuntime:
         if reply is None or "error" in reply:
             why = "no reply" if reply is None else str(reply["error"])
             raise ControlFailed(f"{w.node} did not give its config: {why}")
+        workers = {s.name: s.limits for s in self._engine.specs(app_name) if s.kind == Kind.CELERY}
         ctx = lint.Context(
             pool=spec.pool or app.celery.pool,
             transport=lint.transport_of(broker_url(app)),
+            depth_scaling=app.celery.scale is not None,
+            task_time_limits=lint.task_time_limits(app.celery.limits, workers),
         )
         flags = task_limits.merged(app.celery.limits, spec.limits)
         return [f.to_json() for f in lint.lint(lint.with_flags(reply, flags), ctx)]
