@@ -297,10 +297,14 @@ class Workers:
     async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None:
         """Raise Invalid (422) if the limits of the app (and of the instance
         ``spec`` of it) break a rule of its pool or of its Celery version."""
-        merged = task_limits.merged(app.celery.limits, spec.limits if spec else Limits())
+        own = spec.limits if spec is not None else Limits()
+        merged = task_limits.merged(app.celery.limits, own)
         pool = (spec.pool if spec is not None else None) or app.celery.pool
         version = await self.celery_version(app) if merged.disable_prefetch else None
-        task_limits.check(merged, pool, celery_version=version)
+        if spec is None:
+            task_limits.check(merged, pool, celery_version=version)
+        else:  # (its messages say which side of a clash is the app's)
+            task_limits.check_worker(app.celery.limits, own, pool, celery_version=version)
 
     def _running_of(self, app: str) -> list[InstanceSpec]:
         specs = [s for s in self._host.celery_instances() if s.app == app]

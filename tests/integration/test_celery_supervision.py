@@ -833,7 +833,6 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     assert rig.fake.spawned[1].env["CELERY_BROKER_URL"] == redis
 
 
-
 # Worker limits: flags at start, per-task overrides by remote control ---------------
 
 TASKS = {
@@ -911,14 +910,64 @@ async def test_the_apps_rate_is_split_over_its_workers_on_every_branch(make_rig:
     assert rig.sent("rate_limit", since) == []
 
 
+async def test_an_instances_time_limit_under_the_apps_soft_one(rig: Rig) -> None:
+    """The guide's lines: apps set --soft-time-limit 270, then a worker's own
+    --time-limit 60 must bring its own soft one below it."""
+    await rig.m.apps.patch_app(APP, {"time_limit": 300, "soft_time_limit": 270})
+    await rig.add("w1", queues=["default"], autostart=False)
+    with pytest.raises(Invalid) as caught:
+        await rig.m.instances.update_instance(APP, "w1", {"time_limit": 60})
+    assert caught.value.message.startswith(
+        "soft_time_limit 270 (the app's) must be below time_limit 60 (this instance's)"
+    )
+    view = await rig.m.instances.update_instance(
+        APP, "w1", {"time_limit": 60, "soft_time_limit": 50}
+    )
+    assert {"--time-limit=60", "--soft-time-limit=50"} <= set(view.to_json()["command"])
+
+
+async def test_a_threads_worker_is_told_which_task_has_a_time_limit(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.tasks.encode": {"time_limit": 3600}}})
+    await rig.add("w1", queues=["default"], autostart=False)
+    with pytest.raises(Invalid) as caught:
+        await rig.m.instances.update_instance(APP, "w1", {"pool": "threads"})
+    assert caught.value.message.startswith(
+        "task_overrides[shop.tasks.encode].time_limit (the app's): the threads pool enforces "
+        "no time limit"
+    )
+
+
+async def test_disable_prefetch_over_a_stored_multiplier(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"prefetch_multiplier": 1})
+    with pytest.raises(Invalid) as caught:
+        await rig.m.apps.patch_app(APP, {"disable_prefetch": True})
+    assert caught.value.message == (
+        "disable_prefetch: the app has prefetch_multiplier 1; give one of them "
+        f"(branchctl apps set {APP} --reset prefetch_multiplier --disable-prefetch)"
+    )
+    # what `apps set --reset prefetch_multiplier --disable-prefetch` sends
+    app = await rig.m.apps.patch_app(APP, {"prefetch_multiplier": None, "disable_prefetch": True})
+    assert (app.celery.limits.prefetch_multiplier, app.celery.limits.disable_prefetch) == (
+        None,
+        True,
+    )
+    # an instance's own form of it replaces the app's
+    await rig.m.apps.patch_app(APP, {"disable_prefetch": None, "prefetch_multiplier": 1})
+    view = await rig.add("w1", queues=["default"], autostart=False, disable_prefetch=True)
+    command = view.to_json()["command"]
+    assert "--disable-prefetch" in command
+    assert not any(a.startswith("--prefetch-multiplier") for a in command)
+
+
 async def test_limits_a_pool_cannot_enforce_are_refused(rig: Rig) -> None:
     with pytest.raises(Invalid, match="soft_time_limit: the solo pool"):
         await rig.m.apps.patch_app(APP, {"pool": "solo", "soft_time_limit": 10})
-    with pytest.raises(Invalid, match="max_tasks_per_child: recycles pool children"):
+    with pytest.raises(Invalid, match=r"max_tasks_per_child \(this instance's\): recycles pool"):
         await rig.add("w1", pool="threads", max_tasks_per_child=5)
     with pytest.raises(Invalid, match="rate_limit 'fast'"):
         await rig.add("w1", task_overrides={"t": {"rate_limit": "fast"}})
     assert rig.m.instances.specs(APP) == []
+
 
 # The same scenarios over real Celery workers (a representative subset) -------------
 #
