@@ -910,6 +910,39 @@ async def test_the_apps_rate_is_split_over_its_workers_on_every_branch(make_rig:
     assert rig.sent("rate_limit", since) == []
 
 
+async def test_a_changed_declaration_reaches_running_workers_at_once(make_rig: MakeRig) -> None:
+    """apps set / instances set of per-task limits or the autoscale range: the
+    running workers have them before any sweep (reconcile_interval is far)."""
+    rig = await make_rig(reconcile_interval=60.0)
+    began = rig.time.now()
+    nodes = {}
+    for name in ("w1", "w2"):
+        nodes[name], _ = await rig.running(name, ["default"])
+        nodes[name].tasks = {"shop.tasks.resize": {}}
+    since = len(rig.stub.sent)
+    await rig.m.apps.patch_app(
+        APP, {"task_overrides": {"shop.tasks.resize": {"rate_limit": "300/m"}}}
+    )
+    rate = lambda name: nodes[name].tasks["shop.tasks.resize"].get("rate_limit")  # noqa: E731
+    await rig.wait_for(lambda: rate("w1") == rate("w2") == "150/m")  # each its share
+    assert len(rig.sent("rate_limit", since)) == 2
+    # an instance's own rate: that worker alone, at once
+    since = len(rig.stub.sent)
+    own = {"task_overrides": {"shop.tasks.resize": {"rate_limit": "10/s"}}}
+    await rig.m.instances.update_instance(APP, "w1", own)
+    await rig.wait_for(lambda: rate("w1") == "10/s")
+    assert {s.node for s in rig.sent("rate_limit", since)} == {f"w1@{HOST}"}
+    # an instance's autoscale range (as `instances set --autoscale` sends it)
+    await rig.m.instances.update_instance(APP, "w2", {"autoscale": {"min": 3, "max": 5}})
+    await rig.wait_for(lambda: nodes["w2"].autoscale == (5, 3))
+    assert rig.time.now() - began < 60.0  # (no sweep did it)
+    # a change of no runtime part sends nothing
+    since = len(rig.stub.sent)
+    await rig.m.instances.update_instance(APP, "w1", {"hung_after": 30})
+    await rig.time.pass_time(0.1)
+    assert [s for s in rig.stub.sent[since:] if s.command != "ping"] == []
+
+
 async def test_an_instances_time_limit_under_the_apps_soft_one(rig: Rig) -> None:
     """The guide's lines: apps set --soft-time-limit 270, then a worker's own
     --time-limit 60 must bring its own soft one below it."""
