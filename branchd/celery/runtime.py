@@ -38,6 +38,17 @@ class CeleryRuntime:
         self._workers = workers
         self._bus = bus
         self._drops: set[asyncio.Task[None]] = set()
+        bus.listen(self._declared)
+
+    def _declared(self, event: events.Event) -> None:
+        """An app declared anew (a PATCH here, a record from another branch):
+        its running workers get their new per-task limits and autoscale range
+        at once, as ``instances set`` gives an instance's own."""
+        match event:
+            case events.DeclarationChanged(kind="app", app=app, deleted=False):
+                self._workers.redeclared(app)
+            case _:
+                pass
 
     def worker_figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
         """Each running worker's last figures, for the metrics (no call to any

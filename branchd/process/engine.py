@@ -451,6 +451,8 @@ class Engine:
         self._specs[name] = new
         if "after" in fields:
             self._recheck_soon()  # (a waiting one waits for its new list now)
+        if new.kind == Kind.CELERY and _live_part(new) != _live_part(spec):
+            self._workers.redeclared(app, name)  # (its running worker takes it now)
         return self._view(name)
 
     async def delete_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
@@ -1022,3 +1024,10 @@ def _gone_or_zombie(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def _live_part(spec: InstanceSpec) -> tuple[object, ...]:
+    """What of a worker's declaration a running worker takes by remote control
+    (the rest waits for its next start): its queues, its autoscale range, its
+    per-task limits."""
+    return (spec.queues, spec.autoscale, spec.concurrency, spec.limits.task_overrides)

@@ -85,7 +85,13 @@ class Cluster:
         return True
 
     def settle(self, timeout: float = 20.0) -> None:
-        wait_for(self.all_alive, timeout, interval=0.1)
+        try:
+            wait_for(self.all_alive, timeout, interval=0.1)
+        except AssertionError:
+            # what each branch saw, to tell a slow gossip from a wrong view
+            seen = [{k[:8]: e["state"] for k, e in view(b).items()} for b in self.nodes]
+            ids = [i[:8] for i in self.ids]
+            raise AssertionError(f"not all alive on all {ids}: {seen}") from None
 
 
 def entries(b: Branchd) -> list[dict[str, Any]]:

@@ -326,9 +326,10 @@ def apps_set(
     _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
 
 
-#: What a running worker takes at once (rates by remote control, its autoscale
-#: range at the next reconcile; the depth policy is the daemon's own): any
-#: other app setting reaches an instance when it next starts.
+#: What a running worker takes at once (per-task limits and its autoscale
+#: range by remote control, when the change is stored; the depth policy is
+#: the daemon's own): any other app setting reaches an instance when it next
+#: starts.
 _LIVE_APP_FIELDS = frozenset({"task_overrides", "autoscale"})
 
 
