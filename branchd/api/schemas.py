@@ -296,6 +296,12 @@ DEPTH: Schema = {
             "description": "Redis only: messages delivered and not acked in the whole "
             "database (kombu's unacked hash does not say which queue)",
         },
+        "unanswered": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "workers consuming the queue that did not say in time what they "
+            "hold: in_flight is then at least this much, not a count (absent: all answered)",
+        },
     },
 }
 

@@ -250,3 +250,21 @@ async def test_the_depths_read_are_in_the_metrics(rig: Rig) -> None:
     }
     assert samples[("branchd_queue_ready", "default")] == 400
     assert samples[("branchd_queue_consumers", "default")] == 1
+
+
+async def test_a_worker_that_does_not_answer_is_a_lower_bound_and_never_lowers(rig: Rig) -> None:
+    node = await rig.worker("w1")
+    rig.depth.set("default", 200)  # 200 / 20 -> 10
+    await rig.poll()
+    assert node.autoscale == (10, 1)
+    rig.depth.set("default", 0)
+    rig.stub.script(node.name, "active", None)  # busy: no reply in time
+    got = await rig.m.depth.queue_depth(APP, "default")
+    assert (got["in_flight"], got["unanswered"]) == (0, 1)  # 0 held is not known
+    await rig.poll(120)  # past the window: a known 0 would bring it down
+    assert node.autoscale == (10, 1)
+    rig.stub.script(node.name, "active", {"ok": []})
+    got = await rig.m.depth.queue_depth(APP, "default")
+    assert "unanswered" not in got
+    await rig.poll(120)
+    assert node.autoscale == (1, 1)
