@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from branchd import events
+from branchd.celery.limits import prefetch_clash
 from branchd.celery.urls import embedded_exchange_problem
 from branchd.clock import Clock
 from branchd.errors import Invalid, NotFound
@@ -103,6 +104,11 @@ class Declarations:
         env and defaults merge key by key, null removes a key or resets a
         setting to its default). Validated as a whole, like a PUT."""
         app = await self.get_app(name)
+        # (one form of prefetch given while the app keeps the other: a clash
+        # the whole-app check would name without saying the other is stored)
+        clash = prefetch_clash(app.celery.limits, patch, "the app", f"branchctl apps set {name}")
+        if clash:
+            raise Invalid(clash)
         env = _merged(app.env, patch.get("env"))
         defaults = _merged(app.defaults, patch.get("defaults"))
         celery = app.celery.to_wire()

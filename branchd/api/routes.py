@@ -1058,15 +1058,18 @@ ROUTES: tuple[Route, ...] = (
         QUEUE + "/depth",
         queue_depth,
         "A queue's depth: ready messages and consumers as the broker counts them, in "
-        "flight (running + reserved) as this branch's workers hold them",
+        "flight (running + reserved) as this branch's workers hold them; a queue of the "
+        "app (declared, consumed by an instance, in its defaults) or Celery's default "
+        "'celery'",
         response=schemas.DEPTH,
     ),
     Route(
         "GET",
         "/v1/apps/{app}/depth",
         app_depth,
-        "The depth of every queue of an app (declared, consumed, or Celery's default), "
-        "read at once",
+        "The depth of every queue of an app (declared, consumed by an instance, in its "
+        "defaults), read at once; Celery's default 'celery' too when a worker consumes it "
+        "or it holds messages",
         response=schemas.items(schemas.DEPTH),
     ),
     Route(

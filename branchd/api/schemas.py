@@ -296,6 +296,12 @@ DEPTH: Schema = {
             "description": "Redis only: messages delivered and not acked in the whole "
             "database (kombu's unacked hash does not say which queue)",
         },
+        "unanswered": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "workers consuming the queue that did not say in time what they "
+            "hold: in_flight is then at least this much, not a count (absent: all answered)",
+        },
     },
 }
 
@@ -367,10 +373,19 @@ INSTANCES_IN: Schema = {
 #: The body of POST /v1/apps/{app}/instances: one instance, or a count of them.
 INSTANCE_CREATE: Schema = {"anyOf": [INSTANCE_IN, INSTANCES_IN]}
 
+#: A patch of an instance: the fields given change, the rest stay. A null field
+#: goes back to its default: "none" where null is a value of its own (cwd,
+#: umask, probes, cgroup and memory limits), the app's setting for pool,
+#: autoscale, concurrency and the limits (task_overrides: none of its own),
+#: else the app's instance default, the kind's, or the built-in one; command
+#: has none (422).
 INSTANCE_PATCH: Schema = {
     "type": "object",
-    "properties": _SETTABLE,
+    "properties": {k: _or_null(v) for k, v in _SETTABLE.items()},
     "additionalProperties": False,
+    "description": "the fields given change; null puts one back to its default (the "
+    "app's setting for pool, autoscale, concurrency and the limits; else the app's "
+    "instance default, the kind's, the built-in one); command cannot be reset",
 }
 
 APP: Schema = {

@@ -34,20 +34,38 @@ RATE_RULE = 'a rate as Celery writes it: "600/m", "10/s", "2/h" or "5" (per seco
 TASK_ITEMS = ("rate_limit", "time_limit", "soft_time_limit")
 
 
+#: Where a limit of a worker comes from, as messages name it.
+APPS, OWN = "the app's", "this instance's"
+#: One setting in two forms: an instance's one of them replaces the app's pair.
+PREFETCH = ("prefetch_multiplier", "disable_prefetch")
+SCALARS = (
+    "time_limit",
+    "soft_time_limit",
+    "max_tasks_per_child",
+    "max_memory_per_child",
+    *PREFETCH,
+)
+
+
+def _owner(app: Limits, own: Limits, key: str) -> Limits | None:
+    """Whose ``key`` a worker runs with: its own, else the app's (None: not set).
+    Prefetch is one setting in two forms: an instance that gives either form
+    takes both from itself (else the app's multiplier would clash with its
+    own ``disable_prefetch``, and it has no way to drop the app's)."""
+    if key in PREFETCH and any(getattr(own, k) is not None for k in PREFETCH):
+        return own if getattr(own, key) is not None else None
+    if getattr(own, key) is not None:
+        return own
+    return app if getattr(app, key) is not None else None
+
+
 def merged(app: Limits, own: Limits) -> Limits:
     """The limits a worker runs with: its own over the app's, field by field
     (per task too). A task's rate here is as declared (see ``worker_tasks``)."""
-    scalars = {
-        k: getattr(own, k) if getattr(own, k) is not None else getattr(app, k)
-        for k in (
-            "time_limit",
-            "soft_time_limit",
-            "max_tasks_per_child",
-            "max_memory_per_child",
-            "prefetch_multiplier",
-            "disable_prefetch",
-        )
-    }
+    scalars = {}
+    for k in SCALARS:
+        owner = _owner(app, own, k)
+        scalars[k] = getattr(owner, k) if owner is not None else None
     tasks = dict(app.task_overrides)
     for name, mine in own.task_overrides.items():
         base = tasks.get(name, TaskLimits())
@@ -61,40 +79,87 @@ def merged(app: Limits, own: Limits) -> Limits:
     return Limits(**scalars, task_overrides=tasks)
 
 
+def origins(app: Limits, own: Limits) -> dict[str, str]:
+    """Where each limit of ``merged(app, own)`` comes from (``APPS`` or
+    ``OWN``), by the name a message gives it: ``time_limit``,
+    ``task_overrides[NAME].time_limit``. A user who sets one limit of a worker
+    must see which of the two declarations holds the other side of a clash."""
+    out = {}
+    for k in SCALARS:
+        owner = _owner(app, own, k)
+        if owner is not None:
+            out[k] = OWN if owner is own else APPS
+    for name in {*app.task_overrides, *own.task_overrides}:
+        mine = own.task_overrides.get(name, TaskLimits())
+        base = app.task_overrides.get(name, TaskLimits())
+        for k in TASK_ITEMS:
+            if getattr(mine, k) is not None:
+                out[f"task_overrides[{name}].{k}"] = OWN
+            elif getattr(base, k) is not None:
+                out[f"task_overrides[{name}].{k}"] = APPS
+    return out
+
+
+def _shown(value: float) -> str:
+    return f"{value:g}"
+
+
 def problems(
-    limits: Limits, pool: str, *, celery_version: tuple[int, ...] | None = None
+    limits: Limits,
+    pool: str,
+    *,
+    celery_version: tuple[int, ...] | None = None,
+    origin: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Every rule the limits break for a worker of ``pool`` (on Celery
-    ``celery_version``; None: unknown, its rules are not checked)."""
+    ``celery_version``; None: unknown, its rules are not checked).
+    ``origin``: where each limit comes from (see ``origins``), named in the
+    messages; None: one declaration's own limits, nothing to tell apart."""
+    where = origin or {}
+
+    def named(key: str, value: float | None = None) -> str:
+        shown = key if value is None else f"{key} {_shown(value)}"
+        return f"{shown} ({where[key]})" if key in where else shown
+
     out: list[str] = []
-    soft_tasks = sorted(n for n, t in limits.task_overrides.items() if t.soft_time_limit)
-    hard_tasks = sorted(n for n, t in limits.task_overrides.items() if t.time_limit)
-    if (limits.time_limit or hard_tasks) and pool not in HARD_LIMIT_POOLS:
+    overrides = sorted(limits.task_overrides.items())
+    hard = [f"task_overrides[{n}].time_limit" for n, t in overrides if t.time_limit]
+    soft = [f"task_overrides[{n}].soft_time_limit" for n, t in overrides if t.soft_time_limit]
+    if limits.time_limit:
+        hard.insert(0, "time_limit")
+    if limits.soft_time_limit:
+        soft.insert(0, "soft_time_limit")
+    # (each field that holds one is named: the one to drop may be a task's, or the app's)
+    if hard and pool not in HARD_LIMIT_POOLS:
         out.append(
-            f"time_limit: the {pool} pool enforces no time limit (only "
+            f"{', '.join(map(named, hard))}: the {pool} pool enforces no time limit (only "
             f"{', '.join(HARD_LIMIT_POOLS)} do)"
         )
-    if (limits.soft_time_limit or soft_tasks) and pool not in SOFT_LIMIT_POOLS:
+    if soft and pool not in SOFT_LIMIT_POOLS:
         out.append(
-            f"soft_time_limit: the {pool} pool has no soft time limit (it needs SIGUSR1 "
-            "to a pool child: prefork only)"
+            f"{', '.join(map(named, soft))}: the {pool} pool has no soft time limit (it needs "
+            "SIGUSR1 to a pool child: prefork only)"
         )
     for what, value in (
         ("max_tasks_per_child", limits.max_tasks_per_child),
         ("max_memory_per_child", limits.max_memory_per_child),
     ):
         if value is not None and pool not in CHILD_POOLS:
-            out.append(f"{what}: recycles pool children, which only the prefork pool has")
+            out.append(f"{named(what)}: recycles pool children, which only the prefork pool has")
     if (
         limits.time_limit is not None
         and limits.soft_time_limit is not None
         and limits.soft_time_limit >= limits.time_limit
     ):
-        out.append("soft_time_limit must be below time_limit (the soft one warns the task first)")
+        out.append(
+            f"{named('soft_time_limit', limits.soft_time_limit)} must be below "
+            f"{named('time_limit', limits.time_limit)} (the soft one warns the task first)"
+        )
     if limits.disable_prefetch and limits.prefetch_multiplier is not None:
         out.append(
-            "disable_prefetch and prefetch_multiplier: give one (without prefetch a "
-            "worker takes a task only when a process is free)"
+            f"{named('disable_prefetch')} and "
+            f"{named('prefetch_multiplier', limits.prefetch_multiplier)}: give one (without "
+            "prefetch a worker takes a task only when a process is free)"
         )
     if (
         limits.disable_prefetch
@@ -105,7 +170,7 @@ def problems(
         out.append(
             f"disable_prefetch: needs Celery 5.6 or later (the app's interpreter has {have})"
         )
-    for name, task in sorted(limits.task_overrides.items()):
+    for name, task in overrides:
         if not name or len(name) > 200 or any(c.isspace() for c in name):
             out.append(f"task_overrides: {name!r} is not a task name")
         if task.rate_limit is not None and parse_rate(task.rate_limit) is None:
@@ -115,15 +180,55 @@ def problems(
             if value is not None and value <= 0:
                 out.append(f"task_overrides[{name}].{key} must be more than 0 seconds")
         if task.time_limit and task.soft_time_limit and task.soft_time_limit >= task.time_limit:
-            out.append(f"task_overrides[{name}]: soft_time_limit must be below time_limit")
+            out.append(
+                f"{named(f'task_overrides[{name}].soft_time_limit', task.soft_time_limit)} must "
+                f"be below {named(f'task_overrides[{name}].time_limit', task.time_limit)}"
+            )
     return out
 
 
-def check(limits: Limits, pool: str, *, celery_version: tuple[int, ...] | None = None) -> None:
+def check(
+    limits: Limits,
+    pool: str,
+    *,
+    celery_version: tuple[int, ...] | None = None,
+    origin: Mapping[str, str] | None = None,
+) -> None:
     """Raise Invalid (a 422) naming the first rule the limits break."""
-    found = problems(limits, pool, celery_version=celery_version)
+    found = problems(limits, pool, celery_version=celery_version, origin=origin)
     if found:
         raise Invalid(found[0])
+
+
+def check_worker(
+    app: Limits,
+    own: Limits,
+    pool: str,
+    *,
+    celery_version: tuple[int, ...] | None = None,
+) -> None:
+    """``check`` of the limits an instance's worker runs with (its own over
+    the app's), each named with the declaration it comes from."""
+    check(merged(app, own), pool, celery_version=celery_version, origin=origins(app, own))
+
+
+def prefetch_clash(stored: Limits, patch: Mapping[str, Any], owner: str, fix: str) -> str | None:
+    """Why a patch that gives one form of prefetch while ``stored`` has the
+    other (and the patch keeps it) is refused, with the command that drops it
+    (``fix``: the command to change ``owner``, e.g. ``branchctl apps set shop``);
+    None: no clash of that kind."""
+    flags = {
+        "disable_prefetch": "--disable-prefetch",
+        "prefetch_multiplier": "--prefetch-multiplier",
+    }
+    for given, other in (PREFETCH[::-1], PREFETCH):
+        have = getattr(stored, other)
+        if not patch.get(given) or other in patch or not have:
+            continue
+        shown = other if have is True else f"{other} {have}"
+        flag = flags[given] + ("" if patch[given] is True else f" {patch[given]}")
+        return f"{given}: {owner} has {shown}; give one of them ({fix} --reset {other} {flag})"
+    return None
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:

@@ -41,6 +41,16 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class TaskTimeLimit:
+    """A per-task hard time limit branchd hands the workers (``task_overrides``:
+    set by remote control and the loader, so not in what ``conf`` answers)."""
+
+    task: str
+    seconds: float
+    where: str  # whose override: "the app's", "instance w1's"
+
+
+@dataclass(frozen=True)
 class Context:
     """What the worker's config does not say."""
 
@@ -48,6 +58,7 @@ class Context:
     transport: str = "amqp"  # amqp | redis | filesystem | ...
     stops_drain: bool = True  # branchd's stops drain, then TERM, then KILL
     depth_scaling: bool = False  # the app scales on queue depth
+    task_time_limits: tuple[TaskTimeLimit, ...] = ()
 
 
 #: The worker flags branchd gives from an app's limits, and the setting each
@@ -69,6 +80,22 @@ def with_flags(conf: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     return out
+
+
+def task_time_limits(app: Limits, instances: Mapping[str, Limits]) -> tuple[TaskTimeLimit, ...]:
+    """The per-task hard time limits of an app's ``task_overrides`` and of its
+    instances' own (those that differ from the app's), task by task."""
+    out = [
+        TaskTimeLimit(task, t.time_limit, "the app's")
+        for task, t in sorted(app.task_overrides.items())
+        if t.time_limit is not None
+    ]
+    for name, limits in sorted(instances.items()):
+        for task, t in sorted(limits.task_overrides.items()):
+            theirs = app.task_overrides.get(task)
+            if t.time_limit is not None and (theirs is None or theirs.time_limit != t.time_limit):
+                out.append(TaskTimeLimit(task, t.time_limit, f"instance {name}'s"))
+    return tuple(out)
 
 
 def transport_of(url: str) -> str:
@@ -140,34 +167,63 @@ def lint(conf: Mapping[str, Any], ctx: Context) -> list[Finding]:
 
 
 def _redelivery(conf: Mapping[str, Any], ctx: Context, acks_late: bool) -> list[Finding]:
-    """A task that runs longer than the broker keeps a delivery unacked runs twice."""
+    """A delivery the broker sees unacknowledged for longer than it waits is
+    delivered again. With acks_late that is a task still running; without
+    it a task is acked as it starts, and only the messages a worker reserved
+    (prefetch) wait unacked, behind its running tasks."""
     if ctx.transport == "redis":
         options = conf.get("broker_transport_options")
         given = _number(options.get("visibility_timeout")) if isinstance(options, Mapping) else None
         bound, name = given or REDIS_VISIBILITY_TIMEOUT, "Redis visibility_timeout"
         rule = "time_limit_beyond_visibility_timeout"
+        again = "it is delivered again"
     elif ctx.transport == "amqp":
         bound, name = RABBITMQ_CONSUMER_TIMEOUT, "RabbitMQ's default consumer_timeout"
         rule = "time_limit_beyond_consumer_timeout"
+        again = "RabbitMQ closes the worker's channel and delivers it again"
     else:
         return []
+    if acks_late:
+        why = (
+            f"with task_acks_late a task still running then is unacknowledged: {again}, "
+            "and it runs twice"
+        )
+    elif conf.get("worker_disable_prefetch"):
+        return []  # acked as it starts, and nothing waits reserved behind it
+    else:
+        why = (
+            "a task is acknowledged as it starts, but a message its worker reserved "
+            f"(prefetch) stays unacknowledged while it waits behind such a task: {again}, "
+            "and it may run twice (worker_disable_prefetch, Celery 5.6+, avoids it)"
+        )
+    severity = Severity.ERROR if acks_late else Severity.WARNING
+    out = []
     limit = _number(conf.get("task_time_limit"))
     if limit is not None and limit > bound:
-        return [
+        out.append(
             Finding(
                 rule,
-                f"task_time_limit {_secs(limit)} is beyond {name} ({_secs(bound)}): a task "
-                "still unacknowledged then is delivered again and runs twice",
-                Severity.ERROR if acks_late else Severity.WARNING,
+                f"task_time_limit {_secs(limit)} is beyond {name} ({_secs(bound)}): {why}",
+                severity,
             )
-        ]
-    if not limit and acks_late:
-        return [
+        )
+    elif not limit and acks_late:
+        out.append(
             Finding(
                 rule,
                 f"task_acks_late with no task_time_limit: a task running past {name} "
-                f"({_secs(bound)}) is delivered again and runs twice",
+                f"({_secs(bound)}) is still unacknowledged: {again}, and it runs twice",
                 Severity.WARNING,
             )
-        ]
-    return []
+        )
+    for t in ctx.task_time_limits:
+        if t.seconds > bound:
+            out.append(
+                Finding(
+                    rule,
+                    f"task {t.task}: time_limit {_secs(t.seconds)} ({t.where} task_overrides) "
+                    f"is beyond {name} ({_secs(bound)}): {why}",
+                    severity,
+                )
+            )
+    return out

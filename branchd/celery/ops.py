@@ -99,7 +99,7 @@ def command_for(app: App, spec: InstanceSpec, node: str) -> list[str]:
         raise Invalid(f"app {app.name!r} has no celery_app (the module given to celery -A)")
     auto = effective_autoscale(app, spec)
     limits = task_limits.merged(app.celery.limits, spec.limits)
-    task_limits.check(limits, spec.pool or app.celery.pool)
+    task_limits.check_worker(app.celery.limits, spec.limits, spec.pool or app.celery.pool)
     return worker_argv(
         python=python_for(app),
         celery_app=app.celery.celery_app,

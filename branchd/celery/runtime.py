@@ -39,6 +39,17 @@ class CeleryRuntime:
         self._workers = workers
         self._bus = bus
         self._drops: set[asyncio.Task[None]] = set()
+        bus.listen(self._declared)
+
+    def _declared(self, event: events.Event) -> None:
+        """An app declared anew (a PATCH here, a record from another branch):
+        its running workers get their new per-task limits and autoscale range
+        at once, as ``instances set`` gives an instance's own."""
+        match event:
+            case events.DeclarationChanged(kind="app", app=app, deleted=False):
+                self._workers.redeclared(app)
+            case _:
+                pass
 
     def worker_figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
         """Each running worker's last figures, for the metrics (no call to any
@@ -81,9 +92,12 @@ class CeleryRuntime:
         if reply is None or "error" in reply:
             why = "no reply" if reply is None else str(reply["error"])
             raise ControlFailed(f"{w.node} did not give its config: {why}")
+        workers = {s.name: s.limits for s in self._engine.specs(app_name) if s.kind == Kind.CELERY}
         ctx = lint.Context(
             pool=spec.pool or app.celery.pool,
             transport=lint.transport_of(broker_url(app)),
+            depth_scaling=app.celery.scale is not None,
+            task_time_limits=lint.task_time_limits(app.celery.limits, workers),
         )
         flags = task_limits.merged(app.celery.limits, spec.limits)
         return [f.to_json() for f in lint.lint(lint.with_flags(reply, flags), ctx)]

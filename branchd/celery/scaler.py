@@ -64,6 +64,9 @@ class Depth:
     running: int = 0
     #: Redis only: unacked messages of the whole database (not per queue)
     unacked: int | None = None
+    #: Workers consuming the queue that did not say what they hold in time:
+    #: ``in_flight`` is then a lower bound, not a count.
+    unanswered: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -76,6 +79,8 @@ class Depth:
         }
         if self.unacked is not None:
             out["unacked"] = self.unacked
+        if self.unanswered:
+            out["unanswered"] = self.unanswered
         return out
 
 
@@ -90,6 +95,8 @@ class _Held:
     pool: int | None = None
     #: The processes the pool counts (fewer than ``pool`` while some exit).
     counted: int | None = None
+    #: It answered both ``active`` and ``reserved`` (else ``held`` is partial).
+    answered: bool = True
 
 
 class DepthService:
@@ -122,16 +129,27 @@ class DepthService:
         return [s for s in self._engine.specs(app) if s.kind == Kind.CELERY]
 
     async def queue_depth(self, app: str, queue: str) -> dict[str, Any]:
+        """One queue of the app's, or Celery's default: a producer's
+        ``delay()`` sends there even when no worker consumes it."""
         app_obj = await self._decls.get_app(app)
-        if queue not in self.app_queues(app_obj):
-            raise NotFound(f"app {app!r} has no queue {queue!r}")
+        if queue != DEFAULT_QUEUE and queue not in self.app_queues(app_obj):
+            raise NotFound(
+                f"app {app!r} has no queue {queue!r} (none declared, consumed by an "
+                f"instance or in its defaults; Celery's default {DEFAULT_QUEUE!r} is read "
+                "always)"
+            )
         (depth,), _ = await self.read(app_obj, [queue])
         return depth.to_wire()
 
     async def app_depth(self, app: str) -> list[dict[str, Any]]:
+        """Every queue of the app's, and Celery's default when it holds
+        messages (tasks sent with no queue that no worker of the app takes)."""
         app_obj = await self._decls.get_app(app)
-        depths, _ = await self.read(app_obj, self.app_queues(app_obj))
-        return [d.to_wire() for d in depths]
+        queues = self.app_queues(app_obj)
+        extra = [] if DEFAULT_QUEUE in queues else [DEFAULT_QUEUE]
+        depths, _ = await self.read(app_obj, [*queues, *extra])
+        shown = [d for d in depths if d.queue in queues or d.ready or d.in_flight]
+        return [d.to_wire() for d in sorted(shown, key=lambda d: d.queue)]
 
     async def read(
         self, app: App, queues: Sequence[str], *, pools: bool = False
@@ -159,7 +177,16 @@ class DepthService:
         }
         held, running = in_flight(active, reserved, consumed, routing)
         stats = replies[2] if pools and isinstance(replies[2], dict) else None
-        return _Held(spec, tuple(consumed), held, running, pool_size(stats), pool_counted(stats))
+        answered = active is not None and reserved is not None
+        return _Held(
+            spec,
+            tuple(consumed),
+            held,
+            running,
+            pool_size(stats),
+            pool_counted(stats),
+            answered=answered,
+        )
 
     def _combine(
         self, reading: BrokerReading, held: list[_Held], queues: Sequence[str]
@@ -179,6 +206,7 @@ class DepthService:
                     at=at,
                     running=sum(h.running.get(q, 0) for h in held),
                     unacked=reading.unacked,
+                    unanswered=sum(1 for h in held if q in h.queues and not h.answered),
                 )
             )
         return out
@@ -275,7 +303,13 @@ class DepthScaler:
         (depth,), held = await self._depth.read(app, [policy.on], pools=True)
         now = self._sched.clock.monotonic()
         reading = scaling.Reading(depth.ready, depth.in_flight, depth.running)
-        state = scaling.step(self._states.get(app.name, scaling.ScaleState()), reading, policy, now)
+        before = self._states.get(app.name, scaling.ScaleState())
+        state = scaling.step(before, reading, policy, now)
+        # a worker that did not answer may hold tasks this reading missed: it
+        # may raise the target, never lower it
+        lower = (state.target or 0) < (before.target or 0)
+        if depth.unanswered and lower:
+            state = before
         self._states[app.name] = state
         assert state.target is not None
         log.debug(

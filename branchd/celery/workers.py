@@ -157,6 +157,8 @@ class Workers:
         #: How many of an app's workers run on the other branches (a cluster
         #: of one: none); an app's rate is split over them and ours.
         self._elsewhere: RunningElsewhere = _NoneElsewhere()
+        #: Closed: a declaration changed after it starts no reconcile.
+        self._closed = False
 
     def bind(self, host: Host) -> None:
         """The engine that owns the machines (it binds itself as it is built)."""
@@ -297,14 +299,29 @@ class Workers:
     async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None:
         """Raise Invalid (422) if the limits of the app (and of the instance
         ``spec`` of it) break a rule of its pool or of its Celery version."""
-        merged = task_limits.merged(app.celery.limits, spec.limits if spec else Limits())
+        own = spec.limits if spec is not None else Limits()
+        merged = task_limits.merged(app.celery.limits, own)
         pool = (spec.pool if spec is not None else None) or app.celery.pool
         version = await self.celery_version(app) if merged.disable_prefetch else None
-        task_limits.check(merged, pool, celery_version=version)
+        if spec is None:
+            task_limits.check(merged, pool, celery_version=version)
+        else:  # (its messages say which side of a clash is the app's)
+            task_limits.check_worker(app.celery.limits, own, pool, celery_version=version)
 
     def _running_of(self, app: str) -> list[InstanceSpec]:
         specs = [s for s in self._host.celery_instances() if s.app == app]
         return [s for s in specs if (p := self._host.proc(s.name)) and p.state == State.RUNNING]
+
+    def redeclared(self, app_name: str, name: str | None = None) -> None:
+        """The declaration of an app (``name`` None: each of its running
+        workers) or of its instance ``name`` changed, here or on another
+        branch: its per-task limits, autoscale range or queues reach the
+        running workers now, not at the next sweep (``reconcile_interval``)."""
+        if self._closed:
+            return
+        for spec in self._running_of(app_name):
+            if name is None or spec.name == name:
+                self._spawn_task(self._reconcile(spec.name))
 
     def resplit(self, app_name: str) -> None:
         """The count of the app's workers running elsewhere changed: each of
@@ -339,6 +356,7 @@ class Workers:
         self._loop_task = asyncio.create_task(self._health_loop())
 
     async def close(self) -> None:
+        self._closed = True
         if self._loop_task:
             self._loop_task.cancel()
         for task in list(self._tasks):

@@ -86,7 +86,7 @@ from branchd.process.machine import (
 from branchd.process.prober import NetProber, NotifySockets, ProbeRunner
 from branchd.process.probes import Dep, after_problem, start_order, stop_tiers, waiting_for
 from branchd.process.readiness import Probing
-from branchd.process.specs import apply_fields, build_spec, check_kind_fields
+from branchd.process.specs import apply_fields, build_spec, check_kind_fields, reset_fields
 from branchd.store import Store
 from branchd.views import InstanceView, Stats, TreeStats
 
@@ -464,8 +464,9 @@ class Engine:
             if key in fields:
                 raise Invalid(f"{key} cannot be changed")
         check_kind_fields(spec.kind, fields)
-        new = apply_fields(spec, fields)
         app_obj = self._decls.find_app(app)
+        fields = reset_fields(spec, app_obj.defaults if app_obj else {}, fields)
+        new = apply_fields(spec, fields)
         if new.kind == Kind.CELERY and app_obj is not None:
             self._decls.check_queues(app_obj, new.queues)
             await self._workers.check_limits(app_obj, new)
@@ -475,6 +476,8 @@ class Engine:
         self._specs[name] = new
         if "after" in fields:
             self._recheck_soon()  # (a waiting one waits for its new list now)
+        if new.kind == Kind.CELERY and _live_part(new) != _live_part(spec):
+            self._workers.redeclared(app, name)  # (its running worker takes it now)
         return self._view(name)
 
     async def delete_instance(self, app: str, name: str, *, wait: bool = True) -> InstanceView:
@@ -1046,3 +1049,10 @@ def _gone_or_zombie(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def _live_part(spec: InstanceSpec) -> tuple[object, ...]:
+    """What of a worker's declaration a running worker takes by remote control
+    (the rest waits for its next start): its queues, its autoscale range, its
+    per-task limits."""
+    return (spec.queues, spec.autoscale, spec.concurrency, spec.limits.task_overrides)

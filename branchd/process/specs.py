@@ -97,6 +97,59 @@ def creation_fields(spec: InstanceSpec) -> dict[str, Any]:
     return body
 
 
+#: Instance fields whose null is a value of their own, kept as given: none (no
+#: cwd, umask, env file, probe, cgroup or memory limit), or the app's setting,
+#: read at each start (pool, autoscale or concurrency, each limit).
+NULL_IS_A_VALUE = frozenset(
+    {
+        "cwd",
+        "user",
+        "env_file",
+        "umask",
+        "memory_max",
+        "cpu_max",
+        "pids_max",
+        "ready",
+        "live",
+        "memory_limit",
+        "pool",
+        "autoscale",
+        "concurrency",
+        *LIMIT_FIELDS,
+    }
+)
+
+
+def reset_fields(
+    spec: InstanceSpec, defaults: Mapping[str, Any], fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A patch's ``fields`` with each other null put back to the field's
+    default: the app's instance ``defaults`` (as a create takes them), else
+    the kind's, else the built-in one. ``command`` has none: refused."""
+    if "command" in fields and fields["command"] is None:
+        raise Invalid(
+            "command cannot be reset: a process instance needs one (give the new argv), "
+            "and a celery instance has none (its argv is built from the app)"
+        )
+    out = dict(fields)
+    builtin: dict[str, Any] | None = None
+    for key, value in fields.items():
+        if value is not None or key in NULL_IS_A_VALUE or key not in SETTABLE:
+            continue
+        if defaults.get(key) is not None and not (
+            spec.kind == Kind.CELERY and key in PROBE_FIELDS
+        ):
+            out[key] = defaults[key]
+        elif spec.kind == Kind.CELERY and key in CELERY_DEFAULTS:
+            out[key] = CELERY_DEFAULTS[key]
+        else:
+            if builtin is None:
+                blank = InstanceSpec(app=spec.app, name=spec.name, command=(), branch="")
+                builtin = replace(blank, kind=spec.kind).to_wire()
+            out[key] = builtin[key]
+    return out
+
+
 def check_kind_fields(kind: Kind, fields: Mapping[str, Any]) -> None:
     """Refuse fields given for an instance that its kind has no use for (an
     app's defaults may hold them for its other kind: only what is given counts)."""

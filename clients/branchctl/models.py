@@ -305,6 +305,8 @@ class QueueDepth:
     queue: str | None = None
     running: int | None = None
     unacked: int | None = None
+    #: Workers that did not say what they hold in time (in_flight: at least).
+    unanswered: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

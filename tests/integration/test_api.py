@@ -499,7 +499,6 @@ WRONG: list[dict[str, Any]] = [
     {"startretries": 0},
     {"startretries": 1.5},
     {"stopsignal": "SIGTERM"},
-    {"stopwaitsecs": None},
     {"autostart": "yes"},
     {"autostart": 1},
     {"log_max_bytes": 10},
@@ -515,6 +514,13 @@ def test_wrong_types_are_422(with_instance: Api) -> None:
         api.err("PATCH", INST, fields, status=422, code="invalid")
         api.err("PUT", "/v1/apps/web", {"defaults": fields}, status=422, code="invalid")
     api.err("GET", "/v1/apps/web/instances/w2", status=404, code="not_found")
+    # null is no value for a create nor for a default; on a PATCH it puts the
+    # field back to its default (``instances set --reset``)
+    null = {"stopwaitsecs": None}
+    api.err("POST", "/v1/apps/web/instances", {"name": "w2", **null}, status=422, code="invalid")
+    api.err("PUT", "/v1/apps/web", {"defaults": null}, status=422, code="invalid")
+    api.ok("PATCH", INST, {"stopwaitsecs": 3})
+    assert api.ok("PATCH", INST, {"stopwaitsecs": None})["stopwaitsecs"] == 10.0
 
 
 def test_wrong_types_elsewhere_are_422(with_instance: Api) -> None:

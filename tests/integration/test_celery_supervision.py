@@ -833,7 +833,6 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
     assert rig.fake.spawned[1].env["CELERY_BROKER_URL"] == redis
 
 
-
 # Worker limits: flags at start, per-task overrides by remote control ---------------
 
 TASKS = {
@@ -911,14 +910,97 @@ async def test_the_apps_rate_is_split_over_its_workers_on_every_branch(make_rig:
     assert rig.sent("rate_limit", since) == []
 
 
+async def test_a_changed_declaration_reaches_running_workers_at_once(make_rig: MakeRig) -> None:
+    """apps set / instances set of per-task limits or the autoscale range: the
+    running workers have them before any sweep (reconcile_interval is far)."""
+    rig = await make_rig(reconcile_interval=60.0)
+    began = rig.time.now()
+    nodes = {}
+    for name in ("w1", "w2"):
+        nodes[name], _ = await rig.running(name, ["default"])
+        nodes[name].tasks = {"shop.tasks.resize": {}}
+    since = len(rig.stub.sent)
+    await rig.m.apps.patch_app(
+        APP, {"task_overrides": {"shop.tasks.resize": {"rate_limit": "300/m"}}}
+    )
+    rate = lambda name: nodes[name].tasks["shop.tasks.resize"].get("rate_limit")  # noqa: E731
+    await rig.wait_for(lambda: rate("w1") == rate("w2") == "150/m")  # each its share
+    assert len(rig.sent("rate_limit", since)) == 2
+    # an instance's own rate: that worker alone, at once
+    since = len(rig.stub.sent)
+    own = {"task_overrides": {"shop.tasks.resize": {"rate_limit": "10/s"}}}
+    await rig.m.instances.update_instance(APP, "w1", own)
+    await rig.wait_for(lambda: rate("w1") == "10/s")
+    assert {s.node for s in rig.sent("rate_limit", since)} == {f"w1@{HOST}"}
+    # an instance's autoscale range (as `instances set --autoscale` sends it)
+    await rig.m.instances.update_instance(APP, "w2", {"autoscale": {"min": 3, "max": 5}})
+    await rig.wait_for(lambda: nodes["w2"].autoscale == (5, 3))
+    assert rig.time.now() - began < 60.0  # (no sweep did it)
+    # a change of no runtime part sends nothing
+    since = len(rig.stub.sent)
+    await rig.m.instances.update_instance(APP, "w1", {"hung_after": 30})
+    await rig.time.pass_time(0.1)
+    assert [s for s in rig.stub.sent[since:] if s.command != "ping"] == []
+
+
+async def test_an_instances_time_limit_under_the_apps_soft_one(rig: Rig) -> None:
+    """The guide's lines: apps set --soft-time-limit 270, then a worker's own
+    --time-limit 60 must bring its own soft one below it."""
+    await rig.m.apps.patch_app(APP, {"time_limit": 300, "soft_time_limit": 270})
+    await rig.add("w1", queues=["default"], autostart=False)
+    with pytest.raises(Invalid) as caught:
+        await rig.m.instances.update_instance(APP, "w1", {"time_limit": 60})
+    assert caught.value.message.startswith(
+        "soft_time_limit 270 (the app's) must be below time_limit 60 (this instance's)"
+    )
+    view = await rig.m.instances.update_instance(
+        APP, "w1", {"time_limit": 60, "soft_time_limit": 50}
+    )
+    assert {"--time-limit=60", "--soft-time-limit=50"} <= set(view.to_json()["command"])
+
+
+async def test_a_threads_worker_is_told_which_task_has_a_time_limit(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.tasks.encode": {"time_limit": 3600}}})
+    await rig.add("w1", queues=["default"], autostart=False)
+    with pytest.raises(Invalid) as caught:
+        await rig.m.instances.update_instance(APP, "w1", {"pool": "threads"})
+    assert caught.value.message.startswith(
+        "task_overrides[shop.tasks.encode].time_limit (the app's): the threads pool enforces "
+        "no time limit"
+    )
+
+
+async def test_disable_prefetch_over_a_stored_multiplier(rig: Rig) -> None:
+    await rig.m.apps.patch_app(APP, {"prefetch_multiplier": 1})
+    with pytest.raises(Invalid) as caught:
+        await rig.m.apps.patch_app(APP, {"disable_prefetch": True})
+    assert caught.value.message == (
+        "disable_prefetch: the app has prefetch_multiplier 1; give one of them "
+        f"(branchctl apps set {APP} --reset prefetch_multiplier --disable-prefetch)"
+    )
+    # what `apps set --reset prefetch_multiplier --disable-prefetch` sends
+    app = await rig.m.apps.patch_app(APP, {"prefetch_multiplier": None, "disable_prefetch": True})
+    assert (app.celery.limits.prefetch_multiplier, app.celery.limits.disable_prefetch) == (
+        None,
+        True,
+    )
+    # an instance's own form of it replaces the app's
+    await rig.m.apps.patch_app(APP, {"disable_prefetch": None, "prefetch_multiplier": 1})
+    view = await rig.add("w1", queues=["default"], autostart=False, disable_prefetch=True)
+    command = view.to_json()["command"]
+    assert "--disable-prefetch" in command
+    assert not any(a.startswith("--prefetch-multiplier") for a in command)
+
+
 async def test_limits_a_pool_cannot_enforce_are_refused(rig: Rig) -> None:
     with pytest.raises(Invalid, match="soft_time_limit: the solo pool"):
         await rig.m.apps.patch_app(APP, {"pool": "solo", "soft_time_limit": 10})
-    with pytest.raises(Invalid, match="max_tasks_per_child: recycles pool children"):
+    with pytest.raises(Invalid, match=r"max_tasks_per_child \(this instance's\): recycles pool"):
         await rig.add("w1", pool="threads", max_tasks_per_child=5)
     with pytest.raises(Invalid, match="rate_limit 'fast'"):
         await rig.add("w1", task_overrides={"t": {"rate_limit": "fast"}})
     assert rig.m.instances.specs(APP) == []
+
 
 # The same scenarios over real Celery workers (a representative subset) -------------
 #

@@ -294,3 +294,54 @@ def test_apps_set_says_running_instances_keep_their_start_settings(branchd: Bran
     # what a running worker takes at once says nothing
     r = run(branchd, "apps", "set", "web", "--autoscale", "1,2")
     assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
+def test_instances_set_reset_puts_fields_back_to_their_default(branchd: Branchd) -> None:
+    """Issue 16's trial: an instance override could not be removed from the CLI."""
+    app = ["shop", "--celery-app", "tests.celery_app.tasks"]
+    assert run(branchd, "apps", "add", *app, "--default", "loglevel=DEBUG").exit_code == 0
+    r = run(
+        branchd,
+        *("instances", "add", "shop", "--name", "w1", "--no-autostart", "--pool", "gevent"),
+        *("--time-limit", "30", "--task-time-limit", "shop.tasks.encode=90"),
+        *("--startsecs", "5", "--loglevel", "ERROR"),
+    )
+    assert r.exit_code == 0, r.output
+    r = run(branchd, "--json", "instances", "set", "shop", "w1", "--reset", "pool",
+            "--reset", "time_limit", "--reset", "task_overrides", "--reset", "startsecs",
+            "--reset", "loglevel")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    # pool and the limits: the app's (read at each start); the others: the
+    # app's instance default, else the kind's
+    assert (got["pool"], got["time_limit"], got["task_overrides"]) == (None, None, {})
+    assert (got["startsecs"], got["loglevel"]) == (30.0, "DEBUG")
+
+    r = run(branchd, "instances", "set", "shop", "w1", "--reset", "pool", "--pool", "solo")
+    assert r.exit_code == 2 and "--reset pool and a new value" in r.output
+    r = run(branchd, "instances", "set", "shop", "w1", "--reset", "nope")
+    assert r.exit_code == 2 and "'nope' is not one of" in r.output
+    # the API's one field without a default
+    reply = branchd.call("PATCH", "/v1/apps/shop/instances/w1", {"command": None})
+    assert reply.status == 422 and "command cannot be reset" in reply.text
+
+
+def test_apps_autoscale_warns_of_a_queue_no_worker_consumes(branchd: Branchd) -> None:
+    """Issue 16's trial: a typo in --on-depth was taken silently. A warning,
+    not a refusal: a policy may be declared before its queue and workers."""
+    run(branchd, "apps", "add", "shop", "--celery-app", "tests.celery_app.tasks")
+    add = ("instances", "add", "shop", "--name", "w1", "--queues", "default", "--no-autostart")
+    assert run(branchd, *add).exit_code == 0
+    assert run(branchd, "queues", "add", "shop", "images").exit_code == 0
+    policy = ("--per-worker", "20", "--min", "1", "--max", "2")
+    r = run(branchd, "apps", "autoscale", "shop", "--on-depth", "nope", *policy)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == (
+        "branchctl: warning: app 'shop' has no queue 'nope': not declared and no instance "
+        "consumes it (its queues: default, images); the policy scales nothing until a "
+        "worker does (branchctl instances add shop --queues nope, or fix the name)"
+    )
+    assert run(branchd, "apps", "autoscale", "shop").stderr != ""  # (said again when shown)
+    for queue in ("default", "images", "celery"):  # consumed, declared, Celery's default
+        r = run(branchd, "apps", "autoscale", "shop", "--on-depth", queue, *policy)
+        assert r.exit_code == 0 and r.stderr == "", (queue, r.stderr)

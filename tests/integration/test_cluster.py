@@ -90,7 +90,8 @@ class Cluster:
         except AssertionError:
             # what each branch saw, to tell a slow gossip from a wrong view
             seen = [{k[:8]: e["state"] for k, e in view(b).items()} for b in self.nodes]
-            raise AssertionError(f"not all alive on all {[i[:8] for i in self.ids]}: {seen}")
+            ids = [i[:8] for i in self.ids]
+            raise AssertionError(f"not all alive on all {ids}: {seen}") from None
 
 
 def entries(b: Branchd) -> list[dict[str, Any]]:

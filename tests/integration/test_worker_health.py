@@ -141,6 +141,17 @@ def test_lint_reads_the_running_workers_config_and_flags_its_traps(rig: Rig) -> 
     assert r.exit_code == 1, r.output
     assert "error: acks_late_without_reject_on_worker_lost: task_acks_late" in r.stdout
     assert len(r.stdout.splitlines()) == len(items)  # one line each
+    # a per-task limit (task_overrides, not in the worker's conf) is flagged, named
+    overrides = {"task_overrides": {"trappy.encode": {"time_limit": 9000}}}
+    rig.b.ok("PATCH", f"/v1/apps/{rig.app}", overrides)
+    try:
+        again = rig.b.ok("GET", f"/v1/apps/{rig.app}/lint")["items"]
+    finally:
+        rig.b.ok("PATCH", f"/v1/apps/{rig.app}", {"task_overrides": None})
+    named = [i for i in again if "task trappy.encode: time_limit 9000s" in i["message"]]
+    assert [(i["rule"], i["severity"]) for i in named] == [
+        ("time_limit_beyond_visibility_timeout", "error")
+    ], again
     # an app with no running worker has no config to read
     rig.b.ok("PUT", f"/v1/apps/{rig.app}-idle", {"celery_app": "x"}, 201)
     idle = rig.b.call("GET", f"/v1/apps/{rig.app}-idle/lint")

@@ -39,7 +39,8 @@ async def test_depth_table_and_policy() -> None:
 
     async def depth(request: web.Request) -> web.Response:
         seen.append((request.method, request.path, None))
-        return web.json_response({"items": [DEPTH, {**DEPTH, "queue": "high", "ready": 0}]})
+        high = {**DEPTH, "queue": "high", "ready": 0, "unanswered": 1}
+        return web.json_response({"items": [DEPTH, high]})
 
     async def patch(request: web.Request) -> web.Response:
         body = await request.json()
@@ -64,7 +65,9 @@ async def test_depth_table_and_policy() -> None:
         lines = table.output.splitlines()
         assert lines[0].split() == ["QUEUE", "READY", "IN_FLIGHT", "RUNNING", "CONSUMERS"]
         assert lines[1].split() == ["default", "40", "6", "2", "1"]
-        assert lines[-1] == "unacked (all queues of the Redis database): 9"
+        assert lines[2].split() == ["high", "0", ">=6", "2", "1"]  # one did not answer
+        assert lines[-2] == "unacked (all queues of the Redis database): 9"
+        assert lines[-1].startswith(">=: 1 worker(s) did not say in time what they hold")
         set_ = await run(
             "apps", "autoscale", "shop", "--on-depth", "default", "--per-worker", "20",
             "--min", "1", "--max", "12", "--json",

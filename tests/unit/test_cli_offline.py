@@ -137,6 +137,7 @@ class FakeDaemon:
         app.router.add_get("/v1/ping", self._ping)
         app.router.add_get("/v1/apps", self._apps)
         app.router.add_put("/v1/apps/{app}", self._put_app)
+        app.router.add_patch("/v1/apps/{app}", self._patch_app)
         app.router.add_get("/v1/apps/{app}/instances", self._list)
         app.router.add_post("/v1/apps/{app}/instances", self._add)
         app.router.add_get("/v1/apps/{app}/instances/{name}", self._get)
@@ -181,6 +182,14 @@ class FakeDaemon:
         created = name not in self.apps
         self.apps[name] = {"name": name, "env": {}, "defaults": {}, "created_at": 3.0, **body}
         return web.json_response(self.apps[name], status=201 if created else 200)
+
+    async def _patch_app(self, request: web.Request) -> web.Response:
+        name = request.match_info["app"]
+        if name not in self.apps:
+            return _error(404, "not_found", f"no app {name!r}")
+        merged = {**self.apps[name], **await request.json()}
+        self.apps[name] = {k: v for k, v in merged.items() if v is not None}
+        return web.json_response(self.apps[name])
 
     async def _list(self, request: web.Request) -> web.Response:
         app = request.match_info["app"]
@@ -871,6 +880,19 @@ def test_limits_of_an_app_and_an_instance(daemon: FakeDaemon) -> None:
             "t.b": {"rate_limit": None},  # (TASK=: removed)
         },
     }
+
+
+def test_reset_of_one_prefetch_form_with_the_other(daemon: FakeDaemon) -> None:
+    """What the refusal of a --disable-prefetch over a stored multiplier says
+    to run: both in one patch, the multiplier dropped."""
+    daemon.apps["shop"] = {"name": "shop", "env": {}, "defaults": {}, "created_at": 3.0}
+    daemon.apps["shop"]["prefetch_multiplier"] = 1
+    result = run(
+        daemon, "apps", "set", "shop", "--reset", "prefetch_multiplier", "--disable-prefetch"
+    )
+    assert result.exit_code == 0, result.output
+    patch = next(s for s in daemon.seen if s.method == "PATCH")
+    assert patch.body == {"disable_prefetch": True, "prefetch_multiplier": None}
 
 
 @pytest.mark.parametrize(

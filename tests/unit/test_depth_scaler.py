@@ -167,6 +167,21 @@ async def test_no_policy_no_scaling_and_unknown_queue(rig: Rig) -> None:
     assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
 
 
+async def test_celerys_default_queue_is_read_and_listed_when_it_holds_messages(
+    rig: Rig,
+) -> None:
+    """Issue 16's trial: ``delay()`` with no queue sends to 'celery', which
+    no worker of the app consumed: its depth was a 404 and out of the list."""
+    await rig.m.apps.patch_app(APP, {"scale": None})
+    await rig.worker("w1")  # (consumes 'default' only)
+    assert [d["queue"] for d in await rig.m.depth.app_depth(APP)] == ["default"]
+    rig.depth.set("celery", 7)
+    got = await rig.m.depth.queue_depth(APP, "celery")
+    assert (got["queue"], got["ready"], got["consumers"]) == ("celery", 7, 0)
+    listed = {d["queue"]: d["ready"] for d in await rig.m.depth.app_depth(APP)}
+    assert listed == {"celery": 7, "default": 0}
+
+
 async def test_no_shrink_while_the_worker_holds_reserved_tasks(rig: Rig) -> None:
     """A process being handed a reserved task looks idle to billiard's shrink:
     the max comes down only at a poll where every task held is running."""
@@ -235,3 +250,21 @@ async def test_the_depths_read_are_in_the_metrics(rig: Rig) -> None:
     }
     assert samples[("branchd_queue_ready", "default")] == 400
     assert samples[("branchd_queue_consumers", "default")] == 1
+
+
+async def test_a_worker_that_does_not_answer_is_a_lower_bound_and_never_lowers(rig: Rig) -> None:
+    node = await rig.worker("w1")
+    rig.depth.set("default", 200)  # 200 / 20 -> 10
+    await rig.poll()
+    assert node.autoscale == (10, 1)
+    rig.depth.set("default", 0)
+    rig.stub.script(node.name, "active", None)  # busy: no reply in time
+    got = await rig.m.depth.queue_depth(APP, "default")
+    assert (got["in_flight"], got["unanswered"]) == (0, 1)  # 0 held is not known
+    await rig.poll(120)  # past the window: a known 0 would bring it down
+    assert node.autoscale == (10, 1)
+    rig.stub.script(node.name, "active", {"ok": []})
+    got = await rig.m.depth.queue_depth(APP, "default")
+    assert "unanswered" not in got
+    await rig.poll(120)
+    assert node.autoscale == (1, 1)

@@ -95,15 +95,25 @@ RULES: list[tuple[Limits, str, tuple[int, ...] | None, str | None]] = [
     (Limits(soft_time_limit=10), "gevent", None, "soft_time_limit: the gevent pool"),
     (Limits(soft_time_limit=10), "threads", None, "soft_time_limit: the threads pool"),
     (Limits(soft_time_limit=10), "eventlet", None, "soft_time_limit: the eventlet pool"),
-    (_tasks(soft_time_limit=10), "gevent", None, "soft_time_limit: the gevent pool"),
+    (_tasks(soft_time_limit=10), "gevent", None, "[t.x].soft_time_limit: the gevent pool"),
     (Limits(time_limit=10), "gevent", None, None),
     (Limits(time_limit=10), "solo", None, "time_limit: the solo pool"),
     (Limits(time_limit=10), "threads", None, "time_limit: the threads pool"),
-    (_tasks(time_limit=10), "threads", None, "time_limit: the threads pool"),
+    (_tasks(time_limit=10), "threads", None, "task_overrides[t.x].time_limit: the threads pool"),
     (Limits(max_tasks_per_child=5), "threads", None, "max_tasks_per_child: recycles"),
     (Limits(max_memory_per_child=4096), "gevent", None, "max_memory_per_child: recycles"),
-    (Limits(time_limit=10, soft_time_limit=10), "prefork", None, "soft_time_limit must be below"),
-    (_tasks(time_limit=10, soft_time_limit=12), "prefork", None, "soft_time_limit must be below"),
+    (
+        Limits(time_limit=10, soft_time_limit=10),
+        "prefork",
+        None,
+        "soft_time_limit 10 must be below time_limit 10",
+    ),
+    (
+        _tasks(time_limit=10, soft_time_limit=12.5),
+        "prefork",
+        None,
+        "task_overrides[t.x].soft_time_limit 12.5 must be below task_overrides[t.x].time_limit 10",
+    ),
     (Limits(disable_prefetch=True), "prefork", (5, 5, 3), "disable_prefetch: needs Celery 5.6"),
     (Limits(disable_prefetch=True), "prefork", (5, 6, 0), None),
     (Limits(disable_prefetch=True), "prefork", None, None),  # unknown version: not refused
@@ -172,6 +182,111 @@ def test_merged_takes_the_instances_over_the_apps() -> None:
     assert L.merged(app, own) == Limits(
         time_limit=60, prefetch_multiplier=4, task_overrides={"t": TaskLimits("1/s", 5)}
     )
+
+
+def test_an_instances_prefetch_form_replaces_the_apps() -> None:
+    """disable_prefetch and prefetch_multiplier are one setting in two forms:
+    an instance that gives either does not inherit the app's other one."""
+    app = Limits(prefetch_multiplier=1)
+    off = L.merged(app, Limits(disable_prefetch=True))
+    assert (off.disable_prefetch, off.prefetch_multiplier) == (True, None)
+    assert L.problems(off, "prefork") == []
+    four = L.merged(Limits(disable_prefetch=True), Limits(prefetch_multiplier=4))
+    assert (four.disable_prefetch, four.prefetch_multiplier) == (None, 4)
+    assert L.merged(app, Limits(time_limit=5)).prefetch_multiplier == 1  # (others: the app's)
+
+
+APP_LIMITS = Limits(
+    time_limit=300,
+    soft_time_limit=270,
+    task_overrides={"shop.tasks.encode": TaskLimits(time_limit=3600, soft_time_limit=3500)},
+)
+
+
+@pytest.mark.parametrize(
+    ("own", "pool", "message"),
+    [
+        (
+            Limits(time_limit=60),
+            "prefork",
+            "soft_time_limit 270 (the app's) must be below time_limit 60 (this instance's) "
+            "(the soft one warns the task first)",
+        ),
+        (
+            Limits(time_limit=60, soft_time_limit=50),
+            "prefork",
+            None,
+        ),
+        (
+            Limits(task_overrides={"shop.tasks.encode": TaskLimits(time_limit=600)}),
+            "prefork",
+            "task_overrides[shop.tasks.encode].soft_time_limit 3500 (the app's) must be below "
+            "task_overrides[shop.tasks.encode].time_limit 600 (this instance's)",
+        ),
+        (
+            Limits(),
+            "threads",
+            "time_limit (the app's), task_overrides[shop.tasks.encode].time_limit (the app's): "
+            "the threads pool enforces no time limit (only prefork, gevent do)",
+        ),
+        (
+            Limits(max_tasks_per_child=5),
+            "gevent",
+            "task_overrides[shop.tasks.encode].soft_time_limit (the app's): the gevent pool",
+        ),
+    ],
+)
+def test_a_workers_rules_name_where_each_limit_comes_from(
+    own: Limits, pool: str, message: str | None
+) -> None:
+    if message is None:
+        L.check_worker(APP_LIMITS, own, pool)
+        return
+    with pytest.raises(Invalid) as caught:
+        L.check_worker(APP_LIMITS, own, pool)
+    assert message in caught.value.message, caught.value.message
+
+
+def test_a_threads_worker_under_an_apps_task_time_limit_names_that_field() -> None:
+    app = Limits(task_overrides={"shop.tasks.encode": TaskLimits(time_limit=3600)})
+    with pytest.raises(Invalid) as caught:
+        L.check_worker(app, Limits(), "threads")
+    assert caught.value.message == (
+        "task_overrides[shop.tasks.encode].time_limit (the app's): the threads pool enforces "
+        "no time limit (only prefork, gevent do)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stored", "patch", "message"),
+    [
+        (
+            Limits(prefetch_multiplier=1),
+            {"disable_prefetch": True},
+            "disable_prefetch: the app has prefetch_multiplier 1; give one of them "
+            "(branchctl apps set shop --reset prefetch_multiplier --disable-prefetch)",
+        ),
+        (
+            Limits(disable_prefetch=True),
+            {"prefetch_multiplier": 4},
+            "prefetch_multiplier: the app has disable_prefetch; give one of them "
+            "(branchctl apps set shop --reset disable_prefetch --prefetch-multiplier 4)",
+        ),
+        (
+            Limits(prefetch_multiplier=1),
+            {"disable_prefetch": True, "prefetch_multiplier": None},
+            None,
+        ),
+        (Limits(prefetch_multiplier=1), {"disable_prefetch": False}, None),
+        (Limits(prefetch_multiplier=1), {"prefetch_multiplier": 2}, None),
+        (Limits(), {"disable_prefetch": True}, None),
+    ],
+)
+def test_a_patch_that_clashes_with_the_stored_prefetch_says_how_to_drop_it(
+    stored: Limits, patch: dict[str, Any], message: str | None
+) -> None:
+    got = L.prefetch_clash(stored, patch, "the app", "branchctl apps set shop")
+    assert got == message
 
 
 def test_parse_registered() -> None:

@@ -7,8 +7,16 @@ from typing import Any
 
 import pytest
 
-from branchd.celery.lint import Context, Severity, lint, transport_of, with_flags
-from branchd.model import Limits
+from branchd.celery.lint import (
+    Context,
+    Severity,
+    TaskTimeLimit,
+    lint,
+    task_time_limits,
+    transport_of,
+    with_flags,
+)
+from branchd.model import Limits, TaskLimits
 
 #: A config that trips nothing (soft shutdown set, prefetch 1, a short limit).
 CLEAN: dict[str, Any] = {
@@ -41,6 +49,18 @@ CASES: list[tuple[str, dict[str, Any], Context, list[tuple[str, Severity]]]] = [
      [("time_limit_beyond_visibility_timeout", E)]),
     ("limit past consumer_timeout", {"task_time_limit": 3600}, AMQP,
      [("time_limit_beyond_consumer_timeout", W)]),
+    ("limit past consumer_timeout, prefetch disabled", {"task_time_limit": 3600,
+     "worker_disable_prefetch": True}, AMQP, []),  # (acked as it starts, nothing waits)
+    ("a task's limit past consumer_timeout", {}, Context(transport="amqp",
+     task_time_limits=(TaskTimeLimit("shop.tasks.encode", 3600, "the app's"),)),
+     [("time_limit_beyond_consumer_timeout", W)]),
+    ("a task's limit within consumer_timeout", {}, Context(transport="amqp",
+     task_time_limits=(TaskTimeLimit("shop.tasks.encode", 900, "the app's"),)), []),
+    ("a task's limit past visibility, acks_late", {"task_acks_late": True,
+     "task_reject_on_worker_lost": True}, Context(transport="redis",
+     task_time_limits=(TaskTimeLimit("a", 7200, "the app's"), TaskTimeLimit("b", 9000,
+     "instance w1's"))),
+     [("time_limit_beyond_visibility_timeout", E), ("time_limit_beyond_visibility_timeout", E)]),
     ("no limit, acks_late, redis",
      {"task_time_limit": None, "task_acks_late": True, "task_reject_on_worker_lost": True},
      REDIS, [("time_limit_beyond_visibility_timeout", W)]),
@@ -98,3 +118,44 @@ def test_the_flags_branchd_passes_win_over_the_config() -> None:
     assert (effective["worker_prefetch_multiplier"], effective["task_time_limit"]) == (1, 600.0)
     assert lint(effective, REDIS) == []
     assert with_flags(conf, Limits()) == conf  # nothing set: the config as it is
+
+
+def test_a_tasks_finding_names_it_and_says_what_is_unacked() -> None:
+    """Without acks_late a task is acked as it starts: what waits unacked is
+    what the worker reserved; with acks_late, the running task itself."""
+    ctx = Context(
+        transport="amqp",
+        task_time_limits=(TaskTimeLimit("shop.tasks.encode", 3600, "instance w1's"),),
+    )
+    (plain,) = lint(CLEAN, ctx)
+    assert plain.message.startswith(
+        "task shop.tasks.encode: time_limit 3600s (instance w1's task_overrides) is beyond "
+        "RabbitMQ's default consumer_timeout (1800s): a task is acknowledged as it starts, "
+        "but a message its worker reserved (prefetch) stays unacknowledged"
+    ), plain.message
+    late = {**CLEAN, "task_acks_late": True, "task_reject_on_worker_lost": True}
+    (acked_late,) = lint(late, ctx)
+    assert "with task_acks_late a task still running then is unacknowledged" in (
+        acked_late.message
+    )
+    assert "runs twice" in acked_late.message and acked_late.severity == Severity.ERROR
+
+
+def test_task_time_limits_of_the_app_and_of_its_instances_own() -> None:
+    app = Limits(task_overrides={"encode": TaskLimits(time_limit=3600.0),
+                                 "resize": TaskLimits(rate_limit="10/s")})  # fmt: skip
+    instances = {
+        "w2": Limits(task_overrides={"encode": TaskLimits(time_limit=3600.0)}),  # the app's
+        "w1": Limits(
+            task_overrides={
+                "encode": TaskLimits(time_limit=7200.0),
+                "thumb": TaskLimits(time_limit=60.0),
+            }
+        ),
+        "w3": Limits(task_overrides={"resize": TaskLimits(rate_limit="1/s")}),
+    }
+    assert task_time_limits(app, instances) == (
+        TaskTimeLimit("encode", 3600.0, "the app's"),
+        TaskTimeLimit("encode", 7200.0, "instance w1's"),
+        TaskTimeLimit("thumb", 60.0, "instance w1's"),
+    )

@@ -326,9 +326,10 @@ def apps_set(
     _emit(opts, app.raw, f"changed app {app.name!r}\n{_app_text(app)}")
 
 
-#: What a running worker takes at once (rates by remote control, its autoscale
-#: range at the next reconcile; the depth policy is the daemon's own): any
-#: other app setting reaches an instance when it next starts.
+#: What a running worker takes at once (per-task limits and its autoscale
+#: range by remote control, when the change is stored; the depth policy is
+#: the daemon's own): any other app setting reaches an instance when it next
+#: starts.
 _LIVE_APP_FIELDS = frozenset({"task_overrides", "autoscale"})
 
 
@@ -383,6 +384,10 @@ def apps_autoscale(
     lower readings, through Celery's autoscale control (the worker must run
     with an autoscale range; a shrink takes only idle processes).
 
+    A QUEUE the app does not have (declared, consumed by an instance, in its
+    defaults, or Celery's 'celery') is taken, with a warning on stderr: the
+    policy may come before its queue and workers.
+
     Example: branchctl apps autoscale shop --on-depth default --per-worker 20 --min 1 --max 12
     """
     given = [v is not None for v in (on, per_worker, low, high)]
@@ -401,7 +406,40 @@ def apps_autoscale(
             a = c.set_scale(app, on, per_worker, low, high, down_after)
         else:
             a = c.get_app(app)
+        queue = a.scale.get("on") if isinstance(a.scale, Mapping) else None
+        unknown = _unknown_queue(c, a, queue) if isinstance(queue, str) else None
     _emit(opts, {"scale": a.scale}, _scale_text(a.scale) or "off")
+    if unknown:
+        click.echo(f"branchctl: warning: {unknown}", err=True)
+
+
+#: Celery's queue for a task sent with none (``delay()``), and a worker's without -Q.
+_CELERY_DEFAULT_QUEUE = "celery"
+
+
+def _unknown_queue(c: Client, app: App, queue: str) -> str | None:
+    """Why a depth policy on ``queue`` scales nothing, if it is not a queue of
+    the app: neither declared, nor consumed by one of its instances, nor in
+    its defaults, nor Celery's default.
+
+    A warning, not a refusal: a policy may come before its queue and
+    workers (a script, an import: the policy is read at each poll)."""
+    try:
+        known = {q.name for q in c.queues(app.name)}
+        for i in c.instances(app.name):
+            if i.kind == "celery":
+                known.update(i.queues or (_CELERY_DEFAULT_QUEUE,))
+    except ApiError:
+        return None  # the policy stands; only the check is missing
+    known.update(app.defaults.get("queues") or ())
+    if queue in known or queue == _CELERY_DEFAULT_QUEUE:
+        return None
+    have = ", ".join(sorted(known)) or "none"
+    return (
+        f"app {app.name!r} has no queue {queue!r}: not declared and no instance consumes it "
+        f"(its queues: {have}); the policy scales nothing until a worker does "
+        f"(branchctl instances add {app.name} --queues {queue}, or fix the name)"
+    )
 
 
 @apps.command("show")

@@ -212,6 +212,52 @@ def instance_fields(f: _F) -> _F:
 
 _SECONDS = click.FloatRange(min=0, min_open=True)
 
+#: The fields 'instances set --reset' puts back to their default (a PATCH's
+#: null; every field an instance has but its command).
+RESETTABLE = (
+    "pool",
+    "autoscale",
+    "concurrency",
+    "time_limit",
+    "soft_time_limit",
+    "max_tasks_per_child",
+    "max_memory_per_child",
+    "prefetch_multiplier",
+    "disable_prefetch",
+    "task_overrides",
+    "memory_limit",
+    "hung_after",
+    "loglevel",
+    "queues",
+    "args",
+    "env",
+    "cwd",
+    "user",
+    "env_file",
+    "umask",
+    "memory_max",
+    "cpu_max",
+    "pids_max",
+    "autorestart",
+    "exitcodes",
+    "startsecs",
+    "startretries",
+    "stopsignal",
+    "stopwaitsecs",
+    "autostart",
+    "log_max_bytes",
+    "log_backups",
+    "after",
+    "after_timeout",
+    "priority",
+    "ready",
+    "ready_timeout",
+    "live",
+    "live_period",
+    "live_timeout",
+    "live_failures",
+)
+
 
 def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
     """The InstanceIn body of the given options: only what was given."""
@@ -359,6 +405,16 @@ def instances_add(
 )
 @click.option("--no-ready", "no_ready", is_flag=True, help="No readiness probe any more.")
 @click.option("--no-live", "no_live", is_flag=True, help="No liveness probe any more.")
+@click.option(
+    "--reset",
+    "resets",
+    multiple=True,
+    type=click.Choice(RESETTABLE),
+    metavar="FIELD",
+    help="Put FIELD back to its default (repeat it): pool, autoscale, concurrency and the "
+    "limits (time_limit, task_overrides...) to the app's; cwd, umask, memory_limit... to "
+    "none; any other to the app's instance default, else the kind's.",
+)
 @instance_fields
 def instances_update(
     opts: Options,
@@ -369,6 +425,7 @@ def instances_update(
     no_after: bool,
     no_ready: bool,
     no_live: bool,
+    resets: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Change instance NAME of APP (a new COMMAND goes after '--'); also
@@ -379,6 +436,7 @@ def instances_update(
     \b
     Example:
       branchctl instances set web api --startretries forever --umask 027
+      branchctl instances set shop w1 --reset pool --reset time_limit
     """
     limits = pop_limits(options)
     body = {**_fields(options), **limits}
@@ -396,6 +454,10 @@ def instances_update(
             if key in body:
                 raise click.UsageError(f"--no-{key} and --{key}: give one")
             body[key] = none
+    for key in resets:
+        if key in body:
+            raise click.UsageError(f"--reset {key} and a new value for it together")
+        body[key] = None
     if not body:
         raise click.UsageError("nothing to change: give at least one option or a COMMAND")
     with opts.client() as c:

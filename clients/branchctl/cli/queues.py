@@ -38,9 +38,7 @@ def _queue_text(q: Queue, consumers: list[dict[str, Any]] | None = None) -> str:
         "options": dict(q.options),
     }
     if consumers is not None:
-        fields["consumed by"] = (
-            ", ".join(f"{i['name']} ({i['state']})" for i in consumers) or "-"
-        )
+        fields["consumed by"] = ", ".join(f"{i['name']} ({i['state']})" for i in consumers) or "-"
     return render.record(fields)
 
 
@@ -126,18 +124,38 @@ def queues_show(opts: Options, app: str, name: str) -> None:
 def queues_depth(opts: Options, app: str, queue: str | None) -> None:
     """How deep APP's queues are (or QUEUE alone), read at once.
 
+    APP's queues: declared, consumed by an instance, in its defaults, and
+    Celery's default 'celery' (where delay() sends a task with no queue)
+    when a worker consumes it or it holds messages; QUEUE may be 'celery'.
+
     Columns: QUEUE READY (the broker's count) IN_FLIGHT (running + reserved
-    in this branch's workers) RUNNING CONSUMERS (the broker's on RabbitMQ,
+    in this branch's workers; '>=N' when one did not answer in time) RUNNING
+    CONSUMERS (the broker's on RabbitMQ,
     else this branch's workers). On Redis a last line gives the unacked
     messages of the whole database (kombu keeps them in one hash, not per queue).
     """
     with opts.client() as c:
         items = [c.queue_depth(app, queue)] if queue else c.app_depth(app)
-    rows = [(d.queue, d.ready, d.in_flight, d.running, d.consumers) for d in items]
+    rows = [
+        (
+            d.queue,
+            d.ready,
+            f">={d.in_flight}" if d.unanswered else d.in_flight,
+            d.running,
+            d.consumers,
+        )
+        for d in items
+    ]
     text = render.table(("QUEUE", "READY", "IN_FLIGHT", "RUNNING", "CONSUMERS"), rows)
     unacked = next((d.unacked for d in items if d.unacked is not None), None)
     if unacked is not None:
         text += f"\nunacked (all queues of the Redis database): {unacked}"
+    silent = max((d.unanswered or 0 for d in items), default=0)
+    if silent:
+        text += (
+            f"\n>=: {silent} worker(s) did not say in time what they hold (busy, or the "
+            "broker slow): the count is at least that"
+        )
     _emit(opts, {"items": [dict(d.raw) for d in items]}, text)
 
 
