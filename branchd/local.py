@@ -268,6 +268,10 @@ class _DeferredWorkers:
     async def check_limits(self, app: App, spec: InstanceSpec | None = None) -> None:
         await self._w().check_limits(app, spec)
 
+    def redeclared(self, app_name: str, name: str | None = None) -> None:
+        if self._layer.loaded:  # (else no worker of it runs here)
+            self._w().redeclared(app_name, name)
+
     async def worker_stats(self, spec: InstanceSpec) -> dict[str, Any]:
         return await self._w().worker_stats(spec)
 

@@ -126,12 +126,13 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
 #: branchd's Celery layer (workers service, runtime operations, depth reads
 #: and scaler, remote control: about 1 MiB), built by branchd/local.py's
 #: CeleryLayer at the first Celery app, instance or route. An app's view reads
-#: only celery/broker.py and urls.py; api/schemas.py takes lint's Severity.
+#: only celery/broker.py and urls.py; api/schemas.py takes lint's Severity and
+#: declarations.py limits' prefetch_clash (both pure, small).
 CELERY_LAYER = tuple(
     f"branchd.celery.{m}"
     for m in (
         "workers", "ops", "runtime", "scaler", "depth", "ready", "remote", "outage",
-        "drain", "stall", "limits", "argv", "fs_transport", "worker_loader", "stub",
+        "drain", "stall", "argv", "fs_transport", "worker_loader", "stub",
     )
 )  # fmt: skip
 
