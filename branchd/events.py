@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from branchd.model import Kind, State
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceChanged:
     """An instance's state, pid or reason changed (after it was persisted)."""
 
@@ -32,19 +32,19 @@ class InstanceChanged:
     kind: Kind = Kind.PROCESS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceAdded:
     app: str
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceRemoved:
     app: str
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuntimeChanged:
     """A running worker's consumers or autoscale range were changed (confirmed)."""
 
@@ -53,7 +53,7 @@ class RuntimeChanged:
     what: str  # "consumers" | "autoscale"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeclarationChanged:
     """An app or a queue declaration was created, changed or deleted."""
 
@@ -65,7 +65,7 @@ class DeclarationChanged:
     remote: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemberChanged:
     """A cluster member appeared, changed state or run, or was forgotten.
 
