@@ -362,7 +362,10 @@ class CeleryOps:
         reply = await self.call(w, "registered", taskinfoitems=list(task_limits.TASK_ITEMS))
         live = task_limits.parse_registered(reply) if not _error(reply) else None
         if live is None:
-            return []  # (it did not answer: the next round tries again)
+            # Not "nothing to change": a worker that did not answer (a reply
+            # lost while it rebinds after a broker restart) must be tried again
+            # at the next answered ping, not counted as in line until the sweep.
+            raise ControlFailed(f"{w.node} gave no registered tasks to compare limits with")
         changes: list[str] = []
         for command in task_limits.drift(wanted, live):
             err = _error(await self.call(w, command.name, **command.arguments))

@@ -608,6 +608,32 @@ async def test_a_broker_reconnect_brings_back_a_lost_consumer_before_any_sweep(
     assert [s.arguments["queue"] for s in rig.sent("add_consumer")][-1] == "high"
 
 
+@pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (a bound on its time)
+async def test_a_reconnect_brings_back_per_task_limits_though_the_first_look_gets_no_answer(
+    make_rig: MakeRig,
+) -> None:
+    """Seen in CI: after a broker restart the worker answered the ping and
+    active_queues but not yet ``registered``; that counted as in line, and its
+    rate limit waited for the sweep."""
+    rig = await make_rig(reconcile_interval=600.0)  # (no sweep in this test's time)
+    await rig.m.apps.patch_app(APP, {"task_overrides": {"shop.resize": {"rate_limit": "60/m"}}})
+    node = rig.node("w1", queues=["default"])
+    node.tasks = {"shop.resize": {}}
+    await rig.add("w1", queues=["default"])
+    await rig.wait_state("w1", State.RUNNING)
+    await rig.wait_for(lambda: node.tasks["shop.resize"].get("rate_limit") == "60/m")
+    await rig.wait_for(lambda: len(rig.sent("ping")) > 3)
+    node.tasks = {"shop.resize": {}}  # a worker restarted on its own forgets them
+    node.scripts["registered"] = None  # and its first look after the reconnect is unanswered
+    rig.stub.connections += 1
+    asked = len(rig.sent("registered"))
+    await rig.wait_for(lambda: len(rig.sent("registered")) > asked)
+    del node.scripts["registered"]
+    began = rig.time.now()
+    await rig.wait_for(lambda: node.tasks["shop.resize"].get("rate_limit") == "60/m", timeout=60)
+    assert rig.time.now() - began < 30.0  # health rounds, not the sweep (600 s)
+
+
 @pytest.mark.parametrize("time_of", ["fake_clock"], indirect=True)  # (startsecs to run out)
 async def test_a_rolling_restart_goes_on_only_once_the_new_worker_answers_a_ping(
     rig: Rig,
