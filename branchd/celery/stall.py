@@ -62,6 +62,12 @@ def decide(
     moved = watch.taken is not None and look.taken != watch.taken
     if look.busy or moved:
         return StallWatch(since=now, taken=look.taken), None
+    if watch.taken is None:
+        # The first count since it was idle (or since its start): the span
+        # starts now. Counting from the last idle look instead restarted a
+        # worker whose looks paused for stall_after (a broker outage, a busy
+        # loop) at the first look that saw work, with no second look at all.
+        return StallWatch(since=now, taken=look.taken), None
     since = now if watch.since is None else watch.since
     if now - since < stall_after:
         return StallWatch(since=since, taken=look.taken), None

@@ -26,6 +26,9 @@ CASES: list[tuple[str, StallWatch, Look, StallWatch, bool]] = [
     ("waits, busy unknown", LONG_AGO, Look(WAITING, 7, None), LONG_AGO, False),
     ("waits, not long yet", SEEN, Look(WAITING, 7, False), SEEN, False),
     ("waits, first look", StallWatch(), Look(WAITING, 7, False), StallWatch(NOW, 7), False),
+    # idle looks ask no count: the first one counted after them starts the span
+    ("waits, first count after idle", StallWatch(NOW - AFTER, None), Look(WAITING, 7, False),
+     StallWatch(NOW, 7), False),
     # (a worker restarted meanwhile counts from 0: that moved, a new start)
     ("waits, restarted", LONG_AGO, Look(WAITING, 0, False), StallWatch(NOW, 0), False),
     ("stalled", LONG_AGO, Look(WAITING, 7, False), StallWatch(), True),
