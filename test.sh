@@ -16,4 +16,7 @@ fi
 # that none of them compiles branchd again (where PYTHONDONTWRITEBYTECODE is
 # set, as on CI, nothing would cache it and each start paid ~0.13 s for it).
 .venv/bin/python -m compileall -q -j 0 branchd clients tests >/dev/null
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (one a core on CI): a module's tests stay together in one
+# (loadscope), since they share its fixtures (daemons, clusters, namespaces).
+# BRANCHD_TEST_PROCESSES=0 runs them all in this one.
+exec .venv/bin/python -m pytest -n "${BRANCHD_TEST_PROCESSES:-2}" --dist loadscope "$@"
