@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from branchd.errors import LogWriterUnavailable, SpawnError
-from branchd.process import logwriter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,12 @@ _F_SETPIPE_SZ = 1031
 #: The writer's own complaints (a full disk, a failed rotation) go here.
 WRITER_LOG = "logwriter.log"
 CALL_TIMEOUT = 5.0
+#: The writer's program, run as a script of its own (``-I -S``): the daemon
+#: never imports it (its code is 50 KiB of the daemon's memory otherwise).
+WRITER = Path(__file__).with_name("logwriter.py")
+#: The most one message to or from the writer holds: logwriter.MESSAGE_MAX
+#: (tests/unit/test_logwriter.py checks they agree).
+MESSAGE_MAX = 1024 * 1024
 
 
 def socket_name(log_dir: Path) -> str:
@@ -132,7 +137,7 @@ class LogPipes:
                     return {}
                 try:
                     socket.send_fds(sock, [data], fds or [])
-                    reply = sock.recv(logwriter.MESSAGE_MAX)
+                    reply = sock.recv(MESSAGE_MAX)
                     if not reply:
                         raise ConnectionResetError("the log writer closed the connection")
                     answer: dict[str, Any] = json.loads(reply)
@@ -175,7 +180,7 @@ class LogPipes:
                 # -I -S: no site-packages, no environment; the script needs
                 # only the standard library, so the process stays small.
                 done = subprocess.run(
-                    [self._python, "-I", "-S", logwriter.__file__, self._name, str(self._log_dir)],
+                    [self._python, "-I", "-S", str(WRITER), self._name, str(self._log_dir)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=errors,

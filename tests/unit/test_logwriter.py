@@ -122,3 +122,12 @@ async def test_follow_reads_the_old_file_to_its_end_across_a_rename(tmp_path: Pa
     finally:
         f.close()
         await lines.aclose()
+
+
+def test_the_daemon_side_names_the_writer_and_its_message_size() -> None:
+    """logpipes does not import the writer (it runs as a script of its own):
+    its path and message size are written there again, and must agree."""
+    from branchd.process import logpipes, logwriter
+
+    assert Path(logwriter.__file__) == logpipes.WRITER
+    assert logpipes.MESSAGE_MAX == logwriter.MESSAGE_MAX
