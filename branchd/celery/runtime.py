@@ -39,6 +39,8 @@ class CeleryRuntime:
         self._workers = workers
         self._bus = bus
         self._drops: set[asyncio.Task[None]] = set()
+        #: What running workers take of each app at runtime, as last declared.
+        self._runtime_seen: dict[str, tuple[dict[str, Any], Any]] = {}
         bus.listen(self._declared)
 
     def _declared(self, event: events.Event) -> None:
@@ -47,9 +49,24 @@ class CeleryRuntime:
         at once, as ``instances set`` gives an instance's own."""
         match event:
             case events.DeclarationChanged(kind="app", app=app, deleted=False):
-                self._workers.redeclared(app)
+                if self._runtime_changed(app):
+                    self._workers.redeclared(app)
             case _:
                 pass
+
+    def _runtime_changed(self, name: str) -> bool:
+        """Whether the app's parts that running workers take at runtime (its
+        per-task limits, its autoscale range) differ from the last declaration
+        seen: any other change (its env, its flags) reaches a worker only at
+        its next start, so none of its workers is asked anything for it."""
+        app = self._decls.find_app(name)
+        if app is None:
+            self._runtime_seen.pop(name, None)
+            return False
+        now = (dict(app.celery.limits.task_overrides), app.celery.autoscale)
+        before = self._runtime_seen.get(name)
+        self._runtime_seen[name] = now
+        return before is None or before != now
 
     def worker_figures(self) -> dict[tuple[str, str], dict[str, int | None]]:
         """Each running worker's last figures, for the metrics (no call to any

@@ -979,6 +979,15 @@ async def test_a_changed_declaration_reaches_running_workers_at_once(make_rig: M
     await rig.m.instances.update_instance(APP, "w1", {"hung_after": 30})
     await rig.time.pass_time(0.1)
     assert [s for s in rig.stub.sent[since:] if s.command != "ping"] == []
+    # nor one of the app's that workers take only at their start (its env)
+    await rig.m.apps.patch_app(APP, {"env": {"MODE": "2"}})
+    await rig.time.pass_time(0.1)
+    assert [s for s in rig.stub.sent[since:] if s.command != "ping"] == []
+    # and its rate again reaches both at once
+    await rig.m.apps.patch_app(
+        APP, {"task_overrides": {"shop.tasks.resize": {"rate_limit": "100/m"}}}
+    )
+    await rig.wait_for(lambda: rate("w2") == "50/m")
 
 
 async def test_an_instances_time_limit_under_the_apps_soft_one(rig: Rig) -> None:
