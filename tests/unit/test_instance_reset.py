@@ -56,3 +56,14 @@ def test_every_field_but_command_can_be_reset_and_applies(spec: InstanceSpec) ->
     assert apply_fields(spec, fields).to_wire() == apply_fields(spec, kind).to_wire()
     with pytest.raises(Invalid, match="command cannot be reset"):
         reset_fields(spec, {}, {"command": None})
+
+
+def test_the_clients_reset_choices_are_the_daemons_fields() -> None:
+    """branchctl never imports branchd: its `instances set --reset` choices
+    are written there again, and must stay every settable field but command."""
+    from branchctl.cli.instances import RESETTABLE
+
+    from branchd.process.specs import SETTABLE
+
+    assert len(set(RESETTABLE)) == len(RESETTABLE)
+    assert set(RESETTABLE) == set(SETTABLE) - {"command"}
