@@ -158,6 +158,7 @@ def worker_env(
     task_queues: Mapping[str, Mapping[str, Any]] | None = None,
     hook: str | None = None,
     task_annotations: Mapping[str, Mapping[str, Any]] | None = None,
+    worker: bool = False,
 ) -> dict[str, str]:
     """Environment variables that make a ``celery`` process use ``spec``'s
     transport options and (``task_queues``, Celery's dict form) the declared
@@ -166,7 +167,11 @@ def worker_env(
 
     ``pythonpath`` is the process's own ``PYTHONPATH`` if any; the hook folder is
     appended so it never shadows the user's modules. Empty when there is
-    nothing to hand over (a plain ``amqp://`` URL and no custom binding).
+    nothing to hand over (a plain ``amqp://`` URL and no custom binding),
+    unless it is for a ``worker``: a worker always gets the loader, for its
+    rate limits under a backlog (one timer per bucket, see worker_loader),
+    which a limit set later by remote control needs as much as one handed
+    over at its start.
     """
     env: dict[str, str] = {}
     if spec.transport_options and spec.worker_hook_dir is not None:
@@ -179,7 +184,7 @@ def worker_env(
             {k: dict(v) for k, v in task_annotations.items()}, sort_keys=True
         )
     folder = spec.worker_hook_dir or hook
-    if not env or folder is None:
+    if (not env and not worker) or folder is None:
         return {}
     env["CELERY_LOADER"] = f"{LOADER_MODULE}:Loader"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, folder) if p)

@@ -147,6 +147,7 @@ def env_for(
         task_queues=bindings,
         hook=hook,
         task_annotations=annotations,
+        worker=True,
     )
     urls = {"CELERY_BROKER_URL": broker.url}
     if result_backend:

@@ -330,6 +330,22 @@ async def test_custom_binding_is_given_at_start(rig: Rig) -> None:
     # start is test_celery_instances' images_bound, on each broker)
 
 
+async def test_a_worker_on_any_broker_gets_the_loader_though_it_has_nothing_to_hand_over(
+    rig: Rig,
+) -> None:
+    """Its rate limits keep their rate under a backlog only with the loader's
+    one timer per bucket (worker_loader): a limit sent later by remote
+    control needs it as much as one given at the start."""
+    await rig.m.apps.put_app(APP, {}, {}, {"celery_app": CELERY_APP, "broker": REDIS_ANY})
+    rig.node("w1", queues=["default"])
+    await rig.add("w1", queues=["default"])
+    await rig.wait_state("w1", State.RUNNING)
+    env = rig.fake.spawned[0].env
+    assert "BRANCHD_TASK_ANNOTATIONS" not in env and "BRANCHD_TASK_QUEUES" not in env
+    assert env["CELERY_LOADER"] == "branchd_worker_loader:Loader"
+    assert env["PYTHONPATH"].split(os.pathsep)[-1].endswith("hook")
+
+
 # Consumers and autoscale at runtime ---------------------------------------------------
 
 
@@ -872,6 +888,8 @@ async def test_the_command_shown_is_the_one_running_until_the_next_start(rig: Ri
 
 
 # Worker limits: flags at start, per-task overrides by remote control ---------------
+
+REDIS_ANY = "redis://127.0.0.1:6379/9"  # (never reached: the rig's remote control is a twin)
 
 TASKS = {
     "shop.resize": {"rate_limit": "600/m"},

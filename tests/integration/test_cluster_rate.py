@@ -185,3 +185,51 @@ def test_the_rate_limit_holds_cluster_wide_with_one_and_three_workers(
     )
     for label, rate in figures.items():
         assert abs(rate - total) <= TOLERANCE * total, f"{label}: {rate:.2f}/s, not {total:.2f}/s"
+
+
+def test_a_rate_limit_set_after_the_start_holds_under_a_backlog(
+    branchd_factory: Callable[..., Branchd], tmp_path: Path
+) -> None:
+    """A worker started with no limit to hand over gets the loader too: a
+    rate given later, by remote control, keeps its rate under a backlog of
+    80 (with Celery's own code it fell to about a task per loop wake-up)."""
+    if not reachable(REDIS_URL):
+        unreachable(REDIS_URL)
+    config = tmp_path / "branchd.toml"
+    config.write_text(CONFIG)
+    b, tok = branchd_factory("--config", str(config)), uuid.uuid4().hex[:8]
+    app, queue, name = f"late-{tok}", f"lq-{tok}", f"w-{tok}"
+    body = {"celery_app": "tests.celery_app.tasks", "broker": REDIS_URL}
+    body["env"] = {"PYTHONPATH": str(ROOT)}
+    client = Celery("probe", broker=REDIS_URL, set_as_current=False)
+    total = TOTAL_PER_MIN / 60
+    try:
+        assert b.call("PUT", f"/v1/apps/{app}", body).status == 201
+        fields = {"name": name, "kind": "celery", "queues": [queue], "concurrency": 1}
+        b.ok("POST", f"/v1/apps/{app}/instances", fields, 201)
+        inst = wait_for(lambda: (v := b.instance(app, name))["state"] == "running" and v, 30, 0.05)
+        node = str(inst["node"])
+        wait_for(lambda: _rate_limit(client, node) is not None, 20, 0.2)  # (it answers)
+        rate = {"task_overrides": {"testapp.stamp": {"rate_limit": f"{TOTAL_PER_MIN}/m"}}}
+        assert b.call("PATCH", f"/v1/apps/{app}", rate).status == 200
+        wait_for(lambda: _rate_limit(client, node) == f"{TOTAL_PER_MIN}/m", 20, 0.2)
+        folder = tmp_path / "stamps"
+        folder.mkdir()
+        for i in range(TASKS):
+            client.send_task("testapp.stamp", args=[str(folder), f"{i:03d}"], queue=queue)
+        wait_for(lambda: len(list(folder.iterdir())) == TASKS, 30, 0.1)
+        stamps = []
+        for f in folder.iterdir():
+            when, worker = f.read_text().split()
+            stamps.append((float(when), worker))
+        got = measured_rate(stamps)
+    finally:
+        client.close()
+        b.call("DELETE", f"/v1/apps/{app}")
+        r: Any = redis.Redis.from_url(REDIS_URL)
+        try:
+            r.delete(queue, f"_kombu.binding.{queue}")
+        finally:
+            r.close()
+    print(f"\nrate limit {total:.2f}/s set after the start: {got:.2f}/s ({got / total - 1:+.1%})")
+    assert abs(got - total) <= TOLERANCE * total, f"{got:.2f}/s, not {total:.2f}/s"
