@@ -149,3 +149,37 @@ def end_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
+
+
+class OwnRedis:
+    """A redis-server of one test's own, on a free port, that the test may
+    stop and start again on the same port (a broker restart); every server
+    it started is ended by :meth:`close` (the ``own_redis`` fixture's)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+
+        if shutil.which("redis-server") is None:
+            unreachable("redis-server (binary)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._servers = [start_redis(self.port, workdir)]
+
+    def stop(self, *, kill: bool = True) -> None:
+        """The server goes: SIGKILL (by its pid), or a clean SIGTERM."""
+        server = self._servers[-1]
+        if kill:
+            end_process(server)
+        else:
+            server.terminate()
+            server.wait(10)
+
+    def start(self) -> None:
+        """A new server on the same port (empty: nothing was kept on disk)."""
+        self._servers.append(start_redis(self.port, self.workdir))
+
+    def close(self) -> None:
+        for server in self._servers:
+            end_process(server)
+

@@ -23,7 +23,7 @@ import pytest
 from branchd.process.cgroups import CgroupTree, decide, locate
 from branchd.process.launcher import MARK_VAR
 from tests import netns
-from tests.brokers import redis_db_session
+from tests.brokers import OwnRedis, redis_db_session
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -311,3 +311,14 @@ def lan(_netns_unavailable: str | None) -> Iterator[Callable[..., netns.Lan]]:
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A redis-server of the test's own (tests/brokers.py, ``OwnRedis``)."""
+    server = OwnRedis(tmp_path)
+    try:
+        yield server
+    finally:
+        server.close()
+

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,15 +36,7 @@ from kombu import Exchange
 from kombu import connection as kombu_connection
 
 from branchd.celery.broker import BrokerSpec, embedded, worker_env
-from tests.brokers import (
-    AMQP_URL,
-    REDIS_URL,
-    end_process,
-    free_port,
-    reachable,
-    start_redis,
-    unreachable,
-)
+from tests.brokers import AMQP_URL, REDIS_URL, OwnRedis, reachable, unreachable
 from tests.conftest import Branchd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -451,46 +442,37 @@ def test_unreachable_broker_is_reported_and_the_api_stays_responsive(
 
 @pytest.mark.slow
 def test_worker_and_declarations_survive_a_broker_restart(
-    branchd_factory: Callable[..., Branchd], tmp_path: Path
+    branchd_factory: Callable[..., Branchd], tmp_path: Path, own_redis: OwnRedis
 ) -> None:
-    if shutil.which("redis-server") is None:
-        unreachable("redis-server (binary)")
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    servers = [start_redis(port, tmp_path)]
-    try:
-        b = _daemon(branchd_factory, tmp_path)
-        c = Celeryd(b, "redis", BrokerSpec(url), tmp_path)
-        default, extra = c.q("default"), c.q("extra")
-        c.put_app()
-        inst, _ = c.create("w1-" + c.tok, queues=[default])
-        name, node = inst["name"], inst["node"]
-        c.b.ok("PUT", c.path(name, f"/queues/{extra}"))  # added before the outage
-        assert set(c.active_queues(node)) == {default, extra}
+    url = own_redis.url
+    b = _daemon(branchd_factory, tmp_path)
+    c = Celeryd(b, "redis", BrokerSpec(url), tmp_path)
+    default, extra = c.q("default"), c.q("extra")
+    c.put_app()
+    inst, _ = c.create("w1-" + c.tok, queues=[default])
+    name, node = inst["name"], inst["node"]
+    c.b.ok("PUT", c.path(name, f"/queues/{extra}"))  # added before the outage
+    assert set(c.active_queues(node)) == {default, extra}
 
-        servers[0].terminate()
-        servers[0].wait(10)
-        t0 = time.perf_counter()
-        assert c.b.instance(c.app, name)["state"] == "running"  # not taken for hung
-        assert time.perf_counter() - t0 < 0.5
-        servers.append(start_redis(port, tmp_path))
+    own_redis.stop(kill=False)
+    t0 = time.perf_counter()
+    assert c.b.instance(c.app, name)["state"] == "running"  # not taken for hung
+    assert time.perf_counter() - t0 < 0.5
+    own_redis.start()
 
-        # the worker reconnects; its consumers (the one added at runtime too) are back
-        def consuming() -> bool:
-            if c.b.instance(c.app, name)["state"] != "running":
-                return False
-            reply = c.inspect(node, "active_queues")  # None while the broker is away
-            return reply is not None and {q["name"] for q in reply} == {default, extra}
+    # the worker reconnects; its consumers (the one added at runtime too) are back
+    def consuming() -> bool:
+        if c.b.instance(c.app, name)["state"] != "running":
+            return False
+        reply = c.inspect(node, "active_queues")  # None while the broker is away
+        return reply is not None and {q["name"] for q in reply} == {default, extra}
 
-        wait_for(consuming, 60, 0.2)
-        proof = c.tmp / "after-restart"
-        c.send("testapp.touch", [str(proof)], queue=extra)
-        wait_for(proof.exists, 30, 0.05)
-        now = c.b.instance(c.app, name)
-        print(f"\nredis restart: pid kept {now['pid'] == inst['pid']}, restarts {now['restarts']}")
-        # stop while the broker is there (a stop without it is not what this tests)
-        assert c.b.call("DELETE", f"/v1/apps/{c.app}").status == 204
-        assert not _alive(now["pid"])
-    finally:
-        for server in servers:
-            end_process(server)
+    wait_for(consuming, 60, 0.2)
+    proof = c.tmp / "after-restart"
+    c.send("testapp.touch", [str(proof)], queue=extra)
+    wait_for(proof.exists, 30, 0.05)
+    now = c.b.instance(c.app, name)
+    print(f"\nredis restart: pid kept {now['pid'] == inst['pid']}, restarts {now['restarts']}")
+    # stop while the broker is there (a stop without it is not what this tests)
+    assert c.b.call("DELETE", f"/v1/apps/{c.app}").status == 204
+    assert not _alive(now["pid"])

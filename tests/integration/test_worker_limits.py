@@ -10,7 +10,6 @@ worker got, not by a timed throughput.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.brokers import REDIS_URL, end_process, free_port, reachable, start_redis, unreachable
+from tests.brokers import REDIS_URL, OwnRedis, reachable, unreachable
 from tests.conftest import Branchd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,13 +151,9 @@ def _probe(url: str, node: str) -> tuple[dict[str, str], set[str]] | None:
 @pytest.mark.slow
 @pytest.mark.broker
 def test_per_task_limits_and_runtime_consumers_survive_a_broker_restart(
-    branchd_factory: Callable[..., Branchd], tmp_path: Path
+    branchd_factory: Callable[..., Branchd], tmp_path: Path, own_redis: OwnRedis
 ) -> None:
-    if shutil.which("redis-server") is None:
-        unreachable("redis-server (binary)")
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    servers = [start_redis(port, tmp_path)]
+    url = own_redis.url
     config = tmp_path / "branchd.toml"
     config.write_text(NO_SWEEP)
     b, tok = branchd_factory("--config", str(config)), uuid.uuid4().hex[:8]
@@ -194,12 +189,12 @@ def test_per_task_limits_and_runtime_consumers_survive_a_broker_restart(
         assert "time_limit=1" in limits["testapp.sleep"], limits
 
         # the broker goes (killed, by its pid); meanwhile the app's rate changes
-        end_process(servers[0])
+        own_redis.stop()
         patched = b.call(
             "PATCH", f"/v1/apps/{app}", {"task_overrides": {"testapp.add": {"rate_limit": "300/m"}}}
         )
         assert patched.status == 200, patched.text
-        servers.append(start_redis(port, tmp_path))
+        own_redis.start()
 
         # back on the same port: the worker reconnects, its consumers (the
         # runtime one too) are there and it has the new rate and the old time
@@ -223,5 +218,3 @@ def test_per_task_limits_and_runtime_consumers_survive_a_broker_restart(
         assert b.call("DELETE", f"/v1/apps/{app}").status == 204
     finally:
         b.call("DELETE", f"/v1/apps/{app}")
-        for server in servers:
-            end_process(server)
