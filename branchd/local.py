@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from branchd.celery.broker import backend_for, broker_url
+from branchd.celery.urls import backend_for, broker_url
 from branchd.clock import Clock, Scheduler
 from branchd.config import Config
 from branchd.declarations import Declarations

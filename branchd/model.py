@@ -254,6 +254,10 @@ LIMIT_FIELDS: tuple[str, ...] = (
 )
 
 
+#: One setting in two forms: an instance's one of them replaces the app's pair.
+PREFETCH = ("prefetch_multiplier", "disable_prefetch")
+
+
 @dataclass(frozen=True)
 class Limits:
     """A worker's limits (None: not set, Celery's own default or the app's)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from branchd.celery.lint import Severity
 from branchd.model import (
     FOREVER,
     NAME_PATTERN,
@@ -839,6 +838,10 @@ CONSUMER_ITEM: Schema = {
     },
 }
 
+#: The values of ``celery.lint.Severity``, written out: a plain branch's API
+#: does not import the linter (tests/unit/test_lint.py checks they agree).
+SEVERITIES = ["error", "warning", "info"]
+
 #: One trap ``GET /v1/apps/{app}/lint`` found in the app's Celery config.
 LINT_ITEM: Schema = {
     "type": "object",
@@ -846,7 +849,7 @@ LINT_ITEM: Schema = {
     "properties": {
         "rule": {"type": "string"},
         "message": {"type": "string"},
-        "severity": {"type": "string", "enum": [s.value for s in Severity]},
+        "severity": {"type": "string", "enum": SEVERITIES},
     },
 }
 

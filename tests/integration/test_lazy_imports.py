@@ -126,8 +126,7 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
 #: branchd's Celery layer (workers service, runtime operations, depth reads
 #: and scaler, remote control: about 1 MiB), built by branchd/local.py's
 #: CeleryLayer at the first Celery app, instance or route. An app's view reads
-#: only celery/broker.py and urls.py; api/schemas.py takes lint's Severity and
-#: declarations.py limits' prefetch_clash (both pure, small).
+#: only celery/urls.py (its broker_url and backend_for).
 CELERY_LAYER = tuple(
     f"branchd.celery.{m}"
     for m in (
@@ -145,6 +144,24 @@ def test_a_branch_without_celery_apps_never_loads_the_celery_layer(tmp_path: Pat
     layer = set(seen["celery_app"])
     assert {"branchd.celery.workers", "branchd.celery.scaler", "branchd.celery.remote"} <= layer
     assert "branchd.celery.stub" not in layer, layer
+
+
+#: What a branch of plain processes does not import at its start nor for its
+#: reads and writes (issue 10, part 9): the embedded broker's folders, the
+#: Celery config's linter, the workers' limits. The first Celery app loads
+#: them (its check, the layer it builds). api/schemas.py spells lint's
+#: severities out, declarations.py holds prefetch_clash, celery/urls.py an
+#: app view's broker_url and backend_for.
+PLAIN_DEFERRED = tuple(f"branchd.celery.{m}" for m in ("broker", "lint", "limits"))
+
+
+def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
+    tmp_path: Path,
+) -> None:
+    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED)
+    assert seen["reads"] == [] and seen["writes"] == [] and seen["invalid"] == [], seen
+    # the first Celery app loads them (which also shows the watch works)
+    assert set(seen["celery_app"]) == set(PLAIN_DEFERRED), seen["celery_app"]
 
 
 #: aiohttp's client side: loaded by the first peer call, forward or probe
