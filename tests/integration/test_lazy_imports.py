@@ -80,6 +80,9 @@ async def main():
         async with http.post("/v1/apps/web/instances", json={"name": "bad name"}) as reply:
             assert reply.status == 422, await reply.text()
         seen["invalid"] = loaded()
+        async with http.post("/v1/apps/web/stop") as reply:
+            assert reply.status == 200, await reply.text()
+        seen["app_action"] = loaded()
         async with http.put("/v1/apps/jobs", json={"celery_app": "tasks"}) as reply:
             assert reply.status == 201, await reply.text()
         seen["celery_app"] = loaded()
@@ -153,15 +156,26 @@ def test_a_branch_without_celery_apps_never_loads_the_celery_layer(tmp_path: Pat
 #: severities out, declarations.py holds prefetch_clash, celery/urls.py an
 #: app view's broker_url and backend_for.
 PLAIN_DEFERRED = tuple(f"branchd.celery.{m}" for m in ("broker", "lint", "limits"))
+#: An app-wide action's or count create's runner (local.py's Groups builds it
+#: at the first).
+ON_FIRST_ACTION = ("branchd.process.actions",)
+#: The dashboard reads its files without it (0.14 MiB); jsonschema's
+#: specifications load it with the first body precheck cannot vouch for.
+RESOURCES = ("importlib.resources",)
 
 
 def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
     tmp_path: Path,
 ) -> None:
-    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED)
-    assert seen["reads"] == [] and seen["writes"] == [] and seen["invalid"] == [], seen
-    # the first Celery app loads them (which also shows the watch works)
-    assert set(seen["celery_app"]) == set(PLAIN_DEFERRED), seen["celery_app"]
+    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED + ON_FIRST_ACTION + RESOURCES)
+    assert seen["reads"] == [] and seen["writes"] == [], seen
+    # an invalid body: jsonschema (which also shows the watch works), nothing of ours
+    assert seen["invalid"] == list(RESOURCES), seen["invalid"]
+    # the first app action builds its runner
+    assert set(seen["app_action"]) == {*ON_FIRST_ACTION, *RESOURCES}, seen["app_action"]
+    # the first Celery app loads the rest
+    everything = {*PLAIN_DEFERRED, *ON_FIRST_ACTION, *RESOURCES}
+    assert set(seen["celery_app"]) == everything, seen["celery_app"]
 
 
 #: aiohttp's client side: loaded by the first peer call, forward or probe
