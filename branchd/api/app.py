@@ -7,12 +7,11 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from branchd.api import dashboard, metrics, openapi
-from branchd.api.backend import Cluster, Local, Moves
 from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
     Directory,
@@ -54,6 +53,9 @@ from branchd.errors import (
     UnsupportedMediaType,
 )
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
+
+if TYPE_CHECKING:
+    from branchd.api.backend import Cluster, Local, Moves
 
 log = logging.getLogger(__name__)
 #: One line per write (who, method, path, status): its own logger, so that an

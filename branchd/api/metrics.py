@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from branchd.api.backend import Local
 from branchd.api.forward import Forwarder
 from branchd.errors import BranchdError, BranchUnreachable
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
+
+    from branchd.api.backend import Local
 
 #: Upper bounds of the latency buckets (s): a local answer is ~1 ms, a forward ~5.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

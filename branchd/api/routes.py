@@ -16,7 +16,6 @@ from aiohttp import web
 from branchd.api import events as events_api
 from branchd.api import metrics as metrics_api
 from branchd.api import precheck, schemas
-from branchd.api.backend import Cluster, Local, Moves
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
     NAME_PATTERN,
@@ -39,9 +38,13 @@ if TYPE_CHECKING:
     # rpds and attrs it is about 3 MiB resident (issue 10, part 9).
     from jsonschema.protocols import Validator
 
+    # the services' Protocols, for the type checker only: a plain branch's
+    # daemon never imports api/backend.py (issue 10, part 9)
+    from branchd.api.backend import Cluster, Local, Moves
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-LOCAL = web.AppKey("local", Local)
+LOCAL: web.AppKey[Local] = web.AppKey("local")
 #: This branch's record, from the service that keeps it (never psutil in a handler).
 BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 #: Builds the OpenAPI document (0.2 ms) for each request, rarely made: kept,
@@ -50,11 +53,11 @@ OPENAPI: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("openapi")
 #: Instance listings built at once (none: no limit; see ApiSection.listings_at_once).
 LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 #: Membership; absent on a cluster of one.
-CLUSTER = web.AppKey("cluster", Cluster)
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
 #: Sets this branch's draining flag (kept across restarts); absent: no cluster.
 DRAIN: web.AppKey[Callable[[bool], None]] = web.AppKey("drain")
 #: Moves this branch's instances elsewhere (``drain --move``); absent: no cluster.
-MOVES = web.AppKey("moves", Moves)
+MOVES: web.AppKey[Moves] = web.AppKey("moves")
 #: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).

@@ -162,12 +162,14 @@ ON_FIRST_ACTION = ("branchd.process.actions",)
 #: The dashboard reads its files without it (0.14 MiB); jsonschema's
 #: specifications load it with the first body precheck cannot vouch for.
 RESOURCES = ("importlib.resources",)
+#: The API's service Protocols: for the type checker (a cluster's moves import them).
+NEVER_PLAIN = ("branchd.api.backend",)
 
 
 def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
     tmp_path: Path,
 ) -> None:
-    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED + ON_FIRST_ACTION + RESOURCES)
+    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED + ON_FIRST_ACTION + RESOURCES + NEVER_PLAIN)
     assert seen["reads"] == [] and seen["writes"] == [], seen
     # an invalid body: jsonschema (which also shows the watch works), nothing of ours
     assert seen["invalid"] == list(RESOURCES), seen["invalid"]
