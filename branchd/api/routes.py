@@ -28,7 +28,6 @@ from branchd.model import (
     valid_name,
     valid_queue_name,
 )
-from branchd.placement import need_of, why_not
 from branchd.process.groups import MAX_BATCH, Action
 from branchd.views import BranchRecord, app_answer, queue_answer
 
@@ -550,6 +549,9 @@ async def create_instance(request: web.Request) -> web.Response:
     if CLUSTER in request.app:
         # admission control: this branch's own live figures have the last word
         # (the sender chose on gossiped ones); "full" sends it to the next choice
+        # (placement: a cluster's only, imported by its first create here)
+        from branchd.placement import need_of, why_not
+
         me = request.app[BRANCH]()
         need = need_of(body, await _local(request).apps.get_app(app), cpus=me.capacity.cpus)
         reason = why_not(me, need)
