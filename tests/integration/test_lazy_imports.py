@@ -162,10 +162,11 @@ ON_FIRST_ACTION = ("branchd.process.actions",)
 #: The dashboard reads its files without it (0.14 MiB); jsonschema's
 #: specifications load it with the first body precheck cannot vouch for.
 RESOURCES = ("importlib.resources",)
-#: The API's service Protocols (for the type checker; a cluster's moves import
-#: them) and placement (a cluster's: views.py holds need_for, which a branch's
-#: record counts its slots by).
-NEVER_PLAIN = ("branchd.api.backend", "branchd.placement")
+#: Needed by none of these requests: the API's service Protocols (for the type
+#: checker; a cluster's moves import them), placement (a cluster's: views.py
+#: holds need_for, which a branch's record counts its slots by) and the env
+#: file parser (the first start of an instance that names env files).
+NEVER_PLAIN = ("branchd.api.backend", "branchd.placement", "branchd.process.envfile")
 
 
 def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
