@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from branchd.celery.runtime import CeleryRuntime
     from branchd.celery.scaler import DepthScaler, DepthService
     from branchd.celery.workers import Host, RunningElsewhere, Workers
+    from branchd.model import Action
     from branchd.process.actions import AppActions
-    from branchd.process.groups import Action, Item
+    from branchd.process.groups import Item
     from branchd.views import InstanceView
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Groups:
     async def close(self) -> None:
         if self._actions is not None:
             await self._actions.close()
+
 
 @dataclass(frozen=True)
 class LocalBranch:

@@ -18,17 +18,18 @@ from branchd.api import metrics as metrics_api
 from branchd.api import precheck, schemas
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
+    MAX_BATCH,
     NAME_PATTERN,
     NAME_RE,
     NAME_RULE,
     QUEUE_NAME_PATTERN,
     QUEUE_NAME_RULE,
+    Action,
     App,
     State,
     valid_name,
     valid_queue_name,
 )
-from branchd.process.groups import MAX_BATCH, Action
 from branchd.views import BranchRecord, app_answer, queue_answer
 
 if TYPE_CHECKING:

@@ -7,17 +7,18 @@ from typing import Any
 
 from branchd.model import (
     FOREVER,
+    MAX_COUNT,
     NAME_PATTERN,
     POOLS,
     QUEUE_NAME_PATTERN,
     STOP_SIGNALS,
+    TEMPLATE_RULE,
     Autorestart,
     Desired,
     Kind,
     State,
     StopStep,
 )
-from branchd.process.groups import MAX_COUNT, TEMPLATE_RULE, Outcome
 
 Schema = dict[str, Any]
 
@@ -530,13 +531,17 @@ INSTANCE: Schema = {
     },
 }
 
+#: The values of ``process.groups.Outcome``, written out: a plain branch's API
+#: does not import the app actions (tests/unit/test_groups.py checks they agree).
+OUTCOMES = ["running", "stopped", "failed", "timeout", "pending", "skipped"]
+
 #: One instance's part of an app action (start, stop, restart of every instance).
 ACTION_ITEM: Schema = {
     "type": "object",
     "required": ["name", "outcome", "error", "instance"],
     "properties": {
         "name": NAME,
-        "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+        "outcome": {"type": "string", "enum": OUTCOMES},
         "error": _NULLABLE_STR,
         "instance": INSTANCE,
     },

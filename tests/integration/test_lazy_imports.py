@@ -156,9 +156,10 @@ def test_a_branch_without_celery_apps_never_loads_the_celery_layer(tmp_path: Pat
 #: severities out, declarations.py holds prefetch_clash, celery/urls.py an
 #: app view's broker_url and backend_for.
 PLAIN_DEFERRED = tuple(f"branchd.celery.{m}" for m in ("broker", "lint", "limits"))
-#: An app-wide action's or count create's runner (local.py's Groups builds it
-#: at the first).
-ON_FIRST_ACTION = ("branchd.process.actions",)
+#: An app-wide action's or count create's runner and its plan (local.py's
+#: Groups builds it at the first; model.py holds Action and the limits the API
+#: checks, api/schemas.py spells the outcomes out).
+ON_FIRST_ACTION = ("branchd.process.actions", "branchd.process.groups")
 #: The dashboard reads its files without it (0.14 MiB); jsonschema's
 #: specifications load it with the first body precheck cannot vouch for.
 RESOURCES = ("importlib.resources",)
