@@ -28,7 +28,7 @@ from branchd.api.forward import (
     LocalDirectory,
     NoForwarder,
 )
-from branchd.api.metrics import Sources
+from branchd.api.meters import Sources
 from branchd.api.roles import TokenBook
 from branchd.branch import BranchService, SystemProbe
 from branchd.clock import LoopScheduler, SystemClock

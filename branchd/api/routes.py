@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from branchd.api import events as events_api
-from branchd.api import metrics as metrics_api
 from branchd.api import precheck, schemas
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
@@ -746,6 +745,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # the scrape, at the first one (what it reads is counted by api/meters.py)
+    from branchd.api import metrics as metrics_api
+
     return await metrics_api.scrape(request, _local(request))
 
 

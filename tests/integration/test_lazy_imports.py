@@ -166,8 +166,14 @@ RESOURCES = ("importlib.resources",)
 #: Needed by none of these requests: the API's service Protocols (for the type
 #: checker; a cluster's moves import them), placement (a cluster's: views.py
 #: holds need_for, which a branch's record counts its slots by) and the env
-#: file parser (the first start of an instance that names env files).
-NEVER_PLAIN = ("branchd.api.backend", "branchd.placement", "branchd.process.envfile")
+#: file parser (the first start of an instance that names env files), the
+#: metrics' scrape (the first GET /metrics; api/meters.py counts from the start).
+NEVER_PLAIN = (
+    "branchd.api.backend",
+    "branchd.placement",
+    "branchd.process.envfile",
+    "branchd.api.metrics",
+)
 
 
 def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
