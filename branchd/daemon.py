@@ -28,7 +28,7 @@ from branchd.api.forward import (
     LocalDirectory,
     NoForwarder,
 )
-from branchd.api.metrics import Sources
+from branchd.api.meters import Sources
 from branchd.api.roles import TokenBook
 from branchd.branch import BranchService, SystemProbe
 from branchd.clock import LoopScheduler, SystemClock
@@ -47,14 +47,13 @@ from branchd.events import EventBus
 from branchd.local import Holdings, LocalBranch
 from branchd.local import build as build_local
 from branchd.model import State
-from branchd.placement import Recent, need_for
 from branchd.process.cgroups import CgroupTree
 from branchd.process.launcher import ProcessLauncher
 from branchd.process.logpipes import LogPipes
 from branchd.sdnotify import Notifier, NotifySettings
 from branchd.state import ensure_token, secure_database, secure_dir
 from branchd.store import Store
-from branchd.views import BranchRecord, Capacity
+from branchd.views import BranchRecord, Capacity, need_for
 
 if TYPE_CHECKING:  # loaded only by a branch that clusters
     import ssl
@@ -224,6 +223,7 @@ class Daemon:
                 cluster.on_running = local.layer.resplit
 
                 from branchd.api.proxy import HttpForwarder, gather, place
+                from branchd.placement import Recent
 
                 # a named instance's routes go to the branch that holds it
                 proxy = HttpForwarder(cluster, cfg.api.token, tls=tls[1] if tls else None)
@@ -473,7 +473,7 @@ def _gossip_bind(cfg: Config) -> tuple[str, int]:
 
 
 def slots_used(local: LocalBranch, cpus: int) -> int:
-    """What this branch's instances take of its slots (``placement.need_for``)."""
+    """What this branch's instances take of its slots (``views.need_for``)."""
     specs = local.instances.specs()
     apps = {name: local.apps.find_app(name) for name in {s.app for s in specs}}
     return sum(need_for(s, apps[s.app], cpus=cpus).slots for s in specs)

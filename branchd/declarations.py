@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from branchd import events
-from branchd.celery.limits import prefetch_clash
 from branchd.celery.urls import embedded_exchange_problem
 from branchd.clock import Clock
 from branchd.errors import Invalid, NotFound
@@ -25,9 +24,11 @@ from branchd.hlc import Version
 from branchd.model import (
     CELERY_FIELDS,
     NAME_RULE,
+    PREFETCH,
     QUEUE_NAME_RULE,
     App,
     Kind,
+    Limits,
     Queue,
     valid_name,
     valid_queue_name,
@@ -242,6 +243,25 @@ class Declarations:
     def check_queues(self, app: App, queues: Sequence[str]) -> None:
         """Refuse ``queues`` if the app's broker cannot carry them."""
         check_carried(app, queues, self.queue_decls(app.name))
+
+
+def prefetch_clash(stored: Limits, patch: Mapping[str, Any], owner: str, fix: str) -> str | None:
+    """Why a patch that gives one form of prefetch while ``stored`` has the
+    other (and the patch keeps it) is refused, with the command that drops it
+    (``fix``: the command to change ``owner``, e.g. ``branchctl apps set shop``);
+    None: no clash of that kind."""
+    flags = {
+        "disable_prefetch": "--disable-prefetch",
+        "prefetch_multiplier": "--prefetch-multiplier",
+    }
+    for given, other in (PREFETCH[::-1], PREFETCH):
+        have = getattr(stored, other)
+        if not patch.get(given) or other in patch or not have:
+            continue
+        shown = other if have is True else f"{other} {have}"
+        flag = flags[given] + ("" if patch[given] is True else f" {patch[given]}")
+        return f"{given}: {owner} has {shown}; give one of them ({fix} --reset {other} {flag})"
+    return None
 
 
 def check_carried(app: App, queues: Sequence[str], decls: Mapping[str, Queue]) -> None:

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from branchd.celery.broker import backend_for, broker_url
+from branchd.celery.urls import backend_for, broker_url
 from branchd.clock import Clock, Scheduler
-from branchd.config import Config
+from branchd.config import Config, SupervisionSection
 from branchd.declarations import Declarations
 from branchd.events import DeclarationChanged, Event, EventBus
 from branchd.model import App, CelerySettings, InstanceSpec, Kind
-from branchd.process.actions import AppActions
 from branchd.process.engine import Engine
 from branchd.process.launcher import Launcher
 from branchd.process.logpipes import LogPipes
@@ -38,14 +37,52 @@ from branchd.process.prober import ProbeRunner
 from branchd.store import Store
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from branchd.celery.depth import DepthReader
     from branchd.celery.ready import ReadyCounter
     from branchd.celery.remote import RemoteControl
     from branchd.celery.runtime import CeleryRuntime
     from branchd.celery.scaler import DepthScaler, DepthService
     from branchd.celery.workers import Host, RunningElsewhere, Workers
+    from branchd.model import Action
+    from branchd.process.actions import AppActions
+    from branchd.process.groups import Item
+    from branchd.views import InstanceView
 
 log = logging.getLogger(__name__)
+
+
+class Groups:
+    """Count creates and app-wide actions (``process/actions.py``), built at
+    the first of them: a branch never asked for one does not import them."""
+
+    def __init__(
+        self, engine: Engine, bus: EventBus, scheduler: Scheduler, settings: SupervisionSection
+    ) -> None:
+        self._args = (engine, bus, scheduler, settings)
+        self._actions: AppActions | None = None
+
+    def _built(self) -> AppActions:
+        if self._actions is None:
+            from branchd.process.actions import AppActions
+
+            self._actions = AppActions(*self._args)
+        return self._actions
+
+    async def create_instances(
+        self, app: str, fields: Mapping[str, Any], count: int, template: str, start_at: int = 0
+    ) -> list[InstanceView]:
+        return await self._built().create_instances(app, fields, count, template, start_at)
+
+    async def act(
+        self, app: str, action: Action, *, rolling: bool = False, batch: int = 1, wait: bool = True
+    ) -> list[Item]:
+        return await self._built().act(app, action, rolling=rolling, batch=batch, wait=wait)
+
+    async def close(self) -> None:
+        if self._actions is not None:
+            await self._actions.close()
 
 
 @dataclass(frozen=True)
@@ -55,7 +92,7 @@ class LocalBranch:
     logs: LogService
     holdings: Holdings
     #: Count creates and app-wide start, stop, restart (rolling too).
-    groups: AppActions
+    groups: Groups
     #: The Celery services below, built at their first need.
     layer: CeleryLayer
 
@@ -441,6 +478,6 @@ def build(
             scheduler=scheduler,
             pipes=log_pipes,
         ),
-        groups=AppActions(engine, bus, scheduler, config.supervision),
+        groups=Groups(engine, bus, scheduler, config.supervision),
         layer=layer,
     )

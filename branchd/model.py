@@ -36,6 +36,19 @@ QUEUE_NAME_RULE = (
 STOP_SIGNALS: tuple[str, ...] = ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2")
 
 
+#: The most instances one count create makes (a typo of 10000 for 100 must
+#: not fork ten thousand processes).
+MAX_COUNT = 1000
+#: The most instances one rolling batch may hold.
+MAX_BATCH = 1000
+#: What a count create's name template may hold (``process/groups.py``'s
+#: ``expand_names`` applies it).
+TEMPLATE_RULE = (
+    "a name template holds '{n}' (or '{n:02d}', zero-padded to 2; widths 1-9) once, "
+    "and otherwise what a name holds"
+)
+
+
 def valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name))
 
@@ -95,6 +108,14 @@ def umask_from(value: object) -> int:
 def umask_text(mask: int) -> str:
     """A umask as shown: three octal digits, as ``umask`` prints them."""
     return f"{mask:03o}"
+
+
+class Action(StrEnum):
+    """An app-wide action (``process/groups.py`` plans it, ``process/actions.py`` runs it)."""
+
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
 
 
 class State(StrEnum):
@@ -252,6 +273,10 @@ LIMIT_FIELDS: tuple[str, ...] = (
     "disable_prefetch",
     "task_overrides",
 )
+
+
+#: One setting in two forms: an instance's one of them replaces the app's pair.
+PREFETCH = ("prefetch_multiplier", "disable_prefetch")
 
 
 @dataclass(frozen=True)

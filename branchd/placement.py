@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from branchd.errors import Full, Invalid, NotFound
-from branchd.model import App, InstanceSpec, Kind
+from branchd.model import App
 from branchd.process.specs import build_spec
-from branchd.views import BranchRecord
+from branchd.views import BranchRecord, Need, mib, need_for
 
 
 class _Ordered(Protocol):
@@ -41,52 +41,6 @@ K = TypeVar("K", bound=_Ordered)
 
 #: How a branch ranks for a request, bigger is better (see ``spare``).
 Spare = tuple[int, int, int, float]
-
-
-@dataclass(frozen=True)
-class Need:
-    """What an instance takes from the branch that runs it."""
-
-    #: Free slots it takes (``need_for``: its largest concurrency).
-    slots: int = 1
-    #: Free memory it takes (bytes; 0: nothing declared, nothing checked).
-    memory: int = 0
-
-    def __str__(self) -> str:
-        text = f"{self.slots} slot{'s' if self.slots != 1 else ''}"
-        return text + (f" and {_mib(self.memory)} of memory" if self.memory else "")
-
-
-def need_for(
-    spec: InstanceSpec,
-    app: App | None = None,
-    memory_estimate: int = 0,
-    *,
-    cpus: int = 1,
-) -> Need:
-    """What ``spec`` declares it needs.
-
-    Slots: the most pool processes it may run (its autoscale max, else its
-    fixed concurrency, else the app's autoscale max), 1 for a plain process.
-    A worker that says none of these runs Celery's default, the host's CPU
-    count: ``cpus`` (the branch that runs it knows its own; a sender placing
-    it does not know the host yet and counts 1, the host's admission check
-    then counts its own).
-    Memory: its ``memory_limit`` (the most it is let grow to), else
-    ``memory_estimate`` (what the caller knows of the app's instances).
-    """
-    slots = 1
-    if spec.kind == Kind.CELERY:
-        if spec.autoscale is not None:
-            slots = spec.autoscale.max
-        elif spec.concurrency is not None:
-            slots = spec.concurrency
-        elif app is not None and app.celery.autoscale is not None:
-            slots = app.celery.autoscale.max
-        else:
-            slots = cpus
-    memory = spec.memory_limit if spec.memory_limit is not None else memory_estimate
-    return Need(slots=max(1, slots), memory=max(0, memory))
 
 
 def need_of(fields: Mapping[str, Any], app: App, *, cpus: int = 1) -> Need:
@@ -156,7 +110,7 @@ def why_not(record: BranchRecord, need: Need) -> str | None:
     if c.free_slots < need.slots:
         return f"{c.free_slots} free slot{'s' if c.free_slots != 1 else ''}"
     if c.memory_free < need.memory:
-        return f"{_mib(c.memory_free)} free"
+        return f"{mib(c.memory_free)} free"
     return None
 
 
@@ -257,7 +211,3 @@ def _no_room(records: Sequence[BranchRecord], need: Need) -> str:
 
 def _label(record: BranchRecord) -> str:
     return f"{record.hostname} ({record.id[:8]})" if record.hostname else record.id
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB"

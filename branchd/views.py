@@ -205,6 +205,56 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class Need:
+    """What an instance takes from the branch that runs it."""
+
+    #: Free slots it takes (``need_for``: its largest concurrency).
+    slots: int = 1
+    #: Free memory it takes (bytes; 0: nothing declared, nothing checked).
+    memory: int = 0
+
+    def __str__(self) -> str:
+        text = f"{self.slots} slot{'s' if self.slots != 1 else ''}"
+        return text + (f" and {mib(self.memory)} of memory" if self.memory else "")
+
+
+def need_for(
+    spec: InstanceSpec,
+    app: App | None = None,
+    memory_estimate: int = 0,
+    *,
+    cpus: int = 1,
+) -> Need:
+    """What ``spec`` declares it needs.
+
+    Slots: the most pool processes it may run (its autoscale max, else its
+    fixed concurrency, else the app's autoscale max), 1 for a plain process.
+    A worker that says none of these runs Celery's default, the host's CPU
+    count: ``cpus`` (the branch that runs it knows its own; a sender placing
+    it does not know the host yet and counts 1, the host's admission check
+    then counts its own).
+    Memory: its ``memory_limit`` (the most it is let grow to), else
+    ``memory_estimate`` (what the caller knows of the app's instances).
+    """
+    slots = 1
+    if spec.kind == Kind.CELERY:
+        if spec.autoscale is not None:
+            slots = spec.autoscale.max
+        elif spec.concurrency is not None:
+            slots = spec.concurrency
+        elif app is not None and app.celery.autoscale is not None:
+            slots = app.celery.autoscale.max
+        else:
+            slots = cpus
+    memory = spec.memory_limit if spec.memory_limit is not None else memory_estimate
+    return Need(slots=max(1, slots), memory=max(0, memory))
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+@dataclass(frozen=True)
 class Capacity:
     """What a branch has room for; rides on the gossip later (placement reads it)."""
 
@@ -220,7 +270,7 @@ class Capacity:
     #: The pool processes this branch may run (``cluster.slots``): a Celery
     #: instance takes its largest concurrency, a plain process one.
     slots: int = 0
-    #: What its instances take of them (``placement.need_for``).
+    #: What its instances take of them (``need_for``).
     slots_used: int = 0
 
     @property

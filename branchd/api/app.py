@@ -7,12 +7,11 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from branchd.api import dashboard, metrics, openapi
-from branchd.api.backend import Cluster, Local, Moves
+from branchd.api import dashboard, meters, openapi
 from branchd.api.events import CLUSTER_EVENTS, JOURNAL, ClusterEvents, Journal
 from branchd.api.forward import (
     Directory,
@@ -54,6 +53,9 @@ from branchd.errors import (
     UnsupportedMediaType,
 )
 from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
+
+if TYPE_CHECKING:
+    from branchd.api.backend import Cluster, Local, Moves
 
 log = logging.getLogger(__name__)
 #: One line per write (who, method, path, status): its own logger, so that an
@@ -212,7 +214,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     template = _template(request)
     needed = role_needed(request.method, template) if template else Role.READ
     public = dashboard.is_public(request.path) or (
-        request.path == "/metrics" and request.app.get(metrics.PUBLIC, False)
+        request.path == "/metrics" and request.app.get(meters.PUBLIC, False)
     )
     if book is None or not book.enabled or needed is None or public:
         # (no token, the dashboard's own files (no data in them), or public metrics)
@@ -293,7 +295,7 @@ def make_app(
     daemon: Mapping[str, Any] | None = None,
     journal: Journal | None = None,
     cluster_events: ClusterEvents | None = None,
-    metric_sources: metrics.Sources | None = None,
+    metric_sources: meters.Sources | None = None,
     metrics_public: bool = False,
 ) -> web.Application:
     app = web.Application(
@@ -301,7 +303,7 @@ def make_app(
         # failure is JSON), then origin and Host, then auth and roles, then
         # JSON bodies only, then forward first
         middlewares=[
-            metrics.timing_middleware,  # (outermost: every answer is timed)
+            meters.timing_middleware,  # (outermost: every answer is timed)
             audit_middleware,
             errors_middleware,
             origin_middleware,
@@ -315,13 +317,13 @@ def make_app(
     if listings_at_once > 0:
         app[LISTINGS] = asyncio.Semaphore(listings_at_once)
     app[DIRECTORY] = directory if directory is not None else LocalDirectory()
-    recorder = app[metrics.RECORDER] = metrics.Recorder()
-    app[FORWARDER] = metrics.TimedForwarder(
+    recorder = app[meters.RECORDER] = meters.Recorder()
+    app[FORWARDER] = meters.TimedForwarder(
         forwarder if forwarder is not None else NoForwarder(), recorder
     )
-    app[metrics.SOURCES] = metric_sources if metric_sources is not None else metrics.Sources()
-    app[metrics.PUBLIC] = metrics_public
-    trees = app[metrics.TREES] = metrics.Trees()
+    app[meters.SOURCES] = metric_sources if metric_sources is not None else meters.Sources()
+    app[meters.PUBLIC] = metrics_public
+    trees = app[meters.TREES] = meters.Trees()
 
     async def _close_trees(_: web.Application) -> None:
         await trees.close()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from branchd.model import App, Queue
-from branchd.process.groups import Action, Item
+from branchd.model import Action, App, Queue
+from branchd.process.groups import Item
 from branchd.views import InstanceView, Stats
 
 

@@ -38,9 +38,9 @@ from branchd.api.proxy import HttpForwarder, Placing
 from branchd.clock import Scheduler
 from branchd.errors import BranchdError, Conflict, Full, Invalid
 from branchd.model import Desired, State
-from branchd.placement import need_for, pick
+from branchd.placement import pick
 from branchd.process.specs import creation_fields
-from branchd.views import BranchRecord
+from branchd.views import BranchRecord, need_for
 
 log = logging.getLogger(__name__)
 

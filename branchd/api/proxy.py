@@ -27,8 +27,8 @@ from branchd import lazy_aiohttp
 from branchd.api.roles import CALLER_HEADER, PRINCIPAL, Principal
 from branchd.errors import BranchUnreachable, Conflict, Full, Invalid, NotFound
 from branchd.model import App
-from branchd.placement import Need, Recent, need_of, pick, pick_pinned
-from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord
+from branchd.placement import Recent, need_of, pick, pick_pinned
+from branchd.views import HOP_HEADER, PROOF_HEADER, BranchRecord, Need
 
 if TYPE_CHECKING:
     import ssl

@@ -14,23 +14,21 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from branchd.api import events as events_api
-from branchd.api import metrics as metrics_api
 from branchd.api import precheck, schemas
-from branchd.api.backend import Cluster, Local, Moves
 from branchd.errors import BadRequest, Conflict, Full, Invalid, NotFound
 from branchd.model import (
+    MAX_BATCH,
     NAME_PATTERN,
     NAME_RE,
     NAME_RULE,
     QUEUE_NAME_PATTERN,
     QUEUE_NAME_RULE,
+    Action,
     App,
     State,
     valid_name,
     valid_queue_name,
 )
-from branchd.placement import need_of, why_not
-from branchd.process.groups import MAX_BATCH, Action
 from branchd.views import BranchRecord, app_answer, queue_answer
 
 if TYPE_CHECKING:
@@ -39,9 +37,13 @@ if TYPE_CHECKING:
     # rpds and attrs it is about 3 MiB resident (issue 10, part 9).
     from jsonschema.protocols import Validator
 
+    # the services' Protocols, for the type checker only: a plain branch's
+    # daemon never imports api/backend.py (issue 10, part 9)
+    from branchd.api.backend import Cluster, Local, Moves
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-LOCAL = web.AppKey("local", Local)
+LOCAL: web.AppKey[Local] = web.AppKey("local")
 #: This branch's record, from the service that keeps it (never psutil in a handler).
 BRANCH: web.AppKey[Callable[[], BranchRecord]] = web.AppKey("branch")
 #: Builds the OpenAPI document (0.2 ms) for each request, rarely made: kept,
@@ -50,11 +52,11 @@ OPENAPI: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("openapi")
 #: Instance listings built at once (none: no limit; see ApiSection.listings_at_once).
 LISTINGS = web.AppKey("listings", asyncio.Semaphore)
 #: Membership; absent on a cluster of one.
-CLUSTER = web.AppKey("cluster", Cluster)
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
 #: Sets this branch's draining flag (kept across restarts); absent: no cluster.
 DRAIN: web.AppKey[Callable[[bool], None]] = web.AppKey("drain")
 #: Moves this branch's instances elsewhere (``drain --move``); absent: no cluster.
-MOVES = web.AppKey("moves", Moves)
+MOVES: web.AppKey[Moves] = web.AppKey("moves")
 #: The one route of the peer channel (sealed bodies, not JSON; see cluster/service.py).
 PEER_PATH = "/v1/cluster/peer"
 #: Asks the daemon to exit; True: leave the instances running (an upgrade).
@@ -547,6 +549,9 @@ async def create_instance(request: web.Request) -> web.Response:
     if CLUSTER in request.app:
         # admission control: this branch's own live figures have the last word
         # (the sender chose on gossiped ones); "full" sends it to the next choice
+        # (placement: a cluster's only, imported by its first create here)
+        from branchd.placement import need_of, why_not
+
         me = request.app[BRANCH]()
         need = need_of(body, await _local(request).apps.get_app(app), cpus=me.capacity.cpus)
         reason = why_not(me, need)
@@ -740,6 +745,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # the scrape, at the first one (what it reads is counted by api/meters.py)
+    from branchd.api import metrics as metrics_api
+
     return await metrics_api.scrape(request, _local(request))
 
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from branchd.celery.lint import Severity
 from branchd.model import (
     FOREVER,
+    MAX_COUNT,
     NAME_PATTERN,
     POOLS,
     QUEUE_NAME_PATTERN,
     STOP_SIGNALS,
+    TEMPLATE_RULE,
     Autorestart,
     Desired,
     Kind,
     State,
     StopStep,
 )
-from branchd.process.groups import MAX_COUNT, TEMPLATE_RULE, Outcome
 
 Schema = dict[str, Any]
 
@@ -531,13 +531,17 @@ INSTANCE: Schema = {
     },
 }
 
+#: The values of ``process.groups.Outcome``, written out: a plain branch's API
+#: does not import the app actions (tests/unit/test_groups.py checks they agree).
+OUTCOMES = ["running", "stopped", "failed", "timeout", "pending", "skipped"]
+
 #: One instance's part of an app action (start, stop, restart of every instance).
 ACTION_ITEM: Schema = {
     "type": "object",
     "required": ["name", "outcome", "error", "instance"],
     "properties": {
         "name": NAME,
-        "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+        "outcome": {"type": "string", "enum": OUTCOMES},
         "error": _NULLABLE_STR,
         "instance": INSTANCE,
     },
@@ -839,6 +843,10 @@ CONSUMER_ITEM: Schema = {
     },
 }
 
+#: The values of ``celery.lint.Severity``, written out: a plain branch's API
+#: does not import the linter (tests/unit/test_lint.py checks they agree).
+SEVERITIES = ["error", "warning", "info"]
+
 #: One trap ``GET /v1/apps/{app}/lint`` found in the app's Celery config.
 LINT_ITEM: Schema = {
     "type": "object",
@@ -846,7 +854,7 @@ LINT_ITEM: Schema = {
     "properties": {
         "rule": {"type": "string"},
         "message": {"type": "string"},
-        "severity": {"type": "string", "enum": [s.value for s in Severity]},
+        "severity": {"type": "string", "enum": SEVERITIES},
     },
 }
 

@@ -34,12 +34,11 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from branchd.celery.urls import is_embedded_url
-
-if TYPE_CHECKING:
-    from branchd.model import App
+from branchd.celery.urls import backend_for as backend_for
+from branchd.celery.urls import broker_url as broker_url
+from branchd.celery.urls import results_dir
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +112,6 @@ def embedded(
         "store_processed": False,
     }
     return BrokerSpec("filesystem://", options, hook)
-
-
-def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:
-    """Where the default result backend of an app on the embedded broker keeps
-    its results: Celery's ``file://`` store (chords work on it through Celery's
-    ``chord_unlock`` polling, like on any backend without atomic counters).
-    Celery refuses a folder that does not exist: see :func:`ensure_results_dir`."""
-    return Path(state_dir).resolve() / "results" / app
 
 
 def ensure_results_dir(backend: str | None) -> None:
@@ -319,20 +310,3 @@ def remove_embedded(state_dir: str | os.PathLike[str], app: str) -> None:
 
 
 # what an app's view shows (it must not load the rest of the Celery layer) ----
-
-
-def broker_url(app: App) -> str:
-    """The URL of the app's broker, as ``broker_for`` gives it, without making
-    the embedded broker's folders: an app's view must not bring back the
-    folders of an app whose delete just removed them."""
-    return "filesystem://" if is_embedded_url(app.celery.broker) else app.celery.broker or ""
-
-
-def backend_for(app: App, state_dir: Path) -> str | None:
-    """The app's result backend: its own, else a file store for the embedded
-    broker (a zero-service Celery has results too), else the app module's."""
-    if app.celery.result_backend:
-        return app.celery.result_backend
-    if is_embedded_url(app.celery.broker):
-        return f"file://{results_dir(state_dir, app.name)}"
-    return None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from branchd.errors import Invalid
-from branchd.model import Limits, TaskLimits
+from branchd.model import PREFETCH, Limits, TaskLimits
 
 #: Pools that enforce a hard time limit, a soft one, a per-child recycling.
 HARD_LIMIT_POOLS = ("prefork", "gevent")
@@ -36,8 +36,6 @@ TASK_ITEMS = ("rate_limit", "time_limit", "soft_time_limit")
 
 #: Where a limit of a worker comes from, as messages name it.
 APPS, OWN = "the app's", "this instance's"
-#: One setting in two forms: an instance's one of them replaces the app's pair.
-PREFETCH = ("prefetch_multiplier", "disable_prefetch")
 SCALARS = (
     "time_limit",
     "soft_time_limit",
@@ -210,25 +208,6 @@ def check_worker(
     """``check`` of the limits an instance's worker runs with (its own over
     the app's), each named with the declaration it comes from."""
     check(merged(app, own), pool, celery_version=celery_version, origin=origins(app, own))
-
-
-def prefetch_clash(stored: Limits, patch: Mapping[str, Any], owner: str, fix: str) -> str | None:
-    """Why a patch that gives one form of prefetch while ``stored`` has the
-    other (and the patch keeps it) is refused, with the command that drops it
-    (``fix``: the command to change ``owner``, e.g. ``branchctl apps set shop``);
-    None: no clash of that kind."""
-    flags = {
-        "disable_prefetch": "--disable-prefetch",
-        "prefetch_multiplier": "--prefetch-multiplier",
-    }
-    for given, other in (PREFETCH[::-1], PREFETCH):
-        have = getattr(stored, other)
-        if not patch.get(given) or other in patch or not have:
-            continue
-        shown = other if have is True else f"{other} {have}"
-        flag = flags[given] + ("" if patch[given] is True else f" {patch[given]}")
-        return f"{given}: {owner} has {shown}; give one of them ({fix} --reset {other} {flag})"
-    return None
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:

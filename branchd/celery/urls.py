@@ -1,10 +1,18 @@
 """Pure checks of broker URLs and names, for the declarations (no I/O, no
-connection: a broker may be down when an app is declared)."""
+connection: a broker may be down when an app is declared), and an app's
+broker and result store as its view shows them (``broker_url``,
+``backend_for``: a plain branch's app views need nothing of broker.py)."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from branchd.model import App
 
 #: Transports whose broker lives inside one process: a worker there could
 #: never be reached by the daemon (nor by anyone sending it a task).
@@ -111,4 +119,29 @@ def result_backend_problem(url: str) -> str | None:
         return "a result backend URL looks like scheme://..., e.g. redis://host:6379/1"
     if scheme == "file" and not rest.startswith("/"):
         return "a file:// result backend needs an absolute folder: file:///path/to/results"
+    return None
+
+
+def results_dir(state_dir: str | os.PathLike[str], app: str) -> Path:
+    """Where the default result backend of an app on the embedded broker keeps
+    its results: Celery's ``file://`` store (chords work on it through Celery's
+    ``chord_unlock`` polling, like on any backend without atomic counters).
+    Celery refuses a folder that does not exist: see :func:`ensure_results_dir`."""
+    return Path(state_dir).resolve() / "results" / app
+
+
+def broker_url(app: App) -> str:
+    """The URL of the app's broker, as ``broker_for`` gives it, without making
+    the embedded broker's folders: an app's view must not bring back the
+    folders of an app whose delete just removed them."""
+    return "filesystem://" if is_embedded_url(app.celery.broker) else app.celery.broker or ""
+
+
+def backend_for(app: App, state_dir: Path) -> str | None:
+    """The app's result backend: its own, else a file store for the embedded
+    broker (a zero-service Celery has results too), else the app module's."""
+    if app.celery.result_backend:
+        return app.celery.result_backend
+    if is_embedded_url(app.celery.broker):
+        return f"file://{results_dir(state_dir, app.name)}"
     return None

@@ -20,9 +20,9 @@ from branchd.clock import Scheduler, deadline
 from branchd.config import SupervisionSection
 from branchd.errors import BranchdError, Conflict
 from branchd.events import EventBus
+from branchd.model import Action
 from branchd.process.engine import Engine
 from branchd.process.groups import (
-    Action,
     Item,
     Outcome,
     Wait,

@@ -13,23 +13,13 @@ from enum import StrEnum
 from typing import Any
 
 from branchd.errors import Invalid
-from branchd.model import NAME_RULE, State, valid_name
+from branchd.model import MAX_COUNT, NAME_RULE, TEMPLATE_RULE, Action, State, valid_name
 from branchd.views import InstanceView
-
-#: The most instances one count create makes (a typo of 10000 for 100 must
-#: not fork ten thousand processes).
-MAX_COUNT = 1000
-#: The most instances one rolling batch may hold.
-MAX_BATCH = 1000
 
 #: ``{n}`` or ``{n:03d}`` (zero-padded, width 1-9): the only placeholder a name
 #: template takes. Anything else in braces is refused rather than passed to
 #: ``str.format``, which would let a template read attributes (``{n.__class__}``).
 _PLACEHOLDER = re.compile(r"\{n(?::0?([1-9])d)?\}")
-TEMPLATE_RULE = (
-    "a name template holds '{n}' (or '{n:02d}', zero-padded to 2; widths 1-9) once, "
-    "and otherwise what a name holds"
-)
 
 
 def expand_names(template: str, count: int, start_at: int = 0) -> list[str]:
@@ -52,12 +42,6 @@ def expand_names(template: str, count: int, start_at: int = 0) -> list[str]:
         if not valid_name(name):
             raise Invalid(f"name template {template!r} makes {name!r}, a bad name: {NAME_RULE}")
     return names
-
-
-class Action(StrEnum):
-    START = "start"
-    STOP = "stop"
-    RESTART = "restart"
 
 
 class Outcome(StrEnum):

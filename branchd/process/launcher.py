@@ -38,7 +38,6 @@ import psutil
 
 from branchd.errors import LogWriterUnavailable, SpawnError
 from branchd.process.cgroups import CgroupTree, Limits, Mode, Prepared
-from branchd.process.envfile import parse_env_file
 from branchd.process.logpipes import LogPipes
 from branchd.views import CgroupStats, TreeStats
 
@@ -639,6 +638,11 @@ def read_env_files(paths: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
     raises SpawnError, which fails this start with the reason."""
     env: dict[str, str] = {}
     warnings_: list[str] = []
+    if not paths:
+        return env, warnings_
+    # the parser, at the first start of an instance that names env files
+    from branchd.process.envfile import parse_env_file
+
     for given in paths:
         optional = given.startswith("-")
         path = given.removeprefix("-")

@@ -45,9 +45,9 @@ from branchd.config import Config
 from branchd.errors import Invalid, RestartRequired
 from branchd.events import EventBus
 from branchd.local import LocalBranch, build
-from branchd.model import App, Autoscale, State, StopStep, TaskLimits
+from branchd.model import Action, App, Autoscale, State, StopStep, TaskLimits
 from branchd.process.fake import FakeLauncher
-from branchd.process.groups import Action, Outcome
+from branchd.process.groups import Outcome
 from branchd.process.launcher import Launched, LaunchSpec, ProcessLauncher
 from branchd.store import Store
 from branchd.views import InstanceView, TreeStats

@@ -80,6 +80,9 @@ async def main():
         async with http.post("/v1/apps/web/instances", json={"name": "bad name"}) as reply:
             assert reply.status == 422, await reply.text()
         seen["invalid"] = loaded()
+        async with http.post("/v1/apps/web/stop") as reply:
+            assert reply.status == 200, await reply.text()
+        seen["app_action"] = loaded()
         async with http.put("/v1/apps/jobs", json={"celery_app": "tasks"}) as reply:
             assert reply.status == 201, await reply.text()
         seen["celery_app"] = loaded()
@@ -126,8 +129,7 @@ def test_a_branch_without_celery_apps_loads_neither_kombu_nor_jsonschema_until_n
 #: branchd's Celery layer (workers service, runtime operations, depth reads
 #: and scaler, remote control: about 1 MiB), built by branchd/local.py's
 #: CeleryLayer at the first Celery app, instance or route. An app's view reads
-#: only celery/broker.py and urls.py; api/schemas.py takes lint's Severity and
-#: declarations.py limits' prefetch_clash (both pure, small).
+#: only celery/urls.py (its broker_url and backend_for).
 CELERY_LAYER = tuple(
     f"branchd.celery.{m}"
     for m in (
@@ -145,6 +147,47 @@ def test_a_branch_without_celery_apps_never_loads_the_celery_layer(tmp_path: Pat
     layer = set(seen["celery_app"])
     assert {"branchd.celery.workers", "branchd.celery.scaler", "branchd.celery.remote"} <= layer
     assert "branchd.celery.stub" not in layer, layer
+
+
+#: What a branch of plain processes does not import at its start nor for its
+#: reads and writes (issue 10, part 9): the embedded broker's folders, the
+#: Celery config's linter, the workers' limits. The first Celery app loads
+#: them (its check, the layer it builds). api/schemas.py spells lint's
+#: severities out, declarations.py holds prefetch_clash, celery/urls.py an
+#: app view's broker_url and backend_for.
+PLAIN_DEFERRED = tuple(f"branchd.celery.{m}" for m in ("broker", "lint", "limits"))
+#: An app-wide action's or count create's runner and its plan (local.py's
+#: Groups builds it at the first; model.py holds Action and the limits the API
+#: checks, api/schemas.py spells the outcomes out).
+ON_FIRST_ACTION = ("branchd.process.actions", "branchd.process.groups")
+#: The dashboard reads its files without it (0.14 MiB); jsonschema's
+#: specifications load it with the first body precheck cannot vouch for.
+RESOURCES = ("importlib.resources",)
+#: Needed by none of these requests: the API's service Protocols (for the type
+#: checker; a cluster's moves import them), placement (a cluster's: views.py
+#: holds need_for, which a branch's record counts its slots by) and the env
+#: file parser (the first start of an instance that names env files), the
+#: metrics' scrape (the first GET /metrics; api/meters.py counts from the start).
+NEVER_PLAIN = (
+    "branchd.api.backend",
+    "branchd.placement",
+    "branchd.process.envfile",
+    "branchd.api.metrics",
+)
+
+
+def test_a_plain_branch_defers_what_only_celery_apps_or_a_cluster_need(
+    tmp_path: Path,
+) -> None:
+    seen = _loaded_by_a_daemon(tmp_path, PLAIN_DEFERRED + ON_FIRST_ACTION + RESOURCES + NEVER_PLAIN)
+    assert seen["reads"] == [] and seen["writes"] == [], seen
+    # an invalid body: jsonschema (which also shows the watch works), nothing of ours
+    assert seen["invalid"] == list(RESOURCES), seen["invalid"]
+    # the first app action builds its runner
+    assert set(seen["app_action"]) == {*ON_FIRST_ACTION, *RESOURCES}, seen["app_action"]
+    # the first Celery app loads the rest
+    everything = {*PLAIN_DEFERRED, *ON_FIRST_ACTION, *RESOURCES}
+    assert set(seen["celery_app"]) == everything, seen["celery_app"]
 
 
 #: aiohttp's client side: loaded by the first peer call, forward or probe

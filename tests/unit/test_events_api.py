@@ -8,7 +8,7 @@ from branchctl.cli.events import event_text
 
 from branchd import events as ev
 from branchd.api.events import Filter, Journal, format_cursor, parse_cursor, parse_filter, wire
-from branchd.api.metrics import Histogram
+from branchd.api.meters import Histogram
 from branchd.config import load
 from branchd.errors import BadRequest, ConfigError
 from branchd.model import State

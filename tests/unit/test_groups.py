@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 
 from branchd.errors import Invalid
-from branchd.model import State
+from branchd.model import MAX_COUNT, Action, State
 from branchd.process.groups import (
     GOOD,
-    MAX_COUNT,
-    Action,
     Outcome,
     Wait,
     batches,
@@ -154,3 +152,10 @@ def test_failure_says_the_state_and_the_reason() -> None:
 )
 def test_how_long_one_instance_may_take(action: Action, limit: float) -> None:
     assert Wait(stopwaitsecs=7.0, startsecs=2.0, kill_grace=5.0).limit(action) == limit
+
+
+def test_the_apis_schema_names_every_outcome_in_order() -> None:
+    from branchd.api.schemas import ACTION_ITEM, OUTCOMES
+
+    assert [o.value for o in Outcome] == OUTCOMES
+    assert ACTION_ITEM["properties"]["outcome"]["enum"] == OUTCOMES

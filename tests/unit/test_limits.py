@@ -10,6 +10,7 @@ import pytest
 
 from branchd.celery import limits as L
 from branchd.celery.argv import limit_flags, worker_argv
+from branchd.declarations import prefetch_clash
 from branchd.errors import Invalid
 from branchd.model import POOLS, App, CelerySettings, InstanceSpec, Kind, Limits, TaskLimits
 from branchd.process.specs import apply_fields, celery_settings, merge_task_overrides
@@ -285,7 +286,7 @@ def test_a_threads_worker_under_an_apps_task_time_limit_names_that_field() -> No
 def test_a_patch_that_clashes_with_the_stored_prefetch_says_how_to_drop_it(
     stored: Limits, patch: dict[str, Any], message: str | None
 ) -> None:
-    got = L.prefetch_clash(stored, patch, "the app", "branchctl apps set shop")
+    got = prefetch_clash(stored, patch, "the app", "branchctl apps set shop")
     assert got == message
 
 

@@ -159,3 +159,10 @@ def test_task_time_limits_of_the_app_and_of_its_instances_own() -> None:
         TaskTimeLimit("encode", 7200.0, "instance w1's"),
         TaskTimeLimit("thumb", 60.0, "instance w1's"),
     )
+
+
+def test_the_apis_schema_names_every_severity_in_order() -> None:
+    from branchd.api.schemas import LINT_ITEM, SEVERITIES
+
+    assert [s.value for s in Severity] == SEVERITIES
+    assert LINT_ITEM["properties"]["severity"]["enum"] == SEVERITIES

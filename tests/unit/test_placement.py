@@ -13,9 +13,7 @@ from hypothesis import strategies as hs
 from branchd.errors import Full, Invalid, NotFound
 from branchd.model import App, Autoscale, CelerySettings, InstanceSpec, Kind
 from branchd.placement import (
-    Need,
     choices,
-    need_for,
     need_of,
     pick,
     pick_pinned,
@@ -23,7 +21,7 @@ from branchd.placement import (
     spare,
     why_not,
 )
-from branchd.views import BranchRecord, Capacity
+from branchd.views import BranchRecord, Capacity, Need, need_for
 
 GIB = 1 << 30
 
