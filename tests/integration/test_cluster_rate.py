@@ -87,6 +87,31 @@ def _rate_limit(client: Any, node: str) -> str | None:
     return None
 
 
+def _clean(client: Any, b: Branchd, app: str, queue: str) -> None:
+    """The probe client closed, the app deleted, its queue gone from Redis."""
+    client.close()
+    b.call("DELETE", f"/v1/apps/{app}")
+    r: Any = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.delete(queue, f"_kombu.binding.{queue}")
+    finally:
+        r.close()
+
+
+def _burst(client: Any, queue: str, folder: Path) -> list[tuple[float, str]]:
+    """TASKS stamp tasks sent to ``queue`` at once (a backlog), once all ran:
+    each one's (time it ran, worker), from the file it left in ``folder``."""
+    folder.mkdir()
+    for i in range(TASKS):
+        client.send_task("testapp.stamp", args=[str(folder), f"{i:03d}"], queue=queue)
+    wait_for(lambda: len(list(folder.iterdir())) == TASKS, 30, 0.1)
+    stamps = []
+    for f in folder.iterdir():
+        when, worker = f.read_text().split()
+        stamps.append((float(when), worker))
+    return stamps
+
+
 def measured_rate(stamps: list[tuple[float, str]]) -> float:
     """Tasks per second cluster-wide from (time, worker) stamps, over the span
     in which every worker was past its first task (its bucket's one token at
@@ -145,15 +170,7 @@ def test_the_rate_limit_holds_cluster_wide_with_one_and_three_workers(
             return str(inst["node"])
 
         def burst(label: str, workers: int) -> float:
-            folder = tmp_path / label
-            folder.mkdir()
-            for i in range(TASKS):
-                client.send_task("testapp.stamp", args=[str(folder), f"{i:03d}"], queue=queue)
-            wait_for(lambda: len(list(folder.iterdir())) == TASKS, 30, 0.1)
-            stamps = []
-            for f in folder.iterdir():
-                when, worker = f.read_text().split()
-                stamps.append((float(when), worker))
+            stamps = _burst(client, queue, tmp_path / label)
             assert len({w for _, w in stamps}) == workers, "not every worker took tasks"
             return measured_rate(stamps)
 
@@ -171,13 +188,7 @@ def test_the_rate_limit_holds_cluster_wide_with_one_and_three_workers(
         resplit_after = time.monotonic() - ready
         figures["3 workers"] = burst("3-workers", 3)
     finally:
-        client.close()
-        a.call("DELETE", f"/v1/apps/{app}")
-        r: Any = redis.Redis.from_url(REDIS_URL)
-        try:
-            r.delete(queue, f"_kombu.binding.{queue}")
-        finally:
-            r.close()
+        _clean(client, a, app, queue)
     print(
         f"\nrate limit {total:.2f}/s total: "
         + ", ".join(f"{k} {v:.2f}/s ({v / total - 1:+.1%})" for k, v in figures.items())
@@ -213,23 +224,8 @@ def test_a_rate_limit_set_after_the_start_holds_under_a_backlog(
         rate = {"task_overrides": {"testapp.stamp": {"rate_limit": f"{TOTAL_PER_MIN}/m"}}}
         assert b.call("PATCH", f"/v1/apps/{app}", rate).status == 200
         wait_for(lambda: _rate_limit(client, node) == f"{TOTAL_PER_MIN}/m", 20, 0.2)
-        folder = tmp_path / "stamps"
-        folder.mkdir()
-        for i in range(TASKS):
-            client.send_task("testapp.stamp", args=[str(folder), f"{i:03d}"], queue=queue)
-        wait_for(lambda: len(list(folder.iterdir())) == TASKS, 30, 0.1)
-        stamps = []
-        for f in folder.iterdir():
-            when, worker = f.read_text().split()
-            stamps.append((float(when), worker))
-        got = measured_rate(stamps)
+        got = measured_rate(_burst(client, queue, tmp_path / "stamps"))
     finally:
-        client.close()
-        b.call("DELETE", f"/v1/apps/{app}")
-        r: Any = redis.Redis.from_url(REDIS_URL)
-        try:
-            r.delete(queue, f"_kombu.binding.{queue}")
-        finally:
-            r.close()
+        _clean(client, b, app, queue)
     print(f"\nrate limit {total:.2f}/s set after the start: {got:.2f}/s ({got / total - 1:+.1%})")
     assert abs(got - total) <= TOLERANCE * total, f"{got:.2f}/s, not {total:.2f}/s"
