@@ -698,12 +698,9 @@ CELERY_FIELDS = (
     *LIMIT_FIELDS,
 )
 _POLICY_KEYS = (*POLICY_FIELDS, *_ORDER_POLICY)
-#: Instance fields a user may set that are InstanceSpec fields under the same
-#: name (in a create, a patch or an app's defaults), but the policy's and the
-#: Celery ones.
-SPEC_FIELDS = (
-    "command",
-    "env",
+#: Instance fields whose null is "none" (no directory, user, env file, umask,
+#: cgroup limit), kept as given rather than put back to a default.
+NULLABLE_SPEC_FIELDS = (
     "cwd",
     "user",
     "env_file",
@@ -711,6 +708,14 @@ SPEC_FIELDS = (
     "memory_max",
     "cpu_max",
     "pids_max",
+)
+#: Instance fields a user may set that are InstanceSpec fields under the same
+#: name (in a create, a patch or an app's defaults), but the policy's and the
+#: Celery ones.
+SPEC_FIELDS = (
+    "command",
+    "env",
+    *NULLABLE_SPEC_FIELDS,
     "autostart",
     "log_max_bytes",
     "log_backups",

@@ -11,6 +11,7 @@ from branchd.errors import Invalid
 from branchd.model import (
     CELERY_FIELDS,
     LIMIT_FIELDS,
+    NULLABLE_SPEC_FIELDS,
     ORDER_FIELDS,
     POLICY_FIELDS,
     POOLS,
@@ -102,13 +103,7 @@ def creation_fields(spec: InstanceSpec) -> dict[str, Any]:
 #: read at each start (pool, autoscale or concurrency, each limit).
 NULL_IS_A_VALUE = frozenset(
     {
-        "cwd",
-        "user",
-        "env_file",
-        "umask",
-        "memory_max",
-        "cpu_max",
-        "pids_max",
+        *NULLABLE_SPEC_FIELDS,
         "ready",
         "live",
         "memory_limit",

@@ -26,7 +26,7 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
-from branchctl.cli.limits import limit_options, pop_limits
+from branchctl.cli.limits import LIMIT_FIELDS, limit_options, pop_limits
 from branchctl.cli.root import main
 from branchctl.client import Client
 from branchctl.errors import ApiError
@@ -82,15 +82,7 @@ def _limits_text(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_LIMITS = (
-    "time_limit",
-    "soft_time_limit",
-    "max_tasks_per_child",
-    "max_memory_per_child",
-    "prefetch_multiplier",
-    "disable_prefetch",
-    "task_overrides",
-)
+_LIMITS = LIMIT_FIELDS
 
 
 @main.group(cls=_ListingGroup, invoke_without_command=True)

@@ -31,7 +31,7 @@ from branchctl.cli.common import (
     _pairs,
     no_wait_option,
 )
-from branchctl.cli.limits import limit_options, pop_limits
+from branchctl.cli.limits import LIMIT_FIELDS, limit_options, pop_limits
 from branchctl.cli.root import main
 from branchctl.client import Client
 from branchctl.errors import ApiError
@@ -218,13 +218,7 @@ RESETTABLE = (
     "pool",
     "autoscale",
     "concurrency",
-    "time_limit",
-    "soft_time_limit",
-    "max_tasks_per_child",
-    "max_memory_per_child",
-    "prefetch_multiplier",
-    "disable_prefetch",
-    "task_overrides",
+    *LIMIT_FIELDS,
     "memory_limit",
     "hung_after",
     "loglevel",

@@ -27,6 +27,8 @@ _SCALARS = (
     "prefetch_multiplier",
     "disable_prefetch",
 )
+#: Every limit field of an app or a Celery instance (task_overrides last).
+LIMIT_FIELDS = (*_SCALARS, "task_overrides")
 
 
 def limit_options(f: _F) -> _F:
