@@ -51,6 +51,8 @@ class CeleryRuntime:
             case events.DeclarationChanged(kind="app", app=app, deleted=False):
                 if self._runtime_changed(app):
                     self._workers.redeclared(app)
+            case events.DeclarationChanged(kind="app", app=app, deleted=True):
+                self._runtime_seen.pop(app, None)  # (a new app of that name starts anew)
             case _:
                 pass
 
