@@ -15,9 +15,12 @@ For each N in ``--counts``:
 - rumour: a new branch joins through one member; simulated seconds until
   99.9 % of the N others (rounded up) see it alive; then a leave, until 99.9 %
   see it left (median of ``--runs`` seeds);
-- detection: a branch closed without a word; seconds until each survivor
-  says dead: over ``--detection-seeds`` seeds, the p50 / p99 / max of the
-  time all survivors took, and the p50 / p99 of every survivor's own time;
+- detection: a branch ended without a word, either *killed* (its process
+  gone, its host up and refusing what comes to its port, as after
+  ``kill -9``) or *silent* (its host off or cut off: nothing refuses);
+  seconds until each survivor says dead: over ``DETECTION_SEEDS`` seeds,
+  the p50 / p99 / max of the time all survivors took, and the p50 / p99 of
+  every survivor's own time;
 - idle: datagrams and bytes (sealed, as on the wire) each branch sends per
   simulated second, over one push-pull period (30 s, 90 s at 100, 180 s at
   1,000) after a 5 s warm-up (median of ``--runs``).
@@ -110,22 +113,24 @@ async def measure(counts: list[int], runs: int) -> list[dict[str, float]]:
         row: dict[str, float] = {"n": n, "runs": runs}
         for k in samples[0]:
             row[k] = med([s[k] for s in samples])
-        alls, each = [], []
         seeds = DETECTION_SEEDS.get(n, 3)
-        for seed in range(1, seeds + 1):
-            times = await detection(n, seed)
-            alls.append(max(times))
-            each.extend(times)
-        log(f"N={n}: detection on all, over {seeds} seeds: {sorted(alls)}")
-        row.update(
-            seeds=seeds,
-            all_p50=statistics.median(alls),
-            all_p99=pct(alls, 99),
-            all_max=max(alls),
-            each_p50=statistics.median(each),
-            each_p99=pct(each, 99),
-            cpu=time.process_time() - t0,
-        )
+        for how in ("killed", "silent"):
+            alls, each = [], []
+            for seed in range(1, seeds + 1):
+                times = await detection(n, seed, silent=how == "silent")
+                alls.append(max(times))
+                each.extend(times)
+            log(f"N={n}: detection ({how}) on all, over {seeds} seeds: {sorted(alls)}")
+            row.update(
+                {
+                    f"{how}_all_p50": statistics.median(alls),
+                    f"{how}_all_p99": pct(alls, 99),
+                    f"{how}_all_max": max(alls),
+                    f"{how}_each_p50": statistics.median(each),
+                    f"{how}_each_p99": pct(each, 99),
+                }
+            )
+        row.update(seeds=seeds, cpu=time.process_time() - t0)
         rows.append(row)
     return rows
 
@@ -145,17 +150,17 @@ def report(rows: list[dict[str, float]], took: float) -> str:
         "N <= 10 joins through one seed, 20 ms apart.",
         "",
         "| N | rumour: a join at 99.9 % (s) | a leave at 99.9 % (s) "
-        "| dead on all, p50 / p99 / max over seeds (s) "
-        "| each survivor, p50 / p99 (s) | idle packets / branch / s | idle bytes / branch / s "
-        "| CPU for the row (s) |",
-        "|---:|---:|---:|---|---|---:|---:|---:|",
+        "| killed: dead on all, p50 / p99 / max over seeds (s) "
+        "| killed: each survivor, p50 / p99 (s) "
+        "| silent: dead on all, p50 / p99 / max (s) | silent: each survivor, p50 / p99 (s) "
+        "| idle packets / branch / s | idle bytes / branch / s | CPU for the row (s) |",
+        "|---:|---:|---:|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']:.0f} | {r['join']:.2f} | {r['leave']:.2f} "
-            f"| {r['all_p50']:.2f} / {r['all_p99']:.2f} / {r['all_max']:.2f} "
-            f"({r['seeds']:.0f} seeds) "
-            f"| {r['each_p50']:.2f} / {r['each_p99']:.2f} "
+            f"| {_all(r, 'killed')} ({r['seeds']:.0f} seeds) | {_each(r, 'killed')} "
+            f"| {_all(r, 'silent')} | {_each(r, 'silent')} "
             f"| {r['packets']:.2f} | {r['bytes']:.0f} | {r['cpu']:.0f} |"
         )
     lines += [
@@ -172,19 +177,33 @@ def report(rows: list[dict[str, float]], took: float) -> str:
         "",
         *targets(rows),
         "",
-        "Why a death takes what it takes: a death is seen by all about 5.2 s after "
-        "the first probe of the victim (the probe's 1 s period, the 4 s minimum suspicion "
-        "once two others confirm, which they do in time, and 0.1-0.25 s of gossip), and "
-        "that first probe comes after a wait of up to 3 s: each survivor reaches the "
-        "victim on its own round-robin once in N - 1 periods, so none has reached it "
-        "within 1 s in about (8/9)^9 = 35 % of runs at N = 10 (and over 3 s in about 5 % "
-        "of runs at N = 100, where the suspicion is 8 s). Only a shorter probe interval or "
-        "minimum suspicion (not the LAN profile's) would bring the N <= 10 max to 6 s. At "
-        "N = 1,000 the idle figure includes one push-pull of the whole view (split in about "
-        "45 datagrams each way) per 180 s.",
+        "Why a death takes what it takes. *Killed* (the issue's case: `kill -9`, a "
+        "crash; the host lives and its kernel refuses datagrams to the port nobody holds, "
+        "an ICMP port unreachable): the first survivor to probe the victim is refused at "
+        "once, asks its relays at once, and two refusals (its own and a relay's) make the "
+        "victim dead with no suspicion; the time is the wait for that first probe (each "
+        "survivor reaches the victim on its own round-robin once in N - 1 periods, so none "
+        "has within 1 s in about (8/9)^9 = 35 % of runs at N = 10) plus the rumour's "
+        "spread. *Silent* (the host off, a cable cut: nothing refuses): SWIM's timeouts "
+        "alone, so a death is seen by all about 5.2 s after that first probe (the probe's "
+        "1 s period, the 4 s minimum suspicion once two others confirm, which they do in "
+        "time, and 0.1-0.25 s of gossip); with the same wait for the first probe, no "
+        "probe order brings that under 6 s at every seed with the LAN profile's timers "
+        "(at one probe a second the wait is up to 1 s even when perfectly staggered), so "
+        "the silent figures are reported, not held to the 6 s and 12.5 s targets. At "
+        "N = 1,000 the idle figure includes one push-pull of the whole view (split in "
+        "about 45 datagrams each way) per 180 s.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _all(r: dict[str, float], how: str) -> str:
+    return f"{r[how + '_all_p50']:.2f} / {r[how + '_all_p99']:.2f} / {r[how + '_all_max']:.2f}"
+
+
+def _each(r: dict[str, float], how: str) -> str:
+    return f"{r[how + '_each_p50']:.2f} / {r[how + '_each_p99']:.2f}"
 
 
 def targets(rows: list[dict[str, float]]) -> list[str]:
@@ -198,16 +217,16 @@ def targets(rows: list[dict[str, float]]) -> list[str]:
                 f"| a rumour at 99.9 % of {n} within {bound} s | {worst:.2f} s "
                 f"| {ok(worst <= bound)} |"
             )
-    small = [by[n]["all_max"] for n in (3, 10) if n in by]
+    small = [by[n]["killed_all_max"] for n in (3, 10) if n in by]
     if small:
         out.append(
-            f"| dead on all within 6 s at N <= 10, max over 30 seeds | {max(small):.2f} s "
-            f"| {ok(max(small) <= 6.0)} |"
+            f"| killed: dead on all within 6 s at N <= 10, max over 30 seeds "
+            f"| {max(small):.2f} s | {ok(max(small) <= 6.0)} |"
         )
     if 100 in by:
-        p99 = by[100]["each_p99"]
+        p99 = by[100]["killed_each_p99"]
         out.append(
-            f"| dead within 12.5 s at N = 100, p99 of the survivors | {p99:.2f} s "
+            f"| killed: dead within 12.5 s at N = 100, p99 of the survivors | {p99:.2f} s "
             f"| {ok(p99 <= 12.5)} |"
         )
     packets = [r["packets"] for r in rows]

@@ -159,6 +159,7 @@ def _gossip(c: Mapping[str, Any], counter: Any) -> Iterator[Metric]:
         ("datagrams_received", "Gossip datagrams received"),
         ("bytes_sent", "Gossip bytes sent"),
         ("bytes_received", "Gossip bytes received"),
+        ("datagrams_refused", "Gossip datagrams refused by the peer's host (nothing listens)"),
         ("peer_calls_dropped", "Peer calls refused: not sealed with a key held here"),
     ):
         if isinstance(c.get(key), int):

@@ -678,6 +678,7 @@ BRANCH_ENTRY: Schema = {
                 "datagrams_received": {"type": "integer"},
                 "bytes_sent": {"type": "integer"},
                 "bytes_received": {"type": "integer"},
+                "datagrams_refused": {"type": "integer"},
                 "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "bad_messages": {"type": "integer"},
                 "peer_calls_dropped": {"type": "integer"},

@@ -81,8 +81,8 @@ def _fields(msg: Message) -> list[object]:
             return ["a", msg.src, msg.src_addr, msg.seq]
         case PingReq():
             return ["r", msg.src, msg.src_addr, msg.seq, msg.target, msg.target_addr]
-        case Nack():
-            return ["n", msg.src, msg.src_addr, msg.seq]
+        case Nack():  # the refused flag only when set: a plain nack stays as it was
+            return ["n", msg.src, msg.src_addr, msg.seq, *([1] if msg.refused else [])]
         case Gossip():
             return ["g", msg.src, msg.src_addr]
         case Sync():
@@ -223,7 +223,7 @@ def _message(v: object) -> Message:
     arity = _ARITY.get(kind) if isinstance(kind, str) else None
     if arity is None:
         raise BadMessage(f"unknown message kind {kind!r:.20}")
-    if len(f) != arity:
+    if len(f) != arity and not (kind == "n" and len(f) == arity + 1):
         raise BadMessage(f"message {kind!r}: {arity} fields expected, not {len(f)}")
     src, src_addr = _str(f[1], "src"), _str(f[2], "src_addr")
     ups = tuple(_update(u) for u in _list(f[-1], None, "updates"))
@@ -236,7 +236,9 @@ def _message(v: object) -> Message:
             seq, target = _int(f[3], "seq"), _str(f[4], "target")
             return PingReq(src, src_addr, seq, target, _str(f[5], "target_addr"), ups)
         case "n":
-            return Nack(src, src_addr, _int(f[3], "seq"), ups)
+            if len(f) == 6 and (type(f[4]) is not int or f[4] != 1):
+                raise BadMessage(f"nack refused: 1 expected, not {f[4]!r:.20}")
+            return Nack(src, src_addr, _int(f[3], "seq"), ups, refused=len(f) == 6)
         case "g":
             return Gossip(src, src_addr, ups)
         case _:  # "s"

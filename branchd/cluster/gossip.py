@@ -63,14 +63,15 @@ from branchd.cluster.membership import (
 )
 from branchd.cluster.messages import MemberState, Message, Sync, Update
 from branchd.cluster.timing import MembershipConfig
-from branchd.cluster.transport import Receiver, Transport, TransportStats
+from branchd.cluster.transport import Receiver, Refusal, Transport, TransportStats
 from branchd.errors import BadMessage
 from branchd.events import EventBus, MemberChanged
 
 log = logging.getLogger(__name__)
 
-#: Makes the transport, handed the service's receiver (may be a coroutine).
-TransportFactory = Callable[[Receiver], Transport | Awaitable[Transport]]
+#: Makes the transport, handed the service's receiver and refusal handler
+#: (may be a coroutine).
+TransportFactory = Callable[[Receiver, Refusal], Transport | Awaitable[Transport]]
 
 #: Carries a push-pull to the member at a gossip address and returns its
 #: answer; None: no other way to that member than datagrams.
@@ -187,7 +188,7 @@ class Gossip:
             raise RuntimeError("this gossip service is closed")
         self._seeds = tuple(seeds)
         if self._transport is None:
-            made = self._factory(self._arrived)
+            made = self._factory(self._arrived, self._refused)
             self._transport = await made if inspect.isawaitable(made) else made
             addr = self._addr or self._transport.address
             self._state = membership.new(
@@ -461,6 +462,11 @@ class Gossip:
             self._failed("receive", e)
             return
         self._turn(Received(m) for m in messages)
+
+    def _refused(self, addr: str) -> None:
+        """The transport says nothing listens at ``addr`` (never trusted
+        alone: the core wants a relay's refusal too before a death)."""
+        self._turn((membership.Refused(addr),))
 
     # failures ------------------------------------------------------------------------
 

@@ -23,6 +23,15 @@ What it does, in SWIM's terms:
   sent at most ``retransmit_mult * ceil(log10(N + 1))`` times, but for our
   own suspicion of a member, re-armed while that member is still suspect
   (so that a lost accusation still reaches the suspect, which refutes);
+- a datagram its host *refused* (``Refused``: nothing listens at that port,
+  which the kernel of a live host says of a process that is gone, as after
+  ``kill -9``) ends a probe at once: the relays are asked without waiting
+  for the probe timeout, and when the target's host refused both our ping
+  and a relay's, the member is *dead* at once, with no suspicion: a
+  suspicion waits for a member that may be slow, and a port nobody holds is
+  not slow (a slow or paused reader still holds its port; its host never
+  refuses). A member that went silent (its host off, a cable cut) is still
+  found by the timeouts alone;
 - a graceful ``Leave`` is told as *left*, which nothing at that epoch
   overrides; a new epoch of the same id (a restarted branch) replaces the
   old run at once; dead and left members are forgotten after ``reap_after``;
@@ -117,6 +126,8 @@ class Probe:
     indirect: bool = False
     expected_nacks: int = 0
     nacks: int = 0
+    refused: bool = False  # the target's host refused our ping
+    refusals: int = 0  # relays whose ping its host refused too
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class Relay:
 
     addr: str
     seq: int
+    target_addr: str = ""
 
 
 @dataclass(frozen=True)
@@ -243,6 +255,15 @@ class Received:
     message: Message
 
 
+@dataclass(frozen=True)
+class Refused:
+    """The host at ``addr`` refused a datagram of ours: nothing listens at
+    that port (an ICMP port unreachable, on Linux; the memory network's
+    closed transport)."""
+
+    addr: str
+
+
 TimerEvent = (
     Tick
     | GossipTick
@@ -253,7 +274,11 @@ TimerEvent = (
     | SuspicionTimeout
     | Reap
 )
-Event = Join | Leave | SetMeta | Received | TimerEvent
+Event = Join | Leave | SetMeta | Received | Refused | TimerEvent
+
+#: Refusals (ours and the relays') that make a member dead at once: two
+#: vantage points, so that one forged or stray ICMP message is not enough.
+REFUSALS_FOR_DEATH = 2
 
 # Commands -------------------------------------------------------------------
 
@@ -304,7 +329,7 @@ def step(
             st = _gossip(st, config, now, out)
         case PushPullTick(token=t) if t == st.loop and alive:
             st = _push_pull(st, config, now, out)
-        case ProbeTimeout(seq=s) if _probing(st, s) and not _acked(st):
+        case ProbeTimeout(seq=s) if _probing(st, s) and _direct(st):
             st = _go_indirect(st, config, now, out)
         case IndirectTimeout(seq=s) if _probing(st, s):
             st = _conclude(st, config, now, out)
@@ -322,6 +347,8 @@ def step(
             out.append(Notify(m, m.state, reaped=True))
         case Received(message=msg):
             st = _receive(st, msg, config, now, out)
+        case Refused(addr=addr):
+            st = _refused(st, addr, config, now, out)
     return st, out
 
 
@@ -329,8 +356,9 @@ def _probing(st: Membership, seq: int) -> bool:
     return st.probe is not None and st.probe.seq == seq
 
 
-def _acked(st: Membership) -> bool:
-    return st.probe is not None and st.probe.acked
+def _direct(st: Membership) -> bool:
+    """A probe waits for its direct ack (not answered, not gone indirect)."""
+    return st.probe is not None and not st.probe.acked and not st.probe.indirect
 
 
 def _current(st: Membership, mid: str, token: int, states: tuple[MemberState, ...]) -> bool:
@@ -443,14 +471,17 @@ def _conclude(
     if probe.acked:
         return st
     # Lifeguard: relays that nack show the fault is the target's; missing
-    # nacks (or no relays at all) hint that it is ours.
+    # nacks (or no relays at all) hint that it is ours. A refusal shows it
+    # is the target's.
     delta = probe.expected_nacks - probe.nacks if probe.expected_nacks > 0 else 1
-    st = _health(st, delta, config)
+    st = _health(st, 0 if probe.refused else delta, config)
     target = st.members.get(probe.target)
-    if target is not None and target.state in (ALIVE, SUSPECT):
-        # a suspect already: this failed probe is one more confirmation
-        st = _apply(st, replace(target.update(st.me.id), state=SUSPECT, meta=""), config, now, out)
-    return st
+    if target is None or target.state not in (ALIVE, SUSPECT):
+        return st
+    if int(probe.refused) + probe.refusals >= REFUSALS_FOR_DEATH:
+        return _set(st, replace(target.update(st.me.id), state=DEAD, meta=""), config, now, out)
+    # a suspect already: this failed probe is one more confirmation
+    return _apply(st, replace(target.update(st.me.id), state=SUSPECT, meta=""), config, now, out)
 
 
 def _gossip(
@@ -527,15 +558,50 @@ def _receive(
                 relay = st.relays[seq]
                 st, ups = _piggyback(_drop_relay(st, seq), config)
                 out.append(Send(relay.addr, Ack(st.me.id, st.me.addr, relay.seq, ups)))
-        case Nack(seq=seq) if st.probe is not None and st.probe.seq == seq:
-            st = replace(st, probe=replace(st.probe, nacks=st.probe.nacks + 1))
+        case Nack(seq=seq, refused=refused) if st.probe is not None and st.probe.seq == seq:
+            p = st.probe
+            st = replace(st, probe=replace(p, nacks=p.nacks + 1, refusals=p.refusals + refused))
+            st = _answered(st, config, now, out)
         case PingReq(seq=seq, target=target, target_addr=target_addr):
             st = replace(st, seq=st.seq + 1)
-            st = replace(st, relays={**st.relays, st.seq: Relay(msg.src_addr, seq)})
+            relay = Relay(msg.src_addr, seq, target_addr)
+            st = replace(st, relays={**st.relays, st.seq: relay})
             st, ups = _piggyback(st, config)
             out.append(Send(target_addr, Ping(st.me.id, st.me.addr, st.seq, target, ups)))
             # memberlist nacks at 80 % of the probe timeout, so the nack is in time
             out.append(SetTimer(now + config.probe_timeout * 0.8, RelayTimeout(st.seq)))
+    return st
+
+
+def _refused(
+    st: Membership, addr: str, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    """Nothing listens at ``addr``: tell the requesters of our relays to it
+    at once; a probe of the member there goes indirect at once."""
+    for seq, relay in list(st.relays.items()):
+        if relay.target_addr == addr:
+            st, ups = _piggyback(_drop_relay(st, seq), config)
+            out.append(Send(relay.addr, Nack(st.me.id, st.me.addr, relay.seq, ups, refused=True)))
+    probe = st.probe
+    if probe is None or probe.acked or probe.refused:
+        return st
+    target = st.members.get(probe.target)
+    if target is None or target.addr != addr:
+        return st
+    st = replace(st, probe=replace(probe, refused=True))
+    if not probe.indirect:
+        st = _go_indirect(st, config, now, out)
+    return _answered(st, config, now, out)
+
+
+def _answered(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command]
+) -> Membership:
+    """A refused probe ends as soon as every relay asked has nacked: the
+    end of its period would add nothing but the wait."""
+    p = st.probe
+    if p is not None and p.refused and not p.acked and p.nacks >= p.expected_nacks:
+        return _conclude(st, config, now, out)
     return st
 
 

@@ -13,7 +13,12 @@ function of its seed and of the order of the sends:
   ``b``, either way, until ``heal()`` (checked when sent and when due, so a
   datagram in flight across a new cut is lost too);
 - ``slow(addr)``: datagrams *to* ``addr`` arrive 0.5-2.5 s later than they
-  would (a reader that is paused, swapping, or behind a full queue).
+  would (a reader that is paused, swapping, or behind a full queue);
+- an address with no open transport *refuses* what arrives there: the
+  sender's transport is told, after a delay drawn as for a datagram (what a
+  live host's kernel answers for a port nobody holds: a process that exited
+  or was killed); ``silence(addr)`` makes datagrams to ``addr`` vanish
+  instead (a host that is off, or unplugged), and closes the transport there.
 
 ``MemoryNetwork.transport(addr, receiver)`` makes one branch's transport; it
 keeps the budget and counters of the UDP one (``TransportStats``).
@@ -28,7 +33,14 @@ from dataclasses import dataclass
 
 from branchd.clock import Scheduler
 from branchd.cluster.codec import DATAGRAM_BUDGET
-from branchd.cluster.transport import Counters, Receiver, TransportStats, hand_over
+from branchd.cluster.transport import (
+    Counters,
+    Receiver,
+    Refusal,
+    TransportStats,
+    hand_over,
+    tell_refused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,7 @@ class NetworkStats:
     lost: int = 0  # drawn by ``loss``
     cut: int = 0  # across a partition
     nowhere: int = 0  # no open transport at the address when due
+    refused: int = 0  # of the nowhere: refused, the sender told (not silenced)
 
 
 class MemoryNetwork:
@@ -66,13 +79,17 @@ class MemoryNetwork:
         self._nodes: dict[str, MemoryTransport] = {}
         self._cuts: list[tuple[frozenset[str], frozenset[str]]] = []
         self._slow: set[str] = set()
-        self.hand_overed = self._lost = self._cut = self._nowhere = 0
+        self._silent: set[str] = set()
+        self.hand_overed = self._lost = self._cut = self._nowhere = self._refused = 0
 
-    def transport(self, addr: str, receiver: Receiver) -> MemoryTransport:
+    def transport(
+        self, addr: str, receiver: Receiver, refusal: Refusal | None = None
+    ) -> MemoryTransport:
         """A branch's transport at ``addr`` (any unique name, ``"b1:8401"`` say)."""
         if addr in self._nodes:
             raise ValueError(f"address {addr!r} is taken")
-        node = MemoryTransport(self, addr, receiver)
+        self._silent.discard(addr)  # a transport made there: its host is back
+        node = MemoryTransport(self, addr, receiver, refusal)
         self._nodes[addr] = node
         return node
 
@@ -92,11 +109,21 @@ class MemoryNetwork:
         else:
             self._slow.discard(addr)
 
+    def silence(self, addr: str) -> None:
+        """The host at ``addr`` is off: its transport (if open) closes and
+        datagrams to it vanish, refused by nobody, until one is made there."""
+        node = self._nodes.get(addr)
+        if node is not None:
+            node.close()
+        self._silent.add(addr)
+
     def reachable(self, src: str, dst: str) -> bool:
         return not any((src in a and dst in b) or (src in b and dst in a) for a, b in self._cuts)
 
     def stats(self) -> NetworkStats:
-        return NetworkStats(self.hand_overed, self._lost, self._cut, self._nowhere)
+        return NetworkStats(
+            self.hand_overed, self._lost, self._cut, self._nowhere, self._refused
+        )
 
     # the transports' side ----------------------------------------------------------
 
@@ -107,12 +134,15 @@ class MemoryNetwork:
         if self.loss and self._rng.random() < self.loss:
             self._lost += 1
             return
-        low, high = self.delay
-        delay = self._rng.uniform(low, high) if high > low else low
+        delay = self._delay()
         if dst in self._slow:
             delay += self._rng.uniform(*SLOW)
         when = self._scheduler.clock.monotonic() + delay
         self._scheduler.call_at(when, lambda: self._arrive(src, dst, data))
+
+    def _delay(self) -> float:
+        low, high = self.delay
+        return self._rng.uniform(low, high) if high > low else low
 
     def _arrive(self, src: str, dst: str, data: bytes) -> None:
         if not self.reachable(src, dst):
@@ -121,9 +151,26 @@ class MemoryNetwork:
         node = self._nodes.get(dst)
         if node is None:
             self._nowhere += 1
+            if dst not in self._silent:
+                self._refuse(src, dst)
             return
         self.hand_overed += 1
         node._arrived(src, data)
+
+    def _refuse(self, src: str, dst: str) -> None:
+        """The host at ``dst`` answers ``src`` that nothing listens there (an
+        ICMP message: lost and delayed like a datagram, but never slowed, as
+        a kernel answers it, not a reader)."""
+        if self.loss and self._rng.random() < self.loss:
+            return
+        self._refused += 1
+        when = self._scheduler.clock.monotonic() + self._delay()
+        self._scheduler.call_at(when, lambda: self._refusal_arrives(src, dst))
+
+    def _refusal_arrives(self, src: str, dst: str) -> None:
+        node = self._nodes.get(src)
+        if node is not None and self.reachable(dst, src):
+            node._refused(dst)
 
     def _forget(self, addr: str) -> None:
         self._nodes.pop(addr, None)
@@ -132,10 +179,17 @@ class MemoryNetwork:
 class MemoryTransport:
     """One branch's end of a ``MemoryNetwork`` (the ``Transport`` Protocol)."""
 
-    def __init__(self, network: MemoryNetwork, addr: str, receiver: Receiver) -> None:
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        addr: str,
+        receiver: Receiver,
+        refusal: Refusal | None = None,
+    ) -> None:
         self._network = network
         self._address = addr
         self._receiver = receiver
+        self._refusal = refusal
         self._counters = Counters(log)
         self._closed = False
 
@@ -165,3 +219,9 @@ class MemoryTransport:
         self._counters.received += 1
         self._counters.bytes_received += len(data)
         hand_over(self._receiver, src, data)
+
+    def _refused(self, dst: str) -> None:
+        if self._closed:
+            return
+        self._counters.refusals += 1
+        tell_refused(self._refusal, dst)

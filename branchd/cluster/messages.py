@@ -85,12 +85,15 @@ class PingReq:
 
 @dataclass(frozen=True)
 class Nack:
-    """The relay of a PingReq heard nothing from the target in time."""
+    """The relay of a PingReq heard nothing from the target in time, or
+    (``refused``) the target's host refused the relay's ping: nothing
+    listens at its address."""
 
     src: str
     src_addr: str
     seq: int
     updates: tuple[Update, ...] = ()
+    refused: bool = False
 
 
 @dataclass(frozen=True)

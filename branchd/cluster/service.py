@@ -247,7 +247,9 @@ class ClusterService:
             settings.branch_id,
             settings.gossip_advertise,
             settings.epoch,
-            lambda receiver: UdpTransport.open(settings.gossip_bind, receiver),
+            lambda receiver, refusal: UdpTransport.open(
+                settings.gossip_bind, receiver, refusal=refusal
+            ),
             scheduler,
             settings.membership,
             keyring,
@@ -353,6 +355,8 @@ class ClusterService:
             "datagrams_received": st.datagrams_received,
             "bytes_sent": st.transport.bytes_sent,
             "bytes_received": st.transport.bytes_received,
+            # datagrams whose peer's host answered that nothing listens there
+            "datagrams_refused": st.transport.refused,
             "dropped": dict(st.dropped),
             "bad_messages": st.bad_messages,
             "peer_calls_dropped": self._dropped,

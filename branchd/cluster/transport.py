@@ -3,7 +3,12 @@
 A transport carries opaque datagrams (the codec's compounds, later sealed)
 of at most ``budget`` bytes between addresses ``"host:port"``. What arrives
 is handed to the ``Receiver`` given when the transport is made, with the
-sender's address. A transport never raises on a send: a datagram over the
+sender's address. A datagram the peer's host *refused* (nothing listens at
+that port: the ICMP port unreachable a live host's kernel answers for a
+process that is gone) is told to the ``Refusal`` given, with the address it
+was sent to; on Linux, ``UdpTransport`` asks the kernel for these
+(``IP_RECVERR``), which an unconnected UDP socket does not hear of
+otherwise. A transport never raises on a send: a datagram over the
 budget, an unreachable peer or a send after ``close()`` is dropped and
 counted in ``stats()``, and each cause is logged once.
 
@@ -14,8 +19,13 @@ delay, partitions and slow readers, is ``cluster/memnet.py`` (tests only).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
+import socket
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Called with (sender's address, datagram) for each datagram that arrives.
 Receiver = Callable[[str, bytes], None]
+
+#: Called with the address of a datagram its host refused (nothing listens there).
+Refusal = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class TransportStats:
     closed: int = 0  # dropped: sent after close()
     bytes_sent: int = 0  # of the datagrams sent
     bytes_received: int = 0  # of the datagrams received (within the budget)
+    refused: int = 0  # sent, then refused by the peer's host (nothing listens there)
 
 
 class Transport(Protocol):
@@ -77,7 +91,7 @@ class Counters:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.sent = self.received = self.oversize = self.send_errors = self.closed = 0
-        self.bytes_sent = self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = self.refusals = 0
         self._log = logger
         self._said: set[str] = set()
 
@@ -90,6 +104,7 @@ class Counters:
             self.closed,
             self.bytes_sent,
             self.bytes_received,
+            self.refusals,
         )
 
     def once(self, cause: str, msg: str, *args: object) -> None:
@@ -116,6 +131,14 @@ class Counters:
         return False
 
 
+def _ee_errno(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The error of a ``sock_extended_err`` (its first field, a u32)."""
+    for _level, _type, data in ancdata:
+        if len(data) >= 4:
+            return int(struct.unpack("=I", data[:4])[0])
+    return 0
+
+
 def _cause(exc: BaseException) -> str:
     errno = getattr(exc, "errno", None)
     return f"{type(exc).__name__}:{errno}"
@@ -128,6 +151,39 @@ def hand_over(receiver: Receiver, addr: str, data: bytes) -> None:
         log.exception("receiver of a datagram from %s failed", addr)
 
 
+def tell_refused(refusal: Refusal | None, addr: str) -> None:
+    if refusal is None:
+        return
+    try:
+        refusal(addr)
+    except Exception:  # as hand_over: said, and the transport goes on
+        log.exception("the refusal handler for %s failed", addr)
+
+
+#: Linux's socket options that queue ICMP errors of an unconnected UDP
+#: socket for ``recvmsg(MSG_ERRQUEUE)`` (the socket module names neither).
+_RECVERR: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (socket.IPPROTO_IP, 11),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
+}
+
+
+def _udp_socket(family: int, host: str, port: int) -> tuple[socket.socket, bool]:
+    """A bound, non-blocking UDP socket, and whether it hears of refusals."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        recverr = sys.platform.startswith("linux") and hasattr(socket, "MSG_ERRQUEUE")
+        if recverr:
+            level, option = _RECVERR[family]
+            sock.setsockopt(level, option, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, recverr
+
+
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.owner: UdpTransport | None = None  # set as soon as the endpoint is made
@@ -138,7 +194,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         if self.owner is not None:
-            self.owner._send_failed(exc, "?")
+            self.owner._errors(exc)
 
 
 class UdpTransport:
@@ -149,9 +205,13 @@ class UdpTransport:
         endpoint: asyncio.DatagramTransport,
         receiver: Receiver,
         budget: int,
+        refusal: Refusal | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._receiver = receiver
+        self._refusal = refusal
+        self._sock = sock  # set when it queues ICMP errors (read in _errors)
         self._budget = budget
         self._counters = Counters(log)
         self._closed = False
@@ -160,13 +220,29 @@ class UdpTransport:
 
     @classmethod
     async def open(
-        cls, bind: str, receiver: Receiver, budget: int = DATAGRAM_BUDGET
+        cls,
+        bind: str,
+        receiver: Receiver,
+        budget: int = DATAGRAM_BUDGET,
+        refusal: Refusal | None = None,
     ) -> UdpTransport:
         """Bind ``bind`` (``"HOST:PORT"``, IP literals; port 0 picks a free one)."""
         host, port = split_addr(bind)
         loop = asyncio.get_running_loop()
-        endpoint, proto = await loop.create_datagram_endpoint(_Protocol, local_addr=(host, port))
-        transport = cls(endpoint, receiver, budget)
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:  # a name ("localhost"): its first address, as asyncio would bind
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise OSError(errno.EADDRNOTAVAIL, f"{host} has no address") from None
+            family, host = infos[0][0], str(infos[0][4][0])
+        sock, recverr = _udp_socket(family, host, port)
+        try:
+            endpoint, proto = await loop.create_datagram_endpoint(_Protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        transport = cls(endpoint, receiver, budget, refusal, sock if recverr else None)
         proto.owner = transport
         return transport
 
@@ -219,6 +295,30 @@ class UdpTransport:
         c.received += 1
         c.bytes_received += len(data)
         hand_over(self._receiver, addr, data)
+
+    def _errors(self, exc: Exception) -> None:
+        """An error the socket reported: each ICMP error queued is read (so
+        that none is left to wake the loop again) with the address its
+        datagram was sent to; a refusal is told, any other error counted."""
+        queued = False
+        while self._sock is not None:
+            try:
+                _, ancdata, _, dest = self._sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._send_failed(e, "?")
+                break
+            queued = True
+            errno_ = _ee_errno(ancdata)
+            addr = join_addr(str(dest[0]), int(dest[1])) if dest else "?"
+            if errno_ == errno.ECONNREFUSED and not self._closed:
+                self._counters.refusals += 1
+                tell_refused(self._refusal, addr)
+            else:
+                self._send_failed(OSError(errno_, os.strerror(errno_ or 0)), addr)
+        if not queued:
+            self._send_failed(exc, "?")
 
     def _send_failed(self, exc: Exception, addr: str) -> None:
         self._counters.send_errors += 1

@@ -33,17 +33,20 @@ class Side:
     scheduler: FakeScheduler | None = None
     made: list[Transport] = field(default_factory=list)
 
-    async def make(self) -> tuple[Transport, Inbox]:
+    async def make(self, refused: list[str] | None = None) -> tuple[Transport, Inbox]:
+        """A transport and its inbox; the addresses it is told were refused
+        go to ``refused``, when given."""
         inbox: Inbox = []
+        told = refused.append if refused is not None else None
 
         def receive(addr: str, data: bytes) -> None:
             inbox.append((addr, data))
 
         transport: Transport
         if self.network is None:
-            transport = await UdpTransport.open("127.0.0.1:0", receive)
+            transport = await UdpTransport.open("127.0.0.1:0", receive, refusal=told)
         else:
-            transport = self.network.transport(f"b{len(self.made)}:8401", receive)
+            transport = self.network.transport(f"b{len(self.made)}:8401", receive, told)
         self.made.append(transport)
         return transport, inbox
 
@@ -154,6 +157,22 @@ async def test_a_send_to_nowhere_never_raises(side: Side) -> None:
     await side.until(lambda: len(inbox) == 1)
 
 
+async def test_a_datagram_to_a_port_nobody_holds_is_refused_and_told(side: Side) -> None:
+    refused: list[str] = []
+    a, _ = await side.make(refused)
+    gone, _ = await side.make()
+    b, inbox = await side.make()
+    gone.close()  # its port now free (once the loop has closed the socket)
+    await side.settle()
+    a.send(gone.address, b"to nobody")
+    await side.until(lambda: refused == [gone.address])
+    assert a.stats().refused == 1
+    a.send(b.address, b"still works")  # and nothing is refused of a live one
+    await side.until(lambda: len(inbox) == 1)
+    await side.settle()
+    assert refused == [gone.address] and a.stats().send_errors == 0
+
+
 # UDP only -------------------------------------------------------------------------
 
 
@@ -222,6 +241,27 @@ def scheduler() -> FakeScheduler:
 def _node(net: MemoryNetwork, addr: str) -> tuple[Transport, Inbox]:
     inbox: Inbox = []
     return net.transport(addr, lambda a, d: inbox.append((a, d))), inbox
+
+
+async def test_a_silenced_host_refuses_nothing_until_a_transport_is_made_there(
+    scheduler: FakeScheduler,
+) -> None:
+    net = MemoryNetwork(scheduler, seed=3)
+    refused: list[str] = []
+    a = net.transport("a:1", lambda addr, data: None, refused.append)
+    _, inbox = _node(net, "b:1")
+    net.silence("b:1")  # its transport closes with its host
+    a.send("b:1", b"into the void")
+    await scheduler.advance(0.1)
+    assert refused == [] and inbox == [] and net.stats().nowhere == 1
+    b2, inbox2 = _node(net, "b:1")  # the host is back, its branch with it
+    a.send("b:1", b"hello again")
+    await scheduler.advance(0.1)
+    assert [d for _, d in inbox2] == [b"hello again"]
+    b2.close()
+    a.send("b:1", b"refused now")
+    await scheduler.advance(0.1)
+    assert refused == ["b:1"] and net.stats().refused == 1
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.01, 0.1, 0.5])

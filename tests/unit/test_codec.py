@@ -68,6 +68,10 @@ def test_the_form_is_compact_and_readable() -> None:
     data = encode(Nack("b3", "10.0.0.4:8401", 2))
     assert data == b'["n","b3","10.0.0.4:8401",2,[]]'
     assert pack([Nack("b3", "a:1", 2)]) == [b'[1,["n","b3","a:1",2,[]]]']
+    refused = Nack("b3", "a:1", 2, refused=True)
+    assert encode(refused) == b'["n","b3","a:1",2,1,[]]' and decode(encode(refused)) == refused
+    with pytest.raises(BadMessage, match="nack refused"):
+        decode(b'["n","b3","a:1",2,0,[]]')
 
 
 # hypothesis: any message there and back ---------------------------------------------
@@ -82,7 +86,7 @@ _messages: hs.SearchStrategy[Message] = hs.one_of(
     hs.builds(Ping, _text, _text, _int, _text, _updates),
     hs.builds(Ack, _text, _text, _int, _updates),
     hs.builds(PingReq, _text, _text, _int, _text, _text, _updates),
-    hs.builds(Nack, _text, _text, _int, _updates),
+    hs.builds(Nack, _text, _text, _int, _updates, hs.booleans()),
     hs.builds(Gossip, _text, _text, _updates),
     hs.builds(Sync, _text, _text, _updates, hs.booleans()),
 )

@@ -33,6 +33,7 @@ from branchd.cluster.membership import (
     PushPullTick,
     Reap,
     Received,
+    Refused,
     RelayTimeout,
     Send,
     SetMeta,
@@ -451,6 +452,76 @@ def test_a_silent_probe_without_relays_costs_one_point() -> None:
     assert st.awareness == 1 and st.members[B].state is SU
 
 
+# refusals: the target's host says nothing listens at its address ---------------
+
+
+def probing_b(*others: Member) -> tuple[Membership, int]:
+    """A core whose probe of b is out (its ping sent, no answer yet)."""
+    st = started(member(B, AL), *others)
+    st = replace(st, order=(B, *(m.id for m in others)), index=0)
+    st, _ = step(st, Tick(1), CFG, NOW)
+    assert st.probe is not None and st.probe.target == B
+    return st, st.probe.seq
+
+
+def test_a_refused_ping_asks_the_relays_at_once_and_their_refusal_makes_it_dead() -> None:
+    st, seq = probing_b(member(C, AL))
+    st, cmds = step(st, Refused(ADDR[B]), CFG, NOW + 0.002)
+    assert sends(cmds) == [Send(ADDR[C], PingReq(A, ADDR[A], seq, B, ADDR[B]))]
+    st, cmds = step(st, Received(Nack(C, ADDR[C], seq, refused=True)), CFG, NOW + 0.004)
+    assert st.members[B].state is DE and st.probe is None  # no suspicion first
+    assert Notify(st.members[B], AL) in cmds and st.awareness == 0
+    assert st.queue[-1].update == Update(B, ADDR[B], 1, 2, DE, A)
+    # the probe's own timers, and a late refusal, are no-ops now
+    for late in (ProbeTimeout(seq), IndirectTimeout(seq), Refused(ADDR[B])):
+        assert step(st, late, CFG, NOW + 1.0) == (st, [])
+
+
+def test_a_refusal_with_a_relay_that_heard_nothing_is_a_suspicion_at_once() -> None:
+    st, seq = probing_b(member(C, AL))
+    st, _ = step(st, Refused(ADDR[B]), CFG, NOW + 0.002)
+    st, cmds = step(st, Received(Nack(C, ADDR[C], seq)), CFG, NOW + 0.4)
+    assert st.members[B].state is SU and st.probe is None  # one refusal is not enough
+    assert Notify(st.members[B], AL) in cmds
+    assert st.awareness == 0  # the fault is b's
+
+
+def test_refusals_of_two_relays_make_it_dead_when_ours_was_lost() -> None:
+    d = Member("d", "10.0.0.4:7946", 1, 0, AL, NOW - 1.0)
+    st, seq = probing_b(member(C, AL), d)
+    st, cmds = step(st, ProbeTimeout(seq), CFG, NOW + 0.5)
+    assert len(sends(cmds)) == 2
+    st, _ = step(st, Received(Nack(C, ADDR[C], seq, refused=True)), CFG, NOW + 0.6)
+    assert st.probe is not None  # not our own refusal: the period runs out
+    st, _ = step(st, Received(Nack("d", d.addr, seq, refused=True)), CFG, NOW + 0.6)
+    st, _ = step(st, IndirectTimeout(seq), CFG, NOW + 1.0)
+    assert st.members[B].state is DE
+
+
+def test_an_ack_through_a_relay_outweighs_a_refusal() -> None:
+    st, seq = probing_b(member(C, AL))
+    st, _ = step(st, Refused(ADDR[B]), CFG, NOW + 0.002)
+    st, _ = step(st, Received(Ack(C, ADDR[C], seq)), CFG, NOW + 0.01)
+    st, _ = step(st, IndirectTimeout(seq), CFG, NOW + 1.0)
+    assert st.members[B].state is AL
+
+
+def test_a_refusal_of_an_address_not_probed_changes_nothing() -> None:
+    st, _ = probing_b(member(C, AL))
+    assert step(st, Refused(ADDR[C]), CFG, NOW + 0.002) == (st, [])
+    idle = started(member(B, AL))
+    assert step(idle, Refused(ADDR[B]), CFG, NOW) == (idle, [])
+
+
+def test_a_relay_refused_nacks_at_once() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, _ = step(st, Received(PingReq(C, ADDR[C], 5, B, ADDR[B])), CFG, NOW)
+    mine = st.seq
+    st, cmds = step(st, Refused(ADDR[B]), CFG, NOW + 0.002)
+    assert cmds == [Send(ADDR[C], Nack(A, ADDR[A], 5, refused=True))]
+    assert step(st, RelayTimeout(mine), CFG, NOW + 0.4) == (st, [])
+
+
 def test_ping_is_answered_only_for_its_target() -> None:
     st = started(member(B, AL))
     _, cmds = step(st, Received(Ping(B, ADDR[B], 9, A)), CFG, NOW)
@@ -855,7 +926,8 @@ EVENTS = hs.one_of(
     hs.builds(lambda ups: gossip(*ups), hs.lists(UPDATES, max_size=3)),
     hs.builds(lambda s, t: Received(Ping(B, ADDR[B], s, t)), SMALL, IDS),
     hs.builds(lambda s: Received(Ack(B, ADDR[B], s)), SMALL),
-    hs.builds(lambda s: Received(Nack(C, ADDR[C], s)), SMALL),
+    hs.builds(lambda s, r: Received(Nack(C, ADDR[C], s, refused=r)), SMALL, hs.booleans()),
+    hs.builds(Refused, hs.sampled_from([ADDR[B], ADDR[C], "y"])),
     hs.builds(lambda s, t: Received(PingReq(C, ADDR[C], s, t, "y")), SMALL, IDS),
     hs.builds(
         lambda ups, r: Received(Sync(B, ADDR[B], tuple(ups), reply=r)),
