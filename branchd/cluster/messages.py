@@ -20,7 +20,7 @@ from enum import StrEnum
 class MemberState(StrEnum):
     ALIVE = "alive"
     SUSPECT = "suspect"
-    DEAD = "dead"  # declared dead by the others (suspicion timed out)
+    DEAD = "dead"  # declared dead by the others (a suspicion timed out, or its host refused)
     LEFT = "left"  # said goodbye itself: never confused with dead
 
 

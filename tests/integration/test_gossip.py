@@ -24,6 +24,7 @@ from branchd.cluster import membership
 from branchd.cluster.gossip import Gossip, _fitted
 from branchd.cluster.keyring import ClusterKey, Keyring, generate_key, parse_key
 from branchd.cluster.memnet import MemoryNetwork
+from branchd.cluster.messages import Gossip as GossipMessage
 from branchd.cluster.messages import MemberState, Message, Sync, Update
 from branchd.cluster.timing import MembershipConfig
 from branchd.cluster.transport import UdpTransport
@@ -374,6 +375,28 @@ async def test_a_killed_branch_is_dead_on_99_percent_of_100_within_12_5s() -> No
 
 async def test_a_silent_branch_is_dead_on_99_percent_of_100_within_a_bound() -> None:
     assert await survivors_p99_at_100(silent=True) <= SILENT_100_BOUND
+
+
+def gossip_of(src: str, *updates: Update) -> Message:
+    return GossipMessage(src, Sim.addr(src), updates)
+
+
+async def test_a_live_branch_wrongly_dead_refutes_and_is_alive_on_all_again() -> None:
+    """A death said of a live branch (forged refusals, say) is refuted: the
+    dead are still gossiped to, so it hears of its death and outranks it."""
+    sim = Sim(5, seed=3)
+    await sim.join_all()
+    await sim.until(sim.converged, limit=JOIN_BOUND[10])
+    b0, m = sim.nodes["b0"], sim.nodes["b1"]
+    assert b0._state is not None and m._state is not None
+    me = m._state.me
+    death = Update(me.id, me.addr, me.epoch, me.incarnation, DE, "b0")
+    b0._turn([membership.Received(gossip_of("b2", death))])
+    await sim.until(lambda: sim.told("b1", DE) > 0, limit=1.0, step=0.01)
+    took = await sim.until(sim.converged, limit=5.0, step=0.01)
+    print(f"a wrong death refuted, alive on all after {took:.2f}s")
+    assert m._state.me.incarnation > me.incarnation
+    sim.close()
 
 
 # a leave ----------------------------------------------------------------------------
