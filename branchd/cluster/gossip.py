@@ -157,6 +157,8 @@ class Gossip:
         self._said: set[str] = set()
         self._counts: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter({r.value: 0 for r in seal.DropReason})
+        #: Called after a turn that changed any member (set by whoever reads the view).
+        self.on_change: Callable[[], None] | None = None
 
     # the service's side ----------------------------------------------------------
 
@@ -291,6 +293,7 @@ class Gossip:
         if self._closed or self._state is None:
             return
         sends: dict[str, list[Message]] = {}
+        members = self._state.members
         try:
             for event in events:
                 now = self._clock.monotonic()
@@ -302,6 +305,13 @@ class Gossip:
         for addr, messages in sends.items():
             self._send(addr, self._pushed_over(addr, messages))
         self._check_goodbye()
+        # the core replaces the mapping on any change to a member (its state,
+        # incarnation, meta, timers): who reads the view need not poll it
+        if self.on_change is not None and self._state.members is not members:
+            try:
+                self.on_change()
+            except Exception as e:
+                self._failed("on_change", e)
 
     def _carry_out(self, command: Command, sends: dict[str, list[Message]]) -> None:
         match command:
@@ -466,6 +476,7 @@ class Gossip:
     def _refused(self, addr: str) -> None:
         """The transport says nothing listens at ``addr`` (never trusted
         alone: the core wants a relay's refusal too before a death)."""
+        log.debug("a datagram to %s was refused: nothing listens there", addr)
         self._turn((membership.Refused(addr),))
 
     # failures ------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Membership:
     seq: int = 0
     tokens: int = 0  # the last token handed out
     loop: int = 0  # the periodic timers' token; 0 until the first Join
+    gossiping: bool = False  # a GossipTick is armed (none while nothing is queued)
     seeds: tuple[str, ...] = ()  # the last Join's addresses, retried while we know no one
     rng: int = 0
 
@@ -349,7 +350,24 @@ def step(
             st = _receive(st, msg, config, now, out)
         case Refused(addr=addr):
             st = _refused(st, addr, config, now, out)
+    if st.queue and not st.gossiping and st.loop and st.me.state is ALIVE:
+        st = _arm_gossip(st, config, now, out, woken=True)
     return st, out
+
+
+def _arm_gossip(
+    st: Membership, config: MembershipConfig, now: float, out: list[Command], woken: bool
+) -> Membership:
+    """The gossip loop runs while rumours are queued: an idle branch is not
+    woken five times a second to find nothing to say. Woken by a rumour, its
+    first tick comes at a random point of the interval, where the tick of a
+    loop that never slept would have come: a rumour moves as fast as before."""
+    wait = config.gossip_interval
+    if woken:
+        st, r = _random(st)
+        wait *= 1.0 - r  # in (0, interval]
+    out.append(SetTimer(now + wait, GossipTick(st.loop)))
+    return replace(st, gossiping=True)
 
 
 def _probing(st: Membership, seq: int) -> bool:
@@ -382,7 +400,7 @@ def _join(
         st, r = _random(st)
         # A random phase, so that branches started together do not probe in step.
         out.append(SetTimer(now + config.probe_interval * r, Tick(st.loop)))
-        out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
+        st = _arm_gossip(st, config, now, out, woken=False)
         out.append(SetTimer(now + config.push_pull_interval, PushPullTick(st.loop)))
     st = replace(st, seeds=tuple(a for a in dict.fromkeys(seeds) if a != st.me.addr))
     _sync_seeds(st, out)
@@ -399,6 +417,8 @@ def _leave(
 ) -> Membership:
     me = replace(st.me, state=LEFT, since=now)
     st = _enqueue(replace(st, me=me, probe=None), me.update(me.id))
+    if not st.gossiping:  # the loop carries the goodbye until it is spent
+        st = _arm_gossip(st, config, now, out, woken=True)
     # Tell a few at once; the gossip loop carries on until the rumour is spent.
     st, targets = _sample(st, _gossip_targets(st, config, now), config.gossip_nodes)
     for m in targets:
@@ -487,11 +507,9 @@ def _conclude(
 def _gossip(
     st: Membership, config: MembershipConfig, now: float, out: list[Command]
 ) -> Membership:
-    if st.me.state is LEFT and not st.queue:
-        return st  # the goodbye is spent: the loop ends
+    if not st.queue:  # the loop sleeps until a rumour is queued (after a leave: ends)
+        return replace(st, gossiping=False)
     out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
-    if not st.queue:
-        return st
     st, targets = _sample(st, _gossip_targets(st, config, now), config.gossip_nodes)
     for m in targets:
         st, ups = _piggyback(st, config)

@@ -69,11 +69,15 @@ log = logging.getLogger(__name__)
 PEER_PATH = "/v1/cluster/peer"
 #: How long a peer call may take (a push-pull of a large view included).
 PEER_TIMEOUT = 5.0
-#: How often the names of other branches' instances are checked: a look at
-#: each member's meta (read once per new meta), a fetch only when its digest
-#: changed; so a new instance (or a worker that starts or stops) elsewhere
-#: is known here within about this, once the new meta has come.
+#: The names of other branches' instances are checked when a member changed
+#: (its meta, its state) or our record did, at most once per NAMES_EVERY,
+#: and at least once per NAMES_IDLE (a fetch that failed is tried again): a
+#: look at each member's meta (read once per new meta), a fetch only when
+#: its digest changed; so a new instance (or a worker that starts or stops)
+#: elsewhere is known here within NAMES_EVERY once its new meta has come,
+#: and an idle cluster does not look five times a second for nothing.
 NAMES_EVERY = 0.2
+NAMES_IDLE = 2.0
 
 
 class PeerClient(Protocol):
@@ -234,6 +238,7 @@ class ClusterService:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending_urls: list[str] = []
         self._join_wake = asyncio.Event()
+        self._names_wake = asyncio.Event()
         self._dropped = 0
         self._started = self._clock.monotonic()
         self._announced: tuple[BranchRecord, float] | None = None
@@ -257,6 +262,7 @@ class ClusterService:
             push_pull=self._push_pull,
             meta=to_meta(record()),
         )
+        self.gossip.on_change = self._names_wake.set
         #: Apps and queues on every branch (none: a test's cluster of records alone).
         self.declarations = (
             DeclarationSync(
@@ -296,6 +302,7 @@ class ClusterService:
         matters (``worth_telling``), since each new meta is a rumour every
         member hears: a load that moves by a hundredth every 5 s would cost
         each branch a burst of gossip packets per refresh for nothing."""
+        self._names_wake.set()  # our names may now collide with another's
         try:
             rec = self._record()
             now = self._clock.monotonic()
@@ -703,6 +710,11 @@ class ClusterService:
             except Exception as exc:
                 self._once("names", exc)
             await sleep(self._sched, NAMES_EVERY)
+            if not self._names_wake.is_set():
+                await _first(
+                    sleep(self._sched, NAMES_IDLE - NAMES_EVERY), self._names_wake.wait()
+                )
+            self._names_wake.clear()
 
     async def _names_step(self) -> None:
         """Fetch the names of those whose digest changed, then look for names

@@ -278,11 +278,11 @@ def test_a_sync_too_big_for_a_datagram_is_split_and_asks_once() -> None:
 #: own round-robin of nine: over 1 s in about 35 % of runs, ((8/9)^9), over
 #: 2 s in about 10 %) plus the rumour's spread, and the few survivors a
 #: spent rumour missed find it by their own probe. Measured over seeds 1-30
-#: (no loss): N = 3 median 0.57 s, max 1.88 s; N = 10 median 0.86 s, max
-#: 5.78 s (seed 8: the rumour, spent after its 8 sends by each, missed one
-#: survivor, which then probed the victim itself at 5.78 s; the others had
-#: it by 3.2 s). The issue's bound: every survivor within 6 s at N <= 10,
-#: at the max over 30 seeds.
+#: (no loss): N = 3 median 0.67 s, max 1.87 s; N = 10 median 0.88 s, max
+#: 3.21 s (an earlier run of the core had 5.78 s at seed 8: the rumour,
+#: spent after its 8 sends by each, missed one survivor, which then probed
+#: the victim itself). The issue's bound: every survivor within 6 s at
+#: N <= 10, at the max over 30 seeds.
 DETECTION_SEEDS = range(1, 31)
 DETECTION_GOAL = 6.0
 #: A silent branch (its host off, a cable cut: nothing refuses) is found by
@@ -302,7 +302,7 @@ DETECTION_GOAL = 6.0
 #: 34,100 over 30 runs of the false-death test below), so the core does not.
 SILENT_BOUND = {3: 7.0, 10: 9.0}
 #: N = 100, seeds 1-10: the p99 of the survivors' own detection times,
-#: against the issue's 12.5 s. Killed: measured p50 2.1 s, p99 4.4 s.
+#: against the issue's 12.5 s. Killed: measured p50 0.85 s, p99 3.84 s.
 #: Silent: the suspicion is 8 s at the least, so the sum is 9.2 s plus the
 #: wait for the first probe; measured p50 9.7 s, p99 12.7 s (seeds 1-40:
 #: 9.8 s and 12.6 s), the worst seeds' waits over the 12.5 s.

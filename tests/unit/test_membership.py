@@ -167,7 +167,8 @@ def member(mid: str, state: MemberState, inc: int = 2, epoch: int = 1) -> Member
 
 def core(*others: Member, me_inc: int = 0, **changes: Any) -> Membership:
     st = new(A, ADDR[A], epoch=1, seed=42)
-    st = replace(st, me=replace(st.me, incarnation=me_inc), tokens=7, loop=1)
+    # started: its loops run, the gossip loop's tick armed
+    st = replace(st, me=replace(st.me, incarnation=me_inc), tokens=7, loop=1, gossiping=True)
     return replace(st, members={m.id: m for m in others}, **changes)
 
 
@@ -632,6 +633,26 @@ def test_rumours_are_spent_after_the_retransmit_limit() -> None:
             1 for s in sends(cmds) if isinstance(s.message, Gossip) and s.message.updates
         )
     assert carried == limit and st.queue == ()
+
+
+def test_the_gossip_loop_sleeps_while_nothing_is_queued_and_wakes_with_a_rumour() -> None:
+    st = started(member(B, AL), member(C, AL))
+    st, cmds = step(st, GossipTick(1), CFG, NOW)  # nothing to say: no next tick
+    assert cmds == [] and not st.gossiping
+    assert step(st, Tick(1), CFG, NOW + 0.1)[0].gossiping is False  # a probe queues nothing
+    st, cmds = step(st, gossip(upd(B, SU, 2)), CFG, NOW + 0.5)
+    [tick] = [t for t in timers(cmds) if isinstance(t.event, GossipTick)]
+    assert NOW + 0.5 < tick.at <= NOW + 0.5 + CFG.gossip_interval and st.gossiping
+    st, cmds = step(st, gossip(upd(C, SU, 2)), CFG, NOW + 0.6)
+    assert not [t for t in timers(cmds) if isinstance(t.event, GossipTick)]  # one tick at once
+    st, cmds = step(st, GossipTick(1), CFG, NOW + 0.7)
+    assert SetTimer(NOW + 0.7 + CFG.gossip_interval, GossipTick(1)) in cmds
+
+
+def test_a_leave_wakes_a_sleeping_gossip_loop() -> None:
+    st = started(member(B, AL), member(C, AL), gossiping=False)
+    st, cmds = step(st, Leave(), CFG, NOW)
+    assert [type(t.event) for t in timers(cmds)] == [GossipTick] and st.gossiping
 
 
 def test_our_suspicion_is_re_armed_while_the_member_is_suspect() -> None:
