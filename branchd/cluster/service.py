@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from branchd import lazy_aiohttp
 from branchd.clock import Scheduler
 from branchd.cluster import codec, seal
 from branchd.cluster.gossip import Gossip, MemberView
 from branchd.cluster.keyring import Keyring, parse_key
 from branchd.cluster.messages import MemberState, Sync
 from branchd.cluster.names import Holder, Holdings, Names
+from branchd.cluster.peerhttp import PeerHttp
 from branchd.cluster.record import Meta, from_meta, to_meta
 from branchd.cluster.replica import OPS as DECL_OPS
 from branchd.cluster.replica import DeclarationSync, Declared
@@ -88,41 +88,30 @@ class PeerClient(Protocol):
 
 
 class HttpPeerClient:
-    """The peer channel over aiohttp's client (imported when first used)."""
+    """The peer channel over HTTP (``peerhttp``: not aiohttp's client, whose
+    modules a clustered branch would otherwise carry for this alone)."""
 
     def __init__(self, token: str | None, tls: ssl.SSLContext | None = None) -> None:
         self._token = token
-        self._session: Any = None
         #: With TLS on: https only, the peer's certificate verified by this
         #: context (the cluster CA, or the system's store).
         self._tls = tls
+        self._http = PeerHttp(tls)
 
     async def post(self, api_url: str, body: bytes) -> bytes:
-        import aiohttp  # the client side: a cluster of one never loads it
-
-        await lazy_aiohttp.loaded()  # (off the loop: the first client use loads it)
-
         if self._tls is not None and not api_url.lower().startswith("https://"):
             raise PeerRefused(f"{api_url} is plain http; this branch calls its peers over TLS only")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None,
-                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT),
-            )
         headers = {"Content-Type": "application/octet-stream"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         url = api_url.rstrip("/") + PEER_PATH
-        async with self._session.post(url, data=body, headers=headers) as resp:
-            data: bytes = await resp.read()
-            if resp.status != 200:
-                raise PeerRefused(f"{url} answered {resp.status}: {data[:200]!r}")
-            return data
+        status, data = await self._http.post(url, body, headers, PEER_TIMEOUT)
+        if status != 200:
+            raise PeerRefused(f"{url} answered {status}: {data[:200]!r}")
+        return data
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
 
 class PeerRefused(Exception):
