@@ -75,25 +75,29 @@ class Recent:
     def apply(self, records: Iterable[BranchRecord], now: float) -> list[BranchRecord]:
         out = []
         for r in records:
-            # counted while the branch's record is the one it was placed by: a
-            # new record (its names' digest changed) counts it itself, with the
-            # same meta that says how many it holds and the slots they take
+            # A name not yet in the branch's record is counted on top of it:
+            # in its capacity while the record is the one it was placed by,
+            # and in its names until they hold it (a new record's capacity
+            # counts it already, since the meta says how many the branch
+            # holds and the slots they take, but its names come by a fetch,
+            # up to a names step later: without it, the branch would look
+            # like it held fewer of the app's instances than it does).
             pending = [
                 e
                 for e in self._by.get(r.id, ())
-                if e[3] == r.digest and e[0] not in r.instances and now - e[2] < self.ttl
+                if e[0] not in r.instances and now - e[2] < self.ttl
             ]
-            if pending:
-                self._by[r.id] = pending
-            else:
+            if not pending:
                 self._by.pop(r.id, None)
                 out.append(r)
                 continue
+            self._by[r.id] = pending
+            uncounted = [e for e in pending if e[3] == r.digest]
             c = r.capacity
             cap = replace(
                 c,
-                instances=c.instances + len(pending),
-                slots_used=c.slots_used + sum(e[1] for e in pending),
+                instances=c.instances + len(uncounted),
+                slots_used=c.slots_used + sum(e[1] for e in uncounted),
             )
             names = tuple(sorted((*r.instances, *(e[0] for e in pending))))
             out.append(replace(r, capacity=cap, instances=names))

@@ -343,9 +343,14 @@ def test_creates_placed_a_moment_ago_count_until_the_records_say_so() -> None:
     assert got["id-b0"] == b0  # (untouched)
     assert got["id-b1"].instances == ("shop/w1",) and got["id-b1"].capacity.free_slots == 6
     assert same_app(got["id-b1"], "shop") == 1  # the app's spread sees it
-    # a new record of b1 (its names changed) counts it itself: not twice, even
-    # before its names are fetched (its meta's figures came with the digest)
+    # a new record of b1 (its names changed) counts it in its capacity itself:
+    # not twice (its meta's figures came with the digest); until its names are
+    # fetched, the name is still added to them, so the app's spread sees it
     told = replace(_with_one_more(b1, "shop"), digest="d2", instances=())
-    assert recent.apply([told], now=102.0) == [told]
+    [seen] = recent.apply([told], now=102.0)
+    assert seen.capacity == told.capacity and seen.instances == ("shop/w1",)
+    fetched = replace(told, instances=("shop/w1",))
+    assert recent.apply([fetched], now=102.5) == [fetched]  # and then it is gone
+    assert recent.apply([told], now=103.0) == [told]
     recent.add(b0, "shop/w2", 1, now=100.0)
     assert recent.apply([b0], now=110.0) == [b0]  # too old: its record must say by now
