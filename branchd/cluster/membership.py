@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from branchd.cluster.codec import encode_update
 from branchd.cluster.messages import (
     RANK,
     Ack,
@@ -143,6 +144,17 @@ class Relay:
 class Broadcast:
     update: Update
     transmits: int = 0
+    size: int = 0  # its encoded bytes (one comma included), counted once
+
+
+#: The bytes of piggybacked updates one message carries: a datagram (1,400)
+#: less the seal (41) and the largest message head (a PingReq between two
+#: long ids and addresses, under 200). Counted here, not left to the codec's
+#: trimming, so that every update counted as sent was sent: an alive update
+#: carries its member's record (a few hundred bytes), and ten of them did not
+#: fit, so the last were cut from the datagram while counted as told (a
+#: suspicion among them could then reach nobody, not even the suspect).
+PIGGYBACK_BYTES = 1150
 
 
 @dataclass(frozen=True)
@@ -438,9 +450,12 @@ def _tick(st: Membership, config: MembershipConfig, now: float, out: list[Comman
         return st
     st = replace(st, seq=st.seq + 1)
     st = replace(st, probe=Probe(target.id, st.seq, now))
-    st, ups = _piggyback(st, config)
-    if target.state is SUSPECT:  # tell it, so that it can refute at once
-        ups = (*ups, target.update(st.me.id))
+    if target.state is SUSPECT:  # tell it first, so that it can refute at once
+        told = target.update(st.me.id)
+        st, ups = _piggyback(st, config, room=PIGGYBACK_BYTES - len(encode_update(told)) - 1)
+        ups = (told, *ups)
+    else:
+        st, ups = _piggyback(st, config)
     out.append(Send(target.addr, Ping(st.me.id, st.me.addr, st.seq, target.id, ups)))
     out.append(SetTimer(now + config.probe_timeout * scale, ProbeTimeout(st.seq)))
     out.append(SetTimer(now + config.probe_interval * scale, IndirectTimeout(st.seq)))
@@ -732,11 +747,15 @@ def _health(st: Membership, delta: int, config: MembershipConfig) -> Membership:
 def _enqueue(st: Membership, u: Update) -> Membership:
     """Queue a rumour; a newer one about the same member replaces the older."""
     rest = tuple(b for b in st.queue if b.update.id != u.id)
-    return replace(st, queue=(*rest, Broadcast(u)))
+    return replace(st, queue=(*rest, Broadcast(u, size=len(encode_update(u)) + 1)))
 
 
-def _piggyback(st: Membership, config: MembershipConfig) -> tuple[Membership, tuple[Update, ...]]:
-    """The least-sent rumours for one message; each spent after the retransmit limit.
+def _piggyback(
+    st: Membership, config: MembershipConfig, room: int = PIGGYBACK_BYTES
+) -> tuple[Membership, tuple[Update, ...]]:
+    """The least-sent rumours for one message, least-sent first, as many as
+    fit ``room`` bytes (and ``max_piggyback``); each spent after the
+    retransmit limit.
 
     Our own suspicion of a member is the exception: it is re-armed (its count
     starts again) for as long as that member is still suspect at that run and
@@ -748,19 +767,28 @@ def _piggyback(st: Membership, config: MembershipConfig) -> tuple[Membership, tu
         return st, ()
     limit = retransmit_limit(config.retransmit_mult, _n(st))
     ranked = sorted(range(len(st.queue)), key=lambda i: st.queue[i].transmits)
-    chosen = set(ranked[: config.max_piggyback])
+    chosen: list[int] = []
+    for i in ranked:
+        if len(chosen) >= config.max_piggyback or room < _SMALLEST_UPDATE:
+            break
+        if st.queue[i].size <= room:  # (one too big for what is left: a smaller may fit)
+            chosen.append(i)
+            room -= st.queue[i].size
+    picked = set(chosen)
     queue: list[Broadcast] = []
-    ups: list[Update] = []
     for i, b in enumerate(st.queue):
-        if i in chosen:
-            ups.append(b.update)
+        if i in picked:
             b = replace(b, transmits=b.transmits + 1)
             if b.transmits >= limit:
                 if not _still_our_suspicion(st, b.update):
                     continue
                 b = replace(b, transmits=0)
         queue.append(b)
-    return replace(st, queue=tuple(queue)), tuple(ups)
+    return replace(st, queue=tuple(queue)), tuple(st.queue[i].update for i in chosen)
+
+
+#: No update is smaller (a short id and address, no meta).
+_SMALLEST_UPDATE = 30
 
 
 def _still_our_suspicion(st: Membership, u: Update) -> bool:

@@ -635,6 +635,34 @@ def test_rumours_are_spent_after_the_retransmit_limit() -> None:
     assert carried == limit and st.queue == ()
 
 
+def test_what_is_piggybacked_fits_a_datagram_and_a_suspect_hears_of_it_first() -> None:
+    from branchd.cluster.codec import pack, unpack
+    from branchd.cluster.membership import PIGGYBACK_BYTES
+
+    big = [
+        Update(f"m{i}", f"10.0.1.{i}:7946", 1, 3, AL, f"m{i}", "r" * 400) for i in range(12)
+    ]
+    st = started(member(B, SU), member(C, AL))
+    st = replace(st, order=(B, C), index=0)
+    for u in big:
+        st = membership._enqueue(st, u)
+    st, cmds = step(st, Tick(1), CFG, NOW)
+    [ping] = [c.message for c in sends(cmds)]
+    assert isinstance(ping, Ping) and ping.updates[0] == Update(B, ADDR[B], 1, 2, SU, A)
+    carried = ping.updates[1:]
+    assert 0 < len(carried) < len(big)  # not all: they would not fit
+    assert sum(len(membership.encode_update(u)) + 1 for u in ping.updates) <= PIGGYBACK_BYTES
+    [datagram] = pack([ping], 1359)
+    assert unpack(datagram) == [ping]  # nothing cut by the codec
+    # only what went out was counted as sent: the rest go next, least-sent first
+    sent = {b.update.id: b.transmits for b in st.queue}
+    assert all(sent[u.id] == 1 for u in carried)
+    assert sum(1 for t in sent.values() if t == 0) == len(big) - len(carried)
+    st, cmds = step(st, GossipTick(1), CFG, NOW + 0.2)
+    nxt = [u for c in sends(cmds) if isinstance(c.message, Gossip) for u in c.message.updates]
+    assert nxt and not set(u.id for u in nxt[: len(big) - len(carried)]) & {u.id for u in carried}
+
+
 def test_the_gossip_loop_sleeps_while_nothing_is_queued_and_wakes_with_a_rumour() -> None:
     st = started(member(B, AL), member(C, AL))
     st, cmds = step(st, GossipTick(1), CFG, NOW)  # nothing to say: no next tick
