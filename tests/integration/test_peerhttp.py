@@ -88,24 +88,47 @@ async def test_a_chunked_answer_and_an_error_status_are_read(serve: Serve) -> No
         await http.close()
 
 
-async def raw_server(answer: bytes, close: bool = True) -> tuple[asyncio.Server, str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        if close:
-            writer.close()
-        else:
-            await asyncio.Event().wait()  # silent: never answers more
+class Raw:
+    """A raw asyncio server giving one fixed answer to each request (silent
+    after it, when not ``close``); ``await stop()`` ends it and its writers."""
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}/v1/cluster/peer"
+    def __init__(self, answer: bytes, close: bool) -> None:
+        self.answer, self.close = answer, close
+        self.writers: list[asyncio.StreamWriter] = []
+        self.done = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        if not self.close:
+            await self.done.wait()  # silent: never answers more
+        writer.close()
+
+    async def stop(self) -> None:
+        self.done.set()
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()
+
+
+async def raw_server(answer: bytes, close: bool = True) -> Raw:
+    raw = Raw(answer, close)
+    raw.server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    port = raw.server.sockets[0].getsockname()[1]
+    raw.url = f"http://127.0.0.1:{port}/v1/cluster/peer"
+    return raw
 
 
 async def test_a_kept_connection_the_server_closed_is_replaced_unnoticed() -> None:
     # answered as kept alive, then closed (as a server's keep-alive timeout does)
-    server, url = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    server = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    url = server.url
     http = PeerHttp()
     try:
         assert await http.post(url, b"", {}, 5.0) == (200, b"ok")
@@ -113,18 +136,19 @@ async def test_a_kept_connection_the_server_closed_is_replaced_unnoticed() -> No
         assert await http.post(url, b"", {}, 5.0) == (200, b"ok")  # on a new one
     finally:
         await http.close()
-        server.close()
+        await server.stop()
 
 
 async def test_an_answer_without_a_length_is_read_to_its_end() -> None:
-    server, url = await raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+    server = await raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+    url = server.url
     http = PeerHttp()
     try:
         assert await http.post(url, b"", {}, 5.0) == (200, b"all of it")
         assert http._idle == {}  # not kept: the server closed it
     finally:
         await http.close()
-        server.close()
+        await server.stop()
 
 
 @pytest.mark.parametrize(
@@ -134,25 +158,26 @@ async def test_an_answer_without_a_length_is_read_to_its_end() -> None:
      b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
 )  # fmt: skip
 async def test_an_answer_that_is_not_http_is_an_error(answer: bytes) -> None:
-    server, url = await raw_server(answer)
+    server = await raw_server(answer)
+    url = server.url
     http = PeerHttp()
     try:
         with pytest.raises(PeerHttpError):
             await http.post(url, b"", {}, 5.0)
     finally:
         await http.close()
-        server.close()
+        await server.stop()
 
 
 async def test_a_silent_peer_times_out_and_a_closed_port_is_refused() -> None:
     half = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
-    server, url = await raw_server(half, close=False)
+    server = await raw_server(half, close=False)
+    url = server.url
     http = PeerHttp()
     try:
         with pytest.raises(TimeoutError):
             await http.post(url, b"", {}, 0.2)
-        server.close()
-        await server.wait_closed()
+        await server.stop()
         with pytest.raises(OSError):
             await http.post(url, b"", {}, 5.0)
         with pytest.raises(ValueError, match="not an http"):
