@@ -436,7 +436,7 @@ async def test_a_lone_branch_leaves_at_once() -> None:
 #: slow reader is the 10 %. It is suspected over and over (a probe fails when
 #: its ping is more than about 1 s late, i.e. most of them), refutes each
 #: time, and must never be declared dead. The issue's proof is 30 runs
-#: (``BRANCHD_SIM_RUNS=30``: 0 false deaths, 2026-12-01); the suite runs 5 of
+#: (``BRANCHD_SIM_RUNS=30``: 0 false deaths, 2026-12-02); the suite runs 5 of
 #: them, to keep within its 10 minutes on 2 cores.
 FALSE_DEATH_SEEDS = range(1, 1 + int(os.environ.get("BRANCHD_SIM_RUNS", "5")))
 
