@@ -362,7 +362,7 @@ def step(
             st = _receive(st, msg, config, now, out)
         case Refused(addr=addr):
             st = _refused(st, addr, config, now, out)
-    if st.queue and not st.gossiping and st.loop and st.me.state is ALIVE:
+    if st.queue and st.members and not st.gossiping and st.loop and st.me.state is ALIVE:
         st = _arm_gossip(st, config, now, out, woken=True)
     return st, out
 
@@ -522,10 +522,13 @@ def _conclude(
 def _gossip(
     st: Membership, config: MembershipConfig, now: float, out: list[Command]
 ) -> Membership:
-    if not st.queue:  # the loop sleeps until a rumour is queued (after a leave: ends)
+    # the loop sleeps until a rumour is queued (after a leave: it ends), and
+    # while there is nobody to tell (alone, a rumour is never spent)
+    targets = _gossip_targets(st, config, now) if st.queue else []
+    if not targets:
         return replace(st, gossiping=False)
     out.append(SetTimer(now + config.gossip_interval, GossipTick(st.loop)))
-    st, targets = _sample(st, _gossip_targets(st, config, now), config.gossip_nodes)
+    st, targets = _sample(st, targets, config.gossip_nodes)
     for m in targets:
         st, ups = _piggyback(st, config)
         if not ups:

@@ -102,6 +102,8 @@ class PeerHttp:
                 writer.write(request)
                 await writer.drain()
                 status, fields = await _read_head(reader)
+                while 100 <= status < 200:  # interim answers (none is asked for): the next
+                    status, fields = await _read_head(reader)
             except asyncio.IncompleteReadError as e:
                 if e.partial:
                     raise
@@ -148,7 +150,7 @@ async def _read_body(
 ) -> tuple[bytes, bool]:
     """The body, and whether the connection may carry another request."""
     reusable = fields.get("connection", "").lower() != "close"
-    if status in (204, 304) or 100 <= status < 200:
+    if status in (204, 304):
         return b"", reusable
     if "chunked" in fields.get("transfer-encoding", "").lower():
         return await _read_chunked(reader), reusable
@@ -170,10 +172,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     while True:
         size_line = await reader.readuntil(b"\r\n")
         size_text = size_line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise PeerHttpError(f"a malformed chunk size: {size_text[:20]!r}") from None
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 8:
+            raise PeerHttpError(f"a malformed chunk size: {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             while await reader.readuntil(b"\r\n") != b"\r\n":
                 pass  # trailers

@@ -19,6 +19,7 @@ delay, partitions and slow readers, is ``cluster/memnet.py`` (tests only).
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import ipaddress
 import logging
@@ -160,6 +161,13 @@ def tell_refused(refusal: Refusal | None, addr: str) -> None:
         log.exception("the refusal handler for %s failed", addr)
 
 
+#: A refusal is believed when it quotes the first _QUOTE_BYTES of one of the
+#: last _QUOTES_KEPT datagrams sent to its address (a sealed frame's first 25
+#: bytes hold its 12-byte random nonce); so many addresses are remembered.
+_QUOTE_BYTES = 32
+_QUOTES_KEPT = 8
+_ADDRESSES_KEPT = 4096
+
 #: Linux's socket options that queue ICMP errors of an unconnected UDP
 #: socket for ``recvmsg(MSG_ERRQUEUE)`` (the socket module names neither).
 _RECVERR: dict[int, tuple[int, int]] = {
@@ -212,6 +220,8 @@ class UdpTransport:
         self._receiver = receiver
         self._refusal = refusal
         self._sock = sock  # set when it queues ICMP errors (read in _errors)
+        #: the first bytes of the last datagrams sent, by address (refusals quote them)
+        self._recent: dict[str, collections.deque[bytes]] = {}
         self._budget = budget
         self._counters = Counters(log)
         self._closed = False
@@ -264,13 +274,51 @@ class UdpTransport:
             c.send_errors += 1
             c.once(f"address:{addr}", "datagram dropped: %r is not an IP:port address", addr)
             return
-        try:
-            self._endpoint.sendto(data, (host, port))
-        except OSError as e:  # asyncio hands most to error_received; not all
-            self._send_failed(e, addr)
+        if self._sock is not None and not self._sent_directly(data, (host, port)):
             return
+        if self._sock is None:
+            try:
+                self._endpoint.sendto(data, (host, port))
+            except OSError as e:  # asyncio hands most to error_received; not all
+                self._send_failed(e, addr)
+                return
+        self._remember(addr, data)
         c.sent += 1
         c.bytes_sent += len(data)
+
+    def _sent_directly(self, data: bytes, dest: tuple[str, int]) -> bool:
+        """Send on the socket itself, where it hears of refusals: with
+        IP_RECVERR, Linux fails the next ``sendto`` (to any address) with the
+        error an ICMP message left pending, and that datagram is not sent; so
+        the error queue is read (the refusal told) and the datagram sent
+        again. A full socket buffer leaves it to asyncio's own queue."""
+        assert self._sock is not None
+        for _ in range(2):
+            try:
+                self._sock.sendto(data, dest)
+                return True
+            except (BlockingIOError, InterruptedError):
+                self._endpoint.sendto(data, dest)
+                return True
+            except ConnectionRefusedError as e:
+                self._errors(e)  # a pending error of an earlier datagram: once more
+            except OSError as e:
+                self._send_failed(e, join_addr(*dest))
+                return False
+        self._send_failed(ConnectionRefusedError(errno.ECONNREFUSED, "refused twice"), "?")
+        return False
+
+    def _remember(self, addr: str, data: bytes) -> None:
+        """What a refusal must quote to be believed: the first bytes of one of
+        the last datagrams sent to ``addr`` (under a key, they hold the
+        frame's random nonce, which nobody off the path can know)."""
+        if self._sock is None:
+            return
+        sent = self._recent.pop(addr, None) or collections.deque(maxlen=_QUOTES_KEPT)
+        sent.append(data[:_QUOTE_BYTES])
+        self._recent[addr] = sent  # (last: the most recent)
+        if len(self._recent) > _ADDRESSES_KEPT:
+            self._recent.pop(next(iter(self._recent)))
 
     def close(self) -> None:
         if not self._closed:
@@ -303,7 +351,9 @@ class UdpTransport:
         queued = False
         while self._sock is not None:
             try:
-                _, ancdata, _, dest = self._sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+                quoted, ancdata, _, dest = self._sock.recvmsg(
+                    _QUOTE_BYTES, 512, socket.MSG_ERRQUEUE
+                )
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -313,12 +363,24 @@ class UdpTransport:
             errno_ = _ee_errno(ancdata)
             addr = join_addr(str(dest[0]), int(dest[1])) if dest else "?"
             if errno_ == errno.ECONNREFUSED and not self._closed:
+                if not self._quotes_ours(addr, quoted):
+                    self._counters.send_errors += 1
+                    self._counters.once(
+                        "refusal-unknown",
+                        "an ICMP refusal for %s quotes no datagram sent there: ignored",
+                        addr,
+                    )
+                    continue
                 self._counters.refusals += 1
                 tell_refused(self._refusal, addr)
             else:
                 self._send_failed(OSError(errno_, os.strerror(errno_ or 0)), addr)
         if not queued:
             self._send_failed(exc, "?")
+
+    def _quotes_ours(self, addr: str, quoted: bytes) -> bool:
+        n = min(len(quoted), _QUOTE_BYTES)
+        return n > 0 and any(q[:n] == quoted[:n] for q in self._recent.get(addr, ()))
 
     def _send_failed(self, exc: Exception, addr: str) -> None:
         self._counters.send_errors += 1

@@ -139,6 +139,18 @@ async def test_a_kept_connection_the_server_closed_is_replaced_unnoticed() -> No
         await server.stop()
 
 
+async def test_an_interim_answer_is_skipped() -> None:
+    server = await raw_server(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    http = PeerHttp()
+    try:
+        assert await http.post(server.url, b"", {}, 5.0) == (200, b"ok")
+    finally:
+        await http.close()
+        await server.stop()
+
+
 async def test_an_answer_without_a_length_is_read_to_its_end() -> None:
     server = await raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
     url = server.url
@@ -155,7 +167,9 @@ async def test_an_answer_without_a_length_is_read_to_its_end() -> None:
     "answer",
     [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
      b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n"],
 )  # fmt: skip
 async def test_an_answer_that_is_not_http_is_an_error(answer: bytes) -> None:
     server = await raw_server(answer)

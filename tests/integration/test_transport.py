@@ -192,6 +192,49 @@ async def test_udp_send_errors_are_counted_and_logged_once_per_cause(
         a.close()
 
 
+async def test_udp_a_refusal_does_not_cost_the_next_datagram_to_another() -> None:
+    # With IP_RECVERR, the error an ICMP message leaves pending fails the next
+    # sendto, to any address: that datagram must still go (sent again).
+    refused: list[str] = []
+    inbox: Inbox = []
+    live = await UdpTransport.open("127.0.0.1:0", lambda addr, data: inbox.append((addr, data)))
+    a = await UdpTransport.open("127.0.0.1:0", lambda addr, data: None, refusal=refused.append)
+    gone = await UdpTransport.open("127.0.0.1:0", lambda addr, data: None)
+    gone.close()
+    side = Side("udp")
+    try:
+        await side.settle()  # (its socket closed by the loop)
+        for i in range(50):
+            a.send(gone.address, b"to nobody")
+            a.send(live.address, b"%d" % i)
+            await side.settle()
+        await side.until(lambda: len(inbox) == 50)
+        assert sorted(int(d) for _, d in inbox) == list(range(50))
+        assert a.stats().send_errors == 0 and a.stats().refused > 0
+        assert set(refused) == {gone.address}
+    finally:
+        for t in (a, live, *side.made):
+            t.close()
+
+
+async def test_udp_a_refusal_that_quotes_no_datagram_sent_there_is_not_believed() -> None:
+    refused: list[str] = []
+    a = await UdpTransport.open("127.0.0.1:0", lambda addr, data: None, refusal=refused.append)
+    gone = await UdpTransport.open("127.0.0.1:0", lambda addr, data: None)
+    gone.close()
+    side = Side("udp")
+    try:
+        await side.settle()
+        a.send(gone.address, b"to nobody")
+        a._recent.clear()  # as if that datagram was never ours: a forged ICMP message
+        await side.until(lambda: a.stats().send_errors == 1)
+        assert refused == [] and a.stats().refused == 0
+    finally:
+        a.close()
+        for t in side.made:
+            t.close()
+
+
 async def test_udp_drops_an_arriving_datagram_over_the_budget() -> None:
     inbox: Inbox = []
     b = await UdpTransport.open("127.0.0.1:0", lambda addr, data: inbox.append((addr, data)))

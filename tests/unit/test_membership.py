@@ -677,6 +677,17 @@ def test_the_gossip_loop_sleeps_while_nothing_is_queued_and_wakes_with_a_rumour(
     assert SetTimer(NOW + 0.7 + CFG.gossip_interval, GossipTick(1)) in cmds
 
 
+def test_a_branch_alone_does_not_gossip_what_nobody_can_hear() -> None:
+    st = started(gossiping=False)  # a cluster of one, its record on the gossip
+    st, cmds = step(st, SetMeta("rec"), CFG, NOW)
+    assert st.queue and not timers(cmds) and not st.gossiping
+    awake = replace(st, gossiping=True)  # a tick armed before it was alone
+    st, cmds = step(awake, GossipTick(1), CFG, NOW + 0.2)
+    assert cmds == [] and not st.gossiping and st.queue  # kept for whoever comes
+    st, cmds = step(st, gossip(upd(B, AL, 0)), CFG, NOW + 1.0)  # someone came
+    assert [type(t.event) for t in timers(cmds)] == [GossipTick]
+
+
 def test_a_leave_wakes_a_sleeping_gossip_loop() -> None:
     st = started(member(B, AL), member(C, AL), gossiping=False)
     st, cmds = step(st, Leave(), CFG, NOW)
