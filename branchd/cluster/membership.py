@@ -452,7 +452,7 @@ def _tick(st: Membership, config: MembershipConfig, now: float, out: list[Comman
     st = replace(st, probe=Probe(target.id, st.seq, now))
     if target.state is SUSPECT:  # tell it first, so that it can refute at once
         told = target.update(st.me.id)
-        st, ups = _piggyback(st, config, room=PIGGYBACK_BYTES - len(encode_update(told)) - 1)
+        st, ups = _piggyback(st, config, room=PIGGYBACK_BYTES - _wire_size(told))
         ups = (told, *ups)
     else:
         st, ups = _piggyback(st, config)
@@ -750,7 +750,12 @@ def _health(st: Membership, delta: int, config: MembershipConfig) -> Membership:
 def _enqueue(st: Membership, u: Update) -> Membership:
     """Queue a rumour; a newer one about the same member replaces the older."""
     rest = tuple(b for b in st.queue if b.update.id != u.id)
-    return replace(st, queue=(*rest, Broadcast(u, size=len(encode_update(u)) + 1)))
+    return replace(st, queue=(*rest, Broadcast(u, size=_wire_size(u))))
+
+
+def _wire_size(u: Update) -> int:
+    """The bytes ``u`` takes among a message's updates (its comma included)."""
+    return len(encode_update(u)) + 1
 
 
 def _piggyback(

@@ -48,6 +48,7 @@ class PeerHttp:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._tls = tls
         self._idle: dict[_Origin, _Conn] = {}
+        self._default_tls: ssl.SSLContext | None = None  # made at the first https call
 
     async def post(
         self, url: str, body: bytes, headers: dict[str, str], timeout: float
@@ -91,7 +92,9 @@ class PeerHttp:
     async def _connect(self, origin: _Origin) -> _Conn:
         scheme, host, port = origin
         if scheme == "https":
-            tls = self._tls or ssl.create_default_context()
+            tls = self._tls
+            if tls is None:  # (the system's store, read once, not per connection)
+                tls = self._default_tls = self._default_tls or ssl.create_default_context()
             return await asyncio.open_connection(host, port, ssl=tls, server_hostname=host)
         return await asyncio.open_connection(host, port)
 

@@ -274,15 +274,16 @@ class UdpTransport:
             c.send_errors += 1
             c.once(f"address:{addr}", "datagram dropped: %r is not an IP:port address", addr)
             return
-        if self._sock is not None and not self._sent_directly(data, (host, port)):
-            return
-        if self._sock is None:
+        if self._sock is not None:
+            if not self._sent_directly(data, (host, port)):
+                return
+            self._remember(addr, data)
+        else:
             try:
                 self._endpoint.sendto(data, (host, port))
             except OSError as e:  # asyncio hands most to error_received; not all
                 self._send_failed(e, addr)
                 return
-        self._remember(addr, data)
         c.sent += 1
         c.bytes_sent += len(data)
 
@@ -312,8 +313,6 @@ class UdpTransport:
         """What a refusal must quote to be believed: the first bytes of one of
         the last datagrams sent to ``addr`` (under a key, they hold the
         frame's random nonce, which nobody off the path can know)."""
-        if self._sock is None:
-            return
         sent = self._recent.pop(addr, None) or collections.deque(maxlen=_QUOTES_KEPT)
         sent.append(data[:_QUOTE_BYTES])
         self._recent[addr] = sent  # (last: the most recent)
